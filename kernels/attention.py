@@ -1,0 +1,233 @@
+"""Softmax and sigmoid attention: one flash algorithm with a parameter.
+
+Layout: q [B, T, H, D], k [B, S, Hkv, D], v [B, S, Hkv, Dv], H % Hkv == 0 (GQA).
+Visibility (causal bottom-right, window, sinks, segments) comes from `visibility.py`.
+
+- `kind="softmax"`: o_i = sum_j softmax_j(s_ij) v_j, with a running max and normaliser.
+- `kind="sigmoid"` (FlashSigmoid): o_i = sum_j sigmoid(s_ij + bias) v_j; no max, no
+  normaliser, the bias defaults to -log(S).
+
+Here s_ij = scale * q_i.k_j, optionally soft-capped c*tanh(s/c). Rows that see no key
+return 0. `attention_reference` is the math in float32; `_attention_xla` folds key blocks
+of `kv_block` with `fold_block`, the same fold that ring attention applies across devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+
+from longax.kernels import _checks
+from longax.kernels._dispatch import register, resolve
+from longax.kernels.visibility import query_positions, visible
+
+KV_BLOCK = 512  # XLA path: keys folded per step (tuned defaults live in one place)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttnSpec:
+  kind: str  # "softmax" | "sigmoid"
+  causal: bool
+  scale: float
+  window: int | None
+  sinks: int
+  softcap: float | None
+  bias: float  # sigmoid only
+
+  def mask(self, q_pos, k_pos, q_seg, k_seg):
+    """[B or 1, T, S] visibility of keys `k_pos` to queries `q_pos`."""
+    m = visible(q_pos, k_pos, causal=self.causal, window=self.window, sinks=self.sinks,
+                q_seg=q_seg, k_seg=k_seg)
+    return m if m.ndim == 3 else m[None]
+
+  def logits(self, s):
+    s = s * self.scale
+    if self.softcap is not None:
+      s = self.softcap * jnp.tanh(s / self.softcap)
+    return s
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def attention_reference(q, k, v, q_seg, k_seg, spec: AttnSpec, **_blocks):
+  """The math in float32 with the full [B, H, T, S] score matrix."""
+  b, t, h, _ = q.shape
+  s_len, hkv = k.shape[1], k.shape[2]
+  q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+  k = jnp.repeat(k, h // hkv, axis=2)
+  v = jnp.repeat(v, h // hkv, axis=2)
+  s = spec.logits(jnp.einsum("bthd,bshd->bhts", q, k))
+  mask = spec.mask(query_positions(t, s_len), jnp.arange(s_len), q_seg, k_seg)[:, None]
+  if spec.kind == "softmax":
+    s = jnp.where(mask, s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(denom > 0, denom, 1.0)
+  else:
+    p = jnp.where(mask, jax.nn.sigmoid(s + spec.bias), 0.0)
+  return jnp.einsum("bhts,bshd->bthd", p, v)
+
+
+for _op in ("attention", "sigmoid_attention"):
+  register(_op, "reference")(attention_reference)
+
+# ----------------------------------------------------------------------------------- XLA
+
+
+def init_carry(spec: AttnSpec, shape_btkg: tuple[int, ...], dv: int):
+  """Empty accumulator for `fold_block`: (acc [..., T, Dv], row max, row sum)."""
+  b, hkv, g, t = shape_btkg
+  acc = jnp.zeros((b, hkv, g, t, dv), jnp.float32)
+  if spec.kind == "sigmoid":
+    return (acc,)
+  return acc, jnp.full((b, hkv, g, t), -jnp.inf, jnp.float32), jnp.zeros((b, hkv, g, t), jnp.float32)
+
+
+def fold_block(spec: AttnSpec, carry, qg, k_blk, v_blk, mask):
+  """Folds one key block into the carry.
+
+  qg: [B, T, Hkv, G, D]; k_blk: [B, C, Hkv, D]; v_blk: [B, C, Hkv, Dv];
+  mask: [B or 1, T, C] visibility.
+  """
+  s = jnp.einsum("btkgd,bckd->bkgtc", qg, k_blk, preferred_element_type=jnp.float32)
+  s = spec.logits(s)
+  mask = mask[:, None, None]
+  if spec.kind == "sigmoid":
+    (acc,) = carry
+    p = jnp.where(mask, jax.nn.sigmoid(s + spec.bias), 0.0)
+    pv = jnp.einsum("bkgtc,bckd->bkgtd", p.astype(v_blk.dtype), v_blk,
+                    preferred_element_type=jnp.float32)
+    return (acc + pv,)
+  acc, m, l = carry
+  s = jnp.where(mask, s, -jnp.inf)
+  m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+  # The output does not depend on the shift; stop_gradient keeps its gradient exact.
+  m_safe = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m_new), m_new, 0.0))
+  p = jnp.exp(s - m_safe[..., None])
+  alpha = jnp.exp(m - m_safe)
+  l = alpha * l + jnp.sum(p, axis=-1)
+  pv = jnp.einsum("bkgtc,bckd->bkgtd", p.astype(v_blk.dtype), v_blk,
+                  preferred_element_type=jnp.float32)
+  return alpha[..., None] * acc + pv, m_new, l
+
+
+def finish(spec: AttnSpec, carry):
+  """Carry -> output [B, Hkv, G, T, Dv] (rows that saw no key give 0)."""
+  if spec.kind == "sigmoid":
+    return carry[0]
+  acc, _, l = carry
+  return acc / jnp.where(l > 0, l, 1.0)[..., None]
+
+
+def _attention_xla(q, k, v, q_seg, k_seg, spec: AttnSpec, kv_block: int = KV_BLOCK):
+  b, t, h, _ = q.shape
+  s_len, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
+  qg = rearrange(q, "b t (k g) d -> b t k g d", k=hkv)
+  q_pos = query_positions(t, s_len)
+  carry = init_carry(spec, (b, hkv, h // hkv, t), dv)
+  if s_len <= kv_block:
+    mask = spec.mask(q_pos, jnp.arange(s_len), q_seg, k_seg)
+    carry = fold_block(spec, carry, qg, k, v, mask)
+  else:
+    n_blk = -(-s_len // kv_block)
+    pad = n_blk * kv_block - s_len
+    kp = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    vp = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    k_pos = jnp.arange(n_blk * kv_block, dtype=jnp.int32)
+    ks = rearrange(kp, "b (n c) k d -> n b c k d", c=kv_block)
+    vs = rearrange(vp, "b (n c) k d -> n b c k d", c=kv_block)
+    pos = rearrange(k_pos, "(n c) -> n c", c=kv_block)
+    segs = None if k_seg is None else rearrange(
+        jnp.pad(k_seg, ((0, 0), (0, pad))), "b (n c) -> n b c", c=kv_block)
+
+    def step(carry, xs):
+      k_blk, v_blk, pos_blk, seg_blk = xs
+      mask = spec.mask(q_pos, pos_blk, q_seg, seg_blk) & (pos_blk < s_len)
+      return fold_block(spec, carry, qg, k_blk, v_blk, mask), None
+
+    carry, _ = jax.lax.scan(step, carry, (ks, vs, pos, segs))
+  o = finish(spec, carry)
+  return rearrange(o, "b k g t d -> b t (k g) d").astype(q.dtype)
+
+
+for _op in ("attention", "sigmoid_attention"):
+  register(_op, "xla")(_attention_xla)
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _prepare(op, q, k, v, *, segment_ids, causal, scale, window, sinks, softcap, block_kv):
+  """Validates the inputs; returns (q_seg, k_seg, scale)."""
+  _checks.rank(op, "q", q, 4, "[B, T, H, D]")
+  _checks.rank(op, "k", k, 4, "[B, S, Hkv, D]")
+  _checks.rank(op, "v", v, 4, "[B, S, Hkv, Dv]")
+  _checks.same_dtype(op, q=q, k=k, v=v)
+  _checks.floating(op, "q", q)
+  b, t, h, d = q.shape
+  if k.shape[0] != b or k.shape[3] != d:
+    raise ValueError(f"{op}: `k` must be [B={b}, S, Hkv, D={d}] to match q {q.shape}, got {k.shape}")
+  if v.shape[:3] != k.shape[:3]:
+    raise ValueError(f"{op}: `v` must be [B, S, Hkv, Dv] = {k.shape[:3]} + [Dv] to match k, got {v.shape}")
+  _checks.divides(op, f"q heads H={h} vs k/v heads Hkv={k.shape[2]}", k.shape[2], h)
+  _checks.positive_int(op, "window", window)
+  _checks.positive_int(op, "block_kv", block_kv)
+  _checks.positive_int(op, "sinks", sinks, minimum=0)
+  if not isinstance(causal, bool):
+    raise ValueError(f"{op}: `causal` must be a bool, got {causal!r}")
+  if softcap is not None and not softcap > 0:
+    raise ValueError(f"{op}: `softcap` must be > 0, got {softcap!r}")
+  q_seg = k_seg = None
+  if segment_ids is not None:
+    if isinstance(segment_ids, (tuple, list)):
+      if len(segment_ids) != 2:
+        raise ValueError(f"{op}: `segment_ids` must be [B, T] or a pair (q [B, T], kv [B, S])")
+      q_seg, k_seg = segment_ids
+    else:
+      q_seg = k_seg = segment_ids
+    _checks.shape_is(op, "segment_ids (queries)", q_seg, (b, t), "[B, T]")
+    _checks.shape_is(op, "segment_ids (keys)", k_seg, (b, k.shape[1]), "[B, S]")
+  scale = d**-0.5 if scale is None else float(scale)
+  return q_seg, k_seg, scale
+
+
+def attention(q, k, v, *, causal: bool = True, scale: float | None = None,
+              window: int | None = None, sinks: int = 0, segment_ids=None,
+              softcap: float | None = None, impl: str = "auto", block_kv: int = KV_BLOCK):
+  """Softmax attention. q [B,T,H,D], k [B,S,Hkv,D], v [B,S,Hkv,Dv] -> [B,T,H,Dv].
+
+  causal: bottom-right aligned when T < S. window=w: query i sees key j only if
+  i - j < w. sinks=s: keys j < s stay visible inside the window. softcap=c: logits
+  c*tanh(s/c). segment_ids: [B, T] (T == S) or a pair (q [B, T], kv [B, S]).
+  block_kv: keys per step of the XLA fold.
+  """
+  q_seg, k_seg, scale = _prepare("attention", q, k, v, segment_ids=segment_ids,
+                                 causal=causal, scale=scale, window=window, sinks=sinks,
+                                 softcap=softcap, block_kv=block_kv)
+  spec = AttnSpec("softmax", causal, scale, window, sinks, softcap, 0.0)
+  fn = resolve("attention", impl, dict(q=q, k=k, v=v, spec=spec))
+  return fn(q, k, v, q_seg, k_seg, spec, kv_block=block_kv)
+
+
+def sigmoid_attention(q, k, v, *, bias: float | None = None, causal: bool = True,
+                      scale: float | None = None, window: int | None = None,
+                      segment_ids=None, impl: str = "auto", block_kv: int = KV_BLOCK):
+  """Sigmoid attention (FlashSigmoid): o_i = sum_j sigmoid(scale q_i.k_j + bias) v_j.
+
+  Same layout and visibility options as `attention`; `bias` defaults to -log(S).
+  """
+  q_seg, k_seg, scale = _prepare("sigmoid_attention", q, k, v, segment_ids=segment_ids,
+                                 causal=causal, scale=scale, window=window, sinks=0,
+                                 softcap=None, block_kv=block_kv)
+  if bias is None:
+    bias = -math.log(k.shape[1])
+  elif jnp.ndim(bias) != 0:
+    raise ValueError(f"sigmoid_attention: `bias` must be a scalar, got shape {jnp.shape(bias)}")
+  spec = AttnSpec("sigmoid", causal, scale, window, 0, None, float(bias))
+  fn = resolve("sigmoid_attention", impl, dict(q=q, k=k, v=v, spec=spec))
+  return fn(q, k, v, q_seg, k_seg, spec, kv_block=block_kv)

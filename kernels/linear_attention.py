@@ -1,0 +1,218 @@
+"""Linear attention: one chunked recurrence, the decay form a parameter.
+
+    S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,      o_t = scale * q_t S_t
+
+q [B, T, H, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv] (H % Hkv == 0), state [B, H, Dk, Dv]
+in float32. The log decay g (<= 0) is one of
+    None          no decay (plain linear attention, Based)
+    [H]           per-head constant (RetNet, Lightning Attention)
+    [B, T, H]     data-dependent scalar (Mamba-2 SSD)
+    [B, T, H, Dk] data-dependent per key (GLA)
+and is carried internally as g [B, T, H, 1 or Dk]. Packed documents: the state is zeroed
+wherever `segment_ids` changes.
+
+The XLA path is chunked (Lightning-Attention-2 style): inside a chunk of C tokens the
+quadratic form, between chunks the state recurrence `pass_states`, the same combine that
+LASP-2 applies between devices. Every decay factor is exp of a non-positive number: the
+cumulative log decay G is only ever used as a difference G_later - G_earlier.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+
+from longax.kernels import _checks
+from longax.kernels._dispatch import register, resolve
+
+CHUNK = 64
+
+
+def _resets(segment_ids, b: int, t: int):
+  """[B, T] bool: the state is zeroed before token t (never before token 0)."""
+  if segment_ids is None:
+    return jnp.zeros((b, t), bool)
+  change = segment_ids[:, 1:] != segment_ids[:, :-1]
+  return jnp.concatenate([jnp.zeros((b, 1), bool), change], axis=1)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def linear_attention_reference(q, k, v, g, h0, resets, scale, **_blocks):
+  """Token-by-token recurrence in float32. Shapes as in `_linear_attention_xla`."""
+  q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+
+  def step(s, xs):
+    q_t, k_t, v_t, g_t, r_t = xs  # [B,H,Dk], [B,H,Dk], [B,H,Dv], [B,H,1|Dk], [B]
+    s = jnp.where(r_t[:, None, None, None], 0.0, s)
+    s = jnp.exp(g_t)[..., None] * s + k_t[..., :, None] * v_t[..., None, :]
+    return s, scale * jnp.einsum("bhk,bhkv->bhv", q_t, s)
+
+  xs = [jnp.moveaxis(x, 1, 0) for x in (q, k, v, g, resets)]
+  s, o = jax.lax.scan(step, h0, xs)
+  return jnp.moveaxis(o, 0, 1), s
+
+
+register("linear_attention", "reference")(linear_attention_reference)
+
+# ----------------------------------------------------------------------------------- XLA
+
+
+def pass_states(decay, local, initial):
+  """Chunk-state recurrence S_{c+1} = diag(decay_c) S_c + local_c.
+
+  decay: [N, B, H, 1|Dk]; local: [N, B, H, Dk, Dv]; initial: [B, H, Dk, Dv].
+  Returns (the state entering each chunk [N, B, H, Dk, Dv], the final state).
+  """
+
+  def step(s, xs):
+    a, l = xs
+    return a[..., None] * s + l, s
+
+  final, entering = jax.lax.scan(step, initial, (decay, local))
+  return entering, final
+
+
+def _intra(q, k, gc, visible):
+  """Within-chunk scores sum_d q_id k_jd exp(G_id - G_jd) on visible (j <= i) pairs.
+
+  q, k: [B, H, N, C, Dk]; gc: cumulative log decay [B, H, N, C, 1|Dk];
+  visible: [B, 1, N, C, C]. Returns [B, H, N, C, C].
+  """
+  diff = gc[..., :, None, :] - gc[..., None, :, :]  # [B,H,N,C,C,1|Dk], <= 0 where visible
+  decay = jnp.exp(jnp.where(visible[..., None], diff, -jnp.inf))
+  if gc.shape[-1] == 1:
+    return jnp.einsum("bhnid,bhnjd->bhnij", q, k) * decay[..., 0]
+  return jnp.einsum("bhnid,bhnjd,bhnijd->bhnij", q, k, decay)
+
+
+def _linear_attention_xla(q, k, v, g, h0, resets, scale, chunk: int = CHUNK):
+  """q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; g: [B, T, H, 1|Dk] f32; h0: [B, H, Dk, Dv]
+  f32; resets: [B, T] bool. Returns (o [B, T, H, Dv] f32, final state)."""
+  b, t = q.shape[:2]
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  padt = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+  to_chunks = lambda x: rearrange(padt(x).astype(jnp.float32), "b (n c) h d -> b h n c d", c=chunk)
+  q, k, v, g = (to_chunks(x) for x in (q, k, v, g))
+  seg = rearrange(jnp.cumsum(padt(resets), axis=1), "b (n c) -> b n c", c=chunk)
+  seg_in = seg[..., 0] - rearrange(padt(resets), "b (n c) -> b n c", c=chunk)[..., 0]  # [B,N]
+
+  gc = jnp.cumsum(g, axis=3)  # [B,H,N,C,1|Dk] inclusive
+  g_end = gc[..., -1:, :]  # [B,H,N,1,1|Dk]
+  same_in = (seg == seg_in[..., None])[:, None, ..., None]  # token sees the incoming state
+  same_end = (seg == seg[..., -1:])[:, None, ..., None]  # token reaches the outgoing state
+
+  # Chunk-local state and the chunk's transition factor, then the recurrence over chunks.
+  k_to_end = k * jnp.exp(g_end - gc) * same_end
+  local = jnp.einsum("bhncd,bhnce->nbhde", k_to_end, v)
+  carry = (seg[..., -1] == seg_in)[:, None, :, None]  # [B,1,N,1]: no reset inside the chunk
+  decay = rearrange(jnp.exp(g_end[..., 0, :]) * carry, "b h n d -> n b h d")
+  entering, final = pass_states(decay, local, h0)
+
+  causal = jnp.tril(jnp.ones((chunk, chunk), bool))
+  visible = (causal & (seg[..., :, None] == seg[..., None, :]))[:, None]  # [B,1,N,C,C]
+  o_intra = jnp.einsum("bhnij,bhnje->bhnie", _intra(q, k, gc, visible), v)
+  q_from_in = q * jnp.exp(gc) * same_in
+  o_inter = jnp.einsum("bhncd,nbhde->bhnce", q_from_in, entering)
+  o = scale * rearrange(o_intra + o_inter, "b h n c e -> b (n c) h e")
+  return o[:, :t], final
+
+
+register("linear_attention", "xla")(_linear_attention_xla)
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _log_decay(op, log_decay, b, t, h, dk):
+  """Normalises the decay forms to g [B, T, H, 1|Dk] float32 (None: zeros)."""
+  if log_decay is None:
+    return jnp.zeros((b, t, h, 1), jnp.float32)
+  _checks.floating(op, "log_decay", log_decay)
+  g = jnp.asarray(log_decay, jnp.float32)
+  forms = {(h,): lambda: jnp.broadcast_to(g[:, None], (b, t, h, 1)),
+           (b, t, h): lambda: g[..., None],
+           (b, t, h, dk): lambda: g}
+  if g.shape not in forms:
+    raise ValueError(
+        f"{op}: `log_decay` must be [H]={(h,)}, [B,T,H]={(b, t, h)} or [B,T,H,Dk]="
+        f"{(b, t, h, dk)}, got {g.shape}")
+  return forms[g.shape]()
+
+
+def _check_qkv(op, q, k, v, time_axis: bool):
+  names = "[B, T, H, Dk]", "[B, T, Hkv, Dk]", "[B, T, Hkv, Dv]"
+  if not time_axis:
+    names = tuple(n.replace("T, ", "") for n in names)
+  r = 4 if time_axis else 3
+  for name, x, layout in zip("qkv", (q, k, v), names):
+    _checks.rank(op, name, x, r, layout)
+  _checks.same_dtype(op, q=q, k=k, v=v)
+  _checks.floating(op, "q", q)
+  lead = q.shape[:-2]
+  if k.shape[:-2] != lead or v.shape[:-1] != k.shape[:-1] or k.shape[-1] != q.shape[-1]:
+    raise ValueError(f"{op}: shapes must be q {names[0]}, k {names[1]}, v {names[2]}; "
+                     f"got q {q.shape}, k {k.shape}, v {v.shape}")
+  _checks.divides(op, f"q heads H={q.shape[-2]} vs k/v heads Hkv={k.shape[-2]}",
+                  k.shape[-2], q.shape[-2])
+
+
+def _check_state(op, state, b, h, dk, dv):
+  if state is not None:
+    _checks.shape_is(op, "initial_state", state, (b, h, dk, dv), "[B, H, Dk, Dv]")
+    _checks.floating(op, "initial_state", state)
+
+
+def linear_attention(q, k, v, *, log_decay=None, initial_state=None, segment_ids=None,
+                     scale: float | None = None, chunk_size: int = CHUNK,
+                     return_final_state: bool = False, impl: str = "auto"):
+  """Causal linear attention with optional decay; see the module docstring.
+
+  Returns o [B, T, H, Dv] (dtype of q) or (o, final_state [B, H, Dk, Dv] float32).
+  """
+  op = "linear_attention"
+  _check_qkv(op, q, k, v, time_axis=True)
+  _checks.positive_int(op, "chunk_size", chunk_size)
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  g = _log_decay(op, log_decay, b, t, h, dk)
+  _check_state(op, initial_state, b, h, dk, dv)
+  if segment_ids is not None:
+    _checks.shape_is(op, "segment_ids", segment_ids, (b, t), "[B, T]")
+  h0 = (jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None
+        else initial_state.astype(jnp.float32))
+  k, v = (jnp.repeat(x, h // x.shape[2], axis=2) for x in (k, v))
+  scale = dk**-0.5 if scale is None else scale
+  fn = resolve(op, impl, dict(q=q, k=k, v=v, g=g))
+  o, final = fn(q, k, v, g, h0, _resets(segment_ids, b, t), scale, chunk=chunk_size)
+  o = o.astype(q.dtype)
+  return (o, final) if return_final_state else o
+
+
+def linear_attention_step(q_t, k_t, v_t, state, log_decay_t=None, scale: float | None = None):
+  """One decoding step. q_t [B, H, Dk], k_t [B, Hkv, Dk], v_t [B, Hkv, Dv] (or each with
+  a time axis of length 1), state [B, H, Dk, Dv]; log_decay_t [H], [B, H] or [B, H, Dk]
+  (or [B, 1, H], [B, 1, H, Dk]). Returns (o_t like q_t with Dv, new state float32)."""
+  op = "linear_attention_step"
+  time_axis = jnp.ndim(q_t) == 4
+  if time_axis:
+    _check_qkv(op, q_t, k_t, v_t, time_axis=True)
+    if q_t.shape[1] != 1:
+      raise ValueError(f"{op}: `q_t` must hold one token, got shape {q_t.shape}")
+    q_t, k_t, v_t = q_t[:, 0], k_t[:, 0], v_t[:, 0]
+    if log_decay_t is not None and jnp.ndim(log_decay_t) >= 3:
+      log_decay_t = jnp.asarray(log_decay_t)[:, 0]
+  _check_qkv(op, q_t, k_t, v_t, time_axis=False)
+  b, h, dk = q_t.shape
+  dv = v_t.shape[-1]
+  _checks.shape_is(op, "state", state, (b, h, dk, dv), "[B, H, Dk, Dv]")
+  if log_decay_t is not None and jnp.ndim(log_decay_t) >= 2:
+    log_decay_t = jnp.expand_dims(log_decay_t, 1)  # [B, 1, H(, Dk)]: a sequence of one
+  g = _log_decay(op, log_decay_t, b, 1, h, dk)[:, 0]  # [B, H, 1|Dk]
+  k_t, v_t = (jnp.repeat(x, h // x.shape[1], axis=1).astype(jnp.float32) for x in (k_t, v_t))
+  state = jnp.exp(g)[..., None] * state.astype(jnp.float32) + k_t[..., :, None] * v_t[..., None, :]
+  scale = dk**-0.5 if scale is None else scale
+  o = (scale * jnp.einsum("bhk,bhkv->bhv", q_t.astype(jnp.float32), state)).astype(q_t.dtype)
+  return (o[:, None] if time_axis else o), state

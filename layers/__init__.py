@@ -1,0 +1,1 @@
+"""longax.layers."""
