@@ -106,9 +106,9 @@ def fold_block(spec: AttnSpec, carry, qg, k_blk, v_blk, mask):
     return (acc + pv,)
   acc, m, l = carry
   s = jnp.where(mask, s, -jnp.inf)
-  m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-  # The output does not depend on the shift; stop_gradient keeps its gradient exact.
-  m_safe = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m_new), m_new, 0.0))
+  # The output does not depend on the shift m, so no gradient flows through it.
+  m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(s, axis=-1)))
+  m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
   p = jnp.exp(s - m_safe[..., None])
   alpha = jnp.exp(m - m_safe)
   l = alpha * l + jnp.sum(p, axis=-1)

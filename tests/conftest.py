@@ -1,0 +1,82 @@
+"""Shared test helpers: seeded inputs, per-dtype tolerances, gradient probes."""
+
+import os
+
+# Small shapes: XLA's compile time dominates, and its optimisations don't pay for themselves.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+def rel_err(a, b) -> float:
+  """||a - b|| / ||b|| in float64, with ||b|| floored at an RMS of 0.1 (inputs are O(1),
+  so a reference that is nearly zero is compared in absolute terms)."""
+  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+  assert a.shape == b.shape, f"shapes differ: {a.shape} vs {b.shape}"
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 0.1 * np.sqrt(b.size), 1e-30))
+
+
+def assert_close(got, want, dtype=jnp.float32, what=""):
+  tol = TOL[jnp.dtype(dtype).type] if not isinstance(dtype, float) else dtype
+  err = rel_err(got, want)
+  assert np.all(np.isfinite(np.asarray(got, np.float32))), f"{what}: non-finite values"
+  assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.1g}"
+
+
+class Rand:
+  """Deterministic random arrays: Rand(seed).normal(shape, dtype)."""
+
+  def __init__(self, seed: int):
+    self.key = jax.random.key(seed)
+
+  def _next(self):
+    self.key, k = jax.random.split(self.key)
+    return k
+
+  def normal(self, shape, dtype=jnp.float32, scale=1.0):
+    return (scale * jax.random.normal(self._next(), shape, jnp.float32)).astype(dtype)
+
+  def uniform(self, shape, lo, hi, dtype=jnp.float32):
+    return jax.random.uniform(self._next(), shape, jnp.float32, lo, hi).astype(dtype)
+
+  def segments(self, b, t, n_docs):
+    """[B, T] int32 ids of `n_docs` contiguous documents per row, random boundaries."""
+    cuts = jnp.sort(jax.random.randint(self._next(), (b, n_docs - 1), 1, t), axis=1)
+    return jnp.sum(jnp.arange(t)[None, :, None] >= cuts[:, None, :], axis=-1).astype(jnp.int32)
+
+
+def probe_grads(fn, args, argnums, seed=123):
+  """Gradients of <fn(*args), R> for a fixed random projection R of each output leaf."""
+
+  def loss(*a):
+    out = fn(*a)
+    leaves = jax.tree.leaves(out)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return sum(jnp.vdot(jax.random.normal(k, x.shape), x.astype(jnp.float32))
+               for k, x in zip(keys, leaves))
+
+  return jax.jit(jax.grad(loss, argnums=argnums))(*args)
+
+
+def compare(fn_test, fn_ref, args, argnums, dtype, what=""):
+  """Forward and gradients of fn_test against fn_ref on the same inputs."""
+  got, want = jax.jit(fn_test)(*args), jax.jit(fn_ref)(*args)
+  for i, (g, w) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(want))):
+    assert_close(g, w, dtype, f"{what} forward[{i}]")
+  g_test = probe_grads(fn_test, args, argnums)
+  g_ref = probe_grads(fn_ref, args, argnums)
+  for i, (g, w) in zip(argnums, zip(g_test, g_ref)):
+    assert_close(g, w, dtype, f"{what} d/darg{i}")
+
+
+@pytest.fixture
+def rand(request):
+  """A Rand seeded from the test's name, so every parametrisation gets fresh inputs."""
+  import zlib
+  return Rand(zlib.crc32(request.node.name.encode()))

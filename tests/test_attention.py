@@ -1,0 +1,175 @@
+"""attention / sigmoid_attention: every impl against the float32 reference."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import assert_close, compare
+from longax.kernels import attention, query_positions, sigmoid_attention, visible
+
+# (B, T, S, H, Hkv, D, Dv, block_kv)
+SQUARE = (2, 16, 16, 4, 4, 8, 8, 512)
+T_LT_S = (1, 13, 29, 4, 2, 8, 8, 512)  # bottom-right causal, GQA
+RAGGED = (2, 37, 37, 6, 2, 16, 8, 16)  # several key blocks, the last one partial
+RAGGED_T_LT_S = (1, 21, 45, 2, 1, 8, 8, 8)
+T_GT_S = (1, 9, 5, 2, 2, 8, 8, 4)  # the first queries see no key
+CASES = [
+    (SQUARE, dict()), (T_LT_S, dict()), (RAGGED, dict()), (RAGGED_T_LT_S, dict()),
+    (T_GT_S, dict()),
+    (SQUARE, dict(causal=False)), (RAGGED_T_LT_S, dict(causal=False)),
+    (T_LT_S, dict(window=5)), (RAGGED, dict(window=5)),
+    (RAGGED, dict(window=4, sinks=2)), (RAGGED_T_LT_S, dict(window=7, sinks=3)),
+    (RAGGED, dict(window=3, causal=False)),
+    (T_LT_S, dict(softcap=3.0)), (RAGGED, dict(softcap=2.0, window=9)),
+    (SQUARE, dict(scale=0.3)),
+    (RAGGED, dict(segments=3)), (RAGGED_T_LT_S, dict(segments=3)), (T_GT_S, dict(segments=2)),
+    (RAGGED, dict(segments=4, window=6, sinks=1)),
+]
+KINDS = {"softmax": attention, "sigmoid": sigmoid_attention}
+
+
+def _inputs(rand, shape, dtype, segments=None):
+  b, t, s, h, hkv, d, dv, _ = shape
+  q = rand.normal((b, t, h, d), dtype)
+  k = rand.normal((b, s, hkv, d), dtype)
+  v = rand.normal((b, s, hkv, dv), dtype)
+  seg = None
+  if segments:
+    kv = rand.segments(b, s, segments)
+    seg = kv if t == s else (kv[:, s - t:] if t < s else rand.segments(b, t, segments))
+    seg = seg if t == s else (seg, kv)
+  return q, k, v, seg
+
+
+def _fn(kind, impl, opts, seg, block_kv):
+  opts = {k: v for k, v in opts.items() if k != "segments"}
+  if kind == "sigmoid":
+    opts.pop("softcap", None)
+    opts.pop("sinks", None)
+  return lambda q, k, v: KINDS[kind](q, k, v, segment_ids=seg, impl=impl, block_kv=block_kv,
+                                     **opts)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape,opts", CASES, ids=str)
+def test_xla_matches_reference_f32(rand, kind, shape, opts):
+  q, k, v, seg = _inputs(rand, shape, jnp.float32, opts.get("segments"))
+  blk = shape[-1]
+  compare(_fn(kind, "xla", opts, seg, blk), _fn(kind, "reference", opts, seg, blk),
+          (q, k, v), (0, 1, 2), jnp.float32, f"{kind} {opts}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("opts", [dict(), dict(window=6, sinks=2), dict(segments=2)], ids=str)
+def test_xla_matches_reference_bf16(rand, kind, opts):
+  shape = (2, 40, 40, 4, 2, 16, 16, 16)
+  q, k, v, seg = _inputs(rand, shape, jnp.bfloat16, opts.get("segments"))
+  ref = _fn(kind, "reference", opts, seg, 16)
+  compare(_fn(kind, "xla", opts, seg, 16), ref, (q, k, v), (0, 1, 2), jnp.bfloat16, kind)
+  assert _fn(kind, "xla", opts, seg, 16)(q, k, v).dtype == jnp.bfloat16
+  assert_close(_fn(kind, "auto", opts, seg, 16)(q, k, v), ref(q, k, v), jnp.bfloat16)
+
+
+def test_reference_matches_jax_dot_product_attention(rand):
+  """An independent oracle for the softmax reference: causal GQA, T == S."""
+  q, k, v, _ = _inputs(rand, (2, 24, 24, 4, 2, 8, 8, 0), jnp.float32)
+  want = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+  assert_close(attention(q, k, v, impl="reference"), want)
+  want = jax.nn.dot_product_attention(q, k, v, is_causal=False, scale=0.2)
+  assert_close(attention(q, k, v, causal=False, scale=0.2, impl="reference"), want)
+
+
+def test_sigmoid_reference_by_hand(rand):
+  q, k, v, _ = _inputs(rand, (1, 6, 6, 1, 1, 4, 4, 0), jnp.float32)
+  s = jnp.einsum("btd,bsd->bts", q[:, :, 0], k[:, :, 0]) / 2.0 - math.log(6)
+  p = jax.nn.sigmoid(s) * jnp.tril(jnp.ones((6, 6)))
+  want = jnp.einsum("bts,bsd->btd", p, v[:, :, 0])[:, :, None]
+  for impl in ("reference", "xla"):
+    assert_close(sigmoid_attention(q, k, v, impl=impl), want)
+  got = sigmoid_attention(q, k, v, bias=0.5, causal=False, impl="xla")
+  p = jax.nn.sigmoid(s + math.log(6) + 0.5)
+  assert_close(got, jnp.einsum("bts,bsd->btd", p, v[:, :, 0])[:, :, None])
+
+
+def test_visibility_bottom_right_window_sinks():
+  # 3 queries over 6 keys: the queries are positions 3, 4, 5.
+  m = visible(query_positions(3, 6), jnp.arange(6), causal=True, window=2, sinks=1)
+  want = np.array([[1, 0, 1, 1, 0, 0],
+                   [1, 0, 0, 1, 1, 0],
+                   [1, 0, 0, 0, 1, 1]], bool)
+  np.testing.assert_array_equal(np.asarray(m), want)
+  seg = jnp.array([[0, 0, 1]])
+  m = visible(jnp.arange(3), jnp.arange(3), causal=False, q_seg=seg, k_seg=seg)
+  np.testing.assert_array_equal(np.asarray(m[0]), np.array([[1, 1, 0], [1, 1, 0], [0, 0, 1]], bool))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_rows_that_see_no_key_are_zero(rand, kind, impl):
+  # T > S: the first T - S queries precede every key; a q segment absent from kv.
+  q, k, v, _ = _inputs(rand, (1, 9, 5, 2, 2, 8, 8, 0), jnp.float32)
+  f = lambda q, k, v: KINDS[kind](q, k, v, impl=impl, block_kv=2)
+  o = f(q, k, v)
+  assert np.all(np.asarray(o[:, :4]) == 0) and np.all(np.isfinite(np.asarray(o)))
+  grads = jax.grad(lambda q, k, v: f(q, k, v).sum(), argnums=(0, 1, 2))(q, k, v)
+  assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
+  q, k, v, _ = _inputs(rand, (1, 4, 4, 2, 2, 8, 8, 0), jnp.float32)
+  seg = (jnp.array([[0, 0, 7, 7]]), jnp.zeros((1, 4), jnp.int32))
+  o = KINDS[kind](q, k, v, causal=False, segment_ids=seg, impl=impl)
+  assert np.all(np.asarray(o[:, 2:]) == 0) and np.all(np.isfinite(np.asarray(o)))
+
+
+def test_packed_segments_equal_documents_one_by_one(rand):
+  q, k, v, _ = _inputs(rand, (1, 20, 20, 2, 1, 8, 8, 0), jnp.float32)
+  seg = jnp.array([[0] * 7 + [1] * 13])
+  packed = attention(q, k, v, segment_ids=seg, impl="xla", block_kv=8)
+  for lo, hi in ((0, 7), (7, 20)):
+    alone = attention(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], impl="xla")
+    assert_close(packed[:, lo:hi], alone)
+
+
+def test_jit_and_vmap(rand):
+  q, k, v, _ = _inputs(rand, (2, 12, 12, 2, 2, 8, 8, 0), jnp.float32)
+  f = jax.jit(lambda q, k, v: attention(q, k, v, window=4, impl="xla"))
+  assert_close(f(q, k, v), attention(q, k, v, window=4, impl="reference"))
+  vm = jax.vmap(lambda q, k, v: sigmoid_attention(q[None], k[None], v[None], impl="xla")[0])
+  assert_close(vm(q, k, v), sigmoid_attention(q, k, v, impl="reference"))
+
+
+@pytest.mark.parametrize("impl", ["pallas", "pallas_interpret"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_pallas_not_yet(rand, impl, kind):
+  q, k, v, _ = _inputs(rand, (1, 4, 4, 1, 1, 8, 8, 0), jnp.float32)
+  name = "attention" if kind == "softmax" else "sigmoid_attention"
+  with pytest.raises(NotImplementedError, match=name):
+    KINDS[kind](q, k, v, impl=impl)
+
+
+BAD = [
+    (lambda q, k, v: (q[0], k, v), {}, "`q` must have rank 4"),
+    (lambda q, k, v: (q, k[:, :, :1], v), {}, "`v` must be"),
+    (lambda q, k, v: (q[:, :, :3], k, v), {}, "H=3 .* Hkv=2"),
+    (lambda q, k, v: (q, k.astype(jnp.bfloat16), v), {}, "share one dtype"),
+    (lambda q, k, v: (q, k[..., :4], v), {}, "`k` must be"),
+    (lambda q, k, v: (q, k, v), dict(window=0), "`window` must be an int >= 1"),
+    (lambda q, k, v: (q, k, v), dict(sinks=-1), "`sinks`"),
+    (lambda q, k, v: (q, k, v), dict(segment_ids=jnp.zeros((2, 5))), r"segment_ids \(queries\)"),
+    (lambda q, k, v: (q, k, v), dict(impl="cuda"), "unknown impl='cuda'"),
+    (lambda q, k, v: (q, k, v), dict(softcap=-1.0), "softcap"),
+]
+
+
+@pytest.mark.parametrize("mangle,kw,msg", BAD, ids=[b[2] for b in BAD])
+def test_bad_input_errors(rand, mangle, kw, msg):
+  q, k, v, _ = _inputs(rand, (2, 6, 6, 4, 2, 8, 8, 0), jnp.float32)
+  with pytest.raises(ValueError, match=msg):
+    attention(*mangle(q, k, v), **kw)
+
+
+def test_sigmoid_bias_must_be_scalar(rand):
+  q, k, v, _ = _inputs(rand, (1, 4, 4, 1, 1, 8, 8, 0), jnp.float32)
+  with pytest.raises(ValueError, match="`bias` must be a scalar"):
+    sigmoid_attention(q, k, v, bias=jnp.zeros(3))
