@@ -1,0 +1,175 @@
+"""linear_attention / linear_attention_step against the token-by-token reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import assert_close, compare
+from longax.kernels import linear_attention, linear_attention_step
+
+# (B, T, H, Hkv, Dk, Dv, chunk): one partial chunk, several with a ragged tail, GQA, exact.
+SHAPES = [(2, 13, 2, 2, 8, 8, 16), (1, 45, 4, 2, 8, 6, 16), (2, 32, 2, 1, 4, 8, 8)]
+DECAYS = [None, "head", "scalar", "key"]
+
+
+def _decay(rand, form, b, t, h, dk, strength=1.0):
+  shape = {None: None, "head": (h,), "scalar": (b, t, h), "key": (b, t, h, dk)}[form]
+  return None if shape is None else -strength * jax.nn.softplus(rand.normal(shape))
+
+
+def _inputs(rand, shape, dtype=jnp.float32):
+  b, t, h, hkv, dk, dv, _ = shape
+  return (rand.normal((b, t, h, dk), dtype), rand.normal((b, t, hkv, dk), dtype),
+          rand.normal((b, t, hkv, dv), dtype))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("decay", DECAYS)
+@pytest.mark.parametrize("state", ["zero", "given"])
+@pytest.mark.parametrize("segments", [False, True])
+def test_xla_matches_reference_f32(rand, shape, decay, state, segments):
+  b, t, h, hkv, dk, dv, chunk = shape
+  q, k, v = _inputs(rand, shape)
+  g = _decay(rand, decay, b, t, h, dk)
+  h0 = rand.normal((b, h, dk, dv)) if state == "given" else None
+  seg = rand.segments(b, t, 3) if segments else None
+  args = [q, k, v] + [x for x in (g, h0) if x is not None]
+
+  def fn(impl):
+    def f(q, k, v, *rest):
+      rest = list(rest)
+      gg = rest.pop(0) if g is not None else None
+      hh = rest.pop(0) if h0 is not None else None
+      return linear_attention(q, k, v, log_decay=gg, initial_state=hh, segment_ids=seg,
+                              chunk_size=chunk, return_final_state=True, impl=impl)
+    return f
+
+  compare(fn("xla"), fn("reference"), args, tuple(range(len(args))), jnp.float32,
+          f"decay={decay}")
+
+
+@pytest.mark.parametrize("decay", DECAYS)
+def test_xla_matches_reference_bf16(rand, decay):
+  shape = (2, 40, 4, 2, 16, 16, 16)
+  q, k, v = _inputs(rand, shape, jnp.bfloat16)
+  g = _decay(rand, decay, 2, 40, 4, 16)
+  f = lambda impl: lambda q, k, v: linear_attention(q, k, v, log_decay=g, chunk_size=16,
+                                                    impl=impl)
+  compare(f("xla"), f("reference"), (q, k, v), (0, 1, 2), jnp.bfloat16, f"decay={decay}")
+  assert f("auto")(q, k, v).dtype == jnp.bfloat16
+
+
+def test_plain_linear_attention_by_hand(rand):
+  """No decay: o_t = scale * q_t sum_{j<=t} k_j^T v_j, i.e. causal unnormalised attention."""
+  q, k, v = _inputs(rand, (1, 10, 1, 1, 4, 4, 0))
+  s = jnp.einsum("btd,bsd->bts", q[:, :, 0], k[:, :, 0]) * jnp.tril(jnp.ones((10, 10)))
+  want = 0.5 * jnp.einsum("bts,bsd->btd", s, v[:, :, 0])[:, :, None]
+  for impl in ("reference", "xla"):
+    assert_close(linear_attention(q, k, v, chunk_size=4, impl=impl), want)
+
+
+@pytest.mark.parametrize("decay", DECAYS)
+def test_step_chain_equals_parallel(rand, decay):
+  b, t, h, hkv, dk, dv = 2, 11, 4, 2, 8, 6
+  q, k, v = _inputs(rand, (b, t, h, hkv, dk, dv, 0))
+  g = _decay(rand, decay, b, t, h, dk)
+  h0 = rand.normal((b, h, dk, dv))
+  o, final = linear_attention(q, k, v, log_decay=g, initial_state=h0, chunk_size=4,
+                              return_final_state=True, impl="xla")
+  state, outs = h0, []
+  step = jax.jit(linear_attention_step)
+  for i in range(t):
+    g_t = None if g is None else (g if g.ndim == 1 else g[:, i])
+    o_t, state = step(q[:, i], k[:, i], v[:, i], state, g_t)
+    outs.append(o_t)
+  assert_close(jnp.stack(outs, 1), o)
+  assert_close(state, final)
+  # The same step with a time axis of length one.
+  g_1 = None if g is None else (g if g.ndim == 1 else g[:, :1])
+  o_1, s_1 = linear_attention_step(q[:, :1], k[:, :1], v[:, :1], h0, g_1)
+  assert o_1.shape == (b, 1, h, dv)
+  assert_close(o_1, o[:, :1])
+
+
+@pytest.mark.parametrize("decay", DECAYS)
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_packed_row_equals_documents(rand, decay, impl):
+  b, t, h, dk, dv = 1, 30, 2, 8, 8
+  q, k, v = _inputs(rand, (b, t, h, h, dk, dv, 0))
+  g = _decay(rand, decay, b, t, h, dk)
+  h0 = rand.normal((b, h, dk, dv))
+  bounds = [(0, 9), (9, 10), (10, 30)]
+  seg = jnp.concatenate([jnp.full((hi - lo,), 5 * i) for i, (lo, hi) in enumerate(bounds)])
+  o, final = linear_attention(q, k, v, log_decay=g, initial_state=h0, segment_ids=seg[None],
+                              chunk_size=8, return_final_state=True, impl=impl)
+  for i, (lo, hi) in enumerate(bounds):
+    gi = None if g is None else (g if g.ndim == 1 else g[:, lo:hi])
+    oi, fi = linear_attention(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], log_decay=gi,
+                              initial_state=h0 if i == 0 else None, chunk_size=8,
+                              return_final_state=True, impl=impl)
+    assert_close(o[:, lo:hi], oi, what=f"document {i}")
+  assert_close(final, fi, what="final state belongs to the last document")
+
+
+@pytest.mark.parametrize("decay", ["scalar", "key"])
+def test_strong_decay_long_sequence_is_finite(rand, decay):
+  """exp of a cumulative log decay over 100k tokens would overflow; the XLA path never
+  forms it. With strong decay only the last few tokens matter."""
+  b, t, h, d = 1, 100_000, 1, 4
+  q, k, v = _inputs(rand, (b, t, h, h, d, d, 0))
+  g = jnp.full({"scalar": (b, t, h), "key": (b, t, h, d)}[decay], -20.0)
+  o, s = jax.jit(lambda q, k, v, g: linear_attention(
+      q, k, v, log_decay=g, chunk_size=64, return_final_state=True, impl="xla"))(q, k, v, g)
+  assert np.all(np.isfinite(np.asarray(o))) and np.all(np.isfinite(np.asarray(s)))
+  # decay e^-20 per token: o_t is q_t k_t^T v_t to ~1e-9 relative.
+  want = 0.5 * jnp.einsum("bthd,bthd->bth", q, k)[..., None] * v
+  assert_close(o, want)
+
+
+def test_jit_and_vmap(rand):
+  q, k, v = _inputs(rand, (2, 12, 2, 2, 4, 4, 0))
+  g = _decay(rand, "scalar", 2, 12, 2, 4)
+  want = linear_attention(q, k, v, log_decay=g, impl="reference")
+  vm = jax.vmap(lambda q, k, v, g: linear_attention(q[None], k[None], v[None],
+                                                    log_decay=g[None], chunk_size=4,
+                                                    impl="xla")[0])
+  assert_close(jax.jit(vm)(q, k, v, g), want)
+
+
+@pytest.mark.parametrize("impl", ["pallas", "pallas_interpret"])
+def test_pallas_not_yet(rand, impl):
+  q, k, v = _inputs(rand, (1, 4, 1, 1, 4, 4, 0))
+  with pytest.raises(NotImplementedError, match="linear_attention"):
+    linear_attention(q, k, v, impl=impl)
+
+
+BAD = [
+    (dict(q=lambda x: x[0]), "`q` must have rank 4"),
+    (dict(k=lambda x: x[:, :, :, :2]), "shapes must be"),
+    (dict(q=lambda x: jnp.concatenate([x, x[:, :, :1]], 2)), "H=5 .* Hkv=2"),
+    (dict(v=lambda x: x.astype(jnp.bfloat16)), "share one dtype"),
+    (dict(log_decay=jnp.zeros((3,))), r"`log_decay` must be \[H\]"),
+    (dict(log_decay=jnp.zeros((2, 9, 4))), r"`log_decay` must be"),
+    (dict(initial_state=jnp.zeros((2, 4, 8, 7))), "`initial_state` must have shape"),
+    (dict(segment_ids=jnp.zeros((2, 7), jnp.int32)), "`segment_ids` must have shape"),
+    (dict(chunk_size=0), "`chunk_size`"),
+    (dict(impl="gpu"), "unknown impl"),
+]
+
+
+@pytest.mark.parametrize("kw,msg", BAD, ids=[b[1] for b in BAD])
+def test_bad_input_errors(rand, kw, msg):
+  q, k, v = _inputs(rand, (2, 8, 4, 2, 8, 8, 0))
+  arrays = dict(q=q, k=k, v=v)
+  for name in "qkv":
+    if name in kw:
+      arrays[name] = kw.pop(name)(arrays[name])
+  with pytest.raises(ValueError, match=msg):
+    linear_attention(arrays["q"], arrays["k"], arrays["v"], **kw)
+
+
+def test_step_bad_state(rand):
+  q, k, v = _inputs(rand, (2, 1, 4, 2, 8, 8, 0))
+  with pytest.raises(ValueError, match="`state` must have shape"):
+    linear_attention_step(q[:, 0], k[:, 0], v[:, 0], jnp.zeros((2, 4, 8, 9)))
