@@ -1,0 +1,360 @@
+"""Times every kernel op's impls, forward and forward+backward, beside the peers.
+
+    python -m longax.benchmarks.kernels --quick            # CPU smoke run / demo
+    python -m longax.benchmarks.kernels --json out.json    # the GPU grid, peers included
+
+Every row is first checked against longax's float32 reference on the same inputs
+(`err` = ||out - ref|| / ||ref||), then timed: median over `--reps` runs after warm-up.
+`vs xla` is longax-xla's time over the row's time (> 1: faster than our XLA path).
+On a GPU the peers that import are added in the same run: cuDNN through
+`jax.nn.dot_product_attention`, tokamax, jax-linear-attention (jla) and
+flash-linear-attention (fla, PyTorch/Triton). Attention FLOPs are counted the
+FlashAttention way: 4*B*H*T*S*D forward, halved if causal, x3.5 for forward+backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from longax import kernels as K
+
+
+@dataclasses.dataclass
+class Row:
+  name: str
+  fwd: Callable[[], Any]  # runs the forward once, returns the output (any array type)
+  fwd_bwd: Callable[[], Any] | None  # runs forward + backward once, blocks
+
+
+@dataclasses.dataclass
+class Case:
+  op: str
+  shape: dict
+  flops_fwd: float | None
+  reference: Callable[[], Any]
+  rows: list[Row]
+
+
+def _block(x):
+  if hasattr(x, "block_until_ready") or isinstance(x, (tuple, list, dict)):
+    return jax.block_until_ready(x)
+  import torch  # a peer's output
+  torch.cuda.synchronize()
+  return x
+
+
+def _median_ms(fn, reps: int) -> float:
+  for _ in range(2):
+    _block(fn())
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    _block(fn())
+    times.append(time.perf_counter() - t0)
+  return 1e3 * statistics.median(times)
+
+
+def _to_np(x) -> np.ndarray:
+  if isinstance(x, (tuple, list)):
+    x = x[0]
+  if hasattr(x, "detach"):
+    return x.detach().float().cpu().numpy()
+  return np.asarray(jnp.asarray(x, jnp.float32))
+
+
+def jax_row(name: str, f: Callable, args: tuple) -> Row:
+  """A row for a JAX function of `args` (gradients w.r.t. every float argument)."""
+  fwd = jax.jit(f)
+  ct = jax.random.normal(jax.random.key(7), jax.eval_shape(f, *args).shape, jnp.float32)
+
+  def loss(*a):
+    return jnp.vdot(ct, f(*a).astype(jnp.float32))
+
+  grad = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))
+  return Row(name, lambda: fwd(*args), lambda: grad(*args))
+
+
+def torch_row(name: str, f: Callable, args: tuple) -> Row:
+  """A row for a PyTorch function of jax `args` (moved over with dlpack)."""
+  import torch
+
+  t_args = [torch.from_dlpack(a).clone().requires_grad_(True) for a in args]
+
+  def fwd():
+    with torch.no_grad():
+      return f(*t_args)
+
+  def fwd_bwd():
+    out = f(*t_args)
+    out.backward(torch.ones_like(out))
+    torch.cuda.synchronize()
+    return out
+
+  return Row(name, fwd, fwd_bwd)
+
+
+# ------------------------------------------------------------------------------ the cases
+
+
+def attention_cases(shapes, dtype, on_gpu) -> list[Case]:
+  out = []
+  for b, t, h, hkv, d in shapes:
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (b, t, h, d), dtype)
+    k = jax.random.normal(keys[1], (b, t, hkv, d), dtype)
+    v = jax.random.normal(keys[2], (b, t, hkv, d), dtype)
+    flops = 4 * b * h * t * t * d / 2
+    shape = dict(B=b, T=t, H=h, Hkv=hkv, D=d, causal=True)
+    for op, fn in (("attention", K.attention), ("sigmoid_attention", K.sigmoid_attention)):
+      rows = [jax_row(f"longax.{impl}", lambda q, k, v, impl=impl, fn=fn: fn(q, k, v, impl=impl),
+                      (q, k, v)) for impl in ("xla", "auto")]
+      if t <= 4096:
+        rows.insert(0, jax_row("longax.reference",
+                               lambda q, k, v, fn=fn: fn(q, k, v, impl="reference"), (q, k, v)))
+      if op == "attention" and on_gpu:
+        rows += _attention_peers(q, k, v)
+      ref = lambda q=q, k=k, v=v, fn=fn: fn(*(x.astype(jnp.float32) for x in (q, k, v)),
+                                            impl="reference")
+      out.append(Case(op, shape, flops, ref, rows))
+  return out
+
+
+def _attention_peers(q, k, v) -> list[Row]:
+  rows = []
+  args = (q, k, v)
+  rows.append(jax_row("cudnn", lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, is_causal=True, implementation="cudnn"), args))
+  try:
+    import tokamax
+    rows.append(jax_row("tokamax", lambda q, k, v: tokamax.dot_product_attention(
+        q, k, v, is_causal=True), args))
+  except Exception as e:  # noqa: BLE001 - a missing peer is reported, not fatal
+    print(f"# tokamax unavailable: {e!r}", file=sys.stderr)
+  try:
+    from jla.ops.mosaic_gpu.attention import flash_attention
+    rows.append(jax_row("jla.mosaic_gpu", lambda q, k, v: flash_attention(q, k, v), args))
+  except Exception as e:  # noqa: BLE001
+    print(f"# jla attention unavailable: {e!r}", file=sys.stderr)
+  return rows
+
+
+def linear_cases(shapes, dtype, on_gpu) -> list[Case]:
+  out = []
+  for b, t, h, d in shapes:
+    keys = jax.random.split(jax.random.key(1), 4)
+    q, k, v = (jax.random.normal(kk, (b, t, h, d), dtype) * d**-0.25 for kk in keys[:3])
+    decays = {
+        "none": None,
+        "scalar": -jax.nn.softplus(jax.random.normal(keys[3], (b, t, h))),
+        "key": -jax.nn.softplus(jax.random.normal(keys[3], (b, t, h, d))) / 8,
+    }
+    for name, g in decays.items():
+      args = (q, k, v) if g is None else (q, k, v, g)
+      la = lambda *a, impl: K.linear_attention(*a[:3], log_decay=a[3] if len(a) > 3 else None,
+                                               impl=impl)
+      rows = [jax_row(f"longax.{impl}", lambda *a, impl=impl: la(*a, impl=impl), args)
+              for impl in ("xla", "auto")]
+      if t <= 4096:
+        rows.insert(0, jax_row("longax.reference", lambda *a: la(*a, impl="reference"), args))
+      if on_gpu:
+        rows += _linear_peers(name, args, d)
+      ref = lambda args=args: la(*(x.astype(jnp.float32) for x in args), impl="reference")
+      out.append(Case(f"linear_attention[{name}]", dict(B=b, T=t, H=h, D=d), None, ref, rows))
+  return out
+
+
+def _linear_peers(decay: str, args, d: int) -> list[Row]:
+  rows = []
+  q, k, v = args[:3]
+  g = args[3] if len(args) > 3 else jnp.zeros(q.shape[:3], jnp.float32)
+  kind = "gla" if decay == "key" else "simple_gla"
+  try:
+    from jla.ops import linear_attention as jla_la
+    for impl in ("chunked", "auto"):
+      rows.append(jax_row(f"jla.{impl}", lambda q, k, v, g, impl=impl: jla_la(
+          kind, q, k, v, g=g, scale=d**-0.5, impl=impl)[0], (q, k, v, g)))
+  except Exception as e:  # noqa: BLE001
+    print(f"# jla unavailable: {e!r}", file=sys.stderr)
+  try:
+    if decay == "none":
+      from fla.ops.linear_attn import chunk_linear_attn
+      rows.append(torch_row("fla.chunk", lambda q, k, v: chunk_linear_attn(
+          q, k, v, scale=d**-0.5, normalize=False)[0], (q, k, v)))
+    elif decay == "scalar":
+      from fla.ops.simple_gla import chunk_simple_gla
+      rows.append(torch_row("fla.chunk", lambda q, k, v, g: chunk_simple_gla(
+          q, k, v, g=g.float(), scale=d**-0.5)[0], (q, k, v, g)))
+    else:
+      from fla.ops.gla import chunk_gla
+      rows.append(torch_row("fla.chunk", lambda q, k, v, g: chunk_gla(
+          q, k, v, g=g.float(), scale=d**-0.5)[0], (q, k, v, g)))
+  except Exception as e:  # noqa: BLE001
+    print(f"# fla unavailable: {e!r}", file=sys.stderr)
+  return rows
+
+
+def scan_cases(shapes, dtype, on_gpu) -> list[Case]:
+  out = []
+  for b, l, d, n in shapes:
+    keys = jax.random.split(jax.random.key(2), 6)
+    u = jax.random.normal(keys[0], (b, l, d), dtype)
+    delta = (jax.random.normal(keys[1], (b, l, d)) * 0.5 - 2).astype(dtype)
+    A = -jnp.exp(jax.random.normal(keys[2], (d, n)) * 0.5)
+    Bm = jax.random.normal(keys[3], (b, l, n), dtype)
+    Cm = jax.random.normal(keys[4], (b, l, n), dtype)
+    args = (u, delta, Bm, Cm)
+    ss = lambda u, delta, Bm, Cm, impl: K.selective_scan(u, delta, A, Bm, Cm,
+                                                         delta_softplus=True, impl=impl)
+    rows = [jax_row(f"longax.{impl}", lambda *a, impl=impl: ss(*a, impl), args)
+            for impl in ("xla", "auto")]
+    if l <= 4096 and d * n <= 2**15:
+      rows.insert(0, jax_row("longax.reference", lambda *a: ss(*a, "reference"), args))
+    if on_gpu:
+      try:
+        from jla.ops import linear_attention as jla_la
+        rows.append(jax_row("jla.auto", lambda u, delta, Bm, Cm: jla_la(
+            "mamba1", Cm, Bm, u, dt=delta, a=A, dt_softplus=True)[0], args))
+      except Exception as e:  # noqa: BLE001
+        print(f"# jla mamba1 unavailable: {e!r}", file=sys.stderr)
+    ref = lambda args=args: ss(*(x.astype(jnp.float32) for x in args), "reference")
+    out.append(Case("selective_scan", dict(B=b, L=l, D=d, N=n), None, ref, rows))
+  return out
+
+
+def ssd_cases(shapes, dtype, on_gpu) -> list[Case]:
+  out = []
+  for b, t, h, p, n in shapes:
+    keys = jax.random.split(jax.random.key(3), 5)
+    x = jax.random.normal(keys[0], (b, t, h, p), dtype)
+    dt = jax.nn.softplus(jax.random.normal(keys[1], (b, t, h)) - 2)
+    A = -jnp.exp(jax.random.normal(keys[2], (h,)) * 0.5)
+    Bm = jax.random.normal(keys[3], (b, t, 1, n), dtype)
+    Cm = jax.random.normal(keys[4], (b, t, 1, n), dtype)
+    args = (x, Bm, Cm)
+    f = lambda x, Bm, Cm, impl: K.ssd(x, dt, A, Bm, Cm, impl=impl)
+    rows = [jax_row(f"longax.{impl}", lambda *a, impl=impl: f(*a, impl), args)
+            for impl in ("xla", "auto")]
+    if t <= 4096:
+      rows.insert(0, jax_row("longax.reference", lambda *a: f(*a, "reference"), args))
+    if on_gpu:
+      try:
+        from jla.ops import linear_attention as jla_la
+        rep = lambda m: jnp.repeat(m, h, axis=2)
+        rows.append(jax_row("jla.auto", lambda x, Bm, Cm: jla_la(
+            "simple_gla", rep(Cm), rep(Bm), (x * dt[..., None]).astype(x.dtype),
+            g=dt * A, scale=1.0)[0], args))
+      except Exception as e:  # noqa: BLE001
+        print(f"# jla ssd unavailable: {e!r}", file=sys.stderr)
+    ref = lambda args=args: f(*(a.astype(jnp.float32) for a in args), "reference")
+    out.append(Case("ssd", dict(B=b, T=t, H=h, P=p, N=n), None, ref, rows))
+  return out
+
+
+GRIDS = {  # (attention, linear, selective scan, ssd) shapes
+    "quick": ([(1, 128, 4, 2, 32)], [(1, 256, 4, 32)], [(1, 256, 64, 8)], [(1, 256, 4, 32, 16)]),
+    "cpu": ([(1, 1024, 8, 2, 64)], [(1, 2048, 8, 64)], [(1, 2048, 256, 16)],
+            [(1, 2048, 8, 64, 64)]),
+    "gpu": ([(4, 4096, 16, 16, 128), (1, 16384, 16, 4, 128)],
+            [(4, 4096, 16, 128), (1, 16384, 16, 128)],
+            [(4, 4096, 1536, 16)], [(4, 4096, 32, 64, 128)]),
+}
+
+
+def run(grid: str, dtype, reps: int, ops: set[str], bwd: bool) -> list[dict]:
+  on_gpu = jax.default_backend() == "gpu"
+  att, lin, scan, ssd_ = GRIDS[grid]
+  makers = {"attention": lambda: attention_cases(att, dtype, on_gpu),
+            "linear_attention": lambda: linear_cases(lin, dtype, on_gpu),
+            "selective_scan": lambda: scan_cases(scan, dtype, on_gpu),
+            "ssd": lambda: ssd_cases(ssd_, dtype, on_gpu)}
+  results = []
+  try:
+    from tqdm import tqdm
+  except ImportError:  # pragma: no cover
+    tqdm = lambda x, **_: x
+  cases = [c for name, make in makers.items() if name in ops for c in make()]
+  for case in tqdm(cases, desc="benchmark", file=sys.stderr):
+    want = _to_np(case.reference())
+    base = None
+    for row in case.rows:
+      rec = dict(op=case.op, shape=case.shape, impl=row.name)
+      try:
+        got = _to_np(row.fwd())
+        rec["err"] = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+        rec["fwd_ms"] = _median_ms(row.fwd, reps)
+        if bwd and row.fwd_bwd is not None:
+          rec["fwd_bwd_ms"] = _median_ms(row.fwd_bwd, reps)
+      except Exception as e:  # noqa: BLE001 - one failing row must not sink the table
+        rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+      if case.flops_fwd and "fwd_ms" in rec:
+        rec["fwd_tflops"] = case.flops_fwd / rec["fwd_ms"] / 1e9
+        if "fwd_bwd_ms" in rec:
+          rec["fwd_bwd_tflops"] = 3.5 * case.flops_fwd / rec["fwd_bwd_ms"] / 1e9
+      if row.name == "longax.xla":
+        base = rec
+      if base and "fwd_ms" in rec and "fwd_ms" in base:
+        rec["fwd_vs_xla"] = base["fwd_ms"] / rec["fwd_ms"]
+        if "fwd_bwd_ms" in rec and "fwd_bwd_ms" in base:
+          rec["fwd_bwd_vs_xla"] = base["fwd_bwd_ms"] / rec["fwd_bwd_ms"]
+      results.append(rec)
+  return results
+
+
+def table(results: list[dict]) -> str:
+  cols = [("op", 24), ("shape", 40), ("impl", 17), ("err", 8), ("fwd_ms", 9),
+          ("fwd_bwd_ms", 10), ("fwd_vs_xla", 10), ("fwd_bwd_vs_xla", 14),
+          ("fwd_bwd_tflops", 14)]
+  fmt = lambda v: (f"{v:.3g}" if isinstance(v, float) else
+                   ",".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else str(v))
+  lines = [" ".join(name.ljust(w) for name, w in cols)]
+  for r in results:
+    line = " ".join(fmt(r.get(name, "")).ljust(w)[:w] for name, w in cols)
+    lines.append(line + (f"  {r['error']}" if "error" in r else ""))
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--grid", choices=sorted(GRIDS), default=None,
+                 help="shape grid (default: gpu on a GPU, else cpu)")
+  p.add_argument("--quick", action="store_true", help="tiny shapes, few reps (a demo)")
+  p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                 help="default: bfloat16 on GPU, float32 on CPU")
+  p.add_argument("--reps", type=int, default=None)
+  p.add_argument("--ops", default="attention,linear_attention,selective_scan,ssd")
+  p.add_argument("--no-bwd", action="store_true", help="time the forward only")
+  p.add_argument("--json", default=None, help="also write the results here")
+  a = p.parse_args(argv)
+  on_gpu = jax.default_backend() == "gpu"
+  grid = "quick" if a.quick else a.grid or ("gpu" if on_gpu else "cpu")
+  dtype = jnp.dtype(a.dtype or ("bfloat16" if on_gpu else "float32"))
+  reps = a.reps or (3 if a.quick else 10 if not on_gpu else 20)
+  ops = set(a.ops.split(","))
+  unknown = ops - {"attention", "linear_attention", "selective_scan", "ssd"}
+  if unknown:
+    p.error(f"unknown --ops {sorted(unknown)}")
+  results = run(grid, dtype, reps, ops, not a.no_bwd)
+  meta = dict(date=datetime.date.today().isoformat(), device=str(jax.devices()[0].device_kind),
+              backend=jax.default_backend(), jax=jax.__version__, dtype=str(dtype), grid=grid,
+              reps=reps)
+  print("# " + ", ".join(f"{k}={v}" for k, v in meta.items()))
+  print(table(results))
+  if a.json:
+    with open(a.json, "w") as f:
+      json.dump(dict(meta=meta, results=results), f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
