@@ -104,6 +104,11 @@ def torch_row(name: str, f: Callable, args: tuple) -> Row:
   return Row(name, fwd, fwd_bwd)
 
 
+def _impls(op: str) -> tuple[str, ...]:
+  """longax rows to time: `auto` only where a kernel can make it differ from `xla`."""
+  return ("xla", "auto") if "pallas" in K.available(op) else ("xla",)
+
+
 def _reference(f: Callable, args: tuple, small: bool) -> Callable[[], Any]:
   """The float32 oracle of a case: the reference impl, or for shapes too large for its
   full score matrix / token loop, the XLA path (checked against it in tests/) in float32."""
@@ -126,7 +131,7 @@ def attention_cases(shapes, dtype, on_gpu) -> list[Case]:
     shape = dict(B=b, T=t, H=h, Hkv=hkv, D=d, causal=True)
     for op, fn in (("attention", K.attention), ("sigmoid_attention", K.sigmoid_attention)):
       rows = [jax_row(f"longax.{impl}", lambda q, k, v, impl=impl, fn=fn: fn(q, k, v, impl=impl),
-                      (q, k, v)) for impl in ("xla", "auto")]
+                      (q, k, v)) for impl in _impls(op)]
       if not on_gpu:  # timing the oracle only tells something on the CPU
         rows.insert(0, jax_row("longax.reference",
                                lambda q, k, v, fn=fn: fn(q, k, v, impl="reference"), (q, k, v)))
@@ -172,7 +177,7 @@ def linear_cases(shapes, dtype, on_gpu) -> list[Case]:
       la = lambda *a, impl: K.linear_attention(*a[:3], log_decay=a[3] if len(a) > 3 else None,
                                                impl=impl)
       rows = [jax_row(f"longax.{impl}", lambda *a, impl=impl: la(*a, impl=impl), args)
-              for impl in ("xla", "auto")]
+              for impl in _impls("linear_attention")]
       if not on_gpu:
         rows.insert(0, jax_row("longax.reference", lambda *a: la(*a, impl="reference"), args))
       if on_gpu:
@@ -189,7 +194,7 @@ def _linear_peers(decay: str, args, d: int) -> list[Row]:
   kind = "gla" if decay == "key" else "simple_gla"
   try:
     from jla.ops import linear_attention as jla_la
-    for impl in ("chunked", "auto"):
+    for impl in ("auto",):  # jla's Mosaic GPU kernel where it has one, else its chunked path
       rows.append(jax_row(f"jla.{impl}", lambda q, k, v, g, impl=impl: jla_la(
           kind, q, k, v, g=g, scale=d**-0.5, impl=impl)[0], (q, k, v, g)))
   except Exception as e:  # noqa: BLE001
@@ -225,7 +230,7 @@ def scan_cases(shapes, dtype, on_gpu) -> list[Case]:
     ss = lambda u, delta, Bm, Cm, impl: K.selective_scan(u, delta, A, Bm, Cm,
                                                          delta_softplus=True, impl=impl)
     rows = [jax_row(f"longax.{impl}", lambda *a, impl=impl: ss(*a, impl), args)
-            for impl in ("xla", "auto")]
+            for impl in _impls("selective_scan")]
     if not on_gpu:
       rows.insert(0, jax_row("longax.reference", lambda *a: ss(*a, "reference"), args))
     if on_gpu:
@@ -253,7 +258,7 @@ def ssd_cases(shapes, dtype, on_gpu) -> list[Case]:
     args = (x, Bm, Cm)
     f = lambda x, Bm, Cm, impl: K.ssd(x, dt, A, Bm, Cm, impl=impl)
     rows = [jax_row(f"longax.{impl}", lambda *a, impl=impl: f(*a, impl), args)
-            for impl in ("xla", "auto")]
+            for impl in _impls("ssd")]
     if not on_gpu:
       rows.insert(0, jax_row("longax.reference", lambda *a: f(*a, "reference"), args))
     if on_gpu:
@@ -345,7 +350,7 @@ def main(argv=None) -> int:
   p.add_argument("--ops", default="attention,linear_attention,selective_scan,ssd")
   p.add_argument("--no-bwd", action="store_true", help="time the forward only")
   p.add_argument("--json", default=None, help="also write the results here")
-  p.add_argument("--stream", action="store_true", help="print each row to stderr as it lands")
+  p.add_argument("--stream", action="store_true", help="print each row as it lands")
   a = p.parse_args(argv)
   on_gpu = jax.default_backend() == "gpu"
   grid = "quick" if a.quick else a.grid or ("gpu" if on_gpu else "cpu")
@@ -355,7 +360,7 @@ def main(argv=None) -> int:
   unknown = ops - {"attention", "linear_attention", "selective_scan", "ssd"}
   if unknown:
     p.error(f"unknown --ops {sorted(unknown)}")
-  results = run(grid, dtype, reps, ops, not a.no_bwd, stream=sys.stderr if a.stream else None)
+  results = run(grid, dtype, reps, ops, not a.no_bwd, stream=sys.stdout if a.stream else None)
   meta = dict(date=datetime.date.today().isoformat(), device=str(jax.devices()[0].device_kind),
               backend=jax.default_backend(), jax=jax.__version__, dtype=str(dtype), grid=grid,
               reps=reps)

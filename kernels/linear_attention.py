@@ -30,9 +30,10 @@ CHUNK = 64
 
 
 def _resets(segment_ids, b: int, t: int):
-  """[B, T] bool: the state is zeroed before token t (never before token 0)."""
+  """[B, T] bool: the state is zeroed before token t (never before token 0); None if no
+  segment ids are given."""
   if segment_ids is None:
-    return jnp.zeros((b, t), bool)
+    return None
   change = segment_ids[:, 1:] != segment_ids[:, :-1]
   return jnp.concatenate([jnp.zeros((b, 1), bool), change], axis=1)
 
@@ -43,6 +44,9 @@ def _resets(segment_ids, b: int, t: int):
 def linear_attention_reference(q, k, v, g, h0, resets, scale, **_blocks):
   """Token-by-token recurrence in float32. Shapes as in `_linear_attention_xla`."""
   q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+  b, t, h = q.shape[:3]
+  g = jnp.zeros((b, t, h, 1)) if g is None else g
+  resets = jnp.zeros((b, t), bool) if resets is None else resets
 
   def step(s, xs):
     q_t, k_t, v_t, g_t, r_t = xs  # [B,H,Dk], [B,H,Dk], [B,H,Dv], [B,H,1|Dk], [B]
@@ -78,9 +82,11 @@ def pass_states(decay, local, initial):
 def _intra(q, k, gc, visible):
   """Within-chunk scores sum_d q_id k_jd exp(G_id - G_jd) on visible (j <= i) pairs.
 
-  q, k: [B, H, N, C, Dk]; gc: cumulative log decay [B, H, N, C, 1|Dk];
-  visible: [B, 1, N, C, C]. Returns [B, H, N, C, C].
+  q, k: [B, H, N, C, Dk]; gc: cumulative log decay [B, H, N, C, 1|Dk] or None;
+  visible: [B|1, 1, N|1, C, C]. Returns [B, H, N, C, C].
   """
+  if gc is None:
+    return jnp.einsum("bhnid,bhnjd->bhnij", q, k) * visible
   diff = gc[..., :, None, :] - gc[..., None, :, :]  # [B,H,N,C,C,1|Dk], <= 0 where visible
   decay = jnp.exp(jnp.where(visible[..., None], diff, -jnp.inf))
   if gc.shape[-1] == 1:
@@ -89,34 +95,39 @@ def _intra(q, k, gc, visible):
 
 
 def _linear_attention_xla(q, k, v, g, h0, resets, scale, chunk: int = CHUNK):
-  """q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; g: [B, T, H, 1|Dk] f32; h0: [B, H, Dk, Dv]
-  f32; resets: [B, T] bool. Returns (o [B, T, H, Dv] f32, final state)."""
+  """q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; g: [B, T, H, 1|Dk] f32 or None; h0: [B, H, Dk,
+  Dv] f32; resets: [B, T] bool or None. Returns (o [B, T, H, Dv] f32, final state)."""
   b, t = q.shape[:2]
   n = -(-t // chunk)
   pad = n * chunk - t
   padt = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
   to_chunks = lambda x: rearrange(padt(x).astype(jnp.float32), "b (n c) h d -> b h n c d", c=chunk)
-  q, k, v, g = (to_chunks(x) for x in (q, k, v, g))
-  seg = rearrange(jnp.cumsum(padt(resets), axis=1), "b (n c) -> b n c", c=chunk)
-  seg_in = seg[..., 0] - rearrange(padt(resets), "b (n c) -> b n c", c=chunk)[..., 0]  # [B,N]
-
-  gc = jnp.cumsum(g, axis=3)  # [B,H,N,C,1|Dk] inclusive
-  g_end = gc[..., -1:, :]  # [B,H,N,1,1|Dk]
-  same_in = (seg == seg_in[..., None])[:, None, ..., None]  # token sees the incoming state
-  same_end = (seg == seg[..., -1:])[:, None, ..., None]  # token reaches the outgoing state
-
-  # Chunk-local state and the chunk's transition factor, then the recurrence over chunks.
-  k_to_end = k * jnp.exp(g_end - gc) * same_end
-  local = jnp.einsum("bhncd,bhnce->nbhde", k_to_end, v)
-  carry = (seg[..., -1] == seg_in)[:, None, :, None]  # [B,1,N,1]: no reset inside the chunk
-  decay = rearrange(jnp.exp(g_end[..., 0, :]) * carry, "b h n d -> n b h d")
-  entering, final = pass_states(decay, local, h0)
-
+  q, k, v = (to_chunks(x) for x in (q, k, v))
   causal = jnp.tril(jnp.ones((chunk, chunk), bool))
-  visible = (causal & (seg[..., :, None] == seg[..., None, :]))[:, None]  # [B,1,N,C,C]
+
+  # Decay factors, all exp of a non-positive number (1 without decay).
+  gc = None if g is None else jnp.cumsum(to_chunks(g), axis=3)  # [B,H,N,C,1|Dk] inclusive
+  from_start = 1.0 if gc is None else jnp.exp(gc)  # chunk start -> token
+  to_end = 1.0 if gc is None else jnp.exp(gc[..., -1:, :] - gc)  # token -> chunk end
+  across = jnp.ones((b, 1, n, 1)) if gc is None else jnp.exp(gc[..., -1, :])  # [B,H,N,1|Dk]
+
+  # Segment masks: who sees the incoming state, who reaches the outgoing one (1: no resets).
+  same_in = same_end = carry = 1.0
+  visible = causal
+  if resets is not None:
+    seg = rearrange(jnp.cumsum(padt(resets), axis=1), "b (n c) -> b n c", c=chunk)
+    seg_in = seg[..., 0] - rearrange(padt(resets), "b (n c) -> b n c", c=chunk)[..., 0]
+    same_in = (seg == seg_in[..., None])[:, None, ..., None]
+    same_end = (seg == seg[..., -1:])[:, None, ..., None]
+    carry = (seg[..., -1] == seg_in)[:, None, :, None]  # [B,1,N,1]: no reset in the chunk
+    visible = causal & (seg[..., :, None] == seg[..., None, :])[:, None]  # [B,1,N,C,C]
+
+  # Chunk-local states, then the recurrence over chunks.
+  local = jnp.einsum("bhncd,bhnce->nbhde", k * to_end * same_end, v)
+  entering, final = pass_states(rearrange(across * carry, "b h n d -> n b h d"), local, h0)
+
   o_intra = jnp.einsum("bhnij,bhnje->bhnie", _intra(q, k, gc, visible), v)
-  q_from_in = q * jnp.exp(gc) * same_in
-  o_inter = jnp.einsum("bhncd,nbhde->bhnce", q_from_in, entering)
+  o_inter = jnp.einsum("bhncd,nbhde->bhnce", q * from_start * same_in, entering)
   o = scale * rearrange(o_intra + o_inter, "b h n c e -> b (n c) h e")
   return o[:, :t], final
 
@@ -127,9 +138,9 @@ register("linear_attention", "xla")(_linear_attention_xla)
 
 
 def _log_decay(op, log_decay, b, t, h, dk):
-  """Normalises the decay forms to g [B, T, H, 1|Dk] float32 (None: zeros)."""
+  """Normalises the decay forms to g [B, T, H, 1|Dk] float32 (or None: no decay)."""
   if log_decay is None:
-    return jnp.zeros((b, t, h, 1), jnp.float32)
+    return None
   _checks.floating(op, "log_decay", log_decay)
   g = jnp.asarray(log_decay, jnp.float32)
   forms = {(h,): lambda: jnp.broadcast_to(g[:, None], (b, t, h, 1)),
@@ -210,9 +221,10 @@ def linear_attention_step(q_t, k_t, v_t, state, log_decay_t=None, scale: float |
   _checks.shape_is(op, "state", state, (b, h, dk, dv), "[B, H, Dk, Dv]")
   if log_decay_t is not None and jnp.ndim(log_decay_t) >= 2:
     log_decay_t = jnp.expand_dims(log_decay_t, 1)  # [B, 1, H(, Dk)]: a sequence of one
-  g = _log_decay(op, log_decay_t, b, 1, h, dk)[:, 0]  # [B, H, 1|Dk]
+  g = _log_decay(op, log_decay_t, b, 1, h, dk)
+  decay = 1.0 if g is None else jnp.exp(g[:, 0])[..., None]  # [B, H, 1|Dk, 1]
   k_t, v_t = (jnp.repeat(x, h // x.shape[1], axis=1).astype(jnp.float32) for x in (k_t, v_t))
-  state = jnp.exp(g)[..., None] * state.astype(jnp.float32) + k_t[..., :, None] * v_t[..., None, :]
+  state = decay * state.astype(jnp.float32) + k_t[..., :, None] * v_t[..., None, :]
   scale = dk**-0.5 if scale is None else scale
   o = (scale * jnp.einsum("bhk,bhkv->bhv", q_t.astype(jnp.float32), state)).astype(q_t.dtype)
   return (o[:, None] if time_axis else o), state

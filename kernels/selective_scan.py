@@ -35,6 +35,7 @@ def selective_scan_reference(u, dt, A, Bm, Cm, h0, resets, **_blocks):
     h = jnp.exp(dt_t[..., None] * A) * h + (dt_t * u_t)[..., None] * b_t[:, None, :]
     return h, jnp.einsum("bdn,bn->bd", h, c_t)
 
+  resets = jnp.zeros(u.shape[:2], bool) if resets is None else resets
   xs = [jnp.moveaxis(x, 1, 0).astype(jnp.float32) for x in (u, dt, Bm, Cm)]
   h, y = jax.lax.scan(step, h0, (*xs, jnp.moveaxis(resets, 1, 0)))
   return jnp.moveaxis(y, 0, 1), h
@@ -54,12 +55,15 @@ def _selective_scan_xla(u, dt, A, Bm, Cm, h0, resets, chunk: int = CHUNK):
   pad = n * chunk - l
   padt = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
   split = lambda x: rearrange(padt(x), "b (n c) ... -> n b c ...", c=chunk)
-  xs = [split(x.astype(jnp.float32)) for x in (u, dt, Bm, Cm)] + [split(resets)]
+  xs = [split(x.astype(jnp.float32)) for x in (u, dt, Bm, Cm)]
+  xs.append(None if resets is None else split(resets))
 
   @jax.checkpoint
   def chunk_step(h, xs):
     u_c, dt_c, b_c, c_c, r_c = xs  # [B,C,D], [B,C,D], [B,C,N], [B,C,N], [B,C]
-    a = jnp.where(r_c[..., None, None], 0.0, jnp.exp(dt_c[..., None] * A))  # [B,C,D,N]
+    a = jnp.exp(dt_c[..., None] * A)  # [B,C,D,N]
+    if r_c is not None:
+      a = jnp.where(r_c[..., None, None], 0.0, a)
     bu = (dt_c * u_c)[..., None] * b_c[:, :, None, :]
     a_cum, b_cum = jax.lax.associative_scan(_combine, (a, bu), axis=1)
     hs = a_cum * h[:, None] + b_cum
