@@ -54,15 +54,14 @@ class AttnSpec:
 # ----------------------------------------------------------------------------- reference
 
 
-def attention_reference(q, k, v, q_seg, k_seg, spec: AttnSpec, **_blocks):
+def attention_reference(q, k, v, q_pos, k_pos, q_seg, k_seg, spec: AttnSpec, **_blocks):
   """The math in float32 with the full [B, H, T, S] score matrix."""
-  b, t, h, _ = q.shape
-  s_len, hkv = k.shape[1], k.shape[2]
+  h, hkv = q.shape[2], k.shape[2]
   q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
   k = jnp.repeat(k, h // hkv, axis=2)
   v = jnp.repeat(v, h // hkv, axis=2)
   s = spec.logits(jnp.einsum("bthd,bshd->bhts", q, k))
-  mask = spec.mask(query_positions(t, s_len), jnp.arange(s_len), q_seg, k_seg)[:, None]
+  mask = spec.mask(q_pos, k_pos, q_seg, k_seg)[:, None]
   if spec.kind == "softmax":
     s = jnp.where(mask, s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
@@ -125,30 +124,28 @@ def finish(spec: AttnSpec, carry):
   return acc / jnp.where(l > 0, l, 1.0)[..., None]
 
 
-def _attention_xla(q, k, v, q_seg, k_seg, spec: AttnSpec, kv_block: int = KV_BLOCK):
+def _attention_xla(q, k, v, q_pos, k_pos, q_seg, k_seg, spec: AttnSpec,
+                   kv_block: int = KV_BLOCK):
   b, t, h, _ = q.shape
   s_len, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
   qg = rearrange(q, "b t (k g) d -> b t k g d", k=hkv)
-  q_pos = query_positions(t, s_len)
   carry = init_carry(spec, (b, hkv, h // hkv, t), dv)
   if s_len <= kv_block:
-    mask = spec.mask(q_pos, jnp.arange(s_len), q_seg, k_seg)
-    carry = fold_block(spec, carry, qg, k, v, mask)
+    carry = fold_block(spec, carry, qg, k, v, spec.mask(q_pos, k_pos, q_seg, k_seg))
   else:
     n_blk = -(-s_len // kv_block)
     pad = n_blk * kv_block - s_len
     kp = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
     vp = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    k_pos = jnp.arange(n_blk * kv_block, dtype=jnp.int32)
     ks = rearrange(kp, "b (n c) k d -> n b c k d", c=kv_block)
     vs = rearrange(vp, "b (n c) k d -> n b c k d", c=kv_block)
-    pos = rearrange(k_pos, "(n c) -> n c", c=kv_block)
+    pos = rearrange(jnp.pad(k_pos, (0, pad), constant_values=-1), "(n c) -> n c", c=kv_block)
     segs = None if k_seg is None else rearrange(
         jnp.pad(k_seg, ((0, 0), (0, pad))), "b (n c) -> n b c", c=kv_block)
 
     def step(carry, xs):
-      k_blk, v_blk, pos_blk, seg_blk = xs
-      mask = spec.mask(q_pos, pos_blk, q_seg, seg_blk) & (pos_blk < s_len)
+      k_blk, v_blk, pos_blk, seg_blk = xs  # padding keys have position -1: invisible
+      mask = spec.mask(q_pos, pos_blk, q_seg, seg_blk)
       return fold_block(spec, carry, qg, k_blk, v_blk, mask), None
 
     carry, _ = jax.lax.scan(step, carry, (ks, vs, pos, segs))
@@ -162,8 +159,9 @@ for _op in ("attention", "sigmoid_attention"):
 # ----------------------------------------------------------------------------- public API
 
 
-def _prepare(op, q, k, v, *, segment_ids, causal, scale, window, sinks, softcap, block_kv):
-  """Validates the inputs; returns (q_seg, k_seg, scale)."""
+def _prepare(op, q, k, v, *, segment_ids, causal, scale, window, sinks, softcap, block_kv,
+             q_positions, kv_positions):
+  """Validates the inputs; returns (q_pos, k_pos, q_seg, k_seg, scale)."""
   _checks.rank(op, "q", q, 4, "[B, T, H, D]")
   _checks.rank(op, "k", k, 4, "[B, S, Hkv, D]")
   _checks.rank(op, "v", v, 4, "[B, S, Hkv, Dv]")
@@ -193,41 +191,52 @@ def _prepare(op, q, k, v, *, segment_ids, causal, scale, window, sinks, softcap,
     _checks.shape_is(op, "segment_ids (queries)", q_seg, (b, t), "[B, T]")
     _checks.shape_is(op, "segment_ids (keys)", k_seg, (b, k.shape[1]), "[B, S]")
   scale = d**-0.5 if scale is None else float(scale)
-  return q_seg, k_seg, scale
+  s_len = k.shape[1]
+  q_pos = query_positions(t, s_len) if q_positions is None else jnp.asarray(q_positions)
+  k_pos = jnp.arange(s_len, dtype=jnp.int32) if kv_positions is None else jnp.asarray(kv_positions)
+  _checks.shape_is(op, "q_positions", q_pos, (t,), "[T]")
+  _checks.shape_is(op, "kv_positions", k_pos, (s_len,), "[S]")
+  return q_pos.astype(jnp.int32), k_pos.astype(jnp.int32), q_seg, k_seg, scale
 
 
 def attention(q, k, v, *, causal: bool = True, scale: float | None = None,
               window: int | None = None, sinks: int = 0, segment_ids=None,
-              softcap: float | None = None, impl: str = "auto", block_kv: int = KV_BLOCK):
+              softcap: float | None = None, impl: str = "auto", block_kv: int = KV_BLOCK,
+              q_positions=None, kv_positions=None):
   """Softmax attention. q [B,T,H,D], k [B,S,Hkv,D], v [B,S,Hkv,Dv] -> [B,T,H,Dv].
 
   causal: bottom-right aligned when T < S. window=w: query i sees key j only if
   i - j < w. sinks=s: keys j < s stay visible inside the window. softcap=c: logits
   c*tanh(s/c). segment_ids: [B, T] (T == S) or a pair (q [B, T], kv [B, S]).
-  block_kv: keys per step of the XLA fold.
+  block_kv: keys per step of the XLA fold. q_positions [T] / kv_positions [S]: absolute
+  positions (default: bottom-right aligned `S - T + arange(T)` and `arange(S)`); a key at
+  position -1 is an empty slot no query sees (decode caches).
   """
-  q_seg, k_seg, scale = _prepare("attention", q, k, v, segment_ids=segment_ids,
+  q_pos, k_pos, q_seg, k_seg, scale = _prepare("attention", q, k, v, segment_ids=segment_ids,
                                  causal=causal, scale=scale, window=window, sinks=sinks,
-                                 softcap=softcap, block_kv=block_kv)
+                                 softcap=softcap, block_kv=block_kv,
+                                 q_positions=q_positions, kv_positions=kv_positions)
   spec = AttnSpec("softmax", causal, scale, window, sinks, softcap, 0.0)
   fn = resolve("attention", impl, dict(q=q, k=k, v=v, spec=spec))
-  return fn(q, k, v, q_seg, k_seg, spec, kv_block=block_kv)
+  return fn(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, kv_block=block_kv)
 
 
 def sigmoid_attention(q, k, v, *, bias: float | None = None, causal: bool = True,
                       scale: float | None = None, window: int | None = None,
-                      segment_ids=None, impl: str = "auto", block_kv: int = KV_BLOCK):
+                      segment_ids=None, impl: str = "auto", block_kv: int = KV_BLOCK,
+                      q_positions=None, kv_positions=None):
   """Sigmoid attention (FlashSigmoid): o_i = sum_j sigmoid(scale q_i.k_j + bias) v_j.
 
   Same layout and visibility options as `attention`; `bias` defaults to -log(S).
   """
-  q_seg, k_seg, scale = _prepare("sigmoid_attention", q, k, v, segment_ids=segment_ids,
+  q_pos, k_pos, q_seg, k_seg, scale = _prepare("sigmoid_attention", q, k, v, segment_ids=segment_ids,
                                  causal=causal, scale=scale, window=window, sinks=0,
-                                 softcap=None, block_kv=block_kv)
+                                 softcap=None, block_kv=block_kv,
+                                 q_positions=q_positions, kv_positions=kv_positions)
   if bias is None:
     bias = -math.log(k.shape[1])
   elif jnp.ndim(bias) != 0:
     raise ValueError(f"sigmoid_attention: `bias` must be a scalar, got shape {jnp.shape(bias)}")
   spec = AttnSpec("sigmoid", causal, scale, window, 0, None, float(bias))
   fn = resolve("sigmoid_attention", impl, dict(q=q, k=k, v=v, spec=spec))
-  return fn(q, k, v, q_seg, k_seg, spec, kv_block=block_kv)
+  return fn(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, kv_block=block_kv)

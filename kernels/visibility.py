@@ -5,6 +5,7 @@ queries are the last `T` positions (bottom-right alignment, FlashAttention >= 2.
 `query_positions(T, S) = S - T + arange(T)`.
 
 Query i sees key j iff all of:
+  key slot filled   j >= 0 (decode caches mark empty slots with position -1)
   causal            j <= i
   window=w          i - j < w, except sink keys j < sinks (StreamingLLM)
   segment ids       seg_q[i] == seg_k[j]
@@ -30,7 +31,7 @@ def visible(q_pos, k_pos, *, causal: bool = True, window: int | None = None,
   """
   qi = q_pos[..., :, None]
   kj = k_pos[..., None, :]
-  ok = jnp.ones(jnp.broadcast_shapes(qi.shape, kj.shape), dtype=bool)
+  ok = jnp.broadcast_to(kj >= 0, jnp.broadcast_shapes(qi.shape, kj.shape))
   if causal:
     ok &= kj <= qi
   if window is not None:

@@ -173,3 +173,25 @@ def test_sigmoid_bias_must_be_scalar(rand):
   q, k, v, _ = _inputs(rand, (1, 4, 4, 1, 1, 8, 8, 0), jnp.float32)
   with pytest.raises(ValueError, match="`bias` must be a scalar"):
     sigmoid_attention(q, k, v, bias=jnp.zeros(3))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_explicit_positions_and_empty_slots(rand, kind, impl):
+  """A decode cache: keys in shuffled slots with their positions, empty slots at -1,
+  equals attention over the keys in order."""
+  q, k, v, _ = _inputs(rand, (2, 3, 10, 4, 2, 8, 8, 0), jnp.float32)
+  opts = dict(window=6) if kind == "softmax" else dict(bias=-1.0)
+  want = KINDS[kind](q, k, v, impl="reference", **opts)
+  perm = jnp.array([7, 2, 9, 0, 4, 1, 8, 3, 6, 5])
+  pad = lambda x: jnp.concatenate([x[:, perm], jnp.zeros_like(x[:, :3])], axis=1)
+  kv_pos = jnp.concatenate([perm, jnp.full((3,), -1)])
+  got = KINDS[kind](q, pad(k), pad(v), q_positions=jnp.arange(7, 10), kv_positions=kv_pos,
+                    impl=impl, block_kv=4, **opts)
+  assert_close(got, want)
+
+
+def test_positions_shape_error(rand):
+  q, k, v, _ = _inputs(rand, (1, 4, 4, 1, 1, 8, 8, 0), jnp.float32)
+  with pytest.raises(ValueError, match="`q_positions` must have shape"):
+    attention(q, k, v, q_positions=jnp.arange(3))
