@@ -1,0 +1,74 @@
+"""Softmax / sigmoid attention mixer: GQA, RoPE, optional QK-norm, sliding window + sinks."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax.numpy as jnp
+from einops import rearrange
+from flax import nnx
+
+from longax import kernels
+from longax.layers.cache import attend_cached, init_kv_cache, kv_slots
+from longax.layers.common import RMSNorm, dense, rope
+
+KINDS = ("softmax", "sigmoid")
+
+
+class Attention(nnx.Module):
+  """x [B, T, d_model] -> [B, T, d_model]. `kind` picks softmax or sigmoid (FlashSigmoid)
+  attention; a sigmoid mixer's bias is fixed at -log(max_len) unless given, so the full
+  forward and decoding use the same one."""
+
+  def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, *,
+               head_dim: int | None = None, kind: str = "softmax", window: int | None = None,
+               sinks: int = 0, qk_norm: bool = False, rope_theta: float = 10000.0,
+               softcap: float | None = None, sigmoid_bias: float | None = None,
+               max_len: int = 2048, impl: str = "auto", rngs: nnx.Rngs, dtype, param_dtype):
+    if kind not in KINDS:
+      raise ValueError(f"Attention: unknown kind {kind!r}; valid: {KINDS}")
+    if kind == "sigmoid" and (sinks or softcap):
+      raise ValueError("Attention: sigmoid attention takes no `sinks` or `softcap`")
+    n_kv_heads = n_kv_heads or n_heads
+    if n_heads % n_kv_heads:
+      raise ValueError(f"Attention: n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
+    self.h, self.hkv = n_heads, n_kv_heads
+    self.hd = head_dim or d_model // n_heads
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.q = dense(d_model, self.h * self.hd, **kw)
+    self.k = dense(d_model, self.hkv * self.hd, **kw)
+    self.v = dense(d_model, self.hkv * self.hd, **kw)
+    self.o = dense(self.h * self.hd, d_model, **kw)
+    self.q_norm = RMSNorm(self.hd, param_dtype=param_dtype) if qk_norm else None
+    self.k_norm = RMSNorm(self.hd, param_dtype=param_dtype) if qk_norm else None
+    self.kind, self.window, self.sinks, self.max_len = kind, window, sinks, max_len
+    self.rope_theta, self.impl, self.dtype = rope_theta, impl, dtype
+    if kind == "sigmoid":
+      bias = -math.log(max_len) if sigmoid_bias is None else sigmoid_bias
+      self._attend = functools.partial(kernels.sigmoid_attention, bias=bias, window=window,
+                                       impl=impl)
+    else:
+      self._attend = functools.partial(kernels.attention, window=window, sinks=sinks,
+                                       softcap=softcap, impl=impl)
+
+  def init_cache(self, batch: int, max_len: int) -> dict:
+    slots = kv_slots(max_len, self.window, self.sinks)
+    return init_kv_cache(batch, slots, self.hkv, self.hd, self.dtype)
+
+  def __call__(self, x, cache=None, pos=0):
+    """x: [B, T, d_model]; with a cache, x holds the tokens at positions pos..pos+T-1.
+    Returns (y, new cache or None)."""
+    t = x.shape[1]
+    q = rearrange(self.q(x), "b t (h d) -> b t h d", d=self.hd)
+    k = rearrange(self.k(x), "b t (h d) -> b t h d", d=self.hd)
+    v = rearrange(self.v(x), "b t (h d) -> b t h d", d=self.hd)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    positions = pos + jnp.arange(t, dtype=jnp.int32)
+    q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
+    if cache is None:
+      o = self._attend(q, k, v)
+    else:
+      o, cache = attend_cached(self._attend, q, k, v, cache, positions, self.sinks)
+    return self.o(rearrange(o, "b t h d -> b t (h d)")), cache

@@ -1,0 +1,78 @@
+"""Shared parts: RMSNorm, SwiGLU MLP, rotary embeddings, short causal depthwise conv."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def dense(d_in: int, d_out: int, *, rngs: nnx.Rngs, dtype, param_dtype, bias: bool = False,
+          std: float | None = None) -> nnx.Linear:
+  """A linear layer; `std` overrides the default fan-in init with a normal of that std."""
+  init = (nnx.initializers.lecun_normal() if std is None
+          else nnx.initializers.normal(stddev=std))
+  return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
+                    kernel_init=init, rngs=rngs)
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * scale over the last axis (statistics in float32)."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype=jnp.float32):
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+    self.eps = eps
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class SwiGLU(nnx.Module):
+  """down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, d_model: int, d_ff: int, *, rngs, dtype, param_dtype):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.gate = dense(d_model, d_ff, **kw)
+    self.up = dense(d_model, d_ff, **kw)
+    self.down = dense(d_ff, d_model, **kw)
+
+  def __call__(self, x):
+    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+def rope(x, positions, theta: float = 10000.0):
+  """Rotary embedding (half-split convention). x: [B, T, H, D]; positions: [T] int."""
+  d = x.shape[-1]
+  freqs = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2 / d)  # [D/2]
+  angles = positions.astype(jnp.float32)[:, None] * freqs  # [T, D/2]
+  cos, sin = jnp.cos(angles)[:, None], jnp.sin(angles)[:, None]  # [T, 1, D/2]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class ShortConv(nnx.Module):
+  """Causal depthwise conv over time with kernel K. Decode state: the last K-1 inputs."""
+
+  def __init__(self, channels: int, kernel: int, *, rngs, param_dtype, bias: bool = True):
+    bound = kernel**-0.5
+    self.weight = nnx.Param(jax.random.uniform(rngs.params(), (kernel, channels), param_dtype,
+                                               -bound, bound))
+    self.bias = nnx.Param(jnp.zeros((channels,), param_dtype)) if bias else None
+    self.kernel = kernel
+
+  def init_state(self, batch: int, dtype):
+    return jnp.zeros((batch, self.kernel - 1, self.weight.shape[1]), dtype)
+
+  def __call__(self, x, state=None):
+    """x: [B, T, C]; state: [B, K-1, C] or None (zeros). Returns (y, new state)."""
+    b, t, c = x.shape
+    if state is None:
+      state = jnp.zeros((b, self.kernel - 1, c), x.dtype)
+    xp = jnp.concatenate([state.astype(x.dtype), x], axis=1)  # [B, K-1+T, C]
+    w = self.weight[...].astype(jnp.float32)
+    y = sum(xp[:, i:i + t].astype(jnp.float32) * w[i] for i in range(self.kernel))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
+    return y.astype(x.dtype), xp[:, t:]
