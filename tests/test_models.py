@@ -139,3 +139,16 @@ def test_counts():
   assert state_size(win, 32) == state_size(win, 8) < state_size(sm, 32)
   assert flops_per_token(sm, 32) > flops_per_token(sm, 16) > 6 * count_params(sm, embeddings=False)
   assert flops_per_token(lin, 32) == flops_per_token(lin, 16)
+
+
+def test_layer_errors():
+  from longax.layers import Attention, LinearAttention, Mamba2
+  kw = dict(rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
+  with pytest.raises(ValueError, match="unknown kind 'cosine'"):
+    Attention(32, 4, kind="cosine", **kw)
+  with pytest.raises(ValueError, match="sigmoid attention takes no `sinks`"):
+    Attention(32, 4, kind="sigmoid", window=4, sinks=2, **kw)
+  with pytest.raises(ValueError, match="unknown variant 'rwkv'; valid"):
+    LinearAttention(32, 4, variant="rwkv", **kw)
+  with pytest.raises(ValueError, match="not a multiple of head_dim=24"):
+    Mamba2(32, head_dim=24, **kw)
