@@ -32,26 +32,26 @@ class LinearConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class MambaConfig:
-  d_state: int = 16
+class _SSMConfig:
+  """What the Mamba blocks share: short conv, expansion, dt initialisation, scan chunk."""
   d_conv: int = 4
   expand: int = 2
-  dt_rank: int | None = None  # default ceil(d_model / 16)
   dt_min: float = 1e-3
   dt_max: float = 0.1
   chunk_size: int = 64
 
 
 @dataclasses.dataclass(frozen=True)
-class Mamba2Config:
+class MambaConfig(_SSMConfig):
+  d_state: int = 16
+  dt_rank: int | None = None  # default ceil(d_model / 16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mamba2Config(_SSMConfig):
   d_state: int = 64
-  d_conv: int = 4
-  expand: int = 2
   head_dim: int = 64
   n_groups: int = 1
-  dt_min: float = 1e-3
-  dt_max: float = 0.1
-  chunk_size: int = 64
 
 
 @dataclasses.dataclass(frozen=True)
