@@ -56,9 +56,9 @@ class Attention(nnx.Module):
     slots = kv_slots(max_len, self.window, self.sinks)
     return init_kv_cache(batch, slots, self.hkv, self.hd, self.dtype)
 
-  def __call__(self, x, cache=None, pos=0):
-    """x: [B, T, d_model]; with a cache, x holds the tokens at positions pos..pos+T-1.
-    Returns (y, new cache or None)."""
+  def __call__(self, x, cache=None, pos=0, segment_ids=None):
+    """x: [B, T, d_model]; with a cache, x holds the tokens at positions pos..pos+T-1;
+    segment_ids [B, T] (no cache) keep packed documents apart. Returns (y, new cache)."""
     t = x.shape[1]
     q = rearrange(self.q(x), "b t (h d) -> b t h d", d=self.hd)
     k = rearrange(self.k(x), "b t (h d) -> b t h d", d=self.hd)
@@ -68,7 +68,7 @@ class Attention(nnx.Module):
     positions = pos + jnp.arange(t, dtype=jnp.int32)
     q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
     if cache is None:
-      o = self._attend(q, k, v)
+      o = self._attend(q, k, v, segment_ids=segment_ids)
     else:
       o, cache = attend_cached(self._attend, q, k, v, cache, positions, self.sinks)
     return self.o(rearrange(o, "b t h d -> b t (h d)")), cache

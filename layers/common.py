@@ -65,14 +65,20 @@ class ShortConv(nnx.Module):
   def init_state(self, batch: int, dtype):
     return jnp.zeros((batch, self.kernel - 1, self.weight.shape[1]), dtype)
 
-  def __call__(self, x, state=None):
-    """x: [B, T, C]; state: [B, K-1, C] or None (zeros). Returns (y, new state)."""
+  def __call__(self, x, state=None, segment_ids=None):
+    """x: [B, T, C]; state: [B, K-1, C] or None (zeros); segment_ids [B, T]: taps never
+    reach into another document. Returns (y, new state)."""
     b, t, c = x.shape
+    k = self.kernel
     if state is None:
-      state = jnp.zeros((b, self.kernel - 1, c), x.dtype)
+      state = jnp.zeros((b, k - 1, c), x.dtype)
     xp = jnp.concatenate([state.astype(x.dtype), x], axis=1)  # [B, K-1+T, C]
     w = self.weight[...].astype(jnp.float32)
-    y = sum(xp[:, i:i + t].astype(jnp.float32) * w[i] for i in range(self.kernel))
+    taps = [xp[:, i:i + t].astype(jnp.float32) for i in range(k)]
+    if segment_ids is not None:
+      sp = jnp.pad(segment_ids, ((0, 0), (k - 1, 0)), constant_values=-1)
+      taps = [x_i * (sp[:, i:i + t] == segment_ids)[..., None] for i, x_i in enumerate(taps)]
+    y = sum(x_i * w[i] for i, x_i in enumerate(taps))
     if self.bias is not None:
       y = y + self.bias[...].astype(jnp.float32)
     return y.astype(x.dtype), xp[:, t:]

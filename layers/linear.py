@@ -79,8 +79,9 @@ class LinearAttention(nnx.Module):
       cache["swa"] = self.swa.init_cache(batch, max_len)
     return cache
 
-  def __call__(self, x, cache=None, pos=0):
-    """x: [B, T, d_model] at positions pos..pos+T-1. Returns (y, new cache or None)."""
+  def __call__(self, x, cache=None, pos=0, segment_ids=None):
+    """x: [B, T, d_model] at positions pos..pos+T-1; segment_ids [B, T] (no cache) keep
+    packed documents apart. Returns (y, new cache or None)."""
     t = x.shape[1]
     split = lambda y, d: rearrange(y, "b t (h d) -> b t h d", d=d)
     q, k, v = split(self.q(x), self.dk), split(self.k(x), self.dk), split(self.v(x), self.hd)
@@ -97,7 +98,7 @@ class LinearAttention(nnx.Module):
       q, k = taylor_features(q).astype(x.dtype), taylor_features(k).astype(x.dtype)
       v = jnp.concatenate([v, jnp.ones_like(v[..., :1])], axis=-1)  # last column: normaliser
       scale = 1.0
-    o, state = self._mix(q, k, v, log_decay, scale, cache)
+    o, state = self._mix(q, k, v, log_decay, scale, cache, segment_ids)
     if self.variant == "based":
       o = (o[..., :-1].astype(jnp.float32) / o[..., -1:].astype(jnp.float32)).astype(x.dtype)
     else:
@@ -107,13 +108,13 @@ class LinearAttention(nnx.Module):
     y = self.o(rearrange(o, "b t h d -> b t (h d)"))
     new_cache = None if cache is None else dict(cache, state=state)
     if self.swa is not None:
-      y_swa, swa_cache = self.swa(x, None if cache is None else cache["swa"], pos)
+      y_swa, swa_cache = self.swa(x, None if cache is None else cache["swa"], pos, segment_ids)
       y = y + y_swa
       if cache is not None:
         new_cache["swa"] = swa_cache
     return y, new_cache
 
-  def _mix(self, q, k, v, log_decay, scale, cache):
+  def _mix(self, q, k, v, log_decay, scale, cache, segment_ids):
     if cache is not None and q.shape[1] == 1:
       g = log_decay if log_decay is None or log_decay.ndim == 1 else log_decay[:, 0]
       o, state = kernels.linear_attention_step(q[:, 0], k[:, 0], v[:, 0], cache["state"], g,
@@ -121,4 +122,4 @@ class LinearAttention(nnx.Module):
       return o[:, None], state
     return kernels.linear_attention(
         q, k, v, log_decay=log_decay, initial_state=None if cache is None else cache["state"],
-        scale=scale, chunk_size=self.chunk_size, return_final_state=True, impl=self.impl)
+        segment_ids=segment_ids, scale=scale, chunk_size=self.chunk_size, return_final_state=True, impl=self.impl)

@@ -52,10 +52,10 @@ class Mamba(nnx.Module):
     return dict(conv=self.conv.init_state(batch, self.dtype),
                 ssm=jnp.zeros((batch, self.d_inner, self.n), jnp.float32))
 
-  def __call__(self, x, cache=None, pos=0):
+  def __call__(self, x, cache=None, pos=0, segment_ids=None):
     del pos
     xi, z = jnp.split(self.in_proj(x), 2, axis=-1)
-    xi, conv_state = self.conv(xi, None if cache is None else cache["conv"])
+    xi, conv_state = self.conv(xi, None if cache is None else cache["conv"], segment_ids)
     xi = jax.nn.silu(xi)
     dt, b, c = jnp.split(self.x_proj(xi), [self.dt_rank, self.dt_rank + self.n], axis=-1)
     dt = self.dt_proj(dt)
@@ -67,6 +67,7 @@ class Mamba(nnx.Module):
       y = y[:, None]
     else:
       y, h = kernels.selective_scan(xi, dt, a, b, c, z=z, return_final_state=True,
+                                    segment_ids=segment_ids,
                                     initial_state=None if cache is None else cache["ssm"],
                                     chunk_size=self.chunk_size, impl=self.impl, **kw)
     new_cache = None if cache is None else dict(conv=conv_state, ssm=h)
@@ -105,11 +106,11 @@ class Mamba2(nnx.Module):
     return dict(conv=self.conv.init_state(batch, self.dtype),
                 ssm=jnp.zeros((batch, self.h, self.p, self.n), jnp.float32))
 
-  def __call__(self, x, cache=None, pos=0):
+  def __call__(self, x, cache=None, pos=0, segment_ids=None):
     del pos
     gn = self.g * self.n
     z, xbc, dt = jnp.split(self.in_proj(x), [self.d_inner, 2 * self.d_inner + 2 * gn], axis=-1)
-    xbc, conv_state = self.conv(xbc, None if cache is None else cache["conv"])
+    xbc, conv_state = self.conv(xbc, None if cache is None else cache["conv"], segment_ids)
     xs, b, c = jnp.split(jax.nn.silu(xbc), [self.d_inner, self.d_inner + gn], axis=-1)
     xs = rearrange(xs, "b t (h p) -> b t h p", p=self.p)
     b = rearrange(b, "b t (g n) -> b t g n", n=self.n)
@@ -122,6 +123,7 @@ class Mamba2(nnx.Module):
       y = y[:, None]
     else:
       y, h = kernels.ssd(xs, dt, a, b, c, D=self.D[...], return_final_state=True,
+                         segment_ids=segment_ids,
                          initial_state=None if cache is None else cache["ssm"],
                          chunk_size=self.chunk_size, impl=self.impl)
     y = rearrange(y, "b t h p -> b t (h p)")

@@ -58,8 +58,8 @@ class Block(nnx.Module):
     self.mlp = (SwiGLU(cfg.d_model, cfg.ff_dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
                 if has_mlp else None)
 
-  def __call__(self, x, cache=None, pos=0):
-    y, cache = self.mixer(self.norm1(x), cache, pos)
+  def __call__(self, x, cache=None, pos=0, segment_ids=None):
+    y, cache = self.mixer(self.norm1(x), cache, pos, segment_ids=segment_ids)
     x = x + y
     if self.mlp is not None:
       x = x + self.mlp(self.norm2(x))
@@ -84,11 +84,12 @@ class LM(nnx.Module):
     logits = self.embed.attend(x) if self.head is None else self.head(x)
     return logits.astype(jnp.float32)
 
-  def __call__(self, tokens):
-    """tokens [B, T] int -> logits [B, T, V] float32."""
+  def __call__(self, tokens, segment_ids=None):
+    """tokens [B, T] int -> logits [B, T, V] float32. segment_ids [B, T]: packed documents
+    that never see each other (each row computes what its documents would one by one)."""
     x = self.embed(tokens)
     for block in self.blocks:
-      x, _ = block(x)
+      x, _ = block(x, segment_ids=segment_ids)
     return self._logits(x)
 
   def init_cache(self, batch: int, max_len: int | None = None) -> dict:

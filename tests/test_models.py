@@ -152,3 +152,16 @@ def test_layer_errors():
     LinearAttention(32, 4, variant="rwkv", **kw)
   with pytest.raises(ValueError, match="not a multiple of head_dim=24"):
     Mamba2(32, head_dim=24, **kw)
+
+
+@pytest.mark.parametrize("name", ["softmax-window", "sigmoid", "based", "gla", "retnet",
+                                  "mamba", "mamba2", "hybrid"])
+def test_packed_row_equals_documents(name):
+  """(Sinks are absolute positions, so a packed row with sinks is not document-exact.)"""
+  cfg = tiny("softmax", attention=AttentionConfig(window=4)) if name == "softmax-window" else CONFIGS[name]
+  model = LM(cfg, rngs=nnx.Rngs(0))
+  tokens = _tokens(seed=5, b=1)
+  seg = jnp.array([[0] * 6 + [1] * 9 + [2] * 5])
+  packed = model(tokens, segment_ids=seg)
+  for lo, hi in ((0, 6), (6, 15), (15, 20)):
+    assert_close(packed[:, lo:hi], model(tokens[:, lo:hi]), what=f"{name} doc {lo}:{hi}")
