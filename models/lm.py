@@ -84,12 +84,16 @@ class LM(nnx.Module):
     logits = self.embed.attend(x) if self.head is None else self.head(x)
     return logits.astype(jnp.float32)
 
-  def __call__(self, tokens, segment_ids=None):
+  def __call__(self, tokens, segment_ids=None, remat: bool = False):
     """tokens [B, T] int -> logits [B, T, V] float32. segment_ids [B, T]: packed documents
-    that never see each other (each row computes what its documents would one by one)."""
+    that never see each other (each row computes what its documents would one by one).
+    remat: recompute each block's activations in the backward pass."""
+    run = lambda block, x, seg: block(x, segment_ids=seg)[0]
+    if remat:
+      run = nnx.remat(run)
     x = self.embed(tokens)
     for block in self.blocks:
-      x, _ = block(x, segment_ids=segment_ids)
+      x = run(block, x, segment_ids)
     return self._logits(x)
 
   def init_cache(self, batch: int, max_len: int | None = None) -> dict:

@@ -1,0 +1,187 @@
+"""Data: synthetic recall tasks generated on the fly and byte-level text, both stateless.
+
+A batch is a pure function of (seed, split, index): the input pipeline's position is the
+batch index, which the checkpoint stores, so a resumed run sees exactly the batches an
+uninterrupted one would. Every batch is a dict of numpy arrays:
+  tokens [B, T] int32, targets [B, T] int32, mask [B, T] float32 (where the loss counts),
+  segment_ids [B, T] int32 (text only: document ids of packed windows).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pathlib
+import sys
+import sysconfig
+
+import numpy as np
+
+from longax.train.config import ConfigError, DataConfig
+
+TASKS = ("mqar", "selective_copy", "induction", "passkey", "text_bytes")
+_SPLITS = {"train": 0, "val": 1}
+
+
+def _rng(cfg: DataConfig, split: str, index: int) -> np.random.Generator:
+  return np.random.default_rng([cfg.seed, _SPLITS[split], index])
+
+
+def _pack(seqs: np.ndarray, mask: np.ndarray) -> dict:
+  """[B, T+1] sequences and a [B, T+1] answer mask -> next-token batch."""
+  return dict(tokens=seqs[:, :-1].astype(np.int32), targets=seqs[:, 1:].astype(np.int32),
+              mask=mask[:, 1:].astype(np.float32))
+
+
+def mqar(cfg: DataConfig, rng) -> dict:
+  """Multi-query associative recall (Zoology): n key-value pairs, then queries `k` whose
+  answer is the value bound to `k`; the loss counts only the answers. Keys come from the
+  lower half of the vocabulary, values from the upper half."""
+  b, t, n, v = cfg.batch_size, cfg.seq_len + 1, cfg.num_kv_pairs, cfg.vocab_size
+  n_queries = (t - 2 * n) // 2
+  keys = np.argsort(rng.random((b, v // 2 - 1)), axis=1)[:, :n] + 1  # distinct keys
+  values = rng.integers(v // 2, v, (b, n))
+  seqs = np.zeros((b, t), np.int64)
+  seqs[:, 0:2 * n:2], seqs[:, 1:2 * n:2] = keys, values
+  pick = rng.integers(0, n, (b, n_queries))
+  q0 = 2 * n
+  seqs[:, q0:q0 + 2 * n_queries:2] = np.take_along_axis(keys, pick, 1)
+  seqs[:, q0 + 1:q0 + 2 * n_queries:2] = np.take_along_axis(values, pick, 1)
+  mask = np.zeros((b, t), bool)
+  mask[:, q0 + 1:q0 + 2 * n_queries:2] = True
+  return _pack(seqs, mask)
+
+
+def selective_copy(cfg: DataConfig, rng) -> dict:
+  """Selective copying (Mamba): `num_tokens` data tokens scattered among blanks (0), then a
+  marker (1) after which the data tokens are reproduced in order."""
+  b, t, n, v = cfg.batch_size, cfg.seq_len + 1, cfg.num_tokens, cfg.vocab_size
+  ctx = t - n - 1
+  data = rng.integers(2, v, (b, n))
+  where = np.sort(np.argsort(rng.random((b, ctx)), axis=1)[:, :n], axis=1)
+  seqs = np.zeros((b, t), np.int64)
+  np.put_along_axis(seqs[:, :ctx], where, data, 1)
+  seqs[:, ctx], seqs[:, ctx + 1:] = 1, data
+  mask = np.zeros((b, t), bool)
+  mask[:, ctx + 1:] = True
+  return _pack(seqs, mask)
+
+
+def induction(cfg: DataConfig, rng) -> dict:
+  """Induction heads: random tokens with a trigger (1) followed by X somewhere; the
+  sequence ends with the trigger again and the answer X."""
+  b, t, v = cfg.batch_size, cfg.seq_len + 1, cfg.vocab_size
+  seqs = rng.integers(2, v, (b, t))
+  pos = rng.integers(0, t - 3, b)
+  rows = np.arange(b)
+  seqs[rows, pos] = 1
+  seqs[:, -2] = 1
+  seqs[:, -1] = seqs[rows, pos + 1]
+  mask = np.zeros((b, t), bool)
+  mask[:, -1] = True
+  return _pack(seqs, mask)
+
+
+def passkey(cfg: DataConfig, rng, digits: int = 4) -> dict:
+  """Passkey retrieval: filler tokens (13..v), then at `depth` of the context a marker (2)
+  and a key of `digits` digit tokens (3..12); the sequence ends with the question token (1)
+  and the key, on which the loss counts."""
+  b, t, v = cfg.batch_size, cfg.seq_len + 1, cfg.vocab_size
+  if v < 16:
+    raise ConfigError("data.vocab_size must be >= 16 for passkey")
+  seqs = rng.integers(13, v, (b, t))
+  key = rng.integers(3, 13, (b, digits))
+  ctx = t - digits - 1
+  at = int(round(cfg.depth * (ctx - digits - 1)))
+  seqs[:, at], seqs[:, at + 1:at + 1 + digits] = 2, key
+  seqs[:, ctx], seqs[:, ctx + 1:] = 1, key
+  mask = np.zeros((b, t), bool)
+  mask[:, ctx + 1:] = True
+  return _pack(seqs, mask)
+
+
+class TextBytes:
+  """Byte-level text from a file or a directory (default: the Python standard library's
+  source), concatenated once into a cache file and memory-mapped. The last
+  `val_fraction` of documents is the validation split. A batch holds windows at random
+  offsets; `segment_ids` mark document boundaries and the loss skips cross-document targets."""
+
+  def __init__(self, cfg: DataConfig, cache_dir: str | pathlib.Path, max_bytes: int = 64 << 20):
+    root = pathlib.Path(cfg.path or sysconfig.get_paths()["stdlib"])
+    if not root.exists():
+      raise ConfigError(f"data.path does not exist: {root}")
+    files = sorted(root.rglob("*.py")) if root.is_dir() else [root]
+    if root.is_dir() and not files:
+      files = sorted(p for p in root.rglob("*") if p.is_file())
+    key = hashlib.sha1(f"{root.resolve()}:{len(files)}:{max_bytes}".encode()).hexdigest()[:12]
+    cache_dir = pathlib.Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    data_file, starts_file = cache_dir / f"bytes-{key}.bin", cache_dir / f"bytes-{key}.starts.npy"
+    if not (data_file.exists() and starts_file.exists()):
+      self._build(files, data_file, starts_file, max_bytes)
+    self.data = np.memmap(data_file, np.uint8, "r")
+    self.starts = np.load(starts_file)
+    n_docs = len(self.starts)
+    if n_docs < 2 or len(self.data) < 4 * (cfg.seq_len + 1):
+      raise ConfigError(f"data.path {root}: too little text ({len(self.data)} bytes in {n_docs} files)")
+    split_doc = max(1, min(n_docs - 1, int(round(n_docs * (1 - cfg.val_fraction)))))
+    cut = int(self.starts[split_doc])
+    self.ranges = {"train": (0, cut), "val": (cut, len(self.data))}
+    self.cfg = cfg
+
+  @staticmethod
+  def _build(files, data_file, starts_file, max_bytes):
+    tmp = data_file.with_suffix(".tmp")
+    starts, total = [], 0
+    with open(tmp, "wb") as out:
+      for path in files:
+        try:
+          blob = path.read_bytes()
+        except OSError:
+          continue
+        if not blob:
+          continue
+        blob = blob[:max_bytes - total]
+        starts.append(total)
+        out.write(blob)
+        total += len(blob)
+        if total >= max_bytes:
+          break
+    np.save(starts_file, np.asarray(starts, np.int64))
+    tmp.replace(data_file)  # atomic: a half-written cache is never picked up
+
+  def batch(self, split: str, rng) -> dict:
+    lo, hi = self.ranges[split]
+    t, b = self.cfg.seq_len + 1, self.cfg.batch_size
+    if hi - lo < t:
+      raise ConfigError(f"the {split} split holds {hi - lo} bytes, fewer than seq_len+1={t}")
+    offsets = rng.integers(lo, hi - t + 1, b)
+    idx = offsets[:, None] + np.arange(t)
+    seqs = np.asarray(self.data[idx], np.int64)
+    docs = np.searchsorted(self.starts, idx, side="right") - 1
+    out = _pack(seqs, np.ones_like(seqs, bool))
+    out["mask"] = (docs[:, 1:] == docs[:, :-1]).astype(np.float32)  # no cross-document targets
+    out["segment_ids"] = (docs[:, :-1] - docs[:, :1]).astype(np.int32)
+    return out
+
+
+class Dataset:
+  """`Dataset(cfg, cache_dir).batch(split, index)`: the index-th batch of a split."""
+
+  def __init__(self, cfg: DataConfig, cache_dir: str | pathlib.Path = "runs/.cache"):
+    if cfg.task not in TASKS:
+      raise ConfigError(f"unknown data.task {cfg.task!r}; valid: {', '.join(TASKS)}")
+    if cfg.task == "mqar" and cfg.seq_len + 1 < 2 * cfg.num_kv_pairs + 2:
+      raise ConfigError(f"data.seq_len={cfg.seq_len} is too short for "
+                        f"num_kv_pairs={cfg.num_kv_pairs} (needs >= {2 * cfg.num_kv_pairs + 1})")
+    if cfg.task == "mqar" and cfg.num_kv_pairs > cfg.vocab_size // 2 - 1:
+      raise ConfigError(f"data.num_kv_pairs={cfg.num_kv_pairs} needs vocab_size >= "
+                        f"{2 * cfg.num_kv_pairs + 2}, got {cfg.vocab_size}")
+    self.cfg = cfg
+    self.text = TextBytes(cfg, cache_dir) if cfg.task == "text_bytes" else None
+    self.vocab_size = 256 if self.text else cfg.vocab_size
+
+  def batch(self, split: str, index: int) -> dict:
+    rng = _rng(self.cfg, split, index)
+    if self.text is not None:
+      return self.text.batch(split, rng)
+    return getattr(sys.modules[__name__], self.cfg.task)(self.cfg, rng)
