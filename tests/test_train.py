@@ -1,0 +1,213 @@
+"""Training: configs, data tasks, the loop, checkpoint/resume, signals, NaN, meshes, hosts."""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from longax.train import config as C
+from longax.train.data import Dataset
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "tests" / "tiny_train_config.py")
+
+
+def cli(workdir, *sets, devices=1, extra=(), env=None, wait=True):
+  """Runs `python -m longax.train` on the tiny config in a fresh process."""
+  e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+           XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {}))
+  cmd = [sys.executable, "-m", "longax.train", "--config", TINY, "--workdir", str(workdir),
+         *extra, *(a for s in sets for a in ("--set", s))]
+  if not wait:
+    return subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600)
+
+
+def metrics(workdir):
+  return [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------- configs
+
+
+def test_overrides_parse_and_check_types():
+  cfg = C.load(TINY)
+  cfg = C.override(cfg, ["train.steps=3", "optim.lr=0.5", "model.layer_pattern=mamba2,softmax",
+                         "model.attention.window=none", "model.tie_embeddings=true",
+                         "data.path=/tmp/x"])
+  assert (cfg.train.steps, cfg.optim.lr, cfg.model.layer_pattern) == (3, 0.5, ("mamba2", "softmax"))
+  assert cfg.model.attention.window is None and cfg.model.tie_embeddings is True
+  assert C.from_dict(json.loads(json.dumps(C.to_dict(cfg)))) == cfg
+
+
+@pytest.mark.parametrize("assignment,msg", [
+    ("train.stepz=3", r"unknown config key 'train.stepz': TrainConfig has .*steps"),
+    ("optimizer.lr=1", r"unknown config key 'optimizer.lr': ExperimentConfig has data, mesh"),
+    ("train.steps=lots", r"bad value for 'train.steps': 'lots' is not int"),
+    ("model.tie_embeddings=maybe", r"bad value for 'model.tie_embeddings'"),
+    ("model.layer_pattern=softmax,rwkv", r"unknown mixer 'rwkv'; valid: softmax"),
+    ("optim=3", r"'optim' is a group"),
+    ("train.steps", r"--set expects key=value"),
+])
+def test_override_errors(assignment, msg):
+  with pytest.raises(C.ConfigError, match=msg):
+    C.override(C.load(TINY), [assignment])
+
+
+def test_cli_errors_are_one_line(tmp_path):
+  r = cli(tmp_path / "a", "train.stepz=1")
+  assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+      r.stderr.strip().splitlines()[0]] and "train.stepz" in r.stderr
+  assert not (tmp_path / "a").exists(), "nothing is written for a bad config"
+  r = subprocess.run([sys.executable, "-m", "longax.train", "--config", str(tmp_path / "no.py")],
+                     capture_output=True, text=True)
+  assert r.returncode == 2 and "config file not found" in r.stderr
+  r = cli(tmp_path / "b", "mesh.sequence=2")
+  assert r.returncode == 2 and "mesh.sequence must be 1" in r.stderr
+
+
+# ------------------------------------------------------------------------------- data
+
+
+@pytest.mark.parametrize("task", ["mqar", "selective_copy", "induction", "passkey"])
+def test_synthetic_tasks_are_deterministic(task):
+  cfg = C.DataConfig(task=task, seq_len=40, batch_size=4, vocab_size=32, num_kv_pairs=6,
+                     num_tokens=5)
+  d = Dataset(cfg)
+  a, b, c = d.batch("train", 3), d.batch("train", 3), d.batch("train", 4)
+  assert set(a) == {"tokens", "targets", "mask"}
+  for k in a:
+    assert a[k].shape == (4, 40)
+    np.testing.assert_array_equal(a[k], b[k])
+  assert not np.array_equal(a["tokens"], c["tokens"])
+  assert not np.array_equal(a["tokens"], d.batch("val", 3)["tokens"])
+  np.testing.assert_array_equal(a["tokens"][:, 1:], a["targets"][:, :-1])
+  assert a["tokens"].max() < 32 and a["mask"].sum() > 0
+
+
+def test_mqar_answers_are_the_bound_values():
+  d = Dataset(C.DataConfig(task="mqar", seq_len=40, batch_size=3, vocab_size=32, num_kv_pairs=6))
+  bt = d.batch("train", 0)
+  for row in range(3):
+    pairs = dict(zip(bt["tokens"][row, 0:12:2], bt["tokens"][row, 1:12:2]))
+    assert len(pairs) == 6 and all(k < 16 <= v for k, v in pairs.items())
+    for t in np.nonzero(bt["mask"][row])[0]:
+      assert bt["targets"][row, t] == pairs[bt["tokens"][row, t]]
+
+
+def test_text_bytes_packs_documents(tmp_path):
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  for i in range(6):
+    (corpus / f"d{i}.py").write_text(f"doc {i} " * (20 + 5 * i))
+  cfg = C.DataConfig(task="text_bytes", seq_len=64, batch_size=4, path=str(corpus), val_fraction=0.2)
+  d = Dataset(cfg, tmp_path / "cache")
+  bt = d.batch("train", 0)
+  assert d.vocab_size == 256 and bt["segment_ids"].shape == (4, 64)
+  assert np.all(np.diff(bt["segment_ids"], axis=1) >= 0)
+  # The loss skips exactly the targets that start a new document.
+  np.testing.assert_array_equal(bt["mask"][:, :-1] == 0, np.diff(bt["segment_ids"], axis=1) > 0)
+  again = Dataset(cfg, tmp_path / "cache").batch("train", 0)  # from the memory-mapped cache
+  np.testing.assert_array_equal(bt["tokens"], again["tokens"])
+  with pytest.raises(C.ConfigError, match="data.path does not exist"):
+    Dataset(C.DataConfig(task="text_bytes", path=str(tmp_path / "nope")), tmp_path / "cache")
+
+
+# ------------------------------------------------------------------------------ loop
+
+
+def test_few_steps_lower_the_loss_and_log(tmp_path):
+  r = cli(tmp_path / "run", "train.steps=30", "optim.lr=1e-2", "train.eval_every=30")
+  assert r.returncode == 0, r.stderr
+  m = metrics(tmp_path / "run")
+  assert [x["step"] for x in m] == list(range(1, 31))
+  assert m[-1]["loss"] < m[0]["loss"] - 0.3
+  for key in ("loss", "lr", "grad_norm", "tokens_per_s", "accuracy"):
+    assert key in m[0]
+  assert "eval_accuracy" in m[-1]
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 30
+  assert list((tmp_path / "run" / "tb").iterdir()), "tensorboard events"
+
+
+def test_resume_is_bit_identical(tmp_path):
+  full = cli(tmp_path / "full")
+  assert full.returncode == 0, full.stderr
+  first = cli(tmp_path / "resumed", "train.stop_after=3")
+  assert first.returncode == 0 and "stop_after at step 3" in first.stdout, first.stderr
+  second = cli(tmp_path / "resumed")
+  assert second.returncode == 0 and '"start_step": 3' in second.stdout, second.stderr
+  strip = lambda ms: [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in ms]
+  assert strip(metrics(tmp_path / "resumed")) == strip(metrics(tmp_path / "full"))
+
+
+def test_sigterm_saves_and_exits(tmp_path):
+  proc = cli(tmp_path / "run", "train.steps=100000", "train.checkpoint_every=100000", wait=False)
+  path = tmp_path / "run" / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and not (path.exists() and len(path.read_text().splitlines()) >= 3):
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err
+  stopped_at = json.loads(out.strip().splitlines()[-1])["end_step"]
+  assert "SIGTERM" in out and stopped_at >= 3
+  steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps[-1] == stopped_at
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  r = cli(tmp_path / "run", "optim.lr=1e30", "optim.clip_norm=1e30", "optim.warmup_steps=1",
+          "train.checkpoint_every=1", "train.steps=50")
+  assert r.returncode == 1
+  line = r.stderr.strip().splitlines()[-1]
+  assert "non-finite loss" in line and "at step" in line
+  bad = int(line.split("at step ")[1].split(";")[0])
+  good = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+  assert good and good[-1] == bad - 1
+
+
+def test_corrupt_checkpoint_falls_back_with_a_warning(tmp_path):
+  assert cli(tmp_path / "run").returncode == 0  # checkpoints at 4 and 8
+  latest = tmp_path / "run" / "checkpoints" / "8" / "state"
+  for f in latest.rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"garbage")
+  r = cli(tmp_path / "run", "train.steps=10")
+  assert r.returncode == 0, r.stderr
+  assert "checkpoint at step 8" in r.stderr and "falling back" in r.stderr
+  assert '"start_step": 4' in r.stdout
+
+
+# ------------------------------------------------------------------------ meshes, hosts
+
+
+def _losses(workdir):
+  return np.array([m["loss"] for m in metrics(workdir)])
+
+
+def test_2x2_mesh_equals_one_device(tmp_path):
+  one = cli(tmp_path / "one", "train.steps=4")
+  four = cli(tmp_path / "four", "train.steps=4", "mesh.data=2", "mesh.fsdp=2", devices=4)
+  assert one.returncode == 0 and four.returncode == 0, four.stderr
+  np.testing.assert_allclose(_losses(tmp_path / "four"), _losses(tmp_path / "one"), rtol=2e-5)
+
+
+def test_two_processes_equal_one(tmp_path):
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = [cli(tmp_path / "multi", "train.steps=4", "mesh.data=2", "mesh.fsdp=2", devices=2,
+               extra=["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                      "--process-id", str(i)], wait=False) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+  single = cli(tmp_path / "single", "train.steps=4", "mesh.data=2", "mesh.fsdp=2", devices=4)
+  assert single.returncode == 0, single.stderr
+  np.testing.assert_allclose(_losses(tmp_path / "multi"), _losses(tmp_path / "single"), rtol=2e-5)
