@@ -15,4 +15,4 @@ def get_config() -> ExperimentConfig:
   return ExperimentConfig(
       name="mqar", model=model, data=data,
       optim=OptimConfig(lr=3e-3, warmup_steps=100, weight_decay=0.0),
-      train=TrainConfig(steps=1500, log_every=25, eval_every=250, checkpoint_every=500))
+      train=TrainConfig(steps=1000, log_every=25, eval_every=250, checkpoint_every=500))

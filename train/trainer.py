@@ -193,9 +193,13 @@ class Trainer:
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         return out["state"], step
       except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
+        aside = mngr.directory / f"{step}.corrupt-{int(time.time())}"
         warnings.warn(f"checkpoint at step {step} in {self.workdir / 'checkpoints'} is corrupt "
                       f"or partial ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                      f"falling back to the previous one")
+                      f"falling back to the previous one (moved to {aside.name})")
+        if self.lead:  # kept for inspection, out of the way of the next save of this step
+          (mngr.directory / str(step)).rename(aside)
+        mngr.reload()
     if steps:
       raise RuntimeError(f"no checkpoint in {self.workdir / 'checkpoints'} restores "
                          f"(tried steps {steps}); refusing to restart from scratch")
