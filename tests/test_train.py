@@ -211,3 +211,19 @@ def test_two_processes_equal_one(tmp_path):
   single = cli(tmp_path / "single", "train.steps=4", "mesh.data=2", "mesh.fsdp=2", devices=4)
   assert single.returncode == 0, single.stderr
   np.testing.assert_allclose(_losses(tmp_path / "multi"), _losses(tmp_path / "single"), rtol=2e-5)
+
+
+def test_grad_accum_and_remat_match_the_plain_step(tmp_path):
+  """MQAR rows carry equal answer counts, so the mean over microbatch means is the batch
+  mean: accumulation and remat change memory, not the losses."""
+  from longax.train import Trainer
+  base = C.override(C.load(TINY), ["train.steps=3", "train.eval_every=100"])
+  runs = {"plain": [], "accum": ["optim.grad_accum=2"], "remat": ["train.remat=block"]}
+  losses = {}
+  for name, sets in runs.items():
+    Trainer(C.override(base, sets), tmp_path / name).run()
+    losses[name] = _losses(tmp_path / name)
+  np.testing.assert_allclose(losses["accum"], losses["plain"], rtol=1e-5)
+  np.testing.assert_allclose(losses["remat"], losses["plain"], rtol=1e-5)
+  with pytest.raises(C.ConfigError, match="not a multiple of optim.grad_accum=3"):
+    Trainer(C.override(base, ["optim.grad_accum=3"]), tmp_path / "bad")

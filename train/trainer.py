@@ -152,7 +152,7 @@ class Trainer:
       loss, metrics, grads = jax.tree.map(lambda x: x / accum, (loss, metrics, grads))
       updates, opt = tx.update(grads, state["opt"], state["params"])
       params = optax.apply_updates(state["params"], updates)
-      out = dict(loss=loss, grad_norm=optax.global_norm(grads),
+      out = dict(loss=loss, grad_norm=optax.tree.norm(grads),
                  lr=self.schedule(state["step"]), **metrics)
       return dict(params=params, opt=opt, step=state["step"] + 1), out
 
