@@ -139,7 +139,8 @@ def _attention_xla(q, k, v, q_pos, k_pos, q_seg, k_seg, spec: AttnSpec,
     vp = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
     ks = rearrange(kp, "b (n c) k d -> n b c k d", c=kv_block)
     vs = rearrange(vp, "b (n c) k d -> n b c k d", c=kv_block)
-    pos = rearrange(jnp.pad(k_pos, (0, pad), constant_values=-1), "(n c) -> n c", c=kv_block)
+    k_pos = jnp.pad(k_pos, [(0, 0)] * (k_pos.ndim - 1) + [(0, pad)], constant_values=-1)
+    pos = rearrange(k_pos, "... (n c) -> n ... c", c=kv_block)  # [N, (B,) C]
     segs = None if k_seg is None else rearrange(
         jnp.pad(k_seg, ((0, 0), (0, pad))), "b (n c) -> n b c", c=kv_block)
 
@@ -194,8 +195,9 @@ def _prepare(op, q, k, v, *, segment_ids, causal, scale, window, sinks, softcap,
   s_len = k.shape[1]
   q_pos = query_positions(t, s_len) if q_positions is None else jnp.asarray(q_positions)
   k_pos = jnp.arange(s_len, dtype=jnp.int32) if kv_positions is None else jnp.asarray(kv_positions)
-  _checks.shape_is(op, "q_positions", q_pos, (t,), "[T]")
-  _checks.shape_is(op, "kv_positions", k_pos, (s_len,), "[S]")
+  for name, x, n in (("q_positions", q_pos, t), ("kv_positions", k_pos, s_len)):
+    if x.shape not in ((n,), (b, n)):
+      raise ValueError(f"{op}: `{name}` must have shape ({n},) or ({b}, {n}), got {x.shape}")
   return q_pos.astype(jnp.int32), k_pos.astype(jnp.int32), q_seg, k_seg, scale
 
 
@@ -208,9 +210,9 @@ def attention(q, k, v, *, causal: bool = True, scale: float | None = None,
   causal: bottom-right aligned when T < S. window=w: query i sees key j only if
   i - j < w. sinks=s: keys j < s stay visible inside the window. softcap=c: logits
   c*tanh(s/c). segment_ids: [B, T] (T == S) or a pair (q [B, T], kv [B, S]).
-  block_kv: keys per step of the XLA fold. q_positions [T] / kv_positions [S]: absolute
-  positions (default: bottom-right aligned `S - T + arange(T)` and `arange(S)`); a key at
-  position -1 is an empty slot no query sees (decode caches).
+  block_kv: keys per step of the XLA fold. q_positions [T] or [B, T] / kv_positions [S] or
+  [B, S]: absolute positions (default: bottom-right aligned `S - T + arange(T)` and
+  `arange(S)`); a key at position -1 is an empty slot no query sees (decode caches).
   """
   q_pos, k_pos, q_seg, k_seg, scale = _prepare("attention", q, k, v, segment_ids=segment_ids,
                                  causal=causal, scale=scale, window=window, sinks=sinks,

@@ -25,7 +25,7 @@ def visible(q_pos, k_pos, *, causal: bool = True, window: int | None = None,
             sinks: int = 0, q_seg=None, k_seg=None):
   """Boolean visibility, broadcast over the leading axes.
 
-  q_pos: [..., T] query positions; k_pos: [..., S] key positions;
+  q_pos: [T] or [B, T] query positions; k_pos: [S] or [B, S] key positions;
   q_seg: [B, T] / k_seg: [B, S] segment ids or None. Returns [..., T, S] (with a
   leading B when segment ids are given).
   """

@@ -193,5 +193,19 @@ def test_explicit_positions_and_empty_slots(rand, kind, impl):
 
 def test_positions_shape_error(rand):
   q, k, v, _ = _inputs(rand, (1, 4, 4, 1, 1, 8, 8, 0), jnp.float32)
-  with pytest.raises(ValueError, match="`q_positions` must have shape"):
+  with pytest.raises(ValueError, match=r"`q_positions` must have shape \(4,\) or \(1, 4\)"):
     attention(q, k, v, q_positions=jnp.arange(3))
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_per_row_positions(rand, impl):
+  """Rows at different positions (batched decode of prompts of different lengths)."""
+  q, k, v, _ = _inputs(rand, (2, 2, 9, 2, 1, 8, 8, 0), jnp.float32)
+  kv_pos = jnp.array([list(range(9)), list(range(6)) + [-1] * 3])  # row 1: 6 keys + empty
+  q_pos = jnp.array([[7, 8], [4, 5]])
+  got = attention(q, k, v, q_positions=q_pos, kv_positions=kv_pos, window=4, impl=impl,
+                  block_kv=4)
+  for row, n in ((0, 9), (1, 6)):
+    want = attention(q[row:row + 1], k[row:row + 1, :n], v[row:row + 1, :n], window=4,
+                     impl="reference")
+    assert_close(got[row:row + 1], want, what=f"row {row}")
