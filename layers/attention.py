@@ -10,7 +10,7 @@ from einops import rearrange
 from flax import nnx
 
 from longax import kernels
-from longax.layers.cache import attend_cached, init_kv_cache, kv_slots
+from longax.layers.cache import attend_cached, init_kv_cache, kv_slots, positions_of
 from longax.layers.common import RMSNorm, dense, rope
 
 KINDS = ("softmax", "sigmoid")
@@ -65,7 +65,7 @@ class Attention(nnx.Module):
     v = rearrange(self.v(x), "b t (h d) -> b t h d", d=self.hd)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    positions = pos + jnp.arange(t, dtype=jnp.int32)
+    positions = positions_of(pos, t)
     q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
     if cache is None:
       o = self._attend(q, k, v, segment_ids=segment_ids)

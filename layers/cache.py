@@ -8,6 +8,9 @@ with those positions, so a stale or empty slot is never seen: visibility stays i
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 
 
@@ -16,33 +19,42 @@ def kv_slots(max_len: int, window: int | None, sinks: int) -> int:
   return max_len if window is None else min(max_len, sinks + window)
 
 
+def positions_of(pos, t: int):
+  """Absolute positions of t new tokens after `pos` (a scalar, or [B] per row): [T] or [B, T]."""
+  return jnp.asarray(pos, jnp.int32)[..., None] + jnp.arange(t, dtype=jnp.int32)
+
+
 def init_kv_cache(batch: int, slots: int, kv_heads: int, head_dim: int, dtype) -> dict:
   return dict(k=jnp.zeros((batch, slots, kv_heads, head_dim), dtype),
               v=jnp.zeros((batch, slots, kv_heads, head_dim), dtype),
-              pos=jnp.full((slots,), -1, jnp.int32))
+              pos=jnp.full((batch, slots), -1, jnp.int32))
 
 
 def attend_cached(attend, q, k, v, cache: dict, positions, sinks: int = 0):
   """Attention of new tokens over the cache and themselves, then the cache updated.
 
   attend(q, k, v, q_positions=, kv_positions=) -> o; q: [B, T, H, D]; k, v: [B, T, Hkv, D];
-  positions: [T] absolute positions of the new tokens. Returns (o, new cache).
+  positions: [T] or [B, T] absolute positions of the new tokens. Returns (o, new cache).
   """
+  positions = jnp.broadcast_to(positions, k.shape[:2]).astype(jnp.int32)
   keys = jnp.concatenate([cache["k"], k.astype(cache["k"].dtype)], axis=1)
   vals = jnp.concatenate([cache["v"], v.astype(cache["v"].dtype)], axis=1)
-  kpos = jnp.concatenate([cache["pos"], positions.astype(jnp.int32)])
+  kpos = jnp.concatenate([cache["pos"], positions], axis=1)
   o = attend(q, keys, vals, q_positions=positions, kv_positions=kpos)
-  return o, _write(cache, k, v, positions, sinks)
+  write = jax.vmap(functools.partial(_write, sinks=sinks))
+  k_c, v_c, p_c = write(cache["k"], cache["v"], cache["pos"], k, v, positions)
+  return o, dict(k=k_c, v=v_c, pos=p_c)
 
 
-def _write(cache, k, v, positions, sinks):
-  slots = cache["pos"].shape[0]
+def _write(k_c, v_c, p_c, k, v, positions, sinks):
+  """One row: k_c, v_c [slots, Hkv, D], p_c [slots]; k, v [T, Hkv, D]; positions [T]."""
+  slots = p_c.shape[0]
   ring = slots - sinks
   # Keep the sinks and the last `ring` tokens; drop the rest (their slot would be
   # written twice in one scatter, whose order is undefined).
   keep = (positions < sinks) | (positions > positions[-1] - ring)
   slot = jnp.where(positions < sinks, positions, sinks + (positions - sinks) % ring)
   slot = jnp.where(keep, slot, slots)  # out of range: dropped
-  return dict(k=cache["k"].at[:, slot].set(k.astype(cache["k"].dtype), mode="drop"),
-              v=cache["v"].at[:, slot].set(v.astype(cache["v"].dtype), mode="drop"),
-              pos=cache["pos"].at[slot].set(positions.astype(jnp.int32), mode="drop"))
+  return (k_c.at[slot].set(k.astype(k_c.dtype), mode="drop"),
+          v_c.at[slot].set(v.astype(v_c.dtype), mode="drop"),
+          p_c.at[slot].set(positions, mode="drop"))

@@ -43,11 +43,11 @@ class SwiGLU(nnx.Module):
 
 
 def rope(x, positions, theta: float = 10000.0):
-  """Rotary embedding (half-split convention). x: [B, T, H, D]; positions: [T] int."""
+  """Rotary embedding (half-split convention). x: [B, T, H, D]; positions: [T] or [B, T]."""
   d = x.shape[-1]
   freqs = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2 / d)  # [D/2]
-  angles = positions.astype(jnp.float32)[:, None] * freqs  # [T, D/2]
-  cos, sin = jnp.cos(angles)[:, None], jnp.sin(angles)[:, None]  # [T, 1, D/2]
+  angles = positions.astype(jnp.float32)[..., None] * freqs  # [(B,) T, D/2]
+  cos, sin = jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]  # [(B,) T, 1, D/2]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 

@@ -23,6 +23,7 @@ from flax import nnx
 
 from longax import kernels
 from longax.layers.attention import Attention
+from longax.layers.cache import positions_of
 from longax.layers.common import RMSNorm, dense, rope
 
 VARIANTS = ("linear", "lightning", "retnet", "gla", "based")
@@ -89,7 +90,7 @@ class LinearAttention(nnx.Module):
     if self.variant == "lightning":
       q, k = jax.nn.silu(q), jax.nn.silu(k)
     elif self.variant == "retnet":
-      positions = pos + jnp.arange(t, dtype=jnp.int32)
+      positions = positions_of(pos, t)
       q, k = rope(q, positions), rope(k, positions)
     elif self.variant == "gla":
       g = self.g_up(self.g_down(x)).astype(jnp.float32)

@@ -99,11 +99,12 @@ class LM(nnx.Module):
   def init_cache(self, batch: int, max_len: int | None = None) -> dict:
     """The decode state for `batch` rows of up to `max_len` tokens (default cfg.max_len)."""
     max_len = max_len or self.cfg.max_len
-    return dict(pos=jnp.zeros((), jnp.int32),
+    return dict(pos=jnp.zeros((batch,), jnp.int32),
                 layers=[block.mixer.init_cache(batch, max_len) for block in self.blocks])
 
   def decode(self, tokens, cache: dict):
-    """Feeds tokens [B, t] that follow the cache; returns (logits [B, t, V], new cache)."""
+    """Feeds tokens [B, t] that follow the cache (each row at its own position,
+    cache["pos"] [B]); returns (logits [B, t, V], new cache)."""
     pos = cache["pos"]
     x = self.embed(tokens)
     layers = []
