@@ -32,6 +32,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from longax.models import LM, flops_per_token
+from longax.models.sharding import shardings
 from longax.train.config import ConfigError, ExperimentConfig, MeshConfig, to_dict
 from longax.train.data import Dataset
 
@@ -61,17 +62,6 @@ def make_mesh(mcfg: MeshConfig, devices=None) -> Mesh:
     raise ConfigError(f"mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices, "
                       f"there are {len(devices)}")
   return Mesh(np.asarray(devices).reshape(sizes), AXES)
-
-
-def param_spec(shape, mesh: Mesh) -> P:
-  """fsdp on the first axis and tensor on the last, where they divide; else replicated."""
-  spec = [None] * len(shape)
-  if len(shape) >= 2:
-    if shape[-1] % mesh.shape["tensor"] == 0 and mesh.shape["tensor"] > 1:
-      spec[-1] = "tensor"
-    if shape[0] % mesh.shape["fsdp"] == 0 and mesh.shape["fsdp"] > 1:
-      spec[0] = "fsdp"
-  return P(*spec)
 
 
 def make_optimizer(cfg: ExperimentConfig):
@@ -121,12 +111,10 @@ class Trainer:
     graphdef, params = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(params)
     tx, self.schedule = make_optimizer(self.cfg)
-    shard = lambda x: NamedSharding(self.mesh, param_spec(x.shape, self.mesh))
-    self.param_shardings = jax.tree.map(shard, params)
-    params = jax.device_put(params, self.param_shardings)
+    params = jax.device_put(params, shardings(params, self.mesh))
     state = dict(params=params, opt=tx.init(params), step=jnp.zeros((), jnp.int32))
     # Optimiser moments shard like their parameters; scalars are replicated.
-    self.state_shardings = jax.tree.map(shard, state)
+    self.state_shardings = shardings(state, self.mesh)
     state = jax.device_put(state, self.state_shardings)
     self.graphdef, self.tx = graphdef, tx
     return state
