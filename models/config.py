@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 MIXERS = ("softmax", "sigmoid", "linear", "based", "gla", "retnet", "lightning", "mamba",
           "mamba2")
@@ -100,3 +101,19 @@ class LMConfig:
   def layer_mixers(self) -> tuple[str, ...]:
     pattern = tuple(self.layer_pattern or (self.mixer,))
     return tuple(pattern[i % len(pattern)] for i in range(self.n_layers))
+
+
+def from_dict(cls, d: dict):
+  """Rebuilds dataclass `cls` (nested dataclasses, tuples) from `dataclasses.asdict` output."""
+  hints = typing.get_type_hints(cls)
+  kwargs = {}
+  for f in dataclasses.fields(cls):
+    if f.name not in d:
+      continue
+    v, hint = d[f.name], hints[f.name]
+    if dataclasses.is_dataclass(hint):
+      v = from_dict(hint, v)
+    elif isinstance(v, list):
+      v = tuple(v)
+    kwargs[f.name] = v
+  return cls(**kwargs)

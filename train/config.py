@@ -11,6 +11,7 @@ import types
 import typing
 
 from longax.models import LMConfig
+from longax.models.config import from_dict as dataclass_from_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,19 +167,4 @@ def to_dict(cfg) -> dict:
 
 def from_dict(d: dict) -> ExperimentConfig:
   """Inverse of `to_dict` (for config.json)."""
-  return _build(ExperimentConfig, d)
-
-
-def _build(cls, d):
-  hints = typing.get_type_hints(cls)
-  kwargs = {}
-  for f in dataclasses.fields(cls):
-    if f.name not in d:
-      continue
-    v, hint = d[f.name], hints[f.name]
-    if dataclasses.is_dataclass(hint):
-      v = _build(hint, v)
-    elif isinstance(v, list):
-      v = tuple(v)
-    kwargs[f.name] = v
-  return cls(**kwargs)
+  return dataclass_from_dict(ExperimentConfig, d)

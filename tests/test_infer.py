@@ -1,0 +1,125 @@
+"""Generation: greedy equals the full forward, stop tokens, sampling, sharding, the CLI."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from longax.infer import generate
+from longax.models import LM, AttentionConfig, LMConfig, Mamba2Config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [9, 8, 7], list(range(10, 30))]
+
+
+def tiny(**kw):
+  base = dict(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mixer="softmax",
+              max_len=64, d_ff=64, mamba2=Mamba2Config(d_state=8, head_dim=16, chunk_size=8))
+  return LMConfig(**(base | kw))
+
+
+CONFIGS = {
+    "softmax": tiny(),
+    "window-sinks": tiny(attention=AttentionConfig(window=6, sinks=2)),
+    "hybrid": tiny(n_layers=3, layer_pattern=("mamba2", "gla", "sigmoid")),
+}
+
+
+def greedy_by_forward(model, prompt, n):
+  seq = list(prompt)
+  for _ in range(n):
+    seq.append(int(jnp.argmax(model(jnp.asarray([seq]))[0, -1])))
+  return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_greedy_equals_the_full_forward(name):
+  model = LM(CONFIGS[name], rngs=nnx.Rngs(0))
+  out = generate(model, PROMPTS, max_new_tokens=5, prefill_chunk=4)
+  assert out == [greedy_by_forward(model, p, 5) for p in PROMPTS]
+
+
+def test_stop_tokens_and_sampling():
+  model = LM(CONFIGS["hybrid"], rngs=nnx.Rngs(0))
+  greedy = generate(model, PROMPTS, max_new_tokens=6)
+  stop = greedy[0][2]
+  stopped = generate(model, PROMPTS, max_new_tokens=6, stop_tokens=[stop])
+  for g, s in zip(greedy, stopped):
+    cut = g.index(stop) + 1 if stop in g else len(g)
+    assert s == g[:cut]
+  a = generate(model, PROMPTS, max_new_tokens=6, temperature=1.0, seed=3)
+  assert a == generate(model, PROMPTS, max_new_tokens=6, temperature=1.0, seed=3)
+  assert a != generate(model, PROMPTS, max_new_tokens=6, temperature=1.0, seed=4)
+  assert generate(model, PROMPTS, max_new_tokens=6, temperature=0.7, top_k=1) == greedy
+  assert generate(model, PROMPTS, max_new_tokens=6, temperature=0.7, top_p=1e-6) == greedy
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(prompts=[[]]), "at least one token"),
+    (dict(prompts=[[1, 99]]), "token 99 is outside the vocabulary"),
+    (dict(top_k=0), "top_k"), (dict(top_p=1.5), "top_p"), (dict(max_new_tokens=0), "max_new_tokens"),
+])
+def test_bad_input(kw, msg):
+  model = LM(CONFIGS["softmax"], rngs=nnx.Rngs(0))
+  args = dict(prompts=[[1, 2]], max_new_tokens=3) | kw
+  with pytest.raises(ValueError, match=msg):
+    generate(model, args.pop("prompts"), **args)
+
+
+SHARDED = """
+import sys, json, jax
+from flax import nnx
+from jax.sharding import Mesh
+import numpy as np
+sys.path.insert(0, {tests!r})
+from test_infer import CONFIGS, PROMPTS
+from longax.models import LM
+from longax.infer import generate
+model = LM(CONFIGS["hybrid"], rngs=nnx.Rngs(0))
+mesh = Mesh(np.asarray(jax.devices()).reshape({shape}), ("data", "fsdp", "tensor"))
+prompts = PROMPTS + [[5, 6]]
+print(json.dumps(generate(model, prompts, max_new_tokens=5, mesh=mesh)))
+"""
+
+
+def test_sharded_generation_equals_one_device():
+  outs = []
+  for devices, shape in ((1, (1, 1, 1)), (4, (2, 1, 2))):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    r = subprocess.run([sys.executable, "-c", SHARDED.format(tests=str(ROOT / "tests"), shape=shape)],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    outs.append(r.stdout.strip().splitlines()[-1])
+  assert outs[0] == outs[1]
+
+
+def test_cli(tmp_path):
+  from longax.train import Trainer
+  from longax.train import config as C
+  cfg = C.override(C.load(str(ROOT / "tests" / "tiny_train_config.py")),
+                   ["train.steps=2", "train.eval_every=100"])
+  Trainer(cfg, tmp_path / "run").run()
+  run = lambda *a: subprocess.run([sys.executable, "-m", "longax.infer", *a], capture_output=True,
+                                  text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  r = run("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1,17,2,18,1",
+          "--max-new-tokens", "4")
+  assert r.returncode == 0, r.stderr
+  assert len(r.stdout.strip().split(",")) == 4
+  r2 = run("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1,17,2,18,1",
+           "--max-new-tokens", "4", "--streaming", "1,2")
+  assert r2.returncode == 0, r2.stderr
+  (tmp_path / "bare").mkdir()
+  (tmp_path / "bare" / "config.json").write_text((tmp_path / "run" / "config.json").read_text())
+  for args, msg in [(("--workdir", str(tmp_path / "nope"), "--prompt-tokens", "1"), "does not exist"),
+                    (("--workdir", str(tmp_path), "--prompt-tokens", "1"), "config.json not found"),
+                    (("--workdir", str(tmp_path / "bare"), "--prompt-tokens", "1"), "no checkpoint in"),
+                    (("--workdir", str(tmp_path / "run"), "--prompt", "hi"), "needs a byte-level model"),
+                    (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1,500"), "outside [0, 32)")]:
+    r = run(*args)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and msg in r.stderr, r.stderr
