@@ -123,3 +123,18 @@ def test_cli(tmp_path):
                     (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1,500"), "outside [0, 32)")]:
     r = run(*args)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and msg in r.stderr, r.stderr
+
+
+def test_decode_benchmark_smoke(tmp_path):
+  import json
+  from longax.benchmarks import decode
+  out = tmp_path / "d.json"
+  decode.main(["--mixers", "softmax,mamba2", "--contexts", "16,64", "--d-model", "64",
+               "--layers", "1", "--heads", "2", "--batch", "1", "--steps", "2",
+               "--png", str(tmp_path / "d.png"), "--json", str(out)])
+  rows = json.loads(out.read_text())["rows"]
+  size = {(r["mixer"], r["context"]): r["cache_bytes"] for r in rows}
+  assert size["softmax", 64] > size["softmax", 16] and size["mamba2", 64] == size["mamba2", 16]
+  params = [r["params"] for r in rows]
+  assert max(params) / min(params) < 1.1, "models at (about) equal parameter count"
+  assert (tmp_path / "d.png").stat().st_size > 10_000

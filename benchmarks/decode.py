@@ -1,0 +1,157 @@
+"""Decoding cost against context length, one line per mixer, at equal parameter count.
+
+    python -m longax.benchmarks.decode [--contexts 1024,2048,...,32768] [--png decode.png]
+
+For each mixer the SwiGLU width is chosen so every model has about the same number of
+parameters (`--params`). The cache is filled as if `L` tokens had been read (random
+states, every KV slot up to L occupied; decode cost does not depend on the values), then
+`--steps` single-token decode steps are timed. Reported: ms per step for the batch,
+tokens/s, the cache's bytes (exact) and the device's peak memory where it reports one.
+A KV cache grows with L; a linear / SSM state does not: the plot shows both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from longax.models import MIXERS, LM, LMConfig, count_params
+
+
+def matched_config(mixer: str, target: int, base: LMConfig) -> LMConfig:
+  """`base` with `mixer` and the d_ff (a multiple of 64) that brings it nearest `target`."""
+  best = None
+  for d_ff in range(0, 16 * base.d_model + 1, 64):  # 0: no MLP
+    cfg = dataclasses.replace(base, mixer=mixer, d_ff=d_ff)
+    n = count_params(cfg)
+    if best is None or abs(n - target) < abs(best[0] - target):
+      best = (n, cfg)
+    if n > target:
+      break
+  return best[1]
+
+
+def filled_cache(model: LM, batch: int, context: int, room: int):
+  """A cache that looks like `context` tokens were read, with `room` free slots."""
+  cache = model.init_cache(batch, context + room)
+  key = iter(jax.random.split(jax.random.key(0), 4096))
+
+  def fill(x):
+    if jnp.issubdtype(x.dtype, jnp.floating):
+      return (0.1 * jax.random.normal(next(key), x.shape)).astype(x.dtype)
+    slots = jnp.arange(x.shape[-1], dtype=jnp.int32)  # KV slot positions
+    return jnp.broadcast_to(jnp.where(slots < context, slots, -1), x.shape)
+
+  layers = jax.tree.map(fill, cache["layers"])
+  return dict(pos=jnp.full((batch,), context, jnp.int32), layers=layers)
+
+
+@nnx.jit
+def _step(model, tokens, cache):
+  logits, cache = model.decode(tokens, cache)
+  return jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32), cache
+
+
+def measure(cfg: LMConfig, contexts, batch: int, steps: int) -> list[dict]:
+  model = LM(cfg, rngs=nnx.Rngs(0))
+  rows = []
+  for context in contexts:
+    cache = filled_cache(model, batch, context, steps + 3)
+    tok = jnp.ones((batch, 1), jnp.int32)
+    for _ in range(2):  # compile, warm up
+      tok, cache = _step(model, tok, cache)
+    jax.block_until_ready(tok)
+    times = []
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      tok, cache = _step(model, tok, cache)
+      jax.block_until_ready(tok)
+      times.append(time.perf_counter() - t0)
+    ms = 1e3 * statistics.median(times)
+    stats = jax.devices()[0].memory_stats() or {}
+    rows.append(dict(mixer=cfg.mixer, params=count_params(cfg), context=context, batch=batch,
+                     ms_per_step=ms, tokens_per_s=batch / ms * 1e3,
+                     cache_bytes=int(sum(x.nbytes for x in jax.tree.leaves(cache["layers"]))),
+                     peak_bytes=stats.get("peak_bytes_in_use")))
+    del cache
+  return rows
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+  for mixer in dict.fromkeys(r["mixer"] for r in rows):
+    rs = [r for r in rows if r["mixer"] == mixer]
+    x = [r["context"] for r in rs]
+    a.plot(x, [r["ms_per_step"] for r in rs], marker="o", label=mixer)
+    b.plot(x, [r["cache_bytes"] / 2**20 for r in rs], marker="o", label=mixer)
+  for ax, label in ((a, "ms per decode step (batch)"), (b, "decode state (MiB)")):
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+  b.set_yscale("log")
+  a.legend(fontsize=8)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--mixers", default=",".join(MIXERS))
+  p.add_argument("--contexts", default="1024,2048,4096,8192,16384,32768")
+  p.add_argument("--d-model", type=int, default=512)
+  p.add_argument("--layers", type=int, default=8)
+  p.add_argument("--heads", type=int, default=8)
+  p.add_argument("--params", type=float, default=None,
+                 help="target parameter count (default: the softmax model's)")
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
+  p.add_argument("--json", default=None)
+  p.add_argument("--png", default="decode.png")
+  a = p.parse_args(argv)
+  mixers = a.mixers.split(",")
+  unknown = set(mixers) - set(MIXERS)
+  if unknown:
+    p.error(f"unknown mixers {sorted(unknown)}; valid: {', '.join(MIXERS)}")
+  contexts = [int(c) for c in a.contexts.split(",")]
+  dtype = a.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
+  base = LMConfig(vocab_size=256, d_model=a.d_model, n_layers=a.layers, n_heads=a.heads,
+                  mixer="softmax", max_len=max(contexts) + 64, dtype=dtype)
+  target = int(a.params or count_params(base))
+  from tqdm import tqdm
+  rows = []
+  for mixer in tqdm(mixers, desc="mixers", file=sys.stderr):
+    rows += measure(matched_config(mixer, target, base), contexts, a.batch, a.steps)
+  device = jax.devices()[0].device_kind
+  title = (f"{device}, {dtype}, batch {a.batch}, ~{target / 1e6:.2f}M params, "
+           f"{datetime.date.today().isoformat()}")
+  print(f"# {title}")
+  print(f"{'mixer':10} {'params':>10} {'context':>8} {'ms/step':>9} {'tok/s':>9} {'cache MiB':>10} {'peak MiB':>9}")
+  for r in rows:
+    peak = "" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}"
+    print(f"{r['mixer']:10} {r['params']:>10} {r['context']:>8} {r['ms_per_step']:>9.2f} "
+          f"{r['tokens_per_s']:>9.0f} {r['cache_bytes'] / 2**20:>10.2f} {peak:>9}")
+  if a.json:
+    with open(a.json, "w") as f:
+      json.dump(dict(title=title, rows=rows), f, indent=1)
+  if a.png:
+    plot(rows, a.png, title)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
