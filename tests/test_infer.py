@@ -138,3 +138,14 @@ def test_decode_benchmark_smoke(tmp_path):
   params = [r["params"] for r in rows]
   assert max(params) / min(params) < 1.1, "models at (about) equal parameter count"
   assert (tmp_path / "d.png").stat().st_size > 10_000
+
+
+def test_compiled_once_per_bucket():
+  gen = sys.modules["longax.infer.generate"]
+  sizes = lambda: (gen._decode_loop.jitted_fn._cache_size(), gen._feed.jitted_fn._cache_size())
+  model = LM(tiny(mixer="mamba2", n_layers=1, vocab_size=37), rngs=nnx.Rngs(0))
+  before = sizes()
+  for prompts in ([[1, 2, 3], [4, 5]], [[1] * 7, [2] * 5], [[3] * 40, [4] * 30]):
+    generate(model, prompts, max_new_tokens=4, prefill_chunk=16)
+  # one decode loop for the bucket; two prefill shapes (a chunk of 16, a single token)
+  assert (sizes()[0] - before[0], sizes()[1] - before[1]) == (1, 2)
