@@ -28,16 +28,13 @@ from longax.models import MIXERS, LM, LMConfig, count_params
 
 
 def matched_config(mixer: str, target: int, base: LMConfig) -> LMConfig:
-  """`base` with `mixer` and the d_ff (a multiple of 64) that brings it nearest `target`."""
-  best = None
-  for d_ff in range(0, 16 * base.d_model + 1, 64):  # 0: no MLP
-    cfg = dataclasses.replace(base, mixer=mixer, d_ff=d_ff)
-    n = count_params(cfg)
-    if best is None or abs(n - target) < abs(best[0] - target):
-      best = (n, cfg)
-    if n > target:
-      break
-  return best[1]
+  """`base` with `mixer` and the d_ff (0: no MLP, else a multiple of 64) that brings it
+  nearest `target`. Parameters grow linearly in d_ff, so two counts place the answer."""
+  with_ff = lambda d_ff: dataclasses.replace(base, mixer=mixer, d_ff=d_ff)
+  n64, n128 = count_params(with_ff(64)), count_params(with_ff(128))
+  guess = 64 * max(1, round(1 + (target - n64) / (n128 - n64)))
+  candidates = {0, max(64, guess - 64), guess, guess + 64}
+  return min((with_ff(d) for d in sorted(candidates)), key=lambda c: abs(count_params(c) - target))
 
 
 def filled_cache(model: LM, batch: int, context: int, room: int):

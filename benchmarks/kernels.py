@@ -104,9 +104,21 @@ def torch_row(name: str, f: Callable, args: tuple) -> Row:
   return Row(name, fwd, fwd_bwd)
 
 
-def _impls(op: str) -> tuple[str, ...]:
-  """longax rows to time: `auto` only where a kernel can make it differ from `xla`."""
-  return ("xla", "auto") if "pallas" in K.available(op) else ("xla",)
+def _longax_rows(op: str, f: Callable, args: tuple, on_gpu: bool) -> list[Row]:
+  """longax's rows for `f(*args, impl=...)`: the reference (CPU only: timing the oracle tells
+  nothing on a GPU), xla, and auto where a kernel can make it differ from xla."""
+  impls = ("xla", "auto") if "pallas" in K.available(op) else ("xla",)
+  impls = impls if on_gpu else ("reference",) + impls
+  return [jax_row(f"longax.{impl}", lambda *a, impl=impl: f(*a, impl=impl), args)
+          for impl in impls]
+
+
+def _peer(rows: list[Row], name: str, make: Callable[[], Row]) -> None:
+  """Appends a peer's row; a peer that is missing or fails to build is reported, not fatal."""
+  try:
+    rows.append(make())
+  except Exception as e:  # noqa: BLE001
+    print(f"# {name} unavailable: {e!r}", file=sys.stderr)
 
 
 def _reference(f: Callable, args: tuple, small: bool) -> Callable[[], Any]:
@@ -130,11 +142,8 @@ def attention_cases(shapes, dtype, on_gpu) -> list[Case]:
     flops = 4 * b * h * t * t * d / 2
     shape = dict(B=b, T=t, H=h, Hkv=hkv, D=d, causal=True)
     for op, fn in (("attention", K.attention), ("sigmoid_attention", K.sigmoid_attention)):
-      rows = [jax_row(f"longax.{impl}", lambda q, k, v, impl=impl, fn=fn: fn(q, k, v, impl=impl),
-                      (q, k, v)) for impl in _impls(op)]
-      if not on_gpu:  # timing the oracle only tells something on the CPU
-        rows.insert(0, jax_row("longax.reference",
-                               lambda q, k, v, fn=fn: fn(q, k, v, impl="reference"), (q, k, v)))
+      rows = _longax_rows(op, lambda q, k, v, impl, fn=fn: fn(q, k, v, impl=impl), (q, k, v),
+                          on_gpu)
       if op == "attention" and on_gpu:
         rows += _attention_peers(q, k, v)
       ref = _reference(lambda q, k, v, fn=fn, impl="reference": fn(q, k, v, impl=impl),
@@ -148,17 +157,18 @@ def _attention_peers(q, k, v) -> list[Row]:
   args = (q, k, v)
   rows.append(jax_row("cudnn", lambda q, k, v: jax.nn.dot_product_attention(
       q, k, v, is_causal=True, implementation="cudnn"), args))
-  try:
+
+  def tokamax_row():
     import tokamax
-    rows.append(jax_row("tokamax", lambda q, k, v: tokamax.dot_product_attention(
-        q, k, v, is_causal=True), args))
-  except Exception as e:  # noqa: BLE001 - a missing peer is reported, not fatal
-    print(f"# tokamax unavailable: {e!r}", file=sys.stderr)
-  try:
+    return jax_row("tokamax", lambda q, k, v: tokamax.dot_product_attention(
+        q, k, v, is_causal=True), args)
+
+  def jla_row():
     from jla.ops.mosaic_gpu.attention import flash_attention
-    rows.append(jax_row("jla.mosaic_gpu", lambda q, k, v: flash_attention(q, k, v), args))
-  except Exception as e:  # noqa: BLE001
-    print(f"# jla attention unavailable: {e!r}", file=sys.stderr)
+    return jax_row("jla.mosaic_gpu", lambda q, k, v: flash_attention(q, k, v), args)
+
+  _peer(rows, "tokamax", tokamax_row)
+  _peer(rows, "jla attention", jla_row)
   return rows
 
 
@@ -176,10 +186,7 @@ def linear_cases(shapes, dtype, on_gpu) -> list[Case]:
       args = (q, k, v) if g is None else (q, k, v, g)
       la = lambda *a, impl: K.linear_attention(*a[:3], log_decay=a[3] if len(a) > 3 else None,
                                                impl=impl)
-      rows = [jax_row(f"longax.{impl}", lambda *a, impl=impl: la(*a, impl=impl), args)
-              for impl in _impls("linear_attention")]
-      if not on_gpu:
-        rows.insert(0, jax_row("longax.reference", lambda *a: la(*a, impl="reference"), args))
+      rows = _longax_rows("linear_attention", la, args, on_gpu)
       if on_gpu:
         rows += _linear_peers(name, args, d)
       ref = _reference(lambda *a, impl="reference": la(*a, impl=impl), args, small=t <= 4096)
@@ -192,28 +199,27 @@ def _linear_peers(decay: str, args, d: int) -> list[Row]:
   q, k, v = args[:3]
   g = args[3] if len(args) > 3 else jnp.zeros(q.shape[:3], jnp.float32)
   kind = "gla" if decay == "key" else "simple_gla"
-  try:
+
+  def jla_row():  # jla's Mosaic GPU kernel where it has one, else its chunked path
     from jla.ops import linear_attention as jla_la
-    for impl in ("auto",):  # jla's Mosaic GPU kernel where it has one, else its chunked path
-      rows.append(jax_row(f"jla.{impl}", lambda q, k, v, g, impl=impl: jla_la(
-          kind, q, k, v, g=g, scale=d**-0.5, impl=impl)[0], (q, k, v, g)))
-  except Exception as e:  # noqa: BLE001
-    print(f"# jla unavailable: {e!r}", file=sys.stderr)
-  try:
+    return jax_row("jla.auto", lambda q, k, v, g: jla_la(
+        kind, q, k, v, g=g, scale=d**-0.5, impl="auto")[0], (q, k, v, g))
+
+  def fla_row():
     if decay == "none":
       from fla.ops.linear_attn import chunk_linear_attn
-      rows.append(torch_row("fla.chunk", lambda q, k, v: chunk_linear_attn(
-          q, k, v, scale=d**-0.5, normalize=False)[0], (q, k, v)))
-    elif decay == "scalar":
+      return torch_row("fla.chunk", lambda q, k, v: chunk_linear_attn(
+          q, k, v, scale=d**-0.5, normalize=False)[0], (q, k, v))
+    if decay == "scalar":
       from fla.ops.simple_gla import chunk_simple_gla
-      rows.append(torch_row("fla.chunk", lambda q, k, v, g: chunk_simple_gla(
-          q, k, v, g=g.float(), scale=d**-0.5)[0], (q, k, v, g)))
-    else:
-      from fla.ops.gla import chunk_gla
-      rows.append(torch_row("fla.chunk", lambda q, k, v, g: chunk_gla(
-          q, k, v, g=g.float(), scale=d**-0.5)[0], (q, k, v, g)))
-  except Exception as e:  # noqa: BLE001
-    print(f"# fla unavailable: {e!r}", file=sys.stderr)
+      return torch_row("fla.chunk", lambda q, k, v, g: chunk_simple_gla(
+          q, k, v, g=g.float(), scale=d**-0.5)[0], (q, k, v, g))
+    from fla.ops.gla import chunk_gla
+    return torch_row("fla.chunk", lambda q, k, v, g: chunk_gla(
+        q, k, v, g=g.float(), scale=d**-0.5)[0], (q, k, v, g))
+
+  _peer(rows, "jla", jla_row)
+  _peer(rows, "fla", fla_row)
   return rows
 
 
@@ -227,20 +233,18 @@ def scan_cases(shapes, dtype, on_gpu) -> list[Case]:
     Bm = jax.random.normal(keys[3], (b, l, n), dtype)
     Cm = jax.random.normal(keys[4], (b, l, n), dtype)
     args = (u, delta, Bm, Cm)
-    ss = lambda u, delta, Bm, Cm, impl: K.selective_scan(u, delta, A, Bm, Cm,
+    ss = lambda u, delta, Bm, Cm, impl, A=A: K.selective_scan(u, delta, A, Bm, Cm,
                                                          delta_softplus=True, impl=impl)
-    rows = [jax_row(f"longax.{impl}", lambda *a, impl=impl: ss(*a, impl), args)
-            for impl in _impls("selective_scan")]
-    if not on_gpu:
-      rows.insert(0, jax_row("longax.reference", lambda *a: ss(*a, "reference"), args))
+    rows = _longax_rows("selective_scan", ss, args, on_gpu)
+
+    def jla_row(A=A, args=args):
+      from jla.ops import linear_attention as jla_la
+      return jax_row("jla.auto", lambda u, delta, Bm, Cm: jla_la(
+          "mamba1", Cm, Bm, u, dt=delta, a=A, dt_softplus=True)[0], args)
+
     if on_gpu:
-      try:
-        from jla.ops import linear_attention as jla_la
-        rows.append(jax_row("jla.auto", lambda u, delta, Bm, Cm: jla_la(
-            "mamba1", Cm, Bm, u, dt=delta, a=A, dt_softplus=True)[0], args))
-      except Exception as e:  # noqa: BLE001
-        print(f"# jla mamba1 unavailable: {e!r}", file=sys.stderr)
-    ref = _reference(lambda *a, impl="reference": ss(*a, impl), args,
+      _peer(rows, "jla mamba1", jla_row)
+    ref = _reference(lambda *a, impl="reference": ss(*a, impl=impl), args,
                      small=l <= 4096 and d * n <= 2**15)
     out.append(Case("selective_scan", dict(B=b, L=l, D=d, N=n), None, ref, rows))
   return out
@@ -256,21 +260,19 @@ def ssd_cases(shapes, dtype, on_gpu) -> list[Case]:
     Bm = jax.random.normal(keys[3], (b, t, 1, n), dtype)
     Cm = jax.random.normal(keys[4], (b, t, 1, n), dtype)
     args = (x, Bm, Cm)
-    f = lambda x, Bm, Cm, impl: K.ssd(x, dt, A, Bm, Cm, impl=impl)
-    rows = [jax_row(f"longax.{impl}", lambda *a, impl=impl: f(*a, impl), args)
-            for impl in _impls("ssd")]
-    if not on_gpu:
-      rows.insert(0, jax_row("longax.reference", lambda *a: f(*a, "reference"), args))
+    f = lambda x, Bm, Cm, impl, dt=dt, A=A: K.ssd(x, dt, A, Bm, Cm, impl=impl)
+    rows = _longax_rows("ssd", f, args, on_gpu)
+
+    def jla_row(dt=dt, A=A, h=h, args=args):
+      from jla.ops import linear_attention as jla_la
+      rep = lambda m: jnp.repeat(m, h, axis=2)
+      return jax_row("jla.auto", lambda x, Bm, Cm: jla_la(
+          "simple_gla", rep(Cm), rep(Bm), (x * dt[..., None]).astype(x.dtype),
+          g=dt * A, scale=1.0)[0], args)
+
     if on_gpu:
-      try:
-        from jla.ops import linear_attention as jla_la
-        rep = lambda m: jnp.repeat(m, h, axis=2)
-        rows.append(jax_row("jla.auto", lambda x, Bm, Cm: jla_la(
-            "simple_gla", rep(Cm), rep(Bm), (x * dt[..., None]).astype(x.dtype),
-            g=dt * A, scale=1.0)[0], args))
-      except Exception as e:  # noqa: BLE001
-        print(f"# jla ssd unavailable: {e!r}", file=sys.stderr)
-    ref = _reference(lambda *a, impl="reference": f(*a, impl), args, small=t <= 4096)
+      _peer(rows, "jla ssd", jla_row)
+    ref = _reference(lambda *a, impl="reference": f(*a, impl=impl), args, small=t <= 4096)
     out.append(Case("ssd", dict(B=b, T=t, H=h, P=p, N=n), None, ref, rows))
   return out
 
