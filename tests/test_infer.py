@@ -119,6 +119,9 @@ def test_cli(tmp_path):
   for args, msg in [(("--workdir", str(tmp_path / "nope"), "--prompt-tokens", "1"), "does not exist"),
                     (("--workdir", str(tmp_path), "--prompt-tokens", "1"), "config.json not found"),
                     (("--workdir", str(tmp_path / "bare"), "--prompt-tokens", "1"), "no checkpoint in"),
+                    (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1,x"), "comma-separated integers"),
+                    (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1", "--streaming", "4"),
+                     "--streaming expects SINKS,WINDOW"),
                     (("--workdir", str(tmp_path / "run"), "--prompt", "hi"), "needs a byte-level model"),
                     (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1,500"), "outside [0, 32)")]:
     r = run(*args)
@@ -149,3 +152,13 @@ def test_compiled_once_per_bucket():
     generate(model, prompts, max_new_tokens=4, prefill_chunk=16)
   # one decode loop for the bucket; two prefill shapes (a chunk of 16, a single token)
   assert (sizes()[0] - before[0], sizes()[1] - before[1]) == (1, 2)
+
+
+def test_benchmark_argument_errors(capsys):
+  from longax.benchmarks import decode, kernels
+  with pytest.raises(SystemExit):
+    kernels.main(["--ops", "attention,fft"])
+  assert "unknown --ops ['fft']" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    decode.main(["--mixers", "softmax,rwkv"])
+  assert "unknown mixers ['rwkv']; valid: softmax" in capsys.readouterr().err

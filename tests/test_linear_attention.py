@@ -172,3 +172,9 @@ def test_step_bad_state(rand):
   q, k, v = _inputs(rand, (2, 1, 4, 2, 8, 8, 0))
   with pytest.raises(ValueError, match="`state` must have shape"):
     linear_attention_step(q[:, 0], k[:, 0], v[:, 0], jnp.zeros((2, 4, 8, 9)))
+
+
+def test_step_with_time_axis_takes_one_token(rand):
+  q, k, v = _inputs(rand, (2, 3, 4, 2, 8, 8, 0))
+  with pytest.raises(ValueError, match="`q_t` must hold one token, got shape \\(2, 3, 4, 8\\)"):
+    linear_attention_step(q, k, v, jnp.zeros((2, 4, 8, 8)))

@@ -116,6 +116,8 @@ def test_config_errors():
     tiny("softmax", layer_pattern=("softmax", "rwkv"))
   with pytest.raises(ValueError, match="n_heads=4 is not a multiple of n_kv_heads=3"):
     tiny("softmax", n_kv_heads=3)
+  with pytest.raises(ValueError, match="`vocab_size` must be >= 1, got 0"):
+    tiny("softmax", vocab_size=0)
 
 
 def test_layer_pattern_repeats():
@@ -148,6 +150,8 @@ def test_layer_errors():
     Attention(32, 4, kind="cosine", **kw)
   with pytest.raises(ValueError, match="sigmoid attention takes no `sinks`"):
     Attention(32, 4, kind="sigmoid", window=4, sinks=2, **kw)
+  with pytest.raises(ValueError, match="n_heads=4 is not a multiple of n_kv_heads=3"):
+    Attention(32, 4, 3, **kw)
   with pytest.raises(ValueError, match="unknown variant 'rwkv'; valid"):
     LinearAttention(32, 4, variant="rwkv", **kw)
   with pytest.raises(ValueError, match="not a multiple of head_dim=24"):

@@ -84,3 +84,11 @@ def test_bad_input_errors(rand, mangle, msg):
   a = mangle(dict(x=x, dt=dt, A=A, B=B, C=C))
   with pytest.raises(ValueError, match=msg):
     ssd(a["x"], a["dt"], a["A"], a["B"], a["C"])
+
+
+def test_state_shape_errors(rand):
+  x, dt, A, B, C, _, _ = _inputs(rand, 2, 6, 4, 3, 2, 4)
+  with pytest.raises(ValueError, match="`initial_state` must have shape \\(2, 4, 3, 4\\)"):
+    ssd(x, dt, A, B, C, initial_state=jnp.zeros((2, 4, 4, 3)))
+  with pytest.raises(ValueError, match="`state` must have shape \\(2, 4, 3, 4\\)"):
+    ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], jnp.zeros((2, 4, 3, 3)))

@@ -227,3 +227,57 @@ def test_grad_accum_and_remat_match_the_plain_step(tmp_path):
   np.testing.assert_allclose(losses["remat"], losses["plain"], rtol=1e-5)
   with pytest.raises(C.ConfigError, match="not a multiple of optim.grad_accum=3"):
     Trainer(C.override(base, ["optim.grad_accum=3"]), tmp_path / "bad")
+
+
+def test_config_file_errors(tmp_path):
+  (tmp_path / "none.py").write_text("x = 1\n")
+  (tmp_path / "wrong.py").write_text("def get_config():\n  return {}\n")
+  with pytest.raises(C.ConfigError, match="defines no get_config"):
+    C.load(tmp_path / "none.py")
+  with pytest.raises(C.ConfigError, match="returned dict, not ExperimentConfig"):
+    C.load(tmp_path / "wrong.py")
+  with pytest.raises(C.ConfigError, match="'train.steps.x': steps has no sub-keys"):
+    C.override(C.load(TINY), ["train.steps.x=1"])
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(task="copying"), "unknown data.task 'copying'; valid: mqar"),
+    (dict(task="mqar", seq_len=10, num_kv_pairs=8), "seq_len=10 is too short for num_kv_pairs=8"),
+    (dict(task="mqar", seq_len=64, num_kv_pairs=20, vocab_size=32), "num_kv_pairs=20 needs vocab_size >= 42"),
+])
+def test_data_config_errors(kw, msg):
+  with pytest.raises(C.ConfigError, match=msg):
+    Dataset(C.DataConfig(**kw))
+
+
+def test_data_content_errors(tmp_path):
+  with pytest.raises(C.ConfigError, match="vocab_size must be >= 16 for passkey"):
+    Dataset(C.DataConfig(task="passkey", vocab_size=12)).batch("train", 0)
+  tiny_corpus = tmp_path / "c"
+  tiny_corpus.mkdir()
+  (tiny_corpus / "a.py").write_text("x")
+  (tiny_corpus / "b.py").write_text("y")
+  with pytest.raises(C.ConfigError, match="too little text"):
+    Dataset(C.DataConfig(task="text_bytes", path=str(tiny_corpus)), tmp_path / "cache")
+
+
+@pytest.mark.parametrize("mesh,msg", [
+    (C.MeshConfig(data=-1, fsdp=-1), "at most one -1"),
+    (C.MeshConfig(data=-1, fsdp=3), "does not divide 2 devices"),
+    (C.MeshConfig(data=2, fsdp=2), "needs 4 devices, there are 2"),
+])
+def test_mesh_errors(mesh, msg):
+  import jax
+  from longax.train import make_mesh
+  with pytest.raises(C.ConfigError, match=msg):
+    make_mesh(mesh, devices=jax.devices()[:1] * 2)
+
+
+@pytest.mark.parametrize("sets,msg", [
+    (["model.vocab_size=16"], "model.vocab_size=16 is smaller than the data's vocabulary \\(32\\)"),
+    (["train.remat=all"], "train.remat must be 'none' or 'block', got 'all'"),
+])
+def test_trainer_config_errors(tmp_path, sets, msg):
+  from longax.train import Trainer
+  with pytest.raises(C.ConfigError, match=msg):
+    Trainer(C.override(C.load(TINY), sets), tmp_path / "run")
