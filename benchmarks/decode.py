@@ -6,7 +6,9 @@ For each mixer the SwiGLU width is chosen so every model has about the same numb
 parameters (`--params`). The cache is filled as if `L` tokens had been read (random
 states, every KV slot up to L occupied; decode cost does not depend on the values), then
 `--steps` single-token decode steps are timed. Reported: ms per step for the batch,
-tokens/s, the cache's bytes (exact) and the device's peak memory where it reports one.
+tokens/s, the cache's bytes (exact) and the device memory one compiled step needs
+(weights + cache + scratch, from XLA's memory analysis of that step; the process's
+running peak would mix configurations).
 A KV cache grows with L; a linear / SSM state does not: the plot shows both.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import statistics
 import sys
@@ -52,33 +55,44 @@ def filled_cache(model: LM, batch: int, context: int, room: int):
   return dict(pos=jnp.full((batch,), context, jnp.int32), layers=layers)
 
 
-@nnx.jit
-def _step(model, tokens, cache):
-  logits, cache = model.decode(tokens, cache)
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
+def _step(graphdef, state, tokens, cache):
+  logits, cache = nnx.merge(graphdef, state).decode(tokens, cache)
   return jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32), cache
 
 
+def step_bytes(compiled) -> int | None:
+  """Device memory one compiled decode step needs: its inputs (weights, cache), outputs
+  and scratch, less what the donated cache lets it reuse."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return None
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+
+
 def measure(cfg: LMConfig, contexts, batch: int, steps: int) -> list[dict]:
-  model = LM(cfg, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(LM(cfg, rngs=nnx.Rngs(0)))
+  model = nnx.merge(graphdef, state)
   rows = []
   for context in contexts:
     cache = filled_cache(model, batch, context, steps + 3)
     tok = jnp.ones((batch, 1), jnp.int32)
+    cache_bytes = int(sum(x.nbytes for x in jax.tree.leaves(cache["layers"])))
+    need = step_bytes(_step.lower(graphdef, state, tok, cache).compile())
     for _ in range(2):  # compile, warm up
-      tok, cache = _step(model, tok, cache)
+      tok, cache = _step(graphdef, state, tok, cache)
     jax.block_until_ready(tok)
     times = []
     for _ in range(steps):
       t0 = time.perf_counter()
-      tok, cache = _step(model, tok, cache)
+      tok, cache = _step(graphdef, state, tok, cache)
       jax.block_until_ready(tok)
       times.append(time.perf_counter() - t0)
     ms = 1e3 * statistics.median(times)
-    stats = jax.devices()[0].memory_stats() or {}
     rows.append(dict(mixer=cfg.mixer, params=count_params(cfg), context=context, batch=batch,
-                     ms_per_step=ms, tokens_per_s=batch / ms * 1e3,
-                     cache_bytes=int(sum(x.nbytes for x in jax.tree.leaves(cache["layers"]))),
-                     peak_bytes=stats.get("peak_bytes_in_use")))
+                     ms_per_step=ms, tokens_per_s=batch / ms * 1e3, cache_bytes=cache_bytes,
+                     step_bytes=need))
     del cache
   return rows
 
@@ -92,8 +106,9 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     rs = [r for r in rows if r["mixer"] == mixer]
     x = [r["context"] for r in rs]
     a.plot(x, [r["ms_per_step"] for r in rs], marker="o", label=mixer)
-    b.plot(x, [r["cache_bytes"] / 2**20 for r in rs], marker="o", label=mixer)
-  for ax, label in ((a, "ms per decode step (batch)"), (b, "decode state (MiB)")):
+    b.plot(x, [(r["step_bytes"] or r["cache_bytes"]) / 2**20 for r in rs], marker="o", label=mixer)
+  memory = "device memory per step (MiB)" if rows[0]["step_bytes"] else "decode state (MiB)"
+  for ax, label in ((a, "ms per decode step (batch)"), (b, memory)):
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel(label)
@@ -137,9 +152,9 @@ def main(argv=None) -> int:
   title = (f"{device}, {dtype}, batch {a.batch}, ~{target / 1e6:.2f}M params, "
            f"{datetime.date.today().isoformat()}")
   print(f"# {title}")
-  print(f"{'mixer':10} {'params':>10} {'context':>8} {'ms/step':>9} {'tok/s':>9} {'cache MiB':>10} {'peak MiB':>9}")
+  print(f"{'mixer':10} {'params':>10} {'context':>8} {'ms/step':>9} {'tok/s':>9} {'cache MiB':>10} {'step MiB':>9}")
   for r in rows:
-    peak = "" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}"
+    peak = "" if r["step_bytes"] is None else f"{r['step_bytes'] / 2**20:.0f}"
     print(f"{r['mixer']:10} {r['params']:>10} {r['context']:>8} {r['ms_per_step']:>9.2f} "
           f"{r['tokens_per_s']:>9.0f} {r['cache_bytes'] / 2**20:>10.2f} {peak:>9}")
   if a.json:

@@ -138,6 +138,9 @@ def test_decode_benchmark_smoke(tmp_path):
   rows = json.loads(out.read_text())["rows"]
   size = {(r["mixer"], r["context"]): r["cache_bytes"] for r in rows}
   assert size["softmax", 64] > size["softmax", 16] and size["mamba2", 64] == size["mamba2", 16]
+  need = {(r["mixer"], r["context"]): r["step_bytes"] for r in rows}
+  assert need["softmax", 64] > need["softmax", 16] and need["mamba2", 64] == need["mamba2", 16]
+  assert all(need[k] >= size[k] for k in need)
   params = [r["params"] for r in rows]
   assert max(params) / min(params) < 1.1, "models at (about) equal parameter count"
   assert (tmp_path / "d.png").stat().st_size > 10_000

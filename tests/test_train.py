@@ -281,3 +281,15 @@ def test_trainer_config_errors(tmp_path, sets, msg):
   from longax.train import Trainer
   with pytest.raises(C.ConfigError, match=msg):
     Trainer(C.override(C.load(TINY), sets), tmp_path / "run")
+
+
+def test_jla_peer_mapping_keeps_the_model_shape(tmp_path):
+  from longax.benchmarks import train as bench
+  cfg = C.load(str(ROOT / "configs/hybrid_350m.py"))
+  m = bench.jla_mapping(cfg, tmp_path)
+  assert m["model"]["layer_types"][:3] == ["mamba2", "mamba2", "attention"]
+  assert len(m["model"]["layer_types"]) == cfg.model.n_layers == m["model"]["n_layers"]
+  assert (m["model"]["attention"]["num_kv_heads"], m["model"]["ssm"]["d_state"]) == (4, 128)
+  assert m["train"]["seq_len"] * m["train"]["micro_batch_per_replica"] == 2048 * 16
+  with pytest.raises(SystemExit, match="gla"):
+    bench.jla_mapping(C.override(C.load(str(ROOT / "configs/mqar.py")), []), tmp_path)

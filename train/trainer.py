@@ -83,7 +83,7 @@ def loss_and_metrics(model, batch, remat: bool):
   return (nll * mask).sum() / count, dict(accuracy=correct.sum() / count)
 
 
-def _peak_flops(device) -> float | None:
+def peak_flops(device) -> float | None:
   kind = getattr(device, "device_kind", "")
   return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
 
@@ -242,7 +242,7 @@ class Trainer:
     handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     flops = flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
-    peak = _peak_flops(jax.devices()[0])
+    peak = peak_flops(jax.devices()[0])
     summary = dict(start_step=start, stopped=None)
     from tqdm import tqdm
     bar = tqdm(total=tc.steps, initial=start, disable=not self.lead, desc=cfg.name,
