@@ -9,12 +9,15 @@ Visibility (causal bottom-right, window, sinks, segments) comes from `visibility
 
 Here s_ij = scale * q_i.k_j, optionally soft-capped c*tanh(s/c). Rows that see no key
 return 0. `attention_reference` is the math in float32; `_attention_xla` folds key blocks
-of `kv_block` with `fold_block`, the same fold that ring attention applies across devices.
+of `kv_block` with `fold_block`, the same fold that ring attention applies across devices,
+and has its own FlashAttention-2 backward (`_flash_backward`), so neither pass holds a
+[T, S] score matrix.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -124,34 +127,98 @@ def finish(spec: AttnSpec, carry):
   return acc / jnp.where(l > 0, l, 1.0)[..., None]
 
 
+def _kv_blocks(k, v, k_pos, k_seg, kv_block: int):
+  """Keys cut into blocks for a scan: k [N, B, C, Hkv, D], v [N, B, C, Hkv, Dv],
+  positions [N, (B,) C] (padding slots at -1: invisible), segments [N, B, C] or None."""
+  s_len = k.shape[1]
+  c = min(kv_block, s_len)
+  n_blk = -(-s_len // c)
+  pad = n_blk * c - s_len
+  pad_seq = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+  ks = rearrange(pad_seq(k), "b (n c) k d -> n b c k d", c=c)
+  vs = rearrange(pad_seq(v), "b (n c) k d -> n b c k d", c=c)
+  k_pos = jnp.pad(k_pos, [(0, 0)] * (k_pos.ndim - 1) + [(0, pad)], constant_values=-1)
+  pos = rearrange(k_pos, "... (n c) -> n ... c", c=c)
+  segs = None if k_seg is None else rearrange(pad_seq(k_seg), "b (n c) -> n b c", c=c)
+  return ks, vs, pos, segs
+
+
+def _flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, spec: AttnSpec, kv_block: int):
+  """-> (o [B, T, H, Dv], lse [B, Hkv, G, T]: log-sum-exp of each row's visible logits,
+  +inf where a row sees nothing; None for sigmoid, which has no normaliser)."""
+  b, t, h, _ = q.shape
+  hkv, dv = k.shape[2], v.shape[3]
+  qg = rearrange(q, "b t (k g) d -> b t k g d", k=hkv)
+
+  def step(carry, xs):
+    k_blk, v_blk, pos_blk, seg_blk = xs
+    return fold_block(spec, carry, qg, k_blk, v_blk, spec.mask(q_pos, pos_blk, q_seg, seg_blk)), None
+
+  carry, _ = jax.lax.scan(step, init_carry(spec, (b, hkv, h // hkv, t), dv),
+                          _kv_blocks(k, v, k_pos, k_seg, kv_block))
+  o = rearrange(finish(spec, carry), "b k g t d -> b t (k g) d").astype(q.dtype)
+  if spec.kind == "sigmoid":
+    return o, None
+  _, m, l = carry
+  return o, jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)
+
+
+def _flash_backward(spec: AttnSpec, kv_block: int, res, do):
+  """FlashAttention-2 backward: per key block, recompute the probabilities from q, k and
+  the saved row log-sum-exp; dq accumulates in the scan carry, dk / dv come out per block."""
+  q, k, v, q_pos, k_pos, q_seg, k_seg, o, lse = res
+  hkv, s_len = k.shape[2], k.shape[1]
+  qg = rearrange(q, "b t (k g) d -> b t k g d", k=hkv)
+  dog = rearrange(do, "b t (k g) d -> b k g t d", k=hkv)
+  if spec.kind == "softmax":  # delta_i = sum_j p_ij dp_ij = do_i . o_i
+    delta = jnp.einsum("bkgtd,bkgtd->bkgt", dog.astype(jnp.float32),
+                       rearrange(o, "b t (k g) d -> b k g t d", k=hkv).astype(jnp.float32))
+
+  def step(dq, xs):
+    k_blk, v_blk, pos_blk, seg_blk = xs
+    mask = spec.mask(q_pos, pos_blk, q_seg, seg_blk)[:, None, None]
+    raw = jnp.einsum("btkgd,bckd->bkgtc", qg, k_blk, preferred_element_type=jnp.float32)
+    s = spec.logits(raw)
+    if spec.kind == "softmax":
+      p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
+    else:
+      p = jnp.where(mask, jax.nn.sigmoid(s + spec.bias), 0.0)
+    dv = jnp.einsum("bkgtc,bkgtd->bckd", p.astype(do.dtype), dog, preferred_element_type=jnp.float32)
+    dp = jnp.einsum("bkgtd,bckd->bkgtc", dog, v_blk, preferred_element_type=jnp.float32)
+    ds = p * (dp - delta[..., None]) if spec.kind == "softmax" else dp * p * (1.0 - p)
+    if spec.softcap is not None:  # s = c tanh(raw scale / c)
+      ds = ds * (1.0 - jnp.square(s / spec.softcap))
+    ds = (ds * spec.scale).astype(q.dtype)
+    dq = dq + jnp.einsum("bkgtc,bckd->btkgd", ds, k_blk, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("bkgtc,btkgd->bckd", ds, qg, preferred_element_type=jnp.float32)
+    return dq, (dk, dv)
+
+  dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(qg.shape, jnp.float32),
+                              _kv_blocks(k, v, k_pos, k_seg, kv_block))
+  dk = rearrange(dk, "n b c k d -> b (n c) k d")[:, :s_len]
+  dv = rearrange(dv, "n b c k d -> b (n c) k d")[:, :s_len]
+  dq = rearrange(dq, "b t k g d -> b t (k g) d")
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _flash(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, kv_block):
+  return _flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, kv_block)[0]
+
+
+def _flash_fwd_rule(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, kv_block):
+  o, lse = _flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, kv_block)
+  return o, (q, k, v, q_pos, k_pos, q_seg, k_seg, o, lse)
+
+
+_flash.defvjp(_flash_fwd_rule, _flash_backward)
+
+
 def _attention_xla(q, k, v, q_pos, k_pos, q_seg, k_seg, spec: AttnSpec,
                    kv_block: int = KV_BLOCK):
-  b, t, h, _ = q.shape
-  s_len, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
-  qg = rearrange(q, "b t (k g) d -> b t k g d", k=hkv)
-  carry = init_carry(spec, (b, hkv, h // hkv, t), dv)
-  if s_len <= kv_block:
-    carry = fold_block(spec, carry, qg, k, v, spec.mask(q_pos, k_pos, q_seg, k_seg))
-  else:
-    n_blk = -(-s_len // kv_block)
-    pad = n_blk * kv_block - s_len
-    kp = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    vp = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    ks = rearrange(kp, "b (n c) k d -> n b c k d", c=kv_block)
-    vs = rearrange(vp, "b (n c) k d -> n b c k d", c=kv_block)
-    k_pos = jnp.pad(k_pos, [(0, 0)] * (k_pos.ndim - 1) + [(0, pad)], constant_values=-1)
-    pos = rearrange(k_pos, "... (n c) -> n ... c", c=kv_block)  # [N, (B,) C]
-    segs = None if k_seg is None else rearrange(
-        jnp.pad(k_seg, ((0, 0), (0, pad))), "b (n c) -> n b c", c=kv_block)
-
-    def step(carry, xs):
-      k_blk, v_blk, pos_blk, seg_blk = xs  # padding keys have position -1: invisible
-      mask = spec.mask(q_pos, pos_blk, q_seg, seg_blk)
-      return fold_block(spec, carry, qg, k_blk, v_blk, mask), None
-
-    carry, _ = jax.lax.scan(step, carry, (ks, vs, pos, segs))
-  o = finish(spec, carry)
-  return rearrange(o, "b k g t d -> b t (k g) d").astype(q.dtype)
+  """Flash attention in XLA: a scan over key blocks, O(T * kv_block) memory forward and
+  backward (the backward recomputes probabilities from the saved log-sum-exp)."""
+  return _flash(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, kv_block)
 
 
 for _op in ("attention", "sigmoid_attention"):
