@@ -19,6 +19,7 @@ import dataclasses
 import datetime
 import functools
 import json
+import pathlib
 import statistics
 import sys
 import time
@@ -134,8 +135,10 @@ def main(argv=None) -> int:
   p.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
   p.add_argument("--json", default=None)
   p.add_argument("--png", default="decode.png")
+  p.add_argument("--merge", action="append", default=[], metavar="JSON",
+                 help="add the rows of an earlier --json run (same setup) to the table and plot")
   a = p.parse_args(argv)
-  mixers = a.mixers.split(",")
+  mixers = [m for m in a.mixers.split(",") if m]
   unknown = set(mixers) - set(MIXERS)
   if unknown:
     p.error(f"unknown mixers {sorted(unknown)}; valid: {', '.join(MIXERS)}")
@@ -144,26 +147,29 @@ def main(argv=None) -> int:
   base = LMConfig(vocab_size=256, d_model=a.d_model, n_layers=a.layers, n_heads=a.heads,
                   mixer="softmax", max_len=max(contexts) + 64, dtype=dtype)
   target = int(a.params or count_params(base))
-  from tqdm import tqdm
-  rows = []
-  for mixer in tqdm(mixers, desc="mixers", file=sys.stderr):
-    rows += measure(matched_config(mixer, target, base), contexts, a.batch, a.steps)
   device = jax.devices()[0].device_kind
   title = (f"{device}, {dtype}, batch {a.batch}, ~{target / 1e6:.2f}M params, "
            f"{datetime.date.today().isoformat()}")
+  rows = []
+  for path in a.merge:  # earlier runs of the same setup, e.g. other mixers
+    try:
+      rows += json.loads(pathlib.Path(path).read_text())["rows"]
+    except (OSError, ValueError, KeyError) as e:
+      p.error(f"--merge {path}: not a decode benchmark JSON ({e})")
+  from tqdm import tqdm
+  for mixer in tqdm(mixers, desc="mixers", file=sys.stderr):
+    rows += measure(matched_config(mixer, target, base), contexts, a.batch, a.steps)
+    if a.json:  # after every mixer, so a run cut short keeps what it measured
+      pathlib.Path(a.json).write_text(json.dumps(dict(title=title, rows=rows), indent=1))
   print(f"# {title}")
   print(f"{'mixer':10} {'params':>10} {'context':>8} {'ms/step':>9} {'tok/s':>9} {'cache MiB':>10} {'step MiB':>9}")
   for r in rows:
     peak = "" if r["step_bytes"] is None else f"{r['step_bytes'] / 2**20:.0f}"
     print(f"{r['mixer']:10} {r['params']:>10} {r['context']:>8} {r['ms_per_step']:>9.2f} "
           f"{r['tokens_per_s']:>9.0f} {r['cache_bytes'] / 2**20:>10.2f} {peak:>9}")
-  if a.json:
-    with open(a.json, "w") as f:
-      json.dump(dict(title=title, rows=rows), f, indent=1)
-  if a.png:
+  if a.png and rows:
     plot(rows, a.png, title)
   return 0
-
 
 if __name__ == "__main__":
   sys.exit(main())
