@@ -106,9 +106,9 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
     raise ValueError(f"generate: top_k must be in [1, {vocab}], got {top_k}")
   if top_p is not None and not 0 < top_p <= 1:
     raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
-  if mesh is not None:
-    state = nnx.state(model)
-    nnx.update(model, jax.device_put(state, shardings(state, mesh)))
+  if mesh is not None:  # a sharded copy; the caller's model stays where it is
+    graphdef, state = nnx.split(model)
+    model = nnx.merge(graphdef, jax.device_put(state, shardings(state, mesh)))
   cache_len = -(-(max(map(len, prompts)) + max_new_tokens) // BUCKET) * BUCKET
   rows = [_prefill(model, p, cache_len, prefill_chunk) for p in prompts]
   logits = jnp.concatenate([r[0] for r in rows])

@@ -35,14 +35,22 @@ def attend_cached(attend, q, k, v, cache: dict, positions, sinks: int = 0):
 
   attend(q, k, v, q_positions=, kv_positions=) -> o; q: [B, T, H, D]; k, v: [B, T, Hkv, D];
   positions: [T] or [B, T] absolute positions of the new tokens. Returns (o, new cache).
+
+  One new token (decode) is written first and attends over the cache in place: the slot it
+  takes held position p - (slots - sinks), which a window of (slots - sinks) keys no longer
+  shows, or nothing, while positions stay below a full cache's length. Several new tokens
+  (a prefill chunk) attend over cache + chunk before the write, since the chunk's own
+  writes may evict keys its earlier tokens still see.
   """
   positions = jnp.broadcast_to(positions, k.shape[:2]).astype(jnp.int32)
+  write = jax.vmap(functools.partial(_write, sinks=sinks))
+  k_c, v_c, p_c = write(cache["k"], cache["v"], cache["pos"], k, v, positions)
+  if k.shape[1] == 1:  # no O(cache) concatenation per decoded token
+    return attend(q, k_c, v_c, q_positions=positions, kv_positions=p_c), dict(k=k_c, v=v_c, pos=p_c)
   keys = jnp.concatenate([cache["k"], k.astype(cache["k"].dtype)], axis=1)
   vals = jnp.concatenate([cache["v"], v.astype(cache["v"].dtype)], axis=1)
   kpos = jnp.concatenate([cache["pos"], positions], axis=1)
   o = attend(q, keys, vals, q_positions=positions, kv_positions=kpos)
-  write = jax.vmap(functools.partial(_write, sinks=sinks))
-  k_c, v_c, p_c = write(cache["k"], cache["v"], cache["pos"], k, v, positions)
   return o, dict(k=k_c, v=v_c, pos=p_c)
 
 

@@ -83,7 +83,10 @@ from longax.infer import generate
 model = LM(CONFIGS["hybrid"], rngs=nnx.Rngs(0))
 mesh = Mesh(np.asarray(jax.devices()).reshape({shape}), ("data", "fsdp", "tensor"))
 prompts = PROMPTS + [[5, 6]]
-print(json.dumps(generate(model, prompts, max_new_tokens=5, mesh=mesh)))
+out = generate(model, prompts, max_new_tokens=5, mesh=mesh)
+# the caller's model is not moved onto the mesh
+assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(nnx.state(model)))
+print(json.dumps(out))
 """
 
 
