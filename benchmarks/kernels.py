@@ -259,14 +259,14 @@ def ssd_cases(shapes, dtype, on_gpu) -> list[Case]:
     A = -jnp.exp(jax.random.normal(keys[2], (h,)) * 0.5)
     Bm = jax.random.normal(keys[3], (b, t, 1, n), dtype)
     Cm = jax.random.normal(keys[4], (b, t, 1, n), dtype)
-    args = (x, Bm, Cm)
-    f = lambda x, Bm, Cm, impl, dt=dt, A=A: K.ssd(x, dt, A, Bm, Cm, impl=impl)
+    args = (x, dt, A, Bm, Cm)  # all jit arguments: a captured dt * A gets constant-folded
+    f = lambda x, dt, A, Bm, Cm, impl: K.ssd(x, dt, A, Bm, Cm, impl=impl)
     rows = _longax_rows("ssd", f, args, on_gpu)
 
-    def jla_row(dt=dt, A=A, h=h, args=args):
+    def jla_row(h=h, args=args):
       from jla.ops import linear_attention as jla_la
       rep = lambda m: jnp.repeat(m, h, axis=2)
-      return jax_row("jla.auto", lambda x, Bm, Cm: jla_la(
+      return jax_row("jla.auto", lambda x, dt, A, Bm, Cm: jla_la(
           "simple_gla", rep(Cm), rep(Bm), (x * dt[..., None]).astype(x.dtype),
           g=dt * A, scale=1.0)[0], args)
 
