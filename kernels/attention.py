@@ -127,11 +127,15 @@ def finish(spec: AttnSpec, carry):
   return acc / jnp.where(l > 0, l, 1.0)[..., None]
 
 
-def _kv_blocks(k, v, k_pos, k_seg, kv_block: int):
+def _kv_blocks(t: int, k, v, k_pos, k_seg, kv_block: int):
   """Keys cut into blocks for a scan: k [N, B, C, Hkv, D], v [N, B, C, Hkv, Dv],
-  positions [N, (B,) C] (padding slots at -1: invisible), segments [N, B, C] or None."""
+  positions [N, (B,) C] (padding slots at -1: invisible), segments [N, B, C] or None.
+
+  All keys form one block when the [T, S] score tile is no larger than a square
+  [kv_block, kv_block] one (decode: T=1 against a long cache), so a step neither pads
+  (copies) the cache nor runs S / kv_block sequential scan steps."""
   s_len = k.shape[1]
-  c = min(kv_block, s_len)
+  c = s_len if t * s_len <= kv_block**2 else min(kv_block, s_len)
   n_blk = -(-s_len // c)
   pad = n_blk * c - s_len
   pad_seq = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
@@ -155,7 +159,7 @@ def _flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, spec: AttnSpec, kv_block
     return fold_block(spec, carry, qg, k_blk, v_blk, spec.mask(q_pos, pos_blk, q_seg, seg_blk)), None
 
   carry, _ = jax.lax.scan(step, init_carry(spec, (b, hkv, h // hkv, t), dv),
-                          _kv_blocks(k, v, k_pos, k_seg, kv_block))
+                          _kv_blocks(t, k, v, k_pos, k_seg, kv_block))
   o = rearrange(finish(spec, carry), "b k g t d -> b t (k g) d").astype(q.dtype)
   if spec.kind == "sigmoid":
     return o, None
@@ -167,7 +171,7 @@ def _flash_backward(spec: AttnSpec, kv_block: int, res, do):
   """FlashAttention-2 backward: per key block, recompute the probabilities from q, k and
   the saved row log-sum-exp; dq accumulates in the scan carry, dk / dv come out per block."""
   q, k, v, q_pos, k_pos, q_seg, k_seg, o, lse = res
-  hkv, s_len = k.shape[2], k.shape[1]
+  t, hkv, s_len = q.shape[1], k.shape[2], k.shape[1]
   qg = rearrange(q, "b t (k g) d -> b t k g d", k=hkv)
   dog = rearrange(do, "b t (k g) d -> b k g t d", k=hkv)
   if spec.kind == "softmax":  # delta_i = sum_j p_ij dp_ij = do_i . o_i
@@ -194,7 +198,7 @@ def _flash_backward(spec: AttnSpec, kv_block: int, res, do):
     return dq, (dk, dv)
 
   dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(qg.shape, jnp.float32),
-                              _kv_blocks(k, v, k_pos, k_seg, kv_block))
+                              _kv_blocks(t, k, v, k_pos, k_seg, kv_block))
   dk = rearrange(dk, "n b c k d -> b (n c) k d")[:, :s_len]
   dv = rearrange(dv, "n b c k d -> b (n c) k d")[:, :s_len]
   dq = rearrange(dq, "b t k g d -> b t (k g) d")
