@@ -5,7 +5,8 @@
 For each mixer the SwiGLU width is chosen so every model has about the same number of
 parameters (`--params`). The cache is filled as if `L` tokens had been read (random
 states, every KV slot up to L occupied; decode cost does not depend on the values), then
-`--steps` single-token decode steps are timed. Reported: ms per step for the batch,
+`--steps` single-token decode steps are timed back to back, five times from the same cache
+(the median run's mean per step is reported). Reported: ms per step for the batch,
 tokens/s, the cache's bytes (exact) and the device memory one compiled step needs
 (weights + cache + scratch, from XLA's memory analysis of that step; the process's
 running peak would mix configurations).
@@ -56,6 +57,9 @@ def filled_cache(model: LM, batch: int, context: int, room: int):
   return dict(pos=jnp.full((batch,), context, jnp.int32), layers=layers)
 
 
+REPEATS = 5  # timed runs of `--steps` steps each; the median run's mean is reported
+
+
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
 def _step(graphdef, state, tokens, cache):
   logits, cache = nnx.merge(graphdef, state).decode(tokens, cache)
@@ -84,12 +88,15 @@ def measure(cfg: LMConfig, contexts, batch: int, steps: int) -> list[dict]:
     for _ in range(2):  # compile, warm up
       tok, cache = _step(graphdef, state, tok, cache)
     jax.block_until_ready(tok)
-    times = []
-    for _ in range(steps):
+    start, times = (tok, cache), []
+    for _ in range(REPEATS):  # `steps` steps back to back from the same cache, one sync
+      tok, cache = jax.tree.map(jnp.copy, start)
+      jax.block_until_ready(cache)
       t0 = time.perf_counter()
-      tok, cache = _step(graphdef, state, tok, cache)
+      for _ in range(steps):
+        tok, cache = _step(graphdef, state, tok, cache)
       jax.block_until_ready(tok)
-      times.append(time.perf_counter() - t0)
+      times.append((time.perf_counter() - t0) / steps)
     ms = 1e3 * statistics.median(times)
     rows.append(dict(mixer=cfg.mixer, params=count_params(cfg), context=context, batch=batch,
                      ms_per_step=ms, tokens_per_s=batch / ms * 1e3, cache_bytes=cache_bytes,
