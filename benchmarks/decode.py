@@ -5,8 +5,8 @@
 For each mixer the SwiGLU width is chosen so every model has about the same number of
 parameters (`--params`). The cache is filled as if `L` tokens had been read (random
 states, every KV slot up to L occupied; decode cost does not depend on the values), then
-`--steps` single-token decode steps are timed back to back, five times from the same cache
-(the median run's mean per step is reported). Reported: ms per step for the batch,
+`--steps` single-token decode steps run in one jitted loop (as `longax.infer` decodes),
+five times from the same cache; the median run's mean per step is reported. Reported: ms per step for the batch,
 tokens/s, the cache's bytes (exact) and the device memory one compiled step needs
 (weights + cache + scratch, from XLA's memory analysis of that step; the process's
 running peak would mix configurations).
@@ -60,14 +60,21 @@ def filled_cache(model: LM, batch: int, context: int, room: int):
 REPEATS = 5  # timed runs of `--steps` steps each; the median run's mean is reported
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
-def _step(graphdef, state, tokens, cache):
-  logits, cache = nnx.merge(graphdef, state).decode(tokens, cache)
-  return jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32), cache
+@functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=3)
+def _decode(graphdef, state, tokens, cache, steps: int):
+  """`steps` greedy decode steps in one on-device loop, as `longax.infer` decodes (so the
+  time is the device's, not Python's dispatch of each step)."""
+  model = nnx.merge(graphdef, state)
+
+  def step(_, carry):
+    logits, cache = model.decode(*carry)
+    return jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32), cache
+
+  return jax.lax.fori_loop(0, steps, step, (tokens, cache))
 
 
 def step_bytes(compiled) -> int | None:
-  """Device memory one compiled decode step needs: its inputs (weights, cache), outputs
+  """Device memory the compiled decode loop needs: its inputs (weights, cache), outputs
   and scratch, less what the donated cache lets it reuse."""
   m = compiled.memory_analysis()
   if m is None:
@@ -84,19 +91,15 @@ def measure(cfg: LMConfig, contexts, batch: int, steps: int) -> list[dict]:
     cache = filled_cache(model, batch, context, steps + 3)
     tok = jnp.ones((batch, 1), jnp.int32)
     cache_bytes = int(sum(x.nbytes for x in jax.tree.leaves(cache["layers"])))
-    need = step_bytes(_step.lower(graphdef, state, tok, cache).compile())
-    for _ in range(2):  # compile, warm up
-      tok, cache = _step(graphdef, state, tok, cache)
-    jax.block_until_ready(tok)
+    need = step_bytes(_decode.lower(graphdef, state, tok, cache, steps).compile())
     start, times = (tok, cache), []
-    for _ in range(REPEATS):  # `steps` steps back to back from the same cache, one sync
+    for _ in range(REPEATS + 1):  # the first run compiles
       tok, cache = jax.tree.map(jnp.copy, start)
       jax.block_until_ready(cache)
       t0 = time.perf_counter()
-      for _ in range(steps):
-        tok, cache = _step(graphdef, state, tok, cache)
-      jax.block_until_ready(tok)
+      jax.block_until_ready(_decode(graphdef, state, tok, cache, steps))
       times.append((time.perf_counter() - t0) / steps)
+    times = times[1:]
     ms = 1e3 * statistics.median(times)
     rows.append(dict(mixer=cfg.mixer, params=count_params(cfg), context=context, batch=batch,
                      ms_per_step=ms, tokens_per_s=batch / ms * 1e3, cache_bytes=cache_bytes,
