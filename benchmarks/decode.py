@@ -6,9 +6,9 @@ For each mixer the SwiGLU width is chosen so every model has about the same numb
 parameters (`--params`). The cache is filled as if `L` tokens had been read (random
 states, every KV slot up to L occupied; decode cost does not depend on the values), then
 `--steps` single-token decode steps run in one jitted loop (as `longax.infer` decodes),
-five times from the same cache; the median run's mean per step is reported. Reported: ms per step for the batch,
-tokens/s, the cache's bytes (exact) and the device memory one compiled step needs
-(weights + cache + scratch, from XLA's memory analysis of that step; the process's
+five times from the same cache; the median run's mean per step is reported. Reported: ms
+per step for the batch, tokens/s, the cache's bytes (exact) and the device memory the
+compiled loop needs (weights + cache + scratch, from XLA's memory analysis; the process's
 running peak would mix configurations).
 A KV cache grows with L; a linear / SSM state does not: the plot shows both.
 """
@@ -117,8 +117,9 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     rs = [r for r in rows if r["mixer"] == mixer]
     x = [r["context"] for r in rs]
     a.plot(x, [r["ms_per_step"] for r in rs], marker="o", label=mixer)
-    b.plot(x, [(r["step_bytes"] or r["cache_bytes"]) / 2**20 for r in rs], marker="o", label=mixer)
-  memory = "device memory per step (MiB)" if rows[0]["step_bytes"] else "decode state (MiB)"
+    b.plot(x, [(r.get("step_bytes") or r["cache_bytes"]) / 2**20 for r in rs], marker="o",
+           label=mixer)
+  memory = "device memory per step (MiB)" if rows[0].get("step_bytes") else "decode state (MiB)"
   for ax, label in ((a, "ms per decode step (batch)"), (b, memory)):
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (tokens)")
@@ -174,7 +175,7 @@ def main(argv=None) -> int:
   print(f"# {title}")
   print(f"{'mixer':10} {'params':>10} {'context':>8} {'ms/step':>9} {'tok/s':>9} {'cache MiB':>10} {'step MiB':>9}")
   for r in rows:
-    peak = "" if r["step_bytes"] is None else f"{r['step_bytes'] / 2**20:.0f}"
+    peak = "" if r.get("step_bytes") is None else f"{r['step_bytes'] / 2**20:.0f}"
     print(f"{r['mixer']:10} {r['params']:>10} {r['context']:>8} {r['ms_per_step']:>9.2f} "
           f"{r['tokens_per_s']:>9.0f} {r['cache_bytes'] / 2**20:>10.2f} {peak:>9}")
   if a.png and rows:

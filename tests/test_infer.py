@@ -168,3 +168,6 @@ def test_benchmark_argument_errors(capsys):
   with pytest.raises(SystemExit):
     decode.main(["--mixers", "softmax,rwkv"])
   assert "unknown mixers ['rwkv']; valid: softmax" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    decode.main(["--mixers", "", "--merge", "/nonexistent/d.json"])
+  assert "--merge /nonexistent/d.json: not a decode benchmark JSON" in capsys.readouterr().err

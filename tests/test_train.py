@@ -293,3 +293,13 @@ def test_jla_peer_mapping_keeps_the_model_shape(tmp_path):
   assert m["train"]["seq_len"] * m["train"]["micro_batch_per_replica"] == 2048 * 16
   with pytest.raises(SystemExit, match="gla"):
     bench.jla_mapping(C.override(C.load(str(ROOT / "configs/mqar.py")), []), tmp_path)
+
+
+def test_train_benchmark_errors(tmp_path, monkeypatch):
+  from longax.benchmarks import train as bench
+  with pytest.raises(SystemExit, match="error: unknown config key .model.nope.: LMConfig has"):
+    bench.main(["--config", str(ROOT / "configs/mqar.py"), "--set", "model.nope=1"])
+  monkeypatch.setitem(sys.modules, "jla.config", None)  # as if jla were not installed
+  cfg = C.load(str(ROOT / "configs/hybrid_350m.py"))
+  with pytest.raises(SystemExit, match="--peer jla: jax-linear-attention is not installed"):
+    bench.run_jla(cfg, tmp_path)
