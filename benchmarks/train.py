@@ -72,10 +72,16 @@ def run_jla(cfg: ExperimentConfig, workdir: pathlib.Path) -> list[float]:
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "jla_config.json").write_text(json.dumps(mapping, indent=1))
   history = JlaTrainer(config_from_mapping(mapping)).run().history
-  jla_params = json.loads((workdir / "run.json").read_text()).get("parameters")
-  if jla_params != count_params(cfg.model):
-    print(f"warning: jla's model has {jla_params} parameters, longax's {count_params(cfg.model)}")
+  check_param_count(cfg, workdir / "run.json")
   return [r["tokens_per_sec"] for r in history[1:]]
+
+
+def check_param_count(cfg: ExperimentConfig, run_json: pathlib.Path) -> None:
+  """Warns when the peer's model (its run.json) is not the size of longax's."""
+  theirs = json.loads(run_json.read_text()).get("parameters")
+  if theirs != count_params(cfg.model):
+    print(f"warning: jla's model has {theirs} parameters, longax's {count_params(cfg.model)}",
+          file=sys.stderr)
 
 
 def main(argv=None) -> int:

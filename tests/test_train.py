@@ -303,3 +303,14 @@ def test_train_benchmark_errors(tmp_path, monkeypatch):
   cfg = C.load(str(ROOT / "configs/hybrid_350m.py"))
   with pytest.raises(SystemExit, match="--peer jla: jax-linear-attention is not installed"):
     bench.run_jla(cfg, tmp_path)
+
+
+def test_train_benchmark_warns_on_a_peer_of_another_size(tmp_path, capsys):
+  from longax.benchmarks import train as bench
+  cfg = C.load(str(ROOT / "configs/hybrid_350m.py"))
+  (tmp_path / "run.json").write_text(json.dumps(dict(parameters=123)))
+  bench.check_param_count(cfg, tmp_path / "run.json")
+  assert "warning: jla's model has 123 parameters, longax's 365270208" in capsys.readouterr().err
+  (tmp_path / "run.json").write_text(json.dumps(dict(parameters=365270208)))
+  bench.check_param_count(cfg, tmp_path / "run.json")
+  assert capsys.readouterr().err == ""
