@@ -5,9 +5,10 @@
 
     fn = resolve("attention", impl, call)   # call: what `auto` may inspect
 
-`auto` takes a kernel only where its `covers(call)` predicate says the kernel's
-tests cover that call (backend, shapes, dtypes, options); otherwise it falls back to
-the XLA path, which is slower but never wrong.
+A kernel registers with `unsupported(call) -> str | None`: None where its tests cover
+the call (backend, shapes, dtypes, options), else the reason. `auto` takes the kernel
+only where that is None and otherwise falls back to the XLA path, slower but never
+wrong; an explicit `impl="pallas"` on an uncovered call raises the reason in one line.
 """
 
 from __future__ import annotations
@@ -23,19 +24,19 @@ IMPLS = ("auto", "reference", "xla", "pallas", "pallas_interpret")
 @dataclasses.dataclass
 class _Entry:
   fn: Callable[..., Any]
-  covers: Callable[[dict], bool] | None = None  # only read by `auto`
+  unsupported: Callable[[dict], str | None] | None = None
 
 
 _REGISTRY: dict[str, dict[str, _Entry]] = {}
 
 
-def register(op: str, impl: str, *, covers: Callable[[dict], bool] | None = None):
+def register(op: str, impl: str, *, unsupported: Callable[[dict], str | None] | None = None):
   """Registers `fn` as implementation `impl` of `op`."""
   if impl not in IMPLS or impl == "auto":
     raise ValueError(f"cannot register impl={impl!r}; valid: {IMPLS[1:]}")
 
   def deco(fn):
-    _REGISTRY.setdefault(op, {})[impl] = _Entry(fn, covers)
+    _REGISTRY.setdefault(op, {})[impl] = _Entry(fn, unsupported)
     return fn
 
   return deco
@@ -51,12 +52,17 @@ def resolve(op: str, impl: str, call: dict | None = None) -> Callable[..., Any]:
   if impl not in IMPLS:
     raise ValueError(f"{op}: unknown impl={impl!r}; valid: {', '.join(IMPLS)}")
   table = _REGISTRY.get(op, {})
+  call = dict(call or {}, backend=jax.default_backend())
   if impl == "auto":
     kernel = table.get("pallas")
-    call = dict(call or {}, backend=jax.default_backend())
-    if kernel is not None and kernel.covers is not None and kernel.covers(call):
+    if kernel is not None and kernel.unsupported is not None and kernel.unsupported(call) is None:
       return kernel.fn
     impl = "xla"
+  entry = table.get(impl)
+  if entry is not None and entry.unsupported is not None:
+    why = entry.unsupported(call)
+    if why is not None:
+      raise ValueError(f"longax.kernels.{op}: impl={impl!r} does not support this call: {why}")
   if impl not in table:
     have = ", ".join(sorted(table)) or "none"
     raise NotImplementedError(

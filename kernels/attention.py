@@ -228,6 +228,12 @@ def _attention_xla(q, k, v, q_pos, k_pos, q_seg, k_seg, spec: AttnSpec,
 for _op in ("attention", "sigmoid_attention"):
   register(_op, "xla")(_attention_xla)
 
+# The Mosaic GPU kernel (Hopper) is impl="pallas"; it asks `unsupported` which calls it takes.
+from longax.kernels.gpu import attention as _gpu  # noqa: E402
+
+for _op in ("attention", "sigmoid_attention"):
+  register(_op, "pallas", unsupported=_gpu.unsupported)(_gpu.attention_pallas)
+
 # ----------------------------------------------------------------------------- public API
 
 
@@ -290,7 +296,8 @@ def attention(q, k, v, *, causal: bool = True, scale: float | None = None,
                                  softcap=softcap, block_kv=block_kv,
                                  q_positions=q_positions, kv_positions=kv_positions)
   spec = AttnSpec("softmax", causal, scale, window, sinks, softcap, 0.0)
-  fn = resolve("attention", impl, dict(q=q, k=k, v=v, spec=spec))
+  fn = resolve("attention", impl, dict(q=q, k=k, v=v, spec=spec,
+                                       explicit_positions=q_positions is not None or kv_positions is not None))
   return fn(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, kv_block=block_kv)
 
 
@@ -311,5 +318,6 @@ def sigmoid_attention(q, k, v, *, bias: float | None = None, causal: bool = True
   elif jnp.ndim(bias) != 0:
     raise ValueError(f"sigmoid_attention: `bias` must be a scalar, got shape {jnp.shape(bias)}")
   spec = AttnSpec("sigmoid", causal, scale, window, 0, None, float(bias))
-  fn = resolve("sigmoid_attention", impl, dict(q=q, k=k, v=v, spec=spec))
+  fn = resolve("sigmoid_attention", impl, dict(q=q, k=k, v=v, spec=spec,
+                                               explicit_positions=q_positions is not None or kv_positions is not None))
   return fn(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, kv_block=block_kv)

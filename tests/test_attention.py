@@ -139,13 +139,46 @@ def test_jit_and_vmap(rand):
   assert_close(vm(q, k, v), sigmoid_attention(q, k, v, impl="reference"))
 
 
-@pytest.mark.parametrize("impl", ["pallas", "pallas_interpret"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_pallas_not_yet(rand, impl, kind):
+def test_pallas_interpret_not_yet(rand, kind):
+  """The TPU-form kernels (impl="pallas_interpret") are their own issue."""
   q, k, v, _ = _inputs(rand, (1, 4, 4, 1, 1, 8, 8, 0), jnp.float32)
   name = "attention" if kind == "softmax" else "sigmoid_attention"
   with pytest.raises(NotImplementedError, match=name):
-    KINDS[kind](q, k, v, impl=impl)
+    KINDS[kind](q, k, v, impl="pallas_interpret")
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the CPU answer")
+@pytest.mark.parametrize("kind", KINDS)
+def test_pallas_off_gpu_is_one_clear_line(rand, kind):
+  q, k, v, _ = _inputs(rand, (1, 4, 4, 1, 1, 8, 8, 0), jnp.bfloat16)
+  name = "attention" if kind == "softmax" else "sigmoid_attention"
+  with pytest.raises(ValueError, match=f"{name}: impl='pallas' does not support this call: "
+                                       "the Mosaic GPU kernel needs a GPU backend"):
+    KINDS[kind](q, k, v, impl="pallas")
+  assert KINDS[kind](q, k, v, impl="auto").shape == q.shape  # auto falls back to XLA
+
+
+@pytest.mark.parametrize("change,reason", [
+    (dict(dtype=jnp.float32), "dtype float32"),
+    (dict(d=96), "head dim 96"),
+    (dict(dv=64), "value head dim 64"),
+    (dict(explicit_positions=True), "explicit q_positions"),
+])
+def test_pallas_unsupported_reasons(monkeypatch, change, reason):
+  """What `auto` reads and `impl="pallas"` says, with a Hopper GPU pretended."""
+  from longax.kernels.attention import AttnSpec
+  from longax.kernels.gpu import attention as gpu
+  monkeypatch.setattr(jax, "devices", lambda *a: [type("Dev", (), {"compute_capability": "9.0"})()])
+  dt, d, dv = change.get("dtype", jnp.bfloat16), change.get("d", 128), change.get("dv", change.get("d", 128))
+  x = lambda dd: jax.ShapeDtypeStruct((1, 128, 2, dd), dt)
+  call = dict(q=x(d), k=x(d), v=x(dv), spec=AttnSpec("softmax", True, 0.1, None, 0, None, 0.0),
+              backend="gpu", explicit_positions=change.get("explicit_positions", False))
+  assert reason in gpu.unsupported(call)
+  ok = dict(call, q=jax.ShapeDtypeStruct((1, 128, 2, 128), jnp.bfloat16),
+            k=jax.ShapeDtypeStruct((1, 128, 2, 128), jnp.bfloat16),
+            v=jax.ShapeDtypeStruct((1, 128, 2, 128), jnp.bfloat16), explicit_positions=False)
+  assert gpu.unsupported(ok) is None
 
 
 BAD = [

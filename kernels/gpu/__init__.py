@@ -1,0 +1,1 @@
+"""Mosaic GPU (Hopper) kernels: one file per op family, registered as impl="pallas"."""

@@ -1,0 +1,814 @@
+"""Flash attention for Hopper in Mosaic GPU: softmax and sigmoid as one kernel family.
+
+Registered as `impl="pallas"` of `attention` and `sigmoid_attention` (see `kernels/attention.py`
+for the API, the float32 reference and the XLA path). Layout q [B, T, H, D], k/v [B, S, Hkv, D].
+
+Forward: a CTA holds `wgs` compute warpgroups of `block_q` query rows each and one memory
+warpgroup that streams K/V blocks through an SMEM ring of `stages` slots (TMA + mbarriers);
+with two compute warpgroups they take turns on the tensor cores (FlashAttention-3's ping-pong).
+The score function is a parameter: softmax keeps a running max and normaliser in the log2
+domain, sigmoid adds `sigmoid(s + bias)` straight into the accumulator.
+Backward (`jax.custom_vjp`): a dq kernel that streams K/V over the same key blocks, and a dk/dv
+kernel per KV head that streams Q, dO and the row statistics of every query head of its group
+(no K/V repeat in HBM, no post-sum), both recomputing P.
+
+Visibility is `visibility.visible_pairs` on [rows, cols] position tiles; block skipping is
+`visibility.key_blocks` / `visibility.query_blocks`: blocks no query sees are never loaded, and
+blocks every pair of which is visible skip the mask. Lengths that are not a multiple of the
+block are padded here (padded keys are masked, padded query rows dropped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import sys
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from longax.kernels.visibility import key_blocks, query_blocks, visible_pairs
+
+LOG2E = math.log2(math.e)
+MAX_BWD_HEAD_DIM = 128  # above: the backward runs the XLA path (dk + dv accumulators > registers)
+_WG = plgpu.Layout.WGMMA
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+  """Tile sizes and pipeline depth (rows per compute warpgroup; `wgs` warpgroups per CTA)."""
+  block_q: int = 64
+  block_kv: int = 128
+  stages: int = 2
+  wgs: int = 2
+  bwd_block_q: int = 64
+  bwd_block_kv: int = 64
+  bwd_stages: int = 2
+  bwd_wgs: int = 2
+
+  def __post_init__(self):
+    for name in ("block_q", "block_kv", "bwd_block_q", "bwd_block_kv"):
+      if getattr(self, name) % 64:
+        raise ValueError(f"Blocks.{name}={getattr(self, name)} must be a multiple of 64")
+    if min(self.stages, self.bwd_stages) < 1 or self.wgs not in (1, 2) or self.bwd_wgs not in (1, 2):
+      raise ValueError(f"bad pipeline settings {self}")
+
+
+# Tuned defaults, one row per head dim (bf16 and f16 alike): `benchmarks/autotune_attention.py`.
+TUNED: dict[int, Blocks] = {
+    64: Blocks(block_q=64, block_kv=128, stages=2),
+    128: Blocks(block_q=64, block_kv=128, stages=2),
+    256: Blocks(block_q=64, block_kv=64, stages=2),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Problem:
+  spec: Any  # attention.AttnSpec
+  t: int  # real query / key lengths (the arrays may be padded)
+  s: int
+  group: int  # query heads per KV head
+  segments: bool
+  blocks: Blocks
+
+  @property
+  def offset(self):  # query row i sits at position i + offset (bottom-right alignment)
+    return self.s - self.t
+
+  @property
+  def sinks(self):
+    return self.spec.sinks if self.spec.window is not None else 0
+
+
+# ----------------------------------------------------------------------------- tile math
+
+
+def _bcast(vec, shape, dim):
+  """A row (dim=0) or column (dim=1) vector broadcast to a WGMMA-layout tile; the cast pins
+  the layout for Mosaic GPU's inference."""
+  return plgpu.layout_cast(lax.broadcast_in_dim(vec, shape, [dim]), _WG)
+
+
+def _index_tile(shape, dim, base):
+  """Positions base + i along axis `dim` of a WGMMA-layout tile (a vector broadcast)."""
+  vec = plgpu.broadcasted_iota(jnp.int32, (shape[dim],), 0, layout=_WG.reduce(1 - dim)) + base
+  return _bcast(vec, shape, dim)
+
+
+def _tile_mask(pb: _Problem, shape, q_first, k_first, q_seg=None, k_seg=None, *,
+               queries_on_rows=True):
+  """Visibility of a tile: rows are queries (forward, dq) or keys (dk/dv)."""
+  qd, kd = (0, 1) if queries_on_rows else (1, 0)
+  qi = _index_tile(shape, qd, q_first + pb.offset)
+  kj = _index_tile(shape, kd, k_first)
+  spec = pb.spec
+  ok = visible_pairs(qi, kj, causal=spec.causal, window=spec.window, sinks=pb.sinks)
+  if pb.s % _key_multiple(pb.blocks):  # padded keys
+    pad = kj < pb.s
+    ok = pad if ok is None else ok & pad
+  if pb.segments:
+    same = _bcast(q_seg, shape, qd) == _bcast(k_seg, shape, kd)
+    ok = same if ok is None else ok & same
+  return ok
+
+
+def _log2_logits(spec, raw):
+  """Softmax logits times log2(e) (softcap c * tanh(s / c) first)."""
+  if spec.softcap is None:
+    return raw * (spec.scale * LOG2E)
+  return jnp.tanh(raw * (spec.scale / spec.softcap)) * (spec.softcap * LOG2E)
+
+
+def _sigmoid_p(spec, raw):
+  return jax.nn.sigmoid(raw * spec.scale + spec.bias)
+
+
+def _ds_factor(spec, raw):
+  """d logits / d (scale * raw) for softcap (1 - tanh^2), else None."""
+  if spec.softcap is None:
+    return None
+  t = jnp.tanh(raw * (spec.scale / spec.softcap))
+  return 1.0 - t * t
+
+
+# ------------------------------------------------------------------------------ schedule
+
+
+class _Steps(NamedTuple):
+  """A CTA's sequence of blocks: step i loads block `block(i)`; with sinks the sink blocks
+  [0, n_sink) come first, then [first, first + n - n_sink)."""
+  n: Any
+  first: Any
+  n_sink: Any | None
+
+  def block(self, step):
+    if self.n_sink is None:
+      return step + self.first
+    return jnp.where(step < self.n_sink, step, step - self.n_sink + self.first)
+
+
+class _Split(NamedTuple):
+  """One warpgroup's part of the CTA's steps: skip [0, a), masked [a, b), plain [b, c),
+  masked [c, d), skip [d, n)."""
+  a: Any
+  b: Any
+  c: Any
+  d: Any
+
+
+def _kv_schedule(pb: _Problem, row0, rows_per_wg: int, wgs: int, block_kv: int):
+  """Key blocks for query rows [row0, row0 + wgs * rows_per_wg): the CTA's steps and each
+  warpgroup's split."""
+  spec = pb.spec
+  first_pos = lambda r: r + pb.offset
+  n_real = -(-pb.s // block_kv)  # blocks past the keys (padding) are never visited
+  ranges = [key_blocks(first_pos(row0 + w * rows_per_wg), first_pos(row0 + (w + 1) * rows_per_wg - 1),
+                       block_kv, n_real, causal=spec.causal, window=spec.window) for w in range(wgs)]
+  full_cap = jnp.int32(pb.s // block_kv)  # blocks holding no padding
+  lo_all, hi_all = ranges[0][0], ranges[-1][1]
+  if pb.sinks:  # sink blocks first, then the window; everything masked
+    n_sink = jnp.minimum(jnp.int32(-(-pb.sinks // block_kv)), hi_all)
+    start = jnp.maximum(lo_all, n_sink)
+    steps = _Steps(n_sink + jnp.maximum(hi_all - start, 0), start, n_sink)
+    zero = jnp.int32(0)
+    return steps, [_Split(zero, zero, zero, steps.n)] * wgs
+  steps = _Steps(hi_all - lo_all, lo_all, None)
+  splits = []
+  for lo, hi, full_lo, full_hi in ranges:
+    a, d = lo - lo_all, hi - lo_all
+    if pb.segments:
+      b = c = d
+    else:
+      b = jnp.clip(full_lo - lo_all, a, d)
+      c = jnp.clip(jnp.minimum(full_hi, full_cap) - lo_all, b, d)
+    splits.append(_Split(a, b, c, d))
+  return steps, splits
+
+
+def _q_schedule(pb: _Problem, key0, keys_per_wg: int, wgs: int, block_q: int, n_q: int):
+  """Query blocks that see keys [key0, key0 + wgs * keys_per_wg): (lo_all, n) and each
+  warpgroup's split of [0, n) (per query head of the group)."""
+  spec = pb.spec
+  ranges = [query_blocks(key0 + w * keys_per_wg, key0 + (w + 1) * keys_per_wg - 1, block_q, n_q,
+                         pb.offset, causal=spec.causal, window=spec.window, sinks=pb.sinks)
+            for w in range(wgs)]
+  lo_all = ranges[0][0]
+  hi_all = functools.reduce(jnp.maximum, [r[1] for r in ranges])
+  splits = []
+  for lo, hi, full_lo, full_hi in ranges:
+    a, d = lo - lo_all, hi - lo_all
+    if pb.segments or pb.sinks:
+      b = c = d
+    else:
+      b = jnp.clip(full_lo - lo_all, a, d)
+      c = jnp.clip(full_hi - lo_all, b, d)
+    splits.append(_Split(a, b, c, d))
+  return lo_all, hi_all - lo_all, splits
+
+
+def _produce(n, stages: int, loads):
+  """Memory warpgroup: step i's copies go to slot i % stages once its consumers freed it.
+  loads: [(free_barriers, load(step, slot))] in the order the consumers free them."""
+  for i in range(stages):
+    @pl.when(i < n)
+    def _():
+      for _, load in loads:
+        load(jnp.int32(i), i)
+
+  @pl.loop(0, jnp.maximum(n - stages, 0))
+  def _(step):
+    slot = lax.rem(step, jnp.int32(stages))
+    for free, load in loads:
+      plgpu.barrier_wait(free.at[slot])
+      load(step + stages, slot)
+
+
+def _run_split(split: _Split, n, step_fn, skip_fn, carry):
+  carry = lax.fori_loop(0, split.a, skip_fn, carry)
+  carry = lax.fori_loop(split.a, split.b, functools.partial(step_fn, masked=True), carry)
+  carry = lax.fori_loop(split.b, split.c, functools.partial(step_fn, masked=False), carry)
+  carry = lax.fori_loop(split.c, split.d, functools.partial(step_fn, masked=True), carry)
+  return lax.fori_loop(split.d, n, skip_fn, carry)
+
+
+def _tiles(dtype, *shape):
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+
+def _pick(x, w):
+  """x[w] for a static list indexed by the traced warpgroup index."""
+  out = x[-1]
+  for i in range(len(x) - 2, -1, -1):
+    out = jax.tree.map(lambda a, b: jnp.where(w == i, a, b), x[i], out)
+  return out
+
+
+# ------------------------------------------------------------------------------- forward
+
+
+def _forward(q, k, v, q_seg, k_seg, pb: _Problem):
+  """q [B, Tp, H, D] (Tp a multiple of wgs * block_q), k/v [B, Sp, Hkv, D] (Sp a multiple of
+  block_kv) -> (o [B, Tp, H, D], lse [B, H, Tp] float32 in log2 units, +inf for empty rows)."""
+  bsz, tp, heads, d = q.shape
+  sp = k.shape[1]
+  blk = pb.blocks
+  bq, bkv, stages, wgs = blk.block_q, blk.block_kv, blk.stages, blk.wgs
+  softmax = pb.spec.kind == "softmax"
+  dtype = q.dtype
+  spec = pb.spec
+
+  def body(q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, smem, bars):
+    q_smem2, k_smem, v_smem, lse_smem2, qs_smem2, ks_smem = smem
+    q_bars, k_bars, v_bars, ks_bars, k_free, v_free, sched = bars
+    b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+    row0 = lax.axis_index("q_seq") * (wgs * bq)
+    steps, splits = _kv_schedule(pb, row0, bq, wgs, bkv)
+
+    def ping():  # FlashAttention-3 ping-pong between the two compute warpgroups
+      if wgs == 2:
+        plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(sched)
+
+    @pl.when(wg < wgs)
+    def _compute():
+      plgpu.set_max_registers(232 if wgs == 2 else 240, action="increase")
+      q_smem = q_smem2.at[wg]
+      q_row = row0 + wg * bq
+      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_row, bq), h], q_smem, q_bars.at[wg])
+      if pb.segments:
+        plgpu.copy_gmem_to_smem(qs_ref.at[b, pl.ds(q_row, bq)], qs_smem2.at[wg], q_bars.at[wg])
+      plgpu.barrier_wait(q_bars.at[wg])
+      q_seg_vec = plgpu.load(qs_smem2.at[wg], layout=_WG.reduce(1)) if pb.segments else None
+      split = _pick(splits, wg)
+
+      def wait_keys(slot):
+        plgpu.barrier_wait(k_bars.at[slot])
+        if pb.segments:
+          plgpu.barrier_wait(ks_bars.at[slot])
+
+      def step(i, carry, masked):
+        slot = lax.rem(i, jnp.int32(stages))
+        wait_keys(slot)
+
+        def qk(acc_ref):
+          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+          ping()
+          return acc_ref[...]
+
+        raw = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
+        mask = None
+        if masked:
+          k_seg_vec = plgpu.load(ks_smem.at[slot], layout=_WG.reduce(0)) if pb.segments else None
+          mask = _tile_mask(pb, (bq, bkv), q_row, steps.block(i) * bkv, q_seg_vec, k_seg_vec)
+        plgpu.barrier_arrive(k_free.at[slot])
+        if softmax:
+          acc, m_i, l_i = carry
+          s = _log2_logits(spec, raw)
+          if mask is not None:
+            s = jnp.where(mask, s, -jnp.inf)
+          m_new = jnp.maximum(m_i, s.max(axis=1))
+          m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if mask is not None else m_new
+          alpha = jnp.exp2(m_i - m_use)
+          p = jnp.exp2(s - _bcast(m_use, s.shape, 0))
+          acc = acc * _bcast(alpha, acc.shape, 0)
+          l_i = l_i * alpha + p.sum(axis=1)
+          p16 = p.astype(dtype)
+          acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+          rest = (m_new, l_i)
+        else:
+          (acc,) = carry
+          p = _sigmoid_p(spec, raw)
+          if mask is not None:
+            p = jnp.where(mask, p, 0.0)
+          p16 = p.astype(dtype)
+          rest = ()
+        if wgs == 2:
+          plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(v_bars.at[slot])
+        if wgs == 2:
+          plgpu.barrier_wait(sched)
+
+        def pv(acc_ref):
+          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+
+        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(v_free.at[slot])
+        return (acc, *rest)
+
+      def skip(i, carry):
+        slot = lax.rem(i, jnp.int32(stages))
+        wait_keys(slot)
+        plgpu.barrier_arrive(k_free.at[slot])
+        ping()
+        plgpu.barrier_wait(v_bars.at[slot])
+        plgpu.barrier_arrive(v_free.at[slot])
+        ping()
+        return carry
+
+      acc = plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), _WG)
+      if softmax:
+        carry = (acc, plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), _WG.reduce(1)),
+                 plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), _WG.reduce(1)))
+      else:
+        carry = (acc,)
+      pl.when(wg == 1)(ping)
+      carry = _run_split(split, steps.n, step, skip, carry)
+      pl.when(wg == 0)(ping)
+
+      if softmax:
+        acc, m_i, l_i = carry
+        ok = l_i > 0
+        l_safe = jnp.where(ok, l_i, 1.0)
+        acc = acc / _bcast(l_safe, acc.shape, 0)
+        lse_smem2.at[wg][...] = jnp.where(ok, m_i + jnp.log2(l_safe), jnp.inf)
+      else:
+        (acc,) = carry
+      q_smem[...] = acc.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, pl.ds(q_row, bq), h])
+      if softmax:
+        plgpu.copy_smem_to_gmem(lse_smem2.at[wg], lse_ref.at[b, h, pl.ds(q_row, bq)])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == wgs)
+    def _memory():
+      plgpu.set_max_registers(40 if wgs == 2 else 24, action="decrease")
+      kvh = lax.div(h, jnp.int32(pb.group))
+
+      def load_k(i, slot):
+        rows = pl.ds(steps.block(i) * bkv, bkv)
+        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kvh], k_smem.at[slot], k_bars.at[slot])
+        if pb.segments:
+          plgpu.copy_gmem_to_smem(ks_ref.at[b, rows], ks_smem.at[slot], ks_bars.at[slot])
+
+      def load_v(i, slot):
+        plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(steps.block(i) * bkv, bkv), kvh], v_smem.at[slot],
+                                v_bars.at[slot])
+
+      _produce(steps.n, stages, [(k_free, load_k), (v_free, load_v)])
+
+  smem = (_tiles(dtype, wgs, bq, d), _tiles(dtype, stages, bkv, d), _tiles(dtype, stages, bkv, d),
+          plgpu.SMEM((wgs, bq), jnp.float32), plgpu.SMEM((wgs, bq), jnp.int32),
+          plgpu.SMEM((stages, bkv), jnp.int32))
+  bars = (plgpu.Barrier(num_arrivals=2 if pb.segments else 1, num_barriers=wgs),
+          plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+          plgpu.Barrier(num_barriers=stages),
+          plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+          plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+          plgpu.Barrier(num_arrivals=2))
+  o, lse = plgpu.kernel(
+      body,
+      out_type=[jax.ShapeDtypeStruct(q.shape, dtype),
+                jax.ShapeDtypeStruct((bsz, heads, tp), jnp.float32)],
+      scratch_types=[smem, bars],
+      grid=(heads, tp // (wgs * bq), bsz),
+      grid_names=("heads", "q_seq", "batch"),
+      num_threads=wgs + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(q, k, v, q_seg, k_seg)
+  return o, lse
+
+
+# ------------------------------------------------------------------------------ backward
+
+
+def _backward_dq(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem):
+  """dq [B, Tp, H, D]: per query tile, stream K/V over the forward's key blocks."""
+  bsz, tp, heads, d = q.shape
+  sp = k.shape[1]
+  blk = pb.blocks
+  bq, bkv, stages, wgs = blk.bwd_block_q, blk.bwd_block_kv, blk.bwd_stages, blk.bwd_wgs
+  spec, dtype = pb.spec, q.dtype
+  softmax = spec.kind == "softmax"
+
+  def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dq_ref, smem, bars):
+    q_smem2, do_smem2, k_smem, v_smem, stat_smem2, qs_smem2, ks_smem = smem
+    q_bars, k_bars, v_bars, ks_bars, k_free, v_free = bars
+    b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+    row0 = lax.axis_index("q_seq") * (wgs * bq)
+    steps, splits = _kv_schedule(pb, row0, bq, wgs, bkv)
+
+    @pl.when(wg < wgs)
+    def _compute():
+      plgpu.set_max_registers(232 if wgs == 2 else 240, action="increase")
+      q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+      q_row = row0 + wg * bq
+      rows = pl.ds(q_row, bq)
+      plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem, q_bars.at[wg])
+      plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem, q_bars.at[wg])
+      plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], stat_smem2.at[wg, 0], q_bars.at[wg])
+      plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], stat_smem2.at[wg, 1], q_bars.at[wg])
+      if pb.segments:
+        plgpu.copy_gmem_to_smem(qs_ref.at[b, rows], qs_smem2.at[wg], q_bars.at[wg])
+      plgpu.barrier_wait(q_bars.at[wg])
+      lse = plgpu.load(stat_smem2.at[wg, 0], layout=_WG.reduce(1))
+      delta = plgpu.load(stat_smem2.at[wg, 1], layout=_WG.reduce(1))
+      q_seg_vec = plgpu.load(qs_smem2.at[wg], layout=_WG.reduce(1)) if pb.segments else None
+      split = _pick(splits, wg)
+
+      def wait_keys(slot):
+        plgpu.barrier_wait(k_bars.at[slot])
+        if pb.segments:
+          plgpu.barrier_wait(ks_bars.at[slot])
+
+      def step(i, dq_acc, masked):
+        slot = lax.rem(i, jnp.int32(stages))
+        wait_keys(slot)
+        plgpu.barrier_wait(v_bars.at[slot])
+
+        def scores(refs):
+          s_ref, dp_ref = refs
+          plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+          plgpu.wgmma(dp_ref, do_smem, v_smem.at[slot].transpose((1, 0)))
+
+        zeros = plgpu.layout_cast(jnp.zeros((bq, bkv), jnp.float32), _WG)
+        raw, dp = pl.run_state(scores)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
+        plgpu.barrier_arrive(v_free.at[slot])
+        mask = None
+        if masked:
+          k_seg_vec = plgpu.load(ks_smem.at[slot], layout=_WG.reduce(0)) if pb.segments else None
+          mask = _tile_mask(pb, (bq, bkv), q_row, steps.block(i) * bkv, q_seg_vec, k_seg_vec)
+        if softmax:
+          p = jnp.exp2(_log2_logits(spec, raw) - _bcast(lse, raw.shape, 0))
+          if mask is not None:
+            p = jnp.where(mask, p, 0.0)
+          ds = p * (dp - _bcast(delta, raw.shape, 0))
+        else:
+          p = _sigmoid_p(spec, raw)
+          if mask is not None:
+            p = jnp.where(mask, p, 0.0)
+          ds = dp * p * (1.0 - p)
+        factor = _ds_factor(spec, raw)
+        if factor is not None:
+          ds = ds * factor
+
+        def dq_mma(acc_ref):
+          plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])
+
+        dq_acc = pl.run_state(dq_mma)(plgpu.ACC.init(dq_acc))
+        plgpu.barrier_arrive(k_free.at[slot])
+        return dq_acc
+
+      def skip(i, carry):
+        slot = lax.rem(i, jnp.int32(stages))
+        wait_keys(slot)
+        plgpu.barrier_wait(v_bars.at[slot])
+        plgpu.barrier_arrive(v_free.at[slot])
+        plgpu.barrier_arrive(k_free.at[slot])
+        return carry
+
+      dq = plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), _WG)
+      dq = _run_split(split, steps.n, step, skip, dq)
+      q_smem[...] = (dq * spec.scale).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, rows, h])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == wgs)
+    def _memory():
+      plgpu.set_max_registers(40 if wgs == 2 else 24, action="decrease")
+      kvh = lax.div(h, jnp.int32(pb.group))
+
+      def load_kv(i, slot):
+        rows = pl.ds(steps.block(i) * bkv, bkv)
+        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kvh], k_smem.at[slot], k_bars.at[slot])
+        if pb.segments:
+          plgpu.copy_gmem_to_smem(ks_ref.at[b, rows], ks_smem.at[slot], ks_bars.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kvh], v_smem.at[slot], v_bars.at[slot])
+
+      def no_load(i, slot):
+        pass
+
+      _produce(steps.n, stages, [(v_free, no_load), (k_free, load_kv)])
+
+  n_q_copies = 5 if pb.segments else 4
+  smem = (_tiles(dtype, wgs, bq, d), _tiles(dtype, wgs, bq, d), _tiles(dtype, stages, bkv, d),
+          _tiles(dtype, stages, bkv, d), plgpu.SMEM((wgs, 2, bq), jnp.float32),
+          plgpu.SMEM((wgs, bq), jnp.int32), plgpu.SMEM((stages, bkv), jnp.int32))
+  bars = (plgpu.Barrier(num_arrivals=n_q_copies, num_barriers=wgs),
+          plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+          plgpu.Barrier(num_barriers=stages),
+          plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+          plgpu.Barrier(num_arrivals=wgs, num_barriers=stages))
+  return plgpu.kernel(
+      body,
+      out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+      scratch_types=[smem, bars],
+      grid=(heads, tp // (wgs * bq), bsz),
+      grid_names=("heads", "q_seq", "batch"),
+      num_threads=wgs + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(q, k, v, do, lse, delta, q_seg, k_seg)
+
+
+def _backward_dkv(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem):
+  """dk, dv [B, Sp, Hkv, D]: per key tile of one KV head, stream the query blocks of every
+  query head of its group that see it."""
+  bsz, tp, heads, d = q.shape
+  sp, kv_heads = k.shape[1], k.shape[2]
+  blk = pb.blocks
+  bq, bkv, stages, wgs = blk.bwd_block_q, blk.bwd_block_kv, blk.bwd_stages, blk.bwd_wgs
+  n_q = -(-pb.t // bq)
+  spec, dtype = pb.spec, q.dtype
+  softmax = spec.kind == "softmax"
+  group = pb.group
+
+  def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dk_ref, dv_ref,
+           smem, bars):
+    k_smem2, v_smem2, ks_smem2, q_smem, do_smem, stat_smem, qs_smem = smem
+    k_bars, q_bars, free = bars
+    b, kvh, wg = lax.axis_index("batch"), lax.axis_index("kv_heads"), lax.axis_index("wg")
+    key0 = lax.axis_index("kv_seq") * (wgs * bkv)
+    q_lo, nqs, splits = _q_schedule(pb, key0, bkv, wgs, bq, n_q)
+    n = nqs * group
+
+    def where(i):  # step -> (query head, first query row)
+      g = lax.div(i, jnp.maximum(nqs, 1))
+      return kvh * group + g, (q_lo + i - g * nqs) * bq
+
+    @pl.when(wg < wgs)
+    def _compute():
+      plgpu.set_max_registers(232 if wgs == 2 else 240, action="increase")
+      k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+      k_row = key0 + wg * bkv
+      rows = pl.ds(k_row, bkv)
+      plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kvh], k_smem, k_bars.at[wg])
+      plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kvh], v_smem, k_bars.at[wg])
+      if pb.segments:
+        plgpu.copy_gmem_to_smem(ks_ref.at[b, rows], ks_smem2.at[wg], k_bars.at[wg])
+      plgpu.barrier_wait(k_bars.at[wg])
+      k_seg_vec = plgpu.load(ks_smem2.at[wg], layout=_WG.reduce(1)) if pb.segments else None
+      split = _pick(splits, wg)
+
+      def step(i, carry, masked):
+        dk_acc, dv_acc = carry
+        slot = lax.rem(i, jnp.int32(stages))
+        plgpu.barrier_wait(q_bars.at[slot])
+
+        def scores(acc_ref):
+          plgpu.wgmma(acc_ref, k_smem, q_smem.at[slot].transpose((1, 0)))
+          return acc_ref[...]
+
+        raw = pl.run_scoped(scores, plgpu.ACC((bkv, bq), jnp.float32))  # s^T
+        mask = None
+        if masked:
+          q_seg_vec = plgpu.load(qs_smem.at[slot], layout=_WG.reduce(0)) if pb.segments else None
+          mask = _tile_mask(pb, (bkv, bq), where(i)[1], k_row, q_seg_vec, k_seg_vec,
+                            queries_on_rows=False)
+        if softmax:
+          lse = plgpu.load(stat_smem.at[slot, 0], layout=_WG.reduce(0))
+          p = jnp.exp2(_log2_logits(spec, raw) - _bcast(lse, raw.shape, 1))
+        else:
+          p = _sigmoid_p(spec, raw)
+        if mask is not None:
+          p = jnp.where(mask, p, 0.0)
+
+        def dv_dp(refs):
+          dv_ref_, dp_ref_ = refs
+          plgpu.wgmma(dv_ref_, p.astype(dtype), do_smem.at[slot])
+          plgpu.wgmma(dp_ref_, v_smem, do_smem.at[slot].transpose((1, 0)))
+
+        zeros = plgpu.layout_cast(jnp.zeros((bkv, bq), jnp.float32), _WG)
+        dv_acc, dp = pl.run_state(dv_dp)((plgpu.ACC.init(dv_acc), plgpu.ACC.init(zeros)))
+        if softmax:
+          delta = plgpu.load(stat_smem.at[slot, 1], layout=_WG.reduce(0))
+          ds = p * (dp - _bcast(delta, raw.shape, 1))
+        else:
+          ds = dp * p * (1.0 - p)
+        factor = _ds_factor(spec, raw)
+        if factor is not None:
+          ds = ds * factor
+
+        def dk_mma(acc_ref):
+          plgpu.wgmma(acc_ref, ds.astype(dtype), q_smem.at[slot])
+
+        dk_acc = pl.run_state(dk_mma)(plgpu.ACC.init(dk_acc))
+        plgpu.barrier_arrive(free.at[slot])
+        return dk_acc, dv_acc
+
+      def skip(i, carry):
+        slot = lax.rem(i, jnp.int32(stages))
+        plgpu.barrier_wait(q_bars.at[slot])
+        plgpu.barrier_arrive(free.at[slot])
+        return carry
+
+      zeros = plgpu.layout_cast(jnp.zeros((bkv, d), jnp.float32), _WG)
+
+      def per_head(g, carry):  # the steps of query head g of the group: [g * nqs, (g + 1) * nqs)
+        base = g * nqs
+        sp_ = _Split(*(x + base for x in split))
+        carry = lax.fori_loop(base, sp_.a, skip, carry)
+        carry = lax.fori_loop(sp_.a, sp_.b, functools.partial(step, masked=True), carry)
+        carry = lax.fori_loop(sp_.b, sp_.c, functools.partial(step, masked=False), carry)
+        carry = lax.fori_loop(sp_.c, sp_.d, functools.partial(step, masked=True), carry)
+        return lax.fori_loop(sp_.d, base + nqs, skip, carry)
+
+      # traced bounds: a while loop (a fori_loop with static bounds becomes a scan, whose
+      # carry layouts Mosaic GPU's inference does not resolve here)
+      dk, dv = lax.fori_loop(0, group, per_head, (zeros, zeros))
+      k_smem[...] = (dk * spec.scale).astype(dtype)
+      v_smem[...] = dv.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[b, rows, kvh])
+      plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, rows, kvh])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == wgs)
+    def _memory():
+      plgpu.set_max_registers(40 if wgs == 2 else 24, action="decrease")
+
+      def load_q(i, slot):
+        h, row = where(i)
+        rows = pl.ds(row, bq)
+        plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[slot], q_bars.at[slot])
+        plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[slot], q_bars.at[slot])
+        if softmax:
+          plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], stat_smem.at[slot, 0], q_bars.at[slot])
+          plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], stat_smem.at[slot, 1], q_bars.at[slot])
+        if pb.segments:
+          plgpu.copy_gmem_to_smem(qs_ref.at[b, rows], qs_smem.at[slot], q_bars.at[slot])
+
+      _produce(n, stages, [(free, load_q)])
+
+  n_copies = 2 + 2 * softmax + pb.segments
+  smem = (_tiles(dtype, wgs, bkv, d), _tiles(dtype, wgs, bkv, d), plgpu.SMEM((wgs, bkv), jnp.int32),
+          _tiles(dtype, stages, bq, d), _tiles(dtype, stages, bq, d),
+          plgpu.SMEM((stages, 2, bq), jnp.float32), plgpu.SMEM((stages, bq), jnp.int32))
+  bars = (plgpu.Barrier(num_arrivals=2 + pb.segments, num_barriers=wgs),
+          plgpu.Barrier(num_arrivals=n_copies, num_barriers=stages),
+          plgpu.Barrier(num_arrivals=wgs, num_barriers=stages))
+  kv_shape = jax.ShapeDtypeStruct(k.shape, dtype)
+  return plgpu.kernel(
+      body,
+      out_type=[kv_shape, kv_shape],
+      scratch_types=[smem, bars],
+      grid=(kv_heads, sp // (wgs * bkv), bsz),
+      grid_names=("kv_heads", "kv_seq", "batch"),
+      num_threads=wgs + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(q, k, v, do, lse, delta, q_seg, k_seg)
+
+
+# ---------------------------------------------------------------------------- the op
+
+
+def _pad_to(x, axis, multiple, value=0):
+  n = x.shape[axis]
+  extra = -n % multiple
+  if not extra:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, extra)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def _key_multiple(blk: Blocks):
+  return math.lcm(blk.block_kv, blk.bwd_wgs * blk.bwd_block_kv)
+
+
+def _padded(q, k, v, q_seg, k_seg, blk: Blocks):
+  """Pads T to a multiple of every query tile and S of every key tile (fwd and bwd)."""
+  tq = math.lcm(blk.wgs * blk.block_q, blk.bwd_wgs * blk.bwd_block_q)
+  tk = _key_multiple(blk)
+  q = _pad_to(q, 1, tq)
+  k, v = _pad_to(k, 1, tk), _pad_to(v, 1, tk)
+  if q_seg is None:
+    q_seg = jnp.zeros((q.shape[0], q.shape[1]), jnp.int32)
+    k_seg = jnp.zeros((k.shape[0], k.shape[1]), jnp.int32)
+  else:
+    q_seg = _pad_to(q_seg.astype(jnp.int32), 1, tq, -1)
+    k_seg = _pad_to(k_seg.astype(jnp.int32), 1, tk, -2)
+  return q, k, v, q_seg, k_seg
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, q_seg, k_seg, pb: _Problem):
+  return _flash_fwd(q, k, v, q_seg, k_seg, pb)[0]
+
+
+def _flash_fwd(q, k, v, q_seg, k_seg, pb: _Problem):
+  t = q.shape[1]
+  qp, kp, vp, qs, ks = _padded(q, k, v, q_seg, k_seg, pb.blocks)
+  o, lse = _forward(qp, kp, vp, qs, ks, pb)
+  return o[:, :t], (q, k, v, q_seg, k_seg, o, lse)
+
+
+def _flash_bwd(pb: _Problem, res, do):
+  q, k, v, q_seg, k_seg, o, lse = res
+  t, s = q.shape[1], k.shape[1]
+  if q.shape[-1] > MAX_BWD_HEAD_DIM:
+    return _xla_backward(pb, res, do)
+  qp, kp, vp, qs, ks = _padded(q, k, v, q_seg, k_seg, pb.blocks)
+  dop = jnp.pad(do, [(0, 0), (0, qp.shape[1] - t), (0, 0), (0, 0)])
+  if pb.spec.kind == "softmax":  # delta_i = do_i . o_i
+    delta = jnp.einsum("bthd,bthd->bht", dop.astype(jnp.float32), o.astype(jnp.float32))
+  else:
+    delta = jnp.zeros_like(lse)
+  dq = _backward_dq(qp, kp, vp, dop, lse, delta, qs, ks, pb)
+  dk, dv = _backward_dkv(qp, kp, vp, dop, lse, delta, qs, ks, pb)
+  zero_seg = lambda x: None if x is None else jnp.zeros(x.shape, jax.dtypes.float0)
+  return dq[:, :t], dk[:, :s], dv[:, :s], zero_seg(q_seg), zero_seg(k_seg)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _xla_backward(pb: _Problem, res, do):
+  """The XLA path's FlashAttention-2 backward from the kernel's residuals (head dims whose
+  dk/dv accumulators do not fit the registers)."""
+  xla = sys.modules["longax.kernels.attention"]  # the op's module (it imports this one)
+  q, k, v, q_seg, k_seg, o, lse = res
+  b, t, h, _ = q.shape
+  hkv = k.shape[2]
+  lse_nat = None
+  if pb.spec.kind == "softmax":
+    lse_nat = (lse[:, :, :t] / LOG2E).reshape(b, hkv, h // hkv, t)
+  q_pos = xla.query_positions(t, k.shape[1])
+  k_pos = jnp.arange(k.shape[1], dtype=jnp.int32)
+  grads = xla._flash_backward(pb.spec, xla.KV_BLOCK,
+                              (q, k, v, q_pos, k_pos, q_seg, k_seg, o[:, :t], lse_nat), do)
+  zero_seg = lambda x: None if x is None else jnp.zeros(x.shape, jax.dtypes.float0)
+  return (*grads[:3], zero_seg(q_seg), zero_seg(k_seg))
+
+
+def blocks_for(head_dim: int) -> Blocks:
+  return TUNED[head_dim]
+
+
+def unsupported(call: dict) -> str | None:
+  """Why the kernel does not take this call (None: it does). `auto` asks this; under
+  impl="pallas" the reason is the error message."""
+  q, k, v, spec = call["q"], call["k"], call["v"], call["spec"]
+  if call.get("backend", jax.default_backend()) != "gpu":
+    return f"the Mosaic GPU kernel needs a GPU backend, not {call.get('backend', jax.default_backend())!r}"
+  try:
+    cc = getattr(jax.devices()[0], "compute_capability", "")
+  except RuntimeError:
+    cc = ""
+  if not str(cc).startswith("9"):
+    return f"the Mosaic GPU kernel needs a Hopper GPU (compute capability 9.x), got {cc!r}"
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    return f"dtype {q.dtype} (the kernel takes bfloat16 and float16)"
+  if q.shape[-1] not in TUNED:
+    return f"head dim {q.shape[-1]} (the kernel takes {sorted(TUNED)})"
+  if v.shape[-1] != q.shape[-1]:
+    return f"value head dim {v.shape[-1]} != query head dim {q.shape[-1]}"
+  if call.get("explicit_positions"):
+    return "explicit q_positions / kv_positions (the kernel takes the default bottom-right positions)"
+  return None
+
+
+def attention_pallas(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, kv_block=None, blocks=None):
+  """The kernel under the op's signature; positions must be the defaults (see `unsupported`)."""
+  del q_pos, k_pos, kv_block
+  pb = _Problem(spec, q.shape[1], k.shape[1], q.shape[2] // k.shape[2], q_seg is not None,
+                blocks or blocks_for(q.shape[-1]))
+  return _flash(q, k, v, q_seg, k_seg, pb)
