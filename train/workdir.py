@@ -12,8 +12,10 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import pathlib
+import re
 import shutil
 import sys
 import tempfile
@@ -53,11 +55,33 @@ def _min_free_mb() -> float:
     raise ConfigError(f"LONGAX_MIN_FREE_MB={raw!r}: must be a number of megabytes") from None
 
 
-def reason(e: BaseException) -> str:
+def reason(e: BaseException, width: int = 160) -> str:
   """A short human reason for a failure: the exception type and its first line, without
-  the object reprs (`<... object at 0x...>`) that native errors carry."""
-  line = next((l.strip() for l in str(e).splitlines() if l.strip() and "object at 0x" not in l), "")
-  return f"{type(e).__name__}: {line[:160]}" if line else type(e).__name__
+  the object reprs (`<... object at 0x...>`) that native (pybind11) errors carry."""
+  lines = (re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "", l).strip(" :") for l in str(e).splitlines())
+  line = next((l for l in lines if l), "")
+  line = line if len(line) <= width else line[:width - 3] + "..."
+  return f"{type(e).__name__}: {line}" if line else type(e).__name__
+
+
+def _drop_closed_loop_noise() -> None:
+  """A failed orbax restore leaves tensorstore reads behind: their callbacks later hit
+  orbax's closed event loop (an unraisable RuntimeError 'Event loop is closed' each) and
+  their futures die unread (asyncio logs '... exception was never retrieved'), each a
+  traceback. Drop exactly those; anything else still prints."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_longax", False):
+    return
+  unread = ("Future exception was never retrieved", "Task exception was never retrieved")
+  logging.getLogger("asyncio").addFilter(lambda r: not str(r.msg).startswith(unread))
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook._longax = True
+  sys.unraisablehook = hook
 
 
 def restore_newest(steps, restore, where, *, say: bool = True):
@@ -71,6 +95,7 @@ def restore_newest(steps, restore, where, *, say: bool = True):
     try:
       out = restore(step)
     except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
+      _drop_closed_loop_noise()
       failed.append((step, reason(e)))
       continue
     for bad, why in failed if say else ():
