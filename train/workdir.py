@@ -91,11 +91,11 @@ def restore_newest(steps, restore, where, *, say: bool = True):
   With `say`, prints `warning: checkpoint step N in DIR is unreadable (REASON); using
   step M` for each step it skipped."""
   failed = []
+  _drop_closed_loop_noise()
   for step in sorted(steps, reverse=True):
     try:
       out = restore(step)
     except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
-      _drop_closed_loop_noise()
       failed.append((step, reason(e)))
       continue
     for bad, why in failed if say else ():
