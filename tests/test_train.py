@@ -181,8 +181,11 @@ def test_corrupt_checkpoint_falls_back_with_a_warning(tmp_path):
       f.write_bytes(b"garbage")
   r = cli(tmp_path / "run", "train.steps=10")
   assert r.returncode == 0, r.stderr
-  assert "checkpoint at step 8" in r.stderr and "falling back" in r.stderr
-  assert '"start_step": 4' in r.stdout
+  assert "warning: checkpoint step 8 in" in r.stderr and "is unreadable" in r.stderr
+  assert "; using step 4" in r.stderr and '"start_step": 4' in r.stdout
+  # saving step 8 again keeps the unreadable one (renamed) beside the new one
+  kept = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()]
+  assert "8" in kept and any(k.startswith("8.unreadable-") for k in kept)
 
 
 # ------------------------------------------------------------------------ meshes, hosts
