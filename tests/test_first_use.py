@@ -1,6 +1,7 @@
 """First use and failure (issue #11): a bad value, workdir, checkpoint folder, cache or
 flag stops before any work with ONE line on stderr naming it, and writes nothing."""
 
+import dataclasses
 import os
 import pathlib
 import re
@@ -106,7 +107,7 @@ def test_cli_config_errors_in_a_subprocess(tmp_path, assignment, key):
 
 def test_every_config_field_has_a_rule():
   for cls, rules in C.RULES.items():
-    fields = {f.name for f in __import__("dataclasses").fields(cls)}
+    fields = {f.name for f in dataclasses.fields(cls)}
     nested = {f for f in fields if cls.__dataclass_fields__[f].type in
               {c.__name__ for c in C.RULES}}
     assert fields - nested == set(rules), cls.__name__
