@@ -1,9 +1,10 @@
 """python -m longax.infer --workdir DIR (--prompt TEXT | --prompt-tokens 1,2,3) --max-new-tokens N
 
-Loads DIR/config.json and the latest checkpoint in DIR/checkpoints and prints the
+Loads DIR/config.json and the newest readable checkpoint in DIR/checkpoints and prints the
 continuation: text for byte-level models (data.task=text_bytes), token ids otherwise.
-Bad input (no workdir, no checkpoint, a prompt the tokenizer can't encode) exits 2 with
-one line on stderr.
+Bad input (a flag out of range, no workdir, no checkpoint, a prompt the tokenizer can't
+encode or longer than the model takes) exits 2 with one line on stderr, before the model
+is loaded.
 """
 
 from __future__ import annotations
@@ -21,52 +22,98 @@ class UsageError(Exception):
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(prog="python -m longax.infer", description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(prog="python -m longax.infer", description=__doc__.splitlines()[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--workdir", required=True, help="a training run folder")
   g = p.add_mutually_exclusive_group(required=True)
   g.add_argument("--prompt", help="text (byte-level models)")
   g.add_argument("--prompt-tokens", help="comma-separated token ids")
-  p.add_argument("--max-new-tokens", type=int, default=64)
-  p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-  p.add_argument("--top-k", type=int, default=None)
-  p.add_argument("--top-p", type=float, default=None)
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--max-new-tokens", type=int, default=64,
+                 help="tokens to generate (>= 1); with a full-attention layer, prompt + new "
+                      "tokens must fit model.max_len")
+  p.add_argument("--temperature", type=float, default=0.0, help=">= 0; 0: greedy")
+  p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest (>= 1)")
+  p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]")
+  p.add_argument("--seed", type=int, default=0, help="sampling seed")
   p.add_argument("--stop-tokens", default="", help="comma-separated token ids")
+  p.add_argument("--prefill-chunk", type=int, default=64,
+                 help="prompt tokens per prefill step (>= 1)")
   p.add_argument("--streaming", default=None, metavar="SINKS,WINDOW",
                  help="decode softmax layers with a StreamingLLM rolling cache of SINKS + WINDOW "
-                      "slots (constant memory; tokens outside the window are forgotten)")
+                      "slots (constant memory, any length; tokens outside the window are "
+                      "forgotten)")
   return p.parse_args(argv)
 
 
-def load_model(workdir: pathlib.Path, streaming: str | None = None):
-  """(model, run config dict) from a run folder's config.json and latest checkpoint;
-  `streaming="S,W"` gives attention layers S sinks and a window of W (same parameters)."""
+def _ints(flag: str, raw: str) -> list[int]:
+  try:
+    return [int(t) for t in raw.split(",") if t.strip()]
+  except ValueError:
+    raise UsageError(f"{flag} must be comma-separated integers, got {raw!r}") from None
+
+
+def parse_streaming(raw: str | None) -> tuple[int, int] | None:
+  """`SINKS,WINDOW` -> (sinks >= 0, window >= 1)."""
+  if raw is None:
+    return None
+  parts = raw.split(",")
+  if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
+    raise UsageError(f"--streaming expects SINKS,WINDOW (two integers), got {raw!r}")
+  sinks, window = (int(p) for p in parts)
+  if sinks < 0 or window < 1:
+    raise UsageError(f"--streaming {raw}: SINKS must be >= 0 and WINDOW >= 1")
+  return sinks, window
+
+
+def read_config(workdir: pathlib.Path, streaming: tuple[int, int] | None = None):
+  """(LMConfig, run config dict) from DIR/config.json; `streaming` = (sinks, window) gives
+  the attention layers a rolling cache (the same parameters)."""
   if not workdir.is_dir():
     raise UsageError(f"workdir {workdir} does not exist")
   cfg_path = workdir / "config.json"
   if not cfg_path.is_file():
     raise UsageError(f"{cfg_path} not found: is {workdir} a training run folder?")
-  run = json.loads(cfg_path.read_text())
+  from longax.models import LMConfig
+  from longax.models.config import ConfigError, from_dict
+  try:
+    run = json.loads(cfg_path.read_text())
+    cfg = from_dict(LMConfig, run["model"])
+    if streaming:
+      sinks, window = streaming
+      cfg = dataclasses.replace(cfg, attention=dataclasses.replace(cfg.attention, sinks=sinks,
+                                                                    window=window))
+  except ConfigError as e:
+    raise UsageError(f"{'--streaming: ' if streaming else f'{cfg_path}: '}{e}") from None
+  except (ValueError, KeyError, TypeError) as e:
+    raise UsageError(f"{cfg_path}: not a longax run config ({type(e).__name__}: {e})") from None
+  return cfg, run
+
+
+def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
   ckpt = workdir / "checkpoints"
   steps = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
   if not steps:
     raise UsageError(f"no checkpoint in {ckpt}")
+  return steps
+
+
+def load_model(workdir: pathlib.Path, streaming: str | tuple[int, int] | None = None):
+  """(model, run config dict) from a run folder's config.json and newest readable
+  checkpoint (unreadable ones are skipped with a warning)."""
+  streaming = parse_streaming(streaming) if isinstance(streaming, str) else streaming
+  cfg, run = read_config(workdir, streaming)
+  ckpt, steps = workdir / "checkpoints", checkpoint_steps(workdir)
   import orbax.checkpoint as ocp
   from flax import nnx
-  from longax.models import LM, LMConfig
-  from longax.models.config import from_dict
-  cfg = from_dict(LMConfig, run["model"])
-  if streaming:
-    try:
-      sinks, window = (int(x) for x in streaming.split(","))
-    except ValueError:
-      raise UsageError(f"--streaming expects SINKS,WINDOW, got {streaming!r}") from None
-    cfg = dataclasses.replace(cfg, attention=dataclasses.replace(cfg.attention, sinks=sinks,
-                                                                  window=window))
+  from longax.models import LM
+  from longax.train.workdir import restore_newest
   model = LM(cfg, rngs=nnx.Rngs(0))
   logging.getLogger("absl").setLevel(logging.ERROR)
   mngr = ocp.CheckpointManager(ckpt.absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
-  restored = mngr.restore(steps[-1], args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  restore = lambda step: mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  restored, _, tried = restore_newest(steps, restore, ckpt)
+  if restored is None:
+    raise UsageError(f"no checkpoint in {ckpt} restores (tried steps {', '.join(map(str, tried))})")
   params = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(params, restored["state"]["params"])
   nnx.update(model, params)
@@ -81,10 +128,7 @@ def encode(args, run, vocab: int) -> list[int]:
                        f"task is {run.get('data', {}).get('task')!r}: use --prompt-tokens")
     tokens = list(args.prompt.encode("utf-8"))
   else:
-    try:
-      tokens = [int(t) for t in args.prompt_tokens.split(",") if t.strip()]
-    except ValueError:
-      raise UsageError(f"--prompt-tokens must be comma-separated integers, got {args.prompt_tokens!r}") from None
+    tokens = _ints("--prompt-tokens", args.prompt_tokens)
   bad = [t for t in tokens if not 0 <= t < vocab]
   if not tokens or bad:
     raise UsageError(f"the prompt cannot be encoded for this model: "
@@ -92,16 +136,47 @@ def encode(args, run, vocab: int) -> list[int]:
   return tokens
 
 
+def warn_streaming(cfg_trained, streaming, total: int) -> None:
+  """One line where --streaming changes what the model computes (or changes nothing)."""
+  if streaming is None:
+    return
+  sinks, window = streaming
+  if not {"softmax", "sigmoid"} & set(cfg_trained.layer_mixers):
+    print("warning: --streaming has no effect: this model has no softmax / sigmoid layers",
+          file=sys.stderr)
+  elif cfg_trained.attention.window is None and total > sinks + window:
+    print(f"warning: --streaming {sinks},{window}: the model was trained with full attention; "
+          f"past {sinks + window} of these {total} tokens its attention layers see only the "
+          f"first {sinks} and the last {window}", file=sys.stderr)
+
+
+def _flag_error(e) -> str:
+  """generate's FieldError, in the CLI's flag names (top_k -> --top-k)."""
+  from longax.models.config import show
+  return f"--{e.key.replace('_', '-')}={show(e.value)}: {e.allowed}"
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
+  from longax.models.config import FieldError
   try:
-    model, run = load_model(pathlib.Path(args.workdir), args.streaming)
-    tokens = encode(args, run, model.cfg.vocab_size)
-    from longax.infer.generate import generate
-    stop = [int(t) for t in args.stop_tokens.split(",") if t.strip()]
-    out = generate(model, [tokens], max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   seed=args.seed, stop_tokens=stop)[0]
+    streaming = parse_streaming(args.streaming)
+    stop = _ints("--stop-tokens", args.stop_tokens)
+    workdir = pathlib.Path(args.workdir)
+    cfg, run = read_config(workdir, streaming)
+    checkpoint_steps(workdir)
+    tokens = encode(args, run, cfg.vocab_size)
+    from longax.infer.generate import check_request, generate
+    request = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stop,
+                   prefill_chunk=args.prefill_chunk)
+    check_request(cfg, [tokens], **request)
+    warn_streaming(read_config(workdir)[0], streaming, len(tokens) + args.max_new_tokens)
+    model, _ = load_model(workdir, streaming)
+    out = generate(model, [tokens], **request)[0]
+  except FieldError as e:
+    print(f"error: {_flag_error(e)}", file=sys.stderr)
+    return 2
   except (UsageError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

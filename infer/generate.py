@@ -10,6 +10,12 @@
   kept as its last token). Cache length is bucketed to a multiple of 64: the loop compiles
   once per (batch, bucket, sampling settings), not per call.
 - `mesh`: parameters lie by `models.sharding` (fsdp / tensor), the batch over `data`.
+- Length: a model with a full-attention layer (softmax / sigmoid without `attention.window`)
+  takes at most `cfg.max_len` tokens, prompt + new: its KV cache holds max_len positions
+  (beyond them it would wrap and silently forget) and sigmoid attention's bias is
+  -log(max_len). Windowed attention (a ring of sinks + window slots), linear and SSM layers
+  have a constant-size state, so their models take any length. `check_request` raises
+  before any work.
 """
 
 from __future__ import annotations
@@ -22,9 +28,54 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from longax.models.config import FieldError, at_least, number
 from longax.models.sharding import shardings
 
 BUCKET = 64
+_RULES = dict(max_new_tokens=at_least(1), temperature=number(0), top_k=at_least(1, none=True),
+              top_p=number(0, 1, lo_open=True, none=True), prefill_chunk=at_least(1),
+              seed=lambda v: None if isinstance(v, int) and not isinstance(v, bool) else "must be an int")
+
+
+def length_limit(cfg) -> int | None:
+  """The most tokens (prompt + new) `cfg`'s model takes: max_len if a layer keeps a full
+  KV cache (softmax / sigmoid without a window), else None (unbounded)."""
+  full = cfg.attention.window is None and {"softmax", "sigmoid"} & set(cfg.layer_mixers)
+  return cfg.max_len if full else None
+
+
+def check_request(cfg, prompts, *, max_new_tokens: int, temperature: float = 0.0,
+                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                  stop_tokens=(), prefill_chunk: int = 64) -> None:
+  """`generate`'s arguments, checked before any work: raises ValueError (FieldError for a
+  parameter out of range, naming it)."""
+  args = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+              prefill_chunk=prefill_chunk, seed=seed)
+  for key, value in args.items():
+    problem = _RULES[key](value)
+    if problem:
+      raise FieldError(key, value, problem, owner="generate: ")
+  vocab = cfg.vocab_size
+  if top_k is not None and top_k > vocab:
+    raise FieldError("top_k", top_k, f"must be in [1, {vocab}] (the vocabulary) or none",
+                     owner="generate: ")
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("generate: every prompt needs at least one token")
+  bad = [t for p in prompts for t in p if not 0 <= t < vocab]
+  if bad:
+    raise ValueError(f"generate: token {bad[0]} is outside the vocabulary [0, {vocab})")
+  bad = [t for t in stop_tokens if not 0 <= t < vocab]
+  if bad:
+    raise FieldError("stop_tokens", list(stop_tokens), f"token {bad[0]} is outside the "
+                     f"vocabulary [0, {vocab})", owner="generate: ")
+  limit, longest = length_limit(cfg), max(map(len, prompts))
+  if limit is not None and longest + max_new_tokens > limit:
+    kinds = "/".join(sorted({"softmax", "sigmoid"} & set(cfg.layer_mixers)))
+    raise FieldError("max_new_tokens", max_new_tokens, f"the prompt ({longest} tokens) + "
+                     f"{max_new_tokens} new = {longest + max_new_tokens} exceeds model.max_len="
+                     f"{limit}, the positions the {kinds} layers' full KV cache holds: shorten "
+                     "them, or decode with a sliding window (CLI: --streaming SINKS,WINDOW)",
+                     owner="generate: ")
 
 
 def sample(logits, key, temperature: float, top_k: int | None, top_p: float | None):
@@ -92,20 +143,14 @@ def _decode_loop(model, cache, logits, key, stop, *, max_new, temperature, top_k
 def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              stop_tokens=(), prefill_chunk: int = 64, mesh: Mesh | None = None) -> list[list[int]]:
-  """Continues each prompt (a list of token ids); returns the new tokens per prompt."""
-  vocab = model.cfg.vocab_size
+  """Continues each prompt (a list of token ids); returns the new tokens per prompt.
+  Prompt + max_new_tokens may not exceed `model.cfg.max_len` when a layer keeps a full KV
+  cache (see the module docstring); a bad argument raises ValueError before any work."""
   prompts = [list(map(int, p)) for p in prompts]
-  if not prompts or any(len(p) == 0 for p in prompts):
-    raise ValueError("generate: every prompt needs at least one token")
-  bad = [t for p in prompts for t in p if not 0 <= t < vocab]
-  if bad:
-    raise ValueError(f"generate: token {bad[0]} is outside the vocabulary [0, {vocab})")
-  if max_new_tokens < 1:
-    raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-  if top_k is not None and not 0 < top_k <= vocab:
-    raise ValueError(f"generate: top_k must be in [1, {vocab}], got {top_k}")
-  if top_p is not None and not 0 < top_p <= 1:
-    raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
+  stop_tokens = [int(t) for t in stop_tokens]
+  check_request(model.cfg, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens,
+                prefill_chunk=prefill_chunk)
   if mesh is not None:  # a sharded copy; the caller's model stays where it is
     graphdef, state = nnx.split(model)
     model = nnx.merge(graphdef, jax.device_put(state, shardings(state, mesh)))

@@ -97,8 +97,8 @@ def _check(op, u, delta, A, Bm, Cm, D, z, delta_bias, state, state_name, time_ax
   _checks.rank(op, "u", u, r, f"[{lead}D]")
   _checks.floating(op, "u", u)
   _checks.rank(op, "A", A, 2, "[D, N]")
-  d, n = A.shape
-  _checks.shape_is(op, "u", u, u.shape[:-1] + (d,), f"[{lead}D] with D={d} from A [D, N]")
+  d, n = u.shape[-1], A.shape[-1]
+  _checks.shape_is(op, "A", A, (d, n), f"[D, N] with D={d} from u [{lead}D]")
   _checks.shape_is(op, "delta", delta, u.shape, f"[{lead}D]")
   for name, x in (("B", Bm), ("C", Cm)):
     _checks.shape_is(op, name, x, u.shape[:-1] + (n,), f"[{lead}N]")

@@ -50,6 +50,7 @@ def ssd(x, dt, A, B, C, *, D=None, initial_state=None, segment_ids=None,
   """Mamba-2 state-space duality. Returns y [B, T, H, P] or (y, state [B, H, P, N])."""
   op = "ssd"
   _check(op, x, dt, A, B, C, D, "B, T")
+  _checks.impl(op, impl, via="linear_attention")
   b, _, h, p = x.shape
   h0 = None
   if initial_state is not None:

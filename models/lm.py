@@ -97,7 +97,12 @@ class LM(nnx.Module):
     return self._logits(x)
 
   def init_cache(self, batch: int, max_len: int | None = None) -> dict:
-    """The decode state for `batch` rows of up to `max_len` tokens (default cfg.max_len)."""
+    """The decode state for `batch` rows of up to `max_len` tokens (default cfg.max_len).
+
+    max_len is the positions a full attention KV cache holds; a windowed one holds
+    min(max_len, sinks + window) slots and linear / SSM states ignore it. Decoding past a
+    full cache's max_len is not checked here (inside jit): its ring would wrap and forget
+    the oldest tokens. `infer.generate` checks lengths before it starts."""
     max_len = max_len or self.cfg.max_len
     return dict(pos=jnp.zeros((batch,), jnp.int32),
                 layers=[block.mixer.init_cache(batch, max_len) for block in self.blocks])

@@ -1,6 +1,13 @@
 """Shared test helpers: seeded inputs, per-dtype tolerances, gradient probes."""
 
+import atexit
 import os
+import shutil
+import tempfile
+
+# Caches (the byte corpus) go to a temporary folder, never ~/.cache; subprocesses inherit it.
+os.environ["LONGAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="longax-test-cache-")
+atexit.register(shutil.rmtree, os.environ["LONGAX_CACHE_DIR"], ignore_errors=True)
 
 # Small shapes: XLA's compile time dominates, and its optimisations don't pay for themselves.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")

@@ -26,7 +26,7 @@ def tiny(**kw):
 CONFIGS = {
     "softmax": tiny(),
     "window-sinks": tiny(attention=AttentionConfig(window=6, sinks=2)),
-    "hybrid": tiny(n_layers=3, layer_pattern=("mamba2", "gla", "sigmoid")),
+    "hybrid": tiny(n_layers=3, mixer="mamba2", layer_pattern=("mamba2", "gla", "sigmoid")),
 }
 
 

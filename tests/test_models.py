@@ -114,10 +114,14 @@ def test_config_errors():
     tiny("mamba3")
   with pytest.raises(ValueError, match="unknown mixer 'rwkv'"):
     tiny("softmax", layer_pattern=("softmax", "rwkv"))
-  with pytest.raises(ValueError, match="n_heads=4 is not a multiple of n_kv_heads=3"):
+  with pytest.raises(ValueError, match="LMConfig: n_kv_heads=3: must divide n_heads=4"):
     tiny("softmax", n_kv_heads=3)
-  with pytest.raises(ValueError, match="`vocab_size` must be >= 1, got 0"):
+  with pytest.raises(ValueError, match="LMConfig: vocab_size=0: must be an int >= 1$"):
     tiny("softmax", vocab_size=0)
+  with pytest.raises(ValueError, match=r"attention.window=0: must be an int >= 1 or none"):
+    tiny("softmax", attention=AttentionConfig(window=0))
+  with pytest.raises(ValueError, match=r"mixer='gla': is not in layer_pattern=\('softmax',\)"):
+    tiny("gla", layer_pattern=("softmax",))
 
 
 def test_layer_pattern_repeats():

@@ -113,7 +113,7 @@ def test_pallas_not_yet(rand, impl):
 BAD = [
     (dict(u=lambda a: a[0]), "`u` must have rank 3"),
     (dict(A=lambda a: a[:, :, None]), "`A` must have rank 2"),
-    (dict(A=lambda a: a[:3]), "`u` must have shape"),
+    (dict(A=lambda a: a[:3]), "`A` must have shape \\(4, 3\\) \\[D, N\\] with D=4 from u"),
     (dict(delta=lambda a: a[:, :5]), "`delta` must have shape"),
     (dict(B=lambda a: a[..., :2]), "`B` must have shape"),
     (dict(C=lambda a: a.astype(jnp.bfloat16)), "share one dtype"),

@@ -92,3 +92,12 @@ def test_state_shape_errors(rand):
     ssd(x, dt, A, B, C, initial_state=jnp.zeros((2, 4, 4, 3)))
   with pytest.raises(ValueError, match="`state` must have shape \\(2, 4, 3, 4\\)"):
     ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], jnp.zeros((2, 4, 3, 3)))
+
+
+@pytest.mark.parametrize("impl,err,msg", [
+    ("pallas", NotImplementedError, r"^longax.kernels.ssd: impl='pallas' is not implemented yet"),
+    ("bogus", ValueError, r"^ssd: unknown impl='bogus'")])
+def test_impl_errors_name_ssd(rand, impl, err, msg):
+  x, dt, A, B, C, _, _ = _inputs(rand, 1, 4, 4, 3, 2, 4)
+  with pytest.raises(err, match=msg):
+    ssd(x, dt, A, B, C, impl=impl)

@@ -70,7 +70,7 @@ def test_cli_errors_are_one_line(tmp_path):
                      capture_output=True, text=True)
   assert r.returncode == 2 and "config file not found" in r.stderr
   r = cli(tmp_path / "b", "mesh.sequence=2")
-  assert r.returncode == 2 and "mesh.sequence must be 1" in r.stderr
+  assert r.returncode == 2 and "mesh.sequence=2: must be 1" in r.stderr
 
 
 # ------------------------------------------------------------------------------- data
@@ -116,7 +116,7 @@ def test_text_bytes_packs_documents(tmp_path):
   np.testing.assert_array_equal(bt["mask"][:, :-1] == 0, np.diff(bt["segment_ids"], axis=1) > 0)
   again = Dataset(cfg, tmp_path / "cache").batch("train", 0)  # from the memory-mapped cache
   np.testing.assert_array_equal(bt["tokens"], again["tokens"])
-  with pytest.raises(C.ConfigError, match="data.path does not exist"):
+  with pytest.raises(C.ConfigError, match="data.path=.*: does not exist"):
     Dataset(C.DataConfig(task="text_bytes", path=str(tmp_path / "nope")), tmp_path / "cache")
 
 
@@ -181,8 +181,11 @@ def test_corrupt_checkpoint_falls_back_with_a_warning(tmp_path):
       f.write_bytes(b"garbage")
   r = cli(tmp_path / "run", "train.steps=10")
   assert r.returncode == 0, r.stderr
-  assert "checkpoint at step 8" in r.stderr and "falling back" in r.stderr
-  assert '"start_step": 4' in r.stdout
+  assert "warning: checkpoint step 8 in" in r.stderr and "is unreadable" in r.stderr
+  assert "; using step 4" in r.stderr and '"start_step": 4' in r.stdout
+  # saving step 8 again keeps the unreadable one (renamed) beside the new one
+  kept = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()]
+  assert "8" in kept and any(k.startswith("8.unreadable-") for k in kept)
 
 
 # ------------------------------------------------------------------------ meshes, hosts
@@ -225,7 +228,7 @@ def test_grad_accum_and_remat_match_the_plain_step(tmp_path):
     losses[name] = _losses(tmp_path / name)
   np.testing.assert_allclose(losses["accum"], losses["plain"], rtol=1e-5)
   np.testing.assert_allclose(losses["remat"], losses["plain"], rtol=1e-5)
-  with pytest.raises(C.ConfigError, match="not a multiple of optim.grad_accum=3"):
+  with pytest.raises(C.ConfigError, match="must be a multiple of optim.grad_accum=3"):
     Trainer(C.override(base, ["optim.grad_accum=3"]), tmp_path / "bad")
 
 
@@ -241,9 +244,11 @@ def test_config_file_errors(tmp_path):
 
 
 @pytest.mark.parametrize("kw,msg", [
-    (dict(task="copying"), "unknown data.task 'copying'; valid: mqar"),
-    (dict(task="mqar", seq_len=10, num_kv_pairs=8), "seq_len=10 is too short for num_kv_pairs=8"),
-    (dict(task="mqar", seq_len=64, num_kv_pairs=20, vocab_size=32), "num_kv_pairs=20 needs vocab_size >= 42"),
+    (dict(task="copying"), "data.task='copying': must be one of mqar, selective_copy"),
+    (dict(task="mqar", seq_len=10, num_kv_pairs=8),
+     "data.seq_len=10: must be >= 17 for data.task='mqar' with num_kv_pairs=8"),
+    (dict(task="mqar", seq_len=64, num_kv_pairs=20, vocab_size=32),
+     "data.vocab_size=32: must be >= 42 for data.task='mqar' with num_kv_pairs=20"),
 ])
 def test_data_config_errors(kw, msg):
   with pytest.raises(C.ConfigError, match=msg):
@@ -251,7 +256,7 @@ def test_data_config_errors(kw, msg):
 
 
 def test_data_content_errors(tmp_path):
-  with pytest.raises(C.ConfigError, match="vocab_size must be >= 16 for passkey"):
+  with pytest.raises(C.ConfigError, match="data.vocab_size=12: must be >= 16 for data.task='passkey'"):
     Dataset(C.DataConfig(task="passkey", vocab_size=12)).batch("train", 0)
   tiny_corpus = tmp_path / "c"
   tiny_corpus.mkdir()
@@ -262,9 +267,10 @@ def test_data_content_errors(tmp_path):
 
 
 @pytest.mark.parametrize("mesh,msg", [
-    (C.MeshConfig(data=-1, fsdp=-1), "at most one -1"),
-    (C.MeshConfig(data=-1, fsdp=3), "does not divide 2 devices"),
+    (C.MeshConfig(data=-1, fsdp=-1), "at most one axis may be -1"),
+    (C.MeshConfig(data=-1, fsdp=3), "3 does not divide the 2 devices"),
     (C.MeshConfig(data=2, fsdp=2), "needs 4 devices, there are 2"),
+    (C.MeshConfig(data=0), r"mesh.data=0: must be an int >= 1, or -1"),
 ])
 def test_mesh_errors(mesh, msg):
   import jax
@@ -274,8 +280,8 @@ def test_mesh_errors(mesh, msg):
 
 
 @pytest.mark.parametrize("sets,msg", [
-    (["model.vocab_size=16"], "model.vocab_size=16 is smaller than the data's vocabulary \\(32\\)"),
-    (["train.remat=all"], "train.remat must be 'none' or 'block', got 'all'"),
+    (["model.vocab_size=16"], "model.vocab_size=16: must be >= data.vocab_size=32"),
+    (["train.remat=all"], "train.remat='all': must be one of none, block"),
 ])
 def test_trainer_config_errors(tmp_path, sets, msg):
   from longax.train import Trainer

@@ -1,17 +1,28 @@
 """Experiment configs: frozen dataclasses, and `--set a.b=value` overrides type-checked in
-one place. A config file (`configs/*.py`) defines `get_config() -> ExperimentConfig`."""
+one place. A config file (`configs/*.py`) defines `get_config() -> ExperimentConfig`.
+
+`validate(cfg, n_devices)` checks every field's range (`RULES`) and the rules between
+fields before anything runs; each failure is one line, `key=value: what is allowed`.
+"""
 
 from __future__ import annotations
 
 import ast
 import dataclasses
 import importlib.util
+import math
 import pathlib
+import traceback
 import types
 import typing
 
 from longax.models import LMConfig
+from longax.models import config as model_config
+from longax.models.config import ConfigError, FieldError, at_least, flag, number, one_of, text
 from longax.models.config import from_dict as dataclass_from_dict
+
+TASKS = ("mqar", "selective_copy", "induction", "passkey", "text_bytes")
+PASSKEY_DIGITS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +37,9 @@ class DataConfig:
   depth: float = 0.5  # passkey: where in the context the key sits (0..1)
   path: str | None = None  # text_bytes: a file or directory (default: Python's stdlib)
   val_fraction: float = 0.05  # text_bytes: last documents held out
+  # text_bytes: where the corpus cache goes (default $LONGAX_CACHE_DIR, else
+  # $XDG_CACHE_HOME/longax or ~/.cache/longax)
+  cache_dir: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,24 +86,135 @@ class ExperimentConfig:
   mesh: MeshConfig = MeshConfig()
 
 
-class ConfigError(ValueError):
-  """A bad config file, key or value; the message names it."""
+AXES = ("data", "fsdp", "tensor", "sequence")
+_MESH_SIZE = lambda v: None if v == -1 or (model_config._is_int(v) and v >= 1) else (
+    "must be an int >= 1, or -1 (the devices left over)")
+RULES = model_config.RULES | {
+    DataConfig: dict(task=one_of(*TASKS), seq_len=at_least(1), batch_size=at_least(1),
+                     seed=at_least(0), vocab_size=at_least(1), num_kv_pairs=at_least(1),
+                     num_tokens=at_least(1), depth=number(0, 1),
+                     path=text(none=True), val_fraction=number(0, 1, hi_open=True),
+                     cache_dir=text(none=True)),
+    OptimConfig: dict(lr=number(0, lo_open=True), warmup_steps=at_least(0),
+                      min_lr_ratio=number(0, 1), weight_decay=number(0),
+                      b1=number(0, 1, hi_open=True), b2=number(0, 1, hi_open=True),
+                      clip_norm=number(0, lo_open=True), grad_accum=at_least(1)),
+    TrainConfig: dict(steps=at_least(1), log_every=at_least(1), eval_every=at_least(1),
+                      eval_batches=at_least(1), checkpoint_every=at_least(1),
+                      keep_checkpoints=at_least(1), seed=at_least(0),
+                      remat=one_of("none", "block"), stop_after=at_least(1, none=True)),
+    MeshConfig: dict(data=_MESH_SIZE, fsdp=_MESH_SIZE, tensor=_MESH_SIZE,
+                     sequence=lambda v: None if v == 1 else
+                     "must be 1: sequence parallelism is not implemented yet"),
+    ExperimentConfig: dict(name=lambda v: None if isinstance(v, str) and v and "/" not in v
+                           else "must be a non-empty string without '/'"),
+}
+
+
+def validate(cfg: ExperimentConfig, n_devices: int | None = None) -> ExperimentConfig:
+  """Every field's range and every rule between fields; `n_devices` (when known) checks the
+  mesh and the batch split. Returns cfg; raises ConfigError naming the key."""
+  model_config.check_fields(cfg, RULES)
+  try:
+    model_config.check(cfg.model)
+  except FieldError as e:
+    raise e.under("model") from None
+  check_data(cfg.data)
+  d, m = cfg.data, cfg.model
+  data_vocab = 256 if d.task == "text_bytes" else d.vocab_size
+  if m.vocab_size < data_vocab:
+    what = "256 bytes (data.task='text_bytes')" if d.task == "text_bytes" else f"data.vocab_size={d.vocab_size}"
+    raise FieldError("model.vocab_size", m.vocab_size, f"must be >= {what}")
+  if d.seq_len > m.max_len:
+    raise FieldError("data.seq_len", d.seq_len, f"must be <= model.max_len={m.max_len}, the "
+                     "longest sequence the model is built for")
+  if d.batch_size % cfg.optim.grad_accum:
+    raise FieldError("data.batch_size", d.batch_size,
+                     f"must be a multiple of optim.grad_accum={cfg.optim.grad_accum}")
+  sizes = mesh_sizes(cfg.mesh, n_devices)
+  if n_devices is not None and d.batch_size % (sizes["data"] * sizes["fsdp"]):
+    raise FieldError("data.batch_size", d.batch_size, f"must be a multiple of mesh data x fsdp "
+                     f"= {sizes['data'] * sizes['fsdp']} (the batch is split over them)")
+  return cfg
+
+
+def check_data(d: DataConfig) -> None:
+  """DataConfig's fields, then what its task needs of seq_len and vocab_size."""
+  try:
+    model_config.check_fields(d, RULES)
+  except FieldError as e:
+    raise e.under("data") from None
+  need_len, need_vocab = {
+      "mqar": (2 * d.num_kv_pairs + 1, 2 * d.num_kv_pairs + 2),  # pairs, then >= 1 query
+      "selective_copy": (2 * d.num_tokens, 3),  # blanks among which to scatter, then a copy
+      "induction": (3, 3),
+      "passkey": (2 * PASSKEY_DIGITS + 1, 16),  # marker + key, question + key
+      "text_bytes": (1, 1)}[d.task]
+  if d.seq_len < need_len:
+    raise FieldError("data.seq_len", d.seq_len, f"must be >= {need_len} for data.task={d.task!r}"
+                     + (f" with num_kv_pairs={d.num_kv_pairs}" if d.task == "mqar" else "")
+                     + (f" with num_tokens={d.num_tokens}" if d.task == "selective_copy" else ""))
+  if d.task != "text_bytes" and d.vocab_size < need_vocab:
+    raise FieldError("data.vocab_size", d.vocab_size, f"must be >= {need_vocab} for "
+                     f"data.task={d.task!r}" + (f" with num_kv_pairs={d.num_kv_pairs}"
+                                                if d.task == "mqar" else ""))
+
+
+def mesh_sizes(mcfg: MeshConfig, n_devices: int | None = None) -> dict[str, int]:
+  """Axis sizes with -1 filled from `n_devices` (left as -1 when that is None)."""
+  try:
+    model_config.check_fields(mcfg, RULES)
+  except FieldError as e:
+    raise e.under("mesh") from None
+  sizes = {a: getattr(mcfg, a) for a in AXES}
+  shown = ", ".join(f"{a}={s}" for a, s in sizes.items())
+  if list(sizes.values()).count(-1) > 1:
+    raise ConfigError(f"mesh ({shown}): at most one axis may be -1")
+  if n_devices is None:
+    return sizes
+  known = math.prod(s for s in sizes.values() if s != -1)
+  if -1 in sizes.values():
+    if n_devices % known:
+      raise ConfigError(f"mesh ({shown}): {known} does not divide the {n_devices} devices")
+    sizes = {a: n_devices // known if s == -1 else s for a, s in sizes.items()}
+  if math.prod(sizes.values()) != n_devices:
+    raise ConfigError(f"mesh ({shown}): needs {math.prod(sizes.values())} devices, there "
+                      f"are {n_devices}")
+  return sizes
 
 
 def load(path: str | pathlib.Path) -> ExperimentConfig:
-  """Runs a config file's `get_config()`."""
+  """Runs a config file's `get_config()`; any failure is one line naming the file."""
   path = pathlib.Path(path)
   if not path.is_file():
     raise ConfigError(f"config file not found: {path}")
   spec = importlib.util.spec_from_file_location(f"longax_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ConfigError(f"{path} defines no get_config()")
-  cfg = module.get_config()
+  try:
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+      raise ConfigError(f"{path} defines no get_config()")
+    cfg = module.get_config()
+  except ConfigError as e:
+    raise ConfigError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
+  except Exception as e:  # noqa: BLE001 - a broken config file: say where, in one line
+    raise ConfigError(f"{path}{_line_in(e, path)}: {type(e).__name__}: {_first_line(e)}") from None
   if not isinstance(cfg, ExperimentConfig):
     raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not ExperimentConfig")
   return cfg
+
+
+def _first_line(e: BaseException) -> str:
+  return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+def _line_in(e: BaseException, path: pathlib.Path) -> str:
+  """`:LINE` of the deepest frame of the traceback that lies in `path`."""
+  if isinstance(e, SyntaxError) and e.lineno:
+    return f":{e.lineno}"
+  lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
+           if pathlib.Path(f.filename).resolve() == path.resolve()]
+  return f":{lines[-1]}" if lines else ""
 
 
 def override(cfg, assignments: list[str]):
@@ -120,7 +245,9 @@ def _set(obj, path: list[str], raw: str, full_key: str):
     value = parse(raw, hint, full_key)
   try:
     return dataclasses.replace(obj, **{name: value})
-  except ValueError as e:  # a dataclass's own validation (LMConfig.__post_init__)
+  except FieldError as e:  # LMConfig's own validation: its key, seen from the top
+    raise e.under(".".join(full_key.split(".")[:-len(path)])) from None
+  except ValueError as e:
     raise ConfigError(f"--set {full_key}={raw}: {e}") from None
 
 

@@ -10,15 +10,16 @@ uninterrupted one would. Every batch is a dict of numpy arrays:
 from __future__ import annotations
 
 import hashlib
+import os
 import pathlib
 import sys
 import sysconfig
 
 import numpy as np
 
-from longax.train.config import ConfigError, DataConfig
+from longax.train.config import (PASSKEY_DIGITS, TASKS, ConfigError, DataConfig, FieldError,
+                                 check_data)
 
-TASKS = ("mqar", "selective_copy", "induction", "passkey", "text_bytes")
 _SPLITS = {"train": 0, "val": 1}
 
 
@@ -81,13 +82,11 @@ def induction(cfg: DataConfig, rng) -> dict:
   return _pack(seqs, mask)
 
 
-def passkey(cfg: DataConfig, rng, digits: int = 4) -> dict:
+def passkey(cfg: DataConfig, rng, digits: int = PASSKEY_DIGITS) -> dict:
   """Passkey retrieval: filler tokens (13..v), then at `depth` of the context a marker (2)
   and a key of `digits` digit tokens (3..12); the sequence ends with the question token (1)
   and the key, on which the loss counts."""
   b, t, v = cfg.batch_size, cfg.seq_len + 1, cfg.vocab_size
-  if v < 16:
-    raise ConfigError("data.vocab_size must be >= 16 for passkey")
   seqs = rng.integers(13, v, (b, t))
   key = rng.integers(3, 13, (b, digits))
   ctx = t - digits - 1
@@ -99,30 +98,46 @@ def passkey(cfg: DataConfig, rng, digits: int = 4) -> dict:
   return _pack(seqs, mask)
 
 
+def cache_dir(cfg: DataConfig) -> pathlib.Path:
+  """Where the byte corpus cache goes: data.cache_dir, else $LONGAX_CACHE_DIR, else
+  $XDG_CACHE_HOME/longax, else ~/.cache/longax."""
+  if cfg.cache_dir:
+    return pathlib.Path(cfg.cache_dir).expanduser()
+  if os.environ.get("LONGAX_CACHE_DIR"):
+    return pathlib.Path(os.environ["LONGAX_CACHE_DIR"]).expanduser()
+  base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+  return pathlib.Path(base) / "longax"
+
+
 class TextBytes:
   """Byte-level text from a file or a directory (default: the Python standard library's
   source), concatenated once into a cache file and memory-mapped. The last
   `val_fraction` of documents is the validation split. A batch holds windows at random
   offsets; `segment_ids` mark document boundaries and the loss skips cross-document targets."""
 
-  def __init__(self, cfg: DataConfig, cache_dir: str | pathlib.Path, max_bytes: int = 64 << 20):
+  def __init__(self, cfg: DataConfig, cache: str | pathlib.Path, max_bytes: int = 64 << 20):
     root = pathlib.Path(cfg.path or sysconfig.get_paths()["stdlib"])
     if not root.exists():
-      raise ConfigError(f"data.path does not exist: {root}")
+      raise FieldError("data.path", cfg.path, "does not exist")
     files = sorted(root.rglob("*.py")) if root.is_dir() else [root]
     if root.is_dir() and not files:
       files = sorted(p for p in root.rglob("*") if p.is_file())
     key = hashlib.sha1(f"{root.resolve()}:{len(files)}:{max_bytes}".encode()).hexdigest()[:12]
-    cache_dir = pathlib.Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    data_file, starts_file = cache_dir / f"bytes-{key}.bin", cache_dir / f"bytes-{key}.starts.npy"
+    cache = pathlib.Path(cache)
+    data_file, starts_file = cache / f"bytes-{key}.bin", cache / f"bytes-{key}.starts.npy"
     if not (data_file.exists() and starts_file.exists()):
-      self._build(files, data_file, starts_file, max_bytes)
+      try:
+        cache.mkdir(parents=True, exist_ok=True)
+        self._build(files, data_file, starts_file, max_bytes)
+      except OSError as e:
+        raise ConfigError(f"data.cache_dir: cannot write the byte corpus cache in {cache} "
+                          f"({e.strerror or e}); set data.cache_dir or LONGAX_CACHE_DIR") from None
     self.data = np.memmap(data_file, np.uint8, "r")
     self.starts = np.load(starts_file)
     n_docs = len(self.starts)
     if n_docs < 2 or len(self.data) < 4 * (cfg.seq_len + 1):
-      raise ConfigError(f"data.path {root}: too little text ({len(self.data)} bytes in {n_docs} files)")
+      raise FieldError("data.path", str(root), f"too little text ({len(self.data)} bytes in "
+                       f"{n_docs} files; needs >= 2 files and {4 * (cfg.seq_len + 1)} bytes)")
     split_doc = max(1, min(n_docs - 1, int(round(n_docs * (1 - cfg.val_fraction)))))
     cut = int(self.starts[split_doc])
     self.ranges = {"train": (0, cut), "val": (cut, len(self.data))}
@@ -148,6 +163,7 @@ class TextBytes:
           break
     np.save(starts_file, np.asarray(starts, np.int64))
     tmp.replace(data_file)  # atomic: a half-written cache is never picked up
+    print(f"longax: caching the byte corpus ({total / 1e6:.1f} MB) in {data_file}", file=sys.stderr)
 
   def batch(self, split: str, rng) -> dict:
     lo, hi = self.ranges[split]
@@ -165,19 +181,13 @@ class TextBytes:
 
 
 class Dataset:
-  """`Dataset(cfg, cache_dir).batch(split, index)`: the index-th batch of a split."""
+  """`Dataset(cfg).batch(split, index)`: the index-th batch of a split. The byte corpus
+  cache goes to `cache` (default `cache_dir(cfg)`)."""
 
-  def __init__(self, cfg: DataConfig, cache_dir: str | pathlib.Path = "runs/.cache"):
-    if cfg.task not in TASKS:
-      raise ConfigError(f"unknown data.task {cfg.task!r}; valid: {', '.join(TASKS)}")
-    if cfg.task == "mqar" and cfg.seq_len + 1 < 2 * cfg.num_kv_pairs + 2:
-      raise ConfigError(f"data.seq_len={cfg.seq_len} is too short for "
-                        f"num_kv_pairs={cfg.num_kv_pairs} (needs >= {2 * cfg.num_kv_pairs + 1})")
-    if cfg.task == "mqar" and cfg.num_kv_pairs > cfg.vocab_size // 2 - 1:
-      raise ConfigError(f"data.num_kv_pairs={cfg.num_kv_pairs} needs vocab_size >= "
-                        f"{2 * cfg.num_kv_pairs + 2}, got {cfg.vocab_size}")
+  def __init__(self, cfg: DataConfig, cache: str | pathlib.Path | None = None):
+    check_data(cfg)
     self.cfg = cfg
-    self.text = TextBytes(cfg, cache_dir) if cfg.task == "text_bytes" else None
+    self.text = (TextBytes(cfg, cache or cache_dir(cfg)) if cfg.task == "text_bytes" else None)
     self.vocab_size = 256 if self.text else cfg.vocab_size
 
   def batch(self, split: str, index: int) -> dict:

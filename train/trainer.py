@@ -7,10 +7,13 @@ position hang off it.
   parameters over fsdp (first axis) and tensor (last axis) where the sizes divide.
 - AdamW with linear warmup + cosine decay, global-norm clipping, gradient accumulation over
   microbatches, compute dtype from the model config, optional per-block remat.
-- Orbax checkpoints (async, keep the last K) of params, optimiser state and step; the data
-  position is the step. Re-running with the same workdir resumes; a checkpoint that fails
-  to restore is skipped with a warning for the one before it. SIGTERM / SIGINT save and
-  exit; a non-finite loss stops the run and keeps the last good checkpoint.
+- Orbax checkpoints (async, keep the last K readable ones) of params, optimiser state and
+  step; the data position is the step. Re-running with the same workdir resumes; a
+  checkpoint that fails to restore is skipped with a one-line warning for the one before
+  it and left in place. If none restores, the run refuses to start (CheckpointError) on
+  every try until `fresh=True` (`--fresh`) moves the folder aside and starts from step 0.
+  SIGTERM / SIGINT save and exit; a non-finite loss stops the run and keeps the last good
+  checkpoint.
 - DIR/metrics.jsonl, TensorBoard events in DIR/tb, DIR/config.json, a progress bar.
 """
 
@@ -20,8 +23,8 @@ import json
 import math
 import pathlib
 import signal
+import sys
 import time
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +36,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from longax.models import LM, flops_per_token
 from longax.models.sharding import shardings
-from longax.train.config import ConfigError, ExperimentConfig, MeshConfig, to_dict
+from longax.train.config import AXES, ExperimentConfig, MeshConfig, mesh_sizes, to_dict, validate
 from longax.train.data import Dataset
-
-AXES = ("data", "fsdp", "tensor", "sequence")
+from longax.train.workdir import move_aside, restore_newest
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
               "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12}
 
@@ -45,23 +47,15 @@ class NonFiniteLoss(RuntimeError):
   pass
 
 
+class CheckpointError(RuntimeError):
+  """Checkpoints exist but none restores; nothing was changed on disk."""
+
+
 def make_mesh(mcfg: MeshConfig, devices=None) -> Mesh:
   """The 4-axis mesh; one size may be -1 (the devices left over)."""
   devices = list(devices or jax.devices())
-  sizes = [getattr(mcfg, a) for a in AXES]
-  if mcfg.sequence != 1:
-    raise ConfigError("mesh.sequence must be 1: sequence parallelism is not implemented yet")
-  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ConfigError(f"mesh sizes must be >= 1 with at most one -1, got {dict(zip(AXES, sizes))}")
-  known = math.prod(s for s in sizes if s != -1)
-  if -1 in sizes:
-    if len(devices) % known:
-      raise ConfigError(f"mesh {dict(zip(AXES, sizes))} does not divide {len(devices)} devices")
-    sizes[sizes.index(-1)] = len(devices) // known
-  if math.prod(sizes) != len(devices):
-    raise ConfigError(f"mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices, "
-                      f"there are {len(devices)}")
-  return Mesh(np.asarray(devices).reshape(sizes), AXES)
+  sizes = mesh_sizes(mcfg, len(devices))
+  return Mesh(np.asarray(devices).reshape([sizes[a] for a in AXES]), AXES)
 
 
 def make_optimizer(cfg: ExperimentConfig):
@@ -89,21 +83,17 @@ def peak_flops(device) -> float | None:
 
 
 class Trainer:
-  def __init__(self, cfg: ExperimentConfig, workdir: str | pathlib.Path):
-    self.cfg, self.workdir = cfg, pathlib.Path(workdir)
-    if cfg.model.vocab_size < (256 if cfg.data.task == "text_bytes" else cfg.data.vocab_size):
-      raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's "
-                        f"vocabulary ({256 if cfg.data.task == 'text_bytes' else cfg.data.vocab_size})")
-    accum = cfg.optim.grad_accum
-    if accum < 1 or cfg.data.batch_size % accum:
-      raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not a multiple of "
-                        f"optim.grad_accum={accum}")
-    if cfg.train.remat not in ("none", "block"):
-      raise ConfigError(f"train.remat must be 'none' or 'block', got {cfg.train.remat!r}")
+  """`fresh`: start from step 0 even if the workdir holds checkpoints; its `checkpoints`
+  folder is renamed `checkpoints.unreadable-<time>` (none restores) or `checkpoints.old-<time>`
+  and kept."""
+
+  def __init__(self, cfg: ExperimentConfig, workdir: str | pathlib.Path, fresh: bool = False):
+    self.cfg, self.workdir, self.fresh = validate(cfg, jax.device_count()), pathlib.Path(workdir), fresh
     self.mesh = make_mesh(cfg.mesh)
-    self.data = Dataset(cfg.data, self.workdir.parent / ".cache")
+    self.data = Dataset(cfg.data)
     self.lead = jax.process_index() == 0
     self._stop_signal = None
+    self.unreadable: set[int] = set()
 
   # ------------------------------------------------------------------ state and step
   def _init_state(self):
@@ -158,39 +148,72 @@ class Trainer:
 
   # ------------------------------------------------------------------ checkpoints
   def _manager(self):
-    opts = ocp.CheckpointManagerOptions(max_to_keep=self.cfg.train.keep_checkpoints,
-                                        enable_async_checkpointing=True, create=True)
+    # max_to_keep=None: orbax deletes nothing; `_prune` keeps the newest readable ones, so
+    # an unreadable newest step never pushes the good older ones out.
+    opts = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=True,
+                                        create=True)
     return ocp.CheckpointManager((self.workdir / "checkpoints").absolute(), options=opts)
+
+  def _prune(self, mngr):
+    """Deletes readable checkpoints beyond the newest `train.keep_checkpoints`; unreadable
+    ones are never touched."""
+    readable = sorted(s for s in mngr.all_steps() if s not in self.unreadable)
+    for step in readable[:-self.cfg.train.keep_checkpoints]:
+      mngr.delete(step)
 
   def _save(self, mngr, state, wait=False):
     step = int(state["step"])
+    mngr.wait_until_finished()
+    self._prune(mngr)
+    if step in self.unreadable:  # a new checkpoint of this step: keep the old one beside it
+      old = mngr.directory / str(step)
+      kept = old.with_name(f"{step}.unreadable-{int(time.time())}")
+      if self.lead:
+        old.rename(kept)
+        print(f"longax: saving step {step} again; its unreadable checkpoint is kept as {kept}",
+              file=sys.stderr)
+      self.unreadable.discard(step)
+      mngr.reload()
     mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         meta=ocp.args.JsonSave(dict(step=step, data_index=step, seed=self.cfg.train.seed))),
         force=True)
     if wait:
       mngr.wait_until_finished()
+      self._prune(mngr)
 
   def _restore(self, mngr, state):
-    """The newest checkpoint that restores; corrupt ones are skipped with a warning."""
-    steps = sorted(mngr.all_steps(), reverse=True)
+    """(state, step) of the newest checkpoint that restores; unreadable ones are named in
+    a warning and left in place. None restoring raises CheckpointError, unless `fresh`."""
+    steps = mngr.all_steps()
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    for step in steps:
-      try:
-        out = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        return out["state"], step
-      except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
-        aside = mngr.directory / f"{step}.corrupt-{int(time.time())}"
-        warnings.warn(f"checkpoint at step {step} in {self.workdir / 'checkpoints'} is corrupt "
-                      f"or partial ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                      f"falling back to the previous one (moved to {aside.name})")
-        if self.lead:  # kept for inspection, out of the way of the next save of this step
-          (mngr.directory / str(step)).rename(aside)
-        mngr.reload()
+    restore = lambda step: mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))["state"]
+    where = self.workdir / "checkpoints"
+    if self.fresh and steps:
+      return self._start_fresh(mngr, state, restore, steps)
+    out, step, unreadable = restore_newest(steps, restore, where, say=self.lead)
+    self.unreadable = set(unreadable)
+    if out is not None:
+      return out, step
     if steps:
-      raise RuntimeError(f"no checkpoint in {self.workdir / 'checkpoints'} restores "
-                         f"(tried steps {steps}); refusing to restart from scratch")
+      raise CheckpointError(
+          f"no checkpoint in {where} restores (tried steps {', '.join(map(str, unreadable))}); "
+          "nothing was changed: fix them, or pass --fresh to start from step 0 (they are kept "
+          "as checkpoints.unreadable-<time>)")
+    return state, 0
+
+  def _start_fresh(self, mngr, state, restore, steps):
+    """--fresh: the old checkpoints folder is renamed (kept) and the run starts at step 0."""
+    _, good, _ = restore_newest(steps, restore, "", say=False)
+    folder = mngr.directory
+    mngr.close()
+    if self.lead:
+      kept = move_aside(pathlib.Path(folder), "old" if good is not None else "unreadable")
+      print(f"longax: --fresh: moved the {'checkpoints' if good is not None else 'unreadable checkpoints'} "
+            f"(steps {', '.join(map(str, sorted(steps)))}) to {kept}; starting from step 0",
+            file=sys.stderr)
+    self._mngr = self._manager()
     return state, 0
 
   # ------------------------------------------------------------------ logging
@@ -236,8 +259,13 @@ class Trainer:
     cfg, tc = self.cfg, self.cfg.train
     state = self._init_state()
     self._build_step()
-    mngr = self._manager()
-    state, start = self._restore(mngr, state)
+    self._mngr = self._manager()
+    try:
+      state, start = self._restore(self._mngr, state)
+    except CheckpointError:
+      self._mngr.close()
+      raise
+    mngr = self._mngr
     files = self._open_logs(start)
     handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
