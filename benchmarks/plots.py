@@ -1,6 +1,6 @@
 """Figures for the README from results already on disk (nothing is re-measured).
 
-    python -m longax.benchmarks.plots mqar RUN_DIR --out mqar.png
+    python -m longax.benchmarks.plots mqar RUN_DIR --out mqar.png     # or a metrics.jsonl
     python -m longax.benchmarks.plots kernels RESULTS [RESULTS ...] --out kernels.png
 
 `mqar`: a training run's learning curve from RUN_DIR/metrics.jsonl: loss and answer
@@ -39,7 +39,8 @@ def _figure():
 
 
 def read_metrics(run_dir: pathlib.Path) -> list[dict]:
-  path = run_dir / "metrics.jsonl"
+  """A run's logged steps; `run_dir` is the run folder or a metrics.jsonl file itself."""
+  path = run_dir if run_dir.is_file() else run_dir / "metrics.jsonl"
   try:
     lines = path.read_text().splitlines()
   except OSError as e:
