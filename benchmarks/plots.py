@@ -58,6 +58,19 @@ def read_metrics(run_dir: pathlib.Path) -> list[dict]:
   return rows
 
 
+def _run_title(run_dir: pathlib.Path) -> str:
+  """`name: mixers, width, depth, batch` from the run's config.json where there is one."""
+  folder = run_dir.parent if run_dir.is_file() else run_dir
+  try:
+    cfg = json.loads((folder / "config.json").read_text())
+    m, d = cfg["model"], cfg["data"]
+    mixers = ",".join(m.get("layer_pattern") or [m["mixer"]])
+    return (f"{folder.name}: {d['task']}, {mixers}, d_model {m['d_model']}, {m['n_layers']} layers, "
+            f"batch {d['batch_size']} x {d['seq_len']}")
+  except (OSError, ValueError, KeyError, TypeError):
+    return f"learning curve: {folder.name if run_dir.is_dir() else run_dir.name}"
+
+
 def plot_mqar(run_dir: pathlib.Path, out: pathlib.Path, title: str | None = None) -> None:
   rows = read_metrics(run_dir)
   plt = _figure()
@@ -76,7 +89,7 @@ def plot_mqar(run_dir: pathlib.Path, out: pathlib.Path, title: str | None = None
   b.set_ylim(0, 1.02)
   b.axhline(0.9, color="gray", ls=":", lw=1)
   b.legend(fontsize=8, loc="lower right")
-  fig.suptitle(title or f"MQAR learning curve: {run_dir.name}", fontsize=10)
+  fig.suptitle(title or _run_title(run_dir), fontsize=10)
   fig.tight_layout()
   fig.savefig(out, dpi=100)
   plt.close(fig)
@@ -108,6 +121,29 @@ def _text_rows(text: str) -> list[dict]:
     if "op" in rec and "impl" in rec:
       rows.append(rec)
   return rows
+
+
+def read_meta(paths: list[pathlib.Path]) -> dict:
+  """The runs' settings: a --json file's `meta`, or a printed table's `# key=value, ...` line."""
+  meta = {}
+  for path in paths:
+    try:
+      text = path.read_text()
+    except OSError:
+      continue
+    if path.suffix == ".json":
+      try:
+        meta.update(json.loads(text).get("meta", {}))
+      except (ValueError, AttributeError):
+        pass
+      continue
+    for line in text.splitlines():
+      if line.startswith("#") and "=" in line:
+        for part in line[1:].split(","):
+          k, eq, v = part.strip().partition("=")
+          if eq and " " not in k:
+            meta.setdefault(k, v.split(" (")[0].strip())
+  return meta
 
 
 def read_results(paths: list[pathlib.Path]) -> list[dict]:
@@ -162,10 +198,14 @@ def plot_kernels(paths: list[pathlib.Path], out: pathlib.Path, title: str | None
     ax.set_xticks(range(len(ops)), [OPS.get(op, op) for op in ops], fontsize=7)
     ax.grid(axis="y", alpha=0.3, which="both")
   axes[0].set_ylabel("ms (log scale)")
-  axes[1].legend(fontsize=7, ncol=1, loc="upper right")
-  fig.suptitle(title or "kernel times (missing bar: peer has no such op or it did not run)",
-               fontsize=10)
-  fig.tight_layout()
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, fontsize=8, ncol=len(impls), loc="lower center", frameon=False)
+  if title is None:
+    meta = read_meta(paths)
+    where = ", ".join(str(meta[k]) for k in ("device", "dtype", "date") if k in meta)
+    title = f"kernel times{': ' + where if where else ''} (no bar: no such op, or it did not run)"
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout(rect=(0, 0.06, 1, 1))
   fig.savefig(out, dpi=100)
   plt.close(fig)
 
