@@ -328,10 +328,14 @@ def run(grid: str, dtype, reps: int, ops: set[str], bwd: bool, stream=None) -> l
   return results
 
 
+# The printed table's columns and widths (one space between columns); `plots` reads it back.
+COLUMNS = (("op", 24), ("shape", 40), ("impl", 17), ("err", 8), ("fwd_ms", 9),
+           ("fwd_bwd_ms", 10), ("fwd_vs_xla", 10), ("fwd_bwd_vs_xla", 14),
+           ("fwd_bwd_tflops", 14))
+
+
 def table(results: list[dict], header: bool = True) -> str:
-  cols = [("op", 24), ("shape", 40), ("impl", 17), ("err", 8), ("fwd_ms", 9),
-          ("fwd_bwd_ms", 10), ("fwd_vs_xla", 10), ("fwd_bwd_vs_xla", 14),
-          ("fwd_bwd_tflops", 14)]
+  cols = COLUMNS
   fmt = lambda v: (f"{v:.3g}" if isinstance(v, float) else
                    ",".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else str(v))
   lines = [" ".join(name.ljust(w) for name, w in cols)] if header else []

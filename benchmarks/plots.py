@@ -1,0 +1,238 @@
+"""Figures for the README from results already on disk (nothing is re-measured).
+
+    python -m longax.benchmarks.plots mqar RUN_DIR --out mqar.png     # or a metrics.jsonl
+    python -m longax.benchmarks.plots kernels RESULTS [RESULTS ...] --out kernels.png
+
+`mqar`: a training run's learning curve from RUN_DIR/metrics.jsonl: loss and answer
+accuracy against step, train (every `log_every`) and eval (every `eval_every`).
+`kernels`: forward and forward+backward ms per op and implementation, log scale, from
+`python -m longax.benchmarks.kernels` results: its `--json` files or the table it prints
+(`--stream` lines included); rows of later files replace earlier ones with the same
+(op, shape, impl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+PEERS = {"longax.xla": "longax.xla", "longax.auto": "longax.auto", "cudnn": "cuDNN",
+         "tokamax": "tokamax", "jla": "jla", "fla": "fla"}
+OPS = {"attention": "causal\nattention", "sigmoid_attention": "sigmoid\nattention",
+       "linear_attention[none]": "linear attn\nno decay",
+       "linear_attention[scalar]": "linear attn\nscalar decay",
+       "linear_attention[vector]": "linear attn\nGLA decay",
+       "ssd": "Mamba-2\nSSD", "selective_scan": "Mamba-1\nsel. scan"}
+
+
+class PlotError(Exception):
+  pass
+
+
+def _figure():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def read_metrics(run_dir: pathlib.Path) -> list[dict]:
+  """A run's logged steps; `run_dir` is the run folder or a metrics.jsonl file itself."""
+  path = run_dir if run_dir.is_file() else run_dir / "metrics.jsonl"
+  try:
+    lines = path.read_text().splitlines()
+  except OSError as e:
+    raise PlotError(f"cannot read {path}: {e.strerror or e}") from None
+  rows = []
+  for i, line in enumerate(lines, 1):
+    if line.strip():
+      try:
+        rows.append(json.loads(line))
+      except ValueError:
+        raise PlotError(f"{path}:{i}: not a JSON object") from None
+  rows = [r for r in rows if isinstance(r, dict) and "step" in r]
+  if not rows:
+    raise PlotError(f"{path} holds no logged steps")
+  return rows
+
+
+def _run_title(run_dir: pathlib.Path) -> str:
+  """`name: mixers, width, depth, batch` from the run's config.json where there is one."""
+  folder = run_dir.parent if run_dir.is_file() else run_dir
+  try:
+    cfg = json.loads((folder / "config.json").read_text())
+    m, d = cfg["model"], cfg["data"]
+    mixers = ",".join(m.get("layer_pattern") or [m["mixer"]])
+    return (f"{folder.name}: {d['task']}, {mixers}, d_model {m['d_model']}, {m['n_layers']} layers, "
+            f"batch {d['batch_size']} x {d['seq_len']}")
+  except (OSError, ValueError, KeyError, TypeError):
+    return f"learning curve: {folder.name if run_dir.is_dir() else run_dir.name}"
+
+
+def plot_mqar(run_dir: pathlib.Path, out: pathlib.Path, title: str | None = None) -> None:
+  rows = read_metrics(run_dir)
+  plt = _figure()
+  fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+  for ax, key, label in ((a, "loss", "loss (answers only)"), (b, "accuracy", "answer accuracy")):
+    train = [(r["step"], r[key]) for r in rows if key in r]
+    evals = [(r["step"], r[f"eval_{key}"]) for r in rows if f"eval_{key}" in r]
+    if train:
+      ax.plot(*zip(*train), label="train batch", lw=1.2)
+    if evals:
+      ax.plot(*zip(*evals), "o-", label="eval", ms=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+  a.set_yscale("log")
+  b.set_ylim(0, 1.02)
+  b.axhline(0.9, color="gray", ls=":", lw=1)
+  b.legend(fontsize=8, loc="lower right")
+  fig.suptitle(title or _run_title(run_dir), fontsize=10)
+  fig.tight_layout()
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+
+
+def _text_rows(text: str) -> list[dict]:
+  """Rows of the table `longax.benchmarks.kernels` prints (fixed-width columns)."""
+  from longax.benchmarks.kernels import COLUMNS
+  rows = []
+  for line in text.splitlines():
+    if not line.strip() or line.startswith("#") or line.split()[0] == "op":
+      continue
+    rec, at = {}, 0
+    for name, width in COLUMNS:
+      cell = line[at:at + width].strip()
+      at += width + 1
+      if not cell:
+        continue
+      if name == "shape":
+        rec[name] = {k: int(v) if v.isdigit() else v
+                     for k, v in (kv.split("=", 1) for kv in cell.split(","))}
+      elif name in ("op", "impl"):
+        rec[name] = cell
+      else:
+        try:
+          rec[name] = float(cell)
+        except ValueError:
+          pass
+    if "op" in rec and "impl" in rec:
+      rows.append(rec)
+  return rows
+
+
+def read_meta(paths: list[pathlib.Path]) -> dict:
+  """The runs' settings: a --json file's `meta`, or a printed table's `# key=value, ...` line."""
+  meta = {}
+  for path in paths:
+    try:
+      text = path.read_text()
+    except OSError:
+      continue
+    if path.suffix == ".json":
+      try:
+        meta.update(json.loads(text).get("meta", {}))
+      except (ValueError, AttributeError):
+        pass
+      continue
+    for line in text.splitlines():
+      if line.startswith("#") and "=" in line:
+        for part in line[1:].split(","):
+          k, eq, v = part.strip().partition("=")
+          if eq and " " not in k:
+            meta.setdefault(k, v.split(" (")[0].strip())
+  return meta
+
+
+def read_results(paths: list[pathlib.Path]) -> list[dict]:
+  rows: dict[tuple, dict] = {}
+  for path in paths:
+    try:
+      text = path.read_text()
+    except OSError as e:
+      raise PlotError(f"cannot read {path}: {e.strerror or e}") from None
+    if path.suffix == ".json":
+      try:
+        got = json.loads(text)["results"]
+      except (ValueError, KeyError, TypeError):
+        raise PlotError(f"{path}: not a `kernels --json` file (no 'results' list)") from None
+    else:
+      got = _text_rows(text)
+    for r in got:
+      shape = ",".join(f"{k}={v}" for k, v in sorted(r.get("shape", {}).items()))
+      rows[(r["op"], shape, r["impl"])] = r
+  if not rows:
+    raise PlotError(f"no result rows in {', '.join(map(str, paths))}")
+  return list(rows.values())
+
+
+def _peer(impl: str) -> str:
+  return PEERS.get(impl, PEERS.get(impl.split(".")[0], impl))
+
+
+def plot_kernels(paths: list[pathlib.Path], out: pathlib.Path, title: str | None = None) -> None:
+  rows = [r for r in read_results(paths) if "fwd_ms" in r]
+  if not rows:
+    raise PlotError("no row has a time (fwd_ms)")
+  seen = list(dict.fromkeys(r["op"] for r in rows))
+  ops = [op for op in OPS if op in seen] + [op for op in seen if op not in OPS]
+  present = list(dict.fromkeys(_peer(r["impl"]) for r in rows))
+  impls = [i for i in PEERS.values() if i in present] + [i for i in present if i not in PEERS.values()]
+  times = {(r["op"], _peer(r["impl"])): r for r in rows}
+  plt = _figure()
+  fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+  width = 0.8 / len(impls)
+  for ax, key, label in ((axes[0], "fwd_ms", "forward"), (axes[1], "fwd_bwd_ms", "forward + backward")):
+    for j, impl in enumerate(impls):
+      xs, ys = [], []
+      for i, op in enumerate(ops):
+        r = times.get((op, impl))
+        if r is not None and key in r:
+          xs.append(i + (j - (len(impls) - 1) / 2) * width)
+          ys.append(r[key])
+      ax.bar(xs, ys, width, label=impl, color="black" if impl == "longax.xla" else None)
+    ax.set_yscale("log")
+    ax.set_title(label, fontsize=9)
+    ax.set_xticks(range(len(ops)), [OPS.get(op, op) for op in ops], fontsize=7)
+    ax.grid(axis="y", alpha=0.3, which="both")
+  axes[0].set_ylabel("ms (log scale)")
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, fontsize=8, ncol=len(impls), loc="lower center", frameon=False)
+  if title is None:
+    meta = read_meta(paths)
+    where = ", ".join(str(meta[k]) for k in ("device", "dtype", "date") if k in meta)
+    title = f"kernel times{': ' + where if where else ''} (no bar: no such op, or it did not run)"
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout(rect=(0, 0.06, 1, 1))
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m longax.benchmarks.plots",
+                              description=__doc__.splitlines()[0])
+  sub = p.add_subparsers(dest="what", required=True)
+  m = sub.add_parser("mqar", help="learning curve of a training run (RUN_DIR/metrics.jsonl)")
+  m.add_argument("run_dir", type=pathlib.Path)
+  k = sub.add_parser("kernels", help="kernel timings from `longax.benchmarks.kernels` results")
+  k.add_argument("results", type=pathlib.Path, nargs="+", help="--json files or printed tables")
+  for q in (m, k):
+    q.add_argument("--out", type=pathlib.Path, required=True, help="the PNG to write")
+    q.add_argument("--title", default=None)
+  a = p.parse_args(argv)
+  try:
+    if a.what == "mqar":
+      plot_mqar(a.run_dir, a.out, a.title)
+    else:
+      plot_kernels(a.results, a.out, a.title)
+  except PlotError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {a.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
