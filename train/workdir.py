@@ -19,6 +19,7 @@ import re
 import shutil
 import sys
 import tempfile
+import warnings
 
 from longax.train.config import ConfigError
 
@@ -68,12 +69,16 @@ def _drop_closed_loop_noise() -> None:
   """A failed orbax restore leaves tensorstore reads behind: their callbacks later hit
   orbax's closed event loop (an unraisable RuntimeError 'Event loop is closed' each) and
   their futures die unread (asyncio logs '... exception was never retrieved'), each a
-  traceback. Drop exactly those; anything else still prints."""
+  traceback; and at exit an orbax metadata read that never ran is reported as
+  "RuntimeWarning: coroutine 'Store._get_array_metadatas' was never awaited" (two lines).
+  Drop exactly those; anything else still prints."""
   previous = sys.unraisablehook
   if getattr(previous, "_longax", False):
     return
   unread = ("Future exception was never retrieved", "Task exception was never retrieved")
   logging.getLogger("asyncio").addFilter(lambda r: not str(r.msg).startswith(unread))
+  warnings.filterwarnings("ignore", message=r"coroutine 'Store\._get_array_metadatas' was never awaited",
+                          category=RuntimeWarning)
 
   def hook(unraisable):
     e = unraisable.exc_value
