@@ -35,6 +35,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from longax.kernels.visibility import key_blocks, query_blocks, visible_pairs
 
 LOG2E = math.log2(math.e)
+_UNBOUNDED = 2**30  # a window wider than any sequence (int32-safe in the block arithmetic)
 MAX_BWD_HEAD_DIM = 128  # above: the backward runs the XLA path (dk + dv accumulators > registers)
 _WG = plgpu.Layout.WGMMA
 
@@ -125,7 +126,9 @@ def _log2_logits(spec, raw):
 
 
 def _sigmoid_p(spec, raw):
-  return jax.nn.sigmoid(raw * spec.scale + spec.bias)
+  """sigmoid(s + bias) as 0.5 tanh(x / 2) + 0.5: one tanh.approx on the SFU, where
+  1 / (1 + exp(-x)) costs an exp and a division (the FlashSigmoid trick)."""
+  return 0.5 * jnp.tanh(raw * (0.5 * spec.scale) + 0.5 * spec.bias) + 0.5
 
 
 def _ds_factor(spec, raw):
@@ -228,12 +231,20 @@ def _produce(n, stages: int, loads):
       load(step + stages, slot)
 
 
-def _run_split(split: _Split, n, step_fn, skip_fn, carry):
-  carry = lax.fori_loop(0, split.a, skip_fn, carry)
-  carry = lax.fori_loop(split.a, split.b, functools.partial(step_fn, masked=True), carry)
-  carry = lax.fori_loop(split.b, split.c, functools.partial(step_fn, masked=False), carry)
-  carry = lax.fori_loop(split.c, split.d, functools.partial(step_fn, masked=True), carry)
+def _run_split(split: _Split, n, step_fn, skip_fn, carry, start=0):
+  """Runs one warpgroup's steps [start, n) of a split (see `_Split`)."""
+  masked, plain = (functools.partial(step_fn, masked=m) for m in (True, False))
+  carry = lax.fori_loop(start, split.a, skip_fn, carry)
+  carry = lax.fori_loop(split.a, split.b, masked, carry)
+  carry = lax.fori_loop(split.b, split.c, plain, carry)
+  carry = lax.fori_loop(split.c, split.d, masked, carry)
   return lax.fori_loop(split.d, n, skip_fn, carry)
+
+
+def _heavy_first(axis: str, n: int):
+  """Query tiles in reverse launch order: under causal masking the last tiles see the most
+  keys, so they start first and the short ones fill the tail (longest-processing-time)."""
+  return n - 1 - lax.axis_index(axis)
 
 
 def _tiles(dtype, *shape):
@@ -266,7 +277,7 @@ def _forward(q, k, v, q_seg, k_seg, pb: _Problem):
     q_smem2, k_smem, v_smem, lse_smem2, qs_smem2, ks_smem = smem
     q_bars, k_bars, v_bars, ks_bars, k_free, v_free, sched = bars
     b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
-    row0 = lax.axis_index("q_seq") * (wgs * bq)
+    row0 = _heavy_first("q_seq", tp // (wgs * bq)) * (wgs * bq)
     steps, splits = _kv_schedule(pb, row0, bq, wgs, bkv)
 
     def ping():  # FlashAttention-3 ping-pong between the two compute warpgroups
@@ -431,7 +442,7 @@ def _backward_dq(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem):
     q_smem2, do_smem2, k_smem, v_smem, stat_smem2, qs_smem2, ks_smem = smem
     q_bars, k_bars, v_bars, ks_bars, k_free, v_free = bars
     b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
-    row0 = lax.axis_index("q_seq") * (wgs * bq)
+    row0 = _heavy_first("q_seq", tp // (wgs * bq)) * (wgs * bq)
     steps, splits = _kv_schedule(pb, row0, bq, wgs, bkv)
 
     @pl.when(wg < wgs)
@@ -643,12 +654,7 @@ def _backward_dkv(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem):
 
       def per_head(g, carry):  # the steps of query head g of the group: [g * nqs, (g + 1) * nqs)
         base = g * nqs
-        sp_ = _Split(*(x + base for x in split))
-        carry = lax.fori_loop(base, sp_.a, skip, carry)
-        carry = lax.fori_loop(sp_.a, sp_.b, functools.partial(step, masked=True), carry)
-        carry = lax.fori_loop(sp_.b, sp_.c, functools.partial(step, masked=False), carry)
-        carry = lax.fori_loop(sp_.c, sp_.d, functools.partial(step, masked=True), carry)
-        return lax.fori_loop(sp_.d, base + nqs, skip, carry)
+        return _run_split(_Split(*(x + base for x in split)), base + nqs, step, skip, carry, base)
 
       # traced bounds: a while loop (a fori_loop with static bounds becomes a scan, whose
       # carry layouts Mosaic GPU's inference does not resolve here)
@@ -809,6 +815,11 @@ def unsupported(call: dict) -> str | None:
 def attention_pallas(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, kv_block=None, blocks=None):
   """The kernel under the op's signature; positions must be the defaults (see `unsupported`)."""
   del q_pos, k_pos, kv_block
+  if not spec.causal and spec.window is None:
+    # Non-causal runs as a window no pair can leave: the same visibility, but its block
+    # bounds come from positions, which Mosaic GPU's layout inference needs here (with
+    # constant bounds it fails on the dk/dv loop over query heads and on segment masks).
+    spec = dataclasses.replace(spec, window=_UNBOUNDED, sinks=0)
   pb = _Problem(spec, q.shape[1], k.shape[1], q.shape[2] // k.shape[2], q_seg is not None,
                 blocks or blocks_for(q.shape[-1]))
   return _flash(q, k, v, q_seg, k_seg, pb)
