@@ -94,6 +94,74 @@ def run(lengths, dims, causals, impls, dtype, reps, heads, kv_heads, window=None
   return results
 
 
+VARIANTS = {  # name: (options of longax's attention, KV heads); --variants times each at one N
+    "dense": (dict(), 16),
+    "window": (dict(window=4096), 16),
+    "window+sinks": (dict(window=4096, sinks=4), 16),
+    "softcap+gqa": (dict(softcap=30.0), 4),
+    "segments+window": (dict(segments=8, window=4096), 16),
+}
+
+
+def _visible_pairs(n, opts, seg):
+  """Exactly counted visible (query, key) pairs per (batch row, head), summed over rows."""
+  from longax.kernels.visibility import visible
+  pos = jnp.arange(n, dtype=jnp.int32)
+  total = 0
+  for lo in range(0, n, 2048):
+    q_seg = None if seg is None else seg[:, lo:lo + 2048]
+    m = visible(pos[lo:lo + 2048], pos, causal=True, window=opts.get("window"),
+                sinks=opts.get("sinks", 0), q_seg=q_seg, k_seg=seg)
+    total += int(jnp.sum(m))  # summed over batch rows when segments give a batch axis
+  return total
+
+
+def run_variants(n, d, kinds, dtype, reps, heads, tokens=16384, stream=None):
+  """Each VARIANTS entry at sequence length n: ms and TFLOP/s of the visible pairs, and
+  its speed (TFLOP/s) over the dense causal one of the same kind."""
+  results = []
+  b = max(1, tokens // n)
+  for kind in kinds:
+    op = K.sigmoid_attention if kind == "sigmoid" else K.attention
+    dense = None
+    for name, (opts, kv_heads) in VARIANTS.items():
+      if kind == "sigmoid" and ("sinks" in opts or "softcap" in opts):
+        continue
+      opts = dict(opts)
+      ks = jax.random.split(jax.random.key(n + d), 4)
+      q = jax.random.normal(ks[0], (b, n, heads, d), dtype)
+      k = jax.random.normal(ks[1], (b, n, kv_heads, d), dtype)
+      v = jax.random.normal(ks[2], (b, n, kv_heads, d), dtype)
+      n_docs = opts.pop("segments", None)
+      seg = None
+      if n_docs:
+        cuts = jnp.sort(jax.random.randint(ks[3], (b, n_docs - 1), 1, n), axis=1)
+        seg = jnp.sum(jnp.arange(n)[None, :, None] >= cuts[:, None, :], axis=-1).astype(jnp.int32)
+      pairs = _visible_pairs(n, opts, seg) * (1 if seg is not None else b)
+      flops = 4 * heads * d * pairs
+      rec = dict(kind=kind, variant=name, N=n, B=b, H=heads, Hkv=kv_heads, D=d, impl="pallas")
+      try:
+        row = jax_row(name, lambda q, k, v: op(q, k, v, impl="pallas", segment_ids=seg, **opts),
+                      (q, k, v))
+        want = _to_np(jax.jit(lambda q, k, v: op(q, k, v, impl="xla", segment_ids=seg, **opts))(
+            *(x.astype(jnp.float32) for x in (q, k, v))))
+        got = _to_np(row.fwd())
+        rec["err"] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+        rec["fwd_ms"] = _median_ms(row.fwd, reps)
+        rec["fwd_bwd_ms"] = _median_ms(row.fwd_bwd, reps)
+        rec["fwd_bwd_tflops"] = 3.5 * flops / rec["fwd_bwd_ms"] / 1e9
+        if name == "dense":
+          dense = rec
+        elif dense is not None:
+          rec["speed_vs_dense"] = rec["fwd_bwd_tflops"] / dense["fwd_bwd_tflops"]
+      except Exception as e:  # noqa: BLE001
+        rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+      results.append(rec)
+      if stream is not None:
+        print(json.dumps(rec), file=stream, flush=True)
+  return results
+
+
 def ratios(results):
   """Per (D, causal, N): pallas and sigmoid fwd+bwd time over the faster of cuDNN and jla."""
   out = []
@@ -153,9 +221,21 @@ def main(argv=None) -> int:
   p.add_argument("--tokens", type=int, default=16384, help="B = max(1, tokens // N)")
   p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
   p.add_argument("--reps", type=int, default=10)
+  p.add_argument("--variants", type=int, default=None, metavar="N",
+                 help="instead: time each option variant (window, sinks, softcap+GQA, "
+                      "segments+window) at length N against dense causal")
   p.add_argument("--json", default=None)
   p.add_argument("--png", default=None)
   a = p.parse_args(argv)
+  if a.variants:
+    results = run_variants(a.variants, a.dims[-1], ["softmax", "sigmoid"], jnp.dtype(a.dtype),
+                           a.reps, a.heads, a.tokens, stream=sys.stdout)
+    if a.json:
+      meta = dict(date=datetime.date.today().isoformat(), device=str(jax.devices()[0].device_kind),
+                  jax=jax.__version__, dtype=a.dtype, reps=a.reps)
+      with open(a.json, "w") as f:
+        json.dump(dict(meta=meta, variants=results), f, indent=1)
+    return 0
   impls = a.impls.split(",")
   bad = set(impls) - set(IMPLS)
   if bad:

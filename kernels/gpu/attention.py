@@ -156,12 +156,13 @@ class _Steps(NamedTuple):
 
 
 class _Split(NamedTuple):
-  """One warpgroup's part of the CTA's steps: skip [0, a), masked [a, b), plain [b, c),
-  masked [c, d), skip [d, n)."""
+  """One warpgroup's part of the CTA's steps: masked [0, p) (sink blocks), skip [p, a),
+  masked [a, b), plain [b, c), masked [c, d), skip [d, n)."""
   a: Any
   b: Any
   c: Any
   d: Any
+  p: Any = 0
 
 
 def _kv_schedule(pb: _Problem, row0, rows_per_wg: int, wgs: int, block_kv: int):
@@ -174,22 +175,24 @@ def _kv_schedule(pb: _Problem, row0, rows_per_wg: int, wgs: int, block_kv: int):
                        block_kv, n_real, causal=spec.causal, window=spec.window) for w in range(wgs)]
   full_cap = jnp.int32(pb.s // block_kv)  # blocks holding no padding
   lo_all, hi_all = ranges[0][0], ranges[-1][1]
-  if pb.sinks:  # sink blocks first, then the window; everything masked
+  if pb.sinks:  # the sink blocks first (masked), then the window's blocks from `start`
     n_sink = jnp.minimum(jnp.int32(-(-pb.sinks // block_kv)), hi_all)
     start = jnp.maximum(lo_all, n_sink)
     steps = _Steps(n_sink + jnp.maximum(hi_all - start, 0), start, n_sink)
-    zero = jnp.int32(0)
-    return steps, [_Split(zero, zero, zero, steps.n)] * wgs
-  steps = _Steps(hi_all - lo_all, lo_all, None)
+  else:
+    n_sink, start = 0, lo_all
+    steps = _Steps(hi_all - lo_all, lo_all, None)
   splits = []
   for lo, hi, full_lo, full_hi in ranges:
-    a, d = lo - lo_all, hi - lo_all
+    # window blocks >= start hold no sink key, so the window's own ranges apply to them
+    at = lambda blk: n_sink + jnp.maximum(blk - start, 0)
+    a, d = at(lo), jnp.maximum(at(hi), at(lo))
     if pb.segments:
       b = c = d
     else:
-      b = jnp.clip(full_lo - lo_all, a, d)
-      c = jnp.clip(jnp.minimum(full_hi, full_cap) - lo_all, b, d)
-    splits.append(_Split(a, b, c, d))
+      b = jnp.clip(at(full_lo), a, d)
+      c = jnp.clip(at(jnp.minimum(full_hi, full_cap)), b, d)
+    splits.append(_Split(a, b, c, d, n_sink))
   return steps, splits
 
 
@@ -205,7 +208,7 @@ def _q_schedule(pb: _Problem, key0, keys_per_wg: int, wgs: int, block_q: int, n_
   splits = []
   for lo, hi, full_lo, full_hi in ranges:
     a, d = lo - lo_all, hi - lo_all
-    if pb.segments or pb.sinks:
+    if pb.segments:  # (with sinks the window's full range stays exact: sinks only add pairs)
       b = c = d
     else:
       b = jnp.clip(full_lo - lo_all, a, d)
@@ -234,7 +237,9 @@ def _produce(n, stages: int, loads):
 def _run_split(split: _Split, n, step_fn, skip_fn, carry, start=0):
   """Runs one warpgroup's steps [start, n) of a split (see `_Split`)."""
   masked, plain = (functools.partial(step_fn, masked=m) for m in (True, False))
-  carry = lax.fori_loop(start, split.a, skip_fn, carry)
+  if not isinstance(split.p, int):  # sink blocks
+    carry = lax.fori_loop(start, start + split.p, masked, carry)
+  carry = lax.fori_loop(start + split.p, split.a, skip_fn, carry)
   carry = lax.fori_loop(split.a, split.b, masked, carry)
   carry = lax.fori_loop(split.b, split.c, plain, carry)
   carry = lax.fori_loop(split.c, split.d, masked, carry)
@@ -255,7 +260,7 @@ def _pick(x, w):
   """x[w] for a static list indexed by the traced warpgroup index."""
   out = x[-1]
   for i in range(len(x) - 2, -1, -1):
-    out = jax.tree.map(lambda a, b: jnp.where(w == i, a, b), x[i], out)
+    out = jax.tree.map(lambda a, b: a if a is b else jnp.where(w == i, a, b), x[i], out)
   return out
 
 
@@ -654,7 +659,7 @@ def _backward_dkv(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem):
 
       def per_head(g, carry):  # the steps of query head g of the group: [g * nqs, (g + 1) * nqs)
         base = g * nqs
-        return _run_split(_Split(*(x + base for x in split)), base + nqs, step, skip, carry, base)
+        return _run_split(_Split(*(x + base for x in split[:4])), base + nqs, step, skip, carry, base)
 
       # traced bounds: a while loop (a fori_loop with static bounds becomes a scan, whose
       # carry layouts Mosaic GPU's inference does not resolve here)

@@ -22,6 +22,7 @@ RAGGED = (1, 300, 300, 4, 1, 64)  # T, S not multiples of any block; MQA
 T_LT_S = (1, 200, 456, 4, 2, 128)  # bottom-right causal, queries start mid-cache
 T_GT_S = (1, 333, 150, 2, 2, 64)  # the first queries see no key
 WIDE = (1, 256, 256, 2, 2, 256)  # D=256: kernel forward, XLA backward
+LONG = (1, 1000, 1000, 2, 1, 128)  # window tiles skip the middle blocks
 CASES = [
     (BASE, dict()), (RAGGED, dict()), (T_LT_S, dict()), (T_GT_S, dict()), (WIDE, dict()),
     (BASE, dict(causal=False)), (RAGGED, dict(causal=False)), (T_LT_S, dict(causal=False)),
@@ -30,6 +31,7 @@ CASES = [
     (BASE, dict(softcap=5.0)), (RAGGED, dict(softcap=3.0, window=90)),
     (BASE, dict(segments=3)), (RAGGED, dict(segments=4, window=50)),
     (BASE, dict(scale=0.3)),
+    (LONG, dict(window=200, sinks=70)), (LONG, dict(window=300)), (LONG, dict(window=256, sinks=1)),
 ]
 KINDS = {"softmax": attention, "sigmoid": sigmoid_attention}
 
