@@ -234,6 +234,29 @@ def _produce(n, stages: int, loads):
       load(step + stages, slot)
 
 
+def _kv_producer(pb: _Problem, steps: _Steps, b, h, bkv: int, stages: int, wgs: int, refs,
+                 bufs, bars):
+  """The memory warpgroup of the forward and dq kernels: K blocks (with their segment ids)
+  and V blocks of `steps` into the ring; K and V slots are freed separately."""
+  k_ref, v_ref, ks_ref = refs
+  k_smem, v_smem, ks_smem = bufs
+  k_bars, v_bars, ks_bars, k_free, v_free = bars
+  plgpu.set_max_registers(40 if wgs == 2 else 24, action="decrease")
+  kvh = lax.div(h, jnp.int32(pb.group))
+
+  def load_k(i, slot):
+    rows = pl.ds(steps.block(i) * bkv, bkv)
+    plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kvh], k_smem.at[slot], k_bars.at[slot])
+    if pb.segments:
+      plgpu.copy_gmem_to_smem(ks_ref.at[b, rows], ks_smem.at[slot], ks_bars.at[slot])
+
+  def load_v(i, slot):
+    rows = pl.ds(steps.block(i) * bkv, bkv)
+    plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kvh], v_smem.at[slot], v_bars.at[slot])
+
+  _produce(steps.n, stages, [(k_free, load_k), (v_free, load_v)])
+
+
 def _run_split(split: _Split, n, step_fn, skip_fn, carry, start=0):
   """Runs one warpgroup's steps [start, n) of a split (see `_Split`)."""
   masked, plain = (functools.partial(step_fn, masked=m) for m in (True, False))
@@ -391,22 +414,9 @@ def _forward(q, k, v, q_seg, k_seg, pb: _Problem):
         plgpu.copy_smem_to_gmem(lse_smem2.at[wg], lse_ref.at[b, h, pl.ds(q_row, bq)])
       plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == wgs)
-    def _memory():
-      plgpu.set_max_registers(40 if wgs == 2 else 24, action="decrease")
-      kvh = lax.div(h, jnp.int32(pb.group))
-
-      def load_k(i, slot):
-        rows = pl.ds(steps.block(i) * bkv, bkv)
-        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kvh], k_smem.at[slot], k_bars.at[slot])
-        if pb.segments:
-          plgpu.copy_gmem_to_smem(ks_ref.at[b, rows], ks_smem.at[slot], ks_bars.at[slot])
-
-      def load_v(i, slot):
-        plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(steps.block(i) * bkv, bkv), kvh], v_smem.at[slot],
-                                v_bars.at[slot])
-
-      _produce(steps.n, stages, [(k_free, load_k), (v_free, load_v)])
+    pl.when(wg == wgs)(lambda: _kv_producer(
+        pb, steps, b, h, bkv, stages, wgs, (k_ref, v_ref, ks_ref), (k_smem, v_smem, ks_smem),
+        (k_bars, v_bars, ks_bars, k_free, v_free)))
 
   smem = (_tiles(dtype, wgs, bq, d), _tiles(dtype, stages, bkv, d), _tiles(dtype, stages, bkv, d),
           plgpu.SMEM((wgs, bq), jnp.float32), plgpu.SMEM((wgs, bq), jnp.int32),
@@ -526,22 +536,9 @@ def _backward_dq(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem):
       plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, rows, h])
       plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == wgs)
-    def _memory():
-      plgpu.set_max_registers(40 if wgs == 2 else 24, action="decrease")
-      kvh = lax.div(h, jnp.int32(pb.group))
-
-      def load_kv(i, slot):
-        rows = pl.ds(steps.block(i) * bkv, bkv)
-        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kvh], k_smem.at[slot], k_bars.at[slot])
-        if pb.segments:
-          plgpu.copy_gmem_to_smem(ks_ref.at[b, rows], ks_smem.at[slot], ks_bars.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kvh], v_smem.at[slot], v_bars.at[slot])
-
-      def no_load(i, slot):
-        pass
-
-      _produce(steps.n, stages, [(v_free, no_load), (k_free, load_kv)])
+    pl.when(wg == wgs)(lambda: _kv_producer(
+        pb, steps, b, h, bkv, stages, wgs, (k_ref, v_ref, ks_ref), (k_smem, v_smem, ks_smem),
+        (k_bars, v_bars, ks_bars, k_free, v_free)))
 
   n_q_copies = 5 if pb.segments else 4
   smem = (_tiles(dtype, wgs, bq, d), _tiles(dtype, wgs, bq, d), _tiles(dtype, stages, bkv, d),
