@@ -762,11 +762,15 @@ def _flash_bwd(pb: _Problem, res, do):
     delta = jnp.zeros_like(lse)
   dq = _backward_dq(qp, kp, vp, dop, lse, delta, qs, ks, pb)
   dk, dv = _backward_dkv(qp, kp, vp, dop, lse, delta, qs, ks, pb)
-  zero_seg = lambda x: None if x is None else jnp.zeros(x.shape, jax.dtypes.float0)
-  return dq[:, :t], dk[:, :s], dv[:, :s], zero_seg(q_seg), zero_seg(k_seg)
+  return dq[:, :t], dk[:, :s], dv[:, :s], _no_grad(q_seg), _no_grad(k_seg)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _no_grad(seg):
+  """The cotangent of integer segment ids."""
+  return None if seg is None else jnp.zeros(seg.shape, jax.dtypes.float0)
 
 
 def _xla_backward(pb: _Problem, res, do):
@@ -783,8 +787,7 @@ def _xla_backward(pb: _Problem, res, do):
   k_pos = jnp.arange(k.shape[1], dtype=jnp.int32)
   grads = xla._flash_backward(pb.spec, xla.KV_BLOCK,
                               (q, k, v, q_pos, k_pos, q_seg, k_seg, o[:, :t], lse_nat), do)
-  zero_seg = lambda x: None if x is None else jnp.zeros(x.shape, jax.dtypes.float0)
-  return (*grads[:3], zero_seg(q_seg), zero_seg(k_seg))
+  return (*grads[:3], _no_grad(q_seg), _no_grad(k_seg))
 
 
 def blocks_for(head_dim: int) -> Blocks:
