@@ -42,13 +42,3 @@ def positive_int(op: str, name: str, value, *, minimum: int = 1) -> None:
   if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
     raise ValueError(f"{op}: `{name}` must be an int >= {minimum}, got {value!r}")
 
-
-def impl(op: str, impl: str, via: str) -> None:
-  """For an op computed by op `via`: `impl` must be one `via` has, named as `op`'s own."""
-  from longax.kernels._dispatch import IMPLS, available
-  if impl not in IMPLS:
-    raise ValueError(f"{op}: unknown impl={impl!r}; valid: {', '.join(IMPLS)}")
-  have = available(via)
-  if impl != "auto" and impl not in have:
-    raise NotImplementedError(f"longax.kernels.{op}: impl={impl!r} is not implemented yet "
-                              f"(available: {', '.join(sorted(have)) or 'none'}, or 'auto')")

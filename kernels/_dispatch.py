@@ -47,10 +47,13 @@ def available(op: str) -> tuple[str, ...]:
   return tuple(_REGISTRY.get(op, {}))
 
 
-def resolve(op: str, impl: str, call: dict | None = None) -> Callable[..., Any]:
-  """Returns the function that computes `op` with implementation `impl`."""
+def resolve(op: str, impl: str, call: dict | None = None, *, name: str | None = None
+            ) -> Callable[..., Any]:
+  """Returns the function that computes `op` with implementation `impl`. `name`: the op the
+  user called, for messages, when it is computed by `op` (ssd by linear_attention)."""
+  name = name or op
   if impl not in IMPLS:
-    raise ValueError(f"{op}: unknown impl={impl!r}; valid: {', '.join(IMPLS)}")
+    raise ValueError(f"{name}: unknown impl={impl!r}; valid: {', '.join(IMPLS)}")
   table = _REGISTRY.get(op, {})
   call = dict(call or {}, backend=jax.default_backend())
   if impl == "auto":
@@ -62,10 +65,10 @@ def resolve(op: str, impl: str, call: dict | None = None) -> Callable[..., Any]:
   if entry is not None and entry.unsupported is not None:
     why = entry.unsupported(call)
     if why is not None:
-      raise ValueError(f"longax.kernels.{op}: impl={impl!r} does not support this call: {why}")
+      raise ValueError(f"longax.kernels.{name}: impl={impl!r} does not support this call: {why}")
   if impl not in table:
     have = ", ".join(sorted(table)) or "none"
     raise NotImplementedError(
-        f"longax.kernels.{op}: impl={impl!r} is not implemented yet "
+        f"longax.kernels.{name}: impl={impl!r} is not implemented yet "
         f"(available: {have}, or 'auto')")
   return table[impl].fn

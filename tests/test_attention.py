@@ -242,3 +242,30 @@ def test_per_row_positions(rand, impl):
     want = attention(q[row:row + 1], k[row:row + 1, :n], v[row:row + 1, :n], window=4,
                      impl="reference")
     assert_close(got[row:row + 1], want, what=f"row {row}")
+
+
+def test_pallas_needs_hopper(monkeypatch):
+  from longax.kernels.attention import AttnSpec
+  from longax.kernels.gpu import attention as gpu
+  monkeypatch.setattr(jax, "devices", lambda *a: [type("Dev", (), {"compute_capability": "8.0"})()])
+  x = jax.ShapeDtypeStruct((1, 128, 2, 128), jnp.bfloat16)
+  call = dict(q=x, k=x, v=x, spec=AttnSpec("softmax", True, 0.1, None, 0, None, 0.0), backend="gpu")
+  assert "needs a Hopper GPU (compute capability 9.x), got '8.0'" in gpu.unsupported(call)
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(block_q=96), "Blocks.block_q=96 must be a multiple of 64"),
+                                    (dict(bwd_block_kv=32), "Blocks.bwd_block_kv=32 must be a multiple of 64"),
+                                    (dict(wgs=3), "bad pipeline settings"),
+                                    (dict(stages=0), "bad pipeline settings")])
+def test_kernel_blocks_errors(kw, msg):
+  from longax.kernels.gpu.attention import Blocks
+  with pytest.raises(ValueError, match=msg):
+    Blocks(**kw)
+
+
+def test_attention_benchmark_rejects_unknown_impl(capsys):
+  from longax.benchmarks import attention as bench
+  with pytest.raises(SystemExit) as e:
+    bench.main(["--impls", "pallas,flashy"])
+  assert e.value.code == 2
+  assert "unknown --impls ['flashy']" in capsys.readouterr().err
