@@ -172,7 +172,7 @@ def _attention_peers(q, k, v) -> list[Row]:
   return rows
 
 
-def linear_cases(shapes, dtype, on_gpu) -> list[Case]:
+def linear_cases(shapes, dtype, on_gpu, decay_names=("none", "scalar", "key")) -> list[Case]:
   out = []
   for b, t, h, d in shapes:
     keys = jax.random.split(jax.random.key(1), 4)
@@ -183,6 +183,8 @@ def linear_cases(shapes, dtype, on_gpu) -> list[Case]:
         "key": -jax.nn.softplus(jax.random.normal(keys[3], (b, t, h, d))) / 8,
     }
     for name, g in decays.items():
+      if name not in decay_names:
+        continue
       args = (q, k, v) if g is None else (q, k, v, g)
       la = lambda *a, impl: K.linear_attention(*a[:3], log_decay=a[3] if len(a) > 3 else None,
                                                impl=impl)
@@ -283,14 +285,21 @@ GRIDS = {  # (attention, linear, selective scan, ssd) shapes
             [(1, 2048, 8, 64, 64)]),
     "gpu": ([(2, 4096, 16, 4, 128)], [(2, 4096, 16, 128)], [(2, 4096, 1024, 16)],
             [(2, 4096, 16, 64, 128)]),
+    # the linear family's issue grid: N = 2k..32k at a fixed 64k tokens, D = 64 and 128
+    "long": ([(2, 8192, 16, 16, 128)],
+             [(32 * 1024 // t, t, 16, d) for d in (128, 64) for t in (2048, 8192, 32768)],
+             [(2, 8192, 1024, 16)], [(2, 8192, 16, 64, 128)]),
+    "anchor": ([(2, 8192, 16, 16, 128)], [(2, 8192, 16, 128)], [(2, 8192, 1024, 16)],
+               [(2, 8192, 16, 64, 128)]),
 }
 
 
-def run(grid: str, dtype, reps: int, ops: set[str], bwd: bool, stream=None) -> list[dict]:
+def run(grid: str, dtype, reps: int, ops: set[str], bwd: bool, stream=None,
+        decays=("none", "scalar", "key")) -> list[dict]:
   on_gpu = jax.default_backend() == "gpu"
   att, lin, scan, ssd_ = GRIDS[grid]
   makers = {"attention": lambda: attention_cases(att, dtype, on_gpu),
-            "linear_attention": lambda: linear_cases(lin, dtype, on_gpu),
+            "linear_attention": lambda: linear_cases(lin, dtype, on_gpu, decays),
             "selective_scan": lambda: scan_cases(scan, dtype, on_gpu),
             "ssd": lambda: ssd_cases(ssd_, dtype, on_gpu)}
   results = []
@@ -354,6 +363,8 @@ def main(argv=None) -> int:
                  help="default: bfloat16 on GPU, float32 on CPU")
   p.add_argument("--reps", type=int, default=None)
   p.add_argument("--ops", default="attention,linear_attention,selective_scan,ssd")
+  p.add_argument("--decays", default="none,scalar,key",
+                 help="linear_attention decay forms to time (none, scalar, key)")
   p.add_argument("--no-bwd", action="store_true", help="time the forward only")
   p.add_argument("--json", default=None, help="also write the results here")
   p.add_argument("--stream", action="store_true", help="print each row as it lands")
@@ -366,7 +377,8 @@ def main(argv=None) -> int:
   unknown = ops - {"attention", "linear_attention", "selective_scan", "ssd"}
   if unknown:
     p.error(f"unknown --ops {sorted(unknown)}")
-  results = run(grid, dtype, reps, ops, not a.no_bwd, stream=sys.stdout if a.stream else None)
+  results = run(grid, dtype, reps, ops, not a.no_bwd, stream=sys.stdout if a.stream else None,
+                decays=tuple(a.decays.split(",")))
   meta = dict(date=datetime.date.today().isoformat(), device=str(jax.devices()[0].device_kind),
               backend=jax.default_backend(), jax=jax.__version__, dtype=str(dtype), grid=grid,
               reps=reps)

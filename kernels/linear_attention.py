@@ -41,8 +41,14 @@ def _resets(segment_ids, b: int, t: int):
 # ----------------------------------------------------------------------------- reference
 
 
+def _per_query_head(q, k, v):
+  """k, v [B, T, Hkv, D] -> [B, T, H, D] (GQA: query head h reads head h // (H // Hkv))."""
+  return tuple(jnp.repeat(x, q.shape[2] // x.shape[2], axis=2) for x in (k, v))
+
+
 def linear_attention_reference(q, k, v, g, h0, resets, scale, **_blocks):
   """Token-by-token recurrence in float32. Shapes as in `_linear_attention_xla`."""
+  k, v = _per_query_head(q, k, v)
   q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
   b, t, h = q.shape[:3]
   g = jnp.zeros((b, t, h, 1)) if g is None else g
@@ -95,8 +101,9 @@ def _intra(q, k, gc, visible):
 
 
 def _linear_attention_xla(q, k, v, g, h0, resets, scale, chunk: int = CHUNK):
-  """q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; g: [B, T, H, 1|Dk] f32 or None; h0: [B, H, Dk,
-  Dv] f32; resets: [B, T] bool or None. Returns (o [B, T, H, Dv] f32, final state)."""
+  """q: [B, T, H, Dk]; k, v: [B, T, Hkv, Dk|Dv]; g: [B, T, H, 1|Dk] f32 or None; h0: [B, H,
+  Dk, Dv] f32; resets: [B, T] bool or None. Returns (o [B, T, H, Dv] f32, final state)."""
+  k, v = _per_query_head(q, k, v)
   b, t = q.shape[:2]
   n = -(-t // chunk)
   pad = n * chunk - t
@@ -194,9 +201,8 @@ def linear_attention(q, k, v, *, log_decay=None, initial_state=None, segment_ids
     _checks.shape_is(op, "segment_ids", segment_ids, (b, t), "[B, T]")
   h0 = (jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None
         else initial_state.astype(jnp.float32))
-  k, v = (jnp.repeat(x, h // x.shape[2], axis=2) for x in (k, v))
   scale = dk**-0.5 if scale is None else scale
-  fn = resolve(op, impl, dict(q=q, k=k, v=v, g=g))
+  fn = resolve(op, impl, dict(q=q, k=k, v=v, g=g, chunk=chunk_size))
   o, final = fn(q, k, v, g, h0, _resets(segment_ids, b, t), scale, chunk=chunk_size)
   o = o.astype(q.dtype)
   return (o, final) if return_final_state else o
@@ -228,3 +234,9 @@ def linear_attention_step(q_t, k_t, v_t, state, log_decay_t=None, scale: float |
   scale = dk**-0.5 if scale is None else scale
   o = (scale * jnp.einsum("bhk,bhkv->bhv", q_t.astype(jnp.float32), state)).astype(q_t.dtype)
   return (o[:, None] if time_axis else o), state
+
+
+# The Mosaic GPU kernel (Hopper) is impl="pallas"; it asks `unsupported` which calls it takes.
+from longax.kernels.gpu import linear_attention as _gpu  # noqa: E402
+
+register("linear_attention", "pallas", unsupported=_gpu.unsupported)(_gpu.linear_attention_pallas)
