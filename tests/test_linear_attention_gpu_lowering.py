@@ -16,6 +16,7 @@ from longax.kernels.gpu import linear_attention as gpu
 # (T, H, Hkv, Dk, Dv, decay, segments)
 CASES = [
     (128, 2, 2, 128, 128, "token", False),
+    (130, 2, 1, 128, 128, "key", True),
     (200, 4, 2, 64, 128, "head", True),
     (64, 2, 1, 128, 64, None, False),
 ]
@@ -27,7 +28,7 @@ def test_lowers_forward_and_backward(case):
   q = jnp.zeros((1, t, h, dk), jnp.bfloat16)
   k = jnp.zeros((1, t, hkv, dk), jnp.bfloat16)
   v = jnp.zeros((1, t, hkv, dv), jnp.bfloat16)
-  g = None if decay is None else jnp.zeros((1, t, h, 1), jnp.float32)
+  g = None if decay is None else jnp.zeros((1, t, h, dk if decay == "key" else 1), jnp.float32)
   resets = jnp.zeros((1, t), bool) if segments else None
   h0 = jnp.zeros((1, h, dk, dv), jnp.float32)
 
@@ -98,4 +99,86 @@ def test_chunk_grads_match_reference(decay, segments, group):
   for name, x, y in zip(["dq", "dk", "dv", "dg", "dh0"], got, want):
     if y is None:
       continue
+    np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-4, err_msg=name)
+
+
+def _emulate_forward(q, k, v, decay, segs, h0t, *, scale, store_states, stages):
+  """`gpu._forward` as XLA (the same contract), to check the op's wiring and backward on CPU."""
+  del stages
+  h = q.shape[2]
+  k, v = (jnp.repeat(x, h // x.shape[2], axis=2) for x in (k, v))
+  qc, kc, vc = (gpu._chunks(x).astype(jnp.float32) for x in (q, k, v))
+  b, _, n = qc.shape[:3]
+  if isinstance(decay, tuple):
+    gamma, a = decay
+    carry, w, qw = gamma[..., None, :], 1.0, 1.0
+    scores = a.reshape(b, h, n, gpu.C, gpu.C).astype(jnp.float32)
+  else:
+    g = decay.reshape(b, h, n, gpu.C)
+    cin = 1.0 if segs is None else segs.cin.reshape(b, 1, n, gpu.C)
+    tail = 1.0 if segs is None else segs.tail.reshape(b, 1, n, gpu.C)
+    carry = (jnp.exp2(g[..., -1]) * (1.0 if segs is None else cin[..., -1]))[..., None, None]
+    w = (jnp.exp2(g[..., -1:] - g) * tail)[..., None]
+    qw = (jnp.exp2(g) * cin * scale)[..., None]
+    keep = jnp.tril(jnp.ones((gpu.C, gpu.C), bool))
+    if segs is not None:
+      run = segs.run.reshape(b, 1, n, gpu.C)
+      keep = keep & (run[..., :, None] == run[..., None, :])
+    m = jnp.where(keep, jnp.exp2(jnp.where(keep, g[..., :, None] - g[..., None, :], 0.0)), 0.0)
+    scores = jnp.einsum("bhnid,bhnjd->bhnij", qc, kc) * m * scale
+  local = jnp.einsum("bhnce,bhncd->bhned", vc * w, kc)
+  s, states = h0t, []
+  for c in range(n):
+    states.append(s)
+    s = carry[:, :, c] * s + local[:, :, c]
+  states = jnp.stack(states, axis=2)  # [B, H, N, Dv, Dk]
+  o = jnp.einsum("bhnij,bhnje->bhnie", scores, vc) + jnp.einsum(
+      "bhncd,bhned->bhnce", qc * qw, states)
+  return (gpu._unchunk(o).astype(q.dtype), s,
+          states.astype(q.dtype) if store_states else None)
+
+
+def _emulate_reverse(q, do, decay, segs, dfinal_t, *, scale, stages):
+  del stages
+  b, tp, h, _ = q.shape
+  n = tp // gpu.C
+  qc, doc = (gpu._chunks(x).astype(jnp.float32) for x in (q, do))
+  if decay.ndim == 4:
+    carry, w = decay[..., None, :], 1.0
+  else:
+    g = decay.reshape(b, h, n, gpu.C)
+    cin = 1.0 if segs is None else segs.cin.reshape(b, 1, n, gpu.C)
+    carry = (jnp.exp2(g[..., -1]) * (1.0 if segs is None else cin[..., -1]))[..., None, None]
+    w = (jnp.exp2(g) * cin * scale)[..., None]
+  local = jnp.einsum("bhnce,bhncd->bhned", doc * w, qc)
+  d, out = dfinal_t, [None] * n
+  for c in range(n - 1, -1, -1):
+    out[c] = d
+    d = carry[:, :, c] * d + local[:, :, c]
+  return jnp.stack(out, axis=2).astype(q.dtype), d
+
+
+@pytest.mark.parametrize("decay,segments,group", [("key", True, 2), ("key", False, 1),
+                                                  ("token", True, 1)])
+def test_pallas_wiring_with_emulated_kernels(monkeypatch, decay, segments, group):
+  """The whole pallas impl (factors, custom_vjp, XLA chunk gradients) with the two state-pass
+  kernels emulated, against the reference: forward and every gradient, float32."""
+  monkeypatch.setattr(gpu, "_forward", _emulate_forward)
+  monkeypatch.setattr(gpu, "_reverse_states", _emulate_reverse)
+  rng = np.random.default_rng(1)
+  b, t, h, dk, dv = 1, 150, 2, 16, 8
+  f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  q, k, v = f(b, t, h, dk), f(b, t, h // group, dk), f(b, t, h // group, dv)
+  g = -jnp.abs(f(b, t, h, dk if decay == "key" else 1))
+  h0 = f(b, h, dk, dv)
+  seg = jnp.asarray(np.sort(rng.integers(0, 3, (b, t)), axis=1)) if segments else None
+  resets = la._resets(seg, b, t)
+  cfg = gpu.Config(grads_kernel=False)
+  run = lambda fn: jax.vjp(lambda *a: fn(*a, resets, 0.3), q, k, v, g, h0)
+  (o1, s1), vjp1 = run(lambda *a: gpu.linear_attention_pallas(*a, config=cfg))
+  (o2, s2), vjp2 = run(la.linear_attention_reference)
+  np.testing.assert_allclose(o1, o2, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(s1, s2, rtol=1e-4, atol=1e-4)
+  cts = (f(*o1.shape), f(*s1.shape))
+  for name, x, y in zip(["dq", "dk", "dv", "dg", "dh0"], vjp1(cts), vjp2(cts)):
     np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-4, err_msg=name)

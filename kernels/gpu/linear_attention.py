@@ -52,9 +52,11 @@ _COLS = _WG.reduce(0)  # one value per column
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Pipeline depth of the forward and of the reverse state pass."""
+  """Pipeline depth of the forward and of the reverse state pass; the backward's
+  chunk-parallel part as a kernel (True) or batched XLA."""
   stages: int = 2
   bwd_stages: int = 2
+  grads_kernel: bool = True
 
 
 TUNED = Config()
@@ -87,15 +89,17 @@ def _mm(a, b, shape, init=None):
   return lax.optimization_barrier(out)
 
 
-def _scores_mask(g_row, g_col, seg_rows=None, seg_cols=None):
-  """[C, C] exp2(G_i - G_j) on visible pairs (j <= i, same run), 0 elsewhere."""
+def _decay_tile(g_row, g_col, seg_rows=None, seg_cols=None, *, transposed=False):
+  """[C, C] exp2(G_i - G_j) on visible pairs (j <= i, same run), 0 elsewhere; rows are i
+  (or j when `transposed`). Masked before exp2: nothing overflows."""
   shape = (C, C)
   rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=_WG)
   cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=_WG)
-  keep = rows >= cols
+  keep = rows <= cols if transposed else rows >= cols
   if seg_rows is not None:
     keep = keep & (_bcast(seg_rows, shape, 0) == _bcast(seg_cols, shape, 1))
-  return jnp.exp2(jnp.where(keep, _bcast(g_row, shape, 0) - _bcast(g_col, shape, 1), -jnp.inf))
+  diff = _bcast(g_row, shape, 0) - _bcast(g_col, shape, 1)
+  return jnp.exp2(jnp.where(keep, -diff if transposed else diff, -jnp.inf))
 
 
 class Segs(NamedTuple):
@@ -118,21 +122,27 @@ def segment_vectors(resets, tp: int) -> Segs:
 # ------------------------------------------------------------------------------- forward
 
 
-def _forward(q, k, v, g2, segs: Segs | None, h0t, *, scale: float, store_states: bool,
+def _forward(q, k, v, decay, segs: Segs | None, h0t, *, scale: float, store_states: bool,
              stages: int):
-  """q [B, Tp, H, Dk], k [B, Tp, Hkv, Dk], v [B, Tp, Hkv, Dv] (Tp % C == 0); g2 [B, H, Tp]
-  float32 chunk-local cumulative log2 decay; h0t [B, H, Dv, Dk] float32.
+  """q [B, Tp, H, Dk], k [B, Tp, Hk, Dk], v [B, Tp, Hv, Dv] (Tp % C == 0, H % Hk = H % Hv =
+  0); h0t [B, H, Dv, Dk] float32. `decay` is either
+    g2 [B, H, Tp] float32, the chunk-local cumulative log2 decay (scalar forms), or
+    (gamma [B, H, Tp / C, Dk] float32, a [B, H, Tp, C]) for per-key decay: the decay is
+      folded into q and k by the caller (q exp(G) cin scale, k exp(G_last - G) tail), a holds
+      each chunk's scores (scaled, masked) and gamma the chunk's decay per key; segs is None.
   Returns o [B, Tp, H, Dv], the final state S^T [B, H, Dv, Dk] float32 and, with
   `store_states`, S^T entering every chunk [B, H, Tp / C, Dv, Dk] (input dtype)."""
   bsz, tp, heads, dk = q.shape
-  kv_heads, dv = k.shape[2], v.shape[-1]
-  group, n_chunks, dtype = heads // kv_heads, tp // C, q.dtype
+  dv = v.shape[-1]
+  k_group, v_group, n_chunks, dtype = heads // k.shape[2], heads // v.shape[2], tp // C, q.dtype
+  per_key = isinstance(decay, tuple)
   has_segs = segs is not None
   n_copies = 5 + 4 * has_segs
 
   def body(*refs):
-    q_ref, k_ref, v_ref, g_ref = refs[:4]
-    refs = refs[4:]
+    q_ref, k_ref, v_ref = refs[:3]
+    g_ref, gamma_ref, a_ref = (None, *refs[3:5]) if per_key else (refs[3], None, None)
+    refs = refs[4 + per_key:]
     run_ref, cin_ref, tail_ref = refs[:3] if has_segs else (None,) * 3
     refs = refs[3 * has_segs:]
     h0_ref, o_ref, final_ref = refs[:3]
@@ -140,10 +150,11 @@ def _forward(q, k, v, g2, segs: Segs | None, h0t, *, scale: float, store_states:
     states_ref = refs[0] if store_states else None
     # A vector read in two layouts (rows, columns) has one SMEM copy per layout: Mosaic GPU's
     # layout inference fails on one buffer loaded both ways.
+    # (per-key: g_s holds gamma [Dk], g_r the scores [C, C])
     (q_s, k_s, v_s, g_s, g_r, run_r, run_c, cin_s, tail_s, s_pub, o_out, s32), bars = refs[-2:]
     in_bar, in_free, s_ready, s_free, h0_bar, done = bars
     b, h, iv = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
-    hk, v0, wg = lax.div(h, group), iv * BV, lax.axis_index("wg")
+    hk, hv, v0, wg = lax.div(h, k_group), lax.div(h, v_group), iv * BV, lax.axis_index("wg")
 
     @pl.when(wg == 2)
     def _memory():
@@ -153,9 +164,13 @@ def _forward(q, k, v, g2, segs: Segs | None, h0t, *, scale: float, store_states:
         rows, bar = pl.ds(n * C, C), in_bar.at[slot]
         plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_s.at[slot], bar)
         plgpu.copy_gmem_to_smem(k_ref.at[b, rows, hk], k_s.at[slot], bar)
-        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, hk, pl.ds(v0, BV)], v_s.at[slot], bar)
-        plgpu.copy_gmem_to_smem(g_ref.at[b, h, rows], g_s.at[slot], bar)
-        plgpu.copy_gmem_to_smem(g_ref.at[b, h, rows], g_r.at[slot], bar)
+        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, hv, pl.ds(v0, BV)], v_s.at[slot], bar)
+        if per_key:
+          plgpu.copy_gmem_to_smem(gamma_ref.at[b, h, n], g_s.at[slot], bar)
+          plgpu.copy_gmem_to_smem(a_ref.at[b, h, rows], g_r.at[slot], bar)
+        else:
+          plgpu.copy_gmem_to_smem(g_ref.at[b, h, rows], g_s.at[slot], bar)
+          plgpu.copy_gmem_to_smem(g_ref.at[b, h, rows], g_r.at[slot], bar)
         if has_segs:
           for src, dst in ((run_ref, run_r), (run_ref, run_c), (cin_ref, cin_s),
                            (tail_ref, tail_s)):
@@ -195,15 +210,20 @@ def _forward(q, k, v, g2, segs: Segs | None, h0t, *, scale: float, store_states:
         plgpu.barrier_arrive(s_ready.at[half])
         if store_states:
           plgpu.copy_smem_to_gmem(s_pub.at[half], states_ref.at[b, h, n, pl.ds(v0, BV)])
-        g_last = g_s[slot, C - 1]
-        v_decay = jnp.exp2(g_last - plgpu.load(g_s.at[slot], layout=_COLS))
-        s_decay = jnp.exp2(g_last)
-        if has_segs:
-          v_decay = v_decay * plgpu.load(tail_s.at[slot], layout=_COLS)
-          s_decay = s_decay * cin_s[slot, C - 1]
-        v_t = plgpu.load(v_s.at[slot].T, layout=_WG).astype(F32)  # [BV, C]
-        vd = (v_t * _bcast(v_decay, (BV, C), 1)).astype(dtype)
-        s_new = _mm(vd, k_s.at[slot], (BV, dk), init=s_t * s_decay)
+        if per_key:  # S^T' = S^T gamma (per column) + v^T k~
+          gamma = _bcast(plgpu.load(g_s.at[slot], layout=_COLS), (BV, dk), 1)
+          vd = plgpu.load(v_s.at[slot].T, layout=_WG)
+          s_new = _mm(vd, k_s.at[slot], (BV, dk), init=s_t * gamma)
+        else:
+          g_last = g_s[slot, C - 1]
+          v_decay = jnp.exp2(g_last - plgpu.load(g_s.at[slot], layout=_COLS))
+          s_decay = jnp.exp2(g_last)
+          if has_segs:
+            v_decay = v_decay * plgpu.load(tail_s.at[slot], layout=_COLS)
+            s_decay = s_decay * cin_s[slot, C - 1]
+          v_t = plgpu.load(v_s.at[slot].T, layout=_WG).astype(F32)  # [BV, C]
+          vd = (v_t * _bcast(v_decay, (BV, C), 1)).astype(dtype)
+          s_new = _mm(vd, k_s.at[slot], (BV, dk), init=s_t * s_decay)
         plgpu.barrier_arrive(in_free.at[slot])
         return s_new
 
@@ -222,6 +242,12 @@ def _forward(q, k, v, g2, segs: Segs | None, h0t, *, scale: float, store_states:
       def step(n, carry):
         slot, half = lax.rem(n, stages), lax.rem(n, 2)
         plgpu.barrier_wait(in_bar.at[slot])
+        if per_key:  # o = q~ S + a v, scale folded in by the caller
+          plgpu.barrier_wait(s_ready.at[half])
+          o = _mm(q_s.at[slot], s_pub.at[half].T, (C, BV))
+          o = _mm(g_r.at[slot], v_s.at[slot], (C, BV), init=o)
+          finish(n, slot, half, o)
+          return carry
         g_row = plgpu.load(g_r.at[slot], layout=_ROWS)
         g_col = plgpu.load(g_s.at[slot], layout=_COLS)
         q_decay = jnp.exp2(g_row)
@@ -231,17 +257,20 @@ def _forward(q, k, v, g2, segs: Segs | None, h0t, *, scale: float, store_states:
           seg_cols = plgpu.load(run_c.at[slot], layout=_COLS)
           q_decay = q_decay * plgpu.load(cin_s.at[slot], layout=_ROWS)
         p = _mm(q_s.at[slot], k_s.at[slot].T, (C, C))
-        p16 = (p * _scores_mask(g_row, g_col, seg_rows, seg_cols)).astype(dtype)
+        p16 = (p * _decay_tile(g_row, g_col, seg_rows, seg_cols)).astype(dtype)
         plgpu.barrier_wait(s_ready.at[half])
         o = _mm(q_s.at[slot], s_pub.at[half].T, (C, BV))
         o = _mm(p16, v_s.at[slot], (C, BV), init=o * _bcast(q_decay, (C, BV), 0))
+        finish(n, slot, half, o * scale)
+        return carry
+
+      def finish(n, slot, half, o):
         plgpu.barrier_arrive(s_free.at[half])
         plgpu.barrier_arrive(in_free.at[slot])
         plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # o_out[half] of chunk n - 2 was sent
-        o_out.at[half][...] = (o * scale).astype(dtype)
+        o_out.at[half][...] = o.astype(dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_out.at[half], o_ref.at[b, pl.ds(n * C, C), h, pl.ds(v0, BV)])
-        return carry
 
       lax.fori_loop(0, n_chunks, step, None)
       plgpu.wait_smem_to_gmem(0)
@@ -251,8 +280,10 @@ def _forward(q, k, v, g2, segs: Segs | None, h0t, *, scale: float, store_states:
     plgpu.barrier_wait(done)
 
   vec = plgpu.SMEM((stages, C), F32)
+  g_bufs = ((plgpu.SMEM((stages, dk), F32), _tiles(dtype, stages, C, C)) if per_key
+            else (vec, vec))
   smem = (_tiles(dtype, stages, C, dk), _tiles(dtype, stages, C, dk), _tiles(dtype, stages, C, BV),
-          vec, vec, vec, vec, vec, vec, _tiles(dtype, 2, BV, dk), _tiles(dtype, 2, C, BV),
+          *g_bufs, vec, vec, vec, vec, _tiles(dtype, 2, BV, dk), _tiles(dtype, 2, C, BV),
           plgpu.SMEM((BV, dk), F32))
   bars = (plgpu.Barrier(num_arrivals=n_copies, num_barriers=stages),
           plgpu.Barrier(num_arrivals=2, num_barriers=stages),
@@ -262,7 +293,7 @@ def _forward(q, k, v, g2, segs: Segs | None, h0t, *, scale: float, store_states:
               jax.ShapeDtypeStruct((bsz, heads, dv, dk), F32)]
   if store_states:
     out_type.append(jax.ShapeDtypeStruct((bsz, heads, n_chunks, dv, dk), dtype))
-  args = [q, k, v, g2] + (list(segs) if has_segs else []) + [h0t]
+  args = [q, k, v, *(decay if per_key else [decay])] + (list(segs) if has_segs else []) + [h0t]
   outs = plgpu.kernel(
       body, out_type=out_type, scratch_types=[smem, bars], grid=(bsz, heads, dv // BV),
       grid_names=("b", "h", "v"), num_threads=3, thread_name="wg",
@@ -274,22 +305,25 @@ def _forward(q, k, v, g2, segs: Segs | None, h0t, *, scale: float, store_states:
 # ------------------------------------------------------------------------------ backward
 
 
-def _reverse_states(q, do, g2, segs: Segs | None, dfinal_t, *, scale: float, stages: int):
+def _reverse_states(q, do, decay, segs: Segs | None, dfinal_t, *, scale: float, stages: int):
   """The reverse state pass: D^T = dL/dS^T leaving each chunk, walking the chunks backwards,
 
       D^T_{c-1} = exp2(G_last) cin_last D^T_c + scale (dO * exp2(G) cin)^T q     (chunk c)
 
-  q [B, Tp, H, Dk], do [B, Tp, H, Dv], g2 [B, H, Tp], dfinal_t [B, H, Dv, Dk] float32.
+  q [B, Tp, H, Dk], do [B, Tp, H, Dv], decay: g2 [B, H, Tp] (scalar forms) or, per-key,
+  gamma [B, H, Tp / C, Dk] with q = q~ (decay, segments and scale folded in: D^T_{c-1} =
+  D^T_c gamma_c + dO^T q~); dfinal_t [B, H, Dv, Dk] float32.
   Returns (D^T leaving every chunk [B, H, Tp / C, Dv, Dk] input dtype, the initial state's
   gradient, transposed, [B, H, Dv, Dk] float32)."""
   bsz, tp, heads, dk = q.shape
   dv = do.shape[-1]
   n_chunks, dtype = tp // C, q.dtype
+  per_key = decay.ndim == 4
   has_segs = segs is not None
   n_copies = 3 + has_segs
 
   def body(*refs):
-    q_ref, do_ref, g_ref = refs[:3]
+    q_ref, do_ref, g_ref = refs[:3]  # g_ref: gamma when per_key
     refs = refs[3:]
     cin_ref = refs[0] if has_segs else None
     refs = refs[has_segs:]
@@ -306,7 +340,8 @@ def _reverse_states(q, do, g2, segs: Segs | None, dfinal_t, *, scale: float, sta
         rows, bar = pl.ds((n_chunks - 1 - i) * C, C), in_bar.at[slot]
         plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_s.at[slot], bar)
         plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h, pl.ds(v0, BV)], do_s.at[slot], bar)
-        plgpu.copy_gmem_to_smem(g_ref.at[b, h, rows], g_s.at[slot], bar)
+        plgpu.copy_gmem_to_smem(g_ref.at[b, h, n_chunks - 1 - i] if per_key
+                                else g_ref.at[b, h, rows], g_s.at[slot], bar)
         if has_segs:
           plgpu.copy_gmem_to_smem(cin_ref.at[b, rows], cin_s.at[slot], bar)
 
@@ -337,6 +372,12 @@ def _reverse_states(q, do, g2, segs: Segs | None, dfinal_t, *, scale: float, sta
         d_pub.at[half][...] = d_t.astype(dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(d_pub.at[half], d_ref.at[b, h, n, pl.ds(v0, BV)])
+        if per_key:
+          gamma = _bcast(plgpu.load(g_s.at[slot], layout=_COLS), (BV, dk), 1)
+          dw = plgpu.load(do_s.at[slot].T, layout=_WG)
+          d_new = _mm(dw, q_s.at[slot], (BV, dk), init=d_t * gamma)
+          plgpu.barrier_arrive(in_free.at[slot])
+          return d_new
         g = plgpu.load(g_s.at[slot], layout=_COLS)
         w = jnp.exp2(g) * scale
         carry = jnp.exp2(g_s[slot, C - 1])
@@ -356,11 +397,12 @@ def _reverse_states(q, do, g2, segs: Segs | None, dfinal_t, *, scale: float, sta
       plgpu.wait_smem_to_gmem(0)
 
   vec = plgpu.SMEM((stages, C), F32)
-  smem = (_tiles(dtype, stages, C, dk), _tiles(dtype, stages, C, BV), vec, vec,
+  smem = (_tiles(dtype, stages, C, dk), _tiles(dtype, stages, C, BV),
+          plgpu.SMEM((stages, dk), F32) if per_key else vec, vec,
           _tiles(dtype, 2, BV, dk), plgpu.SMEM((BV, dk), F32))
   bars = (plgpu.Barrier(num_arrivals=n_copies, num_barriers=stages),
           plgpu.Barrier(num_barriers=stages), plgpu.Barrier())
-  args = [q, do, g2] + ([segs.cin] if has_segs else []) + [dfinal_t]
+  args = [q, do, decay] + ([segs.cin] if has_segs else []) + [dfinal_t]
   d, dh0 = plgpu.kernel(
       body,
       out_type=[jax.ShapeDtypeStruct((bsz, heads, n_chunks, dv, dk), dtype),
@@ -369,6 +411,117 @@ def _reverse_states(q, do, g2, segs: Segs | None, dfinal_t, *, scale: float, sta
       num_threads=2, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
   )(*args)
   return d, dh0
+
+
+def _chunk_grads_kernel(q, k, v, do, g2, segs: Segs | None, states_t, d_t, *, scale: float):
+  """The chunk-parallel backward, one CTA per (chunk, head, batch), one warpgroup:
+
+      dq = (dO v^T * M) k + scale exp2(G) cin (dO S^T)
+      dk = (v dO^T * M^T) q + exp2(G_last - G) tail (v D^T)
+      dv = (k q^T * M^T) dO + exp2(G_last - G) tail (k D)
+
+  M = scale exp2(G_i - G_j) on visible pairs. q, k, v, do [B, Tp, H, D] (k, v per query
+  head); states_t (S^T entering) and d_t (D^T leaving) [B, H, N, Dv, Dk]. Returns dq, dk, dv
+  (input dtype), dG2 without the chunk-decay term [B, H, Tp] (q.dq - k.dk, log2 units / ln2
+  applied by the caller) and k.dk_state [B, H, Tp] (the caller's chunk-decay term)."""
+  bsz, tp, heads, dk = q.shape
+  dv = v.shape[-1]
+  n_chunks, dtype = tp // C, q.dtype
+  has_segs = segs is not None
+
+  def body(*refs):
+    q_ref, k_ref, v_ref, do_ref, g_ref, s_ref, d_ref = refs[:7]
+    refs = refs[7:]
+    run_ref, cin_ref, tail_ref = refs[:3] if has_segs else (None,) * 3
+    refs = refs[3 * has_segs:]
+    dq_ref, dk_ref, dv_ref, dg_ref, kd_ref = refs[:5]
+    (q_s, k_s, v_s, do_s, s_s, d_s, g_r, g_c, run_r, run_c, cin_r, tail_r, dqk_out, dv_out,
+     dg_s, kd_s), bar = refs[-2:]
+    n, h, b = lax.axis_index("n"), lax.axis_index("h"), lax.axis_index("b")
+    rows = pl.ds(n * C, C)
+    copies = [(q_ref.at[b, rows, h], q_s), (k_ref.at[b, rows, h], k_s),
+              (v_ref.at[b, rows, h], v_s), (do_ref.at[b, rows, h], do_s),
+              (s_ref.at[b, h, n], s_s), (d_ref.at[b, h, n], d_s),
+              (g_ref.at[b, h, rows], g_r), (g_ref.at[b, h, rows], g_c)]
+    if has_segs:
+      copies += [(run_ref.at[b, rows], run_r), (run_ref.at[b, rows], run_c),
+                 (cin_ref.at[b, rows], cin_r), (tail_ref.at[b, rows], tail_r)]
+    for src, dst in copies:
+      plgpu.copy_gmem_to_smem(src, dst, bar)
+    plgpu.barrier_wait(bar)
+
+    g_row = plgpu.load(g_r, layout=_ROWS)
+    g_col = plgpu.load(g_c, layout=_COLS)
+    g_last = g_r[C - 1]
+    q_w = jnp.exp2(g_row) * scale
+    k_w = jnp.exp2(g_last - g_row)
+    seg_rows = seg_cols = None
+    if has_segs:
+      seg_rows, seg_cols = plgpu.load(run_r, layout=_ROWS), plgpu.load(run_c, layout=_COLS)
+      q_w = q_w * plgpu.load(cin_r, layout=_ROWS)
+      k_w = k_w * plgpu.load(tail_r, layout=_ROWS)
+
+    def send(tile, out_s, dst):
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # out_s's previous tile was sent
+      out_s[...] = tile.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(out_s, dst)
+
+    # dq
+    m = _decay_tile(g_row, g_col, seg_rows, seg_cols) * scale
+    dp16 = (_mm(do_s, v_s.T, (C, C)) * m).astype(dtype)
+    dq = _mm(dp16, k_s, (C, dk), init=_mm(do_s, s_s, (C, dk)) * _bcast(q_w, (C, dk), 0))
+    dg = (plgpu.load(q_s, layout=_WG).astype(F32) * dq).sum(axis=1)
+    send(dq, dqk_out, dq_ref.at[b, rows, h])
+    # dk
+    mt = _decay_tile(g_row, g_col, seg_rows, seg_cols, transposed=True) * scale
+    dpt16 = (_mm(v_s, do_s.T, (C, C)) * mt).astype(dtype)
+    dk_state = _mm(v_s, d_s, (C, dk)) * _bcast(k_w, (C, dk), 0)
+    k_f = plgpu.load(k_s, layout=_WG).astype(F32)
+    kd = (k_f * dk_state).sum(axis=1)
+    dk_t = _mm(dpt16, q_s, (C, dk), init=dk_state)
+    dg = dg - (k_f * dk_t).sum(axis=1)
+    send(dk_t, dqk_out, dk_ref.at[b, rows, h])
+    # dv
+    at16 = (_mm(k_s, q_s.T, (C, C)) * mt).astype(dtype)
+    dv_t = _mm(at16, do_s, (C, dv), init=_mm(k_s, d_s.T, (C, dv)) * _bcast(k_w, (C, dv), 0))
+    send(dv_t, dv_out, dv_ref.at[b, rows, h])
+    dg_s[...] = dg
+    kd_s[...] = kd
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(dg_s, dg_ref.at[b, h, rows])
+    plgpu.copy_smem_to_gmem(kd_s, kd_ref.at[b, h, rows])
+    plgpu.wait_smem_to_gmem(0)
+
+  vec = plgpu.SMEM((C,), F32)
+  smem = (_tiles(dtype, C, dk), _tiles(dtype, C, dk), _tiles(dtype, C, dv), _tiles(dtype, C, dv),
+          _tiles(dtype, dv, dk), _tiles(dtype, dv, dk), vec, vec, vec, vec, vec, vec,
+          _tiles(dtype, C, dk), _tiles(dtype, C, dv), vec, vec)
+  bar = plgpu.Barrier(num_arrivals=8 + 4 * has_segs)
+  args = [q, k, v, do, g2, states_t, d_t] + (list(segs) if has_segs else [])
+  tok = lambda d: jax.ShapeDtypeStruct((bsz, tp, heads, d), dtype)
+  vec_out = jax.ShapeDtypeStruct((bsz, heads, tp), F32)
+  return plgpu.kernel(
+      body, out_type=[tok(dk), tok(dk), tok(dv), vec_out, vec_out], scratch_types=[smem, bar],
+      grid=(n_chunks, heads, bsz), grid_names=("n", "h", "b"),
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(*args)
+
+
+def kernel_chunk_grads(q, k, v, do, g2, segs: Segs | None, states_t, d_t, scale: float):
+  """`chunk_grads` with the chunk-parallel part in the kernel above; the chunk-decay term
+  (sum_j k_j.dk_state_j + gamma <S, D> at each chunk's last token) in XLA."""
+  dq, dk, dv, dg, kd = _chunk_grads_kernel(q, k, v, do, g2, segs, states_t, d_t, scale=scale)
+  b, h, tp = dg.shape
+  n = tp // C
+  g_last = g2.reshape(b, h, n, C)[..., -1]
+  gamma = jnp.exp2(g_last)
+  if segs is not None:
+    gamma = gamma * segs.cin.reshape(b, 1, n, C)[..., -1]
+  last = kd.reshape(b, h, n, C).sum(-1) + gamma * jnp.einsum(
+      "bhned,bhned->bhn", states_t, d_t, preferred_element_type=F32)
+  dg = dg.reshape(b, h, n, C).at[..., -1].add(last)
+  return dq, dk, dv, dg.reshape(b, h, tp) / LOG2E
 
 
 def _chunks(x):
@@ -452,7 +605,8 @@ def _chunked_bwd(st: _Static, res, cts):
   d_t, dh0t = _reverse_states(q, do, g2, segs, dfinal, scale=st.scale,
                               stages=st.config.bwd_stages)
   kr, vr = (jnp.repeat(x, st.group, axis=2) for x in (k, v))
-  dq, dk, dv, dg2 = chunk_grads(q, kr, vr, do, g2, segs, states, d_t, st.scale)
+  grads = kernel_chunk_grads if st.config.grads_kernel else chunk_grads
+  dq, dk, dv, dg2 = grads(q, kr, vr, do, g2, segs, states, d_t, st.scale)
   dk, dv = (_group_sum(x, st.group).astype(k.dtype) for x in (dk, dv))
   dsegs = None if segs is None else jax.tree.map(jnp.zeros_like, segs)
   return dq, dk, dv, dg2, dsegs, dh0t
@@ -466,6 +620,76 @@ def _group_sum(x, group):
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _chunked_per_key(qt, kt, v, gamma, a, h0t, st: _Static):
+  o, final, _ = _forward(qt, kt, v, (gamma, a), None, h0t, scale=1.0, store_states=False,
+                         stages=st.config.stages)
+  return o, final
+
+
+def _chunked_per_key_fwd(qt, kt, v, gamma, a, h0t, st: _Static):
+  o, final, states = _forward(qt, kt, v, (gamma, a), None, h0t, scale=1.0, store_states=True,
+                              stages=st.config.stages)
+  return (o, final), (qt, kt, v, gamma, a, states)
+
+
+def _chunked_per_key_bwd(st: _Static, res, cts):
+  """o = a v + q~ S, S' = gamma S + k~^T v per chunk: the reverse state pass (kernel), then
+  batched XLA for the chunk-parallel products."""
+  qt, kt, v, gamma, a, states = res
+  do, dfinal = cts
+  do = do.astype(qt.dtype)
+  d_t, dh0t = _reverse_states(qt, do, gamma, None, dfinal, scale=1.0,
+                              stages=st.config.bwd_stages)
+  mm = functools.partial(jnp.einsum, preferred_element_type=F32)
+  vr = jnp.repeat(v, st.group, axis=2)
+  qc, kc, vc, doc = (_chunks(x) for x in (qt, kt, vr, do))  # [B, H, N, C, D]
+  b, h, n = qc.shape[:3]
+  ac = a.reshape(b, h, n, C, C)
+  da = mm("bhnie,bhnje->bhnij", doc, vc).reshape(a.shape)
+  dqt = mm("bhnie,bhned->bhnid", doc, states)
+  dkt = mm("bhnje,bhned->bhnjd", vc, d_t)
+  dv = mm("bhnij,bhnie->bhnje", ac, doc) + mm("bhned,bhnjd->bhnje", d_t, kc)
+  dgamma = mm("bhned,bhned->bhnd", states, d_t)
+  dv = _group_sum(_unchunk(dv), st.group).astype(v.dtype)
+  return (_unchunk(dqt).astype(qt.dtype), _unchunk(dkt).astype(kt.dtype), dv, dgamma,
+          da.astype(a.dtype), dh0t)
+
+
+_chunked_per_key.defvjp(_chunked_per_key_fwd, _chunked_per_key_bwd)
+
+
+def per_key_factors(q, k, g, resets, scale: float, tp: int):
+  """Per-key decay folded into the operands (differentiable XLA; the kernel's inputs):
+  q~ = q exp(G) cin scale, k~ = k exp(G_last - G) tail [B, Tp, H, Dk] (k per query head),
+  gamma = exp(G_last) carry [B, H, Tp / C, Dk] float32, a = the chunk's scores [B, H, Tp, C]
+  (XLA's sub-chunked `_intra`: safe however strong the decay). g [B, T, H, Dk] float32."""
+  import sys
+  xla = sys.modules["longax.kernels.linear_attention"]  # the op's module (it imports this one)
+  b, t, h, dk = q.shape
+  padt = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))
+  k = jnp.repeat(k, h // k.shape[2], axis=2)
+  qc, kc = _chunks(padt(q)), _chunks(padt(k))  # [B, H, N, C, Dk]
+  gc = jnp.cumsum(_chunks(padt(g.astype(F32))), axis=3)  # inclusive, <= 0
+  n = tp // C
+  visible = jnp.tril(jnp.ones((C, C), bool))
+  cin = tail = 1.0
+  carry = jnp.ones((b, 1, n, 1))
+  if resets is not None:
+    segs = segment_vectors(resets, tp)
+    run = segs.run.reshape(b, 1, n, C)
+    visible = visible & (run[..., :, None] == run[..., None, :])
+    cin, tail = (x.reshape(b, 1, n, C, 1) for x in (segs.cin, segs.tail))
+    carry = cin[..., -1, :]
+  qt = qc.astype(F32) * jnp.exp(gc) * cin * scale
+  kt = kc.astype(F32) * jnp.exp(gc[..., -1:, :] - gc) * tail
+  gamma = jnp.exp(gc[..., -1, :]) * carry
+  a = xla._intra(qc, kc, gc, visible) * scale
+  dtype = q.dtype
+  return (_unchunk(qt).astype(dtype), _unchunk(kt).astype(dtype), gamma,
+          a.reshape(b, h, tp, C).astype(dtype))
+
+
 def chunk_log2_decay(g, tp: int):
   """g [B, T, H, 1] natural log decay (or None) -> [B, H, Tp] chunk-local inclusive cumsum in
   log2 units (padding decays by nothing)."""
@@ -476,9 +700,12 @@ def chunk_log2_decay(g, tp: int):
 
 
 def unsupported(call: dict) -> str | None:
-  """Why the kernel does not take this call (None: it does)."""
-  q, k, v, g = call["q"], call["k"], call["v"], call.get("g")
+  """Why the kernel does not take this call (None: it does). A call without arrays (ssd
+  asking whether the impl exists) is judged when linear_attention makes it."""
   backend = call.get("backend", jax.default_backend())
+  if "q" not in call:
+    return None
+  q, v, g = call["q"], call["v"], call.get("g")
   if backend != "gpu":
     return f"the Mosaic GPU kernel needs a GPU backend, not {backend!r}"
   try:
@@ -491,8 +718,6 @@ def unsupported(call: dict) -> str | None:
     return f"dtype {q.dtype} (the kernel takes bfloat16 and float16)"
   if q.shape[-1] not in HEAD_DIMS or v.shape[-1] not in HEAD_DIMS:
     return f"Dk={q.shape[-1]}, Dv={v.shape[-1]} (the kernel takes {HEAD_DIMS})"
-  if g is not None and g.shape[-1] != 1:
-    return "per-key decay [B, T, H, Dk] (the kernel takes none, per-head and per-token scalar decay)"
   if call.get("chunk", C) != C:
     return f"chunk_size={call['chunk']} (the kernel's chunk is {C})"
   return None
@@ -506,8 +731,13 @@ def linear_attention_pallas(q, k, v, g, h0, resets, scale, chunk: int = C, confi
   b, t, h, _ = q.shape
   tp = -(-t // C) * C
   pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - t), (0, 0), (0, 0)])
+  st = _Static(float(scale), h // k.shape[2], config or TUNED)
+  h0t = jnp.swapaxes(h0, -1, -2)
+  if g is not None and g.shape[-1] > 1:  # per-key decay: folded into the operands
+    qt, kt, gamma, a = per_key_factors(q, k, g, resets, scale, tp)
+    o, final_t = _chunked_per_key(qt, kt, pad(v), gamma, a, h0t, st)
+    return o[:, :t], jnp.swapaxes(final_t, -1, -2)
   g2 = (jnp.zeros((b, h, tp), F32) if g is None else chunk_log2_decay(g, tp))
   segs = None if resets is None else segment_vectors(resets, tp)
-  st = _Static(float(scale), h // k.shape[2], config or TUNED)
-  o, final_t = _chunked(pad(q), pad(k), pad(v), g2, segs, jnp.swapaxes(h0, -1, -2), st)
+  o, final_t = _chunked(pad(q), pad(k), pad(v), g2, segs, h0t, st)
   return o[:, :t], jnp.swapaxes(final_t, -1, -2)

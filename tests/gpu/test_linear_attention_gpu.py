@@ -23,7 +23,7 @@ RAGGED = (1, 300, 4, 1, 64, 64)  # T not a multiple of the chunk; one K/V head
 MIXED = (1, 200, 2, 2, 64, 128)  # Dk != Dv
 SHORT = (2, 37, 2, 2, 128, 64)  # one partial chunk
 SHAPES = [BASE, RAGGED, MIXED, SHORT]
-DECAYS = [None, "head", "token"]
+DECAYS = [None, "head", "token", "key"]
 
 
 def _inputs(rand, shape, decay, dtype=jnp.bfloat16, strength=1.0):
@@ -31,7 +31,8 @@ def _inputs(rand, shape, decay, dtype=jnp.bfloat16, strength=1.0):
   q, k = rand.normal((b, t, h, dk), dtype), rand.normal((b, t, hkv, dk), dtype)
   v = rand.normal((b, t, hkv, dv), dtype)
   g = {None: None, "head": lambda: -strength * jax.nn.softplus(rand.normal((h,))),
-       "token": lambda: -strength * jax.nn.softplus(rand.normal((b, t, h)))}[decay]
+       "token": lambda: -strength * jax.nn.softplus(rand.normal((b, t, h))),
+       "key": lambda: -strength * jax.nn.softplus(rand.normal((b, t, h, dk)))}[decay]
   return q, k, v, (g() if g else None), rand.normal((b, h, dk, dv), jnp.float32, 0.1)
 
 
@@ -54,11 +55,12 @@ def test_pallas_matches_reference(rand, shape, decay, state, segments):
           f"{shape} decay={decay} state={state} segments={segments}")
 
 
-def test_strong_decay_long_sequence(rand):
+@pytest.mark.parametrize("per_key", [False, True])
+def test_strong_decay_long_sequence(rand, per_key):
   """log decay down to -10 per token over 16k tokens: finite and within bf16 tolerance."""
   shape = (1, 16384, 2, 2, 64, 64)
   q, k, v, _, _ = _inputs(rand, shape, None)
-  g = rand.uniform((1, 16384, 2), -10.0, 0.0)
+  g = rand.uniform((1, 16384, 2, 64) if per_key else (1, 16384, 2), -10.0, 0.0)
   f = lambda impl: lambda q, k, v, g: linear_attention(q, k, v, log_decay=g, impl=impl)
   got = jax.jit(f("pallas"))(q, k, v, g)
   assert bool(jnp.isfinite(got.astype(jnp.float32)).all())
@@ -85,5 +87,5 @@ def test_auto_takes_the_kernel_where_covered():
   assert resolve("linear_attention", "auto", call()) is kernel
   assert resolve("linear_attention", "auto", call(64, g=jnp.zeros((1, 128, 2, 1)))) is kernel
   assert resolve("linear_attention", "auto", call(dt=jnp.float32)) is not kernel
-  assert resolve("linear_attention", "auto", call(g=jnp.zeros((1, 128, 2, 128)))) is not kernel
+  assert resolve("linear_attention", "auto", call(g=jnp.zeros((1, 128, 2, 128)))) is kernel
   assert resolve("linear_attention", "auto", call(chunk=32)) is not kernel
