@@ -14,10 +14,13 @@ wherever `segment_ids` changes.
 The XLA path is chunked (Lightning-Attention-2 style): inside a chunk of C tokens the
 quadratic form, between chunks the state recurrence `pass_states`, the same combine that
 LASP-2 applies between devices. Every decay factor is exp of a non-positive number: the
-cumulative log decay G is only ever used as a difference G_later - G_earlier.
+cumulative log decay G is only ever used as a difference G_later - G_earlier. Per-key decay
+inside a chunk goes through sub-chunks (`_intra_per_key`), never a [.., C, C, Dk] tensor.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -85,35 +88,90 @@ def pass_states(decay, local, initial):
   return entering, final
 
 
-def _intra(q, k, gc, visible):
+SUB = 16  # per-key decay: sub-chunk size inside a chunk (FLA chunk_gla's BC)
+
+
+def _dot(spec, a, b, dtype):
+  """einsum on operands cast to `dtype` (the inputs' dtype: bf16 inputs keep bf16 matmuls)
+  with float32 accumulation and result."""
+  return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _intra(q, k, gc, visible, sub: int = SUB):
   """Within-chunk scores sum_d q_id k_jd exp(G_id - G_jd) on visible (j <= i) pairs.
 
-  q, k: [B, H, N, C, Dk]; gc: cumulative log decay [B, H, N, C, 1|Dk] or None;
-  visible: [B|1, 1, N|1, C, C]. Returns [B, H, N, C, C].
+  q, k: [B, H, N, C, Dk] (matmul operands in their dtype); gc: cumulative log decay
+  [B, H, N, C, 1|Dk] float32 or None; visible: [B|1, 1, N|1, C, C]. Returns [B, H, N, C, C]
+  float32.
   """
   if gc is None:
-    return jnp.einsum("bhnid,bhnjd->bhnij", q, k) * visible
-  diff = gc[..., :, None, :] - gc[..., None, :, :]  # [B,H,N,C,C,1|Dk], <= 0 where visible
-  decay = jnp.exp(jnp.where(visible[..., None], diff, -jnp.inf))
+    return _dot("bhnid,bhnjd->bhnij", q, k, q.dtype) * visible
   if gc.shape[-1] == 1:
-    return jnp.einsum("bhnid,bhnjd->bhnij", q, k) * decay[..., 0]
-  return jnp.einsum("bhnid,bhnjd,bhnijd->bhnij", q, k, decay)
+    return _dot("bhnid,bhnjd->bhnij", q, k, q.dtype) * _masked_exp(_pairwise(gc)[..., 0], visible)
+  return _intra_per_key(q, k, gc, visible, math.gcd(q.shape[3], sub))
+
+
+def _masked_exp(x, mask):
+  """exp(x) where mask, else 0, with finite gradients: x may be large and positive where
+  masked out (the double where)."""
+  return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
+
+
+def _pairwise(gc):
+  """[..., S, D] -> [..., S, S, D]: gc_i - gc_j, <= 0 for j <= i (gc is non-increasing)."""
+  return gc[..., :, None, :] - gc[..., None, :, :]
+
+
+@jax.checkpoint
+def _diag_scores(q, k, gc, mask):
+  """q, k, gc: [.., S, Dk]; mask [.., S, S]. sum_d q_id k_jd exp(gc_id - gc_jd) on mask:
+  one elementwise product and reduction, which the backward recomputes rather than keeping
+  [.., S, S, Dk] alive."""
+  decay = _masked_exp(_pairwise(gc), mask[..., None])  # [.., S, S, Dk]
+  q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+  return jnp.sum(q[..., :, None, :] * k[..., None, :, :] * decay, axis=-1)
+
+
+def _intra_per_key(q, k, gc, visible, sub: int):
+  """`_intra` for gc [B, H, N, C, Dk] without [.., C, C, Dk]: sub-chunks of `sub` tokens.
+
+  Off-diagonal blocks (row sub-chunk r after column sub-chunk s) are a matmul of
+  q_i exp(G_i - G_r) and k_j exp(G_r - G_j), G_r the decay at the first token of r: both
+  exponents <= 0. Diagonal blocks are elementwise on [.., S, S, Dk]. Peak [B,H,N,C,S|C/S,Dk].
+  """
+  blocks = lambda x: rearrange(x, "... (r i) d -> ... r i d", i=sub)
+  q, k, gc = blocks(q), blocks(k), blocks(gc)  # [B,H,N,R,S,Dk]
+  m = q.shape[-3]
+  g_r = gc[..., :1, :]  # [B,H,N,R,1,Dk]
+  earlier = jnp.tril(jnp.ones((m, m), bool), -1)[:, :, None, None]  # [R,R',1,1]: s < r
+  q_r = q * jnp.exp(gc - g_r)
+  k_r = k[..., None, :, :, :] * _masked_exp(g_r[..., :, None, :, :] - gc[..., None, :, :, :],
+                                            earlier)  # [B,H,N,R,R',S,Dk]
+  off = _dot("bhnrid,bhnrsjd->bhnrsij", q_r, k_r, q.dtype)  # [B,H,N,R,R',S,S]
+
+  vis = rearrange(visible, "... (r i) (s j) -> ... r s i j", i=sub, j=sub)
+  vis_diag = jnp.moveaxis(jnp.diagonal(vis, axis1=-4, axis2=-3), -1, -3)  # [..,R,S,S]
+  diag = _diag_scores(q, k, gc, vis_diag)  # [B,H,N,R,S,S]
+  scores = jnp.where(jnp.eye(m, dtype=bool)[:, :, None, None], diag[..., None, :, :], off * vis)
+  return rearrange(scores, "... r s i j -> ... (r i) (s j)")
 
 
 def _linear_attention_xla(q, k, v, g, h0, resets, scale, chunk: int = CHUNK):
   """q: [B, T, H, Dk]; k, v: [B, T, Hkv, Dk|Dv]; g: [B, T, H, 1|Dk] f32 or None; h0: [B, H,
-  Dk, Dv] f32; resets: [B, T] bool or None. Returns (o [B, T, H, Dv] f32, final state)."""
+  Dk, Dv] f32; resets: [B, T] bool or None. Returns (o [B, T, H, Dv] f32, final state).
+  Matmul operands stay in the dtype of q, k, v; decays, scores and states are float32."""
   k, v = _per_query_head(q, k, v)
   b, t = q.shape[:2]
+  dt = q.dtype
   n = -(-t // chunk)
   pad = n * chunk - t
   padt = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-  to_chunks = lambda x: rearrange(padt(x).astype(jnp.float32), "b (n c) h d -> b h n c d", c=chunk)
+  to_chunks = lambda x: rearrange(padt(x), "b (n c) h d -> b h n c d", c=chunk)
   q, k, v = (to_chunks(x) for x in (q, k, v))
   causal = jnp.tril(jnp.ones((chunk, chunk), bool))
 
   # Decay factors, all exp of a non-positive number (1 without decay).
-  gc = None if g is None else jnp.cumsum(to_chunks(g), axis=3)  # [B,H,N,C,1|Dk] inclusive
+  gc = None if g is None else jnp.cumsum(to_chunks(g.astype(jnp.float32)), axis=3)  # [B,H,N,C,1|Dk]
   from_start = 1.0 if gc is None else jnp.exp(gc)  # chunk start -> token
   to_end = 1.0 if gc is None else jnp.exp(gc[..., -1:, :] - gc)  # token -> chunk end
   across = jnp.ones((b, 1, n, 1)) if gc is None else jnp.exp(gc[..., -1, :])  # [B,H,N,1|Dk]
@@ -130,11 +188,11 @@ def _linear_attention_xla(q, k, v, g, h0, resets, scale, chunk: int = CHUNK):
     visible = causal & (seg[..., :, None] == seg[..., None, :])[:, None]  # [B,1,N,C,C]
 
   # Chunk-local states, then the recurrence over chunks.
-  local = jnp.einsum("bhncd,bhnce->nbhde", k * to_end * same_end, v)
+  local = _dot("bhncd,bhnce->nbhde", k * to_end * same_end, v, dt)
   entering, final = pass_states(rearrange(across * carry, "b h n d -> n b h d"), local, h0)
 
-  o_intra = jnp.einsum("bhnij,bhnje->bhnie", _intra(q, k, gc, visible), v)
-  o_inter = jnp.einsum("bhncd,nbhde->bhnce", q * from_start * same_in, entering)
+  o_intra = _dot("bhnij,bhnje->bhnie", _intra(q, k, gc, visible), v, dt)
+  o_inter = _dot("bhncd,nbhde->bhnce", q * from_start * same_in, entering, dt)
   o = scale * rearrange(o_intra + o_inter, "b h n c e -> b (n c) h e")
   return o[:, :t], final
 

@@ -9,6 +9,7 @@ q = C, k = B * dt, v = x, log_decay = dt * A, scale = 1, state transposed to [B,
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from longax.kernels import _checks
@@ -51,8 +52,11 @@ def ssd(x, dt, A, B, C, *, D=None, initial_state=None, segment_ids=None,
   """Mamba-2 state-space duality. Returns y [B, T, H, P] or (y, state [B, H, P, N])."""
   op = "ssd"
   _check(op, x, dt, A, B, C, D, "B, T")
-  resolve("linear_attention", impl, name=op)  # an impl linear_attention lacks fails as ssd's
-  b, _, h, p = x.shape
+  b, t, h, p = x.shape
+  like = lambda *s: jax.ShapeDtypeStruct(s, x.dtype)  # the call linear_attention will get
+  resolve("linear_attention", impl, dict(q=like(b, t, h, B.shape[-1]), k=like(b, t, h, B.shape[-1]),
+                                         v=x, g=like(b, t, h, 1), chunk=chunk_size),
+          name=op)  # an impl or call linear_attention does not take fails as ssd's
   h0 = None
   if initial_state is not None:
     _checks.shape_is(op, "initial_state", initial_state, (b, h, p, B.shape[-1]), "[B, H, P, N]")
