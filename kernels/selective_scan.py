@@ -75,6 +75,11 @@ def _selective_scan_xla(u, dt, A, Bm, Cm, h0, resets, chunk: int = CHUNK):
 
 register("selective_scan", "xla")(_selective_scan_xla)
 
+# The Mosaic GPU kernel (Hopper) is impl="pallas"; it asks `unsupported` which calls it takes.
+from longax.kernels.gpu import selective_scan as _gpu  # noqa: E402
+
+register("selective_scan", "pallas", unsupported=_gpu.unsupported)(_gpu.selective_scan_pallas)
+
 
 def _prepare_dt(delta, delta_bias, delta_softplus):
   dt = delta.astype(jnp.float32)
