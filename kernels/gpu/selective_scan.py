@@ -115,7 +115,9 @@ def _fetch(refs, names, b, rows, cols, slot, bar):
   """TMA loads of one tile: `names` ([B, L, D] arrays: a [CHUNK, 128] tile), B/C ([CHUNK, N]),
   resets ([CHUNK])."""
   for k in names:
-    if k in ("bm", "cm", "keep"):
+    if k == "keep":  # slots padded to 128 bytes
+      plgpu.copy_gmem_to_smem(refs[k].at[b, rows], refs[k + "_s"].at[slot, pl.ds(0, CHUNK)], bar)
+    elif k in ("bm", "cm"):
       plgpu.copy_gmem_to_smem(refs[k].at[b, rows], refs[k + "_s"].at[slot], bar)
     else:
       plgpu.copy_gmem_to_smem(refs[k].at[b, rows, cols], refs[k + "_s"].at[slot], bar)
@@ -127,7 +129,7 @@ def _smem(cfg: Cfg, names, dtypes, stages):
     if k in ("bm", "cm"):
       out[k + "_s"] = plgpu.SMEM((stages, CHUNK, cfg.dstate), _F32)
     elif k == "keep":
-      out[k + "_s"] = plgpu.SMEM((stages, CHUNK), _F32)
+      out[k + "_s"] = plgpu.SMEM((stages, 32), _F32)
     else:
       out[k + "_s"] = plgpu.SMEM((stages, CHUNK, BLOCK_D), dtypes[k])
   out["bars"] = plgpu.Barrier(num_arrivals=len(names), num_barriers=stages)
