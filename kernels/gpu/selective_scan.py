@@ -509,10 +509,11 @@ def _chain_forward(h0t, hloc, dec):
 
 def _prepare(cfg: Cfg, l, u, dt, A, Bm, Cm, keep):
   pad = cfg.seq_len - l
-  tp = lambda x: x if pad == 0 else jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-  # Padded tokens: dt = 0 leaves the state unchanged (decay 1, input 0).
+  tp = lambda x, v=0.0: x if pad == 0 else jnp.pad(
+      x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=v)
+  # Padded tokens leave the state unchanged: dt = 0 (decay 1, input 0) and no reset (keep 1).
   return (tp(dt.astype(_F32)), tp(u), tp(Bm.astype(_F32)), tp(Cm.astype(_F32)),
-          None if keep is None else tp(keep), (A.astype(_F32) * _LOG2E).T)
+          None if keep is None else tp(keep, 1.0), (A.astype(_F32) * _LOG2E).T)
 
 
 def _forward(cfg: Cfg, l, u, dt, A, Bm, Cm, h0, keep):
