@@ -10,6 +10,8 @@ u, delta, z [B, L, D]; A [D, N]; B, C [B, L, N]; state [B, D, N] float32. `segme
 The XLA path scans over chunks of `chunk_size` tokens carrying h [B, D, N]; inside a chunk
 an associative scan on [B, C, D, N]. The chunk body is rematerialised in the backward
 pass, so [B, L, D, N] never exists for the whole length, forward or backward.
+`impl="pallas"` is the Mosaic GPU kernel for Hopper (`kernels/gpu/selective_scan.py`), taken by
+`auto` where its GPU tests cover the call (D a multiple of 128, d_state 8 or 16, bf16/f32).
 """
 
 from __future__ import annotations
@@ -74,6 +76,11 @@ def _selective_scan_xla(u, dt, A, Bm, Cm, h0, resets, chunk: int = CHUNK):
 
 
 register("selective_scan", "xla")(_selective_scan_xla)
+
+# The Mosaic GPU kernel (Hopper) is impl="pallas"; it asks `unsupported` which calls it takes.
+from longax.kernels.gpu import selective_scan as _gpu  # noqa: E402
+
+register("selective_scan", "pallas", unsupported=_gpu.unsupported)(_gpu.selective_scan_pallas)
 
 
 def _prepare_dt(delta, delta_bias, delta_softplus):
