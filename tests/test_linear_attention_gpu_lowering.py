@@ -158,18 +158,19 @@ def _emulate_reverse(q, do, decay, segs, dfinal_t, *, scale, stages):
   return jnp.stack(out, axis=2).astype(q.dtype), d
 
 
-@pytest.mark.parametrize("decay,segments,group", [("key", True, 2), ("key", False, 1),
-                                                  ("token", True, 1)])
-def test_pallas_wiring_with_emulated_kernels(monkeypatch, decay, segments, group):
-  """The whole pallas impl (factors, custom_vjp, XLA chunk gradients) with the two state-pass
-  kernels emulated, against the reference: forward and every gradient, float32."""
+@pytest.mark.parametrize("decay,segments,group,strength", [
+    ("key", True, 2, 0.2), ("key", False, 1, 0.2), ("key", True, 1, 5.0), ("token", True, 1, 1.0)])
+def test_pallas_wiring_with_emulated_kernels(monkeypatch, decay, segments, group, strength):
+  """strength 0.2: per-key scores in one matmul; 5.0: chunks past PER_KEY_BOUND, sub-chunks."""
+  # The whole pallas impl (factors, custom_vjp, XLA chunk gradients) with the two state-pass
+  # kernels emulated, against the reference: forward and every gradient, float32.
   monkeypatch.setattr(gpu, "_forward", _emulate_forward)
   monkeypatch.setattr(gpu, "_reverse_states", _emulate_reverse)
   rng = np.random.default_rng(1)
   b, t, h, dk, dv = 1, 150, 2, 16, 8
   f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
   q, k, v = f(b, t, h, dk), f(b, t, h // group, dk), f(b, t, h // group, dv)
-  g = -jnp.abs(f(b, t, h, dk if decay == "key" else 1))
+  g = -strength * jnp.abs(f(b, t, h, dk if decay == "key" else 1))
   h0 = f(b, h, dk, dv)
   seg = jnp.asarray(np.sort(rng.integers(0, 3, (b, t)), axis=1)) if segments else None
   resets = la._resets(seg, b, t)

@@ -44,6 +44,7 @@ LOG2E = math.log2(math.e)
 C = 64  # tokens per chunk: the M of every wgmma tile
 BV = 64  # value columns per CTA
 HEAD_DIMS = (64, 128)  # Dk and Dv the GPU tests cover
+PER_KEY_BOUND = 60.0  # per-key decay: a chunk decaying less (nats) gets its scores in one matmul
 F32 = jnp.float32
 _WG = plgpu.Layout.WGMMA
 _ROWS = _WG.reduce(1)  # one value per row of a WGMMA tile
@@ -684,8 +685,17 @@ def per_key_factors(q, k, g, resets, scale: float, tp: int):
   qt = qc.astype(F32) * jnp.exp(gc) * cin * scale
   kt = kc.astype(F32) * jnp.exp(gc[..., -1:, :] - gc) * tail
   gamma = jnp.exp(gc[..., -1, :]) * carry
-  a = xla._intra(qc, kc, gc, visible) * scale
   dtype = q.dtype
+
+  def one_matmul():  # q exp(G) . k exp(-G): exponents within exp's range (checked below)
+    qh = (qc.astype(F32) * jnp.exp(gc)).astype(dtype)
+    kh = (kc.astype(F32) * jnp.exp(-gc)).astype(dtype)
+    return jnp.einsum("bhnid,bhnjd->bhnij", qh, kh, preferred_element_type=F32) * visible
+
+  # Every chunk's decay within BOUNDED nats: the scores are one matmul on the tensor cores;
+  # else the sub-chunked construction, safe however strong the decay (jla's `bounded` flag).
+  bounded = jnp.all(gc[..., -1, :] > -PER_KEY_BOUND)
+  a = lax.cond(bounded, one_matmul, lambda: xla._intra(qc, kc, gc, visible)) * scale
   return (_unchunk(qt).astype(dtype), _unchunk(kt).astype(dtype), gamma,
           a.reshape(b, h, tp, C).astype(dtype))
 
