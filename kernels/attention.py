@@ -26,6 +26,7 @@ from einops import rearrange
 
 from longax.kernels import _checks
 from longax.kernels._dispatch import register, resolve
+from longax.kernels._vma import vary_like
 from longax.kernels.visibility import query_positions, visible
 
 KV_BLOCK = 512  # XLA path: keys folded per step (tuned defaults live in one place)
@@ -158,8 +159,8 @@ def _flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, spec: AttnSpec, kv_block
     k_blk, v_blk, pos_blk, seg_blk = xs
     return fold_block(spec, carry, qg, k_blk, v_blk, spec.mask(q_pos, pos_blk, q_seg, seg_blk)), None
 
-  carry, _ = jax.lax.scan(step, init_carry(spec, (b, hkv, h // hkv, t), dv),
-                          _kv_blocks(t, k, v, k_pos, k_seg, kv_block))
+  carry0 = vary_like(init_carry(spec, (b, hkv, h // hkv, t), dv), q, k, v, q_pos, k_pos, q_seg, k_seg)
+  carry, _ = jax.lax.scan(step, carry0, _kv_blocks(t, k, v, k_pos, k_seg, kv_block))
   o = rearrange(finish(spec, carry), "b k g t d -> b t (k g) d").astype(q.dtype)
   if spec.kind == "sigmoid":
     return o, None
@@ -197,8 +198,8 @@ def _flash_backward(spec: AttnSpec, kv_block: int, res, do):
     dk = jnp.einsum("bkgtc,btkgd->bckd", ds, qg, preferred_element_type=jnp.float32)
     return dq, (dk, dv)
 
-  dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(qg.shape, jnp.float32),
-                              _kv_blocks(t, k, v, k_pos, k_seg, kv_block))
+  dq0 = vary_like(jnp.zeros(qg.shape, jnp.float32), res, do)
+  dq, (dk, dv) = jax.lax.scan(step, dq0, _kv_blocks(t, k, v, k_pos, k_seg, kv_block))
   dk = rearrange(dk, "n b c k d -> b (n c) k d")[:, :s_len]
   dv = rearrange(dv, "n b c k d -> b (n c) k d")[:, :s_len]
   dq = rearrange(dq, "b t k g d -> b t (k g) d")
