@@ -337,7 +337,8 @@ def _combine_states(axis_name, layout, local, decay, first, last, initial):
   segment ids [n, B] (or None). One all_gather, then `pass_states` over the global chunks.
   Returns (the state entering each local chunk [n, B, ...S], the final state [B, ...S])."""
   p, idx = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
-  gathered = jax.lax.all_gather((local, decay, first, last), axis_name)  # one collective
+  # One collective; its result is the same on every device, and so is the final state.
+  gathered = jax.lax.all_gather((local, decay, first, last), axis_name, to="invarying")
   local_g, decay_g, first_g, last_g = (None if x is None else _global_chunks(x, p, layout)
                                        for x in gathered)
   if first_g is not None:  # a chunk starting a new document does not take the state in
