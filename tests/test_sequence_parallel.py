@@ -249,6 +249,19 @@ def test_unknown_layout_and_odd_zigzag():
                 jnp.zeros((1, 3, 2, 4)))
 
 
+def test_benchmark_quick(tmp_path):
+  """benchmarks/sequence_parallel.py --quick runs on 8 simulated CPU devices."""
+  out = tmp_path / "sp.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-m", "longax.benchmarks.sequence_parallel", "--quick",
+                      "--ops", "ring", "lasp2", "--out", str(out)], env=env,
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = json.loads(out.read_text())
+  assert [(x["op"], x["P"]) for x in rows] == [("ring", 1), ("ring", 2), ("lasp2", 1), ("lasp2", 2)]
+  assert all(x["bytes_sent"] > 0 and x["efficiency_fwd_bwd"] > 0 for x in rows if x["P"] == 2)
+
+
 if __name__ == "__main__":
   sys.path.insert(0, str(pathlib.Path(__file__).parent))
   os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
