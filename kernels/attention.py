@@ -26,6 +26,7 @@ from einops import rearrange
 
 from longax.kernels import _checks
 from longax.kernels._dispatch import register, resolve
+from longax.kernels._vma import vary_like
 from longax.kernels.visibility import query_positions, visible
 
 KV_BLOCK = 512  # XLA path: keys folded per step (tuned defaults live in one place)
@@ -57,8 +58,10 @@ class AttnSpec:
 # ----------------------------------------------------------------------------- reference
 
 
-def attention_reference(q, k, v, q_pos, k_pos, q_seg, k_seg, spec: AttnSpec, **_blocks):
-  """The math in float32 with the full [B, H, T, S] score matrix."""
+def attention_reference(q, k, v, q_pos, k_pos, q_seg, k_seg, spec: AttnSpec,
+                        return_lse: bool = False, **_blocks):
+  """The math in float32 with the full [B, H, T, S] score matrix. return_lse: also the
+  rows' log-sum-exp [B, T, H] (-inf where a row sees no key; softmax only)."""
   h, hkv = q.shape[2], k.shape[2]
   q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
   k = jnp.repeat(k, h // hkv, axis=2)
@@ -67,13 +70,16 @@ def attention_reference(q, k, v, q_pos, k_pos, q_seg, k_seg, spec: AttnSpec, **_
   mask = spec.mask(q_pos, k_pos, q_seg, k_seg)[:, None]
   if spec.kind == "softmax":
     s = jnp.where(mask, s, -jnp.inf)
+    lse = rearrange(jax.nn.logsumexp(s, axis=-1), "b h t -> b t h")
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
     denom = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(denom > 0, denom, 1.0)
   else:
     p = jnp.where(mask, jax.nn.sigmoid(s + spec.bias), 0.0)
-  return jnp.einsum("bhts,bshd->bthd", p, v)
+    lse = None
+  o = jnp.einsum("bhts,bshd->bthd", p, v)
+  return (o, lse) if return_lse else o
 
 
 for _op in ("attention", "sigmoid_attention"):
@@ -158,8 +164,8 @@ def _flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, spec: AttnSpec, kv_block
     k_blk, v_blk, pos_blk, seg_blk = xs
     return fold_block(spec, carry, qg, k_blk, v_blk, spec.mask(q_pos, pos_blk, q_seg, seg_blk)), None
 
-  carry, _ = jax.lax.scan(step, init_carry(spec, (b, hkv, h // hkv, t), dv),
-                          _kv_blocks(t, k, v, k_pos, k_seg, kv_block))
+  carry0 = vary_like(init_carry(spec, (b, hkv, h // hkv, t), dv), q, k, v, q_pos, k_pos, q_seg, k_seg)
+  carry, _ = jax.lax.scan(step, carry0, _kv_blocks(t, k, v, k_pos, k_seg, kv_block))
   o = rearrange(finish(spec, carry), "b k g t d -> b t (k g) d").astype(q.dtype)
   if spec.kind == "sigmoid":
     return o, None
@@ -167,9 +173,12 @@ def _flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, spec: AttnSpec, kv_block
   return o, jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)
 
 
-def _flash_backward(spec: AttnSpec, kv_block: int, res, do):
+def _flash_backward(spec: AttnSpec, kv_block: int, res, do, dlse=None):
   """FlashAttention-2 backward: per key block, recompute the probabilities from q, k and
-  the saved row log-sum-exp; dq accumulates in the scan carry, dk / dv come out per block."""
+  the saved row log-sum-exp; dq accumulates in the scan carry, dk / dv come out per block.
+  dlse [B, Hkv, G, T]: the cotangent of the log-sum-exp (d lse / d s = p), or None.
+  o and lse may be those of more keys than k holds (ring attention's rows): the result is
+  then this key block's share of dq and its dk, dv."""
   q, k, v, q_pos, k_pos, q_seg, k_seg, o, lse = res
   t, hkv, s_len = q.shape[1], k.shape[2], k.shape[1]
   qg = rearrange(q, "b t (k g) d -> b t k g d", k=hkv)
@@ -177,6 +186,8 @@ def _flash_backward(spec: AttnSpec, kv_block: int, res, do):
   if spec.kind == "softmax":  # delta_i = sum_j p_ij dp_ij = do_i . o_i
     delta = jnp.einsum("bkgtd,bkgtd->bkgt", dog.astype(jnp.float32),
                        rearrange(o, "b t (k g) d -> b k g t d", k=hkv).astype(jnp.float32))
+    if dlse is not None:
+      delta = delta - dlse
 
   def step(dq, xs):
     k_blk, v_blk, pos_blk, seg_blk = xs
@@ -197,8 +208,8 @@ def _flash_backward(spec: AttnSpec, kv_block: int, res, do):
     dk = jnp.einsum("bkgtc,btkgd->bckd", ds, qg, preferred_element_type=jnp.float32)
     return dq, (dk, dv)
 
-  dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(qg.shape, jnp.float32),
-                              _kv_blocks(t, k, v, k_pos, k_seg, kv_block))
+  dq0 = vary_like(jnp.zeros(qg.shape, jnp.float32), res, do)
+  dq, (dk, dv) = jax.lax.scan(step, dq0, _kv_blocks(t, k, v, k_pos, k_seg, kv_block))
   dk = rearrange(dk, "n b c k d -> b (n c) k d")[:, :s_len]
   dv = rearrange(dv, "n b c k d -> b (n c) k d")[:, :s_len]
   dq = rearrange(dq, "b t k g d -> b t (k g) d")
@@ -207,26 +218,58 @@ def _flash_backward(spec: AttnSpec, kv_block: int, res, do):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
 def _flash(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, kv_block):
-  return _flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, kv_block)[0]
+  """-> (o, lse [B, Hkv, G, T] or None), both differentiable."""
+  return _flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, kv_block)
 
 
 def _flash_fwd_rule(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, kv_block):
   o, lse = _flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, kv_block)
-  return o, (q, k, v, q_pos, k_pos, q_seg, k_seg, o, lse)
+  return (o, lse), (q, k, v, q_pos, k_pos, q_seg, k_seg, o, lse)
 
 
-_flash.defvjp(_flash_fwd_rule, _flash_backward)
+def _flash_bwd_rule(spec, kv_block, res, cotangents):
+  do, dlse = cotangents
+  return _flash_backward(spec, kv_block, res, do, dlse)
+
+
+_flash.defvjp(_flash_fwd_rule, _flash_bwd_rule)
+
+
+def _lse_public(lse, hkv):
+  """Internal [B, Hkv, G, T] (+inf: empty row) -> [B, T, H] (-inf: empty row)."""
+  return rearrange(jnp.where(jnp.isposinf(lse), -jnp.inf, lse), "b k g t -> b t (k g)")
+
+
+def _lse_internal(lse, hkv):
+  """[B, T, H] (-inf: empty row) -> internal [B, Hkv, G, T] (+inf: empty row)."""
+  return rearrange(jnp.where(jnp.isneginf(lse), jnp.inf, lse), "b t (k g) -> b k g t", k=hkv)
 
 
 def _attention_xla(q, k, v, q_pos, k_pos, q_seg, k_seg, spec: AttnSpec,
-                   kv_block: int = KV_BLOCK):
+                   kv_block: int = KV_BLOCK, return_lse: bool = False):
   """Flash attention in XLA: a scan over key blocks, O(T * kv_block) memory forward and
   backward (the backward recomputes probabilities from the saved log-sum-exp)."""
-  return _flash(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, kv_block)
+  o, lse = _flash(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, kv_block)
+  if not return_lse:
+    return o
+  return o, None if lse is None else _lse_public(lse, k.shape[2])
 
 
 for _op in ("attention", "sigmoid_attention"):
   register(_op, "xla")(_attention_xla)
+
+
+def _block_grads_xla(q, k, v, q_pos, k_pos, q_seg, k_seg, spec: AttnSpec, o, lse, do,
+                     kv_block: int = KV_BLOCK):
+  """One key block's share of the gradients of rows whose output o [B, T, H, Dv] and
+  log-sum-exp lse [B, T, H] (None: sigmoid) cover more keys (ring attention's backward
+  step) -> (dq, dk, dv)."""
+  lse = None if lse is None else _lse_internal(lse, k.shape[2])
+  res = (q, k, v, q_pos, k_pos, q_seg, k_seg, o, lse)
+  return _flash_backward(spec, kv_block, res, do)[:3]
+
+
+register("attention_block_grads", "xla")(_block_grads_xla)
 
 # The Mosaic GPU kernel (Hopper) is impl="pallas"; it asks `unsupported` which calls it takes.
 from longax.kernels.gpu import attention as _gpu  # noqa: E402
@@ -281,7 +324,7 @@ def _prepare(op, q, k, v, *, segment_ids, causal, scale, window, sinks, softcap,
 def attention(q, k, v, *, causal: bool = True, scale: float | None = None,
               window: int | None = None, sinks: int = 0, segment_ids=None,
               softcap: float | None = None, impl: str = "auto", block_kv: int = KV_BLOCK,
-              q_positions=None, kv_positions=None):
+              q_positions=None, kv_positions=None, return_lse: bool = False):
   """Softmax attention. q [B,T,H,D], k [B,S,Hkv,D], v [B,S,Hkv,Dv] -> [B,T,H,Dv].
 
   causal: bottom-right aligned when T < S. window=w: query i sees key j only if
@@ -290,15 +333,18 @@ def attention(q, k, v, *, causal: bool = True, scale: float | None = None,
   block_kv: keys per step of the XLA fold. q_positions [T] or [B, T] / kv_positions [S] or
   [B, S]: absolute positions (default: bottom-right aligned `S - T + arange(T)` and
   `arange(S)`); a key at position -1 is an empty slot no query sees (decode caches).
+  return_lse: also return each row's log-sum-exp of its visible logits, [B, T, H] float32
+  (-inf for a row that sees no key), differentiable; ring attention folds with it.
   """
   q_pos, k_pos, q_seg, k_seg, scale = _prepare("attention", q, k, v, segment_ids=segment_ids,
                                  causal=causal, scale=scale, window=window, sinks=sinks,
                                  softcap=softcap, block_kv=block_kv,
                                  q_positions=q_positions, kv_positions=kv_positions)
   spec = AttnSpec("softmax", causal, scale, window, sinks, softcap, 0.0)
-  fn = resolve("attention", impl, dict(q=q, k=k, v=v, spec=spec,
+  fn = resolve("attention", impl, dict(q=q, k=k, v=v, spec=spec, return_lse=return_lse,
                                        explicit_positions=q_positions is not None or kv_positions is not None))
-  return fn(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, kv_block=block_kv)
+  extra = dict(return_lse=True) if return_lse else {}
+  return fn(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, kv_block=block_kv, **extra)
 
 
 def sigmoid_attention(q, k, v, *, bias: float | None = None, causal: bool = True,

@@ -28,6 +28,7 @@ from einops import rearrange
 
 from longax.kernels import _checks
 from longax.kernels._dispatch import register, resolve
+from longax.kernels._vma import vary_like
 
 CHUNK = 64
 
@@ -64,7 +65,7 @@ def linear_attention_reference(q, k, v, g, h0, resets, scale, **_blocks):
     return s, scale * jnp.einsum("bhk,bhkv->bhv", q_t, s)
 
   xs = [jnp.moveaxis(x, 1, 0) for x in (q, k, v, g, resets)]
-  s, o = jax.lax.scan(step, h0, xs)
+  s, o = jax.lax.scan(step, vary_like(h0, xs), xs)
   return jnp.moveaxis(o, 0, 1), s
 
 
@@ -84,7 +85,7 @@ def pass_states(decay, local, initial):
     a, l = xs
     return a[..., None] * s + l, s
 
-  final, entering = jax.lax.scan(step, initial, (decay, local))
+  final, entering = jax.lax.scan(step, vary_like(initial, decay, local), (decay, local))
   return entering, final
 
 

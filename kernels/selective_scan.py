@@ -22,6 +22,7 @@ from einops import rearrange
 
 from longax.kernels import _checks
 from longax.kernels._dispatch import register, resolve
+from longax.kernels._vma import vary_like
 from longax.kernels.linear_attention import _resets
 
 CHUNK = 64
@@ -39,7 +40,8 @@ def selective_scan_reference(u, dt, A, Bm, Cm, h0, resets, **_blocks):
 
   resets = jnp.zeros(u.shape[:2], bool) if resets is None else resets
   xs = [jnp.moveaxis(x, 1, 0).astype(jnp.float32) for x in (u, dt, Bm, Cm)]
-  h, y = jax.lax.scan(step, h0, (*xs, jnp.moveaxis(resets, 1, 0)))
+  xs = (*xs, jnp.moveaxis(resets, 1, 0))
+  h, y = jax.lax.scan(step, vary_like(h0, xs, A), xs)
   return jnp.moveaxis(y, 0, 1), h
 
 
@@ -71,7 +73,7 @@ def _selective_scan_xla(u, dt, A, Bm, Cm, h0, resets, chunk: int = CHUNK):
     hs = a_cum * h[:, None] + b_cum
     return hs[:, -1], jnp.einsum("bcdn,bcn->bcd", hs, c_c)
 
-  h, y = jax.lax.scan(chunk_step, h0, xs)
+  h, y = jax.lax.scan(chunk_step, vary_like(h0, xs, A), xs)
   return rearrange(y, "n b c d -> b (n c) d")[:, :l], h
 
 

@@ -11,6 +11,7 @@ from flax import nnx
 
 from longax import kernels
 from longax.layers.cache import attend_cached, init_kv_cache, kv_slots, positions_of
+from longax.layers import sequence
 from longax.layers.common import RMSNorm, dense, rope
 
 KINDS = ("softmax", "sigmoid")
@@ -44,8 +45,9 @@ class Attention(nnx.Module):
     self.k_norm = RMSNorm(self.hd, param_dtype=param_dtype) if qk_norm else None
     self.kind, self.window, self.sinks, self.max_len = kind, window, sinks, max_len
     self.rope_theta, self.impl, self.dtype = rope_theta, impl, dtype
+    self.softcap, self.bias = softcap, None
     if kind == "sigmoid":
-      bias = -math.log(max_len) if sigmoid_bias is None else sigmoid_bias
+      bias = self.bias = -math.log(max_len) if sigmoid_bias is None else sigmoid_bias
       self._attend = functools.partial(kernels.sigmoid_attention, bias=bias, window=window,
                                        impl=impl)
     else:
@@ -65,10 +67,19 @@ class Attention(nnx.Module):
     v = rearrange(self.v(x), "b t (h d) -> b t h d", d=self.hd)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    positions = positions_of(pos, t)
+    sp = sequence.active() if cache is None else None
+    positions = positions_of(pos, t) if sp is None else sp.positions(t)
     q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
-    if cache is None:
+    if sp is not None:
+      o = self._attend_sp(sp, q, k, v, segment_ids)
+    elif cache is None:
       o = self._attend(q, k, v, segment_ids=segment_ids)
     else:
       o, cache = attend_cached(self._attend, q, k, v, cache, positions, self.sinks)
     return self.o(rearrange(o, "b t h d -> b t (h d)")), cache
+
+  def _attend_sp(self, sp, q, k, v, segment_ids):
+    if self.sinks or self.softcap is not None:
+      raise ValueError("Attention: sequence parallelism takes no sinks or softcap")
+    return sp.attend(q, k, v, segment_ids, kind=self.kind, window=self.window,
+                        bias=self.bias, impl=self.impl)

@@ -67,18 +67,35 @@ class ShortConv(nnx.Module):
 
   def __call__(self, x, state=None, segment_ids=None):
     """x: [B, T, C]; state: [B, K-1, C] or None (zeros); segment_ids [B, T]: taps never
-    reach into another document. Returns (y, new state)."""
+    reach into another document. Returns (y, new state). Under sequence parallelism (no
+    state) each device's left context comes from the previous shard; the new state is None."""
+    from longax.layers import sequence
     b, t, c = x.shape
     k = self.kernel
+    w = self.weight[...]
+    bias = () if self.bias is None else (self.bias[...],)
+    sp = sequence.active() if state is None and k > 1 else None
+    if sp is not None:
+      return sp.conv(causal_conv, x, segment_ids, k - 1, (w, *bias)), None
     if state is None:
       state = jnp.zeros((b, k - 1, c), x.dtype)
-    xp = jnp.concatenate([state.astype(x.dtype), x], axis=1)  # [B, K-1+T, C]
-    w = self.weight[...].astype(jnp.float32)
-    taps = [xp[:, i:i + t].astype(jnp.float32) for i in range(k)]
-    if segment_ids is not None:
-      sp = jnp.pad(segment_ids, ((0, 0), (k - 1, 0)), constant_values=-1)
-      taps = [x_i * (sp[:, i:i + t] == segment_ids)[..., None] for i, x_i in enumerate(taps)]
-    y = sum(x_i * w[i] for i, x_i in enumerate(taps))
-    if self.bias is not None:
-      y = y + self.bias[...].astype(jnp.float32)
-    return y.astype(x.dtype), xp[:, t:]
+    state_seg = None if segment_ids is None else jnp.full((b, k - 1), -1, segment_ids.dtype)
+    y = causal_conv(x, state, segment_ids, state_seg, w, *bias)
+    return y, jnp.concatenate([state.astype(x.dtype), x], axis=1)[:, t:]
+
+
+def causal_conv(x, state, segment_ids, state_segment_ids, w, bias=None):
+  """Depthwise causal conv: x [B, T, C] after state [B, K-1, C] (the inputs before it), w
+  [K, C], bias [C]; with segment_ids [B, T] and state_segment_ids [B, K-1], a tap only reads
+  an input of its own document. Returns y [B, T, C] in x's dtype (float32 math)."""
+  t, k = x.shape[1], w.shape[0]
+  xp = jnp.concatenate([state.astype(x.dtype), x], axis=1)  # [B, K-1+T, C]
+  w = w.astype(jnp.float32)
+  taps = [xp[:, i:i + t].astype(jnp.float32) for i in range(k)]
+  if segment_ids is not None:
+    sp = jnp.concatenate([state_segment_ids, segment_ids], axis=1)
+    taps = [x_i * (sp[:, i:i + t] == segment_ids)[..., None] for i, x_i in enumerate(taps)]
+  y = sum(x_i * w[i] for i, x_i in enumerate(taps))
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)
+  return y.astype(x.dtype)

@@ -22,6 +22,7 @@ from einops import rearrange
 from flax import nnx
 
 from longax import kernels
+from longax.layers import sequence
 from longax.layers.attention import Attention
 from longax.layers.cache import positions_of
 from longax.layers.common import RMSNorm, dense, rope
@@ -90,7 +91,8 @@ class LinearAttention(nnx.Module):
     if self.variant == "lightning":
       q, k = jax.nn.silu(q), jax.nn.silu(k)
     elif self.variant == "retnet":
-      positions = positions_of(pos, t)
+      sp = sequence.active() if cache is None else None
+      positions = positions_of(pos, t) if sp is None else sp.positions(t)
       q, k = rope(q, positions), rope(k, positions)
     elif self.variant == "gla":
       g = self.g_up(self.g_down(x)).astype(jnp.float32)
@@ -121,6 +123,10 @@ class LinearAttention(nnx.Module):
       o, state = kernels.linear_attention_step(q[:, 0], k[:, 0], v[:, 0], cache["state"], g,
                                                scale=scale)
       return o[:, None], state
+    sp = sequence.active() if cache is None else None
+    if sp is not None:
+      return sp.linear_attention(q, k, v, log_decay, segment_ids, scale=scale,
+                                 chunk_size=self.chunk_size, impl=self.impl)
     return kernels.linear_attention(
         q, k, v, log_decay=log_decay, initial_state=None if cache is None else cache["state"],
         segment_ids=segment_ids, scale=scale, chunk_size=self.chunk_size, return_final_state=True, impl=self.impl)

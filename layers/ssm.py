@@ -15,6 +15,7 @@ from einops import rearrange
 from flax import nnx
 
 from longax import kernels
+from longax.layers import sequence
 from longax.layers.common import RMSNorm, ShortConv, dense
 
 
@@ -65,6 +66,10 @@ class Mamba(nnx.Module):
       y, h = kernels.selective_scan_step(xi[:, 0], dt[:, 0], a, b[:, 0], c[:, 0], cache["ssm"],
                                          z_t=z[:, 0], **kw)
       y = y[:, None]
+    elif cache is None and sequence.active() is not None:
+      y, h = sequence.active().selective_scan(xi, dt, a, b, c, z, kw["D"], kw["delta_bias"],
+                                              segment_ids, delta_softplus=True,
+                                              chunk_size=self.chunk_size, impl=self.impl)
     else:
       y, h = kernels.selective_scan(xi, dt, a, b, c, z=z, return_final_state=True,
                                     segment_ids=segment_ids,
@@ -121,6 +126,9 @@ class Mamba2(nnx.Module):
       y, h = kernels.ssd_step(xs[:, 0], dt[:, 0], a, b[:, 0], c[:, 0], cache["ssm"],
                               D=self.D[...])
       y = y[:, None]
+    elif cache is None and sequence.active() is not None:
+      y, h = sequence.active().ssd(xs, dt, a, b, c, self.D[...], segment_ids,
+                                   chunk_size=self.chunk_size, impl=self.impl)
     else:
       y, h = kernels.ssd(xs, dt, a, b, c, D=self.D[...], return_final_state=True,
                          segment_ids=segment_ids,

@@ -164,6 +164,7 @@ def test_pallas_off_gpu_is_one_clear_line(rand, kind):
     (dict(d=96), "head dim 96"),
     (dict(dv=64), "value head dim 64"),
     (dict(explicit_positions=True), "explicit q_positions"),
+    (dict(return_lse=True), "return_lse"),
 ])
 def test_pallas_unsupported_reasons(monkeypatch, change, reason):
   """What `auto` reads and `impl="pallas"` says, with a Hopper GPU pretended."""
@@ -173,11 +174,13 @@ def test_pallas_unsupported_reasons(monkeypatch, change, reason):
   dt, d, dv = change.get("dtype", jnp.bfloat16), change.get("d", 128), change.get("dv", change.get("d", 128))
   x = lambda dd: jax.ShapeDtypeStruct((1, 128, 2, dd), dt)
   call = dict(q=x(d), k=x(d), v=x(dv), spec=AttnSpec("softmax", True, 0.1, None, 0, None, 0.0),
-              backend="gpu", explicit_positions=change.get("explicit_positions", False))
+              backend="gpu", explicit_positions=change.get("explicit_positions", False),
+              return_lse=change.get("return_lse", False))
   assert reason in gpu.unsupported(call)
   ok = dict(call, q=jax.ShapeDtypeStruct((1, 128, 2, 128), jnp.bfloat16),
             k=jax.ShapeDtypeStruct((1, 128, 2, 128), jnp.bfloat16),
-            v=jax.ShapeDtypeStruct((1, 128, 2, 128), jnp.bfloat16), explicit_positions=False)
+            v=jax.ShapeDtypeStruct((1, 128, 2, 128), jnp.bfloat16), explicit_positions=False,
+            return_lse=False)
   assert gpu.unsupported(ok) is None
 
 
@@ -269,3 +272,18 @@ def test_attention_benchmark_rejects_unknown_impl(capsys):
     bench.main(["--impls", "pallas,flashy"])
   assert e.value.code == 2
   assert "unknown --impls ['flashy']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(window=5, segments=2)], ids=str)
+def test_return_lse_matches_reference(rand, opts):
+  """return_lse: the rows' log-sum-exp [B, T, H] (ring attention folds with it), forward and
+  gradients through both outputs against the reference; rows that see nothing give -inf."""
+  b, t, h, hkv, d = 2, 20, 4, 2, 8
+  q, k, v = rand.normal((b, t, h, d)), rand.normal((b, t, hkv, d)), rand.normal((b, t, hkv, d))
+  seg = rand.segments(b, t, opts["segments"]) if "segments" in opts else None
+  kw = dict(window=opts.get("window"), segment_ids=seg, return_lse=True, block_kv=8)
+  fn = lambda impl: lambda q, k, v: attention(q, k, v, impl=impl, **kw)
+  compare(fn("xla"), fn("reference"), (q, k, v), (0, 1, 2), jnp.float32, "return_lse")
+  empty = attention(q, k, v, q_positions=jnp.arange(t), kv_positions=jnp.full((t,), -1),
+                    return_lse=True, impl="xla")[1]
+  assert empty.shape == (b, t, h) and bool(jnp.all(jnp.isneginf(empty)))

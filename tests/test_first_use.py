@@ -78,7 +78,8 @@ OUT_OF_RANGE = [
     ("train.remat=all", "train.remat='all': must be one of none, block"),
     ("train.stop_after=0", "train.stop_after=0: must be an int >= 1 or none"),
     ("mesh.fsdp=0", "mesh.fsdp=0: must be an int >= 1, or -1"),
-    ("mesh.sequence=2", "mesh.sequence=2: must be 1"),
+    ("mesh.sequence=0", "mesh.sequence=0: must be an int >= 1, or -1"),
+    ("train.sp_attention=mesh", "train.sp_attention='mesh': must be one of ring, ulysses"),
     ("mesh.data=2", "mesh (data=2, fsdp=1, tensor=1, sequence=1): needs 2 devices, there are 1"),
     ("name=a/b", "name='a/b': must be a non-empty string without '/'"),
 ]

@@ -69,8 +69,8 @@ def test_cli_errors_are_one_line(tmp_path):
   r = subprocess.run([sys.executable, "-m", "longax.train", "--config", str(tmp_path / "no.py")],
                      capture_output=True, text=True)
   assert r.returncode == 2 and "config file not found" in r.stderr
-  r = cli(tmp_path / "b", "mesh.sequence=2")
-  assert r.returncode == 2 and "mesh.sequence=2: must be 1" in r.stderr
+  r = cli(tmp_path / "b", "train.sp_layout=spiral")
+  assert r.returncode == 2 and "train.sp_layout='spiral': must be one of contiguous, zigzag" in r.stderr
 
 
 # ------------------------------------------------------------------------------- data
@@ -200,6 +200,36 @@ def test_2x2_mesh_equals_one_device(tmp_path):
   four = cli(tmp_path / "four", "train.steps=4", "mesh.data=2", "mesh.fsdp=2", devices=4)
   assert one.returncode == 0 and four.returncode == 0, four.stderr
   np.testing.assert_allclose(_losses(tmp_path / "four"), _losses(tmp_path / "one"), rtol=2e-5)
+
+
+HYBRID = ["model.layer_pattern=mamba2,gla,softmax,mamba", "model.n_layers=4",
+          "model.mamba2.head_dim=16", "model.mamba2.d_state=8", "train.steps=3"]
+
+
+def test_sequence_parallel_equals_one_device(tmp_path):
+  """A hybrid (Mamba-2, GLA, softmax, Mamba-1) with the sequence split 2 ways (ring attention,
+  zigzag) and 2 ways beside data=2 (Ulysses, contiguous): the losses of one device."""
+  one = cli(tmp_path / "one", *HYBRID)
+  ring = cli(tmp_path / "ring", *HYBRID, "mesh.sequence=2", "train.sp_layout=zigzag", devices=2)
+  uly = cli(tmp_path / "uly", *HYBRID, "mesh.sequence=2", "mesh.data=2",
+            "train.sp_attention=ulysses", devices=4)
+  for r in (one, ring, uly):
+    assert r.returncode == 0, r.stderr[-3000:]
+  np.testing.assert_allclose(_losses(tmp_path / "ring"), _losses(tmp_path / "one"), rtol=2e-5)
+  np.testing.assert_allclose(_losses(tmp_path / "uly"), _losses(tmp_path / "one"), rtol=2e-5)
+
+
+@pytest.mark.parametrize("sets,msg", [
+    (["mesh.sequence=2", "train.sp_layout=zigzag", "data.seq_len=30"],
+     "data.seq_len=30: must be a multiple of 4 = 2 x mesh.sequence"),
+    (["mesh.sequence=4", "train.sp_layout=zigzag", "model.layer_pattern=mamba,softmax",
+      "data.seq_len=16"], "data.seq_len=16: must give each of the 8 sequence chunks at least"),
+    (["mesh.sequence=2", "model.attention.softcap=30.0"], "mesh.sequence=2: needs attention without sinks or softcap"),
+    (["mesh.sequence=4", "train.sp_attention=ulysses"], "mesh.sequence=4: must divide model.n_heads=2"),
+])
+def test_sequence_parallel_config_errors(sets, msg):
+  with pytest.raises(C.ConfigError, match=msg):
+    C.validate(C.override(C.load(TINY), sets), 4)
 
 
 def test_two_processes_equal_one(tmp_path):

@@ -65,6 +65,8 @@ class TrainConfig:
   seed: int = 0
   remat: str = "none"  # none | block
   stop_after: int | None = None  # stop cleanly (checkpoint, exit) after this step, as if signalled
+  sp_attention: str = "ring"  # ring | ulysses: attention layers when mesh.sequence > 1
+  sp_layout: str = "contiguous"  # contiguous | zigzag: how the sequence splits over devices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +75,7 @@ class MeshConfig:
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
-  sequence: int = 1  # reserved for sequence parallelism: must be 1 for now
+  sequence: int = 1  # sequence parallelism: the sequence splits over this many devices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,10 +104,11 @@ RULES = model_config.RULES | {
     TrainConfig: dict(steps=at_least(1), log_every=at_least(1), eval_every=at_least(1),
                       eval_batches=at_least(1), checkpoint_every=at_least(1),
                       keep_checkpoints=at_least(1), seed=at_least(0),
-                      remat=one_of("none", "block"), stop_after=at_least(1, none=True)),
+                      remat=one_of("none", "block"), stop_after=at_least(1, none=True),
+                      sp_attention=one_of("ring", "ulysses"),
+                      sp_layout=one_of("contiguous", "zigzag")),
     MeshConfig: dict(data=_MESH_SIZE, fsdp=_MESH_SIZE, tensor=_MESH_SIZE,
-                     sequence=lambda v: None if v == 1 else
-                     "must be 1: sequence parallelism is not implemented yet"),
+                     sequence=_MESH_SIZE),
     ExperimentConfig: dict(name=lambda v: None if isinstance(v, str) and v and "/" not in v
                            else "must be a non-empty string without '/'"),
 }
@@ -135,7 +138,30 @@ def validate(cfg: ExperimentConfig, n_devices: int | None = None) -> ExperimentC
   if n_devices is not None and d.batch_size % (sizes["data"] * sizes["fsdp"]):
     raise FieldError("data.batch_size", d.batch_size, f"must be a multiple of mesh data x fsdp "
                      f"= {sizes['data'] * sizes['fsdp']} (the batch is split over them)")
+  if sizes.get("sequence", 1) > 1:
+    check_sequence_parallel(cfg, sizes["sequence"])
   return cfg
+
+
+def check_sequence_parallel(cfg: ExperimentConfig, p: int) -> None:
+  """The rules of mesh.sequence = p > 1: the length splits into p (zigzag: 2p) chunks, each
+  at least a short conv's reach; attention without sinks or softcap; Ulysses splits heads."""
+  m, zig = cfg.model, cfg.train.sp_layout == "zigzag"
+  parts = 2 * p if zig else p
+  if cfg.data.seq_len % parts:
+    raise FieldError("data.seq_len", cfg.data.seq_len, f"must be a multiple of {parts} = "
+                     f"{'2 x ' if zig else ''}mesh.sequence (train.sp_layout={cfg.train.sp_layout!r})")
+  convs = [c.d_conv for name, c in (("mamba", m.mamba), ("mamba2", m.mamba2)) if name in m.layer_mixers]
+  if convs and max(convs) - 1 > cfg.data.seq_len // parts:
+    raise FieldError("data.seq_len", cfg.data.seq_len, f"must give each of the {parts} sequence "
+                     f"chunks at least d_conv - 1 = {max(convs) - 1} tokens")
+  attn = set(m.layer_mixers) & {"softmax", "sigmoid", "based"}
+  if attn and (m.attention.sinks or m.attention.softcap is not None):
+    raise FieldError("mesh.sequence", p, "needs attention without sinks or softcap (ring and "
+                     "Ulysses attention take neither)")
+  if attn and cfg.train.sp_attention == "ulysses" and m.n_heads % p:
+    raise FieldError("mesh.sequence", p, f"must divide model.n_heads={m.n_heads} for "
+                     "train.sp_attention='ulysses' (it splits the heads)")
 
 
 def check_data(d: DataConfig) -> None:

@@ -34,6 +34,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from longax.kernels.sequence_parallel import to_zigzag
+from longax.layers.sequence import SequenceParallel, sequence_parallel
 from longax.models import LM, flops_per_token
 from longax.models.sharding import shardings
 from longax.train.config import AXES, ExperimentConfig, MeshConfig, mesh_sizes, to_dict, validate
@@ -90,6 +92,7 @@ class Trainer:
   def __init__(self, cfg: ExperimentConfig, workdir: str | pathlib.Path, fresh: bool = False):
     self.cfg, self.workdir, self.fresh = validate(cfg, jax.device_count()), pathlib.Path(workdir), fresh
     self.mesh = make_mesh(cfg.mesh)
+    self.sp = SequenceParallel(self.mesh, cfg.train.sp_attention, cfg.train.sp_layout)
     self.data = Dataset(cfg.data)
     self.lead = jax.process_index() == 0
     self._stop_signal = None
@@ -115,7 +118,8 @@ class Trainer:
 
     def loss_fn(params, batch):
       model = nnx.merge(graphdef, params)
-      return loss_and_metrics(model, batch, remat)
+      with sequence_parallel(self.sp):  # mixers take the sequence-parallel ops
+        return loss_and_metrics(model, batch, remat)
 
     def step(state, batch):
       micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
@@ -134,7 +138,7 @@ class Trainer:
                  lr=self.schedule(state["step"]), **metrics)
       return dict(params=params, opt=opt, step=state["step"] + 1), out
 
-    batch_sharding = NamedSharding(self.mesh, P(("data", "fsdp")))
+    batch_sharding = NamedSharding(self.mesh, P(("data", "fsdp"), "sequence"))
     self.batch_sharding = batch_sharding
     self.train_step = jax.jit(step, in_shardings=(self.state_shardings, batch_sharding),
                               out_shardings=(self.state_shardings, None), donate_argnums=0)
@@ -142,7 +146,10 @@ class Trainer:
                              in_shardings=(self.state_shardings["params"], batch_sharding))
 
   def _device_batch(self, batch: dict) -> dict:
-    """Every process builds the same global batch; each device takes its slice."""
+    """Every process builds the same global batch; each device takes its slice. The zigzag
+    layout permutes every [B, T] array once here (the loss is a mean over tokens)."""
+    if self.sp.size > 1 and self.sp.layout == "zigzag":
+      batch = {k: np.asarray(to_zigzag(np.asarray(v), self.sp.size)) for k, v in batch.items()}
     return {k: jax.make_array_from_callback(v.shape, self.batch_sharding, lambda i, v=v: v[i])
             for k, v in batch.items()}
 

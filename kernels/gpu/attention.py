@@ -814,6 +814,8 @@ def unsupported(call: dict) -> str | None:
     return f"value head dim {v.shape[-1]} != query head dim {q.shape[-1]}"
   if call.get("explicit_positions"):
     return "explicit q_positions / kv_positions (the kernel takes the default bottom-right positions)"
+  if call.get("return_lse"):
+    return "return_lse (the kernel keeps its log-sum-exp internal)"
   return None
 
 

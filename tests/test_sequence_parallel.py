@@ -1,0 +1,268 @@
+"""Sequence parallelism (kernels/sequence_parallel.py) against the single-device ops.
+
+The multi-device cases need 8 simulated CPU devices, which must be set before JAX starts, so
+they run in one subprocess (`python tests/test_sequence_parallel.py CASE...`, with
+XLA_FLAGS=--xla_force_host_platform_device_count=8) that prints each case's relative errors
+(forward, then the gradient of every float input) as JSON; the subprocess runs once per
+pytest session (a file lock shares its result between xdist workers). Each case compares
+`jax.shard_map(sp_op)` on P=8 devices with the op on the whole sequence, float32.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+P_DEV, B, T, H, HKV, D = 8, 2, 48, 8, 2, 8
+
+# Each case compiles two programs (~5 s on 2 busy cores), so the list covers every option
+# once rather than their product: both layouts, both kinds, window, segments, non-causal,
+# GQA (H=8, Hkv=2) and MQA (Ulysses repeats the one K/V head), every decay form.
+ATTN = ["ring-softmax-causal-contiguous", "ring-softmax-window+segments-zigzag",
+        "ring-sigmoid-causal-zigzag", "ring-sigmoid-noncausal-contiguous",
+        "ring-softmax-mqa-zigzag", "ulysses-softmax-causal-zigzag",
+        "ulysses-sigmoid-window+segments-contiguous", "ulysses-softmax-mqa-zigzag"]
+LASP = ["lasp2-none-contiguous", "lasp2-head-zigzag", "lasp2-token-zigzag",
+        "lasp2-key-contiguous", "lasp2-state-zigzag", "ssd-zigzag", "sscan-contiguous",
+        "sscan-zigzag", "conv-contiguous", "conv-zigzag"]
+CASES = ATTN + LASP
+TOL = 1e-5
+
+# ------------------------------------------------------------------ the subprocess side
+
+
+def _inputs(name):
+  from conftest import Rand
+  r = Rand(sum(map(ord, name)))
+  hkv = 1 if "mqa" in name else HKV
+  q, k, v = r.normal((B, T, H, D)), r.normal((B, T, hkv, D)), r.normal((B, T, hkv, D))
+  return r, q, k, v, r.segments(B, T, 4)
+
+
+def _case(name):
+  """(sp_fn, ref_fn, args, float argnums) of one case."""
+  from longax import kernels as K
+  from longax.kernels import sequence_parallel as SP
+  r, q, k, v, seg = _inputs(name)
+  layout = name.rsplit("-", 1)[1]
+  lay = dict(axis_name="sp", layout=layout)
+  if name.startswith(("ring", "ulysses")):
+    fn, kind, opts = name.split("-")[:3]
+    kw = dict(kind=kind, window=7 if "window" in opts else None, causal=opts != "noncausal")
+    sp_op = SP.ring_attention if fn == "ring" else SP.ulysses_attention
+    ref_op = K.attention if kind == "softmax" else K.sigmoid_attention
+    ref_kw = {k_: v_ for k_, v_ in kw.items() if k_ != "kind"}
+    s = seg if "segments" in opts else None
+    return (lambda q, k, v, s: sp_op(q, k, v, segment_ids=s, block_kv=4, **kw, **lay),
+            lambda q, k, v, s: ref_op(q, k, v, segment_ids=s, **ref_kw), (q, k, v, s), (0, 1, 2))
+  if name.startswith("lasp2"):
+    decay = name.split("-")[1]
+    g = {"none": None, "state": None, "head": -jnp.arange(1.0, H + 1) / 8,
+         "token": -r.uniform((B, T, H), 0.0, 0.5), "key": -r.uniform((B, T, H, D), 0.0, 0.5)}[decay]
+    s = seg if decay in ("none", "token", "state") else None
+    h0 = r.normal((B, H, D, D)) if decay == "state" else None
+    fin = decay == "state"
+    kw = dict(chunk_size=4, return_final_state=fin, initial_state=h0)
+    return (lambda q, k, v, g, s: SP.lasp2_linear_attention(q, k, v, log_decay=g, segment_ids=s, **kw, **lay),
+            lambda q, k, v, g, s: K.linear_attention(q, k, v, log_decay=g, segment_ids=s, **kw),
+            (q, k, v, g, s), (0, 1, 2) + ((3,) if g is not None else ()))
+  if name.startswith("ssd"):
+    x, dt = r.normal((B, T, H, D)), r.uniform((B, T, H), 0.05, 0.5)
+    bm, cm = r.normal((B, T, 1, 4)), r.normal((B, T, 1, 4))
+    a, dd = -jnp.arange(1.0, H + 1), r.normal((H,))
+    kw = dict(D=dd, chunk_size=4, return_final_state=True)
+    return (lambda x, dt, bm, cm, s: SP.lasp2_ssd(x, dt, a, bm, cm, segment_ids=s, **kw, **lay),
+            lambda x, dt, bm, cm, s: K.ssd(x, dt, a, bm, cm, segment_ids=s, **kw),
+            (x, dt, bm, cm, seg), (0, 1, 2, 3))
+  if name.startswith("sscan"):
+    u, z, dl = r.normal((B, T, D)), r.normal((B, T, D)), r.normal((B, T, D))
+    bs, cs = r.normal((B, T, 4)), r.normal((B, T, 4))
+    a = -jnp.broadcast_to(jnp.arange(1.0, 5.0), (D, 4))
+    kw = dict(D=jnp.ones(D), delta_bias=r.normal((D,)), delta_softplus=True, chunk_size=4)
+    return (lambda u, dl, bs, cs, z, s: SP.lasp2_selective_scan(u, dl, a, bs, cs, z=z, segment_ids=s, **kw, **lay),
+            lambda u, dl, bs, cs, z, s: K.selective_scan(u, dl, a, bs, cs, z=z, segment_ids=s, **kw),
+            (u, dl, bs, cs, z, seg), (0, 1, 2, 3, 4))
+  if name.startswith("conv"):  # left_context feeds a 3-tap causal sum: equals a global shift
+    x = r.normal((B, T, D))
+    n = 2 if layout == "zigzag" else 1
+
+    def sp_fn(x, s):
+      ctx, ctx_seg = SP.left_context(x, 2, segment_ids=s, **lay)
+      out = []
+      for j, (xc, sc) in enumerate(zip(jnp.split(x, n, 1), jnp.split(s, n, 1))):
+        xp = jnp.concatenate([ctx[j], xc], 1)
+        sp = jnp.concatenate([ctx_seg[j], sc], 1)
+        c = xc.shape[1]
+        out.append(sum(xp[:, i:i + c] * (sp[:, i:i + c] == sc)[..., None] * (i + 1) for i in range(3)))
+      return jnp.concatenate(out, 1)
+
+    def ref_fn(x, s):
+      xp, sp = jnp.pad(x, ((0, 0), (2, 0), (0, 0))), jnp.pad(s, ((0, 0), (2, 0)), constant_values=-1)
+      return sum(xp[:, i:i + T] * (sp[:, i:i + T] == s)[..., None] * (i + 1) for i in range(3))
+
+    return sp_fn, ref_fn, (x, seg), (0,)
+  raise KeyError(name)
+
+
+def _errors(name):
+  """[forward error(s)..., gradient errors...] of one case."""
+  from jax.sharding import Mesh, PartitionSpec as Ps
+  from conftest import rel_err
+  from longax.kernels import sequence_parallel as SP
+  sp_fn, ref_fn, args, argnums = _case(name)
+  zig = name.endswith("zigzag")
+  per_token = lambda a: a is not None and a.ndim >= 2 and a.shape[:2] == (B, T)
+  perm = lambda a, f: f(a, P_DEV) if per_token(a) else a
+  mesh = Mesh(np.asarray(jax.devices()[:P_DEV]), ("sp",))
+  specs = tuple(Ps(None, "sp") if per_token(a) else Ps() for a in args)
+  out_tree = jax.eval_shape(ref_fn, *args)
+  out_specs = jax.tree.map(lambda a: Ps(None, "sp") if a.shape[:2] == (B, T) else Ps(), out_tree)
+  sm = jax.shard_map(sp_fn, mesh=mesh, in_specs=specs, out_specs=out_specs)
+
+  def both(fn):  # forward, and gradients of <out, R> for fixed random projections R
+    def loss(*a):
+      leaves = jax.tree.leaves(fn(*a))
+      keys = jax.random.split(jax.random.key(7), len(leaves))
+      return sum(jnp.vdot(jax.random.normal(kk, x.shape), x) for kk, x in zip(keys, leaves))
+    return jax.jit(lambda *a: (fn(*a), jax.grad(loss, argnums=argnums)(*a)))
+
+  def natural(*a):  # the SP op on whole arrays in sequence order (zigzag: permuted around it)
+    if not zig:
+      return sm(*a)
+    return jax.tree.map(lambda y: perm(y, SP.from_zigzag), sm(*(perm(x, SP.to_zigzag) for x in a)))
+
+  got, g_got = both(natural)(*args)
+  want, g_want = both(ref_fn)(*args)
+  pairs = list(zip(jax.tree.leaves(got), jax.tree.leaves(want))) + list(zip(g_got, g_want))
+  return [rel_err(a, b) for a, b in pairs]
+
+
+def _sp_errors():
+  """The multi-device messages (heads for Ulysses, zigzag lengths, left_context width)."""
+  from jax.sharding import Mesh, PartitionSpec as Ps
+  from longax.kernels import sequence_parallel as SP
+  mesh = Mesh(np.asarray(jax.devices()[:P_DEV]), ("sp",))
+  x = jnp.zeros((1, 8 * P_DEV, 4, 8))
+  calls = {
+      "ulysses_heads": lambda q: SP.ulysses_attention(q, q, q, axis_name="sp"),
+      "zigzag_length": lambda q: SP.ring_attention(q[:, :1], q[:, :1], q[:, :1], axis_name="sp", layout="zigzag"),
+      "conv_width": lambda q: SP.left_context(q[:, :, 0], 9, axis_name="sp")[0],
+  }
+  out = {}
+  for name, fn in calls.items():
+    try:
+      jax.shard_map(fn, mesh=mesh, in_specs=Ps(None, "sp"), out_specs=Ps(None, "sp"))(x)
+      out[name] = "no error"
+    except ValueError as e:
+      out[name] = str(e)
+  return out
+
+
+def _worker(names):
+  results = {}
+  for name in names:
+    try:
+      results[name] = _errors(name)
+    except Exception as e:  # reported by the test of that case
+      results[name] = f"{type(e).__name__}: {e}"
+  results["errors"] = _sp_errors()
+  print("RESULTS " + json.dumps(results))
+
+
+# ---------------------------------------------------------------------- the pytest side
+
+
+@pytest.fixture(scope="session")
+def results(tmp_path_factory):
+  """Runs every case once in a subprocess with 8 CPU devices; xdist workers share it."""
+  root = tmp_path_factory.getbasetemp().parent
+  cache, lock = root / "sp_results.json", root / "sp_results.lock"
+  with open(lock, "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    if not cache.exists():
+      env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+                 JAX_PLATFORMS="cpu")
+      here = pathlib.Path(__file__).parent
+      proc = subprocess.run([sys.executable, str(pathlib.Path(__file__)), *CASES], env=env,
+                            cwd=here, capture_output=True, text=True, timeout=900)
+      line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+      assert line, f"worker failed:\n{proc.stderr[-4000:]}"
+      cache.write_text(line[-1][len("RESULTS "):])
+  return json.loads(cache.read_text())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_matches_single_device(results, case):
+  errs = results[case]
+  assert not isinstance(errs, str), errs
+  assert max(errs) <= TOL, f"{case}: relative errors {errs}"
+
+
+@pytest.mark.parametrize("name,msg", [
+    ("ulysses_heads", "ulysses_attention: query heads H=4 must be divisible by the sequence axis size P=8 ('sp')"),
+    ("zigzag_length", "ring_attention: length T=8 must be divisible by 2P (zigzag layout)=16"),
+    ("conv_width", "left_context: width=9 must be in [1, the local chunk length 8]"),
+])
+def test_multi_device_errors(results, name, msg):
+  assert results["errors"][name] == msg
+
+
+def test_zigzag_round_trip():
+  from longax.kernels.sequence_parallel import from_zigzag, to_zigzag
+  x = jnp.arange(16)[None]
+  z = to_zigzag(x, 4)
+  assert z[0].tolist() == [0, 1, 14, 15, 2, 3, 12, 13, 4, 5, 10, 11, 6, 7, 8, 9]
+  assert from_zigzag(z, 4).tolist() == x.tolist()
+  with pytest.raises(ValueError, match="to_zigzag: length T=12 must be divisible by 2P=8"):
+    to_zigzag(jnp.zeros((1, 12)), 4)
+
+
+def _one_device(fn, x):
+  from jax.sharding import Mesh, PartitionSpec as Ps
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ("s",))
+  return jax.shard_map(fn, mesh=mesh, in_specs=Ps(None, "s"), out_specs=Ps(None, "s"))(x)
+
+
+@pytest.mark.parametrize("fn", ["ring_attention", "ulysses_attention", "lasp2_linear_attention"])
+def test_axis_not_in_mesh(fn):
+  from longax.kernels import sequence_parallel as SP
+  op = getattr(SP, fn)
+  with pytest.raises(ValueError, match=f"{fn}: axis_name='sequence' is not an axis of the enclosing"):
+    _one_device(lambda q: op(q, q, q, axis_name="sequence"), jnp.zeros((1, 4, 2, 4)))
+
+
+def test_unknown_layout_and_odd_zigzag():
+  from longax.kernels import sequence_parallel as SP
+  with pytest.raises(ValueError, match="unknown layout='zig'"):
+    _one_device(lambda q: SP.ring_attention(q, q, q, axis_name="s", layout="zig"), jnp.zeros((1, 4, 2, 4)))
+  with pytest.raises(ValueError, match="length T=3 must be divisible by 2P"):
+    _one_device(lambda q: SP.lasp2_linear_attention(q, q, q, axis_name="s", layout="zigzag"),
+                jnp.zeros((1, 3, 2, 4)))
+
+
+def test_benchmark_quick(tmp_path):
+  """benchmarks/sequence_parallel.py --quick runs on 8 simulated CPU devices."""
+  out = tmp_path / "sp.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-m", "longax.benchmarks.sequence_parallel", "--quick",
+                      "--ops", "ring", "lasp2", "--out", str(out)], env=env,
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = json.loads(out.read_text())
+  assert [(x["op"], x["P"]) for x in rows] == [("ring", 1), ("ring", 2), ("lasp2", 1), ("lasp2", 2)]
+  assert all(x["bytes_sent"] > 0 and x["efficiency_fwd_bwd"] > 0 for x in rows if x["P"] == 2)
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, str(pathlib.Path(__file__).parent))
+  os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+  _worker(sys.argv[1:])
