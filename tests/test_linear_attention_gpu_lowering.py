@@ -102,7 +102,7 @@ def test_chunk_grads_match_reference(decay, segments, group):
     np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-4, err_msg=name)
 
 
-def _emulate_forward(q, k, v, decay, segs, h0t, *, scale, store_states, stages):
+def _emulate_forward(q, k, v, decay, segs, h0t, *, scale, store_states, stages, pieces=1):
   """`gpu._forward` as XLA (the same contract), to check the op's wiring and backward on CPU."""
   del stages
   h = q.shape[2]
@@ -127,10 +127,16 @@ def _emulate_forward(q, k, v, decay, segs, h0t, *, scale, store_states, stages):
     m = jnp.where(keep, jnp.exp2(jnp.where(keep, g[..., :, None] - g[..., None, :], 0.0)), 0.0)
     scores = jnp.einsum("bhnid,bhnjd->bhnij", qc, kc) * m * scale
   local = jnp.einsum("bhnce,bhncd->bhned", vc * w, kc)
-  s, states = h0t, []
+  starts = h0t.reshape(b, pieces, *h0t.shape[1:])
+  states, finals = [], []
   for c in range(n):
+    if c % (n // pieces) == 0:  # a piece starts from its own initial state
+      s = starts[:, c // (n // pieces)]
     states.append(s)
     s = carry[:, :, c] * s + local[:, :, c]
+    if (c + 1) % (n // pieces) == 0:
+      finals.append(s)
+  s = jnp.stack(finals, 1).reshape(h0t.shape)
   states = jnp.stack(states, axis=2)  # [B, H, N, Dv, Dk]
   o = jnp.einsum("bhnij,bhnje->bhnie", scores, vc) + jnp.einsum(
       "bhncd,bhned->bhnce", qc * qw, states)
@@ -138,7 +144,7 @@ def _emulate_forward(q, k, v, decay, segs, h0t, *, scale, store_states, stages):
           states.astype(q.dtype) if store_states else None)
 
 
-def _emulate_reverse(q, do, decay, segs, dfinal_t, *, scale, stages):
+def _emulate_reverse(q, do, decay, segs, dfinal_t, *, scale, stages, pieces=1):
   del stages
   b, tp, h, _ = q.shape
   n = tp // gpu.C
@@ -151,16 +157,24 @@ def _emulate_reverse(q, do, decay, segs, dfinal_t, *, scale, stages):
     carry = (jnp.exp2(g[..., -1]) * (1.0 if segs is None else cin[..., -1]))[..., None, None]
     w = (jnp.exp2(g) * cin * scale)[..., None]
   local = jnp.einsum("bhnce,bhncd->bhned", doc * w, qc)
-  d, out = dfinal_t, [None] * n
+  ends = dfinal_t.reshape(b, pieces, *dfinal_t.shape[1:])
+  out, firsts = [None] * n, [None] * pieces
+  npc = n // pieces
   for c in range(n - 1, -1, -1):
+    if (c + 1) % npc == 0:
+      d = ends[:, c // npc]
     out[c] = d
     d = carry[:, :, c] * d + local[:, :, c]
-  return jnp.stack(out, axis=2).astype(q.dtype), d
+    if c % npc == 0:
+      firsts[c // npc] = d
+  return jnp.stack(out, axis=2).astype(q.dtype), jnp.stack(firsts, 1).reshape(dfinal_t.shape)
 
 
-@pytest.mark.parametrize("decay,segments,group,strength", [
-    ("key", True, 2, 0.2), ("key", False, 1, 0.2), ("key", True, 1, 5.0), ("token", True, 1, 1.0)])
-def test_pallas_wiring_with_emulated_kernels(monkeypatch, decay, segments, group, strength):
+@pytest.mark.parametrize("decay,segments,group,strength,pieces", [
+    ("key", True, 2, 0.2, 1), ("key", False, 1, 0.2, 1), ("key", True, 1, 5.0, 1),
+    ("token", True, 1, 1.0, 1), ("token", True, 2, 0.3, 2), ("token", False, 1, 0.3, 4)])
+def test_pallas_wiring_with_emulated_kernels(monkeypatch, decay, segments, group, strength,
+                                             pieces):
   """strength 0.2: per-key scores in one matmul; 5.0: chunks past PER_KEY_BOUND, sub-chunks."""
   # The whole pallas impl (factors, custom_vjp, XLA chunk gradients) with the two state-pass
   # kernels emulated, against the reference: forward and every gradient, float32.
@@ -174,7 +188,7 @@ def test_pallas_wiring_with_emulated_kernels(monkeypatch, decay, segments, group
   h0 = f(b, h, dk, dv)
   seg = jnp.asarray(np.sort(rng.integers(0, 3, (b, t)), axis=1)) if segments else None
   resets = la._resets(seg, b, t)
-  cfg = gpu.Config(grads_kernel=False)
+  cfg = gpu.Config(grads_kernel=False, pieces=pieces)
   run = lambda fn: jax.vjp(lambda *a: fn(*a, resets, 0.3), q, k, v, g, h0)
   (o1, s1), vjp1 = run(lambda *a: gpu.linear_attention_pallas(*a, config=cfg))
   (o2, s2), vjp2 = run(la.linear_attention_reference)

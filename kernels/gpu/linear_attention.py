@@ -44,6 +44,7 @@ LOG2E = math.log2(math.e)
 C = 64  # tokens per chunk: the M of every wgmma tile
 BV = 64  # value columns per CTA
 HEAD_DIMS = (64, 128)  # Dk and Dv the GPU tests cover
+MIN_PIECE_CHUNKS = 8  # the sequence split's shortest piece
 PER_KEY_BOUND = 60.0  # per-key decay: a chunk decaying less (nats) gets its scores in one matmul
 F32 = jnp.float32
 _WG = plgpu.Layout.WGMMA
@@ -58,6 +59,7 @@ class Config:
   stages: int = 2
   bwd_stages: int = 2
   grads_kernel: bool = True
+  pieces: int | None = None  # sequence split of the state passes (None: `pieces_for`)
 
 
 TUNED = Config()
@@ -109,12 +111,12 @@ class Segs(NamedTuple):
   tail: jax.Array  # [B, Tp] float32 1: writes the outgoing state
 
 
-def segment_vectors(resets, tp: int) -> Segs:
-  """Segs from resets [B, T] bool (the state is zeroed before token t); padding joins the
-  last run."""
+def segment_vectors(resets, tp: int, span: int = C) -> Segs:
+  """Segs from resets [B, T] bool (the state is zeroed before token t) for spans of `span`
+  tokens (a chunk, or a piece of the sequence split); padding joins the last run."""
   b, t = resets.shape
-  r = jnp.pad(resets, [(0, 0), (0, tp - t)]).astype(jnp.int32).reshape(b, tp // C, C)
-  runs = jnp.cumsum(r.reshape(b, tp), axis=1).reshape(b, tp // C, C)
+  r = jnp.pad(resets, [(0, 0), (0, tp - t)]).astype(jnp.int32).reshape(b, tp // span, span)
+  runs = jnp.cumsum(r.reshape(b, tp), axis=1).reshape(b, tp // span, span)
   entering = runs[:, :, :1] - r[:, :, :1]  # the run of the token before the chunk
   flat = lambda x: x.astype(F32).reshape(b, tp)
   return Segs(flat(runs - entering), flat(runs == entering), flat(runs == runs[:, :, -1:]))
@@ -124,18 +126,22 @@ def segment_vectors(resets, tp: int) -> Segs:
 
 
 def _forward(q, k, v, decay, segs: Segs | None, h0t, *, scale: float, store_states: bool,
-             stages: int):
+             stages: int, pieces: int = 1):
   """q [B, Tp, H, Dk], k [B, Tp, Hk, Dk], v [B, Tp, Hv, Dv] (Tp % C == 0, H % Hk = H % Hv =
   0); h0t [B, H, Dv, Dk] float32. `decay` is either
     g2 [B, H, Tp] float32, the chunk-local cumulative log2 decay (scalar forms), or
     (gamma [B, H, Tp / C, Dk] float32, a [B, H, Tp, C]) for per-key decay: the decay is
       folded into q and k by the caller (q exp(G) cin scale, k exp(G_last - G) tail), a holds
       each chunk's scores (scaled, masked) and gamma the chunk's decay per key; segs is None.
+  With `pieces` P > 1 every sequence is cut into P pieces that run in parallel CTAs, each from
+  its own initial state: h0t is then [B * P, H, Dv, Dk] (row b * P + p: piece p of batch b)
+  and so is the final state returned (each piece's end).
   Returns o [B, Tp, H, Dv], the final state S^T [B, H, Dv, Dk] float32 and, with
   `store_states`, S^T entering every chunk [B, H, Tp / C, Dv, Dk] (input dtype)."""
   bsz, tp, heads, dk = q.shape
   dv = v.shape[-1]
   k_group, v_group, n_chunks, dtype = heads // k.shape[2], heads // v.shape[2], tp // C, q.dtype
+  npc = n_chunks // pieces  # chunks per piece
   per_key = isinstance(decay, tuple)
   has_segs = segs is not None
   n_copies = 5 + 4 * has_segs
@@ -154,7 +160,8 @@ def _forward(q, k, v, decay, segs: Segs | None, h0t, *, scale: float, store_stat
     # (per-key: g_s holds gamma [Dk], g_r the scores [C, C])
     (q_s, k_s, v_s, g_s, g_r, run_r, run_c, cin_s, tail_s, s_pub, o_out, s32), bars = refs[-2:]
     in_bar, in_free, s_ready, s_free, h0_bar, done = bars
-    b, h, iv = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
+    bp, h, iv = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
+    b, c0 = lax.div(bp, pieces), lax.rem(bp, pieces) * npc  # batch row, the piece's first chunk
     hk, hv, v0, wg = lax.div(h, k_group), lax.div(h, v_group), iv * BV, lax.axis_index("wg")
 
     @pl.when(wg == 2)
@@ -162,12 +169,12 @@ def _forward(q, k, v, decay, segs: Segs | None, h0t, *, scale: float, store_stat
       plgpu.set_max_registers(40, action="decrease")
 
       def issue(n, slot):
-        rows, bar = pl.ds(n * C, C), in_bar.at[slot]
+        rows, bar = pl.ds((c0 + n) * C, C), in_bar.at[slot]
         plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_s.at[slot], bar)
         plgpu.copy_gmem_to_smem(k_ref.at[b, rows, hk], k_s.at[slot], bar)
         plgpu.copy_gmem_to_smem(v_ref.at[b, rows, hv, pl.ds(v0, BV)], v_s.at[slot], bar)
         if per_key:
-          plgpu.copy_gmem_to_smem(gamma_ref.at[b, h, n], g_s.at[slot], bar)
+          plgpu.copy_gmem_to_smem(gamma_ref.at[b, h, c0 + n], g_s.at[slot], bar)
           plgpu.copy_gmem_to_smem(a_ref.at[b, h, rows], g_r.at[slot], bar)
         else:
           plgpu.copy_gmem_to_smem(g_ref.at[b, h, rows], g_s.at[slot], bar)
@@ -177,22 +184,22 @@ def _forward(q, k, v, decay, segs: Segs | None, h0t, *, scale: float, store_stat
                            (tail_ref, tail_s)):
             plgpu.copy_gmem_to_smem(src.at[b, rows], dst.at[slot], bar)
 
-      for n in range(min(stages, n_chunks)):
+      for n in range(min(stages, npc)):
         issue(n, n)
 
-      @pl.loop(stages, n_chunks)
+      @pl.loop(stages, npc)
       def _refill(n):
         slot = lax.rem(n, stages)
         plgpu.barrier_wait(in_free.at[slot])
         issue(n, slot)
 
-      for n in range(max(n_chunks - stages, 0), n_chunks):  # the last releases
+      for n in range(max(npc - stages, 0), npc):  # the last releases
         plgpu.barrier_wait(in_free.at[n % stages])
 
     @pl.when(wg == 0)
     def _state():
       plgpu.set_max_registers(232, action="increase")
-      plgpu.copy_gmem_to_smem(h0_ref.at[b, h, pl.ds(v0, BV)], s32, h0_bar)
+      plgpu.copy_gmem_to_smem(h0_ref.at[bp, h, pl.ds(v0, BV)], s32, h0_bar)
       plgpu.barrier_wait(h0_bar)
       s0 = plgpu.load(s32, layout=_WG)
 
@@ -210,7 +217,7 @@ def _forward(q, k, v, decay, segs: Segs | None, h0t, *, scale: float, store_stat
         plgpu.commit_smem()
         plgpu.barrier_arrive(s_ready.at[half])
         if store_states:
-          plgpu.copy_smem_to_gmem(s_pub.at[half], states_ref.at[b, h, n, pl.ds(v0, BV)])
+          plgpu.copy_smem_to_gmem(s_pub.at[half], states_ref.at[b, h, c0 + n, pl.ds(v0, BV)])
         if per_key:  # S^T' = S^T gamma (per column) + v^T k~
           gamma = _bcast(plgpu.load(g_s.at[slot], layout=_COLS), (BV, dk), 1)
           vd = plgpu.load(v_s.at[slot].T, layout=_WG)
@@ -228,12 +235,12 @@ def _forward(q, k, v, decay, segs: Segs | None, h0t, *, scale: float, store_stat
         plgpu.barrier_arrive(in_free.at[slot])
         return s_new
 
-      s_t = lax.fori_loop(0, n_chunks, step, s0)
-      for n in range(max(n_chunks - 2, 0), n_chunks):  # the last releases of s_pub
+      s_t = lax.fori_loop(0, npc, step, s0)
+      for n in range(max(npc - 2, 0), npc):  # the last releases of s_pub
         plgpu.barrier_wait(s_free.at[n % 2])
       s32[...] = s_t
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(s32, final_ref.at[b, h, pl.ds(v0, BV)])
+      plgpu.copy_smem_to_gmem(s32, final_ref.at[bp, h, pl.ds(v0, BV)])
       plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 1)
@@ -271,9 +278,9 @@ def _forward(q, k, v, decay, segs: Segs | None, h0t, *, scale: float, store_stat
         plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # o_out[half] of chunk n - 2 was sent
         o_out.at[half][...] = o.astype(dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_out.at[half], o_ref.at[b, pl.ds(n * C, C), h, pl.ds(v0, BV)])
+        plgpu.copy_smem_to_gmem(o_out.at[half], o_ref.at[b, pl.ds((c0 + n) * C, C), h, pl.ds(v0, BV)])
 
-      lax.fori_loop(0, n_chunks, step, None)
+      lax.fori_loop(0, npc, step, None)
       plgpu.wait_smem_to_gmem(0)
 
     # Every warpgroup waits for the others before it exits.
@@ -291,12 +298,12 @@ def _forward(q, k, v, decay, segs: Segs | None, h0t, *, scale: float, store_stat
           plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
           plgpu.Barrier(), plgpu.Barrier(num_arrivals=3))
   out_type = [jax.ShapeDtypeStruct((bsz, tp, heads, dv), dtype),
-              jax.ShapeDtypeStruct((bsz, heads, dv, dk), F32)]
+              jax.ShapeDtypeStruct((bsz * pieces, heads, dv, dk), F32)]
   if store_states:
     out_type.append(jax.ShapeDtypeStruct((bsz, heads, n_chunks, dv, dk), dtype))
   args = [q, k, v, *(decay if per_key else [decay])] + (list(segs) if has_segs else []) + [h0t]
   outs = plgpu.kernel(
-      body, out_type=out_type, scratch_types=[smem, bars], grid=(bsz, heads, dv // BV),
+      body, out_type=out_type, scratch_types=[smem, bars], grid=(bsz * pieces, heads, dv // BV),
       grid_names=("b", "h", "v"), num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
   )(*args)
@@ -306,7 +313,8 @@ def _forward(q, k, v, decay, segs: Segs | None, h0t, *, scale: float, store_stat
 # ------------------------------------------------------------------------------ backward
 
 
-def _reverse_states(q, do, decay, segs: Segs | None, dfinal_t, *, scale: float, stages: int):
+def _reverse_states(q, do, decay, segs: Segs | None, dfinal_t, *, scale: float, stages: int,
+                    pieces: int = 1):
   """The reverse state pass: D^T = dL/dS^T leaving each chunk, walking the chunks backwards,
 
       D^T_{c-1} = exp2(G_last) cin_last D^T_c + scale (dO * exp2(G) cin)^T q     (chunk c)
@@ -314,11 +322,14 @@ def _reverse_states(q, do, decay, segs: Segs | None, dfinal_t, *, scale: float, 
   q [B, Tp, H, Dk], do [B, Tp, H, Dv], decay: g2 [B, H, Tp] (scalar forms) or, per-key,
   gamma [B, H, Tp / C, Dk] with q = q~ (decay, segments and scale folded in: D^T_{c-1} =
   D^T_c gamma_c + dO^T q~); dfinal_t [B, H, Dv, Dk] float32.
+  With `pieces` P > 1: dfinal_t [B * P, H, Dv, Dk] is D^T leaving each piece, and the second
+  result is each piece's gradient at its start (as `_forward`'s pieces).
   Returns (D^T leaving every chunk [B, H, Tp / C, Dv, Dk] input dtype, the initial state's
   gradient, transposed, [B, H, Dv, Dk] float32)."""
   bsz, tp, heads, dk = q.shape
   dv = do.shape[-1]
   n_chunks, dtype = tp // C, q.dtype
+  npc = n_chunks // pieces
   per_key = decay.ndim == 4
   has_segs = segs is not None
   n_copies = 3 + has_segs
@@ -330,44 +341,45 @@ def _reverse_states(q, do, decay, segs: Segs | None, dfinal_t, *, scale: float, 
     refs = refs[has_segs:]
     df_ref, d_ref, dh0_ref = refs[:3]
     (q_s, do_s, g_s, cin_s, d_pub, s32), (in_bar, in_free, d_bar) = refs[-2:]
-    b, h, iv = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
+    bp, h, iv = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
+    b, c_last = lax.div(bp, pieces), lax.rem(bp, pieces) * npc + npc - 1  # the piece's last chunk
     v0, wg = iv * BV, lax.axis_index("wg")
 
     @pl.when(wg == 1)
     def _memory():
       plgpu.set_max_registers(40, action="decrease")
 
-      def issue(i, slot):  # i: steps taken; chunk n_chunks - 1 - i
-        rows, bar = pl.ds((n_chunks - 1 - i) * C, C), in_bar.at[slot]
+      def issue(i, slot):  # i: steps taken; chunk c_last - i
+        rows, bar = pl.ds((c_last - i) * C, C), in_bar.at[slot]
         plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_s.at[slot], bar)
         plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h, pl.ds(v0, BV)], do_s.at[slot], bar)
-        plgpu.copy_gmem_to_smem(g_ref.at[b, h, n_chunks - 1 - i] if per_key
+        plgpu.copy_gmem_to_smem(g_ref.at[b, h, c_last - i] if per_key
                                 else g_ref.at[b, h, rows], g_s.at[slot], bar)
         if has_segs:
           plgpu.copy_gmem_to_smem(cin_ref.at[b, rows], cin_s.at[slot], bar)
 
-      for i in range(min(stages, n_chunks)):
+      for i in range(min(stages, npc)):
         issue(i, i)
 
-      @pl.loop(stages, n_chunks)
+      @pl.loop(stages, npc)
       def _refill(i):
         slot = lax.rem(i, stages)
         plgpu.barrier_wait(in_free.at[slot])
         issue(i, slot)
 
-      for i in range(max(n_chunks - stages, 0), n_chunks):
+      for i in range(max(npc - stages, 0), npc):
         plgpu.barrier_wait(in_free.at[i % stages])
 
     @pl.when(wg == 0)
     def _state():
       plgpu.set_max_registers(232, action="increase")
-      plgpu.copy_gmem_to_smem(df_ref.at[b, h, pl.ds(v0, BV)], s32, d_bar)
+      plgpu.copy_gmem_to_smem(df_ref.at[bp, h, pl.ds(v0, BV)], s32, d_bar)
       plgpu.barrier_wait(d_bar)
       d0 = plgpu.load(s32, layout=_WG)
 
       def step(i, d_t):
         slot, half = lax.rem(i, stages), lax.rem(i, 2)
-        n = n_chunks - 1 - i
+        n = c_last - i
         plgpu.barrier_wait(in_bar.at[slot])
         plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # step i - 2's tile was sent
         d_pub.at[half][...] = d_t.astype(dtype)
@@ -391,10 +403,10 @@ def _reverse_states(q, do, decay, segs: Segs | None, dfinal_t, *, scale: float, 
         plgpu.barrier_arrive(in_free.at[slot])
         return d_new
 
-      d_t = lax.fori_loop(0, n_chunks, step, d0)
+      d_t = lax.fori_loop(0, npc, step, d0)
       s32[...] = d_t
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(s32, dh0_ref.at[b, h, pl.ds(v0, BV)])
+      plgpu.copy_smem_to_gmem(s32, dh0_ref.at[bp, h, pl.ds(v0, BV)])
       plgpu.wait_smem_to_gmem(0)
 
   vec = plgpu.SMEM((stages, C), F32)
@@ -407,8 +419,8 @@ def _reverse_states(q, do, decay, segs: Segs | None, dfinal_t, *, scale: float, 
   d, dh0 = plgpu.kernel(
       body,
       out_type=[jax.ShapeDtypeStruct((bsz, heads, n_chunks, dv, dk), dtype),
-                jax.ShapeDtypeStruct((bsz, heads, dv, dk), F32)],
-      scratch_types=[smem, bars], grid=(bsz, heads, dv // BV), grid_names=("b", "h", "v"),
+                jax.ShapeDtypeStruct((bsz * pieces, heads, dv, dk), F32)],
+      scratch_types=[smem, bars], grid=(bsz * pieces, heads, dv // BV), grid_names=("b", "h", "v"),
       num_threads=2, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
   )(*args)
   return d, dh0
@@ -584,33 +596,132 @@ class _Static(NamedTuple):
   scale: float
   group: int
   config: Config
+  pieces: int = 1
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _chunked(q, k, v, g2, segs, h0t, st: _Static):
-  o, final, _ = _forward(q, k, v, g2, segs, h0t, scale=st.scale, store_states=False,
-                         stages=st.config.stages)
+# ------------------------------------------------------------------------- sequence split
+# With few (batch, head, value block) rows the serial passes leave most of the GPU idle; the
+# sequence is then cut into P pieces that run in parallel (FlashQLA's intra-card split, as in
+# jla). A piece maps the state entering it affinely, S_end = M S_start + E (M its total decay,
+# E its state from zero); a scan over the P pieces in XLA gives every piece its true start,
+# and the backward's reverse pass splits the same way. Exact.
+
+
+def pieces_for(b: int, h: int, dv: int, t: int) -> int:
+  """Pieces per sequence: a power of two, only when B * H * Dv / 64 CTAs fill less than half
+  the GPU, as many as fit one wave, each at least MIN_PIECE_CHUNKS chunks."""
+  ctas = b * h * (dv // BV)
+  try:
+    sms = int(getattr(jax.devices()[0], "core_count", 0) or 132)
+  except RuntimeError:
+    sms = 132
+  p = 1
+  while ctas * 2 * p <= sms and -(-t // C) // (2 * p) >= MIN_PIECE_CHUNKS and ctas * 2 <= sms:
+    p *= 2
+  return p
+
+
+def _piece_log2_decay(g2, pieces: int):
+  """g2 [B, H, Tp] chunk-local inclusive cumsum -> the piece-local one (log2, <= 0)."""
+  b, h, tp = g2.shape
+  n = tp // C
+  x = g2.reshape(b, h, pieces, n // pieces, C)
+  before = jnp.cumsum(x[..., -1], axis=-1) - x[..., -1]  # earlier chunks of the piece
+  return (x + before[..., None]).reshape(b, h, tp)
+
+
+def _piece_sums(x, y, w, pieces: int):
+  """sum over each piece's tokens of w_t y_t^T x_t: x [B, Tp, H, Dk], y [B, Tp, H, Dv], w [B,
+  H, Tp] float32 -> [B, P, H, Dv, Dk] float32 (operands in the input dtype)."""
+  b, tp, h, _ = x.shape
+  yw = (y.astype(F32) * jnp.moveaxis(w, 1, 2)[..., None]).astype(x.dtype)
+  split = lambda z: z.reshape(b, pieces, tp // pieces, h, z.shape[-1])
+  return jnp.einsum("bpthe,bpthd->bphed", split(yw), split(x), preferred_element_type=F32)
+
+
+def _piece_maps(g2, psegs: Segs | None, pieces: int):
+  """(the piece-local cumulative log2 decay [B, H, Tp], M [B, P, H]: each piece's total decay,
+  0 where a document starts in it)."""
+  gp = _piece_log2_decay(g2, pieces)
+  b, h, tp = gp.shape
+  m = jnp.exp2(gp.reshape(b, h, pieces, -1)[..., -1])  # [B, H, P]
+  if psegs is not None:
+    m = m * psegs.cin.reshape(b, 1, pieces, -1)[..., -1]
+  return gp, jnp.swapaxes(m, 1, 2)
+
+
+def _piece_starts(k, v, g2, psegs, h0t, group: int, pieces: int):
+  """The true state entering every piece, [B * P, H, Dv, Dk] float32."""
+  gp, m = _piece_maps(g2, psegs, pieces)
+  b, h, tp = gp.shape
+  w = jnp.exp2(gp.reshape(b, h, pieces, -1)[..., -1:] - gp.reshape(b, h, pieces, -1))
+  if psegs is not None:
+    w = w * psegs.tail.reshape(b, 1, pieces, -1)
+  kr, vr = (jnp.repeat(x, group, axis=2) for x in (k, v))
+  e = _piece_sums(kr, vr, w.reshape(b, h, tp), pieces)
+
+  def step(s, xs):
+    m_p, e_p = xs
+    return m_p[..., None, None] * s + e_p, s
+
+  _, starts = lax.scan(step, h0t, (jnp.moveaxis(m, 1, 0), jnp.moveaxis(e, 1, 0)))
+  return jnp.moveaxis(starts, 0, 1).reshape(b * pieces, *h0t.shape[1:])
+
+
+def _piece_ends_grad(q, do, g2, psegs, dfinal_t, scale: float, pieces: int):
+  """dL/dS^T leaving every piece, [B * P, H, Dv, Dk] float32 (the reverse of `_piece_starts`:
+  D_end(p - 1) = M_p D_end(p) + sum_{i in p} exp2(G_i) cin_i scale dO_i^T q_i)."""
+  gp, m = _piece_maps(g2, psegs, pieces)
+  b, h, tp = gp.shape
+  w = jnp.exp2(gp) * scale
+  if psegs is not None:
+    w = w * psegs.cin[:, None]
+  f = _piece_sums(q, do, w, pieces)
+
+  def step(d, xs):
+    m_p, f_p = xs
+    return m_p[..., None, None] * d + f_p, d
+
+  _, ends = lax.scan(step, dfinal_t, (jnp.moveaxis(m, 1, 0), jnp.moveaxis(f, 1, 0)),
+                     reverse=True)
+  return jnp.moveaxis(ends, 0, 1).reshape(b * pieces, *dfinal_t.shape[1:])
+
+
+def _split_forward(q, k, v, g2, segs, psegs, h0t, st: _Static, store_states: bool):
+  p = st.pieces
+  starts = h0t if p == 1 else _piece_starts(k, v, g2, psegs, h0t, st.group, p)
+  o, finals, states = _forward(q, k, v, g2, segs, starts, scale=st.scale,
+                               store_states=store_states, stages=st.config.stages, pieces=p)
+  final = finals.reshape(q.shape[0], p, *finals.shape[1:])[:, -1]
+  return o, final, states
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _chunked(q, k, v, g2, segs, psegs, h0t, st: _Static):
+  o, final, _ = _split_forward(q, k, v, g2, segs, psegs, h0t, st, store_states=False)
   return o, final
 
 
-def _chunked_fwd(q, k, v, g2, segs, h0t, st: _Static):
-  o, final, states = _forward(q, k, v, g2, segs, h0t, scale=st.scale, store_states=True,
-                              stages=st.config.stages)
-  return (o, final), (q, k, v, g2, segs, states)
+def _chunked_fwd(q, k, v, g2, segs, psegs, h0t, st: _Static):
+  o, final, states = _split_forward(q, k, v, g2, segs, psegs, h0t, st, store_states=True)
+  return (o, final), (q, k, v, g2, segs, psegs, states)
 
 
 def _chunked_bwd(st: _Static, res, cts):
-  q, k, v, g2, segs, states = res
+  q, k, v, g2, segs, psegs, states = res
   do, dfinal = cts
   do = do.astype(q.dtype)
-  d_t, dh0t = _reverse_states(q, do, g2, segs, dfinal, scale=st.scale,
-                              stages=st.config.bwd_stages)
+  p = st.pieces
+  ends = dfinal if p == 1 else _piece_ends_grad(q, do, g2, psegs, dfinal, st.scale, p)
+  d_t, dstarts = _reverse_states(q, do, g2, segs, ends, scale=st.scale,
+                                 stages=st.config.bwd_stages, pieces=p)
+  dh0t = dstarts.reshape(q.shape[0], p, *dstarts.shape[1:])[:, 0]
   kr, vr = (jnp.repeat(x, st.group, axis=2) for x in (k, v))
   grads = kernel_chunk_grads if st.config.grads_kernel else chunk_grads
   dq, dk, dv, dg2 = grads(q, kr, vr, do, g2, segs, states, d_t, st.scale)
   dk, dv = (_group_sum(x, st.group).astype(k.dtype) for x in (dk, dv))
-  dsegs = None if segs is None else jax.tree.map(jnp.zeros_like, segs)
-  return dq, dk, dv, dg2, dsegs, dh0t
+  zeros = lambda x: None if x is None else jax.tree.map(jnp.zeros_like, x)
+  return dq, dk, dv, dg2, zeros(segs), zeros(psegs), dh0t
 
 
 def _group_sum(x, group):
@@ -739,15 +850,21 @@ def linear_attention_pallas(q, k, v, g, h0, resets, scale, chunk: int = C, confi
   Returns (o [B, T, H, Dv], final state [B, H, Dk, Dv] float32)."""
   del chunk
   b, t, h, _ = q.shape
-  tp = -(-t // C) * C
+  cfg = config or TUNED
+  per_key = g is not None and g.shape[-1] > 1
+  p = 1 if per_key else cfg.pieces or pieces_for(b, h, v.shape[-1], t)
+  tp = -(-t // (C * p)) * C * p
   pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - t), (0, 0), (0, 0)])
-  st = _Static(float(scale), h // k.shape[2], config or TUNED)
+  st = _Static(float(scale), h // k.shape[2], cfg, p)
   h0t = jnp.swapaxes(h0, -1, -2)
-  if g is not None and g.shape[-1] > 1:  # per-key decay: folded into the operands
+  if per_key:  # per-key decay: folded into the operands
     qt, kt, gamma, a = per_key_factors(q, k, g, resets, scale, tp)
     o, final_t = _chunked_per_key(qt, kt, pad(v), gamma, a, h0t, st)
     return o[:, :t], jnp.swapaxes(final_t, -1, -2)
   g2 = (jnp.zeros((b, h, tp), F32) if g is None else chunk_log2_decay(g, tp))
-  segs = None if resets is None else segment_vectors(resets, tp)
-  o, final_t = _chunked(pad(q), pad(k), pad(v), g2, segs, h0t, st)
+  segs = psegs = None
+  if resets is not None:
+    segs = segment_vectors(resets, tp)
+    psegs = segment_vectors(resets, tp, tp // p) if p > 1 else None
+  o, final_t = _chunked(pad(q), pad(k), pad(v), g2, segs, psegs, h0t, st)
   return o[:, :t], jnp.swapaxes(final_t, -1, -2)

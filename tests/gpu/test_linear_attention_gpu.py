@@ -22,7 +22,8 @@ BASE = (2, 512, 4, 2, 128, 128)
 RAGGED = (1, 300, 4, 1, 64, 64)  # T not a multiple of the chunk; one K/V head
 MIXED = (1, 200, 2, 2, 64, 128)  # Dk != Dv
 SHORT = (2, 37, 2, 2, 128, 64)  # one partial chunk
-SHAPES = [BASE, RAGGED, MIXED, SHORT]
+SPLIT = (1, 2000, 2, 1, 64, 64)  # few rows, long: the sequence split (4 pieces) runs
+SHAPES = [BASE, RAGGED, MIXED, SHORT, SPLIT]
 DECAYS = [None, "head", "token", "key"]
 
 
@@ -76,6 +77,12 @@ def test_ssd_reaches_the_kernel(rand):
   Bm, Cm = rand.normal((b, t, 1, n), jnp.bfloat16), rand.normal((b, t, 1, n), jnp.bfloat16)
   f = lambda impl: lambda x, dt, Bm, Cm: ssd(x, dt, A, Bm, Cm, impl=impl)
   compare(f("pallas"), f("reference"), (x, dt, Bm, Cm), (0, 1, 2, 3), 2e-2, "ssd")
+
+
+def test_split_is_on_for_the_split_shape():
+  from longax.kernels.gpu.linear_attention import pieces_for
+  b, t, h, _, _, dv = SPLIT
+  assert pieces_for(b, h, dv, t) == 4
 
 
 def test_auto_takes_the_kernel_where_covered():
