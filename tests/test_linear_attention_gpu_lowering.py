@@ -17,6 +17,7 @@ from longax.kernels.gpu import linear_attention as gpu
 CASES = [
     (128, 2, 2, 128, 128, "token", False),
     (130, 2, 1, 128, 128, "key", True),
+    (130, 2, 2, 64, 128, "key", False),  # per-key on the scalar kernels (bounded chunks)
     (200, 4, 2, 64, 128, "head", True),
     (64, 2, 1, 128, 64, None, False),
 ]
@@ -102,7 +103,8 @@ def test_chunk_grads_match_reference(decay, segments, group):
     np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-4, err_msg=name)
 
 
-def _emulate_forward(q, k, v, decay, segs, h0t, *, scale, store_states, stages, pieces=1):
+def _emulate_forward(q, k, v, decay, segs, h0t, *, scale, store_states, stages, pieces=1,
+                     gamma_after=None):
   """`gpu._forward` as XLA (the same contract), to check the op's wiring and backward on CPU."""
   del stages
   h = q.shape[2]
@@ -134,6 +136,8 @@ def _emulate_forward(q, k, v, decay, segs, h0t, *, scale, store_states, stages, 
       s = starts[:, c // (n // pieces)]
     states.append(s)
     s = carry[:, :, c] * s + local[:, :, c]
+    if gamma_after is not None:
+      s = s * gamma_after[:, :, c, None, :]
     if (c + 1) % (n // pieces) == 0:
       finals.append(s)
   s = jnp.stack(finals, 1).reshape(h0t.shape)
@@ -172,6 +176,7 @@ def _emulate_reverse(q, do, decay, segs, dfinal_t, *, scale, stages, pieces=1):
 
 @pytest.mark.parametrize("decay,segments,group,strength,pieces", [
     ("key", True, 2, 0.2, 1), ("key", False, 1, 0.2, 1), ("key", True, 1, 5.0, 1),
+    ("key", False, 2, 5.0, 1),
     ("token", True, 1, 1.0, 1), ("token", True, 2, 0.3, 2), ("token", False, 1, 0.3, 4)])
 def test_pallas_wiring_with_emulated_kernels(monkeypatch, decay, segments, group, strength,
                                              pieces):

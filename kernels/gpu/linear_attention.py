@@ -45,6 +45,7 @@ C = 64  # tokens per chunk: the M of every wgmma tile
 BV = 64  # value columns per CTA
 HEAD_DIMS = (64, 128)  # Dk and Dv the GPU tests cover
 MIN_PIECE_CHUNKS = 8  # the sequence split's shortest piece
+MAX_SPLIT_CTAS = 16  # the sequence split runs only with this few (batch, head, value block) rows
 PER_KEY_BOUND = 60.0  # per-key decay: a chunk decaying less (nats) gets its scores in one matmul
 F32 = jnp.float32
 _WG = plgpu.Layout.WGMMA
@@ -60,6 +61,7 @@ class Config:
   bwd_stages: int = 2
   grads_kernel: bool = True
   pieces: int | None = None  # sequence split of the state passes (None: `pieces_for`)
+  bounded_per_key: bool = True  # per-key decay on the scalar kernels where chunks allow
 
 
 TUNED = Config()
@@ -126,13 +128,16 @@ def segment_vectors(resets, tp: int, span: int = C) -> Segs:
 
 
 def _forward(q, k, v, decay, segs: Segs | None, h0t, *, scale: float, store_states: bool,
-             stages: int, pieces: int = 1):
+             stages: int, pieces: int = 1, gamma_after=None):
   """q [B, Tp, H, Dk], k [B, Tp, Hk, Dk], v [B, Tp, Hv, Dv] (Tp % C == 0, H % Hk = H % Hv =
   0); h0t [B, H, Dv, Dk] float32. `decay` is either
     g2 [B, H, Tp] float32, the chunk-local cumulative log2 decay (scalar forms), or
     (gamma [B, H, Tp / C, Dk] float32, a [B, H, Tp, C]) for per-key decay: the decay is
       folded into q and k by the caller (q exp(G) cin scale, k exp(G_last - G) tail), a holds
       each chunk's scores (scaled, masked) and gamma the chunk's decay per key; segs is None.
+  `gamma_after` [B, H, Tp / C, Dk] float32 (scalar form only): the state update ends with a
+  per-key decay, S^T' = (scalar update) * gamma (per column): per-key decay whose chunks fit
+  exp's range, with q = q exp(G), k = k exp(-G) (see `_bounded_per_key`).
   With `pieces` P > 1 every sequence is cut into P pieces that run in parallel CTAs, each from
   its own initial state: h0t is then [B * P, H, Dv, Dk] (row b * P + p: piece p of batch b)
   and so is the final state returned (each piece's end).
@@ -144,7 +149,8 @@ def _forward(q, k, v, decay, segs: Segs | None, h0t, *, scale: float, store_stat
   npc = n_chunks // pieces  # chunks per piece
   per_key = isinstance(decay, tuple)
   has_segs = segs is not None
-  n_copies = 5 + 4 * has_segs
+  after = gamma_after is not None
+  n_copies = 5 + 4 * has_segs + after
 
   def body(*refs):
     q_ref, k_ref, v_ref = refs[:3]
@@ -152,13 +158,15 @@ def _forward(q, k, v, decay, segs: Segs | None, h0t, *, scale: float, store_stat
     refs = refs[4 + per_key:]
     run_ref, cin_ref, tail_ref = refs[:3] if has_segs else (None,) * 3
     refs = refs[3 * has_segs:]
+    after_ref = refs[0] if after else None
+    refs = refs[after:]
     h0_ref, o_ref, final_ref = refs[:3]
     refs = refs[3:]
     states_ref = refs[0] if store_states else None
     # A vector read in two layouts (rows, columns) has one SMEM copy per layout: Mosaic GPU's
     # layout inference fails on one buffer loaded both ways.
     # (per-key: g_s holds gamma [Dk], g_r the scores [C, C])
-    (q_s, k_s, v_s, g_s, g_r, run_r, run_c, cin_s, tail_s, s_pub, o_out, s32), bars = refs[-2:]
+    (q_s, k_s, v_s, g_s, g_r, run_r, run_c, cin_s, tail_s, s_pub, o_out, s32, after_s), bars = refs[-2:]
     in_bar, in_free, s_ready, s_free, h0_bar, done = bars
     bp, h, iv = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
     b, c0 = lax.div(bp, pieces), lax.rem(bp, pieces) * npc  # batch row, the piece's first chunk
@@ -183,6 +191,8 @@ def _forward(q, k, v, decay, segs: Segs | None, h0t, *, scale: float, store_stat
           for src, dst in ((run_ref, run_r), (run_ref, run_c), (cin_ref, cin_s),
                            (tail_ref, tail_s)):
             plgpu.copy_gmem_to_smem(src.at[b, rows], dst.at[slot], bar)
+        if after:
+          plgpu.copy_gmem_to_smem(after_ref.at[b, h, c0 + n], after_s.at[slot], bar)
 
       for n in range(min(stages, npc)):
         issue(n, n)
@@ -232,6 +242,8 @@ def _forward(q, k, v, decay, segs: Segs | None, h0t, *, scale: float, store_stat
           v_t = plgpu.load(v_s.at[slot].T, layout=_WG).astype(F32)  # [BV, C]
           vd = (v_t * _bcast(v_decay, (BV, C), 1)).astype(dtype)
           s_new = _mm(vd, k_s.at[slot], (BV, dk), init=s_t * s_decay)
+          if after:
+            s_new = s_new * _bcast(plgpu.load(after_s.at[slot], layout=_COLS), (BV, dk), 1)
         plgpu.barrier_arrive(in_free.at[slot])
         return s_new
 
@@ -292,7 +304,7 @@ def _forward(q, k, v, decay, segs: Segs | None, h0t, *, scale: float, store_stat
             else (vec, vec))
   smem = (_tiles(dtype, stages, C, dk), _tiles(dtype, stages, C, dk), _tiles(dtype, stages, C, BV),
           *g_bufs, vec, vec, vec, vec, _tiles(dtype, 2, BV, dk), _tiles(dtype, 2, C, BV),
-          plgpu.SMEM((BV, dk), F32))
+          plgpu.SMEM((BV, dk), F32), plgpu.SMEM((stages, dk), F32))
   bars = (plgpu.Barrier(num_arrivals=n_copies, num_barriers=stages),
           plgpu.Barrier(num_arrivals=2, num_barriers=stages),
           plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
@@ -301,7 +313,8 @@ def _forward(q, k, v, decay, segs: Segs | None, h0t, *, scale: float, store_stat
               jax.ShapeDtypeStruct((bsz * pieces, heads, dv, dk), F32)]
   if store_states:
     out_type.append(jax.ShapeDtypeStruct((bsz, heads, n_chunks, dv, dk), dtype))
-  args = [q, k, v, *(decay if per_key else [decay])] + (list(segs) if has_segs else []) + [h0t]
+  args = [q, k, v, *(decay if per_key else [decay])] + (list(segs) if has_segs else [])
+  args += ([gamma_after] if after else []) + [h0t]
   outs = plgpu.kernel(
       body, out_type=out_type, scratch_types=[smem, bars], grid=(bsz * pieces, heads, dv // BV),
       grid_names=("b", "h", "v"), num_threads=3, thread_name="wg",
@@ -608,15 +621,19 @@ class _Static(NamedTuple):
 
 
 def pieces_for(b: int, h: int, dv: int, t: int) -> int:
-  """Pieces per sequence: a power of two, only when B * H * Dv / 64 CTAs fill less than half
-  the GPU, as many as fit one wave, each at least MIN_PIECE_CHUNKS chunks."""
+  """Pieces per sequence: a power of two, only when there are at most MAX_SPLIT_CTAS rows
+  (B * H * Dv / 64), as many as fit one wave, each at least MIN_PIECE_CHUNKS chunks. Measured
+  on an H100 (NOTES.md): 8 pieces at 16 rows 1.13x faster fwd+bwd; at 32 rows 4 pieces 5%
+  slower, at 64 rows 2 pieces 26% slower."""
   ctas = b * h * (dv // BV)
   try:
     sms = int(getattr(jax.devices()[0], "core_count", 0) or 132)
   except RuntimeError:
     sms = 132
   p = 1
-  while ctas * 2 * p <= sms and -(-t // C) // (2 * p) >= MIN_PIECE_CHUNKS and ctas * 2 <= sms:
+  if ctas > MAX_SPLIT_CTAS:
+    return 1
+  while ctas * 2 * p <= sms and -(-t // C) // (2 * p) >= MIN_PIECE_CHUNKS:
     p *= 2
   return p
 
@@ -771,6 +788,60 @@ def _chunked_per_key_bwd(st: _Static, res, cts):
 _chunked_per_key.defvjp(_chunked_per_key_fwd, _chunked_per_key_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _bounded_per_key(qh, kh, v, gamma, h0t, st: _Static):
+  return _bounded_fwd(qh, kh, v, gamma, h0t, st)[0]
+
+
+def _bounded_fwd(qh, kh, v, gamma, h0t, st: _Static):
+  """Per-key decay whose every chunk decays less than PER_KEY_BOUND nats (no segments) on the
+  scalar kernels: with qh = q exp(G), kh = k exp(-G) (G chunk-local, per key),
+    o = scale ((qh kh^T) [j <= i] v + qh S),   S' = gamma (S + kh^T v)   (gamma = exp(G_last)),
+  i.e. the no-decay kernel whose state update ends with the per-key decay."""
+  b, tp, h, _ = qh.shape
+  zeros = jnp.zeros((b, h, tp), F32)
+  o, final, states = _forward(qh, kh, v, zeros, None, h0t, scale=st.scale, store_states=True,
+                              stages=st.config.stages, gamma_after=gamma)
+  return (o, final), (qh, kh, v, gamma, states)
+
+
+def _bounded_bwd(st: _Static, res, cts):
+  qh, kh, v, gamma, states = res
+  do, dfinal = cts
+  do = do.astype(qh.dtype)
+  b, tp, h, _ = qh.shape
+  # D^T_{c-1} = D^T_c gamma + scale dO^T qh: the per-key reverse pass with q~ = scale qh.
+  d_t, dh0t = _reverse_states((qh.astype(F32) * st.scale).astype(qh.dtype), do, gamma, None,
+                              dfinal, scale=1.0, stages=st.config.bwd_stages)
+  d_gamma = (d_t.astype(F32) * gamma[..., None, :]).astype(d_t.dtype)  # dL/d(S + kh^T v)
+  vr = jnp.repeat(v, st.group, axis=2)
+  zeros = jnp.zeros((b, h, tp), F32)
+  grads = kernel_chunk_grads if st.config.grads_kernel else chunk_grads
+  dqh, dkh, dv, _ = grads(qh, kh, vr, do, zeros, None, states, d_gamma, st.scale)
+  mm = functools.partial(jnp.einsum, preferred_element_type=F32)
+  vd = mm("bhnje,bhned->bhnjd", _chunks(vr), d_t)  # v_j D^T
+  dg = mm("bhned,bhned->bhnd", states, d_t) + (_chunks(kh).astype(F32) * vd).sum(3)
+  dv = _group_sum(dv, st.group).astype(v.dtype)
+  return dqh, dkh.astype(kh.dtype), dv, dg, dh0t
+
+
+_bounded_per_key.defvjp(_bounded_fwd, _bounded_bwd)
+
+
+def bounded_factors(q, k, g, tp: int):
+  """qh = q exp(G), kh = k exp(-G) [B, Tp, H, Dk] (k per query head), gamma = exp(G_last)
+  [B, H, Tp / C, Dk] and whether every chunk decays less than PER_KEY_BOUND nats."""
+  b, t, h, _ = q.shape
+  padt = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))
+  k = jnp.repeat(k, h // k.shape[2], axis=2)
+  gc = jnp.cumsum(_chunks(padt(g.astype(F32))), axis=3)  # [B, H, N, C, Dk], <= 0
+  ok = jnp.all(gc[..., -1, :] > -PER_KEY_BOUND)
+  gc = jnp.maximum(gc, -PER_KEY_BOUND)  # the unused branch stays finite
+  qh = _unchunk(_chunks(padt(q)).astype(F32) * jnp.exp(gc)).astype(q.dtype)
+  kh = _unchunk(_chunks(padt(k)).astype(F32) * jnp.exp(-gc)).astype(q.dtype)
+  return qh, kh, jnp.exp(gc[..., -1, :]), ok
+
+
 def per_key_factors(q, k, g, resets, scale: float, tp: int):
   """Per-key decay folded into the operands (differentiable XLA; the kernel's inputs):
   q~ = q exp(G) cin scale, k~ = k exp(G_last - G) tail [B, Tp, H, Dk] (k per query head),
@@ -839,13 +910,12 @@ def unsupported(call: dict) -> str | None:
     return f"dtype {q.dtype} (the kernel takes bfloat16 and float16)"
   if q.shape[-1] not in HEAD_DIMS or v.shape[-1] not in HEAD_DIMS:
     return f"Dk={q.shape[-1]}, Dv={v.shape[-1]} (the kernel takes {HEAD_DIMS})"
-  if call.get("chunk", C) != C:
-    return f"chunk_size={call['chunk']} (the kernel's chunk is {C})"
   return None
 
 
 def linear_attention_pallas(q, k, v, g, h0, resets, scale, chunk: int = C, config=None):
-  """The kernel under the op's signature: q [B, T, H, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv,
+  """The kernel under the op's signature (its chunk is always C = 64: `chunk_size` sets the
+  XLA path's; the math does not depend on it): q [B, T, H, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv,
   Dv]; g [B, T, H, 1] float32 or None; h0 [B, H, Dk, Dv] float32; resets [B, T] or None.
   Returns (o [B, T, H, Dv], final state [B, H, Dk, Dv] float32)."""
   del chunk
@@ -858,8 +928,16 @@ def linear_attention_pallas(q, k, v, g, h0, resets, scale, chunk: int = C, confi
   st = _Static(float(scale), h // k.shape[2], cfg, p)
   h0t = jnp.swapaxes(h0, -1, -2)
   if per_key:  # per-key decay: folded into the operands
-    qt, kt, gamma, a = per_key_factors(q, k, g, resets, scale, tp)
-    o, final_t = _chunked_per_key(qt, kt, pad(v), gamma, a, h0t, st)
+
+    def general():
+      qt, kt, gamma, a = per_key_factors(q, k, g, resets, scale, tp)
+      return _chunked_per_key(qt, kt, pad(v), gamma, a, h0t, st)
+
+    if resets is None and cfg.bounded_per_key:
+      qh, kh, gamma, ok = bounded_factors(q, k, g, tp)
+      o, final_t = lax.cond(ok, lambda: _bounded_per_key(qh, kh, pad(v), gamma, h0t, st), general)
+    else:
+      o, final_t = general()
     return o[:, :t], jnp.swapaxes(final_t, -1, -2)
   g2 = (jnp.zeros((b, h, tp), F32) if g is None else chunk_log2_decay(g, tp))
   segs = psegs = None

@@ -95,4 +95,4 @@ def test_auto_takes_the_kernel_where_covered():
   assert resolve("linear_attention", "auto", call(64, g=jnp.zeros((1, 128, 2, 1)))) is kernel
   assert resolve("linear_attention", "auto", call(dt=jnp.float32)) is not kernel
   assert resolve("linear_attention", "auto", call(g=jnp.zeros((1, 128, 2, 128)))) is kernel
-  assert resolve("linear_attention", "auto", call(chunk=32)) is not kernel
+  assert resolve("linear_attention", "auto", call(chunk=128)) is kernel  # its own chunk: 64
