@@ -234,7 +234,12 @@ class Trainer:
     if path.exists():  # a resumed run rewrites what came after its checkpoint
       kept = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= start]
     path.write_text("".join(l + "\n" for l in kept))
-    from tensorboardX import SummaryWriter
+    try:
+      from tensorboardX import SummaryWriter
+    except ImportError:  # metrics.jsonl still has every number
+      print("longax: tensorboardX is not installed: no TensorBoard logs (metrics.jsonl only)",
+            file=sys.stderr)
+      return open(path, "a"), None
     return open(path, "a"), SummaryWriter(str(self.workdir / "tb"))
 
   def _log(self, files, record: dict):
@@ -243,7 +248,7 @@ class Trainer:
     files[0].write(json.dumps(record) + "\n")
     files[0].flush()
     for k, v in record.items():
-      if k != "step" and isinstance(v, (int, float)):
+      if files[1] is not None and k != "step" and isinstance(v, (int, float)):
         files[1].add_scalar(k, v, record["step"])
 
   def evaluate(self, params) -> dict:
@@ -320,8 +325,8 @@ class Trainer:
       mngr.close()
       for s, h in handlers.items():
         signal.signal(s, h)
-      if files[0] is not None:
-        files[0].close()
-        files[1].close()
+      for f in files:
+        if f is not None:
+          f.close()
     summary["end_step"] = int(state["step"])
     return summary
