@@ -115,8 +115,16 @@ def test_every_config_field_has_a_rule():
 
 
 def test_shipped_configs_validate():
-  for name in ("mqar", "text_bytes", "hybrid_350m"):
+  for name in ("mqar", "text_bytes", "hybrid_350m", "attention_350m", "gla_350m"):
     C.validate(C.load(ROOT / "configs" / f"{name}.py"))
+
+
+def test_350m_configs_match_in_size():
+  """The pure-attention and pure-GLA baselines are within 2% of the hybrid's parameters."""
+  from longax.models import count_params
+  sizes = {n: count_params(C.load(ROOT / "configs" / f"{n}.py").model)
+           for n in ("hybrid_350m", "attention_350m", "gla_350m")}
+  assert all(abs(v / sizes["hybrid_350m"] - 1) < 0.02 for v in sizes.values()), sizes
 
 
 def test_a_broken_config_file_is_one_line(tmp_path, capsys):
