@@ -53,11 +53,12 @@ class Plot:
   that share (hue, x), e.g. seeds, are averaged."""
   x: str
   y: str
-  hue: str | None = None
+  hue: str | tuple[str, ...] | None = None  # a column, or columns (labels join the set ones)
   logx: bool = False
   logy: bool = False
   file: str | None = None  # default "<y>_vs_<x>.png"
   title: str | None = None
+  where: dict | None = None  # only rows whose columns have these values, e.g. {"status": "done"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,19 +367,27 @@ def _number(v):
   return x if math.isfinite(x) else None
 
 
+def _label(row: dict, hue) -> str:
+  if not hue or isinstance(hue, str):
+    return str(row.get(hue, "")) if hue else ""
+  return " ".join(f"{k.split('.')[-1]}={row[k]}" if i else str(row[k])
+                  for i, k in enumerate(hue) if row.get(k) not in (None, ""))
+
+
 def plot(workdir: pathlib.Path, rows: list[dict], spec: Plot) -> pathlib.Path:
   """One PNG; rows without a number for x or y (failed, pending) are left out."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   numeric_x = all(_number(r.get(spec.x)) is not None for r in rows if r.get(spec.x) not in (None, ""))
+  rows = [r for r in rows if all(str(r.get(k)) == as_set(v) for k, v in (spec.where or {}).items())]
   groups: dict = {}
   for r in rows:
     y = _number(r.get(spec.y))
     if y is None or r.get(spec.x) in (None, ""):
       continue
     x = _number(r[spec.x]) if numeric_x else str(r[spec.x])
-    groups.setdefault(str(r.get(spec.hue, "")) if spec.hue else "", {}).setdefault(x, []).append(y)
+    groups.setdefault(_label(r, spec.hue), {}).setdefault(x, []).append(y)
   categories = sorted({x for g in groups.values() for x in g}, key=str) if not numeric_x else None
   fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
   for label, by_x in sorted(groups.items()):
@@ -391,7 +400,7 @@ def plot(workdir: pathlib.Path, rows: list[dict], spec: Plot) -> pathlib.Path:
   ax.set_yscale("log" if spec.logy else "linear")
   ax.set(xlabel=spec.x, ylabel=spec.y, title=spec.title or workdir.name)
   if spec.hue and groups:
-    ax.legend(title=spec.hue, fontsize=8)
+    ax.legend(title=spec.hue if isinstance(spec.hue, str) else spec.hue[0], fontsize=8)
   ax.grid(alpha=0.3)
   fig.tight_layout()
   out = workdir / (spec.file or f"{spec.y}_vs_{spec.x}.png".replace("/", "_"))
