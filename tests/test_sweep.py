@@ -191,3 +191,39 @@ def test_jobs_2_run_every_point_once(tmp_path):
     assert steps == [1, 2, 3]  # one run wrote it, from step 0
     assert json.loads((out / r["point"] / "result.json").read_text())["resumed_from"] == 0
   assert (out / "best_eval_accuracy_vs_model.mixer.png").exists()  # the default plot
+
+
+SHIPPED = pathlib.Path(__file__).resolve().parents[1] / "configs" / "sweeps"
+
+
+@pytest.mark.parametrize("name, env, n", [
+    ("mqar_state.py", {}, 32), ("mqar_state.py", {"MQAR_SWEEP": "smoke"}, 8),
+    ("mqar_state.py", {"MQAR_SWEEP": "full"}, 96), ("sigmoid_bias.py", {}, 6),
+    ("throughput.py", {}, 27), ("throughput.py", {"THROUGHPUT_SWEEP": "gpu"}, 45),
+])
+def test_shipped_sweeps_dry_run(tmp_path, capsys, monkeypatch, name, env, n):
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  assert sw.main([str(SHIPPED / name), "--workdir", str(tmp_path / "out"), "--dry-run"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == n and all(l.startswith("pending ") for l in lines)
+
+
+def test_throughput_points_have_about_equal_params():
+  from longax.models import count_params
+  namespace = {}
+  exec((SHIPPED / "throughput.py").read_text(), namespace)
+  sweep = namespace["get_sweep"]()
+  points = sw.build_points(sweep, [])
+  counts = {p.cfg.model.mixer: count_params(p.cfg.model) for p in points}
+  target = counts["softmax"]
+  assert all(abs(c - target) / target < 0.05 for c in counts.values()), counts
+
+
+def test_plot_filters_rows_and_joins_hue_columns(tmp_path):
+  rows = [{"x": "1", "y": 0.5, "m": "mamba", "m.d_conv": "", "n": "4"},
+          {"x": "2", "y": 0.7, "m": "mamba", "m.d_conv": "1", "n": "4"},
+          {"x": "2", "y": 0.9, "m": "gla", "m.d_conv": "", "n": "8"}]
+  assert sw._label(rows[1], ("m", "m.d_conv")) == "mamba d_conv=1"
+  out = sw.plot(tmp_path, rows, Plot(x="x", y="y", hue=("m", "m.d_conv"), where={"n": 4}, logx=True))
+  assert out.name == "y_vs_x.png" and out.stat().st_size > 0

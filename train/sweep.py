@@ -296,12 +296,10 @@ def run_all(workdir: pathlib.Path, points: list[Point], jobs: int = 1) -> list[s
         proc.start()
       while any(proc.is_alive() for proc in procs):
         time.sleep(0.5)
-        bar.n = sum(status(workdir, p) in ("done", "failed") for p in points)
-        bar.refresh()
+        bar.update(sum(status(workdir, p) in ("done", "failed") for p in points) - bar.n)
       for proc in procs:
         proc.join()
-      bar.n = sum(status(workdir, p) in ("done", "failed") for p in points)
-      bar.refresh()
+      bar.update(sum(status(workdir, p) in ("done", "failed") for p in points) - bar.n)
   return [status(workdir, p) for p in points]
 
 
