@@ -227,3 +227,18 @@ def test_plot_filters_rows_and_joins_hue_columns(tmp_path):
   assert sw._label(rows[1], ("m", "m.d_conv")) == "mamba d_conv=1"
   out = sw.plot(tmp_path, rows, Plot(x="x", y="y", hue=("m", "m.d_conv"), where={"n": 4}, logx=True))
   assert out.name == "y_vs_x.png" and out.stat().st_size > 0
+
+
+@pytest.mark.parametrize("visible, jobs, want", [
+    ("0,1,2,3", 2, ["0,2", "1,3"]), ("0,1", 2, ["0", "1"]), ("0", 2, [None, None]),
+    (None, 3, [None, None, None]),
+])
+def test_jobs_split_the_visible_devices(monkeypatch, visible, jobs, want):
+  if visible is None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+  else:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+  envs = [sw._job_env(i, jobs) for i in range(jobs)]
+  assert [e.get("CUDA_VISIBLE_DEVICES") for e in envs] == want
+  assert all(e["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false" for e in envs)

@@ -17,7 +17,8 @@ Every point's config is checked before any runs; a bad input is one line, `error
 metrics.jsonl, checkpoints); DIR/<point>/result.json marks it finished (skipped on rerun), an
 interrupted point resumes from its checkpoints, and a failed one writes DIR/<point>/failed.json
 (retried on rerun) while the sweep goes on. `--jobs N` runs N processes that claim points
-through a lock file per point (DIR/locks/<point>.lock, an flock released when its holder dies).
+through a lock file per point (DIR/locks/<point>.lock, an flock released when its holder dies);
+with CUDA_VISIBLE_DEVICES listing >= N devices each process gets its own share of them.
 Out: DIR/results.csv and DIR/results.md (one row per point: the swept keys, status, final
 and best eval metrics, params, state size, wall time, tokens/s, peak memory where the device
 reports it) and one PNG per plot.
@@ -36,6 +37,7 @@ import itertools
 import json
 import math
 import multiprocessing
+import os
 import pathlib
 import re
 import shlex
@@ -291,7 +293,8 @@ def run_all(workdir: pathlib.Path, points: list[Point], jobs: int = 1) -> list[s
         bar.update(1)
     else:
       ctx = multiprocessing.get_context("spawn")
-      procs = [ctx.Process(target=_worker, args=(workdir, points), daemon=False) for _ in range(jobs)]
+      procs = [ctx.Process(target=_worker, args=(workdir, points, _job_env(i, jobs)))
+               for i in range(jobs)]
       for proc in procs:
         proc.start()
       while any(proc.is_alive() for proc in procs):
@@ -303,7 +306,18 @@ def run_all(workdir: pathlib.Path, points: list[Point], jobs: int = 1) -> list[s
   return [status(workdir, p) for p in points]
 
 
-def _worker(workdir: pathlib.Path, points: list[Point]) -> None:
+def _job_env(i: int, jobs: int) -> dict[str, str]:
+  """Job i's share of CUDA_VISIBLE_DEVICES (when it lists >= jobs devices: every job its own),
+  and no GPU memory preallocation, so jobs on one device do not starve each other."""
+  env = {"XLA_PYTHON_CLIENT_PREALLOCATE": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "false")}
+  visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+  if len(visible) >= jobs:
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(visible[i::jobs])
+  return env
+
+
+def _worker(workdir: pathlib.Path, points: list[Point], env: dict[str, str]) -> None:
+  os.environ.update(env)  # before this process's first JAX backend use
   for p in points:
     if run_point(workdir, p) == "interrupted":
       return
@@ -427,6 +441,11 @@ def parse_args(argv):
   return p.parse_args(argv)
 
 
+def _device_count() -> int:
+  import jax
+  return jax.device_count()
+
+
 def sweep_from_args(args) -> tuple[Sweep, pathlib.Path | None]:
   if bool(args.sweep) == bool(args.config):
     raise ConfigError("give a sweep file or --config (one of them)")
@@ -450,8 +469,9 @@ def main(argv=None) -> int:
     if args.jobs < 1:
       raise ConfigError(f"--jobs {args.jobs}: must be >= 1")
     sweep, here = sweep_from_args(args)
-    import jax
-    points = build_points(sweep, args.overrides, jax.device_count(), here)
+    # --jobs > 1: the parent starts no JAX backend (it would hold the GPUs); each point's
+    # trainer checks the mesh against its own devices.
+    points = build_points(sweep, args.overrides, _device_count() if args.jobs == 1 else None, here)
     workdir = pathlib.Path(args.workdir)
     check_workdir(workdir)
   except ConfigError as e:

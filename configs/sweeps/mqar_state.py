@@ -45,7 +45,7 @@ def base(steps: int, seq_len: int) -> ExperimentConfig:
       name="mqar_state", model=model,
       data=DataConfig(task="mqar", seq_len=seq_len, batch_size=32, vocab_size=128),
       optim=OptimConfig(lr=3e-3, warmup_steps=min(100, steps // 10), weight_decay=0.0),
-      train=TrainConfig(steps=steps, log_every=50, eval_every=max(steps // 4, 1),
+      train=TrainConfig(steps=steps, log_every=max(steps // 10, 1), eval_every=max(steps // 4, 1),
                         checkpoint_every=steps, keep_checkpoints=1))
 
 
