@@ -297,9 +297,12 @@ def run_all(workdir: pathlib.Path, points: list[Point], jobs: int = 1) -> list[s
                for i in range(jobs)]
       for proc in procs:
         proc.start()
-      while any(proc.is_alive() for proc in procs):
-        time.sleep(0.5)
-        bar.update(sum(status(workdir, p) in ("done", "failed") for p in points) - bar.n)
+      try:
+        while any(proc.is_alive() for proc in procs):
+          time.sleep(0.5)
+          bar.update(sum(status(workdir, p) in ("done", "failed") for p in points) - bar.n)
+      except KeyboardInterrupt:  # the jobs got the signal too: their trainers save and stop
+        pass
       for proc in procs:
         proc.join()
       bar.update(sum(status(workdir, p) in ("done", "failed") for p in points) - bar.n)
