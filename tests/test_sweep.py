@@ -242,3 +242,9 @@ def test_jobs_split_the_visible_devices(monkeypatch, visible, jobs, want):
   envs = [sw._job_env(i, jobs) for i in range(jobs)]
   assert [e.get("CUDA_VISIBLE_DEVICES") for e in envs] == want
   assert all(e["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false" for e in envs)
+
+
+def test_plot_without_rows_writes_nothing(tmp_path):
+  rows = [{"x": "1", "y": "", "status": "failed"}]
+  assert sw.plot(tmp_path, rows, Plot(x="x", y="y")) is None
+  assert list(tmp_path.iterdir()) == []

@@ -361,7 +361,7 @@ def write_results(workdir: pathlib.Path, points: list[Point], plots=()) -> list[
   md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   md += ["| " + " | ".join(_cell(r.get(c)).replace("|", "\\|") for c in columns) + " |" for r in rows]
   (workdir / "results.md").write_text("\n".join(md) + "\n")
-  return [plot(workdir, rows, spec) for spec in plots]
+  return [f for f in (plot(workdir, rows, spec) for spec in plots) if f is not None]
 
 
 def default_plots(points: list[Point]) -> tuple[Plot, ...]:
@@ -389,8 +389,9 @@ def _label(row: dict, hue) -> str:
                   for i, k in enumerate(hue) if row.get(k) not in (None, ""))
 
 
-def plot(workdir: pathlib.Path, rows: list[dict], spec: Plot) -> pathlib.Path:
-  """One PNG; rows without a number for x or y (failed, pending) are left out."""
+def plot(workdir: pathlib.Path, rows: list[dict], spec: Plot) -> pathlib.Path | None:
+  """One PNG; rows without a number for x or y (failed, pending) are left out; None (no
+  file) when no row is left."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -403,6 +404,8 @@ def plot(workdir: pathlib.Path, rows: list[dict], spec: Plot) -> pathlib.Path:
       continue
     x = _number(r[spec.x]) if numeric_x else str(r[spec.x])
     groups.setdefault(_label(r, spec.hue), {}).setdefault(x, []).append(y)
+  if not groups:
+    return None
   categories = sorted({x for g in groups.values() for x in g}, key=str) if not numeric_x else None
   fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
   for label, by_x in sorted(groups.items()):
