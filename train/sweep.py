@@ -209,7 +209,6 @@ def status(workdir: pathlib.Path, point: Point) -> str:
 @contextlib.contextmanager
 def claim(workdir: pathlib.Path, point: Point):
   """Yields True if this process holds the point's lock (no other process is running it)."""
-  workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "locks").mkdir(parents=True, exist_ok=True)
   with open(workdir / "locks" / f"{point.name}.lock", "a") as f:
     try:
