@@ -1,0 +1,65 @@
+"""Zoology / Based: MQAR accuracy against recurrent state size, per mixer.
+
+    python -m longax.train.sweep configs/sweeps/mqar_state.py --workdir runs/mqar_state --jobs 2
+    MQAR_SWEEP=full python -m longax.train.sweep configs/sweeps/mqar_state.py --workdir runs/mqar_state_full
+
+Attention, Based, Mamba, Mamba-2, GLA and plain linear attention, each as a 2-layer model, at
+several widths (model.d_model) and key-value counts (data.num_kv_pairs); Mamba and Mamba-2
+also without their short causal conv (d_conv=1: a per-channel scale, no mixing over time).
+The paper's claim (Arora et al. 2023, Zoology): attention solves MQAR at every width; a
+fixed-state mixer needs state that grows with the number of pairs. The x axis is
+`longax.models.state_size` (decode-state bytes after seq_len tokens: attention's KV cache
+grows with the sequence, the others' do not).
+
+Sizes (MQAR_SWEEP=...): "small" (default): widths 32, 64, 4 and 8 pairs, 300 steps, 32
+points; "smoke": width 32, 4 pairs, 50 steps, sequence 32 (checks the pipeline, not the
+claim); "full": widths 32-256, 4-16 pairs, 2000 steps, sequence 128. More steps:
+--set train.steps=N; a mixer's options: --set model.linear.feature_dim=... (not swept keys).
+
+Cost on 2 shared CPU cores (2026-11-26, 100 steps, d_model 64, 8 pairs, one point each):
+softmax 24 s, Mamba-2 36 s, Based 61 s, Mamba 151 s (its selective scan's XLA path is slow
+on CPU), so "small" takes about an hour on CPU; on a GPU it is minutes. Not yet here:
+attention and the linear mixers have no short causal conv in longax, so conv on/off is
+swept for Mamba and Mamba-2 only.
+"""
+
+import os
+
+from longax.models import LinearConfig, LMConfig
+from longax.train.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
+from longax.train.sweep import Plot, Sweep
+
+MIXERS = ("softmax", "based", "mamba", "mamba2", "gla", "linear")
+SIZES = {  # widths, pairs, steps, seq_len
+    "smoke": ((32,), (4,), 50, 32),
+    "small": ((32, 64), (4, 8), 300, 64),
+    "full": ((32, 64, 128, 256), (4, 8, 16), 2000, 128),
+}
+
+
+def base(steps: int, seq_len: int) -> ExperimentConfig:
+  model = LMConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=2,
+                   mixer="softmax", max_len=seq_len,
+                   linear=LinearConfig(chunk_size=32, based_window=16))
+  return ExperimentConfig(
+      name="mqar_state", model=model,
+      data=DataConfig(task="mqar", seq_len=seq_len, batch_size=32, vocab_size=128),
+      optim=OptimConfig(lr=3e-3, warmup_steps=min(100, steps // 10), weight_decay=0.0),
+      train=TrainConfig(steps=steps, log_every=max(steps // 10, 1), eval_every=max(steps // 4, 1),
+                        checkpoint_every=steps, keep_checkpoints=1))
+
+
+def get_sweep() -> Sweep:
+  size = os.environ.get("MQAR_SWEEP", "small")
+  if size not in SIZES:
+    raise ValueError(f"MQAR_SWEEP={size!r}: must be one of {', '.join(SIZES)}")
+  widths, pairs, steps, seq_len = SIZES[size]
+  points = [{"model.mixer": m} for m in MIXERS]
+  points += [{"model.mixer": m, f"model.{m}.d_conv": 1} for m in ("mamba", "mamba2")]
+  hue = ("model.mixer", "model.mamba.d_conv", "model.mamba2.d_conv")
+  plots = [Plot(x="state_size", y="best_eval_accuracy", hue=hue, logx=True,
+                where={"data.num_kv_pairs": n}, file=f"accuracy_vs_state_{n}pairs.png",
+                title=f"MQAR, {n} key-value pairs, seq {seq_len} (d_conv=1: no short conv)")
+           for n in pairs]
+  return Sweep(base=base(steps, seq_len), points=points,
+               grid={"data.num_kv_pairs": pairs, "model.d_model": widths}, plots=plots)
