@@ -203,7 +203,7 @@ def _block_sparse_reference(q, k, v, block_mask, spec, *, block_q: int, block_k:
   t, s_len = q.shape[1], k.shape[1]
   qb = jnp.arange(t) // block_q
   kb = jnp.arange(s_len) // block_k
-  return _reference(q, k, v, block_mask[:, :, qb][:, :, :, kb], spec)
+  return _reference(q, k, v, jnp.asarray(block_mask)[:, :, qb][:, :, :, kb], spec)
 
 
 def _selected_reference(q, k, v, block_indices, spec, *, block_size: int):
