@@ -28,10 +28,7 @@ def _bits(rand, shape, p=0.5):
 # (B, T, S, H, Hkv, D, block_q, block_k, per-batch/per-head mask)
 BS_CASES = [
     ((2, 37, 37, 4, 2, 8, 8, 16, True), dict()),  # ragged, GQA, a mask per (b, h)
-    ((1, 21, 45, 2, 1, 8, 8, 8, False), dict()),  # T < S, broadcast mask
-    ((2, 19, 27, 4, 4, 8, 16, 8, True), dict(causal=False)),
-    ((1, 30, 30, 4, 2, 8, 8, 8, False), dict(kind="sigmoid")),
-    ((1, 25, 33, 4, 1, 8, 8, 16, True), dict(kind="sigmoid", causal=False, bias=-1.0)),
+    ((1, 21, 45, 4, 2, 8, 8, 8, False), dict(causal=False, kind="sigmoid", bias=-1.0)),  # T < S
 ]
 
 
@@ -66,8 +63,8 @@ def test_block_sparse_all_on_is_dense_attention(rand, kind):
   for causal in (True, False):
     want = dense(q, k, v, causal=causal, impl="reference")
     for impl in ["reference"] + IMPLS:
-      got = block_sparse_attention(q, k, v, mask, block_q=8, block_k=12, causal=causal,
-                                   kind=kind, impl=impl)
+      got = jax.jit(lambda q, k, v: block_sparse_attention(
+          q, k, v, mask, block_q=8, block_k=12, causal=causal, kind=kind, impl=impl))(q, k, v)
       assert_close(got, want, what=f"{impl} causal={causal}")
 
 
@@ -79,7 +76,8 @@ def test_block_sparse_window_mask_is_windowed_attention(rand):
   blocks = np.arange(n)
   mask = ((blocks[:, None] - blocks[None, :]) <= 1)[None, None]
   for impl in ["reference"] + IMPLS:
-    got = block_sparse_attention(q, k, v, mask, block_q=c, block_k=c, impl=impl)
+    got = jax.jit(lambda q, k, v: block_sparse_attention(q, k, v, mask, block_q=c, block_k=c,
+                                                         impl=impl))(q, k, v)
     last = attention(q, k, v, window=2 * c, impl="reference")
     first = attention(q, k, v, window=c + 1, impl="reference")
     assert_close(got[:, c - 1::c], last[:, c - 1::c], what=f"{impl} last rows")
@@ -95,11 +93,11 @@ def test_block_sparse_empty_rows_give_zero(rand, kind):
   for impl in ["reference"] + IMPLS:
     fn = lambda q, k, v: block_sparse_attention(q, k, v, mask, block_q=8, block_k=8,
                                                 kind=kind, impl=impl)
-    o = fn(q, k, v)
+    loss = lambda q, k, v: (jnp.sum(fn(q, k, v) ** 2), fn(q, k, v))
+    (_, o), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(q, k, v)
     np.testing.assert_array_equal(np.asarray(o[0, 8:16, 0]), 0.0)
     np.testing.assert_array_equal(np.asarray(o[0, :8, 1]), 0.0)
     assert np.all(np.abs(np.asarray(o[0, 16:, 0])) > 0)
-    grads = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) ** 2), (0, 1, 2))(q, k, v)
     assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
     np.testing.assert_array_equal(np.asarray(grads[0][0, 8:16, 0]), 0.0)
 
@@ -118,8 +116,7 @@ def _block_indices(rand, b, t, hkv, n, n_blocks):
 # (B, T, S, H, Hkv, D, block_size, n)
 SEL_CASES = [
     ((2, 37, 37, 4, 2, 8, 8, 3), dict()),
-    ((1, 19, 45, 8, 2, 8, 16, 2), dict()),  # T < S, groups of 4
-    ((2, 23, 23, 2, 2, 8, 8, 4), dict(causal=False, scale=0.2)),
+    ((1, 19, 45, 8, 2, 8, 16, 2), dict(causal=False, scale=0.2)),  # T < S, groups of 4
 ]
 
 
@@ -146,11 +143,12 @@ def test_selected_bf16_repeats_and_empty(rand):
   once = jnp.array([0, 1, -1], jnp.int32)
   full = lambda x: jnp.broadcast_to(x, (1, 16, 1, 3))
   for impl in ["reference"] + IMPLS:
-    a = selected_block_attention(q, k, v, full(rep), block_size=8, impl=impl)
-    assert_close(a, selected_block_attention(q, k, v, full(once), block_size=8, impl=impl))
+    sel = jax.jit(lambda q, k, v, i: selected_block_attention(q, k, v, i, block_size=8, impl=impl))
+    a = sel(q, k, v, full(rep))
+    assert_close(a, sel(q, k, v, full(once)))
     dense = attention(q, k, v, impl="reference")
     assert_close(a, dense, what="blocks 0 and 1 are every key")
-    empty = selected_block_attention(q, k, v, full(jnp.array([-1, -1, 1])), block_size=8, impl=impl)
+    empty = sel(q, k, v, full(jnp.array([-1, -1, 1])))
     np.testing.assert_array_equal(np.asarray(empty[:, :8]), 0.0)
 
 
@@ -170,8 +168,7 @@ def _vs_indices(rand, b, h, nv, ns, s):
 # (B, T, S, H, Hkv, D, nv, ns)
 VS_CASES = [
     ((2, 37, 37, 4, 2, 8, 5, 7), dict()),
-    ((1, 21, 45, 2, 1, 8, 70, 9), dict()),  # T < S, several column steps
-    ((1, 29, 29, 2, 2, 8, 4, 70), dict(causal=False)),  # several slash steps
+    ((1, 21, 45, 2, 1, 8, 70, 70), dict(causal=False)),  # T < S, several steps of each
 ]
 
 
@@ -194,14 +191,15 @@ def test_vertical_slash_bf16_and_identities(rand):
   q, k, v = _qkv(rand, 1, 12, 12, 2, 1, 8)
   none = -jnp.ones((1, 2, 1), jnp.int32)
   for impl in ["reference"] + IMPLS:
+    vs = jax.jit(lambda q, k, v, c, o: vertical_slash_attention(q, k, v, c, o, impl=impl))
     # Offsets 0..3 are a causal window of 4; with column 0 too, window 4 with a sink.
     window = jnp.broadcast_to(jnp.arange(4, dtype=jnp.int32), (1, 2, 4))
-    got = vertical_slash_attention(q, k, v, none, window, impl=impl)
+    got = vs(q, k, v, none, window)
     assert_close(got, attention(q, k, v, window=4, impl="reference"), what=impl)
-    got = vertical_slash_attention(q, k, v, jnp.zeros((1, 2, 1), jnp.int32), window, impl=impl)
+    got = vs(q, k, v, jnp.zeros((1, 2, 1), jnp.int32), window)
     assert_close(got, attention(q, k, v, window=4, sinks=1, impl="reference"), what=impl)
     # Only future columns: every row but the last sees nothing.
-    got = vertical_slash_attention(q, k, v, jnp.full((1, 2, 1), 11, jnp.int32), none, impl=impl)
+    got = vs(q, k, v, jnp.full((1, 2, 1), 11, jnp.int32), none)
     np.testing.assert_array_equal(np.asarray(got[:, :11]), 0.0)
 
 
