@@ -256,3 +256,41 @@ def test_errors(rand):
     vertical_slash_attention(q, k, v, vi[:, :2], vi)
   with pytest.raises(ValueError, match="exceeds"):
     vertical_slash_pattern(q, k, n_vertical=17, n_slash=2)
+
+
+# ------------------------------------------------------------------------------ memory
+
+
+def _avals(jaxpr):
+  """Every intermediate's abstract value, sub-jaxprs (scan, checkpoint, jit) included."""
+  for eqn in jaxpr.eqns:
+    yield from (v.aval for v in eqn.outvars)
+    for p in eqn.params.values():
+      for sub in (p if isinstance(p, (tuple, list)) else [p]):
+        if hasattr(sub, "eqns"):
+          yield from _avals(sub)
+        elif hasattr(getattr(sub, "jaxpr", None), "eqns"):
+          yield from _avals(sub.jaxpr)
+
+
+def test_xla_path_never_forms_t_by_s(rand):
+  """No intermediate of the forward or backward has two axes as long as the sequence."""
+  n = 256
+  q, k, v = _qkv(rand, 1, n, n, 2, 1, 8)
+  diag = np.eye(n // 16, dtype=bool)[None, None]
+  idx = jnp.broadcast_to((jnp.arange(n) // 16)[None, :, None, None], (1, n, 1, 1)).astype(jnp.int32)
+  col = jnp.zeros((1, 2, 1), jnp.int32)
+  ops = {
+      "block_sparse": lambda impl: lambda q, k, v: block_sparse_attention(
+          q, k, v, diag, block_q=16, block_k=16, impl=impl),
+      "selected": lambda impl: lambda q, k, v: selected_block_attention(
+          q, k, v, idx, block_size=16, impl=impl),
+      "vertical_slash": lambda impl: lambda q, k, v: vertical_slash_attention(
+          q, k, v, col, col + jnp.arange(2)[None, None, :1], impl=impl),
+  }
+  for name, fn in ops.items():
+    for impl, want_dense in (("reference", True), ("xla", False)):
+      loss = lambda q, k, v: jnp.sum(fn(impl)(q, k, v) ** 2)
+      jaxpr = jax.make_jaxpr(jax.grad(loss, (0, 1, 2)))(q, k, v).jaxpr
+      dense = any(sum(d >= n for d in a.shape) >= 2 for a in _avals(jaxpr) if hasattr(a, "shape"))
+      assert dense == want_dense, f"{name} {impl}: forms a [T, S] array: {dense}"
