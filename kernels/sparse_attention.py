@@ -12,17 +12,18 @@ key j <= that position. A query row that sees no key gives 0.
   offsets o >= 0 (query i sees key i - o, [B, H, ns]), -1 unused; `vertical_slash_pattern`
   estimates both from the last queries' scores.
 
-The three differ only in how the keys of a step are listed. `_fold_steps` is the one XLA
+The three differ only in how the keys of a step are listed. `_sparse_flash` is the one XLA
 loop: rows of queries (a query block, or one query token), and per step a list of key
 indices per row (-1: none); it gathers those keys and folds them with `fold_block`, so
-softmax and sigmoid come with it. It never forms [T, S]: memory is rows x listed keys per
-step. Gradients are JAX's through the scan with each step rematerialised (`jax.checkpoint`),
-so the backward keeps only the per-step carry. The references build a dense [T, S] mask
+softmax and sigmoid come with it. Its backward is FlashAttention-2's (a `custom_vjp` that
+recomputes the probabilities from the saved row log-sum-exp; dk / dv scatter-added), so
+neither pass forms [T, S]: memory is rows x listed keys per step. The references build a dense [T, S] mask
 from the pattern, independently of the lists, and call `attention_reference(mask=...)`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -65,27 +66,77 @@ def _chunks(idx, c):
 # ----------------------------------------------------------------------------------- XLA
 
 
-def _fold_steps(spec: AttnSpec, carry, qr, qpos, k, v, key_idx):
-  """Folds listed keys into every row's carry.
+def _tile(spec: AttnSpec, qpos, k, v, kidx):
+  """One step's keys: (clipped indices [R, C], k [R, C, D], v [R, C, Dv], visible [R, Tq, C])."""
+  kc = jnp.clip(kidx, 0, k.shape[0] - 1)
+  ok = (kidx >= 0)[:, None, :]
+  rule = visible_pairs(qpos[:, :, None], kidx[:, None, :], causal=spec.causal)
+  return kc, k[kc], v[kc], ok if rule is None else ok & rule
 
-  qr [R, Tq, G, D] rows of queries at positions qpos [R, Tq]; k [S, D], v [S, Dv] one KV
-  head; key_idx [n, R, C] int32: step j folds keys k[key_idx[j, r]] into row r (-1: no key).
-  The carry is `init_carry(spec, (R, 1, G, Tq), Dv)` (fold_block with B = R, Hkv = 1).
-  """
-  s_len = k.shape[0]
+
+def _sparse_forward(spec: AttnSpec, qr, qpos, k, v, key_idx):
+  """-> (o [R, G, Tq, Dv] float32, lse [R, G, Tq]: +inf where a row sees nothing; None for
+  sigmoid). Step j folds keys k[key_idx[j, r]] into row r with `fold_block` (B = R, Hkv = 1)."""
+  r, tq, g, _ = qr.shape
   q5 = qr[:, :, None]
 
-  @jax.checkpoint
   def step(carry, kidx):
-    kc = jnp.clip(kidx, 0, s_len - 1)
-    ok = (kidx >= 0)[:, None, :]
-    rule = visible_pairs(qpos[:, :, None], kidx[:, None, :], causal=spec.causal)
-    if rule is not None:
-      ok = ok & rule
-    return fold_block(spec, carry, q5, k[kc][:, :, None], v[kc][:, :, None], ok), None
+    _, kb, vb, ok = _tile(spec, qpos, k, v, kidx)
+    return fold_block(spec, carry, q5, kb[:, :, None], vb[:, :, None], ok), None
 
-  carry, _ = jax.lax.scan(step, carry, key_idx)
-  return carry
+  carry, _ = jax.lax.scan(step, init_carry(spec, (r, 1, g, tq), v.shape[-1]), key_idx)
+  o = finish(spec, carry)[:, 0]
+  if spec.kind == "sigmoid":
+    return o, None
+  _, m, l = (x[:, 0] for x in carry)
+  return o, jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sparse_flash(spec: AttnSpec, qr, qpos, k, v, key_idx):
+  """Rows of queries qr [R, Tq, G, D] at positions qpos [R, Tq]; one KV head k [S, D],
+  v [S, Dv]; key_idx [n, R, C] int32 (-1: no key) -> o [R, G, Tq, Dv] float32. Forward: the
+  flash fold over the listed keys; backward (FlashAttention-2): per step, recompute the
+  probabilities from the saved row log-sum-exp; dq in the carry, dk / dv scatter-added."""
+  return _sparse_forward(spec, qr, qpos, k, v, key_idx)[0]
+
+
+def _sparse_flash_fwd(spec, qr, qpos, k, v, key_idx):
+  o, lse = _sparse_forward(spec, qr, qpos, k, v, key_idx)
+  return o, (qr, qpos, k, v, key_idx, o, lse)
+
+
+def _sparse_flash_bwd(spec, res, do):
+  qr_in, qpos, k_in, v_in, key_idx, o, lse = res
+  # float32 throughout (XLA:CPU has no bf16 x bf16 -> f32 dot for some of these contractions).
+  qr, k, v, do = (x.astype(jnp.float32) for x in (qr_in, k_in, v_in, do))
+  if spec.kind == "softmax":  # delta_i = sum_j p_ij dp_ij = do_i . o_i
+    delta = jnp.sum(do * o, axis=-1)
+
+  def step(carry, kidx):
+    dq, dk, dv = carry
+    kc, kb, vb, ok = _tile(spec, qpos, k, v, kidx)
+    ok = ok[:, None]  # [R, 1, Tq, C]
+    s = spec.logits(jnp.einsum("rtgd,rcd->rgtc", qr, kb))
+    if spec.kind == "softmax":
+      p = jnp.where(ok, jnp.exp(s - lse[..., None]), 0.0)
+    else:
+      p = jnp.where(ok, jax.nn.sigmoid(s + spec.bias), 0.0)
+    dvb = jnp.einsum("rgtc,rgtd->rcd", p, do)
+    dp = jnp.einsum("rgtd,rcd->rgtc", do, vb)
+    ds = p * (dp - delta[..., None]) if spec.kind == "softmax" else dp * p * (1.0 - p)
+    if spec.softcap is not None:
+      ds = ds * (1.0 - jnp.square(s / spec.softcap))
+    ds = ds * spec.scale
+    dq = dq + jnp.einsum("rgtc,rcd->rtgd", ds, kb)
+    dkb = jnp.einsum("rgtc,rtgd->rcd", ds, qr)
+    return (dq, dk.at[kc].add(dkb), dv.at[kc].add(dvb)), None  # masked slots add 0
+
+  (dq, dk, dv), _ = jax.lax.scan(step, tuple(map(jnp.zeros_like, (qr, k, v))), key_idx)
+  return dq.astype(qr_in.dtype), None, dk.astype(k_in.dtype), dv.astype(v_in.dtype), None
+
+
+_sparse_flash.defvjp(_sparse_flash_fwd, _sparse_flash_bwd)
 
 
 def _block_lists(block_mask, t, s_len, block_q, block_k, causal):
@@ -107,7 +158,7 @@ def _block_lists(block_mask, t, s_len, block_q, block_k, causal):
 
 def _block_sparse_xla(q, k, v, block_mask, spec: AttnSpec, *, block_q: int, block_k: int):
   b, t, h, _ = q.shape
-  s_len, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
+  s_len, hkv = k.shape[1], k.shape[2]
   nq = block_mask.shape[2]
   lists = _block_lists(block_mask, t, s_len, block_q, block_k, spec.causal)
   lists = jnp.broadcast_to(lists, (b,) + lists.shape[1:])  # [B, Hm, nq, n]
@@ -120,9 +171,7 @@ def _block_sparse_xla(q, k, v, block_mask, spec: AttnSpec, *, block_q: int, bloc
   kh, vh = (rearrange(x, "b s k d -> b k s d") for x in (k, v))
 
   def one(qr, kk, vv, ki):  # qr [nq, bq, G', D], kk [S, D], ki [n, nq, bk] -> [Tp, G', Dv]
-    carry = init_carry(spec, (nq, 1, qr.shape[2], block_q), dv)
-    carry = _fold_steps(spec, carry, qr, qpos, kk, vv, ki)
-    return rearrange(finish(spec, carry), "r 1 g c d -> (r c) g d")
+    return rearrange(_sparse_flash(spec, qr, qpos, kk, vv, ki), "r g c d -> (r c) g d")
 
   if lists.shape[1] != 1:  # a list per query head: one head at a time
     kidx = rearrange(kidx, "b (k g) n r c -> b k g n r c", k=hkv)
@@ -138,7 +187,7 @@ def _block_sparse_xla(q, k, v, block_mask, spec: AttnSpec, *, block_q: int, bloc
 
 def _selected_xla(q, k, v, block_indices, spec: AttnSpec, *, block_size: int):
   b, t, h, _ = q.shape
-  s_len, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
+  s_len, hkv = k.shape[1], k.shape[2]
   idx = _dedupe(block_indices)  # [B, T, Hkv, n]
   kidx = idx[..., None] * block_size + jnp.arange(block_size, dtype=jnp.int32)
   kidx = jnp.where((idx[..., None] >= 0) & (kidx < s_len), kidx, -1)
@@ -148,9 +197,7 @@ def _selected_xla(q, k, v, block_indices, spec: AttnSpec, *, block_size: int):
   kh, vh = (rearrange(x, "b s k d -> b k s d") for x in (k, v))
 
   def one(qr, kk, vv, ki):  # qr [T, 1, G, D] -> [T, G, Dv]
-    carry = init_carry(spec, (t, 1, qr.shape[2], 1), dv)
-    carry = _fold_steps(spec, carry, qr, qpos, kk, vv, ki)
-    return finish(spec, carry)[:, 0, :, 0]
+    return _sparse_flash(spec, qr, qpos, kk, vv, ki)[:, :, 0]
 
   o = jax.vmap(jax.vmap(one))(qr, kh, vh, kidx)  # [B, Hkv, T, G, Dv]
   return rearrange(o, "b k t g d -> b t (k g) d").astype(q.dtype)
@@ -158,7 +205,7 @@ def _selected_xla(q, k, v, block_indices, spec: AttnSpec, *, block_size: int):
 
 def _vertical_slash_xla(q, k, v, vertical_idx, slash_idx, spec: AttnSpec):
   b, t, h, _ = q.shape
-  s_len, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
+  s_len, hkv = k.shape[1], k.shape[2]
   g = h // hkv
   qpos = query_positions(t, s_len)
   vert = _dedupe(vertical_idx)  # [B, H, nv]
@@ -171,20 +218,17 @@ def _vertical_slash_xla(q, k, v, vertical_idx, slash_idx, spec: AttnSpec):
   on_vert = jnp.take_along_axis(is_vert, jnp.clip(skey, 0, s_len - 1).reshape(b, h, -1),
                                 -1).reshape(skey.shape)
   skey = jnp.where((skey >= 0) & ~on_vert, skey, -1)
-  vsteps = _chunks(vert, min(VS_CHUNK, vert.shape[-1]))[:, :, :, None]  # [n, B, H, 1, C]
-  ssteps = _chunks(skey, min(VS_CHUNK, skey.shape[-1]))  # [n, B, H, T, C]
-  qh = rearrange(q, "b t h d -> b h t 1 d")
+  # Each query token is a row listing its keys: the columns, then its slash keys.
+  keys = jnp.concatenate([jnp.broadcast_to(vert[:, :, None], (b, h, t, vert.shape[-1])), skey], -1)
+  steps = _chunks(keys, min(VS_CHUNK, keys.shape[-1]))  # [n, B, H, T, C]
+  qh = rearrange(q, "b t h d -> b h t 1 1 d")
   kh, vh = (jnp.repeat(rearrange(x, "b s k d -> b k s d"), g, axis=1) for x in (k, v))
 
-  def one(qh, kk, vv, vs, ss):  # one (batch, head): qh [T, 1, D] -> [T, Dv]
-    carry = init_carry(spec, (1, 1, 1, t), dv)  # the columns: one row of T queries
-    carry = _fold_steps(spec, carry, qh.reshape(1, t, 1, -1), qpos[None], kk, vv, vs)
-    carry = tuple(x.reshape((t, 1, 1, 1) + x.shape[4:]) for x in carry)  # T rows of 1
-    carry = _fold_steps(spec, carry, qh[:, :, None], qpos[:, None], kk, vv, ss)
-    return finish(spec, carry)[:, 0, 0, 0]
+  def one(qh, kk, vv, ki):  # one (batch, head): qh [T, 1, 1, D] -> [T, Dv]
+    return _sparse_flash(spec, qh, qpos[:, None], kk, vv, ki)[:, 0, 0]
 
-  fn = jax.vmap(jax.vmap(one, (0, 0, 0, 1, 1)), (0, 0, 0, 1, 1))
-  o = fn(qh, kh, vh, vsteps, ssteps)  # [B, H, T, Dv]
+  fn = jax.vmap(jax.vmap(one, (0, 0, 0, 1)), (0, 0, 0, 1))
+  o = fn(qh, kh, vh, steps)  # [B, H, T, Dv]
   return rearrange(o, "b h t d -> b t h d").astype(q.dtype)
 
 
