@@ -294,3 +294,45 @@ def test_xla_path_never_forms_t_by_s(rand):
       jaxpr = jax.make_jaxpr(jax.grad(loss, (0, 1, 2)))(q, k, v).jaxpr
       dense = any(sum(d >= n for d in a.shape) >= 2 for a in _avals(jaxpr) if hasattr(a, "shape"))
       assert dense == want_dense, f"{name} {impl}: forms a [T, S] array: {dense}"
+
+
+def test_patterns_by_hand(rand):
+  """Each pattern's mask written out with Python loops from its definition, the attention
+  done in numpy float64: an oracle shared with neither the reference nor the XLA path."""
+  t, s, h, d, c = 6, 9, 2, 4, 3  # queries at positions 3..8
+  q, k, v = (np.asarray(x, np.float64) for x in _qkv(rand, 1, t, s, h, 1, d))
+
+  def dense(mask):  # mask [H, T, S] -> o [1, T, H, D]
+    sc = np.einsum("thd,sd->hts", q[0], k[0, :, 0]) / np.sqrt(d)
+    sc = np.where(mask, sc, -np.inf)
+    mx = np.max(sc, -1, keepdims=True)
+    p = np.exp(sc - np.where(np.isfinite(mx), mx, 0))
+    p = p / np.maximum(p.sum(-1, keepdims=True), 1e-300)
+    return np.einsum("hts,sd->thd", p, v[0, :, 0])[None]
+
+  bm = np.array([[[1, 0, 1], [0, 1, 1]], [[0, 0, 0], [1, 1, 0]]], bool)[None]  # [1, H, 2, 3]
+  sel = np.array([[2, 2, -1], [0, -1, 1], [1, 1, 1], [-1, -1, -1], [0, 2, 0], [2, 1, 0]])
+  vert = np.array([[[1, 1, 7]], [[-1, 4, 0]]]).reshape(1, h, 3)
+  slash = np.array([[[0, 2, 2]], [[-1, 5, 1]]]).reshape(1, h, 3)
+  want = {name: np.zeros((h, t, s), bool) for name in ("bs", "sel", "vs")}
+  for hh in range(h):
+    for i in range(t):
+      p = i + s - t
+      for j in range(s):
+        if j > p:
+          continue
+        want["bs"][hh, i, j] = bm[0, hh, i // c, j // c]
+        want["sel"][hh, i, j] = j // c in set(sel[i])
+        want["vs"][hh, i, j] = j in set(vert[0, hh]) or (p - j) in set(slash[0, hh])
+  cast = lambda x: jnp.asarray(x, jnp.float32)
+  args = tuple(map(cast, (q, k, v)))
+  sel_j = jnp.asarray(sel, jnp.int32)[None, :, None]
+  for impl in ["reference"] + IMPLS:
+    got = jax.jit(lambda q, k, v: {
+        "bs": block_sparse_attention(q, k, v, bm, block_q=c, block_k=c, impl=impl),
+        "sel": selected_block_attention(q, k, v, sel_j, block_size=c, impl=impl),
+        "vs": vertical_slash_attention(q, k, v, jnp.asarray(vert, jnp.int32),
+                                       jnp.asarray(slash, jnp.int32), impl=impl),
+    })(*args)
+    for name, mask in want.items():
+      assert_close(got[name], dense(mask), what=f"{name} {impl}")
