@@ -296,10 +296,11 @@ def test_xla_path_never_forms_t_by_s(rand):
       assert dense == want_dense, f"{name} {impl}: forms a [T, S] array: {dense}"
 
 
-def test_patterns_by_hand(rand):
+@pytest.mark.parametrize("t", [6, 11])  # T < S and T > S (the first rows see nothing)
+def test_patterns_by_hand(rand, t):
   """Each pattern's mask written out with Python loops from its definition, the attention
   done in numpy float64: an oracle shared with neither the reference nor the XLA path."""
-  t, s, h, d, c = 6, 9, 2, 4, 3  # queries at positions 3..8
+  s, h, d, c = 9, 2, 4, 3  # queries at positions s - t ... s - 1
   q, k, v = (np.asarray(x, np.float64) for x in _qkv(rand, 1, t, s, h, 1, d))
 
   def dense(mask):  # mask [H, T, S] -> o [1, T, H, D]
@@ -311,7 +312,9 @@ def test_patterns_by_hand(rand):
     return np.einsum("hts,sd->thd", p, v[0, :, 0])[None]
 
   bm = np.array([[[1, 0, 1], [0, 1, 1]], [[0, 0, 0], [1, 1, 0]]], bool)[None]  # [1, H, 2, 3]
+  bm = np.resize(bm, (1, h, -(-t // c), 3))
   sel = np.array([[2, 2, -1], [0, -1, 1], [1, 1, 1], [-1, -1, -1], [0, 2, 0], [2, 1, 0]])
+  sel = np.resize(sel, (t, 3))
   vert = np.array([[[1, 1, 7]], [[-1, 4, 0]]]).reshape(1, h, 3)
   slash = np.array([[[0, 2, 2]], [[-1, 5, 1]]]).reshape(1, h, 3)
   want = {name: np.zeros((h, t, s), bool) for name in ("bs", "sel", "vs")}
