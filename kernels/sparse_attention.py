@@ -206,7 +206,6 @@ def _selected_xla(q, k, v, block_indices, spec: AttnSpec, *, block_size: int):
 def _vertical_slash_xla(q, k, v, vertical_idx, slash_idx, spec: AttnSpec):
   b, t, h, _ = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
-  g = h // hkv
   qpos = query_positions(t, s_len)
   vert = _dedupe(vertical_idx)  # [B, H, nv]
   is_vert = jnp.zeros((b, h, s_len + 1), bool).at[
@@ -221,15 +220,16 @@ def _vertical_slash_xla(q, k, v, vertical_idx, slash_idx, spec: AttnSpec):
   # Each query token is a row listing its keys: the columns, then its slash keys.
   keys = jnp.concatenate([jnp.broadcast_to(vert[:, :, None], (b, h, t, vert.shape[-1])), skey], -1)
   steps = _chunks(keys, min(VS_CHUNK, keys.shape[-1]))  # [n, B, H, T, C]
-  qh = rearrange(q, "b t h d -> b h t 1 1 d")
-  kh, vh = (jnp.repeat(rearrange(x, "b s k d -> b k s d"), g, axis=1) for x in (k, v))
+  steps = rearrange(steps, "n b (k g) t c -> n b k g t c", k=hkv)
+  qh = rearrange(q, "b t (k g) d -> b k g t 1 1 d", k=hkv)
+  kh, vh = (rearrange(x, "b s k d -> b k s d") for x in (k, v))
 
   def one(qh, kk, vv, ki):  # one (batch, head): qh [T, 1, 1, D] -> [T, Dv]
     return _sparse_flash(spec, qh, qpos[:, None], kk, vv, ki)[:, 0, 0]
 
-  fn = jax.vmap(jax.vmap(one, (0, 0, 0, 1)), (0, 0, 0, 1))
-  o = fn(qh, kh, vh, steps)  # [B, H, T, Dv]
-  return rearrange(o, "b h t d -> b t h d").astype(q.dtype)
+  fn = jax.vmap(jax.vmap(jax.vmap(one, (0, None, None, 1)), (0, 0, 0, 1)), (0, 0, 0, 1))
+  o = rearrange(fn(qh, kh, vh, steps), "b k g t d -> b t (k g) d")  # K/V never repeated
+  return o.astype(q.dtype)
 
 
 # ----------------------------------------------------------------------------- reference
