@@ -17,8 +17,10 @@ loop: rows of queries (a query block, or one query token), and per step a list o
 indices per row (-1: none); it gathers those keys and folds them with `fold_block`, so
 softmax and sigmoid come with it. Its backward is FlashAttention-2's (a `custom_vjp` that
 recomputes the probabilities from the saved row log-sum-exp; dk / dv scatter-added), so
-neither pass forms [T, S]: memory is rows x listed keys per step. The references build a dense [T, S] mask
-from the pattern, independently of the lists, and call `attention_reference(mask=...)`.
+neither pass forms [T, S]: memory is rows x listed keys per step. Rows listing fewer keys
+than the longest list run masked steps (a block mask traced under jit lists every key
+block). The references build a dense [T, S] mask from the pattern, independently of the
+lists, and call `attention_reference(mask=...)`.
 """
 
 from __future__ import annotations
