@@ -59,15 +59,16 @@ class AttnSpec:
 
 
 def attention_reference(q, k, v, q_pos, k_pos, q_seg, k_seg, spec: AttnSpec,
-                        return_lse: bool = False, **_blocks):
+                        return_lse: bool = False, mask=None, **_blocks):
   """The math in float32 with the full [B, H, T, S] score matrix. return_lse: also the
-  rows' log-sum-exp [B, T, H] (-inf where a row sees no key; softmax only)."""
+  rows' log-sum-exp [B, T, H] (-inf where a row sees no key; softmax only). mask: an
+  extra bool [B|1, H|1, T, S] visibility, and-ed with the spec's (sparse attention)."""
   h, hkv = q.shape[2], k.shape[2]
   q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
   k = jnp.repeat(k, h // hkv, axis=2)
   v = jnp.repeat(v, h // hkv, axis=2)
   s = spec.logits(jnp.einsum("bthd,bshd->bhts", q, k))
-  mask = spec.mask(q_pos, k_pos, q_seg, k_seg)[:, None]
+  mask = spec.mask(q_pos, k_pos, q_seg, k_seg)[:, None] & (True if mask is None else mask)
   if spec.kind == "softmax":
     s = jnp.where(mask, s, -jnp.inf)
     lse = rearrange(jax.nn.logsumexp(s, axis=-1), "b h t -> b t h")

@@ -1,0 +1,424 @@
+"""Sparse attention: the flash fold of `attention.py` over a list of keys per query block.
+
+Layout as `attention`: q [B, T, H, D], k [B, S, Hkv, D], v [B, S, Hkv, Dv], H % Hkv == 0;
+queries are bottom-right aligned (query i at position S - T + i) and causal means
+key j <= that position. A query row that sees no key gives 0.
+
+- `block_sparse_attention`: a bool block mask [B|1, H|1, ceil(T/block_q), ceil(S/block_k)];
+  softmax or sigmoid.
+- `selected_block_attention`: NSA's selected branch; each query token lists key blocks
+  (int32 [B, T, Hkv, n], -1 unused, repeats count once), shared by a KV group's heads.
+- `vertical_slash_attention`: MInference; key columns every query sees ([B, H, nv]) and
+  offsets o >= 0 (query i sees key i - o, [B, H, ns]), -1 unused; `vertical_slash_pattern`
+  estimates both from the last queries' scores.
+
+The three differ only in how the keys of a step are listed. `_sparse_flash` is the one XLA
+loop: rows of queries (a query block, or one query token), and per step a list of key
+indices per row (-1: none); it gathers those keys and folds them with `fold_block`, so
+softmax and sigmoid come with it. Its backward is FlashAttention-2's (a `custom_vjp` that
+recomputes the probabilities from the saved row log-sum-exp; dk / dv scatter-added), so
+neither pass forms [T, S]: memory is rows x listed keys per step. Rows listing fewer keys
+than the longest list run masked steps (a block mask traced under jit lists every key
+block). The references build a dense [T, S] mask from the pattern, independently of the
+lists, and call `attention_reference(mask=...)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from einops import rearrange
+
+from longax.kernels import _checks
+from longax.kernels._dispatch import register, resolve
+from longax.kernels.attention import AttnSpec, attention_reference, finish, fold_block, init_carry
+from longax.kernels.visibility import query_positions, visible_pairs
+
+VS_CHUNK = 64  # vertical columns / slash offsets folded per step of the XLA path
+
+
+def _concrete(x):
+  """x as a numpy array, or None where it is traced (then index checks are skipped)."""
+  try:
+    return np.asarray(x)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None
+
+
+def _dedupe(idx):
+  """-1 for every entry of the last axis equal to an earlier one (repeats count once)."""
+  n = idx.shape[-1]
+  earlier = jnp.tril(jnp.ones((n, n), bool), -1)  # [j, i]: i < j
+  dup = jnp.any((idx[..., :, None] == idx[..., None, :]) & earlier, axis=-1)
+  return jnp.where(dup, -1, idx)
+
+
+def _chunks(idx, c):
+  """[..., n] -> [n_steps, ..., c], padded with -1."""
+  n = idx.shape[-1]
+  pad = -(-n // c) * c - n
+  idx = jnp.pad(idx, [(0, 0)] * (idx.ndim - 1) + [(0, pad)], constant_values=-1)
+  return jnp.moveaxis(idx.reshape(idx.shape[:-1] + (-1, c)), -2, 0)
+
+
+# ----------------------------------------------------------------------------------- XLA
+
+
+def _tile(spec: AttnSpec, qpos, k, v, kidx):
+  """One step's keys: (clipped indices [R, C], k [R, C, D], v [R, C, Dv], visible [R, Tq, C])."""
+  kc = jnp.clip(kidx, 0, k.shape[0] - 1)
+  ok = (kidx >= 0)[:, None, :]
+  rule = visible_pairs(qpos[:, :, None], kidx[:, None, :], causal=spec.causal)
+  return kc, k[kc], v[kc], ok if rule is None else ok & rule
+
+
+def _sparse_forward(spec: AttnSpec, qr, qpos, k, v, key_idx):
+  """-> (o [R, G, Tq, Dv] float32, lse [R, G, Tq]: +inf where a row sees nothing; None for
+  sigmoid). Step j folds keys k[key_idx[j, r]] into row r with `fold_block` (B = R, Hkv = 1)."""
+  r, tq, g, _ = qr.shape
+  q5 = qr[:, :, None]
+
+  def step(carry, kidx):
+    _, kb, vb, ok = _tile(spec, qpos, k, v, kidx)
+    return fold_block(spec, carry, q5, kb[:, :, None], vb[:, :, None], ok), None
+
+  carry, _ = jax.lax.scan(step, init_carry(spec, (r, 1, g, tq), v.shape[-1]), key_idx)
+  o = finish(spec, carry)[:, 0]
+  if spec.kind == "sigmoid":
+    return o, None
+  _, m, l = (x[:, 0] for x in carry)
+  return o, jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sparse_flash(spec: AttnSpec, qr, qpos, k, v, key_idx):
+  """Rows of queries qr [R, Tq, G, D] at positions qpos [R, Tq]; one KV head k [S, D],
+  v [S, Dv]; key_idx [n, R, C] int32 (-1: no key) -> o [R, G, Tq, Dv] float32. Forward: the
+  flash fold over the listed keys; backward (FlashAttention-2): per step, recompute the
+  probabilities from the saved row log-sum-exp; dq in the carry, dk / dv scatter-added."""
+  return _sparse_forward(spec, qr, qpos, k, v, key_idx)[0]
+
+
+def _sparse_flash_fwd(spec, qr, qpos, k, v, key_idx):
+  o, lse = _sparse_forward(spec, qr, qpos, k, v, key_idx)
+  return o, (qr, qpos, k, v, key_idx, o, lse)
+
+
+def _sparse_flash_bwd(spec, res, do):
+  qr_in, qpos, k_in, v_in, key_idx, o, lse = res
+  # float32 throughout (XLA:CPU has no bf16 x bf16 -> f32 dot for some of these contractions).
+  qr, k, v, do = (x.astype(jnp.float32) for x in (qr_in, k_in, v_in, do))
+  if spec.kind == "softmax":  # delta_i = sum_j p_ij dp_ij = do_i . o_i
+    delta = jnp.sum(do * o, axis=-1)
+
+  def step(carry, kidx):
+    dq, dk, dv = carry
+    kc, kb, vb, ok = _tile(spec, qpos, k, v, kidx)
+    ok = ok[:, None]  # [R, 1, Tq, C]
+    s = spec.logits(jnp.einsum("rtgd,rcd->rgtc", qr, kb))
+    if spec.kind == "softmax":
+      p = jnp.where(ok, jnp.exp(s - lse[..., None]), 0.0)
+    else:
+      p = jnp.where(ok, jax.nn.sigmoid(s + spec.bias), 0.0)
+    dvb = jnp.einsum("rgtc,rgtd->rcd", p, do)
+    dp = jnp.einsum("rgtd,rcd->rgtc", do, vb)
+    ds = p * (dp - delta[..., None]) if spec.kind == "softmax" else dp * p * (1.0 - p)
+    if spec.softcap is not None:
+      ds = ds * (1.0 - jnp.square(s / spec.softcap))
+    ds = ds * spec.scale
+    dq = dq + jnp.einsum("rgtc,rcd->rtgd", ds, kb)
+    dkb = jnp.einsum("rgtc,rtgd->rcd", ds, qr)
+    return (dq, dk.at[kc].add(dkb), dv.at[kc].add(dvb)), None  # masked slots add 0
+
+  (dq, dk, dv), _ = jax.lax.scan(step, tuple(map(jnp.zeros_like, (qr, k, v))), key_idx)
+  return dq.astype(qr_in.dtype), None, dk.astype(k_in.dtype), dv.astype(v_in.dtype), None
+
+
+_sparse_flash.defvjp(_sparse_flash_fwd, _sparse_flash_bwd)
+
+
+def _block_lists(block_mask, t, s_len, block_q, block_k, causal):
+  """[Bm, Hm, nq, n] int32: each query block's key blocks that are on (and not entirely in
+  its causal future), ascending, -1 padded. n is the most any block lists where the mask is
+  concrete, else all key blocks."""
+  nq, nk = block_mask.shape[2:]
+  conc = _concrete(block_mask)
+  xp = jnp if conc is None else np
+  on = block_mask if conc is None else conc.astype(bool)
+  if causal:
+    last_q = np.minimum((np.arange(nq) + 1) * block_q, t) - 1 + s_len - t
+    on = on & (np.arange(nk)[None, :] * block_k <= last_q[:, None])
+  n = nk if conc is None else max(int(on.sum(-1).max()), 1)
+  order = (jnp.argsort(~on, axis=-1, stable=True) if conc is None
+           else np.argsort(~on, axis=-1, kind="stable"))[..., :n]
+  return jnp.asarray(xp.where(xp.take_along_axis(on, order, -1), order, -1), jnp.int32)
+
+
+def _block_sparse_xla(q, k, v, block_mask, spec: AttnSpec, *, block_q: int, block_k: int):
+  b, t, h, _ = q.shape
+  s_len, hkv = k.shape[1], k.shape[2]
+  nq = block_mask.shape[2]
+  lists = _block_lists(block_mask, t, s_len, block_q, block_k, spec.causal)
+  lists = jnp.broadcast_to(lists, (b,) + lists.shape[1:])  # [B, Hm, nq, n]
+  kidx = lists[..., None] * block_k + jnp.arange(block_k, dtype=jnp.int32)
+  kidx = jnp.where((lists[..., None] >= 0) & (kidx < s_len), kidx, -1)
+  kidx = jnp.moveaxis(kidx, -2, -3)  # [B, Hm, n, nq, bk]
+  qpad = jnp.pad(q, ((0, 0), (0, nq * block_q - t), (0, 0), (0, 0)))
+  qr = rearrange(qpad, "b (r c) (k g) d -> b k g r c d", c=block_q, k=hkv)
+  qpos = query_positions(nq * block_q, nq * block_q + s_len - t).reshape(nq, block_q)
+  kh, vh = (rearrange(x, "b s k d -> b k s d") for x in (k, v))
+
+  def one(qr, kk, vv, ki):  # qr [nq, bq, G', D], kk [S, D], ki [n, nq, bk] -> [Tp, G', Dv]
+    return rearrange(_sparse_flash(spec, qr, qpos, kk, vv, ki), "r g c d -> (r c) g d")
+
+  if lists.shape[1] != 1:  # a list per query head: one head at a time
+    kidx = rearrange(kidx, "b (k g) n r c -> b k g n r c", k=hkv)
+    head = lambda qg, kk, vv, ki: one(qg[:, :, None], kk, vv, ki)[:, 0]
+    fn = jax.vmap(jax.vmap(jax.vmap(head, (0, None, None, 0))))
+    o = fn(qr, kh, vh, kidx)  # [B, Hkv, G, Tp, Dv]
+  else:  # one list for all heads: the KV group's query heads share the loaded keys
+    group = lambda qg, kk, vv, ki: one(jnp.moveaxis(qg, 0, 2), kk, vv, ki)
+    fn = jax.vmap(jax.vmap(group, (0, 0, 0, None)))
+    o = rearrange(fn(qr, kh, vh, kidx[:, 0]), "b k t g d -> b k g t d")
+  return rearrange(o, "b k g t d -> b t (k g) d")[:, :t].astype(q.dtype)
+
+
+def _selected_xla(q, k, v, block_indices, spec: AttnSpec, *, block_size: int):
+  b, t, h, _ = q.shape
+  s_len, hkv = k.shape[1], k.shape[2]
+  idx = _dedupe(block_indices)  # [B, T, Hkv, n]
+  kidx = idx[..., None] * block_size + jnp.arange(block_size, dtype=jnp.int32)
+  kidx = jnp.where((idx[..., None] >= 0) & (kidx < s_len), kidx, -1)
+  kidx = rearrange(kidx, "b t k n c -> b k n t c")  # rows: one query token each
+  qr = rearrange(q, "b t (k g) d -> b k t 1 g d", k=hkv)
+  qpos = query_positions(t, s_len)[:, None]
+  kh, vh = (rearrange(x, "b s k d -> b k s d") for x in (k, v))
+
+  def one(qr, kk, vv, ki):  # qr [T, 1, G, D] -> [T, G, Dv]
+    return _sparse_flash(spec, qr, qpos, kk, vv, ki)[:, :, 0]
+
+  o = jax.vmap(jax.vmap(one))(qr, kh, vh, kidx)  # [B, Hkv, T, G, Dv]
+  return rearrange(o, "b k t g d -> b t (k g) d").astype(q.dtype)
+
+
+def _vertical_slash_xla(q, k, v, vertical_idx, slash_idx, spec: AttnSpec):
+  b, t, h, _ = q.shape
+  s_len, hkv = k.shape[1], k.shape[2]
+  qpos = query_positions(t, s_len)
+  vert = _dedupe(vertical_idx)  # [B, H, nv]
+  is_vert = jnp.zeros((b, h, s_len + 1), bool).at[
+      jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None],
+      jnp.where(vert >= 0, vert, s_len)].set(True)[..., :s_len]
+  slash = _dedupe(slash_idx)  # [B, H, ns]
+  skey = jnp.where(slash[..., None, :] >= 0, qpos[:, None] - slash[..., None, :], -1)  # [B,H,T,ns]
+  # A key on a slash that is also a vertical column is folded once, with the columns.
+  on_vert = jnp.take_along_axis(is_vert, jnp.clip(skey, 0, s_len - 1).reshape(b, h, -1),
+                                -1).reshape(skey.shape)
+  skey = jnp.where((skey >= 0) & ~on_vert, skey, -1)
+  # Each query token is a row listing its keys: the columns, then its slash keys.
+  keys = jnp.concatenate([jnp.broadcast_to(vert[:, :, None], (b, h, t, vert.shape[-1])), skey], -1)
+  steps = _chunks(keys, min(VS_CHUNK, keys.shape[-1]))  # [n, B, H, T, C]
+  steps = rearrange(steps, "n b (k g) t c -> n b k g t c", k=hkv)
+  qh = rearrange(q, "b t (k g) d -> b k g t 1 1 d", k=hkv)
+  kh, vh = (rearrange(x, "b s k d -> b k s d") for x in (k, v))
+
+  def one(qh, kk, vv, ki):  # one (batch, head): qh [T, 1, 1, D] -> [T, Dv]
+    return _sparse_flash(spec, qh, qpos[:, None], kk, vv, ki)[:, 0, 0]
+
+  fn = jax.vmap(jax.vmap(jax.vmap(one, (0, None, None, 1)), (0, 0, 0, 1)), (0, 0, 0, 1))
+  o = rearrange(fn(qh, kh, vh, steps), "b k g t d -> b t (k g) d")  # K/V never repeated
+  return o.astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------- reference
+# Dense [B|1, H|1, T, S] masks built straight from each pattern's definition.
+
+
+def _reference(q, k, v, mask, spec):
+  s_len, t = k.shape[1], q.shape[1]
+  o = attention_reference(q, k, v, query_positions(t, s_len), jnp.arange(s_len), None, None,
+                          spec, mask=mask)
+  return o.astype(q.dtype)
+
+
+def _block_sparse_reference(q, k, v, block_mask, spec, *, block_q: int, block_k: int):
+  t, s_len = q.shape[1], k.shape[1]
+  qb = jnp.arange(t) // block_q
+  kb = jnp.arange(s_len) // block_k
+  return _reference(q, k, v, jnp.asarray(block_mask)[:, :, qb][:, :, :, kb], spec)
+
+
+def _selected_reference(q, k, v, block_indices, spec, *, block_size: int):
+  h, hkv, s_len = q.shape[2], k.shape[2], k.shape[1]
+  key_block = jnp.arange(s_len) // block_size
+  sel = jnp.any(block_indices[..., None, :] == key_block[:, None], axis=-1)  # [B, T, Hkv, S]
+  mask = jnp.repeat(rearrange(sel, "b t k s -> b k t s"), h // hkv, axis=1)
+  return _reference(q, k, v, mask, spec)
+
+
+def _vertical_slash_reference(q, k, v, vertical_idx, slash_idx, spec):
+  t, s_len = q.shape[1], k.shape[1]
+  keys = jnp.arange(s_len)
+  vert = jnp.any(vertical_idx[..., :, None] == keys, axis=-2)  # [B, H, S]
+  offset = query_positions(t, s_len)[:, None] - keys  # [T, S]: i - j
+  slash = jnp.any((offset[..., None] == slash_idx[:, :, None, None, :]) & (offset[..., None] >= 0),
+                  axis=-1)  # [B, H, T, S]
+  return _reference(q, k, v, vert[:, :, None, :] | slash, spec)
+
+
+for _op, _ref, _xla in (("block_sparse_attention", _block_sparse_reference, _block_sparse_xla),
+                        ("selected_block_attention", _selected_reference, _selected_xla),
+                        ("vertical_slash_attention", _vertical_slash_reference, _vertical_slash_xla)):
+  register(_op, "reference")(_ref)
+  register(_op, "xla")(_xla)
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _check_qkv(op, q, k, v, causal, scale):
+  """Validates the attention inputs; returns the scale."""
+  _checks.rank(op, "q", q, 4, "[B, T, H, D]")
+  _checks.rank(op, "k", k, 4, "[B, S, Hkv, D]")
+  _checks.rank(op, "v", v, 4, "[B, S, Hkv, Dv]")
+  _checks.same_dtype(op, q=q, k=k, v=v)
+  _checks.floating(op, "q", q)
+  b, _, h, d = q.shape
+  if k.shape[0] != b or k.shape[3] != d:
+    raise ValueError(f"{op}: `k` must be [B={b}, S, Hkv, D={d}] to match q {q.shape}, got {k.shape}")
+  if v.shape[:3] != k.shape[:3]:
+    raise ValueError(f"{op}: `v` must be [B, S, Hkv, Dv] = {k.shape[:3]} + [Dv] to match k, got {v.shape}")
+  _checks.divides(op, f"q heads H={h} vs k/v heads Hkv={k.shape[2]}", k.shape[2], h)
+  if not isinstance(causal, bool):
+    raise ValueError(f"{op}: `causal` must be a bool, got {causal!r}")
+  return d**-0.5 if scale is None else float(scale)
+
+
+def _check_indices(op, name, x, rank, layout, lo, hi):
+  """Integer array of `rank`; concrete values must lie in [lo, hi) (-1: unused)."""
+  _checks.rank(op, name, x, rank, layout)
+  if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer):
+    raise ValueError(f"{op}: `{name}` must be an integer array, got dtype {jnp.asarray(x).dtype}")
+  conc = _concrete(x)
+  if conc is not None and conc.size and (conc.min() < lo or conc.max() >= hi):
+    raise ValueError(f"{op}: `{name}` values must be in [{lo}, {hi}) (-1: unused), "
+                     f"got [{conc.min()}, {conc.max()}]")
+  return jnp.asarray(x, jnp.int32)
+
+
+def block_sparse_attention(q, k, v, block_mask, *, block_q: int = 64, block_k: int = 64,
+                           causal: bool = True, kind: str = "softmax",
+                           scale: float | None = None, bias: float | None = None,
+                           impl: str = "auto"):
+  """Attention where query i sees key j iff block (i // block_q, j // block_k) of
+  `block_mask` (bool [B|1, H|1, ceil(T/block_q), ceil(S/block_k)]) is on, and
+  j <= i + S - T when causal. kind="softmax" | "sigmoid" (bias: sigmoid only, default
+  -log S). The XLA path loops over each query block's on key blocks only; their number is
+  static where the mask is concrete, else every key block is a step (masked)."""
+  op = "block_sparse_attention"
+  scale = _check_qkv(op, q, k, v, causal, scale)
+  _checks.positive_int(op, "block_q", block_q)
+  _checks.positive_int(op, "block_k", block_k)
+  b, t, h, _ = q.shape
+  s_len = k.shape[1]
+  _checks.rank(op, "block_mask", block_mask, 4, "[B|1, H|1, ceil(T/block_q), ceil(S/block_k)]")
+  if jnp.asarray(block_mask).dtype != jnp.bool_:
+    raise ValueError(f"{op}: `block_mask` must be bool, got dtype {jnp.asarray(block_mask).dtype}")
+  nq, nk = -(-t // block_q), -(-s_len // block_k)
+  bm_shape = tuple(block_mask.shape)
+  if bm_shape[0] not in (1, b) or bm_shape[1] not in (1, h) or bm_shape[2:] != (nq, nk):
+    raise ValueError(f"{op}: `block_mask` must be [B={b}|1, H={h}|1, {nq}, {nk}] "
+                     f"(block_q={block_q}, block_k={block_k}), got {bm_shape}")
+  if kind == "softmax":
+    if bias is not None:
+      raise ValueError(f"{op}: `bias` is for kind='sigmoid' only")
+    bias = 0.0
+  elif kind == "sigmoid":
+    bias = -math.log(s_len) if bias is None else bias
+    if jnp.ndim(bias) != 0:
+      raise ValueError(f"{op}: `bias` must be a scalar, got shape {jnp.shape(bias)}")
+    bias = float(bias)
+  else:
+    raise ValueError(f"{op}: `kind` must be 'softmax' or 'sigmoid', got {kind!r}")
+  spec = AttnSpec(kind, causal, scale, None, 0, None, bias)
+  fn = resolve(op, impl, dict(q=q, k=k, v=v, spec=spec))
+  return fn(q, k, v, block_mask, spec, block_q=block_q, block_k=block_k)
+
+
+def selected_block_attention(q, k, v, block_indices, *, block_size: int = 64,
+                             causal: bool = True, scale: float | None = None,
+                             impl: str = "auto"):
+  """NSA's selected-block branch (softmax): query token t of every head of KV group g sees
+  the keys of blocks `block_indices[b, t, g]` (int32 [B, T, Hkv, n] of key-block indices
+  < ceil(S/block_size); -1 unused, repeats count once), and j <= t + S - T when causal."""
+  op = "selected_block_attention"
+  scale = _check_qkv(op, q, k, v, causal, scale)
+  _checks.positive_int(op, "block_size", block_size)
+  b, t, _, _ = q.shape
+  s_len, hkv = k.shape[1], k.shape[2]
+  nk = -(-s_len // block_size)
+  idx = _check_indices(op, "block_indices", block_indices, 4, "[B, T, Hkv, n]", -1, nk)
+  if idx.shape[:3] != (b, t, hkv) or idx.shape[3] < 1:
+    raise ValueError(f"{op}: `block_indices` must be [B={b}, T={t}, Hkv={hkv}, n>=1], got {idx.shape}")
+  spec = AttnSpec("softmax", causal, scale, None, 0, None, 0.0)
+  fn = resolve(op, impl, dict(q=q, k=k, v=v, spec=spec))
+  return fn(q, k, v, idx, spec, block_size=block_size)
+
+
+def vertical_slash_attention(q, k, v, vertical_idx, slash_idx, *, causal: bool = True,
+                             scale: float | None = None, impl: str = "auto"):
+  """MInference's vertical-slash pattern (softmax): query i (position p = i + S - T) of head
+  h sees keys `vertical_idx[b, h]` (int32 [B, H, nv], columns < S) and keys p - o for the
+  offsets o in `slash_idx[b, h]` (int32 [B, H, ns], 0 <= o < S); -1 unused, repeats and
+  keys on both count once; causal also drops columns j > p."""
+  op = "vertical_slash_attention"
+  scale = _check_qkv(op, q, k, v, causal, scale)
+  b, _, h, _ = q.shape
+  s_len = k.shape[1]
+  vert = _check_indices(op, "vertical_idx", vertical_idx, 3, "[B, H, nv]", -1, s_len)
+  slash = _check_indices(op, "slash_idx", slash_idx, 3, "[B, H, ns]", -1, s_len)
+  for name, x in (("vertical_idx", vert), ("slash_idx", slash)):
+    if x.shape[:2] != (b, h) or x.shape[2] < 1:
+      raise ValueError(f"{op}: `{name}` must be [B={b}, H={h}, n>=1], got {x.shape}")
+  spec = AttnSpec("softmax", causal, scale, None, 0, None, 0.0)
+  fn = resolve(op, impl, dict(q=q, k=k, v=v, spec=spec))
+  return fn(q, k, v, vert, slash, spec)
+
+
+def vertical_slash_pattern(q, k, *, n_vertical: int, n_slash: int, last_q: int = 64,
+                           scale: float | None = None):
+  """MInference's estimate from the last `last_q` queries' causal softmax scores: the
+  `n_vertical` key columns and `n_slash` offsets (o = query position - key) with the most
+  attention mass, per head. -> (vertical_idx [B, H, n_vertical], slash_idx [B, H, n_slash]),
+  int32, ascending, in [0, S)."""
+  op = "vertical_slash_pattern"
+  _checks.rank(op, "q", q, 4, "[B, T, H, D]")
+  _checks.rank(op, "k", k, 4, "[B, S, Hkv, D]")
+  _checks.floating(op, "q", q)
+  b, t, h, d = q.shape
+  s_len, hkv = k.shape[1], k.shape[2]
+  if k.shape[0] != b or k.shape[3] != d:
+    raise ValueError(f"{op}: `k` must be [B={b}, S, Hkv, D={d}] to match q {q.shape}, got {k.shape}")
+  _checks.divides(op, f"q heads H={h} vs k heads Hkv={hkv}", hkv, h)
+  _checks.positive_int(op, "last_q", last_q)
+  for name, n in (("n_vertical", n_vertical), ("n_slash", n_slash)):
+    _checks.positive_int(op, name, n)
+    if n > s_len:
+      raise ValueError(f"{op}: `{name}`={n} exceeds the number of keys S={s_len}")
+  scale = d**-0.5 if scale is None else float(scale)
+  n_last = min(last_q, t)
+  qpos = query_positions(t, s_len)[t - n_last:]
+  kk = jnp.repeat(k.astype(jnp.float32), h // hkv, axis=2)
+  s = scale * jnp.einsum("bthd,bshd->bhts", q[:, t - n_last:].astype(jnp.float32), kk)
+  offset = qpos[:, None] - jnp.arange(s_len)  # [L, S]
+  p = jax.nn.softmax(jnp.where(offset >= 0, s, -jnp.inf), axis=-1)
+  p = jnp.where(offset >= 0, p, 0.0)  # rows that see nothing (T > S) add nothing
+  vert_score = jnp.sum(p, axis=2)  # [B, H, S]
+  slash_score = jnp.zeros((b, h, s_len + 1), jnp.float32).at[
+      :, :, jnp.where(offset >= 0, offset, s_len)].add(p)[..., :s_len]
+  vert = jnp.sort(jax.lax.top_k(vert_score, n_vertical)[1], axis=-1)
+  slash = jnp.sort(jax.lax.top_k(slash_score, n_slash)[1], axis=-1)
+  return vert.astype(jnp.int32), slash.astype(jnp.int32)

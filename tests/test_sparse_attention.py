@@ -1,0 +1,341 @@
+"""Sparse attention (block-sparse, NSA selected blocks, vertical-slash): every impl against
+the float32 reference, whose dense masks are built from the patterns independently of the
+XLA path's key lists; plus dense-attention identities and the pattern estimator."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import assert_close, compare
+from longax.kernels import (attention, block_sparse_attention, selected_block_attention,
+                            sigmoid_attention, vertical_slash_attention, vertical_slash_pattern)
+
+IMPLS = ["xla"]  # the pallas kernel is a later GPU step
+
+
+def _qkv(rand, b, t, s, h, hkv, d, dtype=jnp.float32, dv=None):
+  return (rand.normal((b, t, h, d), dtype), rand.normal((b, s, hkv, d), dtype),
+          rand.normal((b, s, hkv, dv or d), dtype))
+
+
+def _bits(rand, shape, p=0.5):
+  return np.asarray(rand.uniform(shape, 0.0, 1.0)) < p
+
+
+# ------------------------------------------------------------------------------ block-sparse
+
+# (B, T, S, H, Hkv, D, block_q, block_k, per-batch/per-head mask)
+BS_CASES = [
+    ((2, 37, 37, 4, 2, 8, 8, 16, True), dict()),  # ragged, GQA, a mask per (b, h)
+    ((1, 21, 45, 4, 2, 8, 8, 8, False), dict(causal=False, kind="sigmoid", bias=-1.0)),  # T < S
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape,opts", BS_CASES, ids=str)
+def test_block_sparse_matches_reference_f32(rand, impl, shape, opts):
+  b, t, s, h, hkv, d, bq, bk, full = shape
+  q, k, v = _qkv(rand, b, t, s, h, hkv, d)
+  mask = _bits(rand, (b if full else 1, h if full else 1, -(-t // bq), -(-s // bk)))
+  fn = lambda impl: lambda q, k, v: block_sparse_attention(q, k, v, mask, block_q=bq,
+                                                          block_k=bk, impl=impl, **opts)
+  compare(fn(impl), fn("reference"), (q, k, v), (0, 1, 2), jnp.float32, str(opts))
+
+
+def test_block_sparse_bf16_and_traced_mask(rand):
+  q, k, v = _qkv(rand, 2, 33, 33, 4, 2, 16, jnp.bfloat16)
+  mask = _bits(rand, (2, 4, 5, 3))
+  ref = lambda q, k, v: block_sparse_attention(q, k, v, mask, block_q=8, block_k=16, impl="reference")
+  got = lambda q, k, v: block_sparse_attention(q, k, v, mask, block_q=8, block_k=16, impl="xla")
+  compare(got, ref, (q, k, v), (0, 1, 2), jnp.bfloat16)
+  assert got(q, k, v).dtype == jnp.bfloat16
+  # A mask traced under jit: every key block becomes a (masked) step, same result.
+  traced = jax.jit(lambda q, k, v, m: block_sparse_attention(q, k, v, m, block_q=8, block_k=16))
+  assert_close(traced(q, k, v, jnp.asarray(mask)), ref(q, k, v), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_block_sparse_all_on_is_dense_attention(rand, kind):
+  q, k, v = _qkv(rand, 2, 29, 35, 4, 2, 8)
+  mask = np.ones((1, 1, 4, 3), bool)
+  dense = attention if kind == "softmax" else sigmoid_attention
+  for causal in (True, False):
+    want = dense(q, k, v, causal=causal, impl="reference")
+    for impl in ["reference"] + IMPLS:
+      got = jax.jit(lambda q, k, v: block_sparse_attention(
+          q, k, v, mask, block_q=8, block_k=12, causal=causal, kind=kind, impl=impl))(q, k, v)
+      assert_close(got, want, what=f"{impl} causal={causal}")
+
+
+def test_block_sparse_window_mask_is_windowed_attention(rand):
+  """Query block i sees key blocks i-1 and i (causal): its last row has window 2c, its
+  first row window c + 1, exactly as `attention(window=...)`."""
+  c, n = 8, 5
+  q, k, v = _qkv(rand, 1, c * n, c * n, 4, 2, 8)
+  blocks = np.arange(n)
+  mask = ((blocks[:, None] - blocks[None, :]) <= 1)[None, None]
+  for impl in ["reference"] + IMPLS:
+    got = jax.jit(lambda q, k, v: block_sparse_attention(q, k, v, mask, block_q=c, block_k=c,
+                                                         impl=impl))(q, k, v)
+    last = attention(q, k, v, window=2 * c, impl="reference")
+    first = attention(q, k, v, window=c + 1, impl="reference")
+    assert_close(got[:, c - 1::c], last[:, c - 1::c], what=f"{impl} last rows")
+    assert_close(got[:, ::c], first[:, ::c], what=f"{impl} first rows")
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_block_sparse_empty_rows_give_zero(rand, kind):
+  q, k, v = _qkv(rand, 1, 24, 24, 2, 1, 8)
+  mask = np.ones((1, 2, 3, 3), bool)
+  mask[0, 0, 1] = False  # head 0, queries 8..15 see nothing
+  mask[0, 1, :, 0] = False  # head 1: queries 0..7 (causal) see nothing
+  for impl in ["reference"] + IMPLS:
+    fn = lambda q, k, v: block_sparse_attention(q, k, v, mask, block_q=8, block_k=8,
+                                                kind=kind, impl=impl)
+    loss = lambda q, k, v: (jnp.sum(fn(q, k, v) ** 2), fn(q, k, v))
+    (_, o), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(q, k, v)
+    np.testing.assert_array_equal(np.asarray(o[0, 8:16, 0]), 0.0)
+    np.testing.assert_array_equal(np.asarray(o[0, :8, 1]), 0.0)
+    assert np.all(np.abs(np.asarray(o[0, 16:, 0])) > 0)
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
+    np.testing.assert_array_equal(np.asarray(grads[0][0, 8:16, 0]), 0.0)
+
+
+# ---------------------------------------------------------------------- NSA selected blocks
+
+
+def _block_indices(rand, b, t, hkv, n, n_blocks):
+  """Random block indices with -1 and repeats planted."""
+  idx = np.array(jax.random.randint(rand._next(), (b, t, hkv, n), -1, n_blocks))
+  idx[:, ::3, :, 1] = idx[:, ::3, :, 0]  # repeats
+  idx[:, 1::4, :, 0] = -1
+  return jnp.asarray(idx, jnp.int32)
+
+
+# (B, T, S, H, Hkv, D, block_size, n)
+SEL_CASES = [
+    ((2, 37, 37, 4, 2, 8, 8, 3), dict()),
+    ((1, 19, 45, 8, 2, 8, 16, 2), dict(causal=False, scale=0.2)),  # T < S, groups of 4
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape,opts", SEL_CASES, ids=str)
+def test_selected_matches_reference_f32(rand, impl, shape, opts):
+  b, t, s, h, hkv, d, bs, n = shape
+  q, k, v = _qkv(rand, b, t, s, h, hkv, d)
+  idx = _block_indices(rand, b, t, hkv, n, -(-s // bs))
+  fn = lambda impl: lambda q, k, v: selected_block_attention(q, k, v, idx, block_size=bs,
+                                                            impl=impl, **opts)
+  compare(fn(impl), fn("reference"), (q, k, v), (0, 1, 2), jnp.float32, str(opts))
+
+
+def test_selected_bf16_repeats_and_empty(rand):
+  q, k, v = _qkv(rand, 1, 32, 32, 4, 2, 16, jnp.bfloat16)
+  idx = _block_indices(rand, 1, 32, 2, 3, 4)
+  for impl in IMPLS:
+    fn = lambda impl: lambda q, k, v: selected_block_attention(q, k, v, idx, block_size=8, impl=impl)
+    compare(fn(impl), fn("reference"), (q, k, v), (0, 1, 2), jnp.bfloat16)
+  # Repeats count once: [a, a, b] == [a, b, -1]; all -1 (or only future blocks) gives 0.
+  q, k, v = _qkv(rand, 1, 16, 16, 2, 1, 8)
+  rep = jnp.array([0, 0, 1], jnp.int32)
+  once = jnp.array([0, 1, -1], jnp.int32)
+  full = lambda x: jnp.broadcast_to(x, (1, 16, 1, 3))
+  for impl in ["reference"] + IMPLS:
+    sel = jax.jit(lambda q, k, v, i: selected_block_attention(q, k, v, i, block_size=8, impl=impl))
+    a = sel(q, k, v, full(rep))
+    assert_close(a, sel(q, k, v, full(once)))
+    dense = attention(q, k, v, impl="reference")
+    assert_close(a, dense, what="blocks 0 and 1 are every key")
+    empty = sel(q, k, v, full(jnp.array([-1, -1, 1])))
+    np.testing.assert_array_equal(np.asarray(empty[:, :8]), 0.0)
+
+
+# ------------------------------------------------------------------------- vertical-slash
+
+
+def _vs_indices(rand, b, h, nv, ns, s):
+  vert = np.array(jax.random.randint(rand._next(), (b, h, nv), -1, s))
+  slash = np.array(jax.random.randint(rand._next(), (b, h, ns), -1, s))
+  vert[..., 1] = vert[..., 0]  # repeats
+  slash[..., 1] = slash[..., 0]
+  slash[..., 2] = 0  # the diagonal, which crosses the columns: keys on both count once
+  slash[..., -1] = -1
+  return jnp.asarray(vert, jnp.int32), jnp.asarray(slash, jnp.int32)
+
+
+# (B, T, S, H, Hkv, D, nv, ns)
+VS_CASES = [
+    ((2, 37, 37, 4, 2, 8, 5, 7), dict()),
+    ((1, 21, 45, 2, 1, 8, 70, 9), dict(causal=False)),  # T < S, several steps
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape,opts", VS_CASES, ids=str)
+def test_vertical_slash_matches_reference_f32(rand, impl, shape, opts):
+  b, t, s, h, hkv, d, nv, ns = shape
+  q, k, v = _qkv(rand, b, t, s, h, hkv, d)
+  vert, slash = _vs_indices(rand, b, h, nv, ns, s)
+  fn = lambda impl: lambda q, k, v: vertical_slash_attention(q, k, v, vert, slash, impl=impl, **opts)
+  compare(fn(impl), fn("reference"), (q, k, v), (0, 1, 2), jnp.float32, str(opts))
+
+
+def test_vertical_slash_bf16_and_identities(rand):
+  q, k, v = _qkv(rand, 1, 40, 40, 4, 2, 16, jnp.bfloat16)
+  vert, slash = _vs_indices(rand, 1, 4, 6, 6, 40)
+  for impl in IMPLS:
+    fn = lambda impl: lambda q, k, v: vertical_slash_attention(q, k, v, vert, slash, impl=impl)
+    compare(fn(impl), fn("reference"), (q, k, v), (0, 1, 2), jnp.bfloat16)
+  q, k, v = _qkv(rand, 1, 12, 12, 2, 1, 8)
+  none = -jnp.ones((1, 2, 1), jnp.int32)
+  for impl in ["reference"] + IMPLS:
+    vs = jax.jit(lambda q, k, v, c, o: vertical_slash_attention(q, k, v, c, o, impl=impl))
+    # Offsets 0..3 are a causal window of 4; with column 0 too, window 4 with a sink.
+    window = jnp.broadcast_to(jnp.arange(4, dtype=jnp.int32), (1, 2, 4))
+    got = vs(q, k, v, none, window)
+    assert_close(got, attention(q, k, v, window=4, impl="reference"), what=impl)
+    got = vs(q, k, v, jnp.zeros((1, 2, 1), jnp.int32), window)
+    assert_close(got, attention(q, k, v, window=4, sinks=1, impl="reference"), what=impl)
+    # Only future columns: every row but the last sees nothing.
+    got = vs(q, k, v, jnp.full((1, 2, 1), 11, jnp.int32), none)
+    np.testing.assert_array_equal(np.asarray(got[:, :11]), 0.0)
+
+
+def test_vertical_slash_pattern_shapes_and_planted(rand):
+  b, t, h, hkv, d = 1, 96, 4, 2, 16
+  q, k, _ = _qkv(rand, b, t, t, h, hkv, d)
+  vert, slash = vertical_slash_pattern(q, k, n_vertical=3, n_slash=5, last_q=32)
+  assert vert.shape == (b, h, 3) and slash.shape == (b, h, 5)
+  assert vert.dtype == jnp.int32 and slash.dtype == jnp.int32
+  for x in (vert, slash):
+    x = np.asarray(x)
+    assert x.min() >= 0 and x.max() < t and np.all(np.diff(x, axis=-1) > 0)
+  # Plant: every query attends strongly to key 5 (a sink column) and to the key 7 back.
+  col, off = 5, 7
+  u = jax.random.normal(rand._next(), (d,))
+  k = k.at[:, col].set(4.0 * u)
+  q = q + 2.0 * u  # q . k_col large for every query
+  q = q.at[:, off:].add(3.0 * jnp.repeat(k[:, :-off], h // hkv, axis=2))  # q_i . k_{i-off}
+  vert, slash = vertical_slash_pattern(q, k, n_vertical=3, n_slash=5, last_q=32)
+  assert np.all(np.any(np.asarray(vert) == col, axis=-1))
+  assert np.all(np.any(np.asarray(slash) == off, axis=-1))
+
+
+# ---------------------------------------------------------------------------------- errors
+
+
+def test_errors(rand):
+  q, k, v = _qkv(rand, 1, 16, 16, 4, 2, 8)
+  mask = np.ones((1, 1, 2, 2), bool)
+  bs = lambda **kw: block_sparse_attention(q, k, v, kw.pop("m", mask), block_q=8, block_k=8, **kw)
+  with pytest.raises(ValueError, match="block_mask` must be \\[B=1\\|1, H=4\\|1, 2, 2\\]"):
+    bs(m=np.ones((1, 1, 2, 3), bool))
+  with pytest.raises(ValueError, match="block_mask` must be bool"):
+    bs(m=np.ones((1, 1, 2, 2), np.int32))
+  with pytest.raises(ValueError, match="kind"):
+    bs(kind="relu")
+  with pytest.raises(ValueError, match="sigmoid' only"):
+    bs(bias=1.0)
+  with pytest.raises(ValueError, match="share one dtype"):
+    block_sparse_attention(q, k.astype(jnp.bfloat16), v, mask, block_q=8, block_k=8)
+  with pytest.raises(NotImplementedError, match="pallas"):
+    bs(impl="pallas")
+  idx = jnp.zeros((1, 16, 2, 2), jnp.int32)
+  with pytest.raises(ValueError, match=r"values must be in \[-1, 2\)"):
+    selected_block_attention(q, k, v, idx.at[0, 0, 0, 0].set(2), block_size=8)
+  with pytest.raises(ValueError, match="integer"):
+    selected_block_attention(q, k, v, idx.astype(jnp.float32), block_size=8)
+  with pytest.raises(ValueError, match="block_indices` must be"):
+    selected_block_attention(q, k, v, idx[:, :, :1], block_size=8)
+  vi = jnp.zeros((1, 4, 2), jnp.int32)
+  with pytest.raises(ValueError, match="slash_idx` values"):
+    vertical_slash_attention(q, k, v, vi, vi.at[0, 0, 0].set(-2))
+  with pytest.raises(ValueError, match="vertical_idx` must be"):
+    vertical_slash_attention(q, k, v, vi[:, :2], vi)
+  with pytest.raises(ValueError, match="exceeds"):
+    vertical_slash_pattern(q, k, n_vertical=17, n_slash=2)
+
+
+# ------------------------------------------------------------------------------ memory
+
+
+def _avals(jaxpr):
+  """Every intermediate's abstract value, sub-jaxprs (scan, checkpoint, jit) included."""
+  for eqn in jaxpr.eqns:
+    yield from (v.aval for v in eqn.outvars)
+    for p in eqn.params.values():
+      for sub in (p if isinstance(p, (tuple, list)) else [p]):
+        if hasattr(sub, "eqns"):
+          yield from _avals(sub)
+        elif hasattr(getattr(sub, "jaxpr", None), "eqns"):
+          yield from _avals(sub.jaxpr)
+
+
+def test_xla_path_never_forms_t_by_s(rand):
+  """No intermediate of the forward or backward has two axes as long as the sequence."""
+  n = 256
+  q, k, v = _qkv(rand, 1, n, n, 2, 1, 8)
+  diag = np.eye(n // 16, dtype=bool)[None, None]
+  idx = jnp.broadcast_to((jnp.arange(n) // 16)[None, :, None, None], (1, n, 1, 1)).astype(jnp.int32)
+  col = jnp.zeros((1, 2, 1), jnp.int32)
+  ops = {
+      "block_sparse": lambda impl: lambda q, k, v: block_sparse_attention(
+          q, k, v, diag, block_q=16, block_k=16, impl=impl),
+      "selected": lambda impl: lambda q, k, v: selected_block_attention(
+          q, k, v, idx, block_size=16, impl=impl),
+      "vertical_slash": lambda impl: lambda q, k, v: vertical_slash_attention(
+          q, k, v, col, col + jnp.arange(2)[None, None, :1], impl=impl),
+  }
+  for name, fn in ops.items():
+    for impl, want_dense in (("reference", True), ("xla", False)):
+      loss = lambda q, k, v: jnp.sum(fn(impl)(q, k, v) ** 2)
+      jaxpr = jax.make_jaxpr(jax.grad(loss, (0, 1, 2)))(q, k, v).jaxpr
+      dense = any(sum(d >= n for d in a.shape) >= 2 for a in _avals(jaxpr) if hasattr(a, "shape"))
+      assert dense == want_dense, f"{name} {impl}: forms a [T, S] array: {dense}"
+
+
+@pytest.mark.parametrize("t", [6, 11])  # T < S and T > S (the first rows see nothing)
+def test_patterns_by_hand(rand, t):
+  """Each pattern's mask written out with Python loops from its definition, the attention
+  done in numpy float64: an oracle shared with neither the reference nor the XLA path."""
+  s, h, d, c = 9, 2, 4, 3  # queries at positions s - t ... s - 1
+  q, k, v = (np.asarray(x, np.float64) for x in _qkv(rand, 1, t, s, h, 1, d))
+
+  def dense(mask):  # mask [H, T, S] -> o [1, T, H, D]
+    sc = np.einsum("thd,sd->hts", q[0], k[0, :, 0]) / np.sqrt(d)
+    sc = np.where(mask, sc, -np.inf)
+    mx = np.max(sc, -1, keepdims=True)
+    p = np.exp(sc - np.where(np.isfinite(mx), mx, 0))
+    p = p / np.maximum(p.sum(-1, keepdims=True), 1e-300)
+    return np.einsum("hts,sd->thd", p, v[0, :, 0])[None]
+
+  bm = np.array([[[1, 0, 1], [0, 1, 1]], [[0, 0, 0], [1, 1, 0]]], bool)[None]  # [1, H, 2, 3]
+  bm = np.resize(bm, (1, h, -(-t // c), 3))
+  sel = np.array([[2, 2, -1], [0, -1, 1], [1, 1, 1], [-1, -1, -1], [0, 2, 0], [2, 1, 0]])
+  sel = np.resize(sel, (t, 3))
+  vert = np.array([[[1, 1, 7]], [[-1, 4, 0]]]).reshape(1, h, 3)
+  slash = np.array([[[0, 2, 2]], [[-1, 5, 1]]]).reshape(1, h, 3)
+  want = {name: np.zeros((h, t, s), bool) for name in ("bs", "sel", "vs")}
+  for hh in range(h):
+    for i in range(t):
+      p = i + s - t
+      for j in range(s):
+        if j > p:
+          continue
+        want["bs"][hh, i, j] = bm[0, hh, i // c, j // c]
+        want["sel"][hh, i, j] = j // c in set(sel[i])
+        want["vs"][hh, i, j] = j in set(vert[0, hh]) or (p - j) in set(slash[0, hh])
+  cast = lambda x: jnp.asarray(x, jnp.float32)
+  args = tuple(map(cast, (q, k, v)))
+  sel_j = jnp.asarray(sel, jnp.int32)[None, :, None]
+  for impl in ["reference"] + IMPLS:
+    got = jax.jit(lambda q, k, v: {
+        "bs": block_sparse_attention(q, k, v, bm, block_q=c, block_k=c, impl=impl),
+        "sel": selected_block_attention(q, k, v, sel_j, block_size=c, impl=impl),
+        "vs": vertical_slash_attention(q, k, v, jnp.asarray(vert, jnp.int32),
+                                       jnp.asarray(slash, jnp.int32), impl=impl),
+    })(*args)
+    for name, mask in want.items():
+      assert_close(got[name], dense(mask), what=f"{name} {impl}")
