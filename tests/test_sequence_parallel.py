@@ -184,7 +184,10 @@ def _worker(names):
 @pytest.fixture(scope="session")
 def results(tmp_path_factory):
   """Runs every case once in a subprocess with 8 CPU devices; xdist workers share it."""
-  root = tmp_path_factory.getbasetemp().parent
+  # One session's folder: the xdist workers' common parent, else this run's own (never
+  # /tmp/pytest-of-USER itself, which would hand a stale result to later sessions).
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
   cache, lock = root / "sp_results.json", root / "sp_results.lock"
   with open(lock, "w") as f:
     fcntl.flock(f, fcntl.LOCK_EX)
