@@ -198,8 +198,8 @@ def main(argv=None) -> int:
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stop,
                    prefill_chunk=args.prefill_chunk)
     check_request(cfg, [tokens], **request)
-    mesh = sequence_mesh(args.sequence_parallel)
     check_sequence_parallel(cfg, args.sequence_parallel, args.sp_attention, args.sp_layout)
+    mesh = sequence_mesh(args.sequence_parallel)
     warn_streaming(read_config(workdir)[0], streaming, len(tokens) + args.max_new_tokens)
     model, _ = load_model(workdir, streaming)
     out = generate(model, [tokens], **request, mesh=mesh, sp_attention=args.sp_attention,

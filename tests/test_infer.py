@@ -184,12 +184,18 @@ def test_cli(tmp_path):
   cfg = C.override(C.load(str(ROOT / "tests" / "tiny_train_config.py")),
                    ["train.steps=2", "train.eval_every=100"])
   Trainer(cfg, tmp_path / "run").run()
-  run = lambda *a: subprocess.run([sys.executable, "-m", "longax.infer", *a], capture_output=True,
-                                  text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  run = lambda *a, **env: subprocess.run([sys.executable, "-m", "longax.infer", *a],
+                                         capture_output=True, text=True, timeout=300,
+                                         env=dict(os.environ, JAX_PLATFORMS="cpu", **env))
   r = run("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1,17,2,18,1",
           "--max-new-tokens", "4")
   assert r.returncode == 0, r.stderr
   assert len(r.stdout.strip().split(",")) == 4
+  # the prompt's first 4 tokens prefill over 2 devices (zigzag: 4 chunks of 1), the 5th by a step
+  sp = run("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1,17,2,18,1",
+           "--max-new-tokens", "4", "--sequence-parallel", "2", "--sp-layout", "zigzag",
+           XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  assert sp.returncode == 0 and sp.stdout == r.stdout, sp.stderr
   r2 = run("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1,17,2,18,1",
            "--max-new-tokens", "4", "--streaming", "1,2")
   assert r2.returncode == 0, r2.stderr
@@ -202,7 +208,11 @@ def test_cli(tmp_path):
                     (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1", "--streaming", "4"),
                      "--streaming expects SINKS,WINDOW"),
                     (("--workdir", str(tmp_path / "run"), "--prompt", "hi"), "needs a byte-level model"),
-                    (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1,500"), "outside [0, 32)")]:
+                    (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1,500"), "outside [0, 32)"),
+                    (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1", "--sequence-parallel", "2"),
+                     "--sequence-parallel=2: must divide the device count (1 cpu devices)"),
+                    (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1", "--sequence-parallel", "2",
+                      "--streaming", "1,4"), "cannot run the softmax layers: they have attention sinks")]:
     r = run(*args)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and msg in r.stderr, r.stderr
 
