@@ -209,10 +209,11 @@ def test_cli(tmp_path):
                      "--streaming expects SINKS,WINDOW"),
                     (("--workdir", str(tmp_path / "run"), "--prompt", "hi"), "needs a byte-level model"),
                     (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1,500"), "outside [0, 32)"),
-                    (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1", "--sequence-parallel", "2"),
+                    (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1", "--max-new-tokens", "4",
+                      "--sequence-parallel", "2"),
                      "--sequence-parallel=2: must divide the device count (1 cpu devices)"),
-                    (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1", "--sequence-parallel", "2",
-                      "--streaming", "1,4"), "cannot run the softmax layers: they have attention sinks")]:
+                    (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1", "--max-new-tokens", "4",
+                      "--sequence-parallel", "2", "--streaming", "1,4"), "cannot run the softmax layers: they have attention sinks")]:
     r = run(*args)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and msg in r.stderr, r.stderr
 
