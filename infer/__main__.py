@@ -5,6 +5,9 @@ continuation: text for byte-level models (data.task=text_bytes), token ids other
 Bad input (a flag out of range, no workdir, no checkpoint, a prompt the tokenizer can't
 encode or longer than the model takes) exits 2 with one line on stderr, before the model
 is loaded.
+
+`--sequence-parallel P` prefills the prompt sequence-parallel over P devices (a mesh
+data = devices / P, sequence = P; `--sp-attention`, `--sp-layout`), then decodes as usual.
 """
 
 from __future__ import annotations
@@ -42,6 +45,14 @@ def parse_args(argv):
                  help="decode softmax layers with a StreamingLLM rolling cache of SINKS + WINDOW "
                       "slots (constant memory, any length; tokens outside the window are "
                       "forgotten)")
+  p.add_argument("--sequence-parallel", type=int, default=1, metavar="P",
+                 help="prefill the prompt with its sequence split over P devices (ring / "
+                      "Ulysses attention, LASP-2); P must divide the device count; the first "
+                      "floor(T/P)*P tokens (zigzag: 2P) go in one pass, the rest by steps")
+  p.add_argument("--sp-attention", default="ring", choices=("ring", "ulysses"),
+                 help="attention scheme of the sequence-parallel prefill")
+  p.add_argument("--sp-layout", default="contiguous", choices=("contiguous", "zigzag"),
+                 help="how the prompt splits over the devices (zigzag balances causal work)")
   return p.parse_args(argv)
 
 
@@ -150,6 +161,22 @@ def warn_streaming(cfg_trained, streaming, total: int) -> None:
           f"first {sinks} and the last {window}", file=sys.stderr)
 
 
+def sequence_mesh(p: int):
+  """The mesh (data = devices / p, sequence = p) of --sequence-parallel p; None for p = 1."""
+  if p < 1:
+    raise UsageError(f"--sequence-parallel={p}: must be >= 1")
+  if p == 1:
+    return None
+  import jax
+  import numpy as np
+  from jax.sharding import Mesh
+  devices = jax.devices()
+  if len(devices) % p:
+    raise UsageError(f"--sequence-parallel={p}: must divide the device count "
+                     f"({len(devices)} {devices[0].platform} devices)")
+  return Mesh(np.asarray(devices).reshape(len(devices) // p, p), ("data", "sequence"))
+
+
 def _flag_error(e) -> str:
   """generate's FieldError, in the CLI's flag names (top_k -> --top-k)."""
   from longax.models.config import show
@@ -166,14 +193,17 @@ def main(argv=None) -> int:
     cfg, run = read_config(workdir, streaming)
     checkpoint_steps(workdir)
     tokens = encode(args, run, cfg.vocab_size)
-    from longax.infer.generate import check_request, generate
+    from longax.infer.generate import check_request, check_sequence_parallel, generate
     request = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stop,
                    prefill_chunk=args.prefill_chunk)
     check_request(cfg, [tokens], **request)
+    check_sequence_parallel(cfg, args.sequence_parallel, args.sp_attention, args.sp_layout)
+    mesh = sequence_mesh(args.sequence_parallel)
     warn_streaming(read_config(workdir)[0], streaming, len(tokens) + args.max_new_tokens)
     model, _ = load_model(workdir, streaming)
-    out = generate(model, [tokens], **request)[0]
+    out = generate(model, [tokens], **request, mesh=mesh, sp_attention=args.sp_attention,
+                   sp_layout=args.sp_layout)[0]
   except FieldError as e:
     print(f"error: {_flag_error(e)}", file=sys.stderr)
     return 2

@@ -10,6 +10,14 @@
   kept as its last token). Cache length is bucketed to a multiple of 64: the loop compiles
   once per (batch, bucket, sampling settings), not per call.
 - `mesh`: parameters lie by `models.sharding` (fsdp / tensor), the batch over `data`.
+- Sequence-parallel prefill (long prompts): a mesh with a `sequence` axis of size P > 1
+  runs each prompt's first floor(T / P) * P tokens (zigzag: 2P) in one pass through the SP
+  ops (`layers.sequence`: ring or Ulysses attention, LASP-2, convs with left context),
+  which fill the same caches a single-device prefill would; the < P (2P) tokens left go
+  through single-token steps, so any length works, unpadded. One compile per prefix
+  length. A prompt too short for every chunk to hold a short conv's reach (d_conv - 1
+  tokens) prefills as without the axis. The batch is replicated over data / fsdp during
+  the SP pass (each prompt prefills alone), then decoding runs as without the axis.
 - Length: a model with a full-attention layer (softmax / sigmoid without `attention.window`)
   takes at most `cfg.max_len` tokens, prompt + new: its KV cache holds max_len positions
   (beyond them it would wrap and silently forget) and sigmoid attention's bias is
@@ -28,10 +36,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from longax.kernels.sequence_parallel import to_zigzag
+from longax.layers.sequence import ATTENTION, SequenceParallel, sequence_parallel
 from longax.models.config import FieldError, at_least, number
 from longax.models.sharding import shardings
 
 BUCKET = 64
+LAYOUTS = ("contiguous", "zigzag")
+CONV_MIXERS = ("mamba", "mamba2")
 _RULES = dict(max_new_tokens=at_least(1), temperature=number(0), top_k=at_least(1, none=True),
               top_p=number(0, 1, lo_open=True, none=True), prefill_chunk=at_least(1),
               seed=lambda v: None if isinstance(v, int) and not isinstance(v, bool) else "must be an int")
@@ -78,6 +90,42 @@ def check_request(cfg, prompts, *, max_new_tokens: int, temperature: float = 0.0
                      owner="generate: ")
 
 
+def sequence_axis(mesh: Mesh | None) -> int:
+  """The size of `mesh`'s `sequence` axis (1 without one)."""
+  return 1 if mesh is None else dict(zip(mesh.axis_names, mesh.devices.shape)).get("sequence", 1)
+
+
+def check_sequence_parallel(cfg, p: int, attention: str = "ring",
+                            layout: str = "contiguous") -> None:
+  """A sequence-parallel prefill over p devices of `cfg`'s model, checked before any work:
+  ValueError (FieldError naming sp_attention / sp_layout) for what it cannot run."""
+  if attention not in ATTENTION:
+    raise FieldError("sp_attention", attention, f"must be one of {', '.join(ATTENTION)}",
+                     owner="generate: ")
+  if layout not in LAYOUTS:
+    raise FieldError("sp_layout", layout, f"must be one of {', '.join(LAYOUTS)}", owner="generate: ")
+  if p <= 1:
+    return
+  a, mixers = cfg.attention, set(cfg.layer_mixers)
+  full = {"softmax", "sigmoid"} & mixers
+  if full and (a.sinks or a.softcap is not None):
+    raise ValueError(f"generate: a sequence-parallel prefill (sequence axis {p}) cannot run the "
+                     f"{'/'.join(sorted(full))} layers: they have attention sinks or a softcap "
+                     f"(sinks={a.sinks}, softcap={a.softcap}), which ring and Ulysses attention "
+                     "do not take (--streaming adds sinks)")
+  if attention == "ulysses" and full | ({"based"} & mixers):
+    if cfg.n_heads % p:
+      raise FieldError("sp_attention", attention, f"needs model.n_heads={cfg.n_heads} divisible "
+                       f"by the sequence axis {p} (it splits the heads): use ring", owner="generate: ")
+    if full and cfg.kv_heads % p and p % cfg.kv_heads:
+      raise FieldError("sp_attention", attention, f"needs model.n_kv_heads={cfg.kv_heads} to "
+                       f"divide or be divisible by the sequence axis {p}: use ring", owner="generate: ")
+
+
+def _conv_reach(cfg) -> int:
+  return max([getattr(cfg, m).d_conv - 1 for m in CONV_MIXERS if m in cfg.layer_mixers] + [1])
+
+
 def sample(logits, key, temperature: float, top_k: int | None, top_p: float | None):
   """logits [B, V] float32 -> tokens [B]. temperature 0: greedy."""
   if temperature == 0.0:
@@ -101,6 +149,30 @@ def sample(logits, key, temperature: float, top_k: int | None, top_p: float | No
 def _feed(model, tokens, cache):
   logits, cache = model.decode(tokens, cache)
   return logits[:, -1], cache
+
+
+@functools.partial(nnx.jit, static_argnames=("sp", "last"))
+def _feed_sp(model, tokens, cache, *, sp, last):
+  with sequence_parallel(sp):
+    logits, cache = model.decode(tokens, cache, logits_at=last)
+  return logits[:, -1], cache
+
+
+def _prefill_sp(model, prompt: list[int], cache_len: int, chunk: int, sp: SequenceParallel):
+  """The first floor(T / parts) * parts tokens in one sequence-parallel pass, the rest in
+  single-token steps; as `_prefill` where the prompt is too short."""
+  parts = sp.size * (2 if sp.layout == "zigzag" else 1)
+  n = len(prompt) // parts * parts
+  if n == 0 or n // parts < _conv_reach(model.cfg):
+    return _prefill(model, prompt, cache_len, chunk)
+  tokens = jnp.asarray(prompt, jnp.int32)[None]
+  head = to_zigzag(tokens[:, :n], sp.size) if sp.layout == "zigzag" else tokens[:, :n]
+  head = jax.device_put(head, NamedSharding(sp.mesh, P(None, sp.axis)))
+  last = int(np.argmax(np.asarray(sp.positions(n)) == n - 1))  # token n-1 in the layout
+  logits, cache = _feed_sp(model, head, model.init_cache(1, cache_len), sp=sp, last=last)
+  for s in range(n, len(prompt)):
+    logits, cache = _feed(model, tokens[:, s:s + 1], cache)
+  return logits, cache
 
 
 def _prefill(model, prompt: list[int], cache_len: int, chunk: int):
@@ -142,20 +214,29 @@ def _decode_loop(model, cache, logits, key, stop, *, max_new, temperature, top_k
 
 def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             stop_tokens=(), prefill_chunk: int = 64, mesh: Mesh | None = None) -> list[list[int]]:
+             stop_tokens=(), prefill_chunk: int = 64, mesh: Mesh | None = None,
+             sp_attention: str = "ring", sp_layout: str = "contiguous") -> list[list[int]]:
   """Continues each prompt (a list of token ids); returns the new tokens per prompt.
   Prompt + max_new_tokens may not exceed `model.cfg.max_len` when a layer keeps a full KV
-  cache (see the module docstring); a bad argument raises ValueError before any work."""
+  cache (see the module docstring); a bad argument raises ValueError before any work.
+  A `mesh` with a `sequence` axis > 1 prefills sequence-parallel, with `sp_attention`
+  (ring | ulysses) and `sp_layout` (contiguous | zigzag), as `train.sp_*`."""
   prompts = [list(map(int, p)) for p in prompts]
   stop_tokens = [int(t) for t in stop_tokens]
   check_request(model.cfg, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                 top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens,
                 prefill_chunk=prefill_chunk)
+  p = sequence_axis(mesh)
+  check_sequence_parallel(model.cfg, p, sp_attention, sp_layout)
   if mesh is not None:  # a sharded copy; the caller's model stays where it is
     graphdef, state = nnx.split(model)
     model = nnx.merge(graphdef, jax.device_put(state, shardings(state, mesh)))
   cache_len = -(-(max(map(len, prompts)) + max_new_tokens) // BUCKET) * BUCKET
-  rows = [_prefill(model, p, cache_len, prefill_chunk) for p in prompts]
+  if p > 1:  # each prompt prefills alone: its batch of 1 is replicated over data / fsdp
+    sp = SequenceParallel(mesh, sp_attention, sp_layout, batch_axes=())
+    rows = [_prefill_sp(model, x, cache_len, prefill_chunk, sp) for x in prompts]
+  else:
+    rows = [_prefill(model, x, cache_len, prefill_chunk) for x in prompts]
   logits = jnp.concatenate([r[0] for r in rows])
   cache = jax.tree.map(lambda *xs: jnp.concatenate(xs), *[r[1] for r in rows])
   if mesh is not None and len(prompts) % mesh.shape.get("data", 1) == 0:

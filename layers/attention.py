@@ -10,7 +10,7 @@ from einops import rearrange
 from flax import nnx
 
 from longax import kernels
-from longax.layers.cache import attend_cached, init_kv_cache, kv_slots, positions_of
+from longax.layers.cache import attend_cached, init_kv_cache, kv_slots, positions_of, write_kv
 from longax.layers import sequence
 from longax.layers.common import RMSNorm, dense, rope
 
@@ -60,18 +60,21 @@ class Attention(nnx.Module):
 
   def __call__(self, x, cache=None, pos=0, segment_ids=None):
     """x: [B, T, d_model]; with a cache, x holds the tokens at positions pos..pos+T-1;
-    segment_ids [B, T] (no cache) keep packed documents apart. Returns (y, new cache)."""
+    segment_ids [B, T] (no cache) keep packed documents apart. Returns (y, new cache).
+    Inside a sequence-parallel context a cache is taken as fresh: a prefill from 0."""
     t = x.shape[1]
     q = rearrange(self.q(x), "b t (h d) -> b t h d", d=self.hd)
     k = rearrange(self.k(x), "b t (h d) -> b t h d", d=self.hd)
     v = rearrange(self.v(x), "b t (h d) -> b t h d", d=self.hd)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    sp = sequence.active() if cache is None else None
+    sp = sequence.active()
     positions = positions_of(pos, t) if sp is None else sp.positions(t)
     q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
     if sp is not None:
       o = self._attend_sp(sp, q, k, v, segment_ids)
+      if cache is not None:  # the zigzag order needs no undoing: slots follow positions
+        cache = write_kv(cache, k, v, positions, self.sinks)
     elif cache is None:
       o = self._attend(q, k, v, segment_ids=segment_ids)
     else:

@@ -43,8 +43,7 @@ def attend_cached(attend, q, k, v, cache: dict, positions, sinks: int = 0):
   writes may evict keys its earlier tokens still see.
   """
   positions = jnp.broadcast_to(positions, k.shape[:2]).astype(jnp.int32)
-  write = jax.vmap(functools.partial(_write, sinks=sinks))
-  k_c, v_c, p_c = write(cache["k"], cache["v"], cache["pos"], k, v, positions)
+  k_c, v_c, p_c = _write_rows(cache, k, v, positions, sinks)
   if k.shape[1] == 1:  # no O(cache) concatenation per decoded token
     return attend(q, k_c, v_c, q_positions=positions, kv_positions=p_c), dict(k=k_c, v=v_c, pos=p_c)
   keys = jnp.concatenate([cache["k"], k.astype(cache["k"].dtype)], axis=1)
@@ -54,13 +53,27 @@ def attend_cached(attend, q, k, v, cache: dict, positions, sinks: int = 0):
   return o, dict(k=k_c, v=v_c, pos=p_c)
 
 
+def write_kv(cache: dict, k, v, positions, sinks: int = 0) -> dict:
+  """The cache with k, v [B, T, Hkv, D] of the tokens at `positions` ([T] or [B, T], in any
+  order, no repeats) written into their slots; no attention (a sequence-parallel prefill
+  fills a fresh cache this way)."""
+  positions = jnp.broadcast_to(positions, k.shape[:2]).astype(jnp.int32)
+  return dict(zip(("k", "v", "pos"), _write_rows(cache, k, v, positions, sinks)))
+
+
+def _write_rows(cache, k, v, positions, sinks):
+  write = jax.vmap(functools.partial(_write, sinks=sinks))
+  return write(cache["k"], cache["v"], cache["pos"], k, v, positions)
+
+
 def _write(k_c, v_c, p_c, k, v, positions, sinks):
   """One row: k_c, v_c [slots, Hkv, D], p_c [slots]; k, v [T, Hkv, D]; positions [T]."""
   slots = p_c.shape[0]
   ring = slots - sinks
   # Keep the sinks and the last `ring` tokens; drop the rest (their slot would be
-  # written twice in one scatter, whose order is undefined).
-  keep = (positions < sinks) | (positions > positions[-1] - ring)
+  # written twice in one scatter, whose order is undefined). The newest position is the
+  # last one, except in a sequence-parallel prefill's zigzag order: hence the max.
+  keep = (positions < sinks) | (positions > jnp.max(positions) - ring)
   slot = jnp.where(positions < sinks, positions, sinks + (positions - sinks) % ring)
   slot = jnp.where(keep, slot, slots)  # out of range: dropped
   return (k_c.at[slot].set(k.astype(k_c.dtype), mode="drop"),

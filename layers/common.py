@@ -67,16 +67,21 @@ class ShortConv(nnx.Module):
 
   def __call__(self, x, state=None, segment_ids=None):
     """x: [B, T, C]; state: [B, K-1, C] or None (zeros); segment_ids [B, T]: taps never
-    reach into another document. Returns (y, new state). Under sequence parallelism (no
-    state) each device's left context comes from the previous shard; the new state is None."""
+    reach into another document. Returns (y, new state). Under sequence parallelism each
+    device's left context comes from the previous shard; a state is taken as fresh (zeros:
+    a prefill) and the new one is the last K-1 inputs, None without a state."""
     from longax.layers import sequence
     b, t, c = x.shape
     k = self.kernel
     w = self.weight[...]
     bias = () if self.bias is None else (self.bias[...],)
-    sp = sequence.active() if state is None and k > 1 else None
+    sp = sequence.active() if k > 1 else None
     if sp is not None:
-      return sp.conv(causal_conv, x, segment_ids, k - 1, (w, *bias)), None
+      y = sp.conv(causal_conv, x, segment_ids, k - 1, (w, *bias))
+      if state is None:
+        return y, None
+      tail = sp.last_tokens(x, min(k - 1, t))
+      return y, jnp.concatenate([jnp.zeros_like(state, x.dtype), tail], axis=1)[:, -(k - 1):]
     if state is None:
       state = jnp.zeros((b, k - 1, c), x.dtype)
     state_seg = None if segment_ids is None else jnp.full((b, k - 1), -1, segment_ids.dtype)

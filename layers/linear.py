@@ -91,7 +91,7 @@ class LinearAttention(nnx.Module):
     if self.variant == "lightning":
       q, k = jax.nn.silu(q), jax.nn.silu(k)
     elif self.variant == "retnet":
-      sp = sequence.active() if cache is None else None
+      sp = sequence.active()
       positions = positions_of(pos, t) if sp is None else sp.positions(t)
       q, k = rope(q, positions), rope(k, positions)
     elif self.variant == "gla":
@@ -123,8 +123,8 @@ class LinearAttention(nnx.Module):
       o, state = kernels.linear_attention_step(q[:, 0], k[:, 0], v[:, 0], cache["state"], g,
                                                scale=scale)
       return o[:, None], state
-    sp = sequence.active() if cache is None else None
-    if sp is not None:
+    sp = sequence.active()
+    if sp is not None:  # with a cache: a prefill from a fresh state (layers/sequence.py)
       return sp.linear_attention(q, k, v, log_decay, segment_ids, scale=scale,
                                  chunk_size=self.chunk_size, impl=self.impl)
     return kernels.linear_attention(

@@ -8,6 +8,11 @@ sequence, and the `shard_map` around it. Models never see it.
 Activations keep the global view `[B, T, ...]` (T in the layout's order, sharded over the
 `sequence` axis, the batch over `data x fsdp`); `call` runs a kernel of
 `kernels.sequence_parallel` on each device's part.
+
+A mixer called with a decode cache inside the context runs a sequence-parallel *prefill*:
+it takes the cache as fresh (position 0), runs the SP ops over the whole sequence and
+returns the cache a single-device prefill would (KV slots, final linear / SSM states, conv
+tails). `infer.generate` does this for long prompts.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class SequenceParallel:
   attention: str = "ring"  # ring | ulysses
   layout: str = "contiguous"  # contiguous | zigzag
   axis: str = "sequence"
+  batch_axes: tuple = BATCH_AXES  # the batch splits over those of these the mesh has; () replicates it
 
   @property
   def size(self) -> int:
@@ -39,7 +45,7 @@ class SequenceParallel:
 
   def _specs(self):
     """(spec of [B, T, ...] arrays, spec of [B, ...] arrays replicated over the sequence)."""
-    batch = tuple(a for a in BATCH_AXES if a in self.mesh.axis_names) or None
+    batch = tuple(a for a in self.batch_axes if a in self.mesh.axis_names) or None
     return P(batch, self.axis), P(batch)
 
   def call(self, fn, tokens: tuple, params: tuple = (), out_tokens=True):
@@ -55,6 +61,14 @@ class SequenceParallel:
     """Global positions of the [T] tokens of the global view (zigzag: permuted)."""
     pos = jnp.arange(t, dtype=jnp.int32)
     return sp_kernels.to_zigzag(pos, self.size, axis=0) if self.layout == "zigzag" else pos
+
+  def last_tokens(self, x, n: int):
+    """The last n tokens (in sequence order) of global-view x [B, T, ...]; n at most a
+    local chunk (T/P, zigzag T/2P): the tail a short conv's decode state keeps."""
+    if self.layout != "zigzag":
+      return x[:, x.shape[1] - n:]
+    c = x.shape[1] // (2 * self.size)  # the last chunk is the second on device 0
+    return x[:, 2 * c - n:2 * c]
 
   def kw(self) -> dict:
     return dict(axis_name=self.axis, layout=self.layout)

@@ -66,7 +66,7 @@ class Mamba(nnx.Module):
       y, h = kernels.selective_scan_step(xi[:, 0], dt[:, 0], a, b[:, 0], c[:, 0], cache["ssm"],
                                          z_t=z[:, 0], **kw)
       y = y[:, None]
-    elif cache is None and sequence.active() is not None:
+    elif sequence.active() is not None:  # with a cache: a prefill from a fresh state
       y, h = sequence.active().selective_scan(xi, dt, a, b, c, z, kw["D"], kw["delta_bias"],
                                               segment_ids, delta_softplus=True,
                                               chunk_size=self.chunk_size, impl=self.impl)
@@ -126,7 +126,7 @@ class Mamba2(nnx.Module):
       y, h = kernels.ssd_step(xs[:, 0], dt[:, 0], a, b[:, 0], c[:, 0], cache["ssm"],
                               D=self.D[...])
       y = y[:, None]
-    elif cache is None and sequence.active() is not None:
+    elif sequence.active() is not None:  # with a cache: a prefill from a fresh state
       y, h = sequence.active().ssd(xs, dt, a, b, c, self.D[...], segment_ids,
                                    chunk_size=self.chunk_size, impl=self.impl)
     else:

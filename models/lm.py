@@ -107,15 +107,18 @@ class LM(nnx.Module):
     return dict(pos=jnp.zeros((batch,), jnp.int32),
                 layers=[block.mixer.init_cache(batch, max_len) for block in self.blocks])
 
-  def decode(self, tokens, cache: dict):
+  def decode(self, tokens, cache: dict, *, logits_at: int | None = None):
     """Feeds tokens [B, t] that follow the cache (each row at its own position,
-    cache["pos"] [B]); returns (logits [B, t, V], new cache)."""
+    cache["pos"] [B]); returns (logits [B, t, V], new cache). `logits_at`: only token
+    logits_at's logits, [B, 1, V] (a long prefill needs no [B, t, V])."""
     pos = cache["pos"]
     x = self.embed(tokens)
     layers = []
     for block, layer_cache in zip(self.blocks, cache["layers"]):
       x, layer_cache = block(x, layer_cache, pos)
       layers.append(layer_cache)
+    if logits_at is not None:
+      x = jax.lax.slice_in_dim(x, logits_at, logits_at + 1, axis=1)
     return self._logits(x), dict(pos=pos + tokens.shape[1], layers=layers)
 
 

@@ -1,7 +1,9 @@
 """Generation: greedy equals the full forward, stop tokens, sampling, sharding, the CLI."""
 
+import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -11,7 +13,7 @@ import pytest
 from flax import nnx
 
 from longax.infer import generate
-from longax.models import LM, AttentionConfig, LMConfig, Mamba2Config
+from longax.models import LM, AttentionConfig, LinearConfig, LMConfig, Mamba2Config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [9, 8, 7], list(range(10, 30))]
@@ -102,18 +104,98 @@ def test_sharded_generation_equals_one_device():
   assert outs[0] == outs[1]
 
 
+SEQUENCE_PARALLEL = """
+import importlib, sys, json, jax, numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+sys.path.insert(0, {tests!r})
+from conftest import rel_err
+from test_infer import SP_CONFIG, SP_PROMPTS
+from longax.models import LM
+from longax.models.sharding import shardings
+G = importlib.import_module("longax.infer.generate")
+model = LM(SP_CONFIG, rngs=nnx.Rngs(0))
+out = dict(one=G.generate(model, SP_PROMPTS, max_new_tokens=4, prefill_chunk=8))
+refs = [G._prefill(model, x, 64, 8) for x in SP_PROMPTS]
+for p, attention, layout in [(8, "ring", "contiguous"), (4, "ulysses", "zigzag")]:
+  mesh = Mesh(np.asarray(jax.devices()).reshape(8 // p, p), ("data", "sequence"))
+  graphdef, state = nnx.split(model)  # on the mesh as generate puts it (one compile)
+  sharded = nnx.merge(graphdef, jax.device_put(state, shardings(state, mesh)))
+  sp = G.SequenceParallel(mesh, attention, layout, batch_axes=())
+  errs, exact = [], True
+  for x, ref in zip(SP_PROMPTS, refs):
+    got = G._prefill_sp(sharded, x, 64, 8, sp)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+      if np.issubdtype(np.asarray(b).dtype, np.integer):
+        exact &= bool(np.array_equal(a, b))
+      else:
+        errs.append(rel_err(a, b))
+  tokens = G.generate(model, SP_PROMPTS, max_new_tokens=4, prefill_chunk=8, mesh=mesh,
+                      sp_attention=attention, sp_layout=layout)
+  out[f"{{attention}}-{{layout}}"] = dict(tokens=tokens, err=max(errs), positions_equal=exact,
+                                         leaves=len(errs))
+print(json.dumps(out))
+"""
+# Every mixer family with a decode cache: SSD (conv + state), GLA (per-key decay), sigmoid
+# (full KV cache, GQA), Mamba-1 (conv + state), Based (state + a windowed KV ring of 8 slots,
+# fewer than the prompt). Prompts of 32 tokens (all in the SP pass) and 37 (32 + 5 steps).
+SP_CONFIG = tiny(n_layers=5, mixer="mamba2", layer_pattern=("mamba2", "gla", "sigmoid", "mamba", "based"),
+                 linear=LinearConfig(chunk_size=8, feature_dim=4, based_window=8))
+SP_PROMPTS = [[(7 * i + 3) % 40 for i in range(32)], [(5 * i + 1) % 40 for i in range(37)]]
+
+
+def test_sequence_parallel_prefill_equals_one_device():
+  """8 simulated devices: sequence 8 (ring, contiguous) and data 2 x sequence 4 (Ulysses,
+  zigzag): the caches and logits of the SP prefill and the generated tokens equal one
+  device's."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  r = subprocess.run([sys.executable, "-c", SEQUENCE_PARALLEL.format(tests=str(ROOT / "tests"))],
+                     env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  for name in ("ring-contiguous", "ulysses-zigzag"):
+    got = out[name]
+    assert got["tokens"] == out["one"], name
+    assert got["positions_equal"] and got["leaves"] > 10, name
+    assert got["err"] <= 1e-5, f"{name}: caches / logits differ by {got['err']:.2g}"
+
+
+@pytest.mark.parametrize("kw,p,msg", [
+    (dict(attention=AttentionConfig(window=6, sinks=2)), 2,
+     "cannot run the softmax layers: they have attention sinks or a softcap"),
+    (dict(attention=AttentionConfig(softcap=30.0), layer_pattern=("mamba2", "softmax")), 2,
+     "(sinks=0, softcap=30.0)"),
+    (dict(n_heads=4, n_kv_heads=2), 8, "sp_attention='ulysses': needs model.n_heads=4 divisible by the sequence axis 8"),
+    (dict(n_heads=6, n_kv_heads=3, attention=AttentionConfig(head_dim=8)), 2,
+     "needs model.n_kv_heads=3 to divide or be divisible by the sequence axis 2"),
+])
+def test_sequence_parallel_errors(kw, p, msg):
+  from longax.infer.generate import check_sequence_parallel
+  with pytest.raises(ValueError, match=re.escape(msg)):
+    check_sequence_parallel(tiny(**kw), p, "ulysses" if "heads" in msg else "ring")
+  check_sequence_parallel(tiny(**kw), 1, "ring")  # no sequence axis: nothing to check
+  with pytest.raises(ValueError, match="sp_layout='zig': must be one of contiguous, zigzag"):
+    check_sequence_parallel(tiny(), 2, "ring", "zig")
+
+
 def test_cli(tmp_path):
   from longax.train import Trainer
   from longax.train import config as C
   cfg = C.override(C.load(str(ROOT / "tests" / "tiny_train_config.py")),
                    ["train.steps=2", "train.eval_every=100"])
   Trainer(cfg, tmp_path / "run").run()
-  run = lambda *a: subprocess.run([sys.executable, "-m", "longax.infer", *a], capture_output=True,
-                                  text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  run = lambda *a, **env: subprocess.run([sys.executable, "-m", "longax.infer", *a],
+                                         capture_output=True, text=True, timeout=300,
+                                         env=dict(os.environ, JAX_PLATFORMS="cpu", **env))
   r = run("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1,17,2,18,1",
           "--max-new-tokens", "4")
   assert r.returncode == 0, r.stderr
   assert len(r.stdout.strip().split(",")) == 4
+  # the prompt's first 4 tokens prefill over 2 devices (zigzag: 4 chunks of 1), the 5th by a step
+  sp = run("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1,17,2,18,1",
+           "--max-new-tokens", "4", "--sequence-parallel", "2", "--sp-layout", "zigzag",
+           XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  assert sp.returncode == 0 and sp.stdout == r.stdout, sp.stderr
   r2 = run("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1,17,2,18,1",
            "--max-new-tokens", "4", "--streaming", "1,2")
   assert r2.returncode == 0, r2.stderr
@@ -126,7 +208,12 @@ def test_cli(tmp_path):
                     (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1", "--streaming", "4"),
                      "--streaming expects SINKS,WINDOW"),
                     (("--workdir", str(tmp_path / "run"), "--prompt", "hi"), "needs a byte-level model"),
-                    (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1,500"), "outside [0, 32)")]:
+                    (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1,500"), "outside [0, 32)"),
+                    (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1", "--max-new-tokens", "4",
+                      "--sequence-parallel", "2"),
+                     "--sequence-parallel=2: must divide the device count (1 cpu devices)"),
+                    (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1", "--max-new-tokens", "4",
+                      "--sequence-parallel", "2", "--streaming", "1,4"), "cannot run the softmax layers: they have attention sinks")]:
     r = run(*args)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and msg in r.stderr, r.stderr
 

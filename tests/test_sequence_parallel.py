@@ -114,34 +114,34 @@ def _case(name):
 
 
 def _errors(name):
-  """[forward error(s)..., gradient errors...] of one case."""
+  """[forward error(s)..., gradient errors...] of one case. The zigzag permutation happens
+  on the host (numpy): permuting sharded arrays inside jit costs seconds of SPMD compile."""
   from jax.sharding import Mesh, PartitionSpec as Ps
   from conftest import rel_err
   from longax.kernels import sequence_parallel as SP
   sp_fn, ref_fn, args, argnums = _case(name)
-  zig = name.endswith("zigzag")
   per_token = lambda a: a is not None and a.ndim >= 2 and a.shape[:2] == (B, T)
-  perm = lambda a, f: f(a, P_DEV) if per_token(a) else a
+  order = np.arange(T)
+  if name.endswith("zigzag"):
+    order = np.asarray(SP.to_zigzag(order[None], P_DEV))[0]
+  to_sp = lambda a: np.take(np.asarray(a), order, axis=1) if per_token(a) else a
+  from_sp = lambda a: np.take(np.asarray(a), np.argsort(order), axis=1) if per_token(a) else a
   mesh = Mesh(np.asarray(jax.devices()[:P_DEV]), ("sp",))
   specs = tuple(Ps(None, "sp") if per_token(a) else Ps() for a in args)
   out_tree = jax.eval_shape(ref_fn, *args)
   out_specs = jax.tree.map(lambda a: Ps(None, "sp") if a.shape[:2] == (B, T) else Ps(), out_tree)
   sm = jax.shard_map(sp_fn, mesh=mesh, in_specs=specs, out_specs=out_specs)
+  keys = jax.random.split(jax.random.key(7), len(jax.tree.leaves(out_tree)))
+  proj = [np.asarray(jax.random.normal(k_, x.shape)) for k_, x in zip(keys, jax.tree.leaves(out_tree))]
 
-  def both(fn):  # forward, and gradients of <out, R> for fixed random projections R
-    def loss(*a):
-      leaves = jax.tree.leaves(fn(*a))
-      keys = jax.random.split(jax.random.key(7), len(leaves))
-      return sum(jnp.vdot(jax.random.normal(kk, x.shape), x) for kk, x in zip(keys, leaves))
-    return jax.jit(lambda *a: (fn(*a), jax.grad(loss, argnums=argnums)(*a)))
+  def both(fn, a, r):  # forward, and gradients of <out, R> for fixed random projections R
+    loss = lambda *a: sum(jnp.vdot(r_, x) for r_, x in zip(r, jax.tree.leaves(fn(*a))))
+    return fn(*a), jax.grad(loss, argnums=argnums)(*a)
 
-  def natural(*a):  # the SP op on whole arrays in sequence order (zigzag: permuted around it)
-    if not zig:
-      return sm(*a)
-    return jax.tree.map(lambda y: perm(y, SP.from_zigzag), sm(*(perm(x, SP.to_zigzag) for x in a)))
-
-  got, g_got = both(natural)(*args)
-  want, g_want = both(ref_fn)(*args)
+  # One program for both sides: the SP op in its layout's order, the op on the whole sequence.
+  run = jax.jit(lambda a_sp, r_sp, a, r: (both(sm, a_sp, r_sp), both(ref_fn, a, r)))
+  (got, g_got), (want, g_want) = run(tuple(map(to_sp, args)), [to_sp(r) for r in proj], args, proj)
+  got, g_got = jax.tree.map(from_sp, got), [from_sp(g) for g in g_got]
   pairs = list(zip(jax.tree.leaves(got), jax.tree.leaves(want))) + list(zip(g_got, g_want))
   return [rel_err(a, b) for a, b in pairs]
 
@@ -184,7 +184,10 @@ def _worker(names):
 @pytest.fixture(scope="session")
 def results(tmp_path_factory):
   """Runs every case once in a subprocess with 8 CPU devices; xdist workers share it."""
-  root = tmp_path_factory.getbasetemp().parent
+  # One session's folder: the xdist workers' common parent, else this run's own (never
+  # /tmp/pytest-of-USER itself, which would hand a stale result to later sessions).
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
   cache, lock = root / "sp_results.json", root / "sp_results.lock"
   with open(lock, "w") as f:
     fcntl.flock(f, fcntl.LOCK_EX)
