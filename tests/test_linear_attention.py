@@ -259,3 +259,10 @@ def test_step_with_time_axis_takes_one_token(rand):
   q, k, v = _inputs(rand, (2, 3, 4, 2, 8, 8, 0))
   with pytest.raises(ValueError, match="`q_t` must hold one token, got shape \\(2, 3, 4, 8\\)"):
     linear_attention_step(q, k, v, jnp.zeros((2, 4, 8, 8)))
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the CPU answer")
+def test_linear_pallas_benchmark_off_gpu_is_one_line():
+  from longax.benchmarks import linear_pallas
+  with pytest.raises(SystemExit, match="needs a Hopper GPU"):
+    linear_pallas.main(["--shapes", "1,128,2,64"])
