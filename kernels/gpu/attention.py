@@ -32,6 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from longax.kernels.gpu import not_on_hopper
 from longax.kernels.visibility import key_blocks, query_blocks, visible_pairs
 
 LOG2E = math.log2(math.e)
@@ -798,14 +799,8 @@ def unsupported(call: dict) -> str | None:
   """Why the kernel does not take this call (None: it does). `auto` asks this; under
   impl="pallas" the reason is the error message."""
   q, k, v, spec = call["q"], call["k"], call["v"], call["spec"]
-  if call.get("backend", jax.default_backend()) != "gpu":
-    return f"the Mosaic GPU kernel needs a GPU backend, not {call.get('backend', jax.default_backend())!r}"
-  try:
-    cc = getattr(jax.devices()[0], "compute_capability", "")
-  except RuntimeError:
-    cc = ""
-  if not str(cc).startswith("9"):
-    return f"the Mosaic GPU kernel needs a Hopper GPU (compute capability 9.x), got {cc!r}"
+  if (why := not_on_hopper(call)) is not None:
+    return why
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     return f"dtype {q.dtype} (the kernel takes bfloat16 and float16)"
   if q.shape[-1] not in TUNED:

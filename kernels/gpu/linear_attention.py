@@ -40,6 +40,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from longax.kernels.gpu import not_on_hopper
+
 LOG2E = math.log2(math.e)
 C = 64  # tokens per chunk: the M of every wgmma tile
 BV = 64  # value columns per CTA
@@ -894,18 +896,11 @@ def chunk_log2_decay(g, tp: int):
 def unsupported(call: dict) -> str | None:
   """Why the kernel does not take this call (None: it does). A call without arrays (ssd
   asking whether the impl exists) is judged when linear_attention makes it."""
-  backend = call.get("backend", jax.default_backend())
   if "q" not in call:
     return None
-  q, v, g = call["q"], call["v"], call.get("g")
-  if backend != "gpu":
-    return f"the Mosaic GPU kernel needs a GPU backend, not {backend!r}"
-  try:
-    cc = getattr(jax.devices()[0], "compute_capability", "")
-  except RuntimeError:
-    cc = ""
-  if not str(cc).startswith("9"):
-    return f"the Mosaic GPU kernel needs a Hopper GPU (compute capability 9.x), got {cc!r}"
+  q, v = call["q"], call["v"]
+  if (why := not_on_hopper(call)) is not None:
+    return why
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     return f"dtype {q.dtype} (the kernel takes bfloat16 and float16)"
   if q.shape[-1] not in HEAD_DIMS or v.shape[-1] not in HEAD_DIMS:

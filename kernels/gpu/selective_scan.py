@@ -45,6 +45,8 @@ from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, memref, vector
 
+from longax.kernels.gpu import not_on_hopper
+
 CHUNK = 16  # tokens per TMA tile (and per saved state)
 BLOCK_D = 128  # channels per CTA: one per thread of the warpgroup
 STAGES = 3  # forward TMA ring depth
@@ -568,18 +570,9 @@ def _scan_bwd(cfg, l, res, cts):
 _scan.defvjp(_scan_fwd, _scan_bwd)
 
 
-def _on_hopper(call) -> bool:
-  if call.get("backend") != "gpu":
-    return False
-  try:
-    return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
-  except RuntimeError:  # pragma: no cover
-    return False
-
-
 def unsupported(call: dict) -> str | None:
   """None where the GPU tests cover the call, else the reason."""
-  if not _on_hopper(call):
+  if not_on_hopper(call) is not None:
     return "the Mosaic GPU selective scan needs a Hopper GPU (sm_90)"
   u, A = call["u"], call["A"]
   if u.shape[-1] % BLOCK_D:
