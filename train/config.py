@@ -209,22 +209,29 @@ def mesh_sizes(mcfg: MeshConfig, n_devices: int | None = None) -> dict[str, int]
   return sizes
 
 
-def load(path: str | pathlib.Path) -> ExperimentConfig:
-  """Runs a config file's `get_config()`; any failure is one line naming the file."""
+def call_file(path: str | pathlib.Path, fn: str, what: str):
+  """Runs a Python file's `fn()` (a config's get_config, a sweep's get_sweep) and returns its
+  result; a missing file, a missing function or any exception is one ConfigError line naming
+  the file."""
   path = pathlib.Path(path)
   if not path.is_file():
-    raise ConfigError(f"config file not found: {path}")
-  spec = importlib.util.spec_from_file_location(f"longax_config_{path.stem}", path)
+    raise ConfigError(f"{what} file not found: {path}")
+  spec = importlib.util.spec_from_file_location(f"longax_{what}_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-      raise ConfigError(f"{path} defines no get_config()")
-    cfg = module.get_config()
+    if not hasattr(module, fn):
+      raise ConfigError(f"{path} defines no {fn}()")
+    return getattr(module, fn)()
   except ConfigError as e:
     raise ConfigError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
-  except Exception as e:  # noqa: BLE001 - a broken config file: say where, in one line
+  except Exception as e:  # noqa: BLE001 - a broken file: say where, in one line
     raise ConfigError(f"{path}{_line_in(e, path)}: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def load(path: str | pathlib.Path) -> ExperimentConfig:
+  """Runs a config file's `get_config()`; any failure is one line naming the file."""
+  cfg = call_file(path, "get_config", "config")
   if not isinstance(cfg, ExperimentConfig):
     raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not ExperimentConfig")
   return cfg

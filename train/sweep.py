@@ -32,7 +32,6 @@ import csv
 import dataclasses
 import fcntl
 import hashlib
-import importlib.util
 import itertools
 import json
 import math
@@ -44,7 +43,8 @@ import shlex
 import sys
 import time
 
-from longax.train.config import ConfigError, ExperimentConfig, load, override, validate
+from longax.train.config import (ConfigError, ExperimentConfig, call_file, load, override,
+                                 validate)
 
 BEST = {"accuracy": max, "loss": min, "bits_per_byte": min}  # eval_<name>: which end is best
 
@@ -147,21 +147,7 @@ def _find(path: str, here: pathlib.Path | None) -> pathlib.Path:
 
 def load_sweep(path: str | pathlib.Path) -> Sweep:
   """Runs a sweep file's `get_sweep()`; any failure is one ConfigError line naming the file."""
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise ConfigError(f"sweep file not found: {path}")
-  spec = importlib.util.spec_from_file_location(f"longax_sweep_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_sweep"):
-      raise ConfigError(f"{path} defines no get_sweep()")
-    sweep = module.get_sweep()
-  except ConfigError as e:
-    raise ConfigError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
-  except Exception as e:  # noqa: BLE001 - a broken sweep file: one line
-    raise ConfigError(f"{path}: {type(e).__name__}: {str(e).strip()[:200]}") from None
-  return as_sweep(sweep, str(path))
+  return as_sweep(call_file(path, "get_sweep", "sweep"), str(path))
 
 
 def as_sweep(sweep, where: str) -> Sweep:
