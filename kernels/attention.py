@@ -281,20 +281,27 @@ for _op in ("attention", "sigmoid_attention"):
 # ----------------------------------------------------------------------------- public API
 
 
-def _prepare(op, q, k, v, *, segment_ids, causal, scale, window, sinks, softcap, block_kv,
-             q_positions, kv_positions):
-  """Validates the inputs; returns (q_pos, k_pos, q_seg, k_seg, scale)."""
+def check_qkv(op, q, k, v):
+  """q [B, T, H, D], k [B, S, Hkv, D], v [B, S, Hkv, Dv]: one floating dtype, H % Hkv == 0;
+  a mismatch is one ValueError line naming `op`. (Every attention-shaped op asks this.)"""
   _checks.rank(op, "q", q, 4, "[B, T, H, D]")
   _checks.rank(op, "k", k, 4, "[B, S, Hkv, D]")
   _checks.rank(op, "v", v, 4, "[B, S, Hkv, Dv]")
   _checks.same_dtype(op, q=q, k=k, v=v)
   _checks.floating(op, "q", q)
-  b, t, h, d = q.shape
+  b, _, h, d = q.shape
   if k.shape[0] != b or k.shape[3] != d:
     raise ValueError(f"{op}: `k` must be [B={b}, S, Hkv, D={d}] to match q {q.shape}, got {k.shape}")
   if v.shape[:3] != k.shape[:3]:
     raise ValueError(f"{op}: `v` must be [B, S, Hkv, Dv] = {k.shape[:3]} + [Dv] to match k, got {v.shape}")
   _checks.divides(op, f"q heads H={h} vs k/v heads Hkv={k.shape[2]}", k.shape[2], h)
+
+
+def _prepare(op, q, k, v, *, segment_ids, causal, scale, window, sinks, softcap, block_kv,
+             q_positions, kv_positions):
+  """Validates the inputs; returns (q_pos, k_pos, q_seg, k_seg, scale)."""
+  check_qkv(op, q, k, v)
+  b, t, h, d = q.shape
   _checks.positive_int(op, "window", window)
   _checks.positive_int(op, "block_kv", block_kv)
   _checks.positive_int(op, "sinks", sinks, minimum=0)

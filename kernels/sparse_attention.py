@@ -35,7 +35,8 @@ from einops import rearrange
 
 from longax.kernels import _checks
 from longax.kernels._dispatch import register, resolve
-from longax.kernels.attention import AttnSpec, attention_reference, finish, fold_block, init_carry
+from longax.kernels.attention import (AttnSpec, attention_reference, check_qkv, finish, fold_block,
+                                      init_carry)
 from longax.kernels.visibility import query_positions, visible_pairs
 
 VS_CHUNK = 64  # vertical columns / slash offsets folded per step of the XLA path
@@ -281,20 +282,10 @@ for _op, _ref, _xla in (("block_sparse_attention", _block_sparse_reference, _blo
 
 def _check_qkv(op, q, k, v, causal, scale):
   """Validates the attention inputs; returns the scale."""
-  _checks.rank(op, "q", q, 4, "[B, T, H, D]")
-  _checks.rank(op, "k", k, 4, "[B, S, Hkv, D]")
-  _checks.rank(op, "v", v, 4, "[B, S, Hkv, Dv]")
-  _checks.same_dtype(op, q=q, k=k, v=v)
-  _checks.floating(op, "q", q)
-  b, _, h, d = q.shape
-  if k.shape[0] != b or k.shape[3] != d:
-    raise ValueError(f"{op}: `k` must be [B={b}, S, Hkv, D={d}] to match q {q.shape}, got {k.shape}")
-  if v.shape[:3] != k.shape[:3]:
-    raise ValueError(f"{op}: `v` must be [B, S, Hkv, Dv] = {k.shape[:3]} + [Dv] to match k, got {v.shape}")
-  _checks.divides(op, f"q heads H={h} vs k/v heads Hkv={k.shape[2]}", k.shape[2], h)
+  check_qkv(op, q, k, v)
   if not isinstance(causal, bool):
     raise ValueError(f"{op}: `causal` must be a bool, got {causal!r}")
-  return d**-0.5 if scale is None else float(scale)
+  return q.shape[-1]**-0.5 if scale is None else float(scale)
 
 
 def _check_indices(op, name, x, rank, layout, lo, hi):
