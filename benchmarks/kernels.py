@@ -285,8 +285,9 @@ GRIDS = {  # (attention, linear, selective scan, ssd) shapes
             [(1, 2048, 8, 64, 64)]),
     "gpu": ([(2, 4096, 16, 4, 128)], [(2, 4096, 16, 128)], [(2, 4096, 1024, 16)],
             [(2, 4096, 16, 64, 128)]),
-    # the linear family's issue grid: N = 2k..32k at a fixed 64k tokens, D = 64 and 128
-    "long": ([(2, 8192, 16, 16, 128)],
+    # the linear family's issue grid: N = 2k..32k at a fixed 32k tokens (B = 32k / N), D = 64 and 128
+    # (cuDNN / our softmax kernel at the same shapes: where the linear family crosses over)
+    "long": ([(32 * 1024 // t, t, 16, 16, d) for d in (128, 64) for t in (2048, 8192, 32768)],
              [(32 * 1024 // t, t, 16, d) for d in (128, 64) for t in (2048, 8192, 32768)],
              [(2, 8192, 1024, 16)], [(2, 8192, 16, 64, 128)]),
     "anchor": ([(2, 8192, 16, 16, 128)], [(2, 8192, 16, 128)], [(2, 8192, 1024, 16)],
