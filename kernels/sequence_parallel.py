@@ -9,7 +9,8 @@ sequence, `[B, T/P, ...]`, and `axis_name` names the mesh axis (size P). `layout
 
 - `ring_attention`: K/V (and their segment ids) rotate with `lax.ppermute`, issued before
   each step's compute so the transfer overlaps it; each step runs the local attention op
-  (`impl=` dispatch) on the visible (query chunk, key chunk) pairs, with global positions,
+  (`impl=` dispatch) on the visible (query chunk, key chunk) pairs (without a window each is
+  fully visible or the causal diagonal: default positions, so the GPU kernel takes it),
   and folds its output into the running one by log-sum-exp (softmax) or by a plain sum
   (sigmoid). Pairs no query sees (`visibility.key_blocks`) are skipped. The backward is a
   ring too (`custom_vjp`): dK/dV travel with their K/V; per device it keeps q, k, v, o and
@@ -25,6 +26,7 @@ sequence, `[B, T/P, ...]`, and `axis_name` names the mesh axis (size P). `layout
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -146,11 +148,39 @@ def _seen(spec: AttnSpec, q_chunk, k_chunk, c: int, n_total: int):
   return (lo <= k_chunk) & (k_chunk < hi)
 
 
+def _pair_specs(spec: AttnSpec):
+  """The local calls a (query chunk, key chunk) pair can need, as (spec, explicit positions).
+  Without a window every pair is skipped, fully visible (non-causal) or the causal diagonal
+  (equal chunks), so the local op runs with default positions and a kernel can take it;
+  with a window a pair can be partly visible: one call with the global positions."""
+  if spec.window is None:
+    return [(dataclasses.replace(spec, causal=False), False)] + ([(spec, False)] if spec.causal else [])
+  return [(spec, True)]
+
+
 def _pairs(spec, p, idx, src, layout, c):
-  """For each (local query chunk i, key chunk j of device src): (i, j, seen)."""
+  """For each (local query chunk i, key chunk j of device src): (i, j, branch): 0 skips the
+  pair, b > 0 runs `_pair_specs(spec)[b - 1]`."""
   q_ids, k_ids = chunk_ids(p, idx, layout), chunk_ids(p, src, layout)
   n = q_ids.shape[0]
-  return [(i, j, _seen(spec, q_ids[i], k_ids[j], c, n * p)) for i in range(n) for j in range(n)]
+  out = []
+  for i in range(n):
+    for j in range(n):
+      qc, kc = q_ids[i], k_ids[j]
+      if spec.window is not None:
+        branch = _seen(spec, qc, kc, c, n * p).astype(jnp.int32)
+      elif spec.causal:
+        branch = jnp.where(kc < qc, 1, jnp.where(kc == qc, 2, 0)).astype(jnp.int32)
+      else:
+        branch = jnp.int32(1)
+      out.append((i, j, branch))
+  return out
+
+
+def _pair_fns(op, impl, spec, call):
+  """[(fn, spec, explicit)] per `_pair_specs` entry, each resolved by `impl=` dispatch."""
+  return [(resolve(op, impl, dict(call, spec=sp, explicit_positions=ex)), sp, ex)
+          for sp, ex in _pair_specs(spec)]
 
 
 def _fold(spec, acc, part):
@@ -171,16 +201,17 @@ def _ring_forward(axis_name, spec, layout, impl, block_kv, q, k, v, seg):
   c = t // n
   q_pos = local_positions(t, p, idx, layout)
   op = "attention" if spec.kind == "softmax" else "sigmoid_attention"
-  fn = resolve(op, impl, dict(q=q, k=k, v=v, spec=spec, explicit_positions=True,
-                              return_lse=spec.kind == "softmax"))
+  fns = _pair_fns(op, impl, spec, dict(q=q, k=k, v=v, return_lse=spec.kind == "softmax"))
   extra = dict(return_lse=True) if spec.kind == "softmax" else {}
   qs, q_poss, q_segs = _split(q, n), _split(q_pos, n, 0), _split(seg, n)
+  own = jnp.arange(c, dtype=jnp.int32)  # a chunk's default positions (T == S)
   perm = [(j, (j + 1) % p) for j in range(p)]
 
-  def local(i, j, kv, k_pos):
+  def local(fn, sp, explicit, i, j, kv, k_pos):
     k_blk, v_blk, seg_blk = (_split(x, n)[j] if x is not None else None for x in kv)
-    out = fn(qs[i], k_blk, v_blk, q_poss[i], _split(k_pos, n, 0)[j],
-             None if seg is None else q_segs[i], seg_blk, spec, kv_block=block_kv, **extra)
+    qp, kp = (q_poss[i], _split(k_pos, n, 0)[j]) if explicit else (own, own)
+    out = fn(qs[i], k_blk, v_blk, qp, kp, None if seg is None else q_segs[i], seg_blk, sp,
+             kv_block=block_kv, **extra)
     return (out[0].astype(jnp.float32), out[1]) if spec.kind == "softmax" else (out.astype(jnp.float32), None)
 
   def step(s, carry):
@@ -189,9 +220,10 @@ def _ring_forward(axis_name, spec, layout, impl, block_kv, q, k, v, seg):
     src = (idx - s) % p
     k_pos = local_positions(t, p, src, layout)
     accs = list(accs)
-    for i, j, seen in _pairs(spec, p, idx, src, layout, c):
-      accs[i] = jax.lax.cond(seen, lambda a, kv, i=i, j=j: _fold(spec, a, local(i, j, kv, k_pos)),
-                             lambda a, kv: a, accs[i], kv)
+    for i, j, branch in _pairs(spec, p, idx, src, layout, c):
+      calls = [lambda a, kv: a] + [
+          lambda a, kv, f=f, i=i, j=j: _fold(spec, a, local(*f, i, j, kv, k_pos)) for f in fns]
+      accs[i] = jax.lax.switch(branch, calls, accs[i], kv)
     return tuple(accs), nxt
 
   dv = v.shape[-1]
@@ -211,21 +243,22 @@ def _ring_backward(axis_name, spec, layout, impl, block_kv, res, do):
   n = _n_chunks(layout)
   c = t // n
   q_pos = local_positions(t, p, idx, layout)
-  fn = resolve("attention_block_grads", impl, dict(q=q, k=k, v=v, spec=spec))
+  fns = _pair_fns("attention_block_grads", impl, spec, dict(q=q, k=k, v=v))
   qs, q_poss, q_segs, os_, dos = (_split(x, n, a) for x, a in
                                    ((q, 1), (q_pos, 0), (seg, 1), (o, 1), (do, 1)))
   lses = _split(lse, n)
+  own = jnp.arange(c, dtype=jnp.int32)
   perm = [(j, (j + 1) % p) for j in range(p)]
 
-  def local(i, j, kv, k_pos):
+  def local(fn, sp, explicit, i, j, kv, k_pos):
     k_blk, v_blk, seg_blk = (_split(x, n)[j] if x is not None else None for x in kv[:3])
-    return fn(qs[i], k_blk, v_blk, q_poss[i], _split(k_pos, n, 0)[j],
-              None if seg is None else q_segs[i], seg_blk, spec, os_[i],
-              None if lse is None else lses[i], dos[i], kv_block=block_kv)
+    qp, kp = (q_poss[i], _split(k_pos, n, 0)[j]) if explicit else (own, own)
+    return fn(qs[i], k_blk, v_blk, qp, kp, None if seg is None else q_segs[i], seg_blk, sp,
+              os_[i], None if lse is None else lses[i], dos[i], kv_block=block_kv)
 
-  def add(grads, i, j, kv, k_pos):
+  def add(f, grads, i, j, kv, k_pos):
     dqs, dks, dvs = grads
-    dq_i, dk_j, dv_j = local(i, j, kv, k_pos)
+    dq_i, dk_j, dv_j = local(*f, i, j, kv, k_pos)
     dqs = dqs[:i] + (dqs[i] + dq_i.astype(jnp.float32),) + dqs[i + 1:]
     dks = dks[:j] + (dks[j] + dk_j.astype(jnp.float32),) + dks[j + 1:]
     dvs = dvs[:j] + (dvs[j] + dv_j.astype(jnp.float32),) + dvs[j + 1:]
@@ -236,9 +269,10 @@ def _ring_backward(axis_name, spec, layout, impl, block_kv, res, do):
     src = (idx - s) % p
     k_pos = local_positions(t, p, src, layout)
     grads = (dqs, kv[3], kv[4])
-    for i, j, seen in _pairs(spec, p, idx, src, layout, c):
-      grads = jax.lax.cond(seen, lambda g, kv, i=i, j=j: add(g, i, j, kv, k_pos),
-                           lambda g, kv: g, grads, kv)
+    for i, j, branch in _pairs(spec, p, idx, src, layout, c):
+      calls = [lambda g, kv: g] + [
+          lambda g, kv, f=f, i=i, j=j: add(f, g, i, j, kv, k_pos) for f in fns]
+      grads = jax.lax.switch(branch, calls, grads, kv)
     dqs, dks, dvs = grads
     return dqs, jax.lax.ppermute((*kv[:3], dks, dvs), axis_name, perm)  # dK, dV ride along
 
