@@ -2,14 +2,17 @@
 
     python -m longax.benchmarks.sequence_parallel                 # GPUs: T = 32k, 64k
     python -m longax.benchmarks.sequence_parallel --quick         # CPU smoke test, 8 sim devices
-    python -m longax.benchmarks.sequence_parallel --lengths 65536 --scaling weak --out sp.json
+    python -m longax.benchmarks.sequence_parallel --devices 2 4 --scaling strong weak \
+        --lengths 16384 --layouts zigzag contiguous --peer --out sp.json
 
 Strong scaling keeps the total length T; weak scaling keeps T / P per device. Each row: op,
 P, T, ms forward / forward+backward, efficiency (1-device time / (P x P-device time) for
 strong, 1-device time at T/P / P-device time for weak) and the bytes each device sends per
 forward, from the shapes (ring: (P-1) K/V blocks; Ulysses: 4 all-to-alls of (P-1)/P of a
-shard; LASP-2: one all-gather of (P-1) [B, H, Dk, Dv] states). jla's context parallelism
-runs beside when `jla.distributed` imports (else one line says why).
+shard; LASP-2: one all-gather of (P-1) [B, H, Dk, Dv] states) and tokens/s per device.
+Strong-scaling rows carry `err`: the P-device forward's relative error against the
+1-device op on the same inputs. `--peer`: jla's context parallelism (ring with load balancing for zigzag, Ulysses, simple_gla
+state passing for LASP-2) on the same P and inputs, its efficiency against its own P = 1 row.
 """
 
 from __future__ import annotations
@@ -83,73 +86,127 @@ def bytes_per_device(op, p, b, t, h, hkv, d, itemsize) -> int:
   return (p - 1) * b * h * d * d * 4  # LASP-2: float32 states
 
 
-def _jla_row(args, p, t):
+def _jla_fn(op, p: int, layout: str):
+  """jax-linear-attention's context parallelism for the same op on P devices, or None."""
+  import jax
+  import numpy as np
+  from jax.sharding import Mesh
   try:
-    import jla.distributed  # noqa: F401
+    from jla.distributed.context_parallel import context_parallel_linear_attention
+    from jla.distributed.context_parallel_attention import context_parallel_attention
   except Exception as e:  # noqa: BLE001 - optional peer
     print(f"# jla unavailable: {type(e).__name__}: {e}", file=sys.stderr)
     return None
-  return None  # TODO(lead): wire jla.distributed's context-parallel attention on the GPUs
+  mesh = Mesh(np.asarray(jax.devices()[:p]), ("cp",))
+  if op == "lasp2":
+    return lambda q, k, v, g: context_parallel_linear_attention(
+        "simple_gla", q, k, v, g=g, mesh=mesh, axis="cp", scale=q.shape[-1]**-0.5)[0]
+  strategy = "ring" if op == "ring" else "ulysses"
+  return lambda q, k, v: context_parallel_attention(
+      q, k, v, mesh=mesh, axis="cp", strategy=strategy, load_balance=layout == "zigzag")
+
+
+def _timed_row(fn, xs, reps: int, natural=None, want=None) -> dict:
+  """ms forward and forward+backward of fn(*xs); with `want` (the 1-device output) also the
+  relative error of `natural` (fn on natural-order arrays). An error is reported in the row."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  try:
+    fwd = jax.jit(fn)
+    loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32))
+    bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    ms_f, ms_b = _time(fwd, xs, reps), _time(bwd, xs, reps)
+    row = dict(ms_fwd=ms_f, ms_fwd_bwd=ms_f + ms_b)
+    if want is not None:
+      got = np.asarray(jax.jit(natural or fn)(*xs), np.float32)
+      row["err"] = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+    return row
+  except Exception as e:  # noqa: BLE001 - one failing row must not sink the table
+    return dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+
+
+def _natural(fn, p: int, layout: str):
+  """fn on natural-order arrays (zigzag: reorder in, restore out)."""
+  from longax.kernels.sequence_parallel import from_zigzag, to_zigzag
+  if layout != "zigzag" or p == 1:
+    return fn
+  return lambda *a: from_zigzag(fn(*(to_zigzag(x, p) for x in a)), p)
 
 
 def run(args) -> list[dict]:
   import jax
   import jax.numpy as jnp
+  import numpy as np
   dtype = jnp.dtype(args.dtype)
-  p_max = min(args.devices, jax.device_count())
+  ps = sorted({p for p in args.devices if p <= jax.device_count()} | {1})
   rows = []
-  for op in args.ops:
-    for t_arg in args.lengths:
-      base = {}
-      for p in sorted({1, p_max}):
-        t = t_arg * p if args.scaling == "weak" else t_arg
-        xs = _inputs(op, args.batch, t, args.heads, args.kv_heads, args.head_dim, dtype)
-        fn = _fn(op, p, args.layout)
-        fwd = jax.jit(fn)
-        loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32))
-        bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-        ms_f, ms_b = _time(fwd, xs, args.reps), _time(bwd, xs, args.reps)
-        row = dict(op=op, P=p, T=t, layout=args.layout, ms_fwd=ms_f, ms_fwd_bwd=ms_f + ms_b,
-                   bytes_sent=bytes_per_device(op, p, args.batch, t, args.heads, args.kv_heads,
-                                               args.head_dim, dtype.itemsize),
-                   device=jax.devices()[0].device_kind)
-        if p == 1:
-          base = row
-        else:
-          ideal = p if args.scaling == "strong" else 1
-          row["efficiency_fwd"] = base["ms_fwd"] / (ideal * ms_f)
-          row["efficiency_fwd_bwd"] = base["ms_fwd_bwd"] / (ideal * row["ms_fwd_bwd"])
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-      _jla_row(args, p_max, t_arg)
+  for scaling in args.scaling:
+    for op in args.ops:
+      for layout in (args.layouts if op != "ulysses" else ["contiguous"]):
+        for t_arg in args.lengths:
+          base, want = {}, None
+          for p in ps:
+            t = t_arg * p if scaling == "weak" else t_arg
+            xs = _inputs(op, args.batch, t, args.heads, args.kv_heads, args.head_dim, dtype)
+            row = dict(op=op, layout=layout, scaling=scaling, P=p, T=t, impl="longax",
+                       bytes_sent=bytes_per_device(op, p, args.batch, t, args.heads,
+                                                   args.kv_heads, args.head_dim, dtype.itemsize),
+                       device=jax.devices()[0].device_kind)
+            peers = [("longax", _fn(op, p, layout))]
+            if args.peer and (p > 1 or op != "lasp2"):
+              peers.append(("jla", _jla_fn(op, p, layout)))
+            for impl, fn in peers:
+              if fn is None:
+                continue
+              natural = _natural(fn, p, layout) if impl == "longax" else fn
+              r = dict(row, impl=impl, **_timed_row(fn, xs, args.reps, natural,
+                                                    want if p > 1 and scaling == "strong" else None))
+              if p == 1 and impl == "longax" and scaling == "strong" and "error" not in r:
+                want = np.asarray(jax.jit(fn)(*xs), np.float32)  # the 1-device op
+              if "ms_fwd_bwd" in r:
+                r["tokens_per_s_per_device"] = args.batch * t / p / (r["ms_fwd_bwd"] / 1e3)
+                if p == 1:
+                  base.setdefault(impl, r)
+                b0 = base.get(impl) or base.get("longax")
+                if b0 and p > 1:
+                  ideal = p if scaling == "strong" else 1
+                  r["efficiency_fwd"] = b0["ms_fwd"] / (ideal * r["ms_fwd"])
+                  r["efficiency_fwd_bwd"] = b0["ms_fwd_bwd"] / (ideal * r["ms_fwd_bwd"])
+              rows.append(r)
+              print(json.dumps(r), flush=True)
+              if args.out:  # after every row: a run cut short keeps what it measured
+                with open(args.out, "w") as f:
+                  json.dump(rows, f, indent=1)
   return rows
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true", help="tiny shapes on 8 simulated CPU devices")
-  ap.add_argument("--ops", nargs="+", default=["ring", "ulysses", "lasp2"])
-  ap.add_argument("--lengths", nargs="+", type=int, default=[32768, 65536])
-  ap.add_argument("--scaling", choices=["strong", "weak"], default="strong")
-  ap.add_argument("--layout", choices=["contiguous", "zigzag"], default="zigzag")
-  ap.add_argument("--devices", type=int, default=2)
+  ap.add_argument("--ops", nargs="+", default=["ring", "ulysses", "lasp2"],
+                  choices=["ring", "ulysses", "lasp2"])
+  ap.add_argument("--lengths", nargs="+", type=int, default=[32768, 65536],
+                  help="T (strong scaling) or T per device (weak scaling)")
+  ap.add_argument("--scaling", nargs="+", choices=["strong", "weak"], default=["strong"])
+  ap.add_argument("--layouts", nargs="+", choices=["contiguous", "zigzag"], default=["zigzag"],
+                  help="ring and LASP-2 run each (Ulysses: contiguous)")
+  ap.add_argument("--devices", nargs="+", type=int, default=[2],
+                  help="device counts P to run (1 is always run: the baseline)")
+  ap.add_argument("--peer", action="store_true", help="jla's context parallelism beside, same P")
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--heads", type=int, default=16)
   ap.add_argument("--kv-heads", type=int, default=4)
   ap.add_argument("--head-dim", type=int, default=128)
   ap.add_argument("--dtype", default="bfloat16")
   ap.add_argument("--reps", type=int, default=5)
-  ap.add_argument("--out", default=None, help="write the rows as JSON here")
+  ap.add_argument("--out", default=None, help="write the rows as JSON here (after every row)")
   args = ap.parse_args(argv)
   if args.quick:
     args.lengths, args.heads, args.kv_heads, args.head_dim = [64], 4, 2, 16
-    args.dtype, args.reps = "float32", 1
+    args.dtype, args.reps, args.devices = "float32", 1, [2]
   _setup(args.quick)
-  rows = run(args)
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(rows, f, indent=1)
-  return rows
+  return run(args)
 
 
 if __name__ == "__main__":
