@@ -193,3 +193,26 @@ def test_ring_takes_the_kernel_on_one_device(emulated, kind):
   for a, b in zip(got, want):
     err = np.linalg.norm(np.asarray(a, np.float32) - np.asarray(b, np.float32))
     assert err <= 3e-2 * np.linalg.norm(np.asarray(b, np.float32))
+
+
+@pytest.mark.parametrize("op", ["ring", "ulysses", "lasp2"])
+def test_kernels_inside_shard_map_lower_with_their_gradients(monkeypatch, op):
+  """The real kernels inside `jax.shard_map` (check_vma on): their outputs and gradients
+  must vary over the mesh axis as their inputs do, or the custom_vjp refuses them."""
+  from jax.sharding import Mesh, PartitionSpec as P
+
+  from longax.kernels import sequence_parallel as SP
+  from longax.kernels.gpu import linear_attention as gpu_la
+  monkeypatch.setattr(gpu, "not_on_hopper", lambda call: None)
+  monkeypatch.setattr(gpu_la, "not_on_hopper", lambda call: None)
+  x = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+  fn = {"ring": lambda q, k, v: SP.ring_attention(q, k, v, axis_name="sp", impl="pallas"),
+        "ulysses": lambda q, k, v: SP.ulysses_attention(q, k, v, axis_name="sp", impl="pallas"),
+        "lasp2": lambda q, k, v: SP.lasp2_linear_attention(
+            q, k, v, axis_name="sp", log_decay=-jnp.ones(q.shape[:3]), impl="pallas")}[op]
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ("sp",))
+  sp = jax.shard_map(fn, mesh=mesh, in_specs=(P(None, "sp"),) * 3, out_specs=P(None, "sp"))
+  loss = lambda q, k, v: sp(q, k, v).astype(jnp.float32).sum()
+  lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x).lower(
+      lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()

@@ -32,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from longax.kernels.gpu import not_on_hopper
+from longax.kernels.gpu import kernel, not_on_hopper, same_vma
 from longax.kernels.visibility import key_blocks, query_blocks, visible_pairs
 
 LOG2E = math.log2(math.e)
@@ -428,7 +428,7 @@ def _forward(q, k, v, q_seg, k_seg, pb: _Problem):
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
           plgpu.Barrier(num_arrivals=2))
-  o, lse = plgpu.kernel(
+  o, lse = kernel(
       body,
       out_type=[jax.ShapeDtypeStruct(q.shape, dtype),
                 jax.ShapeDtypeStruct((bsz, heads, tp), jnp.float32)],
@@ -550,7 +550,7 @@ def _backward_dq(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem):
           plgpu.Barrier(num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages))
-  return plgpu.kernel(
+  return kernel(
       body,
       out_type=jax.ShapeDtypeStruct(q.shape, dtype),
       scratch_types=[smem, bars],
@@ -694,7 +694,7 @@ def _backward_dkv(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem):
           plgpu.Barrier(num_arrivals=n_copies, num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages))
   kv_shape = jax.ShapeDtypeStruct(k.shape, dtype)
-  return plgpu.kernel(
+  return kernel(
       body,
       out_type=[kv_shape, kv_shape],
       scratch_types=[smem, bars],
@@ -854,7 +854,8 @@ def attention_pallas(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, kv_block=None, b
                      return_lse=False):
   """The kernel under the op's signature; positions must be the defaults (see `unsupported`)."""
   del q_pos, k_pos, kv_block
-  o, lse = _flash(q, k, v, q_seg, k_seg, _problem(q, k, spec, q_seg, blocks))
+  pb = _problem(q, k, spec, q_seg, blocks)
+  o, lse = _flash(*same_vma(q, k, v, q_seg, k_seg), pb)
   return (o, lse) if return_lse else o
 
 
