@@ -17,10 +17,11 @@ sequence, `[B, T/P, ...]`, and `axis_name` names the mesh axis (size P). `layout
   the rows' log-sum-exp, whatever P.
 - `ulysses_attention`: all-to-all sequence -> heads, the local op on the whole sequence,
   all-to-all back.
-- `lasp2_linear_attention` / `lasp2_ssd` / `lasp2_selective_scan` (LASP-2): each device's
-  chunk state (the XLA path's state part: its output is dead code) and total decay, one
-  `all_gather` of the states, the chunk-state combine `linear_attention.pass_states` over
-  devices, then the local op with the incoming state.
+- `lasp2_linear_attention` / `lasp2_ssd`: one local pass (the op's `impl=` dispatch) from a
+  zero state gives each device's outputs and chunk state; its total decay, one `all_gather`
+  of the states, the chunk-state combine `linear_attention.pass_states` over devices, then
+  the incoming state's share of the outputs (the recurrence is affine in it) added in XLA.
+  `lasp2_selective_scan`: the same state pass, then the local op with the incoming state.
 - `left_context`: the tokens before each local chunk (short causal convs).
 """
 
@@ -396,10 +397,19 @@ def _segment_edges(seg, b, n):
   return chunks[..., 0], chunks[..., -1], no_reset
 
 
-def _state_impl(impl: str) -> str:
-  # The state-only pass: XLA keeps just the chunk states of its path (the output is dead
-  # code); a kernel would compute the output too.
-  return "reference" if impl == "reference" else "xla"
+def _carried_in(q, g, seg, state_in, scale):
+  """What the state entering a local chunk adds to its outputs (the chunked recurrence is
+  affine in it): scale (q_t * exp(G_t)) S_in, G_t the log decay summed through t, zero from
+  the chunk's first document start on. q [nB, c, H, Dk], g [nB, c, H, 1|Dk] or None, seg
+  [nB, c] or None, state_in [nB, H, Dk, Dv] -> [nB, c, H, Dv] float32."""
+  qf = q.astype(jnp.float32)
+  if g is not None:
+    qf = qf * jnp.exp(jnp.cumsum(g, axis=1))
+  if seg is not None:
+    fresh = jnp.cumsum(jnp.concatenate([jnp.zeros_like(seg[:, :1], bool),
+                                        seg[:, 1:] != seg[:, :-1]], axis=1), axis=1) > 0
+    qf = jnp.where(fresh[..., None, None], 0.0, qf)
+  return scale * jnp.einsum("bthk,bhkv->bthv", qf, state_in)
 
 
 def lasp2_linear_attention(q, k, v, *, axis_name, log_decay=None, scale: float | None = None,
@@ -418,7 +428,9 @@ def lasp2_linear_attention(q, k, v, *, axis_name, log_decay=None, scale: float |
   g_chunks = _fold_batch(log_decay, n) if per_token else log_decay
   qc, kc, vc, segc = (_fold_batch(x, n) for x in (q, k, v, segment_ids))
   kw = dict(log_decay=g_chunks, scale=scale, segment_ids=segc, chunk_size=chunk_size)
-  _, local = linear_attention(qc, kc, vc, return_final_state=True, impl=_state_impl(impl), **kw)
+  # One local pass from a zero state gives the chunk's outputs and its state; the entering
+  # state's share is added after the all_gather (`_carried_in`), not by a second pass.
+  o_local, local = linear_attention(qc, kc, vc, return_final_state=True, impl=impl, **kw)
   g = _log_decay(op, g_chunks, n * b, t // n, h, dk)  # [nB, c, H, 1|Dk] or None
   decay = jnp.ones((n * b, h, 1)) if g is None else jnp.exp(jnp.sum(g, axis=1))
   first, last, no_reset = _segment_edges(segment_ids, b, n)
@@ -430,9 +442,9 @@ def lasp2_linear_attention(q, k, v, *, axis_name, log_decay=None, scale: float |
   h0 = (jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None
         else initial_state.astype(jnp.float32))
   state_in, final = _combine_states(axis_name, layout, split(local), decay, first, last, h0)
-  o = linear_attention(qc, kc, vc, initial_state=state_in.reshape(n * b, h, dk, dv),
-                       impl=impl, **kw)
-  o = _unfold_batch(o, n)
+  carried = _carried_in(qc, g, segc, state_in.reshape(n * b, h, dk, dv),
+                        dk**-0.5 if scale is None else scale)
+  o = _unfold_batch((o_local.astype(jnp.float32) + carried).astype(o_local.dtype), n)
   return (o, final) if return_final_state else o
 
 
@@ -467,7 +479,7 @@ def lasp2_selective_scan(u, delta, A, B, C, *, axis_name, D=None, z=None, delta_
   kw = dict(delta_bias=delta_bias, delta_softplus=delta_softplus, segment_ids=segc,
             chunk_size=chunk_size)
   _, local = selective_scan(uc, dc, A, bc, cc, return_final_state=True,
-                            impl=_state_impl(impl), **kw)  # [nB, D, N]
+                            impl=impl, **kw)  # [nB, D, N]
   dt_sum = jnp.sum(_prepare_dt(dc, delta_bias, delta_softplus), axis=1)  # [nB, D]
   decay = jnp.exp(dt_sum[..., None] * A.astype(jnp.float32))  # [nB, D, N]
   first, last, no_reset = _segment_edges(segment_ids, b, n)
