@@ -241,6 +241,7 @@ def plot_sp(paths: list[pathlib.Path], out: pathlib.Path, title: str | None = No
     axes[0][col].set_title(f"{scaling} scaling", fontsize=10)
     axes[0][col].set_ylabel("efficiency (fwd+bwd)")
     axes[1][col].set_ylabel("k tokens/s per device (fwd+bwd)")
+    axes[1][col].set_yscale("log")
     for ax in (axes[0][col], axes[1][col]):
       ax.set_xscale("log", base=2)
       ax.set_xticks(ps, [str(p) for p in ps])

@@ -6,8 +6,9 @@
         --lengths 16384 --layouts zigzag contiguous --peer --out sp.json
 
 Strong scaling keeps the total length T; weak scaling keeps T / P per device. Each row: op,
-P, T, ms forward / forward+backward, efficiency (1-device time / (P x P-device time) for
-strong, 1-device time at T/P / P-device time for weak) and the bytes each device sends per
+P, T, ms forward / forward+backward, efficiency (`efficiency`: strong, 1-device time / (P x
+P-device time); weak, the 1-device time of the work each device now does / P-device time,
+where causal attention's work grows as T^2 and the linear family's as T) and the bytes each device sends per
 forward, from the shapes (ring: (P-1) K/V blocks; Ulysses: 4 all-to-alls of (P-1)/P of a
 shard; LASP-2: one all-gather of (P-1) [B, H, Dk, Dv] states) and tokens/s per device.
 Strong-scaling rows carry `err`: the P-device forward's relative error against the
@@ -84,6 +85,16 @@ def bytes_per_device(op, p, b, t, h, hkv, d, itemsize) -> int:
   if op == "ulysses":  # q, k, v in, o out; each keeps 1/P of its shard
     return int((h + 2 * hkv + h) * shard * (p - 1) / p)
   return (p - 1) * b * h * d * d * 4  # LASP-2: float32 states
+
+
+def efficiency(op: str, scaling: str, p: int, t1: int, t: int, ms1: float, ms: float) -> float:
+  """The 1-device time of the P-device run's work per device over its time. Strong: ms1 / (P
+  ms). Weak: attention's work grows as T^2 (per device: (T/T1)^2 / P of the 1-device run's),
+  the linear family's as T (per device: the same)."""
+  if scaling == "strong":
+    return ms1 / (p * ms)
+  work = (t / t1) ** 2 / p if op in ("ring", "ulysses") else 1.0
+  return ms1 * work / ms
 
 
 def _jla_fn(op, p: int, layout: str):
@@ -170,9 +181,9 @@ def run(args) -> list[dict]:
                   base.setdefault(impl, r)
                 b0 = base.get(impl) or base.get("longax")
                 if b0 and p > 1:
-                  ideal = p if scaling == "strong" else 1
-                  r["efficiency_fwd"] = b0["ms_fwd"] / (ideal * r["ms_fwd"])
-                  r["efficiency_fwd_bwd"] = b0["ms_fwd_bwd"] / (ideal * r["ms_fwd_bwd"])
+                  r["efficiency_fwd"] = efficiency(op, scaling, p, b0["T"], t, b0["ms_fwd"], r["ms_fwd"])
+                  r["efficiency_fwd_bwd"] = efficiency(op, scaling, p, b0["T"], t,
+                                                       b0["ms_fwd_bwd"], r["ms_fwd_bwd"])
               rows.append(r)
               print(json.dumps(r), flush=True)
               if args.out:  # after every row: a run cut short keeps what it measured
