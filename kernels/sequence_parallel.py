@@ -159,9 +159,23 @@ def _pair_specs(spec: AttnSpec):
   return [(spec, True)]
 
 
-def _pairs(spec, p, idx, src, layout, c):
-  """For each (local query chunk i, key chunk j of device src): (i, j, branch): 0 skips the
-  pair, b > 0 runs `_pair_specs(spec)[b - 1]`."""
+def _balanced(spec: AttnSpec, layout: str) -> bool:
+  """Zigzag causal attention without a window: every ring step's pairs are known up to one
+  bit, so the ring runs without conditionals (`_pairs`)."""
+  return layout == "zigzag" and spec.causal and spec.window is None
+
+
+def _pairs(spec, p, idx, src, layout, c, first: bool = False):
+  """For each (local query chunk i, key chunk j of device src): (i, j, branch). A traced
+  branch goes to `lax.switch`: 0 skips the pair, b > 0 runs `_pair_specs(spec)[b - 1]`; a
+  Python int b runs that call unconditionally. Zigzag causal (`_balanced`): step 0 (`first`)
+  is the two diagonals and (1, 0); every later step is (1, 0) and (a, a) with a = src > idx
+  (a traced chunk index): both fully visible, no conditional, the same work on every device."""
+  if _balanced(spec, layout):
+    if first:
+      return [(0, 0, 2), (1, 1, 2), (1, 0, 1)]
+    a = (src > idx).astype(jnp.int32)
+    return [(1, 0, 1), (a, a, 1)]
   q_ids, k_ids = chunk_ids(p, idx, layout), chunk_ids(p, src, layout)
   n = q_ids.shape[0]
   out = []
@@ -176,6 +190,23 @@ def _pairs(spec, p, idx, src, layout, c):
         branch = jnp.int32(1)
       out.append((i, j, branch))
   return out
+
+
+def _update_at(xs: tuple, i, fn) -> tuple:
+  """xs with entry i replaced by fn(xs[i]); i a Python int or a traced index (then by select)."""
+  if isinstance(i, int):
+    return xs[:i] + (fn(xs[i]),) + xs[i + 1:]
+  new = fn(jax.tree.map(lambda *a: jnp.select([i == m for m in range(len(xs))], list(a)), *xs))
+  return tuple(jax.tree.map(lambda a, b, m=m: jnp.where(i == m, a, b), new, xs[m])
+               for m in range(len(xs)))
+
+
+def _ring_loop(p: int, step, carry, balanced: bool):
+  """Runs step(s, carry, first) for s = 0..P-1; balanced rings peel step 0 (its pairs differ)."""
+  if balanced:
+    carry = step(0, carry, first=True)
+    return jax.lax.fori_loop(1, p, step, carry)
+  return jax.lax.fori_loop(0, p, step, carry)
 
 
 def _pair_fns(op, impl, spec, call):
@@ -215,23 +246,26 @@ def _ring_forward(axis_name, spec, layout, impl, block_kv, q, k, v, seg):
              kv_block=block_kv, **extra)
     return (out[0].astype(jnp.float32), out[1]) if spec.kind == "softmax" else (out.astype(jnp.float32), None)
 
-  def step(s, carry):
+  def step(s, carry, first=False):
     accs, kv = carry
     nxt = jax.lax.ppermute(kv, axis_name, perm)  # in flight while this step computes
     src = (idx - s) % p
     k_pos = local_positions(t, p, src, layout)
-    accs = list(accs)
-    for i, j, branch in _pairs(spec, p, idx, src, layout, c):
+    for i, j, branch in _pairs(spec, p, idx, src, layout, c, first):
+      if isinstance(branch, int):
+        accs = _update_at(accs, i, lambda a, i=i, j=j, f=fns[branch - 1]: _fold(
+            spec, a, local(*f, i, j, kv, k_pos)))
+        continue
       calls = [lambda a, kv: a] + [
           lambda a, kv, f=f, i=i, j=j: _fold(spec, a, local(*f, i, j, kv, k_pos)) for f in fns]
-      accs[i] = jax.lax.switch(branch, calls, accs[i], kv)
-    return tuple(accs), nxt
+      accs = _update_at(accs, i, lambda a, calls=calls: jax.lax.switch(branch, calls, a, kv))
+    return accs, nxt
 
   dv = v.shape[-1]
   acc0 = (jnp.zeros((b, c, h, dv), jnp.float32),
           jnp.full((b, c, h), -jnp.inf, jnp.float32) if spec.kind == "softmax" else None)
   accs0 = vary_like((acc0,) * n, q, k, v, seg)
-  accs, _ = jax.lax.fori_loop(0, p, step, (accs0, (k, v, seg)))
+  accs, _ = _ring_loop(p, step, (accs0, (k, v, seg)), _balanced(spec, layout))
   o = _merge([a[0] for a in accs]).astype(q.dtype)
   lse = None if spec.kind == "sigmoid" else _merge([a[1] for a in accs])
   return o, lse
@@ -260,17 +294,19 @@ def _ring_backward(axis_name, spec, layout, impl, block_kv, res, do):
   def add(f, grads, i, j, kv, k_pos):
     dqs, dks, dvs = grads
     dq_i, dk_j, dv_j = local(*f, i, j, kv, k_pos)
-    dqs = dqs[:i] + (dqs[i] + dq_i.astype(jnp.float32),) + dqs[i + 1:]
-    dks = dks[:j] + (dks[j] + dk_j.astype(jnp.float32),) + dks[j + 1:]
-    dvs = dvs[:j] + (dvs[j] + dv_j.astype(jnp.float32),) + dvs[j + 1:]
-    return dqs, dks, dvs
+    plus = lambda x: lambda a: a + x.astype(jnp.float32)
+    return (_update_at(dqs, i, plus(dq_i)), _update_at(dks, j, plus(dk_j)),
+            _update_at(dvs, j, plus(dv_j)))
 
-  def step(s, carry):
+  def step(s, carry, first=False):
     dqs, kv = carry
     src = (idx - s) % p
     k_pos = local_positions(t, p, src, layout)
     grads = (dqs, kv[3], kv[4])
-    for i, j, branch in _pairs(spec, p, idx, src, layout, c):
+    for i, j, branch in _pairs(spec, p, idx, src, layout, c, first):
+      if isinstance(branch, int):
+        grads = add(fns[branch - 1], grads, i, j, kv, k_pos)
+        continue
       calls = [lambda g, kv: g] + [
           lambda g, kv, f=f, i=i, j=j: add(f, g, i, j, kv, k_pos) for f in fns]
       grads = jax.lax.switch(branch, calls, grads, kv)
@@ -279,7 +315,7 @@ def _ring_backward(axis_name, spec, layout, impl, block_kv, res, do):
 
   zeros = lambda x: tuple(jnp.zeros(y.shape, jnp.float32) for y in _split(x, n))
   dqs0, dks0, dvs0 = vary_like((zeros(q), zeros(k), zeros(v)), q, k, v, seg, o, lse, do)
-  dqs, kv = jax.lax.fori_loop(0, p, step, (dqs0, (k, v, seg, dks0, dvs0)))
+  dqs, kv = _ring_loop(p, step, (dqs0, (k, v, seg, dks0, dvs0)), _balanced(spec, layout))
   dq, dk, dv = _merge(dqs), _merge(kv[3]), _merge(kv[4])  # p hops: dK, dV are home
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
