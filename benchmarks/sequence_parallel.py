@@ -4,6 +4,8 @@
     python -m longax.benchmarks.sequence_parallel --quick         # CPU smoke test, 8 sim devices
     python -m longax.benchmarks.sequence_parallel --devices 2 4 --scaling strong weak \
         --lengths 16384 --layouts zigzag contiguous --peer --out sp.json
+    python -m longax.benchmarks.sequence_parallel --train configs/hybrid_350m.py \
+        --devices 2 4 --lengths 8192 --set data.batch_size=4     # a training step, DP vs SP
 
 Strong scaling keeps the total length T; weak scaling keeps T / P per device. Each row: op,
 P, T, ms forward / forward+backward, efficiency (`efficiency`: strong, 1-device time / (P x
@@ -192,6 +194,49 @@ def run(args) -> list[dict]:
   return rows
 
 
+def run_train(args) -> list[dict]:
+  """A training step at fixed global batch and length on all devices, mesh (data, sequence)
+  = (N/P, P) for each P: tokens/s in all and per device, against P = 1 (data parallel)."""
+  import pathlib
+  import statistics
+  import tempfile
+
+  import jax
+
+  from longax.benchmarks.train import run_longax
+  from longax.train.config import load, override
+  n = jax.device_count()
+  rows = []
+  for p in sorted({p for p in args.devices if n % p == 0} | {1}):
+    for t in args.lengths:
+      cfg = override(load(args.train), [
+          f"mesh.sequence={p}", "mesh.data=-1", f"data.seq_len={t}", f"model.max_len={t}",
+          f"train.steps={args.train_steps}", f"train.log_every={max(args.train_steps // 5, 1)}",
+          f"train.eval_every={args.train_steps}", "train.eval_batches=1",
+          f"train.checkpoint_every={args.train_steps}", f"train.sp_layout={args.layouts[0]}",
+          f"train.sp_attention={args.sp_attention}", *args.set])
+      row = dict(op="train", config=args.train, layout=args.layouts[0],
+                 sp_attention=args.sp_attention, scaling="dp-vs-sp", P=p, T=t,
+                 batch=cfg.data.batch_size, devices=n, impl="longax",
+                 device=jax.devices()[0].device_kind)
+      try:
+        with tempfile.TemporaryDirectory() as d:
+          tps = run_longax(cfg, pathlib.Path(d) / "run")
+        row["tokens_per_s"] = statistics.median(tps)
+        row["tokens_per_s_per_device"] = row["tokens_per_s"] / n
+        base = next((r for r in rows if r["P"] == 1 and r["T"] == t and "tokens_per_s" in r), None)
+        if base is not None and p > 1:
+          row["vs_data_parallel"] = row["tokens_per_s"] / base["tokens_per_s"]
+      except Exception as e:  # noqa: BLE001 - e.g. out of memory at P = 1: the point of SP
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+      if args.out:
+        with open(args.out, "w") as f:
+          json.dump(rows, f, indent=1)
+  return rows
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true", help="tiny shapes on 8 simulated CPU devices")
@@ -212,12 +257,20 @@ def main(argv=None):
   ap.add_argument("--dtype", default="bfloat16")
   ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--out", default=None, help="write the rows as JSON here (after every row)")
+  ap.add_argument("--train", default=None, metavar="CONFIG",
+                  help="time a training step of this config instead: mesh (data, sequence) = "
+                       "(N/P, P) on all N devices for each P of --devices, at each --lengths")
+  ap.add_argument("--train-steps", type=int, default=30)
+  ap.add_argument("--sp-attention", choices=["ring", "ulysses"], default="ring")
+  ap.add_argument("--set", action="append", default=[], help="config overrides (--train)")
   args = ap.parse_args(argv)
   if args.quick:
     args.lengths, args.heads, args.kv_heads, args.head_dim = [64], 4, 2, 16
     args.dtype, args.reps, args.devices = "float32", 1, [2]
+    if args.train:
+      args.lengths, args.train_steps = [32], 4
   _setup(args.quick)
-  return run(args)
+  return run_train(args) if args.train else run(args)
 
 
 if __name__ == "__main__":
