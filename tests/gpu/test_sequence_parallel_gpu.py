@@ -12,14 +12,11 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
-from conftest import compare
+from conftest import compare, needs_hopper
 from longax import kernels as K
 from longax.kernels import sequence_parallel as SP
 
-pytestmark = pytest.mark.skipif(
-    jax.default_backend() != "gpu" or jax.device_count() < 2
-    or not str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9"),
-    reason="needs >= 2 Hopper GPUs")
+pytestmark = needs_hopper(2)
 
 B, T, H, HKV, D = 1, 2048, 4, 2, 128
 
