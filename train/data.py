@@ -167,10 +167,13 @@ class TextBytes:
     tmp.replace(data_file)  # atomic: a half-written cache is never picked up
     print(f"longax: caching the byte corpus ({total / 1e6:.1f} MB) in {data_file}", file=sys.stderr)
 
-  def batch(self, split: str, rng, rows=None) -> dict:
+  def corpus(self, split: str):
+    """(bytes [N] of the split, document starts in it)."""
     lo, hi = self.ranges[split]
-    return windows(self.data[lo:hi], self.starts[(self.starts >= lo) & (self.starts < hi)] - lo,
-                   self.cfg, split, rng, rows)
+    return self.data[lo:hi], self.starts[(self.starts >= lo) & (self.starts < hi)] - lo
+
+  def batch(self, split: str, rng, rows=None) -> dict:
+    return windows(*self.corpus(split), self.cfg, split, rng, rows)
 
 
 class Tokens:
@@ -181,8 +184,12 @@ class Tokens:
     self.source = TokenData(cfg.path or "")
     self.cfg, self.vocab_size = cfg, self.source.vocab_size
 
+  def corpus(self, split: str):
+    """(tokens [N] of the split, document starts in it)."""
+    return self.source.split(split)
+
   def batch(self, split: str, rng, rows=None) -> dict:
-    return windows(*self.source.split(split), self.cfg, split, rng, rows)
+    return windows(*self.corpus(split), self.cfg, split, rng, rows)
 
 
 def windows(data: np.ndarray, starts: np.ndarray, cfg: DataConfig, split: str, rng,
