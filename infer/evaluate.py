@@ -81,9 +81,11 @@ def _mesh(raw: str | None):
   from longax.train.trainer import make_mesh
   try:
     sizes = {k.strip(): int(v) for k, v in (item.split("=") for item in raw.split(","))}
-    return make_mesh(MeshConfig(**{"data": 1, **sizes}))
-  except (ValueError, TypeError) as e:
-    raise UsageError(f"--mesh {raw}: expects AXIS=SIZE,... of data, fsdp, tensor ({e})") from None
+    mcfg = MeshConfig(**{"data": 1, **sizes})
+  except (ValueError, TypeError):
+    raise UsageError(f"--mesh {raw}: expects AXIS=SIZE,... of data, fsdp, tensor") from None
+  try:
+    return make_mesh(mcfg)
   except ConfigError as e:
     raise UsageError(f"--mesh {raw}: {e}") from None
 
