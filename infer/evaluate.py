@@ -6,9 +6,11 @@ up to several times the training length. Every task scores teacher-forced throug
 --prefill-chunk and the cache, at any length); a task that does not fit the run is skipped
 with a note.
 
-  ppl_by_position  text_bytes / tokens runs: perplexity by position bucket on windows of
-                   the held-out (val) split, one curve per length (the extrapolation curve);
-                   targets that start a new document do not count, as in training
+  ppl_by_position  text_bytes / tokens runs: perplexity by position bucket ([0, 16), [16, 32),
+                   [32, 64), ...) on --samples windows of the held-out (val) split, one curve
+                   per length (the extrapolation curve), every length's windows starting at
+                   the same places; targets that start a new document do not count, as in
+                   training
   passkey          accuracy over length x depth (a heatmap): a passkey run uses its own
                    synthetic task; a text_bytes / tokens run hides a 5-digit key in held-out
                    text (--needle text|code) and asks for it; a sample counts when every
@@ -49,7 +51,9 @@ def parse_args(argv):
   p.add_argument("--out", default=None, help="output folder (default RUN/eval)")
   p.add_argument("--samples", type=int, default=16, help="sequences per length (and depth / pairs)")
   p.add_argument("--batch-size", type=int, default=8, help="sequences scored together")
-  p.add_argument("--buckets", type=int, default=16, help="ppl_by_position: position buckets")
+  p.add_argument("--first-bucket", type=int, default=16,
+                 help="ppl_by_position: positions [0, N) form the first bucket, then [N, 2N), "
+                      "[2N, 4N), ... (the same buckets at every length)")
   p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="passkey: depths in [0, 1]")
   p.add_argument("--needle", default="text", choices=tuple(NEEDLES),
                  help="passkey on text: an English sentence or a Python assignment")
@@ -114,21 +118,32 @@ class Scorer:
 # ---------------------------------------------------------------------------------- tasks
 
 
+def bucket_edges(length: int, first: int) -> list[int]:
+  """[0, first, 2 first, 4 first, ..., length]: doubling buckets, shared by every length."""
+  edges = [0]
+  while edges[-1] < length:
+    edges.append(min(length, max(first, 2 * edges[-1])))
+  return edges
+
+
 def ppl_by_position(score, corpus, lengths, args) -> dict:
   """nll / perplexity per position bucket of `samples` val windows at each length."""
   data, starts = corpus
+  fit = [n for n in lengths if n + 1 <= len(data)]
+  # every length reads the same windows from the same starts: a causal model's curves
+  # overlap where they share positions, and the longer ones go on past them
+  offsets = np.linspace(0, len(data) - max(fit, default=0) - 1, args.samples).astype(np.int64)
   out = {}
   for length in lengths:
-    if len(data) < length + 1:
+    if length not in fit:
       out[str(length)] = dict(skipped=f"the val split holds {len(data)} tokens, fewer than {length + 1}")
       continue
-    offsets = np.linspace(0, len(data) - length - 1, args.samples).astype(np.int64)
     idx = offsets[:, None] + np.arange(length + 1)
     seqs = np.asarray(data[idx], np.int64)
     docs = np.searchsorted(starts, idx, side="right") - 1
     mask = docs[:, 1:] == docs[:, :-1]
     nll, _ = score(seqs[:, :-1], seqs[:, 1:], f"ppl L={length}")
-    edges = np.linspace(0, length, args.buckets + 1).astype(np.int64)
+    edges = bucket_edges(length, args.first_bucket)
     rows = []
     for lo, hi in zip(edges[:-1], edges[1:]):
       m = mask[:, lo:hi]
@@ -225,8 +240,8 @@ def plot(results: dict, out: pathlib.Path) -> list[str]:
         ax.plot([(x["start"] + x["end"]) / 2 for x in b], [x["ppl"] for x in b], "o-",
                 ms=3, label=f"L={length} (ppl {r['ppl']:.2f})")
     ax.axvline(train_len, color="gray", ls="--", lw=1, label="training length")
-    ax.set(xlabel="position in the context", ylabel="perplexity (val)", yscale="log",
-           title=title)
+    ax.set(xlabel="position in the context (bucket midpoints)", ylabel="perplexity (val)",
+           xscale="log", yscale="log", title=title)
     ax.legend(fontsize=8)
     written.append(_save(fig, out / "ppl_by_position.png"))
   if "passkey" in tasks:
@@ -281,7 +296,7 @@ def check(args, run: dict) -> dict:
     raise UsageError(f"--tasks {args.tasks}: unknown task {bad[0] if bad else '(none)'!r}; "
                      f"valid: {', '.join(TASKS)}")
   for flag, v in (("--samples", args.samples), ("--batch-size", args.batch_size),
-                  ("--buckets", args.buckets), ("--prefill-chunk", args.prefill_chunk)):
+                  ("--first-bucket", args.first_bucket), ("--prefill-chunk", args.prefill_chunk)):
     if v < 1:
       raise UsageError(f"{flag}={v}: must be an int >= 1")
   data = run["data"]

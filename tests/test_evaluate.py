@@ -54,13 +54,14 @@ def test_score_equals_the_full_forward(tokens_run):
 def test_evaluate_a_tokens_run(tokens_run, capsys):
   out = tokens_run / "ev"
   assert evaluate(["--workdir", str(tokens_run), "--lengths", "16,48,128", "--samples", "2",
-                   "--batch-size", "2", "--depths", "0,1", "--buckets", "4",
+                   "--batch-size", "2", "--depths", "0,1", "--first-bucket", "8",
                    "--prefill-chunk", "16", "--out", str(out)]) == 0
   captured = capsys.readouterr()
   assert "note: mqar skipped: needs an mqar run (this one is 'tokens')" in captured.err
   r = json.loads((out / "results.json").read_text())
   ppl = r["tasks"]["ppl_by_position"]
-  assert set(ppl) == {"16", "48", "128"} and len(ppl["48"]["buckets"]) == 4
+  assert set(ppl) == {"16", "48", "128"} and [(b["start"], b["end"]) for b in ppl["48"]["buckets"]] == [
+      (0, 8), (8, 16), (16, 32), (32, 48)]
   assert all(np.isfinite(b["ppl"]) and b["targets"] > 0 for b in ppl["48"]["buckets"])
   assert set(r["tasks"]["passkey"]["accuracy"]) == {f"{n},{d}" for n in (16, 48, 128) for d in (0.0, 1.0)}
   assert r["tasks"]["passkey"]["accuracy"]["16,0.0"] is None, "needle + question exceed 16"
