@@ -226,6 +226,7 @@ def plot(results: dict, out: pathlib.Path) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
   except ImportError:
     print("warning: matplotlib is not installed: no plots (results.json has every number)",
           file=sys.stderr)
@@ -234,14 +235,17 @@ def plot(results: dict, out: pathlib.Path) -> list[str]:
   title = f"{results['name']} (trained at {train_len} tokens)"
   if "ppl_by_position" in tasks:
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    for length, r in tasks["ppl_by_position"].items():
-      if "buckets" in r:
-        b = r["buckets"]
-        ax.plot([(x["start"] + x["end"]) / 2 for x in b], [x["ppl"] for x in b], "o-",
-                ms=3, label=f"L={length} (ppl {r['ppl']:.2f})")
+    curves = [(int(n), r) for n, r in tasks["ppl_by_position"].items() if "buckets" in r]
+    for i, (length, r) in enumerate(sorted(curves, reverse=True)):  # shorter ones on top
+      b = r["buckets"]
+      ax.plot([(x["start"] + x["end"]) / 2 for x in b], [x["ppl"] for x in b], "o-",
+              ms=3 + 1.5 * (len(curves) - 1 - i), lw=1 + 1.2 * (len(curves) - 1 - i),
+              label=f"L={length} (ppl {r['ppl']:.2f})", zorder=2 + i)
     ax.axvline(train_len, color="gray", ls="--", lw=1, label="training length")
     ax.set(xlabel="position in the context (bucket midpoints)", ylabel="perplexity (val)",
            xscale="log", yscale="log", title=title)
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.legend(fontsize=8)
     written.append(_save(fig, out / "ppl_by_position.png"))
   if "passkey" in tasks:
