@@ -232,7 +232,7 @@ def plot(results: dict, out: pathlib.Path) -> list[str]:
           file=sys.stderr)
     return []
   written, tasks, train_len = [], results["tasks"], results["train_seq_len"]
-  title = f"{results['name']} (trained at {train_len} tokens)"
+  title = f"{results['name']}, {results['data_task']} (trained at {train_len} tokens)"
   if "ppl_by_position" in tasks:
     fig, ax = plt.subplots(figsize=(6.4, 4))
     curves = [(int(n), r) for n, r in tasks["ppl_by_position"].items() if "buckets" in r]
