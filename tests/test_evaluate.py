@@ -101,3 +101,12 @@ def test_evaluate_bad_input_is_one_line(tmp_path, capsys, argv, msg):
   assert not (run / "eval").exists()
   assert evaluate(["--workdir", str(tmp_path / "nope")]) == 2
   assert "does not exist" in capsys.readouterr().err
+
+
+def test_infer_prompt_uses_the_runs_tokenizer(tokens_run, capsys):
+  from longax.infer.__main__ import main as infer
+  from longax.train.tokens import TokenData
+  assert infer(["--workdir", str(tokens_run), "--prompt", "alpha beta", "--max-new-tokens", "3"]) == 0
+  text = capsys.readouterr().out.rstrip("\n")
+  tok = TokenData(json.loads((tokens_run / "config.json").read_text())["data"]["path"]).tokenizer()
+  assert text and len(tok.encode(text)) <= 3 + 1  # decoded text, not token ids
