@@ -275,6 +275,9 @@ def plot(results: dict, out: pathlib.Path) -> list[str]:
     ax.axvline(tasks["mqar"]["trained_pairs"], color="gray", ls="--", lw=1, label="trained pairs")
     ax.set(xlabel="key-value pairs", ylabel="answer accuracy", ylim=(0, 1.02), xscale="log",
            title=title)
+    shown = sorted({n for pts in by_len.values() for n, _ in pts})
+    ax.set_xticks(shown, [str(n) for n in shown])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.legend(fontsize=8)
     written.append(_save(fig, out / "mqar.png"))
   return written
