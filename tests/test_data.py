@@ -219,6 +219,17 @@ def test_tokens_config_checks(corpus, tmp_path):
     Dataset(dataclasses.replace(ok.data, path=str(broken)))
 
 
+def test_a_restarted_reader_gives_the_same_batches(corpus):
+  """What exact resume needs of the data: batch i from freshly opened files is batch i."""
+  cfg = C.DataConfig(task="tokens", path=str(corpus), seq_len=40, batch_size=4)
+  first = [Dataset(cfg).batch(split, i) for split in ("train", "val") for i in (0, 7)]
+  again = [Dataset(cfg).batch(split, i) for split in ("train", "val") for i in (0, 7)]
+  for a, b in zip(first, again):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+
+
+@pytest.mark.slow  # three short training runs (the trainer's resume is tested on MQAR too)
 def test_tokens_run_resumes_exactly(corpus, tmp_path):
   from longax.train import Trainer
   cfg = C.override(C.load(ROOT / "tests" / "tiny_train_config.py"), [

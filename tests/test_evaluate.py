@@ -71,8 +71,14 @@ def test_evaluate_a_tokens_run(tokens_run, capsys):
                                                   "results.json"]
 
 
-def test_evaluate_an_mqar_run(tmp_path, capsys):
-  run = _train(tmp_path / "run")
+def test_evaluate_an_mqar_run(tokens_run, tmp_path, capsys):
+  """The tokens run's checkpoint under an MQAR run config (the same model; no training)."""
+  import shutil
+  run = tmp_path / "run"
+  shutil.copytree(tokens_run / "checkpoints", run / "checkpoints")
+  cfg = json.loads((tokens_run / "config.json").read_text())
+  cfg["data"].update(task="mqar", vocab_size=32, num_kv_pairs=4)
+  (run / "config.json").write_text(json.dumps(cfg))
   assert evaluate(["--workdir", str(run), "--tasks", "mqar,ppl_by_position", "--lengths",
                    "32,64", "--pairs", "2,4,20", "--samples", "2", "--batch-size", "2"]) == 0
   assert "note: ppl_by_position skipped: needs a text_bytes or tokens run" in capsys.readouterr().err
