@@ -30,7 +30,7 @@ import sys
 import numpy as np
 
 from longax.models.config import ConfigError
-from longax.train.tokens import FORMAT, SPLITS, Tokenizer, token_dtype
+from longax.train.tokens import FORMAT, Tokenizer, token_dtype
 
 TOKEN_SUFFIXES = (".npy", ".bin")
 LLMC_MAGIC, LLMC_HEADER = 20240520, 256  # llm.c: 256 int32 header, then the tokens
