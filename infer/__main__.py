@@ -1,7 +1,8 @@
 """python -m longax.infer --workdir DIR (--prompt TEXT | --prompt-tokens 1,2,3) --max-new-tokens N
 
 Loads DIR/config.json and the newest readable checkpoint in DIR/checkpoints and prints the
-continuation: text for byte-level models (data.task=text_bytes), token ids otherwise.
+continuation: text for `--prompt` (byte-level runs, data.task=text_bytes, and token runs
+whose prepared data has a tokenizer), token ids for `--prompt-tokens`.
 Bad input (a flag out of range, no workdir, no checkpoint, a prompt the tokenizer can't
 encode or longer than the model takes) exits 2 with one line on stderr, before the model
 is loaded.
@@ -29,7 +30,7 @@ def parse_args(argv):
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--workdir", required=True, help="a training run folder")
   g = p.add_mutually_exclusive_group(required=True)
-  g.add_argument("--prompt", help="text (byte-level models)")
+  g.add_argument("--prompt", help="text (runs with a tokenizer: text_bytes, tokens)")
   g.add_argument("--prompt-tokens", help="comma-separated token ids")
   p.add_argument("--max-new-tokens", type=int, default=64,
                  help="tokens to generate (>= 1); with a full-attention layer, prompt + new "
@@ -131,13 +132,23 @@ def load_model(workdir: pathlib.Path, streaming: str | tuple[int, int] | None = 
   return model, run
 
 
-def encode(args, run, vocab: int) -> list[int]:
-  byte_level = run.get("data", {}).get("task") == "text_bytes"
+def tokenizer_of(run):
+  """The run's tokenizer (bytes for text_bytes, the prepared folder's for tokens), else None."""
+  from longax.models.config import ConfigError
+  from longax.train.tokens import run_tokenizer
+  try:
+    return run_tokenizer(run)
+  except ConfigError as e:
+    raise UsageError(f"the run's tokenizer: {e}") from None
+
+
+def encode(args, run, vocab: int, tokenizer=None) -> list[int]:
   if args.prompt is not None:
-    if not byte_level:
-      raise UsageError(f"--prompt needs a byte-level model (data.task=text_bytes); this run's "
-                       f"task is {run.get('data', {}).get('task')!r}: use --prompt-tokens")
-    tokens = list(args.prompt.encode("utf-8"))
+    if tokenizer is None:
+      raise UsageError(f"--prompt needs a run with a tokenizer (data.task=text_bytes, or tokens "
+                       f"prepared with one); this run's task is "
+                       f"{run.get('data', {}).get('task')!r}: use --prompt-tokens")
+    tokens = tokenizer.encode(args.prompt)
   else:
     tokens = _ints("--prompt-tokens", args.prompt_tokens)
   bad = [t for t in tokens if not 0 <= t < vocab]
@@ -192,7 +203,8 @@ def main(argv=None) -> int:
     workdir = pathlib.Path(args.workdir)
     cfg, run = read_config(workdir, streaming)
     checkpoint_steps(workdir)
-    tokens = encode(args, run, cfg.vocab_size)
+    tokenizer = tokenizer_of(run) if args.prompt is not None else None
+    tokens = encode(args, run, cfg.vocab_size, tokenizer)
     from longax.infer.generate import check_request, check_sequence_parallel, generate
     request = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stop,
@@ -211,7 +223,7 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   if args.prompt is not None:
-    print(bytes(out).decode("utf-8", errors="replace"))
+    print(tokenizer.decode(out))
   else:
     print(",".join(map(str, out)))
   return 0

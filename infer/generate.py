@@ -18,6 +18,8 @@
   length. A prompt too short for every chunk to hold a short conv's reach (d_conv - 1
   tokens) prefills as without the axis. The batch is replicated over data / fsdp during
   the SP pass (each prompt prefills alone), then decoding runs as without the axis.
+- `score(model, tokens, targets)`: teacher-forced nll and argmax hits of every position
+  through the same chunked prefill (`longax.infer.evaluate` uses it at any length).
 - Length: a model with a full-attention layer (softmax / sigmoid without `attention.window`)
   takes at most `cfg.max_len` tokens, prompt + new: its KV cache holds max_len positions
   (beyond them it would wrap and silently forget) and sigmoid attention's bias is
@@ -212,6 +214,54 @@ def _decode_loop(model, cache, logits, key, stop, *, max_new, temperature, top_k
   return out, lengths
 
 
+def on_mesh(model, mesh: Mesh | None):
+  """A copy of `model` with parameters laid out by `models.sharding` on `mesh` (None: model)."""
+  if mesh is None:
+    return model
+  graphdef, state = nnx.split(model)
+  return nnx.merge(graphdef, jax.device_put(state, shardings(state, mesh)))
+
+
+@nnx.jit
+def _score_chunk(model, tokens, targets, cache):
+  logits, cache = model.decode(tokens, cache)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  return nll, jnp.argmax(logits, axis=-1) == targets, cache
+
+
+def score(model, tokens, targets, *, prefill_chunk: int = 256, mesh: Mesh | None = None):
+  """Teacher-forced scoring through the decode caches: tokens, targets [B, T] ints ->
+  (nll [B, T] float32, hit [B, T] bool: the argmax is the target), numpy. The rows prefill
+  together in chunks of `prefill_chunk` tokens (the last padded), so memory stays bounded
+  by the chunk and the cache, not T x vocab; any T a cache holds (full attention: the cache
+  holds T positions, whatever max_len was; its parameters are unchanged). `mesh`: parameters
+  as `generate`, rows over `data` where they divide."""
+  tokens, targets = np.asarray(tokens, np.int32), np.asarray(targets, np.int32)
+  b, t = tokens.shape
+  if prefill_chunk < 1:
+    raise FieldError("prefill_chunk", prefill_chunk, "must be an int >= 1", owner="score: ")
+  model = on_mesh(model, mesh)
+  chunk = min(prefill_chunk, t)
+  padded = -(-t // chunk) * chunk
+  pad = lambda x: np.pad(x, ((0, 0), (0, padded - t)))
+  tokens, targets = pad(tokens), pad(targets)
+  cache = model.init_cache(b, -(-padded // BUCKET) * BUCKET)
+  rows = None
+  if mesh is not None and b % mesh.shape.get("data", 1) == 0:
+    rows = NamedSharding(mesh, P("data"))
+    cache = jax.device_put(cache, rows)
+  nll, hit = [], []
+  for s in range(0, padded, chunk):
+    x, y = tokens[:, s:s + chunk], targets[:, s:s + chunk]
+    if rows is not None:
+      x, y = jax.device_put((x, y), rows)
+    n, h, cache = _score_chunk(model, x, y, cache)
+    nll.append(np.asarray(n))
+    hit.append(np.asarray(h))
+  return np.concatenate(nll, 1)[:, :t], np.concatenate(hit, 1)[:, :t]
+
+
 def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              stop_tokens=(), prefill_chunk: int = 64, mesh: Mesh | None = None,
@@ -228,9 +278,7 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
                 prefill_chunk=prefill_chunk)
   p = sequence_axis(mesh)
   check_sequence_parallel(model.cfg, p, sp_attention, sp_layout)
-  if mesh is not None:  # a sharded copy; the caller's model stays where it is
-    graphdef, state = nnx.split(model)
-    model = nnx.merge(graphdef, jax.device_put(state, shardings(state, mesh)))
+  model = on_mesh(model, mesh)
   cache_len = -(-(max(map(len, prompts)) + max_new_tokens) // BUCKET) * BUCKET
   if p > 1:  # each prompt prefills alone: its batch of 1 is replicated over data / fsdp
     sp = SequenceParallel(mesh, sp_attention, sp_layout, batch_axes=())

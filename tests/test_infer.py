@@ -207,7 +207,7 @@ def test_cli(tmp_path):
                     (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1,x"), "comma-separated integers"),
                     (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1", "--streaming", "4"),
                      "--streaming expects SINKS,WINDOW"),
-                    (("--workdir", str(tmp_path / "run"), "--prompt", "hi"), "needs a byte-level model"),
+                    (("--workdir", str(tmp_path / "run"), "--prompt", "hi"), "needs a run with a tokenizer"),
                     (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1,500"), "outside [0, 32)"),
                     (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1", "--max-new-tokens", "4",
                       "--sequence-parallel", "2"),

@@ -21,13 +21,13 @@ from longax.models import config as model_config
 from longax.models.config import ConfigError, FieldError, at_least, flag, number, one_of, text
 from longax.models.config import from_dict as dataclass_from_dict
 
-TASKS = ("mqar", "selective_copy", "induction", "passkey", "text_bytes")
+TASKS = ("mqar", "selective_copy", "induction", "passkey", "text_bytes", "tokens")
 PASSKEY_DIGITS = 4
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  task: str = "mqar"  # mqar | selective_copy | induction | passkey | text_bytes
+  task: str = "mqar"  # mqar | selective_copy | induction | passkey | text_bytes | tokens
   seq_len: int = 64
   batch_size: int = 32
   seed: int = 0
@@ -35,7 +35,9 @@ class DataConfig:
   num_kv_pairs: int = 8  # mqar
   num_tokens: int = 8  # selective_copy: tokens to copy
   depth: float = 0.5  # passkey: where in the context the key sits (0..1)
-  path: str | None = None  # text_bytes: a file or directory (default: Python's stdlib)
+  # text_bytes: a file or directory (default: Python's stdlib); tokens: a folder written by
+  # `python -m longax.train.prepare` (its vocabulary must fit model.vocab_size)
+  path: str | None = None
   val_fraction: float = 0.05  # text_bytes: last documents held out
   # text_bytes: where the corpus cache goes (default $LONGAX_CACHE_DIR, else
   # $XDG_CACHE_HOME/longax or ~/.cache/longax)
@@ -124,9 +126,13 @@ def validate(cfg: ExperimentConfig, n_devices: int | None = None) -> ExperimentC
     raise e.under("model") from None
   check_data(cfg.data)
   d, m = cfg.data, cfg.model
-  data_vocab = 256 if d.task == "text_bytes" else d.vocab_size
+  data_vocab, what = (256, "256 bytes (data.task='text_bytes')") if d.task == "text_bytes" else (
+      d.vocab_size, f"data.vocab_size={d.vocab_size}")
+  if d.task == "tokens":
+    from longax.train.tokens import read_meta
+    data_vocab = int(read_meta(d.path)["vocab_size"])
+    what = f"the vocabulary of data.path={d.path!r} ({data_vocab} tokens)"
   if m.vocab_size < data_vocab:
-    what = "256 bytes (data.task='text_bytes')" if d.task == "text_bytes" else f"data.vocab_size={d.vocab_size}"
     raise FieldError("model.vocab_size", m.vocab_size, f"must be >= {what}")
   if d.seq_len > m.max_len:
     raise FieldError("data.seq_len", d.seq_len, f"must be <= model.max_len={m.max_len}, the "
@@ -175,12 +181,15 @@ def check_data(d: DataConfig) -> None:
       "selective_copy": (2 * d.num_tokens, 3),  # blanks among which to scatter, then a copy
       "induction": (3, 3),
       "passkey": (2 * PASSKEY_DIGITS + 1, 16),  # marker + key, question + key
-      "text_bytes": (1, 1)}[d.task]
+      "text_bytes": (1, 1), "tokens": (1, 1)}[d.task]
   if d.seq_len < need_len:
     raise FieldError("data.seq_len", d.seq_len, f"must be >= {need_len} for data.task={d.task!r}"
                      + (f" with num_kv_pairs={d.num_kv_pairs}" if d.task == "mqar" else "")
                      + (f" with num_tokens={d.num_tokens}" if d.task == "selective_copy" else ""))
-  if d.task != "text_bytes" and d.vocab_size < need_vocab:
+  if d.task == "tokens" and not d.path:
+    raise FieldError("data.path", d.path, "must name a folder written by python -m "
+                     "longax.train.prepare for data.task='tokens'")
+  if d.task not in ("text_bytes", "tokens") and d.vocab_size < need_vocab:
     raise FieldError("data.vocab_size", d.vocab_size, f"must be >= {need_vocab} for "
                      f"data.task={d.task!r}" + (f" with num_kv_pairs={d.num_kv_pairs}"
                                                 if d.task == "mqar" else ""))

@@ -1,10 +1,11 @@
-"""Data: synthetic recall tasks generated on the fly and byte-level text, both stateless.
+"""Data: synthetic recall tasks generated on the fly, byte-level text and prepared token
+corpora (`data.task=tokens`, `longax.train.prepare`), all stateless.
 
 A batch is a pure function of (seed, split, index): the input pipeline's position is the
 batch index, which the checkpoint stores, so a resumed run sees exactly the batches an
 uninterrupted one would. Every batch is a dict of numpy arrays:
   tokens [B, T] int32, targets [B, T] int32, mask [B, T] float32 (where the loss counts),
-  segment_ids [B, T] int32 (text only: document ids of packed windows).
+  segment_ids [B, T] int32 (text_bytes, tokens: document ids of packed windows).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 
 from longax.train.config import (PASSKEY_DIGITS, TASKS, ConfigError, DataConfig, FieldError,
                                  check_data)
+from longax.train.tokens import TokenData
 
 _SPLITS = {"train": 0, "val": 1}
 
@@ -165,33 +167,69 @@ class TextBytes:
     tmp.replace(data_file)  # atomic: a half-written cache is never picked up
     print(f"longax: caching the byte corpus ({total / 1e6:.1f} MB) in {data_file}", file=sys.stderr)
 
-  def batch(self, split: str, rng) -> dict:
+  def corpus(self, split: str):
+    """(bytes [N] of the split, document starts in it)."""
     lo, hi = self.ranges[split]
-    t, b = self.cfg.seq_len + 1, self.cfg.batch_size
-    if hi - lo < t:
-      raise ConfigError(f"the {split} split holds {hi - lo} bytes, fewer than seq_len+1={t}")
-    offsets = rng.integers(lo, hi - t + 1, b)
-    idx = offsets[:, None] + np.arange(t)
-    seqs = np.asarray(self.data[idx], np.int64)
-    docs = np.searchsorted(self.starts, idx, side="right") - 1
-    out = _pack(seqs, np.ones_like(seqs, bool))
-    out["mask"] = (docs[:, 1:] == docs[:, :-1]).astype(np.float32)  # no cross-document targets
-    out["segment_ids"] = (docs[:, :-1] - docs[:, :1]).astype(np.int32)
-    return out
+    return self.data[lo:hi], self.starts[(self.starts >= lo) & (self.starts < hi)] - lo
+
+  def batch(self, split: str, rng, rows=None) -> dict:
+    return windows(*self.corpus(split), self.cfg, split, rng, rows)
+
+
+class Tokens:
+  """A prepared token folder (`python -m longax.train.prepare`, `longax.train.tokens`):
+  packed windows of each split, as text_bytes."""
+
+  def __init__(self, cfg: DataConfig):
+    self.source = TokenData(cfg.path or "")
+    self.cfg, self.vocab_size = cfg, self.source.vocab_size
+
+  def corpus(self, split: str):
+    """(tokens [N] of the split, document starts in it)."""
+    return self.source.split(split)
+
+  def batch(self, split: str, rng, rows=None) -> dict:
+    return windows(*self.corpus(split), self.cfg, split, rng, rows)
+
+
+def windows(data: np.ndarray, starts: np.ndarray, cfg: DataConfig, split: str, rng,
+            rows=None) -> dict:
+  """Windows of seq_len + 1 tokens at random offsets of `data` (one split, documents
+  starting at `starts`); `segment_ids` number the documents within a row and the loss skips
+  cross-document targets. `rows` (default all): the only rows read; the others stay zero
+  (a host of a multi-host run reads only its own), the offsets being drawn for every row."""
+  t, b = cfg.seq_len + 1, cfg.batch_size
+  if len(data) < t:
+    raise ConfigError(f"the {split} split holds {len(data)} tokens, fewer than seq_len+1={t}")
+  offsets = rng.integers(0, len(data) - t + 1, b)
+  rows = np.arange(b) if rows is None else np.asarray(rows, np.int64)
+  idx = offsets[rows, None] + np.arange(t)
+  seqs = np.zeros((b, t), np.int64)
+  seqs[rows] = data[idx]
+  docs = np.zeros((b, t), np.int64)
+  docs[rows] = np.searchsorted(starts, idx, side="right") - 1
+  out = _pack(seqs, np.ones_like(seqs, bool))
+  out["mask"] = (docs[:, 1:] == docs[:, :-1]).astype(np.float32)  # no cross-document targets
+  out["mask"][np.setdiff1d(np.arange(b), rows)] = 0.0
+  out["segment_ids"] = (docs[:, :-1] - docs[:, :1]).astype(np.int32)
+  return out
 
 
 class Dataset:
   """`Dataset(cfg).batch(split, index)`: the index-th batch of a split. The byte corpus
-  cache goes to `cache` (default `cache_dir(cfg)`)."""
+  cache goes to `cache` (default `cache_dir(cfg)`). `rows`: the batch rows this process
+  needs (the corpora read only those; the synthetic tasks make them all)."""
 
   def __init__(self, cfg: DataConfig, cache: str | pathlib.Path | None = None):
     check_data(cfg)
     self.cfg = cfg
-    self.text = (TextBytes(cfg, cache or cache_dir(cfg)) if cfg.task == "text_bytes" else None)
-    self.vocab_size = 256 if self.text else cfg.vocab_size
+    self.text = (TextBytes(cfg, cache or cache_dir(cfg)) if cfg.task == "text_bytes" else
+                 Tokens(cfg) if cfg.task == "tokens" else None)
+    self.vocab_size = (256 if cfg.task == "text_bytes" else self.text.vocab_size if self.text
+                       else cfg.vocab_size)
 
-  def batch(self, split: str, index: int) -> dict:
+  def batch(self, split: str, index: int, rows=None) -> dict:
     rng = _rng(self.cfg, split, index)
     if self.text is not None:
-      return self.text.batch(split, rng)
+      return self.text.batch(split, rng, rows)
     return getattr(sys.modules[__name__], self.cfg.task)(self.cfg, rng)

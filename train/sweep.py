@@ -355,7 +355,8 @@ def default_plots(points: list[Point]) -> tuple[Plot, ...]:
   swept = [k for k in swept if k != "train.seed"]
   if not swept:
     return ()
-  y = "best_eval_accuracy" if points[0].cfg.data.task != "text_bytes" else "best_eval_loss"
+  y = ("best_eval_accuracy" if points[0].cfg.data.task not in ("text_bytes", "tokens")
+       else "best_eval_loss")
   return (Plot(x=swept[0], y=y, hue=swept[1] if len(swept) > 1 else None),)
 
 

@@ -153,6 +153,15 @@ class Trainer:
     return {k: jax.make_array_from_callback(v.shape, self.batch_sharding, lambda i, v=v: v[i])
             for k, v in batch.items()}
 
+  def _batch(self, split: str, index: int) -> dict:
+    """The global batch with only this process's rows read (all of them on one host)."""
+    rows = None
+    if jax.process_count() > 1:  # rows split over hosts; zigzag permutes only within a row
+      b, t = self.cfg.data.batch_size, self.cfg.data.seq_len
+      where = self.batch_sharding.addressable_devices_indices_map((b, t)).values()
+      rows = sorted({r for idx in where for r in range(*idx[0].indices(b))})
+    return self.data.batch(split, index, rows)
+
   # ------------------------------------------------------------------ checkpoints
   def _manager(self):
     # max_to_keep=None: orbax deletes nothing; `_prune` keeps the newest readable ones, so
@@ -254,7 +263,7 @@ class Trainer:
   def evaluate(self, params) -> dict:
     sums = dict(loss=0.0, accuracy=0.0)
     for i in range(self.cfg.train.eval_batches):
-      loss, metrics = self.eval_step(params, self._device_batch(self.data.batch("val", i)))
+      loss, metrics = self.eval_step(params, self._device_batch(self._batch("val", i)))
       sums["loss"] += float(loss)
       sums["accuracy"] += float(metrics["accuracy"])
     out = {f"eval_{k}": v / self.cfg.train.eval_batches for k, v in sums.items()}
@@ -290,7 +299,7 @@ class Trainer:
     last_saved, t0, since = start, time.perf_counter(), 0
     try:
       for step in range(start + 1, tc.steps + 1):
-        state, out = self.train_step(state, self._device_batch(self.data.batch("train", step - 1)))
+        state, out = self.train_step(state, self._device_batch(self._batch("train", step - 1)))
         out = {k: float(v) for k, v in jax.device_get(out).items()}
         since += 1
         if not math.isfinite(out["loss"]):
