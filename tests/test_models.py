@@ -30,6 +30,8 @@ CONFIGS["softmax-window-sinks"] = tiny("softmax", attention=AttentionConfig(wind
 CONFIGS["sigmoid-window-qknorm"] = tiny("sigmoid", attention=AttentionConfig(window=5, qk_norm=True))
 CONFIGS["hybrid"] = tiny("mamba2", n_layers=3, layer_pattern=("mamba2", "gla", "softmax"))
 CONFIGS["hybrid-all"] = tiny("softmax", n_layers=len(MIXERS), layer_pattern=MIXERS)
+CONFIGS["conv"] = tiny("softmax", n_layers=3, layer_pattern=("softmax", "based", "gla"),
+                       short_conv=3, attention=AttentionConfig(window=5))  # q, k, v short conv
 
 
 def _tokens(seed=1, b=2, t=T):
@@ -163,7 +165,7 @@ def test_layer_errors():
 
 
 @pytest.mark.parametrize("name", ["softmax-window", "sigmoid", "based", "gla", "retnet",
-                                  "mamba", "mamba2", "hybrid"])
+                                  "mamba", "mamba2", "hybrid", "conv"])
 def test_packed_row_equals_documents(name):
   """(Sinks are absolute positions, so a packed row with sinks is not document-exact.)"""
   cfg = tiny("softmax", attention=AttentionConfig(window=4)) if name == "softmax-window" else CONFIGS[name]
