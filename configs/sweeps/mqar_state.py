@@ -30,11 +30,20 @@ from longax.train.config import DataConfig, ExperimentConfig, OptimConfig, Train
 from longax.train.sweep import Plot, Sweep
 
 MIXERS = ("softmax", "based", "mamba", "mamba2", "gla", "linear")
+SSM = ("mamba", "mamba2")  # their conv is model.<mixer>.d_conv; the others' model.short_conv
 SIZES = {  # widths, pairs, steps, seq_len
     "smoke": ((32,), (4,), 50, 32),
     "small": ((32, 64), (4, 8), 300, 64),
     "full": ((32, 64, 128, 256), (4, 8, 16), 2000, 128),
 }
+CONV = 4  # the short conv's kernel when on; off: none (attention, linear) or 1 (Mamba)
+
+
+def conv(mixer: str, on: bool) -> dict:
+  """The override that turns `mixer`'s short causal conv on or off."""
+  if mixer in SSM:
+    return {f"model.{mixer}.d_conv": CONV if on else 1}
+  return {"model.short_conv": CONV if on else 0}
 
 
 def base(steps: int, seq_len: int) -> ExperimentConfig:
@@ -54,12 +63,12 @@ def get_sweep() -> Sweep:
   if size not in SIZES:
     raise ValueError(f"MQAR_SWEEP={size!r}: must be one of {', '.join(SIZES)}")
   widths, pairs, steps, seq_len = SIZES[size]
-  points = [{"model.mixer": m} for m in MIXERS]
-  points += [{"model.mixer": m, f"model.{m}.d_conv": 1} for m in ("mamba", "mamba2")]
-  hue = ("model.mixer", "model.mamba.d_conv", "model.mamba2.d_conv")
+  points = [{"model.mixer": m} | conv(m, on) for on in (True, False) for m in MIXERS]
+  hue = ("model.mixer", "model.short_conv", "model.mamba.d_conv", "model.mamba2.d_conv")
   plots = [Plot(x="state_size", y="best_eval_accuracy", hue=hue, logx=True,
                 where={"data.num_kv_pairs": n}, file=f"accuracy_vs_state_{n}pairs.png",
-                title=f"MQAR, {n} key-value pairs, seq {seq_len} (d_conv=1: no short conv)")
+                title=f"MQAR, {n} key-value pairs, seq {seq_len} "
+                      f"(short_conv=0 / d_conv=1: no short conv)")
            for n in pairs]
   return Sweep(base=base(steps, seq_len), points=points,
                grid={"data.num_kv_pairs": pairs, "model.d_model": widths}, plots=plots)
