@@ -197,7 +197,7 @@ SHIPPED = pathlib.Path(__file__).resolve().parents[1] / "configs" / "sweeps"
 
 
 @pytest.mark.parametrize("name, env, n", [
-    ("mqar_state.py", {}, 48), ("mqar_state.py", {"MQAR_SWEEP": "smoke"}, 12),
+    ("mqar_state.py", {}, 24), ("mqar_state.py", {"MQAR_SWEEP": "smoke"}, 12),
     ("mqar_state.py", {"MQAR_SWEEP": "full"}, 144), ("sigmoid_bias.py", {}, 6),
     ("throughput.py", {}, 27), ("throughput.py", {"THROUGHPUT_SWEEP": "gpu"}, 45),
 ])

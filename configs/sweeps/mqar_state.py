@@ -29,11 +29,11 @@ from longax.models import LinearConfig, LMConfig
 from longax.train.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
 from longax.train.sweep import Plot, Sweep
 
-MIXERS = ("softmax", "based", "mamba", "mamba2", "gla", "linear")
+MIXERS = ("softmax", "gla", "linear", "mamba2", "based", "mamba")  # cheapest on CPU first
 SSM = ("mamba", "mamba2")  # their conv is model.<mixer>.d_conv; the others' model.short_conv
 SIZES = {  # widths, pairs, steps, seq_len
     "smoke": ((32,), (4,), 50, 32),
-    "small": ((32, 64), (4, 8), 300, 64),
+    "small": ((64,), (4, 8), 250, 64),
     "full": ((32, 64, 128, 256), (4, 8, 16), 2000, 128),
 }
 CONV = 4  # the short conv's kernel when on; off: none (attention, linear) or 1 (Mamba)
@@ -63,7 +63,7 @@ def get_sweep() -> Sweep:
   if size not in SIZES:
     raise ValueError(f"MQAR_SWEEP={size!r}: must be one of {', '.join(SIZES)}")
   widths, pairs, steps, seq_len = SIZES[size]
-  points = [{"model.mixer": m} | conv(m, on) for on in (True, False) for m in MIXERS]
+  points = [{"model.mixer": m} | conv(m, on) for m in MIXERS for on in (True, False)]
   hue = ("model.mixer", "model.short_conv", "model.mamba.d_conv", "model.mamba2.d_conv")
   plots = [Plot(x="state_size", y="best_eval_accuracy", hue=hue, logx=True,
                 where={"data.num_kv_pairs": n}, file=f"accuracy_vs_state_{n}pairs.png",
