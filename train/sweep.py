@@ -397,10 +397,10 @@ def plot(workdir: pathlib.Path, rows: list[dict], spec: Plot) -> pathlib.Path | 
     xs = sorted(by_x, key=lambda v: v if numeric_x else categories.index(v))
     pos = xs if numeric_x else [categories.index(x) for x in xs]
     ax.plot(pos, [sum(by_x[x]) / len(by_x[x]) for x in xs], "o-", label=label or None)
+  ax.set_xscale("log" if spec.logx and numeric_x else "linear")  # (resets the ticks: first)
+  ax.set_yscale("log" if spec.logy else "linear")
   if categories:
     ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
-  ax.set_xscale("log" if spec.logx and numeric_x else "linear")
-  ax.set_yscale("log" if spec.logy else "linear")
   ax.set(xlabel=spec.x, ylabel=spec.y, title=spec.title or workdir.name)
   if spec.hue and groups:
     ax.legend(title=spec.hue if isinstance(spec.hue, str) else spec.hue[0], fontsize=8)

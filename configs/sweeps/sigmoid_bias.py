@@ -28,5 +28,5 @@ def get_sweep() -> Sweep:
             {"model.mixer": "sigmoid", "model.attention.sigmoid_bias": 0.0}]
   return Sweep(base=override(load(CONFIG), SMALL), points=points, seeds=(0, 1),
                plots=[Plot(x="model.mixer", y="best_eval_bits_per_byte",
-                           hue="model.attention.sigmoid_bias",
+                           hue=("model.mixer", "model.attention.sigmoid_bias"),
                            title="byte LM: softmax vs sigmoid (bias none = -log n)")])
