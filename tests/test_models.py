@@ -124,6 +124,15 @@ def test_config_errors():
     tiny("softmax", attention=AttentionConfig(window=0))
   with pytest.raises(ValueError, match=r"mixer='gla': is not in layer_pattern=\('softmax',\)"):
     tiny("gla", layer_pattern=("softmax",))
+  with pytest.raises(ValueError, match="LMConfig: short_conv=-1: must be an int >= 0$"):
+    tiny("softmax", short_conv=-1)
+
+
+def test_conv_reach():
+  """The reach sequence-parallel chunks must hold: the widest short conv the layers use."""
+  assert tiny("softmax").conv_reach == 0 and tiny("softmax", short_conv=3).conv_reach == 2
+  assert tiny("mamba", short_conv=6).conv_reach == 3  # mamba.d_conv=4; short_conv unused
+  assert tiny("mamba", n_layers=2, layer_pattern=("mamba", "gla"), short_conv=6).conv_reach == 5
 
 
 def test_layer_pattern_repeats():
