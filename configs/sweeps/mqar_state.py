@@ -4,23 +4,27 @@
     MQAR_SWEEP=full python -m longax.train.sweep configs/sweeps/mqar_state.py --workdir runs/mqar_state_full
 
 Attention, Based, Mamba, Mamba-2, GLA and plain linear attention, each as a 2-layer model, at
-several widths (model.d_model) and key-value counts (data.num_kv_pairs); Mamba and Mamba-2
-also without their short causal conv (d_conv=1: a per-channel scale, no mixing over time).
-The paper's claim (Arora et al. 2023, Zoology): attention solves MQAR at every width; a
-fixed-state mixer needs state that grows with the number of pairs. The x axis is
+several widths (model.d_model) and key-value counts (data.num_kv_pairs), each with its short
+causal conv (kernel 4) and without: model.short_conv=4 / 0 for attention and the linear
+mixers (on q, k, v), model.mamba.d_conv / model.mamba2.d_conv=4 / 1 for the Mamba mixers
+(1: a per-channel scale, no mixing over time). The paper's claim (Arora et al. 2023,
+Zoology): attention solves MQAR at every width; a fixed-state mixer needs state that grows
+with the number of pairs; a short conv helps every mixer. The x axis is
 `longax.models.state_size` (decode-state bytes after seq_len tokens: attention's KV cache
 grows with the sequence, the others' do not).
 
-Sizes (MQAR_SWEEP=...): "small" (default): widths 32, 64, 4 and 8 pairs, 300 steps, 32
-points; "smoke": width 32, 4 pairs, 50 steps, sequence 32 (checks the pipeline, not the
-claim); "full": widths 32-256, 4-16 pairs, 2000 steps, sequence 128. More steps:
---set train.steps=N; a mixer's options: --set model.linear.feature_dim=... (not swept keys).
+Sizes (MQAR_SWEEP=...): "small" (default, for CPU): width 64, 4 and 8 pairs, sequence 64,
+250 steps, 24 points; "smoke": width 32, 4 pairs, 50 steps, sequence 32, 12 points (checks
+the pipeline, not the claim); "full": widths 32-256, 4-16 pairs, 2000 steps, sequence 128,
+144 points (a GPU's). More steps: --set train.steps=N; a mixer's options: --set
+model.linear.feature_dim=... (not swept keys). On the CPU sizes the Mamba-1 points run with
+model.impl=reference: its sequential scan is ~4x faster on CPU than the chunked XLA one
+(0.54 s vs 2.2 s per forward+backward at [32, 64, 128] x 16 states, 2026-11-26).
 
-Cost on 2 shared CPU cores (2026-11-26, 100 steps, d_model 64, 8 pairs, one point each):
-softmax 24 s, Mamba-2 36 s, Based 61 s, Mamba 151 s (its selective scan's XLA path is slow
-on CPU), so "small" takes about an hour on CPU; on a GPU it is minutes. Not yet here:
-attention and the linear mixers have no short causal conv in longax, so conv on/off is
-swept for Mamba and Mamba-2 only.
+Cost of "small" on 2 CPU cores shared with other jobs (load ~16, 2026-11-26, --jobs 2-3):
+softmax ~300 s a point, GLA ~470 s; the whole sweep took about an hour. Width 32 is left
+out of "small": at 300 steps even attention with the conv stayed at 0.55 (4 pairs) and 0.10
+(8 pairs) accuracy there (it needs more steps, not more state).
 """
 
 import os
