@@ -22,7 +22,9 @@ model.impl=reference: its sequential scan is ~4x faster on CPU than the chunked 
 (0.54 s vs 2.2 s per forward+backward at [32, 64, 128] x 16 states, 2026-11-26).
 
 Cost of "small" on 2 CPU cores shared with other jobs (load ~16, 2026-11-26, --jobs 2-3):
-softmax ~300 s a point, GLA ~470 s; the whole sweep took about an hour. Width 32 is left
+linear ~150-200 s a point, softmax ~300 s, GLA, Mamba-2 and Mamba-1 (reference scan) ~450 s,
+Based 450-700 s; the whole sweep took about an hour. Results and plots:
+benchmarks/results/sweeps/mqar_state/ and the README (Sweeps: Results). Width 32 is left
 out of "small": at 300 steps even attention with the conv stayed at 0.55 (4 pairs) and 0.10
 (8 pairs) accuracy there (it needs more steps, not more state).
 """
