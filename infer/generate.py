@@ -15,7 +15,7 @@
   ops (`layers.sequence`: ring or Ulysses attention, LASP-2, convs with left context),
   which fill the same caches a single-device prefill would; the < P (2P) tokens left go
   through single-token steps, so any length works, unpadded. One compile per prefix
-  length. A prompt too short for every chunk to hold a short conv's reach (d_conv - 1
+  length. A prompt too short for every chunk to hold a short conv's reach (kernel - 1
   tokens) prefills as without the axis. The batch is replicated over data / fsdp during
   the SP pass (each prompt prefills alone), then decoding runs as without the axis.
 - `score(model, tokens, targets)`: teacher-forced nll and argmax hits of every position
@@ -45,7 +45,6 @@ from longax.models.sharding import shardings
 
 BUCKET = 64
 LAYOUTS = ("contiguous", "zigzag")
-CONV_MIXERS = ("mamba", "mamba2")
 _RULES = dict(max_new_tokens=at_least(1), temperature=number(0), top_k=at_least(1, none=True),
               top_p=number(0, 1, lo_open=True, none=True), prefill_chunk=at_least(1),
               seed=lambda v: None if isinstance(v, int) and not isinstance(v, bool) else "must be an int")
@@ -124,8 +123,6 @@ def check_sequence_parallel(cfg, p: int, attention: str = "ring",
                        f"divide or be divisible by the sequence axis {p}: use ring", owner="generate: ")
 
 
-def _conv_reach(cfg) -> int:
-  return max([getattr(cfg, m).d_conv - 1 for m in CONV_MIXERS if m in cfg.layer_mixers] + [1])
 
 
 def sample(logits, key, temperature: float, top_k: int | None, top_p: float | None):
@@ -165,7 +162,7 @@ def _prefill_sp(model, prompt: list[int], cache_len: int, chunk: int, sp: Sequen
   single-token steps; as `_prefill` where the prompt is too short."""
   parts = sp.size * (2 if sp.layout == "zigzag" else 1)
   n = len(prompt) // parts * parts
-  if n == 0 or n // parts < _conv_reach(model.cfg):
+  if n == 0 or n // parts < max(model.cfg.conv_reach, 1):
     return _prefill(model, prompt, cache_len, chunk)
   tokens = jnp.asarray(prompt, jnp.int32)[None]
   head = to_zigzag(tokens[:, :n], sp.size) if sp.layout == "zigzag" else tokens[:, :n]

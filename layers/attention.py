@@ -1,4 +1,5 @@
-"""Softmax / sigmoid attention mixer: GQA, RoPE, optional QK-norm, sliding window + sinks."""
+"""Softmax / sigmoid attention mixer: GQA, RoPE, optional QK-norm, sliding window + sinks,
+optional short causal conv on q, k, v."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from flax import nnx
 from longax import kernels
 from longax.layers.cache import attend_cached, init_kv_cache, kv_slots, positions_of, write_kv
 from longax.layers import sequence
-from longax.layers.common import RMSNorm, dense, rope
+from longax.layers.common import RMSNorm, ShortConv, conv_each, dense, rope
 
 KINDS = ("softmax", "sigmoid")
 
@@ -20,13 +21,14 @@ KINDS = ("softmax", "sigmoid")
 class Attention(nnx.Module):
   """x [B, T, d_model] -> [B, T, d_model]. `kind` picks softmax or sigmoid (FlashSigmoid)
   attention; a sigmoid mixer's bias is fixed at -log(max_len) unless given, so the full
-  forward and decoding use the same one."""
+  forward and decoding use the same one. short_conv > 0: a causal depthwise conv of that
+  kernel on q, k and v after their projections (Zoology); its last inputs join the cache."""
 
   def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, *,
                head_dim: int | None = None, kind: str = "softmax", window: int | None = None,
                sinks: int = 0, qk_norm: bool = False, rope_theta: float = 10000.0,
                softcap: float | None = None, sigmoid_bias: float | None = None,
-               max_len: int = 2048, impl: str = "auto", rngs: nnx.Rngs, dtype, param_dtype):
+               short_conv: int = 0, max_len: int = 2048, impl: str = "auto", rngs: nnx.Rngs, dtype, param_dtype):
     if kind not in KINDS:
       raise ValueError(f"Attention: unknown kind {kind!r}; valid: {KINDS}")
     if kind == "sigmoid" and (sinks or softcap):
@@ -41,6 +43,8 @@ class Attention(nnx.Module):
     self.k = dense(d_model, self.hkv * self.hd, **kw)
     self.v = dense(d_model, self.hkv * self.hd, **kw)
     self.o = dense(self.h * self.hd, d_model, **kw)
+    self.conv = (ShortConv((self.h + 2 * self.hkv) * self.hd, short_conv, rngs=rngs,
+                           param_dtype=param_dtype) if short_conv else None)
     self.q_norm = RMSNorm(self.hd, param_dtype=param_dtype) if qk_norm else None
     self.k_norm = RMSNorm(self.hd, param_dtype=param_dtype) if qk_norm else None
     self.kind, self.window, self.sinks, self.max_len = kind, window, sinks, max_len
@@ -56,16 +60,20 @@ class Attention(nnx.Module):
 
   def init_cache(self, batch: int, max_len: int) -> dict:
     slots = kv_slots(max_len, self.window, self.sinks)
-    return init_kv_cache(batch, slots, self.hkv, self.hd, self.dtype)
+    cache = init_kv_cache(batch, slots, self.hkv, self.hd, self.dtype)
+    if self.conv is not None:
+      cache["conv"] = self.conv.init_state(batch, self.dtype)
+    return cache
 
   def __call__(self, x, cache=None, pos=0, segment_ids=None):
     """x: [B, T, d_model]; with a cache, x holds the tokens at positions pos..pos+T-1;
     segment_ids [B, T] (no cache) keep packed documents apart. Returns (y, new cache).
     Inside a sequence-parallel context a cache is taken as fresh: a prefill from 0."""
     t = x.shape[1]
-    q = rearrange(self.q(x), "b t (h d) -> b t h d", d=self.hd)
-    k = rearrange(self.k(x), "b t (h d) -> b t h d", d=self.hd)
-    v = rearrange(self.v(x), "b t (h d) -> b t h d", d=self.hd)
+    conv_state = None if cache is None or self.conv is None else cache["conv"]
+    qkv, conv_state = conv_each(self.conv, (self.q(x), self.k(x), self.v(x)), conv_state,
+                                segment_ids)
+    q, k, v = (rearrange(y, "b t (h d) -> b t h d", d=self.hd) for y in qkv)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     sp = sequence.active()
@@ -79,6 +87,8 @@ class Attention(nnx.Module):
       o = self._attend(q, k, v, segment_ids=segment_ids)
     else:
       o, cache = attend_cached(self._attend, q, k, v, cache, positions, self.sinks)
+    if cache is not None and self.conv is not None:
+      cache = dict(cache, conv=conv_state)
     return self.o(rearrange(o, "b t h d -> b t (h d)")), cache
 
   def _attend_sp(self, sp, q, k, v, segment_ids):

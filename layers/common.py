@@ -89,6 +89,17 @@ class ShortConv(nnx.Module):
     return y, jnp.concatenate([state.astype(x.dtype), x], axis=1)[:, t:]
 
 
+def conv_each(conv: ShortConv | None, xs: tuple, state=None, segment_ids=None):
+  """xs (q, k, v: [B, T, C_i]) through one ShortConv over their channels side by side;
+  returns (the convolved xs, its new state). conv None: (xs, state) unchanged."""
+  if conv is None:
+    return xs, state
+  y, state = conv(jnp.concatenate(xs, axis=-1), state, segment_ids)
+  sizes = [x.shape[-1] for x in xs]
+  splits = [sum(sizes[:i + 1]) for i in range(len(xs) - 1)]
+  return tuple(jnp.split(y, splits, axis=-1)), state
+
+
 def causal_conv(x, state, segment_ids, state_segment_ids, w, bias=None):
   """Depthwise causal conv: x [B, T, C] after state [B, K-1, C] (the inputs before it), w
   [K, C], bias [C]; with segment_ids [B, T] and state_segment_ids [B, K-1], a tap only reads

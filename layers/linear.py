@@ -10,6 +10,8 @@
 
 All call `kernels.linear_attention` (chunked, prefill) or `kernels.linear_attention_step`
 (one token); the decode cache is the state [B, H, Dk, Dv] (plus the window cache for based).
+short_conv > 0: a causal depthwise conv of that kernel on q, k, v after their projections,
+before any feature map (Zoology / Based); its last inputs join the cache.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from longax import kernels
 from longax.layers import sequence
 from longax.layers.attention import Attention
 from longax.layers.cache import positions_of
-from longax.layers.common import RMSNorm, dense, rope
+from longax.layers.common import RMSNorm, ShortConv, conv_each, dense, rope
 
 VARIANTS = ("linear", "lightning", "retnet", "gla", "based")
 
@@ -45,7 +47,7 @@ class LinearAttention(nnx.Module):
   def __init__(self, d_model: int, n_heads: int, *, variant: str = "linear",
                head_dim: int | None = None, feature_dim: int = 16, based_window: int = 64,
                gate_rank: int = 16, gate_norm: float = 16.0, chunk_size: int = 64,
-               max_len: int = 2048, impl: str = "auto", rngs: nnx.Rngs, dtype, param_dtype):
+               short_conv: int = 0, max_len: int = 2048, impl: str = "auto", rngs: nnx.Rngs, dtype, param_dtype):
     if variant not in VARIANTS:
       raise ValueError(f"LinearAttention: unknown variant {variant!r}; valid: {VARIANTS}")
     self.variant, self.h = variant, n_heads
@@ -56,6 +58,8 @@ class LinearAttention(nnx.Module):
     self.k = dense(d_model, self.h * self.dk, **kw)
     self.v = dense(d_model, self.h * self.hd, **kw)
     self.o = dense(self.h * self.hd, d_model, **kw)
+    self.conv = (ShortConv(self.h * (2 * self.dk + self.hd), short_conv, rngs=rngs,
+                           param_dtype=param_dtype) if short_conv else None)
     self.gate = dense(d_model, self.h * self.hd, **kw) if variant in ("lightning", "retnet", "gla") else None
     self.norm = RMSNorm(self.hd, param_dtype=param_dtype) if variant != "based" else None
     if variant == "gla":
@@ -79,6 +83,8 @@ class LinearAttention(nnx.Module):
     cache = dict(state=jnp.zeros((batch, self.h, dk, dv), jnp.float32))
     if self.swa is not None:
       cache["swa"] = self.swa.init_cache(batch, max_len)
+    if self.conv is not None:
+      cache["conv"] = self.conv.init_state(batch, self.dtype)
     return cache
 
   def __call__(self, x, cache=None, pos=0, segment_ids=None):
@@ -86,7 +92,10 @@ class LinearAttention(nnx.Module):
     packed documents apart. Returns (y, new cache or None)."""
     t = x.shape[1]
     split = lambda y, d: rearrange(y, "b t (h d) -> b t h d", d=d)
-    q, k, v = split(self.q(x), self.dk), split(self.k(x), self.dk), split(self.v(x), self.hd)
+    conv_state = None if cache is None or self.conv is None else cache["conv"]
+    (q, k, v), conv_state = conv_each(self.conv, (self.q(x), self.k(x), self.v(x)), conv_state,
+                                      segment_ids)
+    q, k, v = split(q, self.dk), split(k, self.dk), split(v, self.hd)
     log_decay, scale = self._fixed_log_decay(), None
     if self.variant == "lightning":
       q, k = jax.nn.silu(q), jax.nn.silu(k)
@@ -110,6 +119,8 @@ class LinearAttention(nnx.Module):
       o = o * jax.nn.silu(split(self.gate(x), self.hd))
     y = self.o(rearrange(o, "b t h d -> b t (h d)"))
     new_cache = None if cache is None else dict(cache, state=state)
+    if cache is not None and self.conv is not None:
+      new_cache["conv"] = conv_state
     if self.swa is not None:
       y_swa, swa_cache = self.swa(x, None if cache is None else cache["swa"], pos, segment_ids)
       y = y + y_swa

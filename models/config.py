@@ -14,6 +14,7 @@ from longax.kernels._dispatch import IMPLS
 
 MIXERS = ("softmax", "sigmoid", "linear", "based", "gla", "retnet", "lightning", "mamba",
           "mamba2")
+SSM_MIXERS = ("mamba", "mamba2")  # the rest take LMConfig.short_conv
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -73,6 +74,9 @@ class LMConfig:
   n_kv_heads: int | None = None  # default n_heads
   layer_pattern: tuple[str, ...] | None = None  # repeated to n_layers; default (mixer,)
   d_ff: int | None = None  # SwiGLU width; default ~8/3 d_model rounded to 64; 0: no MLP
+  # Kernel of a short causal depthwise conv on q, k, v of the attention and linear-attention
+  # mixers (Zoology / Based; based: its linear part). 0: none. Mamba's is mamba(2).d_conv.
+  short_conv: int = 0
   # The longest sequence (prompt + generated tokens) the model is built for: the positions
   # a full (unwindowed) attention KV cache holds, and sigmoid attention's bias -log(max_len).
   # Windowed attention, linear and SSM layers are not bounded by it.
@@ -107,6 +111,15 @@ class LMConfig:
   def layer_mixers(self) -> tuple[str, ...]:
     pattern = tuple(self.layer_pattern or (self.mixer,))
     return tuple(pattern[i % len(pattern)] for i in range(self.n_layers))
+
+  @property
+  def conv_reach(self) -> int:
+    """How many tokens back the layers' short causal convs read (kernel - 1; 0: none)."""
+    mixers = set(self.layer_mixers)
+    kernels = [getattr(self, m).d_conv for m in SSM_MIXERS if m in mixers]
+    if mixers - set(SSM_MIXERS) and self.short_conv:
+      kernels.append(self.short_conv)
+    return max(kernels, default=1) - 1
 
 
 # ---------------------------------------------------------------------------- validation
@@ -209,7 +222,8 @@ RULES = {
                                     n_groups=at_least(1)),
     LMConfig: dict(vocab_size=at_least(1), d_model=at_least(1), n_layers=at_least(1),
                    n_heads=at_least(1), mixer=_mixer, n_kv_heads=at_least(1, none=True),
-                   layer_pattern=_pattern, d_ff=at_least(0, none=True), max_len=at_least(1),
+                   layer_pattern=_pattern, d_ff=at_least(0, none=True), short_conv=at_least(0),
+                   max_len=at_least(1),
                    dtype=one_of(*DTYPES), param_dtype=one_of(*DTYPES), impl=one_of(*IMPLS),
                    tie_embeddings=flag, norm_eps=number(0, lo_open=True)),
 }

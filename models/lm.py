@@ -27,13 +27,14 @@ def build_mixer(name: str, cfg: LMConfig, *, rngs: nnx.Rngs, dtype, param_dtype)
     return Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, head_dim=a.head_dim, kind=name,
                      window=a.window, sinks=a.sinks, qk_norm=a.qk_norm,
                      rope_theta=a.rope_theta, softcap=a.softcap, sigmoid_bias=a.sigmoid_bias,
-                     max_len=cfg.max_len, **kw)
+                     short_conv=cfg.short_conv, max_len=cfg.max_len, **kw)
   if name in ("linear", "based", "gla", "retnet", "lightning"):
     lc = cfg.linear
     return LinearAttention(cfg.d_model, cfg.n_heads, variant=name, head_dim=lc.head_dim,
                            feature_dim=lc.feature_dim, based_window=lc.based_window,
                            gate_rank=lc.gate_rank, gate_norm=lc.gate_norm,
-                           chunk_size=lc.chunk_size, max_len=cfg.max_len, **kw)
+                           chunk_size=lc.chunk_size, short_conv=cfg.short_conv, max_len=cfg.max_len,
+                           **kw)
   if name == "mamba":
     m = cfg.mamba
     return Mamba(cfg.d_model, d_state=m.d_state, d_conv=m.d_conv, expand=m.expand,

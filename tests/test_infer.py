@@ -138,9 +138,10 @@ print(json.dumps(out))
 """
 # Every mixer family with a decode cache: SSD (conv + state), GLA (per-key decay), sigmoid
 # (full KV cache, GQA), Mamba-1 (conv + state), Based (state + a windowed KV ring of 8 slots,
-# fewer than the prompt). Prompts of 32 tokens (all in the SP pass) and 37 (32 + 5 steps).
+# fewer than the prompt); GLA, sigmoid and Based with a short q, k, v conv (its tail in the
+# cache). Prompts of 32 tokens (all in the SP pass) and 37 (32 + 5 steps).
 SP_CONFIG = tiny(n_layers=5, mixer="mamba2", layer_pattern=("mamba2", "gla", "sigmoid", "mamba", "based"),
-                 linear=LinearConfig(chunk_size=8, feature_dim=4, based_window=8))
+                 linear=LinearConfig(chunk_size=8, feature_dim=4, based_window=8), short_conv=3)
 SP_PROMPTS = [[(7 * i + 3) % 40 for i in range(32)], [(5 * i + 1) % 40 for i in range(37)]]
 
 

@@ -30,6 +30,8 @@ CONFIGS["softmax-window-sinks"] = tiny("softmax", attention=AttentionConfig(wind
 CONFIGS["sigmoid-window-qknorm"] = tiny("sigmoid", attention=AttentionConfig(window=5, qk_norm=True))
 CONFIGS["hybrid"] = tiny("mamba2", n_layers=3, layer_pattern=("mamba2", "gla", "softmax"))
 CONFIGS["hybrid-all"] = tiny("softmax", n_layers=len(MIXERS), layer_pattern=MIXERS)
+CONFIGS["conv"] = tiny("softmax", n_layers=3, layer_pattern=("softmax", "based", "gla"),
+                       short_conv=3, attention=AttentionConfig(window=5))  # q, k, v short conv
 
 
 def _tokens(seed=1, b=2, t=T):
@@ -122,6 +124,15 @@ def test_config_errors():
     tiny("softmax", attention=AttentionConfig(window=0))
   with pytest.raises(ValueError, match=r"mixer='gla': is not in layer_pattern=\('softmax',\)"):
     tiny("gla", layer_pattern=("softmax",))
+  with pytest.raises(ValueError, match="LMConfig: short_conv=-1: must be an int >= 0$"):
+    tiny("softmax", short_conv=-1)
+
+
+def test_conv_reach():
+  """The reach sequence-parallel chunks must hold: the widest short conv the layers use."""
+  assert tiny("softmax").conv_reach == 0 and tiny("softmax", short_conv=3).conv_reach == 2
+  assert tiny("mamba", short_conv=6).conv_reach == 3  # mamba.d_conv=4; short_conv unused
+  assert tiny("mamba", n_layers=2, layer_pattern=("mamba", "gla"), short_conv=6).conv_reach == 5
 
 
 def test_layer_pattern_repeats():
@@ -163,7 +174,7 @@ def test_layer_errors():
 
 
 @pytest.mark.parametrize("name", ["softmax-window", "sigmoid", "based", "gla", "retnet",
-                                  "mamba", "mamba2", "hybrid"])
+                                  "mamba", "mamba2", "hybrid", "conv"])
 def test_packed_row_equals_documents(name):
   """(Sinks are absolute positions, so a packed row with sinks is not document-exact.)"""
   cfg = tiny("softmax", attention=AttentionConfig(window=4)) if name == "softmax-window" else CONFIGS[name]

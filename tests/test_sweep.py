@@ -197,8 +197,8 @@ SHIPPED = pathlib.Path(__file__).resolve().parents[1] / "configs" / "sweeps"
 
 
 @pytest.mark.parametrize("name, env, n", [
-    ("mqar_state.py", {}, 32), ("mqar_state.py", {"MQAR_SWEEP": "smoke"}, 8),
-    ("mqar_state.py", {"MQAR_SWEEP": "full"}, 96), ("sigmoid_bias.py", {}, 6),
+    ("mqar_state.py", {}, 24), ("mqar_state.py", {"MQAR_SWEEP": "smoke"}, 12),
+    ("mqar_state.py", {"MQAR_SWEEP": "full"}, 144), ("sigmoid_bias.py", {}, 6),
     ("throughput.py", {}, 27), ("throughput.py", {"THROUGHPUT_SWEEP": "gpu"}, 45),
 ])
 def test_shipped_sweeps_dry_run(tmp_path, capsys, monkeypatch, name, env, n):

@@ -203,12 +203,14 @@ def test_2x2_mesh_equals_one_device(tmp_path):
 
 
 HYBRID = ["model.layer_pattern=mamba2,gla,softmax,mamba", "model.n_layers=4",
-          "model.mamba2.head_dim=16", "model.mamba2.d_state=8", "train.steps=3"]
+          "model.mamba2.head_dim=16", "model.mamba2.d_state=8", "model.short_conv=3",
+          "train.steps=3"]
 
 
 def test_sequence_parallel_equals_one_device(tmp_path):
-  """A hybrid (Mamba-2, GLA, softmax, Mamba-1) with the sequence split 2 ways (ring attention,
-  zigzag) and 2 ways beside data=2 (Ulysses, contiguous): the losses of one device."""
+  """A hybrid (Mamba-2, GLA, softmax, Mamba-1, each with a short conv) with the sequence split
+  2 ways (ring attention, zigzag) and 2 ways beside data=2 (Ulysses, contiguous): the losses
+  of one device."""
   one = cli(tmp_path / "one", *HYBRID)
   ring = cli(tmp_path / "ring", *HYBRID, "mesh.sequence=2", "train.sp_layout=zigzag", devices=2)
   uly = cli(tmp_path / "uly", *HYBRID, "mesh.sequence=2", "mesh.data=2",

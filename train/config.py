@@ -157,10 +157,9 @@ def check_sequence_parallel(cfg: ExperimentConfig, p: int) -> None:
   if cfg.data.seq_len % parts:
     raise FieldError("data.seq_len", cfg.data.seq_len, f"must be a multiple of {parts} = "
                      f"{'2 x ' if zig else ''}mesh.sequence (train.sp_layout={cfg.train.sp_layout!r})")
-  convs = [c.d_conv for name, c in (("mamba", m.mamba), ("mamba2", m.mamba2)) if name in m.layer_mixers]
-  if convs and max(convs) - 1 > cfg.data.seq_len // parts:
+  if m.conv_reach > cfg.data.seq_len // parts:
     raise FieldError("data.seq_len", cfg.data.seq_len, f"must give each of the {parts} sequence "
-                     f"chunks at least d_conv - 1 = {max(convs) - 1} tokens")
+                     f"chunks at least a short conv's reach (kernel - 1) = {m.conv_reach} tokens")
   attn = set(m.layer_mixers) & {"softmax", "sigmoid", "based"}
   if attn and (m.attention.sinks or m.attention.softcap is not None):
     raise FieldError("mesh.sequence", p, "needs attention without sinks or softcap (ring and "

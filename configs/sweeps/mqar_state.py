@@ -4,23 +4,29 @@
     MQAR_SWEEP=full python -m longax.train.sweep configs/sweeps/mqar_state.py --workdir runs/mqar_state_full
 
 Attention, Based, Mamba, Mamba-2, GLA and plain linear attention, each as a 2-layer model, at
-several widths (model.d_model) and key-value counts (data.num_kv_pairs); Mamba and Mamba-2
-also without their short causal conv (d_conv=1: a per-channel scale, no mixing over time).
-The paper's claim (Arora et al. 2023, Zoology): attention solves MQAR at every width; a
-fixed-state mixer needs state that grows with the number of pairs. The x axis is
+several widths (model.d_model) and key-value counts (data.num_kv_pairs), each with its short
+causal conv (kernel 4) and without: model.short_conv=4 / 0 for attention and the linear
+mixers (on q, k, v), model.mamba.d_conv / model.mamba2.d_conv=4 / 1 for the Mamba mixers
+(1: a per-channel scale, no mixing over time). The paper's claim (Arora et al. 2023,
+Zoology): attention solves MQAR at every width; a fixed-state mixer needs state that grows
+with the number of pairs; a short conv helps every mixer. The x axis is
 `longax.models.state_size` (decode-state bytes after seq_len tokens: attention's KV cache
 grows with the sequence, the others' do not).
 
-Sizes (MQAR_SWEEP=...): "small" (default): widths 32, 64, 4 and 8 pairs, 300 steps, 32
-points; "smoke": width 32, 4 pairs, 50 steps, sequence 32 (checks the pipeline, not the
-claim); "full": widths 32-256, 4-16 pairs, 2000 steps, sequence 128. More steps:
---set train.steps=N; a mixer's options: --set model.linear.feature_dim=... (not swept keys).
+Sizes (MQAR_SWEEP=...): "small" (default, for CPU): width 64, 4 and 8 pairs, sequence 64,
+250 steps, 24 points; "smoke": width 32, 4 pairs, 50 steps, sequence 32, 12 points (checks
+the pipeline, not the claim); "full": widths 32-256, 4-16 pairs, 2000 steps, sequence 128,
+144 points (a GPU's). More steps: --set train.steps=N; a mixer's options: --set
+model.linear.feature_dim=... (not swept keys). On the CPU sizes the Mamba-1 points run with
+model.impl=reference: its sequential scan is ~4x faster on CPU than the chunked XLA one
+(0.54 s vs 2.2 s per forward+backward at [32, 64, 128] x 16 states, 2026-11-26).
 
-Cost on 2 shared CPU cores (2026-11-26, 100 steps, d_model 64, 8 pairs, one point each):
-softmax 24 s, Mamba-2 36 s, Based 61 s, Mamba 151 s (its selective scan's XLA path is slow
-on CPU), so "small" takes about an hour on CPU; on a GPU it is minutes. Not yet here:
-attention and the linear mixers have no short causal conv in longax, so conv on/off is
-swept for Mamba and Mamba-2 only.
+Cost of "small" on 2 CPU cores shared with other jobs (load ~16, 2026-11-26, --jobs 2-3):
+linear ~150-200 s a point, softmax ~300 s, GLA, Mamba-2 and Mamba-1 (reference scan) ~450 s,
+Based 450-700 s; the whole sweep took about an hour. Results and plots:
+benchmarks/results/sweeps/mqar_state/ and the README (Sweeps: Results). Width 32 is left
+out of "small": at 300 steps even attention with the conv stayed at 0.55 (4 pairs) and 0.10
+(8 pairs) accuracy there (it needs more steps, not more state).
 """
 
 import os
@@ -29,12 +35,21 @@ from longax.models import LinearConfig, LMConfig
 from longax.train.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
 from longax.train.sweep import Plot, Sweep
 
-MIXERS = ("softmax", "based", "mamba", "mamba2", "gla", "linear")
+MIXERS = ("softmax", "gla", "linear", "mamba2", "based", "mamba")  # cheapest on CPU first
+SSM = ("mamba", "mamba2")  # their conv is model.<mixer>.d_conv; the others' model.short_conv
 SIZES = {  # widths, pairs, steps, seq_len
     "smoke": ((32,), (4,), 50, 32),
-    "small": ((32, 64), (4, 8), 300, 64),
+    "small": ((64,), (4, 8), 250, 64),
     "full": ((32, 64, 128, 256), (4, 8, 16), 2000, 128),
 }
+CONV = 4  # the short conv's kernel when on; off: none (attention, linear) or 1 (Mamba)
+
+
+def conv(mixer: str, on: bool) -> dict:
+  """The override that turns `mixer`'s short causal conv on or off."""
+  if mixer in SSM:
+    return {f"model.{mixer}.d_conv": CONV if on else 1}
+  return {"model.short_conv": CONV if on else 0}
 
 
 def base(steps: int, seq_len: int) -> ExperimentConfig:
@@ -54,12 +69,14 @@ def get_sweep() -> Sweep:
   if size not in SIZES:
     raise ValueError(f"MQAR_SWEEP={size!r}: must be one of {', '.join(SIZES)}")
   widths, pairs, steps, seq_len = SIZES[size]
-  points = [{"model.mixer": m} for m in MIXERS]
-  points += [{"model.mixer": m, f"model.{m}.d_conv": 1} for m in ("mamba", "mamba2")]
-  hue = ("model.mixer", "model.mamba.d_conv", "model.mamba2.d_conv")
+  points = [{"model.mixer": m} | conv(m, on) for m in MIXERS for on in (True, False)]
+  if size != "full":  # CPU sizes: Mamba-1's sequential scan, 4x faster there than the chunked one
+    points = [p | {"model.impl": "reference"} if p["model.mixer"] == "mamba" else p for p in points]
+  hue = ("model.mixer", "model.short_conv", "model.mamba.d_conv", "model.mamba2.d_conv")
   plots = [Plot(x="state_size", y="best_eval_accuracy", hue=hue, logx=True,
                 where={"data.num_kv_pairs": n}, file=f"accuracy_vs_state_{n}pairs.png",
-                title=f"MQAR, {n} key-value pairs, seq {seq_len} (d_conv=1: no short conv)")
+                title=f"MQAR, {n} key-value pairs, seq {seq_len} "
+                      f"(short_conv=0 / d_conv=1: no short conv)")
            for n in pairs]
   return Sweep(base=base(steps, seq_len), points=points,
                grid={"data.num_kv_pairs": pairs, "model.d_model": widths}, plots=plots)

@@ -10,8 +10,9 @@ results.csv's `device` column names where the numbers come from (cpu, or the GPU
 interval (compilation) is left out of tokens_per_s.
 
 Sizes (THROUGHPUT_SWEEP=...): "cpu" (default): d_model 64, 2 layers, sequence 128-512, 4096
-tokens per step, 20 steps (27 points); "gpu": d_model 512, 4 layers, bfloat16, sequence
-1024-16384, 65536 tokens per step, 50 steps.
+tokens per step, 20 steps (27 points; ~35 min on 2 shared CPU cores, 2026-11-26, mostly
+compilation: its numbers are CPU ones, see the README); "gpu": d_model 512, 4 layers,
+bfloat16, sequence 1024-16384, 65536 tokens per step, 50 steps (not run yet).
 """
 
 import os
