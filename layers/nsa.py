@@ -79,9 +79,10 @@ class NSA(nnx.Module):
     self.v = dense(d_model, self.hkv * self.hd, **kw)
     self.o = dense(self.h * self.hd, d_model, **kw)
     self.gate = dense(d_model, self.h * len(BRANCHES), bias=True, **kw)
-    pool = jnp.tile(jnp.eye(self.hd, dtype=param_dtype)[None] / block_size, (block_size, 1, 1))
-    self.cmp_k = nnx.Param(pool)  # [l, D, D]: mean pooling at init
-    self.cmp_v = nnx.Param(pool)
+    # (each parameter its own buffer: the train step donates them)
+    pool = lambda: jnp.tile(jnp.eye(self.hd, dtype=param_dtype)[None] / block_size, (block_size, 1, 1))
+    self.cmp_k = nnx.Param(pool())  # [l, D, D]: mean pooling at init
+    self.cmp_v = nnx.Param(pool())
     self.cmp_k_pos = nnx.Param(jnp.zeros((block_size, self.hd), param_dtype))
     self.cmp_v_pos = nnx.Param(jnp.zeros((block_size, self.hd), param_dtype))
     self.block_size, self.stride, self.select_block = block_size, stride, select_block
