@@ -49,11 +49,18 @@ _RULES = dict(max_new_tokens=at_least(1), temperature=number(0), top_k=at_least(
               seed=lambda v: None if isinstance(v, int) and not isinstance(v, bool) else "must be an int")
 
 
+def full_cache_mixers(cfg) -> set[str]:
+  """The mixers of `cfg` whose decode cache holds every position (max_len of them):
+  softmax / sigmoid without a window, and nsa (its selection may pick any past block)."""
+  mixers = set(cfg.layer_mixers)
+  full = mixers & {"softmax", "sigmoid"} if cfg.attention.window is None else set()
+  return full | (mixers & {"nsa"})
+
+
 def length_limit(cfg) -> int | None:
   """The most tokens (prompt + new) `cfg`'s model takes: max_len if a layer keeps a full
-  KV cache (softmax / sigmoid without a window), else None (unbounded)."""
-  full = cfg.attention.window is None and {"softmax", "sigmoid"} & set(cfg.layer_mixers)
-  return cfg.max_len if full else None
+  KV cache (softmax / sigmoid without a window, nsa), else None (unbounded)."""
+  return cfg.max_len if full_cache_mixers(cfg) else None
 
 
 def check_request(cfg, prompts, *, max_new_tokens: int, temperature: float = 0.0,
@@ -82,11 +89,12 @@ def check_request(cfg, prompts, *, max_new_tokens: int, temperature: float = 0.0
                      f"vocabulary [0, {vocab})", owner="generate: ")
   limit, longest = length_limit(cfg), max(map(len, prompts))
   if limit is not None and longest + max_new_tokens > limit:
-    kinds = "/".join(sorted({"softmax", "sigmoid"} & set(cfg.layer_mixers)))
+    kinds = "/".join(sorted(full_cache_mixers(cfg)))
     raise FieldError("max_new_tokens", max_new_tokens, f"the prompt ({longest} tokens) + "
                      f"{max_new_tokens} new = {longest + max_new_tokens} exceeds model.max_len="
                      f"{limit}, the positions the {kinds} layers' full KV cache holds: shorten "
-                     "them, or decode with a sliding window (CLI: --streaming SINKS,WINDOW)",
+                     "them" + ("" if "nsa" in kinds else ", or decode with a sliding window (CLI: "
+                               "--streaming SINKS,WINDOW)"),
                      owner="generate: ")
 
 
@@ -107,6 +115,9 @@ def check_sequence_parallel(cfg, p: int, attention: str = "ring",
   if p <= 1:
     return
   a, mixers = cfg.attention, set(cfg.layer_mixers)
+  if "nsa" in mixers:
+    raise ValueError(f"generate: a sequence-parallel prefill (sequence axis {p}) cannot run the "
+                     "nsa layers (no sequence-parallel sparse attention yet)")
   full = {"softmax", "sigmoid"} & mixers
   if full and (a.sinks or a.softcap is not None):
     raise ValueError(f"generate: a sequence-parallel prefill (sequence axis {p}) cannot run the "

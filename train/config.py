@@ -128,6 +128,9 @@ def validate(cfg: ExperimentConfig, n_devices: int | None = None) -> ExperimentC
   if m.vocab_size < data_vocab:
     what = "256 bytes (data.task='text_bytes')" if d.task == "text_bytes" else f"data.vocab_size={d.vocab_size}"
     raise FieldError("model.vocab_size", m.vocab_size, f"must be >= {what}")
+  if d.task == "text_bytes" and "nsa" in m.layer_mixers:
+    raise FieldError("data.task", d.task, "packs documents (segment_ids), which the nsa mixer "
+                     "does not take: use a synthetic task, or another mixer")
   if d.seq_len > m.max_len:
     raise FieldError("data.seq_len", d.seq_len, f"must be <= model.max_len={m.max_len}, the "
                      "longest sequence the model is built for")
@@ -155,6 +158,9 @@ def check_sequence_parallel(cfg: ExperimentConfig, p: int) -> None:
   if convs and max(convs) - 1 > cfg.data.seq_len // parts:
     raise FieldError("data.seq_len", cfg.data.seq_len, f"must give each of the {parts} sequence "
                      f"chunks at least d_conv - 1 = {max(convs) - 1} tokens")
+  if "nsa" in m.layer_mixers:
+    raise FieldError("mesh.sequence", p, "must be 1 with an nsa layer (no sequence-parallel "
+                     "sparse attention yet)")
   attn = set(m.layer_mixers) & {"softmax", "sigmoid", "based"}
   if attn and (m.attention.sinks or m.attention.softcap is not None):
     raise FieldError("mesh.sequence", p, "needs attention without sinks or softcap (ring and "
