@@ -37,6 +37,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from longax.kernels.sequence_parallel import to_zigzag
+from longax.layers import sparse_prefill as sparse
 from longax.layers.sequence import ATTENTION, SequenceParallel, sequence_parallel
 from longax.models.config import FieldError, at_least, number
 from longax.models.sharding import shardings
@@ -186,6 +187,23 @@ def _prefill_sp(model, prompt: list[int], cache_len: int, chunk: int, sp: Sequen
   return logits, cache
 
 
+@functools.partial(nnx.jit, static_argnames=("plan",))
+def _feed_sparse(model, tokens, cache, *, plan):
+  with sparse.prefill(plan):
+    _, cache = model.decode(tokens, cache, logits_at=tokens.shape[1] - 1)
+  return cache
+
+
+def _prefill_sparse(model, prompt: list[int], cache_len: int, chunk: int, plan):
+  """All but the last token in one sparse pass (the full softmax layers attend sparsely and
+  write the dense prefill's K/V), the last one by a dense step; as `_prefill` for one token."""
+  if len(prompt) < 2:
+    return _prefill(model, prompt, cache_len, chunk)
+  tokens = jnp.asarray(prompt, jnp.int32)[None]
+  cache = _feed_sparse(model, tokens[:, :-1], model.init_cache(1, cache_len), plan=plan)
+  return _feed(model, tokens[:, -1:], cache)
+
+
 def _prefill(model, prompt: list[int], cache_len: int, chunk: int):
   cache = model.init_cache(1, cache_len)
   tokens = jnp.asarray(prompt, jnp.int32)[None]
@@ -226,12 +244,16 @@ def _decode_loop(model, cache, logits, key, stop, *, max_new, temperature, top_k
 def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              stop_tokens=(), prefill_chunk: int = 64, mesh: Mesh | None = None,
-             sp_attention: str = "ring", sp_layout: str = "contiguous") -> list[list[int]]:
+             sp_attention: str = "ring", sp_layout: str = "contiguous",
+             sparse_prefill: sparse.SparsePrefill | None = None) -> list[list[int]]:
   """Continues each prompt (a list of token ids); returns the new tokens per prompt.
   Prompt + max_new_tokens may not exceed `model.cfg.max_len` when a layer keeps a full KV
   cache (see the module docstring); a bad argument raises ValueError before any work.
   A `mesh` with a `sequence` axis > 1 prefills sequence-parallel, with `sp_attention`
-  (ring | ulysses) and `sp_layout` (contiguous | zigzag), as `train.sp_*`."""
+  (ring | ulysses) and `sp_layout` (contiguous | zigzag), as `train.sp_*`.
+  `sparse_prefill` (a plan from `infer.sparse.search`): each prompt but its last token is
+  prefilled in one pass with the full softmax layers attending sparsely (MInference); the
+  caches hold the K/V a dense prefill computes from the same layer inputs; decoding is dense."""
   prompts = [list(map(int, p)) for p in prompts]
   stop_tokens = [int(t) for t in stop_tokens]
   check_request(model.cfg, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -239,6 +261,8 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
                 prefill_chunk=prefill_chunk)
   p = sequence_axis(mesh)
   check_sequence_parallel(model.cfg, p, sp_attention, sp_layout)
+  if sparse_prefill is not None and p > 1:
+    raise ValueError("generate: a sparse prefill does not run sequence-parallel: drop one of them")
   if mesh is not None:  # a sharded copy; the caller's model stays where it is
     graphdef, state = nnx.split(model)
     model = nnx.merge(graphdef, jax.device_put(state, shardings(state, mesh)))
@@ -246,6 +270,8 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
   if p > 1:  # each prompt prefills alone: its batch of 1 is replicated over data / fsdp
     sp = SequenceParallel(mesh, sp_attention, sp_layout, batch_axes=())
     rows = [_prefill_sp(model, x, cache_len, prefill_chunk, sp) for x in prompts]
+  elif sparse_prefill is not None:
+    rows = [_prefill_sparse(model, x, cache_len, prefill_chunk, sparse_prefill) for x in prompts]
   else:
     rows = [_prefill(model, x, cache_len, prefill_chunk) for x in prompts]
   logits = jnp.concatenate([r[0] for r in rows])
