@@ -170,6 +170,7 @@ def test_decode_equals_forward(pieces):
   assert not np.any(np.asarray(cache["cmp_k"][:, nc:])), "unfinished blocks stay empty"
 
 
+@pytest.mark.slow
 def test_rows_at_different_positions_decode_as_alone():
   """generate stacks rows whose caches sit at different positions: each row's step is its own."""
   layer = _layer()

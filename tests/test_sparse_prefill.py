@@ -68,7 +68,8 @@ def test_prefill_cache_equals_dense_and_output_is_close(model, kind):
       generate(model, [PROMPT], max_new_tokens=3)
 
 
-def test_cli_flags(tmp_path, capsys):
+@pytest.mark.slow
+def test_cli_runs_a_sparse_prefill(tmp_path, capsys):
   from longax.infer.__main__ import main
   from longax.train import Trainer
   from longax.train import config as C
@@ -76,11 +77,21 @@ def test_cli_flags(tmp_path, capsys):
                    ["train.steps=1", "train.eval_every=100"])
   Trainer(cfg, tmp_path / "run").run()
   capsys.readouterr()
-  base = ["--workdir", str(tmp_path / "run"), "--prompt-tokens", "1,17,2,18,3,19,1",
-          "--max-new-tokens", "2"]
-  assert main(base + ["--sparse-prefill", "vertical_slash", "--sparse-budget", "4",
-                      "--calibration-tokens", "1,17,2,18,3,19,4,20,2"]) == 0
+  assert main(["--workdir", str(tmp_path / "run"), "--prompt-tokens", "1,17,2,18,3,19,1",
+               "--max-new-tokens", "2", "--sparse-prefill", "vertical_slash", "--sparse-budget",
+               "4", "--calibration-tokens", "1,17,2,18,3,19,4,20,2"]) == 0
   assert len(capsys.readouterr().out.strip().split(",")) == 2
+
+
+def test_cli_flag_errors(tmp_path, capsys):
+  """Each is one line, before the model loads (so a run folder with no real checkpoint)."""
+  import json
+  from longax.infer.__main__ import main
+  from longax.train import config as C
+  run = tmp_path / "run"
+  (run / "checkpoints" / "1").mkdir(parents=True)
+  (run / "config.json").write_text(json.dumps(C.to_dict(C.load(str(ROOT / "tests" / "tiny_train_config.py")))))
+  base = ["--workdir", str(run), "--prompt-tokens", "1,17,2,18,3,19,1", "--max-new-tokens", "2"]
   for args, msg in [
       (["--sparse-prefill", "diagonal"], "--sparse-prefill='diagonal': must be one of vertical_slash, block_topk"),
       (["--sparse-prefill", "block_topk", "--sparse-budget", "0"], "--sparse-budget=0: must be an int >= 1"),
