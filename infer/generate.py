@@ -190,18 +190,18 @@ def _prefill_sp(model, prompt: list[int], cache_len: int, chunk: int, sp: Sequen
 @functools.partial(nnx.jit, static_argnames=("plan",))
 def _feed_sparse(model, tokens, cache, *, plan):
   with sparse.prefill(plan):
-    _, cache = model.decode(tokens, cache, logits_at=tokens.shape[1] - 1)
-  return cache
+    logits, cache = model.decode(tokens, cache, logits_at=tokens.shape[1] - 1)
+  return logits[:, -1], cache
 
 
 def _prefill_sparse(model, prompt: list[int], cache_len: int, chunk: int, plan):
-  """All but the last token in one sparse pass (the full softmax layers attend sparsely and
-  write the dense prefill's K/V), the last one by a dense step; as `_prefill` for one token."""
+  """The whole prompt in one sparse pass (as MInference: the full softmax layers attend
+  sparsely, the first new token comes from it; the layers write the K/V a dense prefill
+  computes from the same inputs); as `_prefill` for a one-token prompt."""
   if len(prompt) < 2:
     return _prefill(model, prompt, cache_len, chunk)
   tokens = jnp.asarray(prompt, jnp.int32)[None]
-  cache = _feed_sparse(model, tokens[:, :-1], model.init_cache(1, cache_len), plan=plan)
-  return _feed(model, tokens[:, -1:], cache)
+  return _feed_sparse(model, tokens, model.init_cache(1, cache_len), plan=plan)
 
 
 def _prefill(model, prompt: list[int], cache_len: int, chunk: int):
@@ -251,8 +251,8 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
   cache (see the module docstring); a bad argument raises ValueError before any work.
   A `mesh` with a `sequence` axis > 1 prefills sequence-parallel, with `sp_attention`
   (ring | ulysses) and `sp_layout` (contiguous | zigzag), as `train.sp_*`.
-  `sparse_prefill` (a plan from `infer.sparse.search`): each prompt but its last token is
-  prefilled in one pass with the full softmax layers attending sparsely (MInference); the
+  `sparse_prefill` (a plan from `infer.sparse.search`): each prompt is prefilled in one
+  pass with the full softmax layers attending sparsely (MInference); the
   caches hold the K/V a dense prefill computes from the same layer inputs; decoding is dense."""
   prompts = [list(map(int, p)) for p in prompts]
   stop_tokens = [int(t) for t in stop_tokens]
