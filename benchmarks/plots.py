@@ -2,6 +2,7 @@
 
     python -m longax.benchmarks.plots mqar RUN_DIR [RUN_DIR ...] --out mqar.png   # or metrics.jsonl files
     python -m longax.benchmarks.plots kernels RESULTS [RESULTS ...] --out kernels.png
+    python -m longax.benchmarks.plots sp SP.json [SP.json ...] --out sp.png
 
 `mqar`: a training run's learning curve from RUN_DIR/metrics.jsonl: loss and answer
 accuracy against step, train (every `log_every`) and eval (every `eval_every`); with several
@@ -10,6 +11,9 @@ runs, one eval line per run (labelled by its folder), for comparisons.
 `python -m longax.benchmarks.kernels` results: its `--json` files or the table it prints
 (`--stream` lines included); rows of later files replace earlier ones with the same
 (op, shape, impl).
+`sp`: sequence-parallel scaling from `python -m longax.benchmarks.sequence_parallel --out`
+files: forward+backward efficiency and tokens/s per device against the device count P, one
+line per (op, layout, implementation), strong and weak scaling side by side.
 """
 
 from __future__ import annotations
@@ -216,6 +220,49 @@ def plot_kernels(paths: list[pathlib.Path], out: pathlib.Path, title: str | None
   plt.close(fig)
 
 
+def plot_sp(paths: list[pathlib.Path], out: pathlib.Path, title: str | None = None) -> None:
+  rows = [r for path in paths for r in json.loads(path.read_text()) if "ms_fwd_bwd" in r]
+  if not rows:
+    raise PlotError("no row has a time (ms_fwd_bwd)")
+  scalings = list(dict.fromkeys(r["scaling"] for r in rows))
+  plt = _figure()
+  fig, axes = plt.subplots(2, len(scalings), figsize=(5.5 * len(scalings), 6.5), squeeze=False)
+  for col, scaling in enumerate(scalings):
+    lines: dict[tuple, list[dict]] = {}
+    for r in rows:
+      if r["scaling"] == scaling:
+        lines.setdefault((r["op"], r["layout"], r["impl"], r["T"] // r["P"] if scaling == "weak"
+                          else r["T"]), []).append(r)
+    for (op, layout, impl, t), rs in lines.items():
+      rs = sorted(rs, key=lambda r: r["P"])
+      n = f"{t // 1024}k" if t >= 1024 else str(t)
+      label = f"{impl} {op}{' ' + layout if op != 'ulysses' else ''}, T{'/P' if scaling == 'weak' else ''}={n}"
+      style = dict(ls="--" if impl != "longax" else "-", marker="o", label=label)
+      effs = [(r["P"], r.get("efficiency_fwd_bwd", 1.0)) for r in rs]
+      axes[0][col].plot(*zip(*effs), **style)
+      axes[1][col].plot([r["P"] for r in rs], [r["tokens_per_s_per_device"] / 1e3 for r in rs],
+                        **style)
+    ps = sorted({r["P"] for r in rows})
+    axes[0][col].axhline(1.0, color="gray", lw=0.8)
+    axes[0][col].set_title(f"{scaling} scaling", fontsize=10)
+    axes[0][col].set_ylabel("efficiency (fwd+bwd)")
+    axes[1][col].set_ylabel("k tokens/s per device (fwd+bwd)")
+    axes[1][col].set_yscale("log")
+    for ax in (axes[0][col], axes[1][col]):
+      ax.set_xscale("log", base=2)
+      ax.set_xticks(ps, [str(p) for p in ps])
+      ax.set_xlabel("devices P")
+      ax.grid(alpha=0.3)
+    axes[0][col].legend(fontsize=6)
+  if title is None:
+    r0 = rows[0]
+    title = f"sequence parallelism: {r0.get('device', '')}, bf16"
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m longax.benchmarks.plots",
                               description=__doc__.splitlines()[0])
@@ -224,13 +271,17 @@ def main(argv=None) -> int:
   m.add_argument("run_dir", type=pathlib.Path, nargs="+")
   k = sub.add_parser("kernels", help="kernel timings from `longax.benchmarks.kernels` results")
   k.add_argument("results", type=pathlib.Path, nargs="+", help="--json files or printed tables")
-  for q in (m, k):
+  sp = sub.add_parser("sp", help="sequence-parallel scaling from `benchmarks.sequence_parallel`")
+  sp.add_argument("results", type=pathlib.Path, nargs="+", help="its --out JSON files")
+  for q in (m, k, sp):
     q.add_argument("--out", type=pathlib.Path, required=True, help="the PNG to write")
     q.add_argument("--title", default=None)
   a = p.parse_args(argv)
   try:
     if a.what == "mqar":
       plot_mqar(a.run_dir if len(a.run_dir) > 1 else a.run_dir[0], a.out, a.title)
+    elif a.what == "sp":
+      plot_sp(a.results, a.out, a.title)
     else:
       plot_kernels(a.results, a.out, a.title)
   except PlotError as e:

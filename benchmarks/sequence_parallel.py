@@ -2,14 +2,20 @@
 
     python -m longax.benchmarks.sequence_parallel                 # GPUs: T = 32k, 64k
     python -m longax.benchmarks.sequence_parallel --quick         # CPU smoke test, 8 sim devices
-    python -m longax.benchmarks.sequence_parallel --lengths 65536 --scaling weak --out sp.json
+    python -m longax.benchmarks.sequence_parallel --devices 2 4 --scaling strong weak \
+        --lengths 16384 --layouts zigzag contiguous --peer --out sp.json
+    python -m longax.benchmarks.sequence_parallel --train configs/hybrid_350m.py \
+        --devices 2 4 --lengths 8192 --set data.batch_size=4     # a training step, DP vs SP
 
 Strong scaling keeps the total length T; weak scaling keeps T / P per device. Each row: op,
-P, T, ms forward / forward+backward, efficiency (1-device time / (P x P-device time) for
-strong, 1-device time at T/P / P-device time for weak) and the bytes each device sends per
+P, T, ms forward / forward+backward, efficiency (`efficiency`: strong, 1-device time / (P x
+P-device time); weak, the 1-device time of the work each device now does / P-device time,
+where causal attention's work grows as T^2 and the linear family's as T) and the bytes each device sends per
 forward, from the shapes (ring: (P-1) K/V blocks; Ulysses: 4 all-to-alls of (P-1)/P of a
-shard; LASP-2: one all-gather of (P-1) [B, H, Dk, Dv] states). jla's context parallelism
-runs beside when `jla.distributed` imports (else one line says why).
+shard; LASP-2: one all-gather of (P-1) [B, H, Dk, Dv] states) and tokens/s per device.
+Strong-scaling rows carry `err`: the P-device forward's relative error against the
+1-device op on the same inputs. `--peer`: jla's context parallelism (ring with load balancing for zigzag, Ulysses, simple_gla
+state passing for LASP-2) on the same P and inputs, its efficiency against its own P = 1 row.
 """
 
 from __future__ import annotations
@@ -83,73 +89,188 @@ def bytes_per_device(op, p, b, t, h, hkv, d, itemsize) -> int:
   return (p - 1) * b * h * d * d * 4  # LASP-2: float32 states
 
 
-def _jla_row(args, p, t):
+def efficiency(op: str, scaling: str, p: int, t1: int, t: int, ms1: float, ms: float) -> float:
+  """The 1-device time of the P-device run's work per device over its time. Strong: ms1 / (P
+  ms). Weak: attention's work grows as T^2 (per device: (T/T1)^2 / P of the 1-device run's),
+  the linear family's as T (per device: the same)."""
+  if scaling == "strong":
+    return ms1 / (p * ms)
+  work = (t / t1) ** 2 / p if op in ("ring", "ulysses") else 1.0
+  return ms1 * work / ms
+
+
+def _jla_fn(op, p: int, layout: str):
+  """jax-linear-attention's context parallelism for the same op on P devices, or None."""
+  import jax
+  import numpy as np
+  from jax.sharding import Mesh
   try:
-    import jla.distributed  # noqa: F401
+    from jla.distributed.context_parallel import context_parallel_linear_attention
+    from jla.distributed.context_parallel_attention import context_parallel_attention
   except Exception as e:  # noqa: BLE001 - optional peer
     print(f"# jla unavailable: {type(e).__name__}: {e}", file=sys.stderr)
     return None
-  return None  # TODO(lead): wire jla.distributed's context-parallel attention on the GPUs
+  mesh = Mesh(np.asarray(jax.devices()[:p]), ("cp",))
+  if op == "lasp2":
+    return lambda q, k, v, g: context_parallel_linear_attention(
+        "simple_gla", q, k, v, g=g, mesh=mesh, axis="cp", scale=q.shape[-1]**-0.5)[0]
+  strategy = "ring" if op == "ring" else "ulysses"
+  return lambda q, k, v: context_parallel_attention(
+      q, k, v, mesh=mesh, axis="cp", strategy=strategy, load_balance=layout == "zigzag")
+
+
+def _timed_row(fn, xs, reps: int, natural=None, want=None) -> dict:
+  """ms forward and forward+backward of fn(*xs); with `want` (the 1-device output) also the
+  relative error of `natural` (fn on natural-order arrays). An error is reported in the row."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  try:
+    fwd = jax.jit(fn)
+    loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32))
+    bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    ms_f, ms_b = _time(fwd, xs, reps), _time(bwd, xs, reps)
+    row = dict(ms_fwd=ms_f, ms_fwd_bwd=ms_f + ms_b)
+    if want is not None:
+      got = np.asarray(jax.jit(natural or fn)(*xs), np.float32)
+      row["err"] = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+    return row
+  except Exception as e:  # noqa: BLE001 - one failing row must not sink the table
+    return dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+
+
+def _natural(fn, p: int, layout: str):
+  """fn on natural-order arrays (zigzag: reorder in, restore out)."""
+  from longax.kernels.sequence_parallel import from_zigzag, to_zigzag
+  if layout != "zigzag" or p == 1:
+    return fn
+  return lambda *a: from_zigzag(fn(*(to_zigzag(x, p) for x in a)), p)
 
 
 def run(args) -> list[dict]:
   import jax
   import jax.numpy as jnp
+  import numpy as np
   dtype = jnp.dtype(args.dtype)
-  p_max = min(args.devices, jax.device_count())
+  ps = sorted({p for p in args.devices if p <= jax.device_count()} | {1})
   rows = []
-  for op in args.ops:
-    for t_arg in args.lengths:
-      base = {}
-      for p in sorted({1, p_max}):
-        t = t_arg * p if args.scaling == "weak" else t_arg
-        xs = _inputs(op, args.batch, t, args.heads, args.kv_heads, args.head_dim, dtype)
-        fn = _fn(op, p, args.layout)
-        fwd = jax.jit(fn)
-        loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32))
-        bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-        ms_f, ms_b = _time(fwd, xs, args.reps), _time(bwd, xs, args.reps)
-        row = dict(op=op, P=p, T=t, layout=args.layout, ms_fwd=ms_f, ms_fwd_bwd=ms_f + ms_b,
-                   bytes_sent=bytes_per_device(op, p, args.batch, t, args.heads, args.kv_heads,
-                                               args.head_dim, dtype.itemsize),
-                   device=jax.devices()[0].device_kind)
-        if p == 1:
-          base = row
-        else:
-          ideal = p if args.scaling == "strong" else 1
-          row["efficiency_fwd"] = base["ms_fwd"] / (ideal * ms_f)
-          row["efficiency_fwd_bwd"] = base["ms_fwd_bwd"] / (ideal * row["ms_fwd_bwd"])
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-      _jla_row(args, p_max, t_arg)
+  for scaling in args.scaling:
+    for op in args.ops:
+      for layout in (args.layouts if op != "ulysses" else ["contiguous"]):
+        for t_arg in args.lengths:
+          base, want = {}, None
+          for p in ps:
+            t = t_arg * p if scaling == "weak" else t_arg
+            xs = _inputs(op, args.batch, t, args.heads, args.kv_heads, args.head_dim, dtype)
+            row = dict(op=op, layout=layout, scaling=scaling, P=p, T=t, impl="longax",
+                       bytes_sent=bytes_per_device(op, p, args.batch, t, args.heads,
+                                                   args.kv_heads, args.head_dim, dtype.itemsize),
+                       device=jax.devices()[0].device_kind)
+            peers = [("longax", _fn(op, p, layout))]
+            if args.peer and (p > 1 or op != "lasp2"):
+              peers.append(("jla", _jla_fn(op, p, layout)))
+            for impl, fn in peers:
+              if fn is None:
+                continue
+              natural = _natural(fn, p, layout) if impl == "longax" else fn
+              r = dict(row, impl=impl, **_timed_row(fn, xs, args.reps, natural,
+                                                    want if p > 1 and scaling == "strong" else None))
+              if p == 1 and impl == "longax" and scaling == "strong" and "error" not in r:
+                want = np.asarray(jax.jit(fn)(*xs), np.float32)  # the 1-device op
+              if "ms_fwd_bwd" in r:
+                r["tokens_per_s_per_device"] = args.batch * t / p / (r["ms_fwd_bwd"] / 1e3)
+                if p == 1:
+                  base.setdefault(impl, r)
+                b0 = base.get(impl) or base.get("longax")
+                if b0 and p > 1:
+                  r["efficiency_fwd"] = efficiency(op, scaling, p, b0["T"], t, b0["ms_fwd"], r["ms_fwd"])
+                  r["efficiency_fwd_bwd"] = efficiency(op, scaling, p, b0["T"], t,
+                                                       b0["ms_fwd_bwd"], r["ms_fwd_bwd"])
+              rows.append(r)
+              print(json.dumps(r), flush=True)
+              if args.out:  # after every row: a run cut short keeps what it measured
+                with open(args.out, "w") as f:
+                  json.dump(rows, f, indent=1)
+  return rows
+
+
+def run_train(args) -> list[dict]:
+  """A training step at fixed global batch and length on all devices, mesh (data, sequence)
+  = (N/P, P) for each P: tokens/s in all and per device, against P = 1 (data parallel)."""
+  import pathlib
+  import statistics
+  import tempfile
+
+  import jax
+
+  from longax.benchmarks.train import run_longax
+  from longax.train.config import load, override
+  n = jax.device_count()
+  rows = []
+  for p in sorted({p for p in args.devices if n % p == 0} | {1}):
+    for t in args.lengths:
+      cfg = override(load(args.train), [
+          f"mesh.sequence={p}", "mesh.data=-1", f"data.seq_len={t}", f"model.max_len={t}",
+          f"train.steps={args.train_steps}", f"train.log_every={max(args.train_steps // 5, 1)}",
+          f"train.eval_every={args.train_steps}", "train.eval_batches=1",
+          f"train.checkpoint_every={args.train_steps}", f"train.sp_layout={args.layouts[0]}",
+          f"train.sp_attention={args.sp_attention}", *args.set])
+      row = dict(op="train", config=args.train, layout=args.layouts[0],
+                 sp_attention=args.sp_attention, scaling="dp-vs-sp", P=p, T=t,
+                 batch=cfg.data.batch_size, devices=n, impl="longax",
+                 device=jax.devices()[0].device_kind)
+      try:
+        with tempfile.TemporaryDirectory() as d:
+          tps = run_longax(cfg, pathlib.Path(d) / "run")
+        row["tokens_per_s"] = statistics.median(tps)
+        row["tokens_per_s_per_device"] = row["tokens_per_s"] / n
+        base = next((r for r in rows if r["P"] == 1 and r["T"] == t and "tokens_per_s" in r), None)
+        if base is not None and p > 1:
+          row["vs_data_parallel"] = row["tokens_per_s"] / base["tokens_per_s"]
+      except Exception as e:  # noqa: BLE001 - e.g. out of memory at P = 1: the point of SP
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+      if args.out:
+        with open(args.out, "w") as f:
+          json.dump(rows, f, indent=1)
   return rows
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true", help="tiny shapes on 8 simulated CPU devices")
-  ap.add_argument("--ops", nargs="+", default=["ring", "ulysses", "lasp2"])
-  ap.add_argument("--lengths", nargs="+", type=int, default=[32768, 65536])
-  ap.add_argument("--scaling", choices=["strong", "weak"], default="strong")
-  ap.add_argument("--layout", choices=["contiguous", "zigzag"], default="zigzag")
-  ap.add_argument("--devices", type=int, default=2)
+  ap.add_argument("--ops", nargs="+", default=["ring", "ulysses", "lasp2"],
+                  choices=["ring", "ulysses", "lasp2"])
+  ap.add_argument("--lengths", nargs="+", type=int, default=[32768, 65536],
+                  help="T (strong scaling) or T per device (weak scaling)")
+  ap.add_argument("--scaling", nargs="+", choices=["strong", "weak"], default=["strong"])
+  ap.add_argument("--layouts", nargs="+", choices=["contiguous", "zigzag"], default=["zigzag"],
+                  help="ring and LASP-2 run each (Ulysses: contiguous)")
+  ap.add_argument("--devices", nargs="+", type=int, default=[2],
+                  help="device counts P to run (1 is always run: the baseline)")
+  ap.add_argument("--peer", action="store_true", help="jla's context parallelism beside, same P")
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--heads", type=int, default=16)
   ap.add_argument("--kv-heads", type=int, default=4)
   ap.add_argument("--head-dim", type=int, default=128)
   ap.add_argument("--dtype", default="bfloat16")
   ap.add_argument("--reps", type=int, default=5)
-  ap.add_argument("--out", default=None, help="write the rows as JSON here")
+  ap.add_argument("--out", default=None, help="write the rows as JSON here (after every row)")
+  ap.add_argument("--train", default=None, metavar="CONFIG",
+                  help="time a training step of this config instead: mesh (data, sequence) = "
+                       "(N/P, P) on all N devices for each P of --devices, at each --lengths")
+  ap.add_argument("--train-steps", type=int, default=30)
+  ap.add_argument("--sp-attention", choices=["ring", "ulysses"], default="ring")
+  ap.add_argument("--set", action="append", default=[], help="config overrides (--train)")
   args = ap.parse_args(argv)
   if args.quick:
     args.lengths, args.heads, args.kv_heads, args.head_dim = [64], 4, 2, 16
-    args.dtype, args.reps = "float32", 1
+    args.dtype, args.reps, args.devices = "float32", 1, [2]
+    if args.train:
+      args.lengths, args.train_steps = [32], 4
   _setup(args.quick)
-  rows = run(args)
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(rows, f, indent=1)
-  return rows
+  return run_train(args) if args.train else run(args)
 
 
 if __name__ == "__main__":

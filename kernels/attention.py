@@ -277,6 +277,8 @@ from longax.kernels.gpu import attention as _gpu  # noqa: E402
 
 for _op in ("attention", "sigmoid_attention"):
   register(_op, "pallas", unsupported=_gpu.unsupported)(_gpu.attention_pallas)
+register("attention_block_grads", "pallas",
+         unsupported=_gpu.block_grads_unsupported)(_gpu.block_grads_pallas)
 
 # ----------------------------------------------------------------------------- public API
 

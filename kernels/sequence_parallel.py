@@ -9,22 +9,25 @@ sequence, `[B, T/P, ...]`, and `axis_name` names the mesh axis (size P). `layout
 
 - `ring_attention`: K/V (and their segment ids) rotate with `lax.ppermute`, issued before
   each step's compute so the transfer overlaps it; each step runs the local attention op
-  (`impl=` dispatch) on the visible (query chunk, key chunk) pairs, with global positions,
+  (`impl=` dispatch) on the visible (query chunk, key chunk) pairs (without a window each is
+  fully visible or the causal diagonal: default positions, so the GPU kernel takes it),
   and folds its output into the running one by log-sum-exp (softmax) or by a plain sum
   (sigmoid). Pairs no query sees (`visibility.key_blocks`) are skipped. The backward is a
   ring too (`custom_vjp`): dK/dV travel with their K/V; per device it keeps q, k, v, o and
   the rows' log-sum-exp, whatever P.
 - `ulysses_attention`: all-to-all sequence -> heads, the local op on the whole sequence,
   all-to-all back.
-- `lasp2_linear_attention` / `lasp2_ssd` / `lasp2_selective_scan` (LASP-2): each device's
-  chunk state (the XLA path's state part: its output is dead code) and total decay, one
-  `all_gather` of the states, the chunk-state combine `linear_attention.pass_states` over
-  devices, then the local op with the incoming state.
+- `lasp2_linear_attention` / `lasp2_ssd`: one local pass (the op's `impl=` dispatch) from a
+  zero state gives each device's outputs and chunk state; its total decay, one `all_gather`
+  of the states, the chunk-state combine `linear_attention.pass_states` over devices, then
+  the incoming state's share of the outputs (the recurrence is affine in it) added in XLA.
+  `lasp2_selective_scan`: the same state pass, then the local op with the incoming state.
 - `left_context`: the tokens before each local chunk (short causal convs).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -146,11 +149,70 @@ def _seen(spec: AttnSpec, q_chunk, k_chunk, c: int, n_total: int):
   return (lo <= k_chunk) & (k_chunk < hi)
 
 
-def _pairs(spec, p, idx, src, layout, c):
-  """For each (local query chunk i, key chunk j of device src): (i, j, seen)."""
+def _pair_specs(spec: AttnSpec):
+  """The local calls a (query chunk, key chunk) pair can need, as (spec, explicit positions).
+  Without a window every pair is skipped, fully visible (non-causal) or the causal diagonal
+  (equal chunks), so the local op runs with default positions and a kernel can take it;
+  with a window a pair can be partly visible: one call with the global positions."""
+  if spec.window is None:
+    return [(dataclasses.replace(spec, causal=False), False)] + ([(spec, False)] if spec.causal else [])
+  return [(spec, True)]
+
+
+def _balanced(spec: AttnSpec, layout: str) -> bool:
+  """Zigzag causal attention without a window: every ring step's pairs are known up to one
+  bit, so the ring runs without conditionals (`_pairs`)."""
+  return layout == "zigzag" and spec.causal and spec.window is None
+
+
+def _pairs(spec, p, idx, src, layout, c, first: bool = False):
+  """For each (local query chunk i, key chunk j of device src): (i, j, branch). A traced
+  branch goes to `lax.switch`: 0 skips the pair, b > 0 runs `_pair_specs(spec)[b - 1]`; a
+  Python int b runs that call unconditionally. Zigzag causal (`_balanced`): step 0 (`first`)
+  is the two diagonals and (1, 0); every later step is (1, 0) and (a, a) with a = src > idx
+  (a traced chunk index): both fully visible, no conditional, the same work on every device."""
+  if _balanced(spec, layout):
+    if first:
+      return [(0, 0, 2), (1, 1, 2), (1, 0, 1)]
+    a = (src > idx).astype(jnp.int32)
+    return [(1, 0, 1), (a, a, 1)]
   q_ids, k_ids = chunk_ids(p, idx, layout), chunk_ids(p, src, layout)
   n = q_ids.shape[0]
-  return [(i, j, _seen(spec, q_ids[i], k_ids[j], c, n * p)) for i in range(n) for j in range(n)]
+  out = []
+  for i in range(n):
+    for j in range(n):
+      qc, kc = q_ids[i], k_ids[j]
+      if spec.window is not None:
+        branch = _seen(spec, qc, kc, c, n * p).astype(jnp.int32)
+      elif spec.causal:
+        branch = jnp.where(kc < qc, 1, jnp.where(kc == qc, 2, 0)).astype(jnp.int32)
+      else:
+        branch = jnp.int32(1)
+      out.append((i, j, branch))
+  return out
+
+
+def _update_at(xs: tuple, i, fn) -> tuple:
+  """xs with entry i replaced by fn(xs[i]); i a Python int or a traced index (then by select)."""
+  if isinstance(i, int):
+    return xs[:i] + (fn(xs[i]),) + xs[i + 1:]
+  new = fn(jax.tree.map(lambda *a: jnp.select([i == m for m in range(len(xs))], list(a)), *xs))
+  return tuple(jax.tree.map(lambda a, b, m=m: jnp.where(i == m, a, b), new, xs[m])
+               for m in range(len(xs)))
+
+
+def _ring_loop(p: int, step, carry, balanced: bool):
+  """Runs step(s, carry, first) for s = 0..P-1; balanced rings peel step 0 (its pairs differ)."""
+  if balanced:
+    carry = step(0, carry, first=True)
+    return jax.lax.fori_loop(1, p, step, carry)
+  return jax.lax.fori_loop(0, p, step, carry)
+
+
+def _pair_fns(op, impl, spec, call):
+  """[(fn, spec, explicit)] per `_pair_specs` entry, each resolved by `impl=` dispatch."""
+  return [(resolve(op, impl, dict(call, spec=sp, explicit_positions=ex)), sp, ex)
+          for sp, ex in _pair_specs(spec)]
 
 
 def _fold(spec, acc, part):
@@ -171,34 +233,39 @@ def _ring_forward(axis_name, spec, layout, impl, block_kv, q, k, v, seg):
   c = t // n
   q_pos = local_positions(t, p, idx, layout)
   op = "attention" if spec.kind == "softmax" else "sigmoid_attention"
-  fn = resolve(op, impl, dict(q=q, k=k, v=v, spec=spec, explicit_positions=True,
-                              return_lse=spec.kind == "softmax"))
+  fns = _pair_fns(op, impl, spec, dict(q=q, k=k, v=v, return_lse=spec.kind == "softmax"))
   extra = dict(return_lse=True) if spec.kind == "softmax" else {}
   qs, q_poss, q_segs = _split(q, n), _split(q_pos, n, 0), _split(seg, n)
+  own = jnp.arange(c, dtype=jnp.int32)  # a chunk's default positions (T == S)
   perm = [(j, (j + 1) % p) for j in range(p)]
 
-  def local(i, j, kv, k_pos):
+  def local(fn, sp, explicit, i, j, kv, k_pos):
     k_blk, v_blk, seg_blk = (_split(x, n)[j] if x is not None else None for x in kv)
-    out = fn(qs[i], k_blk, v_blk, q_poss[i], _split(k_pos, n, 0)[j],
-             None if seg is None else q_segs[i], seg_blk, spec, kv_block=block_kv, **extra)
+    qp, kp = (q_poss[i], _split(k_pos, n, 0)[j]) if explicit else (own, own)
+    out = fn(qs[i], k_blk, v_blk, qp, kp, None if seg is None else q_segs[i], seg_blk, sp,
+             kv_block=block_kv, **extra)
     return (out[0].astype(jnp.float32), out[1]) if spec.kind == "softmax" else (out.astype(jnp.float32), None)
 
-  def step(s, carry):
+  def step(s, carry, first=False):
     accs, kv = carry
     nxt = jax.lax.ppermute(kv, axis_name, perm)  # in flight while this step computes
     src = (idx - s) % p
     k_pos = local_positions(t, p, src, layout)
-    accs = list(accs)
-    for i, j, seen in _pairs(spec, p, idx, src, layout, c):
-      accs[i] = jax.lax.cond(seen, lambda a, kv, i=i, j=j: _fold(spec, a, local(i, j, kv, k_pos)),
-                             lambda a, kv: a, accs[i], kv)
-    return tuple(accs), nxt
+    for i, j, branch in _pairs(spec, p, idx, src, layout, c, first):
+      if isinstance(branch, int):
+        accs = _update_at(accs, i, lambda a, i=i, j=j, f=fns[branch - 1]: _fold(
+            spec, a, local(*f, i, j, kv, k_pos)))
+        continue
+      calls = [lambda a, kv: a] + [
+          lambda a, kv, f=f, i=i, j=j: _fold(spec, a, local(*f, i, j, kv, k_pos)) for f in fns]
+      accs = _update_at(accs, i, lambda a, calls=calls: jax.lax.switch(branch, calls, a, kv))
+    return accs, nxt
 
   dv = v.shape[-1]
   acc0 = (jnp.zeros((b, c, h, dv), jnp.float32),
           jnp.full((b, c, h), -jnp.inf, jnp.float32) if spec.kind == "softmax" else None)
   accs0 = vary_like((acc0,) * n, q, k, v, seg)
-  accs, _ = jax.lax.fori_loop(0, p, step, (accs0, (k, v, seg)))
+  accs, _ = _ring_loop(p, step, (accs0, (k, v, seg)), _balanced(spec, layout))
   o = _merge([a[0] for a in accs]).astype(q.dtype)
   lse = None if spec.kind == "sigmoid" else _merge([a[1] for a in accs])
   return o, lse
@@ -211,40 +278,44 @@ def _ring_backward(axis_name, spec, layout, impl, block_kv, res, do):
   n = _n_chunks(layout)
   c = t // n
   q_pos = local_positions(t, p, idx, layout)
-  fn = resolve("attention_block_grads", impl, dict(q=q, k=k, v=v, spec=spec))
+  fns = _pair_fns("attention_block_grads", impl, spec, dict(q=q, k=k, v=v))
   qs, q_poss, q_segs, os_, dos = (_split(x, n, a) for x, a in
                                    ((q, 1), (q_pos, 0), (seg, 1), (o, 1), (do, 1)))
   lses = _split(lse, n)
+  own = jnp.arange(c, dtype=jnp.int32)
   perm = [(j, (j + 1) % p) for j in range(p)]
 
-  def local(i, j, kv, k_pos):
+  def local(fn, sp, explicit, i, j, kv, k_pos):
     k_blk, v_blk, seg_blk = (_split(x, n)[j] if x is not None else None for x in kv[:3])
-    return fn(qs[i], k_blk, v_blk, q_poss[i], _split(k_pos, n, 0)[j],
-              None if seg is None else q_segs[i], seg_blk, spec, os_[i],
-              None if lse is None else lses[i], dos[i], kv_block=block_kv)
+    qp, kp = (q_poss[i], _split(k_pos, n, 0)[j]) if explicit else (own, own)
+    return fn(qs[i], k_blk, v_blk, qp, kp, None if seg is None else q_segs[i], seg_blk, sp,
+              os_[i], None if lse is None else lses[i], dos[i], kv_block=block_kv)
 
-  def add(grads, i, j, kv, k_pos):
+  def add(f, grads, i, j, kv, k_pos):
     dqs, dks, dvs = grads
-    dq_i, dk_j, dv_j = local(i, j, kv, k_pos)
-    dqs = dqs[:i] + (dqs[i] + dq_i.astype(jnp.float32),) + dqs[i + 1:]
-    dks = dks[:j] + (dks[j] + dk_j.astype(jnp.float32),) + dks[j + 1:]
-    dvs = dvs[:j] + (dvs[j] + dv_j.astype(jnp.float32),) + dvs[j + 1:]
-    return dqs, dks, dvs
+    dq_i, dk_j, dv_j = local(*f, i, j, kv, k_pos)
+    plus = lambda x: lambda a: a + x.astype(jnp.float32)
+    return (_update_at(dqs, i, plus(dq_i)), _update_at(dks, j, plus(dk_j)),
+            _update_at(dvs, j, plus(dv_j)))
 
-  def step(s, carry):
+  def step(s, carry, first=False):
     dqs, kv = carry
     src = (idx - s) % p
     k_pos = local_positions(t, p, src, layout)
     grads = (dqs, kv[3], kv[4])
-    for i, j, seen in _pairs(spec, p, idx, src, layout, c):
-      grads = jax.lax.cond(seen, lambda g, kv, i=i, j=j: add(g, i, j, kv, k_pos),
-                           lambda g, kv: g, grads, kv)
+    for i, j, branch in _pairs(spec, p, idx, src, layout, c, first):
+      if isinstance(branch, int):
+        grads = add(fns[branch - 1], grads, i, j, kv, k_pos)
+        continue
+      calls = [lambda g, kv: g] + [
+          lambda g, kv, f=f, i=i, j=j: add(f, g, i, j, kv, k_pos) for f in fns]
+      grads = jax.lax.switch(branch, calls, grads, kv)
     dqs, dks, dvs = grads
     return dqs, jax.lax.ppermute((*kv[:3], dks, dvs), axis_name, perm)  # dK, dV ride along
 
   zeros = lambda x: tuple(jnp.zeros(y.shape, jnp.float32) for y in _split(x, n))
   dqs0, dks0, dvs0 = vary_like((zeros(q), zeros(k), zeros(v)), q, k, v, seg, o, lse, do)
-  dqs, kv = jax.lax.fori_loop(0, p, step, (dqs0, (k, v, seg, dks0, dvs0)))
+  dqs, kv = _ring_loop(p, step, (dqs0, (k, v, seg, dks0, dvs0)), _balanced(spec, layout))
   dq, dk, dv = _merge(dqs), _merge(kv[3]), _merge(kv[4])  # p hops: dK, dV are home
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
@@ -362,10 +433,19 @@ def _segment_edges(seg, b, n):
   return chunks[..., 0], chunks[..., -1], no_reset
 
 
-def _state_impl(impl: str) -> str:
-  # The state-only pass: XLA keeps just the chunk states of its path (the output is dead
-  # code); a kernel would compute the output too.
-  return "reference" if impl == "reference" else "xla"
+def _carried_in(q, g, seg, state_in, scale):
+  """What the state entering a local chunk adds to its outputs (the chunked recurrence is
+  affine in it): scale (q_t * exp(G_t)) S_in, G_t the log decay summed through t, zero from
+  the chunk's first document start on. q [nB, c, H, Dk], g [nB, c, H, 1|Dk] or None, seg
+  [nB, c] or None, state_in [nB, H, Dk, Dv] -> [nB, c, H, Dv] float32."""
+  qf = q.astype(jnp.float32)
+  if g is not None:
+    qf = qf * jnp.exp(jnp.cumsum(g, axis=1))
+  if seg is not None:
+    fresh = jnp.cumsum(jnp.concatenate([jnp.zeros_like(seg[:, :1], bool),
+                                        seg[:, 1:] != seg[:, :-1]], axis=1), axis=1) > 0
+    qf = jnp.where(fresh[..., None, None], 0.0, qf)
+  return scale * jnp.einsum("bthk,bhkv->bthv", qf, state_in)
 
 
 def lasp2_linear_attention(q, k, v, *, axis_name, log_decay=None, scale: float | None = None,
@@ -384,7 +464,9 @@ def lasp2_linear_attention(q, k, v, *, axis_name, log_decay=None, scale: float |
   g_chunks = _fold_batch(log_decay, n) if per_token else log_decay
   qc, kc, vc, segc = (_fold_batch(x, n) for x in (q, k, v, segment_ids))
   kw = dict(log_decay=g_chunks, scale=scale, segment_ids=segc, chunk_size=chunk_size)
-  _, local = linear_attention(qc, kc, vc, return_final_state=True, impl=_state_impl(impl), **kw)
+  # One local pass from a zero state gives the chunk's outputs and its state; the entering
+  # state's share is added after the all_gather (`_carried_in`), not by a second pass.
+  o_local, local = linear_attention(qc, kc, vc, return_final_state=True, impl=impl, **kw)
   g = _log_decay(op, g_chunks, n * b, t // n, h, dk)  # [nB, c, H, 1|Dk] or None
   decay = jnp.ones((n * b, h, 1)) if g is None else jnp.exp(jnp.sum(g, axis=1))
   first, last, no_reset = _segment_edges(segment_ids, b, n)
@@ -396,9 +478,9 @@ def lasp2_linear_attention(q, k, v, *, axis_name, log_decay=None, scale: float |
   h0 = (jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None
         else initial_state.astype(jnp.float32))
   state_in, final = _combine_states(axis_name, layout, split(local), decay, first, last, h0)
-  o = linear_attention(qc, kc, vc, initial_state=state_in.reshape(n * b, h, dk, dv),
-                       impl=impl, **kw)
-  o = _unfold_batch(o, n)
+  carried = _carried_in(qc, g, segc, state_in.reshape(n * b, h, dk, dv),
+                        dk**-0.5 if scale is None else scale)
+  o = _unfold_batch((o_local.astype(jnp.float32) + carried).astype(o_local.dtype), n)
   return (o, final) if return_final_state else o
 
 
@@ -433,7 +515,7 @@ def lasp2_selective_scan(u, delta, A, B, C, *, axis_name, D=None, z=None, delta_
   kw = dict(delta_bias=delta_bias, delta_softplus=delta_softplus, segment_ids=segc,
             chunk_size=chunk_size)
   _, local = selective_scan(uc, dc, A, bc, cc, return_final_state=True,
-                            impl=_state_impl(impl), **kw)  # [nB, D, N]
+                            impl=impl, **kw)  # [nB, D, N]
   dt_sum = jnp.sum(_prepare_dt(dc, delta_bias, delta_softplus), axis=1)  # [nB, D]
   decay = jnp.exp(dt_sum[..., None] * A.astype(jnp.float32))  # [nB, D, N]
   first, last, no_reset = _segment_edges(segment_ids, b, n)

@@ -20,6 +20,16 @@ import pytest
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
 
+def needs_hopper(devices: int = 1):
+  """The skip marker of the GPU kernel tests (tests/gpu): `devices` Hopper GPUs, asked of the
+  kernels' own check (`longax.kernels.gpu.not_on_hopper`)."""
+  from longax.kernels.gpu import not_on_hopper
+  why = not_on_hopper({})
+  if why is None and jax.device_count() < devices:
+    why = f"needs {devices} GPUs, there are {jax.device_count()}"
+  return pytest.mark.skipif(why is not None, reason=why or "")
+
+
 def rel_err(a, b) -> float:
   """||a - b|| / ||b|| in float64, with ||b|| floored at an RMS of 0.1 (inputs are O(1),
   so a reference that is nearly zero is compared in absolute terms)."""

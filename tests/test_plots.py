@@ -49,3 +49,13 @@ def test_kernels_json_and_printed_table(tmp_path):
   out = tmp_path / "kernels.png"
   assert plots.main(["kernels", str(js), str(txt), "--out", str(out)]) == 0
   _png(out)
+
+
+def test_kernels_benchmark_rows_and_no_check(tmp_path):
+  """--rows keeps the named rows only; --no-check leaves out the reference's err."""
+  from longax.benchmarks import kernels
+  out = tmp_path / "k.json"
+  assert kernels.main(["--quick", "--ops", "ssd", "--rows", "longax.xla", "--no-check",
+                       "--reps", "1", "--json", str(out)]) == 0
+  rows = json.loads(out.read_text())["results"]
+  assert [r["impl"] for r in rows] == ["longax.xla"] and "err" not in rows[0]

@@ -265,6 +265,20 @@ def test_benchmark_quick(tmp_path):
   assert all(x["bytes_sent"] > 0 and x["efficiency_fwd_bwd"] > 0 for x in rows if x["P"] == 2)
 
 
+@pytest.mark.slow
+def test_benchmark_train_quick(tmp_path):
+  """--train: a training step with mesh (data, sequence) = (8, 1) and (4, 2), 8 CPU devices."""
+  out = tmp_path / "spt.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-m", "longax.benchmarks.sequence_parallel", "--quick",
+                      "--train", str(pathlib.Path(__file__).parent / "tiny_train_config.py"),
+                      "--out", str(out)], env=env, capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = json.loads(out.read_text())
+  assert [x["P"] for x in rows] == [1, 2] and all(x["tokens_per_s"] > 0 for x in rows)
+  assert rows[1]["vs_data_parallel"] > 0
+
+
 if __name__ == "__main__":
   sys.path.insert(0, str(pathlib.Path(__file__).parent))
   os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")

@@ -16,3 +16,24 @@ def not_on_hopper(call: dict) -> str | None:
   if not str(cc).startswith("9"):
     return f"the Mosaic GPU kernel needs a Hopper GPU (compute capability 9.x), got {cc!r}"
   return None
+
+
+def kernel(body, **kwargs):
+  """`plgpu.kernel` whose outputs vary over the mesh axes its inputs vary over: inside
+  `jax.shard_map` (check_vma) a Mosaic GPU kernel's outputs come back device-invariant, which
+  a custom_vjp rejects for gradients and a later collective would misread (psum of an
+  invariant value multiplies it by P)."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  from longax.kernels._vma import vary_like
+  call = plgpu.kernel(body, **kwargs)
+  return lambda *args: vary_like(call(*args), *args)
+
+
+def same_vma(*xs):
+  """xs cast to vary over every mesh axis any of them varies over, at the entry of a kernel's
+  custom_vjp: each cotangent then has its primal's type, and an invariant input (a replicated
+  parameter, a constant initial state) gets its gradient summed over the axis by the cast's
+  own transpose."""
+  from longax.kernels._vma import vary_like
+  return vary_like(xs, *xs)

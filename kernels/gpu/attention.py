@@ -32,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from longax.kernels.gpu import not_on_hopper
+from longax.kernels.gpu import kernel, not_on_hopper, same_vma
 from longax.kernels.visibility import key_blocks, query_blocks, visible_pairs
 
 LOG2E = math.log2(math.e)
@@ -428,7 +428,7 @@ def _forward(q, k, v, q_seg, k_seg, pb: _Problem):
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
           plgpu.Barrier(num_arrivals=2))
-  o, lse = plgpu.kernel(
+  o, lse = kernel(
       body,
       out_type=[jax.ShapeDtypeStruct(q.shape, dtype),
                 jax.ShapeDtypeStruct((bsz, heads, tp), jnp.float32)],
@@ -550,7 +550,7 @@ def _backward_dq(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem):
           plgpu.Barrier(num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages))
-  return plgpu.kernel(
+  return kernel(
       body,
       out_type=jax.ShapeDtypeStruct(q.shape, dtype),
       scratch_types=[smem, bars],
@@ -694,7 +694,7 @@ def _backward_dkv(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem):
           plgpu.Barrier(num_arrivals=n_copies, num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages))
   kv_shape = jax.ShapeDtypeStruct(k.shape, dtype)
-  return plgpu.kernel(
+  return kernel(
       body,
       out_type=[kv_shape, kv_shape],
       scratch_types=[smem, bars],
@@ -740,6 +740,8 @@ def _padded(q, k, v, q_seg, k_seg, blk: Blocks):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _flash(q, k, v, q_seg, k_seg, pb: _Problem):
+  """-> (o [B, T, H, D], lse [B, T, H] float32 natural log, -inf for a row that sees no key;
+  None for sigmoid), both differentiable."""
   return _flash_fwd(q, k, v, q_seg, k_seg, pb)[0]
 
 
@@ -747,26 +749,50 @@ def _flash_fwd(q, k, v, q_seg, k_seg, pb: _Problem):
   t = q.shape[1]
   qp, kp, vp, qs, ks = _padded(q, k, v, q_seg, k_seg, pb.blocks)
   o, lse = _forward(qp, kp, vp, qs, ks, pb)
-  return o[:, :t], (q, k, v, q_seg, k_seg, o, lse)
+  lse_out = _lse_public(lse, t) if pb.spec.kind == "softmax" else None
+  return (o[:, :t], lse_out), (q, k, v, q_seg, k_seg, o, lse)
 
 
-def _flash_bwd(pb: _Problem, res, do):
+def _flash_bwd(pb: _Problem, res, cts):
   q, k, v, q_seg, k_seg, o, lse = res
+  do, dlse = cts
+  dq, dk, dv = _grads(pb, q, k, v, q_seg, k_seg, o, lse, do, dlse)
+  return dq, dk, dv, _no_grad(q_seg), _no_grad(k_seg)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _lse_public(lse, t: int):
+  """The kernel's [B, H, Tp] log2 (+inf: empty row) -> [B, T, H] natural log (-inf: empty)."""
+  return jnp.swapaxes(jnp.where(jnp.isposinf(lse), -jnp.inf, lse / LOG2E)[:, :, :t], 1, 2)
+
+
+def _lse_kernel(lse, tp: int):
+  """[B, T, H] natural log (-inf: empty row) -> the kernel's [B, H, Tp] log2 (+inf: empty)."""
+  x = jnp.swapaxes(jnp.where(jnp.isneginf(lse), jnp.inf, lse * LOG2E), 1, 2)
+  return _pad_to(x, 2, tp, jnp.inf)
+
+
+def _grads(pb: _Problem, q, k, v, q_seg, k_seg, o, lse, do, dlse=None):
+  """(dq, dk, dv) from rows whose output o [B, T or Tp, H, D] and kernel lse [B, H, Tp] may
+  cover more keys than k holds (ring attention: then this key block's share of dq and its
+  dk, dv). dlse [B, T, H]: the cotangent of the public lse (d lse / d s = p), or None."""
   t, s = q.shape[1], k.shape[1]
   if q.shape[-1] > MAX_BWD_HEAD_DIM:
-    return _xla_backward(pb, res, do)
+    return _xla_backward(pb, (q, k, v, q_seg, k_seg, o, lse), do, dlse)
   qp, kp, vp, qs, ks = _padded(q, k, v, q_seg, k_seg, pb.blocks)
-  dop = jnp.pad(do, [(0, 0), (0, qp.shape[1] - t), (0, 0), (0, 0)])
-  if pb.spec.kind == "softmax":  # delta_i = do_i . o_i
-    delta = jnp.einsum("bthd,bthd->bht", dop.astype(jnp.float32), o.astype(jnp.float32))
+  tp = qp.shape[1]
+  dop, op = (_pad_to(x, 1, tp) for x in (do, o[:, :t]))
+  if pb.spec.kind == "softmax":  # delta_i = do_i . o_i (- dlse_i: the lse's own cotangent)
+    delta = jnp.einsum("bthd,bthd->bht", dop.astype(jnp.float32), op.astype(jnp.float32))
+    if dlse is not None:
+      delta = delta - _pad_to(jnp.swapaxes(dlse, 1, 2), 2, tp)
   else:
     delta = jnp.zeros_like(lse)
   dq = _backward_dq(qp, kp, vp, dop, lse, delta, qs, ks, pb)
   dk, dv = _backward_dkv(qp, kp, vp, dop, lse, delta, qs, ks, pb)
-  return dq[:, :t], dk[:, :s], dv[:, :s], _no_grad(q_seg), _no_grad(k_seg)
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+  return dq[:, :t], dk[:, :s], dv[:, :s]
 
 
 def _no_grad(seg):
@@ -774,21 +800,23 @@ def _no_grad(seg):
   return None if seg is None else jnp.zeros(seg.shape, jax.dtypes.float0)
 
 
-def _xla_backward(pb: _Problem, res, do):
+def _xla_backward(pb: _Problem, res, do, dlse=None):
   """The XLA path's FlashAttention-2 backward from the kernel's residuals (head dims whose
   dk/dv accumulators do not fit the registers)."""
   xla = sys.modules["longax.kernels.attention"]  # the op's module (it imports this one)
   q, k, v, q_seg, k_seg, o, lse = res
   b, t, h, _ = q.shape
   hkv = k.shape[2]
-  lse_nat = None
+  lse_nat = dlse_int = None
   if pb.spec.kind == "softmax":
     lse_nat = (lse[:, :, :t] / LOG2E).reshape(b, hkv, h // hkv, t)
+    if dlse is not None:
+      dlse_int = jnp.swapaxes(dlse, 1, 2).reshape(b, hkv, h // hkv, t)
   q_pos = xla.query_positions(t, k.shape[1])
   k_pos = jnp.arange(k.shape[1], dtype=jnp.int32)
-  grads = xla._flash_backward(pb.spec, xla.KV_BLOCK,
-                              (q, k, v, q_pos, k_pos, q_seg, k_seg, o[:, :t], lse_nat), do)
-  return (*grads[:3], _no_grad(q_seg), _no_grad(k_seg))
+  return xla._flash_backward(pb.spec, xla.KV_BLOCK,
+                             (q, k, v, q_pos, k_pos, q_seg, k_seg, o[:, :t], lse_nat), do,
+                             dlse_int)[:3]
 
 
 def blocks_for(head_dim: int) -> Blocks:
@@ -809,19 +837,46 @@ def unsupported(call: dict) -> str | None:
     return f"value head dim {v.shape[-1]} != query head dim {q.shape[-1]}"
   if call.get("explicit_positions"):
     return "explicit q_positions / kv_positions (the kernel takes the default bottom-right positions)"
-  if call.get("return_lse"):
-    return "return_lse (the kernel keeps its log-sum-exp internal)"
   return None
 
 
-def attention_pallas(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, kv_block=None, blocks=None):
-  """The kernel under the op's signature; positions must be the defaults (see `unsupported`)."""
-  del q_pos, k_pos, kv_block
+def _problem(q, k, spec, q_seg, blocks):
   if not spec.causal and spec.window is None:
     # Non-causal runs as a window no pair can leave: the same visibility, but its block
     # bounds come from positions, which Mosaic GPU's layout inference needs here (with
     # constant bounds it fails on the dk/dv loop over query heads and on segment masks).
     spec = dataclasses.replace(spec, window=_UNBOUNDED, sinks=0)
-  pb = _Problem(spec, q.shape[1], k.shape[1], q.shape[2] // k.shape[2], q_seg is not None,
-                blocks or blocks_for(q.shape[-1]))
-  return _flash(q, k, v, q_seg, k_seg, pb)
+  return _Problem(spec, q.shape[1], k.shape[1], q.shape[2] // k.shape[2], q_seg is not None,
+                  blocks or blocks_for(q.shape[-1]))
+
+
+def attention_pallas(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, kv_block=None, blocks=None,
+                     return_lse=False):
+  """The kernel under the op's signature; positions must be the defaults (see `unsupported`)."""
+  del q_pos, k_pos, kv_block
+  pb = _problem(q, k, spec, q_seg, blocks)
+  o, lse = _flash(*same_vma(q, k, v, q_seg, k_seg), pb)
+  return (o, lse) if return_lse else o
+
+
+def block_grads_pallas(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, o, lse, do, kv_block=None,
+                       blocks=None):
+  """Ring attention's backward step on the kernels: one key block's share of dq and its dk,
+  dv for rows whose o [B, T, H, Dv] and lse [B, T, H] (natural log, -inf: empty row; None
+  for sigmoid) cover more keys. Positions must be the defaults (see `unsupported`)."""
+  del q_pos, k_pos, kv_block
+  pb = _problem(q, k, spec, q_seg, blocks)
+  tq = math.lcm(pb.blocks.wgs * pb.blocks.block_q, pb.blocks.bwd_wgs * pb.blocks.bwd_block_q)
+  tp = -(-q.shape[1] // tq) * tq
+  lse_k = (_lse_kernel(lse, tp) if spec.kind == "softmax"
+           else jnp.zeros((q.shape[0], q.shape[2], tp), jnp.float32))
+  return _grads(pb, q, k, v, q_seg, k_seg, o, lse_k, do)
+
+
+def block_grads_unsupported(call: dict) -> str | None:
+  """As `unsupported`, and the backward kernels' head-dim limit."""
+  if (why := unsupported(call)) is not None:
+    return why
+  if call["q"].shape[-1] > MAX_BWD_HEAD_DIM:
+    return f"head dim {call['q'].shape[-1]} > {MAX_BWD_HEAD_DIM} (the backward kernels' limit)"
+  return None

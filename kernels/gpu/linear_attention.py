@@ -40,7 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from longax.kernels.gpu import not_on_hopper
+from longax.kernels.gpu import kernel, not_on_hopper, same_vma
 
 LOG2E = math.log2(math.e)
 C = 64  # tokens per chunk: the M of every wgmma tile
@@ -317,7 +317,7 @@ def _forward(q, k, v, decay, segs: Segs | None, h0t, *, scale: float, store_stat
     out_type.append(jax.ShapeDtypeStruct((bsz, heads, n_chunks, dv, dk), dtype))
   args = [q, k, v, *(decay if per_key else [decay])] + (list(segs) if has_segs else [])
   args += ([gamma_after] if after else []) + [h0t]
-  outs = plgpu.kernel(
+  outs = kernel(
       body, out_type=out_type, scratch_types=[smem, bars], grid=(bsz * pieces, heads, dv // BV),
       grid_names=("b", "h", "v"), num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
@@ -431,7 +431,7 @@ def _reverse_states(q, do, decay, segs: Segs | None, dfinal_t, *, scale: float, 
   bars = (plgpu.Barrier(num_arrivals=n_copies, num_barriers=stages),
           plgpu.Barrier(num_barriers=stages), plgpu.Barrier())
   args = [q, do, decay] + ([segs.cin] if has_segs else []) + [dfinal_t]
-  d, dh0 = plgpu.kernel(
+  d, dh0 = kernel(
       body,
       out_type=[jax.ShapeDtypeStruct((bsz, heads, n_chunks, dv, dk), dtype),
                 jax.ShapeDtypeStruct((bsz * pieces, heads, dv, dk), F32)],
@@ -529,7 +529,7 @@ def _chunk_grads_kernel(q, k, v, do, g2, segs: Segs | None, states_t, d_t, *, sc
   args = [q, k, v, do, g2, states_t, d_t] + (list(segs) if has_segs else [])
   tok = lambda d: jax.ShapeDtypeStruct((bsz, tp, heads, d), dtype)
   vec_out = jax.ShapeDtypeStruct((bsz, heads, tp), F32)
-  return plgpu.kernel(
+  return kernel(
       body, out_type=[tok(dk), tok(dk), tok(dv), vec_out, vec_out], scratch_types=[smem, bar],
       grid=(n_chunks, heads, bsz), grid_names=("n", "h", "b"),
       compiler_params=plgpu.CompilerParams(approx_math=True),
@@ -914,6 +914,7 @@ def linear_attention_pallas(q, k, v, g, h0, resets, scale, chunk: int = C, confi
   Dv]; g [B, T, H, 1] float32 or None; h0 [B, H, Dk, Dv] float32; resets [B, T] or None.
   Returns (o [B, T, H, Dv], final state [B, H, Dk, Dv] float32)."""
   del chunk
+  q, k, v, g, h0, resets = same_vma(q, k, v, g, h0, resets)
   b, t, h, _ = q.shape
   cfg = config or TUNED
   per_key = g is not None and g.shape[-1] > 1

@@ -45,7 +45,7 @@ from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, memref, vector
 
-from longax.kernels.gpu import not_on_hopper
+from longax.kernels.gpu import kernel, not_on_hopper, same_vma
 
 CHUNK = 16  # tokens per TMA tile (and per saved state)
 BLOCK_D = 128  # channels per CTA: one per thread of the warpgroup
@@ -103,7 +103,7 @@ def num_segments(nblk: int, batch: int, num_chunks: int) -> int:
 def _launch(grid, grid_names, name, body, **kwargs):
   # No automatic barriers: every thread touches only its own channel's column of the shared
   # tiles; the cross-thread hazards (refilling a slot, the dB/dC rows) are fenced explicitly.
-  return plgpu.kernel(
+  return kernel(
       body, grid=grid, grid_names=grid_names, kernel_name=name,
       compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True),
       **kwargs)
@@ -601,4 +601,4 @@ def selective_scan_pallas(u, dt, A, Bm, Cm, h0, resets, *, chunk=None, segments=
   cfg = Cfg(batch=b, num_chunks=nc, dim=d, dstate=n, segments=segs, resets=resets is not None,
             dtypes=tuple(jnp.dtype(x.dtype).name for x in (u, dt, A, Bm, Cm, h0)))
   keep = None if resets is None else jnp.where(resets, 0.0, 1.0).astype(_F32)
-  return _scan(cfg, l, u, dt, A, Bm, Cm, h0, keep)
+  return _scan(cfg, l, *same_vma(u, dt, A, Bm, Cm, h0, keep))

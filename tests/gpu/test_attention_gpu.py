@@ -8,13 +8,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from conftest import compare
+from conftest import compare, needs_hopper
 from longax.kernels import attention, sigmoid_attention
 
-pytestmark = pytest.mark.skipif(
-    jax.default_backend() != "gpu"
-    or not str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9"),
-    reason="needs a Hopper GPU")
+pytestmark = needs_hopper()
 
 # (B, T, S, H, Hkv, D)
 BASE = (2, 512, 512, 4, 2, 128)

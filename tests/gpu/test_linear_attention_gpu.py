@@ -9,13 +9,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from conftest import assert_close, compare
+from conftest import assert_close, compare, needs_hopper
 from longax.kernels import linear_attention, ssd
 
-pytestmark = pytest.mark.skipif(
-    jax.default_backend() != "gpu"
-    or not str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9"),
-    reason="needs a Hopper GPU")
+pytestmark = needs_hopper()
 
 # (B, T, H, Hkv, Dk, Dv)
 BASE = (2, 512, 4, 2, 128, 128)

@@ -10,15 +10,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from conftest import assert_close, compare
+from conftest import assert_close, compare, needs_hopper
 from longax.kernels import selective_scan
 from longax.kernels.gpu import selective_scan as gpu
 from longax.kernels.selective_scan import selective_scan_reference
 
-pytestmark = pytest.mark.skipif(
-    jax.default_backend() != "gpu"
-    or not str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9"),
-    reason="needs a Hopper GPU")
+pytestmark = needs_hopper()
 
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
 
