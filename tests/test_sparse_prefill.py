@@ -65,8 +65,9 @@ def test_prefill_cache_equals_dense_and_output_is_close(model, kind):
     for key in want:
       assert_close(got[key], want[key], what=f"{kind} full budget {key}")
   assert_close(logits, dense_logits, what=f"{kind} full budget logits")
-  assert generate(model, [PROMPT], max_new_tokens=3, sparse_prefill=full) == \
-      generate(model, [PROMPT], max_new_tokens=3)
+  if kind == "block_topk":  # (one kind is enough for generate's plumbing)
+    assert generate(model, [PROMPT], max_new_tokens=3, sparse_prefill=full) == \
+        generate(model, [PROMPT], max_new_tokens=3)
 
 
 @pytest.mark.slow
