@@ -1,11 +1,12 @@
 """Figures for the README from results already on disk (nothing is re-measured).
 
-    python -m longax.benchmarks.plots mqar RUN_DIR --out mqar.png     # or a metrics.jsonl
+    python -m longax.benchmarks.plots mqar RUN_DIR [RUN_DIR ...] --out mqar.png   # or metrics.jsonl files
     python -m longax.benchmarks.plots kernels RESULTS [RESULTS ...] --out kernels.png
     python -m longax.benchmarks.plots sp SP.json [SP.json ...] --out sp.png
 
 `mqar`: a training run's learning curve from RUN_DIR/metrics.jsonl: loss and answer
-accuracy against step, train (every `log_every`) and eval (every `eval_every`).
+accuracy against step, train (every `log_every`) and eval (every `eval_every`); with several
+runs, one eval line per run (labelled by its folder), for comparisons.
 `kernels`: forward and forward+backward ms per op and implementation, log scale, from
 `python -m longax.benchmarks.kernels` results: its `--json` files or the table it prints
 (`--stream` lines included); rows of later files replace earlier ones with the same
@@ -75,17 +76,22 @@ def _run_title(run_dir: pathlib.Path) -> str:
     return f"learning curve: {folder.name if run_dir.is_dir() else run_dir.name}"
 
 
-def plot_mqar(run_dir: pathlib.Path, out: pathlib.Path, title: str | None = None) -> None:
-  rows = read_metrics(run_dir)
+def plot_mqar(run_dir, out: pathlib.Path, title: str | None = None) -> None:
+  """run_dir: one run folder (train and eval curves) or a list of them (eval curves)."""
+  runs = list(run_dir) if isinstance(run_dir, (list, tuple)) else [run_dir]
+  many = len(runs) > 1
+  rows_of = [read_metrics(r) for r in runs]
   plt = _figure()
   fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
   for ax, key, label in ((a, "loss", "loss (answers only)"), (b, "accuracy", "answer accuracy")):
-    train = [(r["step"], r[key]) for r in rows if key in r]
-    evals = [(r["step"], r[f"eval_{key}"]) for r in rows if f"eval_{key}" in r]
-    if train:
-      ax.plot(*zip(*train), label="train batch", lw=1.2)
-    if evals:
-      ax.plot(*zip(*evals), "o-", label="eval", ms=4)
+    for run, rows in zip(runs, rows_of):
+      name = (run.parent if run.is_file() else run).name
+      train = [(r["step"], r[key]) for r in rows if key in r]
+      evals = [(r["step"], r[f"eval_{key}"]) for r in rows if f"eval_{key}" in r]
+      if train and not many:
+        ax.plot(*zip(*train), label="train batch", lw=1.2)
+      if evals:
+        ax.plot(*zip(*evals), "o-", label=f"{name} eval" if many else "eval", ms=4)
     ax.set_xlabel("step")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
@@ -93,7 +99,7 @@ def plot_mqar(run_dir: pathlib.Path, out: pathlib.Path, title: str | None = None
   b.set_ylim(0, 1.02)
   b.axhline(0.9, color="gray", ls=":", lw=1)
   b.legend(fontsize=8, loc="lower right")
-  fig.suptitle(title or _run_title(run_dir), fontsize=10)
+  fig.suptitle(title or _run_title(runs[0]), fontsize=10)
   fig.tight_layout()
   fig.savefig(out, dpi=100)
   plt.close(fig)
@@ -262,7 +268,7 @@ def main(argv=None) -> int:
                               description=__doc__.splitlines()[0])
   sub = p.add_subparsers(dest="what", required=True)
   m = sub.add_parser("mqar", help="learning curve of a training run (RUN_DIR/metrics.jsonl)")
-  m.add_argument("run_dir", type=pathlib.Path)
+  m.add_argument("run_dir", type=pathlib.Path, nargs="+")
   k = sub.add_parser("kernels", help="kernel timings from `longax.benchmarks.kernels` results")
   k.add_argument("results", type=pathlib.Path, nargs="+", help="--json files or printed tables")
   sp = sub.add_parser("sp", help="sequence-parallel scaling from `benchmarks.sequence_parallel`")
@@ -273,7 +279,7 @@ def main(argv=None) -> int:
   a = p.parse_args(argv)
   try:
     if a.what == "mqar":
-      plot_mqar(a.run_dir, a.out, a.title)
+      plot_mqar(a.run_dir if len(a.run_dir) > 1 else a.run_dir[0], a.out, a.title)
     elif a.what == "sp":
       plot_sp(a.results, a.out, a.title)
     else:

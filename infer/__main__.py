@@ -9,6 +9,9 @@ is loaded.
 
 `--sequence-parallel P` prefills the prompt sequence-parallel over P devices (a mesh
 data = devices / P, sequence = P; `--sp-attention`, `--sp-layout`), then decodes as usual.
+`--sparse-prefill vertical_slash|block_topk` prefills the full softmax layers sparsely
+(MInference: a per-head search on `--calibration-tokens`, default the prompt), then decodes
+densely.
 """
 
 from __future__ import annotations
@@ -54,6 +57,17 @@ def parse_args(argv):
                  help="attention scheme of the sequence-parallel prefill")
   p.add_argument("--sp-layout", default="contiguous", choices=("contiguous", "zigzag"),
                  help="how the prompt splits over the devices (zigzag balances causal work)")
+  p.add_argument("--sparse-prefill", default=None, metavar="KIND",
+                 help="prefill the full softmax layers sparsely (MInference), KIND "
+                      "vertical_slash or block_topk, with a per-head pattern search on the "
+                      "calibration prompt; decoding stays dense")
+  p.add_argument("--sparse-budget", type=int, default=1024,
+                 help="sparse prefill: keys per query (vertical + slash, or blocks x block)")
+  p.add_argument("--sparse-block", type=int, default=64,
+                 help="sparse prefill (block_topk): tokens per block")
+  p.add_argument("--calibration-tokens", default=None,
+                 help="sparse prefill: comma-separated token ids of the prompt the per-head "
+                      "search runs on (default: the prompt)")
   return p.parse_args(argv)
 
 
@@ -172,6 +186,26 @@ def warn_streaming(cfg_trained, streaming, total: int) -> None:
           f"first {sinks} and the last {window}", file=sys.stderr)
 
 
+def check_sparse(args, cfg, tokens: list[int]) -> list[int] | None:
+  """The --sparse-* flags against the model; returns the calibration tokens (None when
+  there is no sparse prefill). Every failure is one line."""
+  if args.sparse_prefill is None:
+    if args.calibration_tokens is not None:
+      raise UsageError("--calibration-tokens needs --sparse-prefill")
+    return None
+  from longax.infer.sparse import check
+  check(cfg, args.sparse_prefill, args.sparse_budget, args.sparse_block)
+  if args.sequence_parallel > 1:
+    raise UsageError("--sparse-prefill does not run with --sequence-parallel: drop one of them")
+  if args.calibration_tokens is None:
+    return tokens
+  calibration = _ints("--calibration-tokens", args.calibration_tokens)
+  bad = [t for t in calibration if not 0 <= t < cfg.vocab_size]
+  if not calibration or bad:
+    raise UsageError(f"--calibration-tokens: {'empty' if not calibration else f'token {bad[0]} is outside [0, {cfg.vocab_size})'}")
+  return calibration
+
+
 def sequence_mesh(p: int):
   """The mesh (data = devices / p, sequence = p) of --sequence-parallel p; None for p = 1."""
   if p < 1:
@@ -211,11 +245,17 @@ def main(argv=None) -> int:
                    prefill_chunk=args.prefill_chunk)
     check_request(cfg, [tokens], **request)
     check_sequence_parallel(cfg, args.sequence_parallel, args.sp_attention, args.sp_layout)
+    calibration = check_sparse(args, cfg, tokens)
     mesh = sequence_mesh(args.sequence_parallel)
     warn_streaming(read_config(workdir)[0], streaming, len(tokens) + args.max_new_tokens)
     model, _ = load_model(workdir, streaming)
+    plan = None
+    if args.sparse_prefill is not None:
+      from longax.infer.sparse import search
+      plan = search(model, calibration, kind=args.sparse_prefill, budget=args.sparse_budget,
+                    block=args.sparse_block)
     out = generate(model, [tokens], **request, mesh=mesh, sp_attention=args.sp_attention,
-                   sp_layout=args.sp_layout)[0]
+                   sp_layout=args.sp_layout, sparse_prefill=plan)[0]
   except FieldError as e:
     print(f"error: {_flag_error(e)}", file=sys.stderr)
     return 2

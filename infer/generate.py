@@ -39,6 +39,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from longax.kernels.sequence_parallel import to_zigzag
+from longax.layers import sparse_prefill as sparse
 from longax.layers.sequence import ATTENTION, SequenceParallel, sequence_parallel
 from longax.models.config import FieldError, at_least, number
 from longax.models.sharding import shardings
@@ -50,11 +51,18 @@ _RULES = dict(max_new_tokens=at_least(1), temperature=number(0), top_k=at_least(
               seed=lambda v: None if isinstance(v, int) and not isinstance(v, bool) else "must be an int")
 
 
+def full_cache_mixers(cfg) -> set[str]:
+  """The mixers of `cfg` whose decode cache holds every position (max_len of them):
+  softmax / sigmoid without a window, and nsa (its selection may pick any past block)."""
+  mixers = set(cfg.layer_mixers)
+  full = mixers & {"softmax", "sigmoid"} if cfg.attention.window is None else set()
+  return full | (mixers & {"nsa"})
+
+
 def length_limit(cfg) -> int | None:
   """The most tokens (prompt + new) `cfg`'s model takes: max_len if a layer keeps a full
-  KV cache (softmax / sigmoid without a window), else None (unbounded)."""
-  full = cfg.attention.window is None and {"softmax", "sigmoid"} & set(cfg.layer_mixers)
-  return cfg.max_len if full else None
+  KV cache (softmax / sigmoid without a window, nsa), else None (unbounded)."""
+  return cfg.max_len if full_cache_mixers(cfg) else None
 
 
 def check_request(cfg, prompts, *, max_new_tokens: int, temperature: float = 0.0,
@@ -83,11 +91,12 @@ def check_request(cfg, prompts, *, max_new_tokens: int, temperature: float = 0.0
                      f"vocabulary [0, {vocab})", owner="generate: ")
   limit, longest = length_limit(cfg), max(map(len, prompts))
   if limit is not None and longest + max_new_tokens > limit:
-    kinds = "/".join(sorted({"softmax", "sigmoid"} & set(cfg.layer_mixers)))
+    kinds = "/".join(sorted(full_cache_mixers(cfg)))
     raise FieldError("max_new_tokens", max_new_tokens, f"the prompt ({longest} tokens) + "
                      f"{max_new_tokens} new = {longest + max_new_tokens} exceeds model.max_len="
                      f"{limit}, the positions the {kinds} layers' full KV cache holds: shorten "
-                     "them, or decode with a sliding window (CLI: --streaming SINKS,WINDOW)",
+                     "them" + ("" if "nsa" in kinds else ", or decode with a sliding window (CLI: "
+                               "--streaming SINKS,WINDOW)"),
                      owner="generate: ")
 
 
@@ -108,6 +117,9 @@ def check_sequence_parallel(cfg, p: int, attention: str = "ring",
   if p <= 1:
     return
   a, mixers = cfg.attention, set(cfg.layer_mixers)
+  if "nsa" in mixers:
+    raise ValueError(f"generate: a sequence-parallel prefill (sequence axis {p}) cannot run the "
+                     "nsa layers (no sequence-parallel sparse attention yet)")
   full = {"softmax", "sigmoid"} & mixers
   if full and (a.sinks or a.softcap is not None):
     raise ValueError(f"generate: a sequence-parallel prefill (sequence axis {p}) cannot run the "
@@ -172,6 +184,23 @@ def _prefill_sp(model, prompt: list[int], cache_len: int, chunk: int, sp: Sequen
   for s in range(n, len(prompt)):
     logits, cache = _feed(model, tokens[:, s:s + 1], cache)
   return logits, cache
+
+
+@functools.partial(nnx.jit, static_argnames=("plan",))
+def _feed_sparse(model, tokens, cache, *, plan):
+  with sparse.prefill(plan):
+    logits, cache = model.decode(tokens, cache, logits_at=tokens.shape[1] - 1)
+  return logits[:, -1], cache
+
+
+def _prefill_sparse(model, prompt: list[int], cache_len: int, chunk: int, plan):
+  """The whole prompt in one sparse pass (as MInference: the full softmax layers attend
+  sparsely, the first new token comes from it; the layers write the K/V a dense prefill
+  computes from the same inputs); as `_prefill` for a one-token prompt."""
+  if len(prompt) < 2:
+    return _prefill(model, prompt, cache_len, chunk)
+  tokens = jnp.asarray(prompt, jnp.int32)[None]
+  return _feed_sparse(model, tokens, model.init_cache(1, cache_len), plan=plan)
 
 
 def _prefill(model, prompt: list[int], cache_len: int, chunk: int):
@@ -262,12 +291,16 @@ def score(model, tokens, targets, *, prefill_chunk: int = 256, mesh: Mesh | None
 def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              stop_tokens=(), prefill_chunk: int = 64, mesh: Mesh | None = None,
-             sp_attention: str = "ring", sp_layout: str = "contiguous") -> list[list[int]]:
+             sp_attention: str = "ring", sp_layout: str = "contiguous",
+             sparse_prefill: sparse.SparsePrefill | None = None) -> list[list[int]]:
   """Continues each prompt (a list of token ids); returns the new tokens per prompt.
   Prompt + max_new_tokens may not exceed `model.cfg.max_len` when a layer keeps a full KV
   cache (see the module docstring); a bad argument raises ValueError before any work.
   A `mesh` with a `sequence` axis > 1 prefills sequence-parallel, with `sp_attention`
-  (ring | ulysses) and `sp_layout` (contiguous | zigzag), as `train.sp_*`."""
+  (ring | ulysses) and `sp_layout` (contiguous | zigzag), as `train.sp_*`.
+  `sparse_prefill` (a plan from `infer.sparse.search`): each prompt is prefilled in one
+  pass with the full softmax layers attending sparsely (MInference); the
+  caches hold the K/V a dense prefill computes from the same layer inputs; decoding is dense."""
   prompts = [list(map(int, p)) for p in prompts]
   stop_tokens = [int(t) for t in stop_tokens]
   check_request(model.cfg, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -275,11 +308,15 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
                 prefill_chunk=prefill_chunk)
   p = sequence_axis(mesh)
   check_sequence_parallel(model.cfg, p, sp_attention, sp_layout)
+  if sparse_prefill is not None and p > 1:
+    raise ValueError("generate: a sparse prefill does not run sequence-parallel: drop one of them")
   model = on_mesh(model, mesh)
   cache_len = -(-(max(map(len, prompts)) + max_new_tokens) // BUCKET) * BUCKET
   if p > 1:  # each prompt prefills alone: its batch of 1 is replicated over data / fsdp
     sp = SequenceParallel(mesh, sp_attention, sp_layout, batch_axes=())
     rows = [_prefill_sp(model, x, cache_len, prefill_chunk, sp) for x in prompts]
+  elif sparse_prefill is not None:
+    rows = [_prefill_sparse(model, x, cache_len, prefill_chunk, sparse_prefill) for x in prompts]
   else:
     rows = [_prefill(model, x, cache_len, prefill_chunk) for x in prompts]
   logits = jnp.concatenate([r[0] for r in rows])

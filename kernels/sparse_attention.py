@@ -188,7 +188,7 @@ def _block_sparse_xla(q, k, v, block_mask, spec: AttnSpec, *, block_q: int, bloc
   return rearrange(o, "b k g t d -> b t (k g) d")[:, :t].astype(q.dtype)
 
 
-def _selected_xla(q, k, v, block_indices, spec: AttnSpec, *, block_size: int):
+def _selected_xla(q, k, v, block_indices, spec: AttnSpec, *, block_size: int, q_positions=None):
   b, t, h, _ = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
   idx = _dedupe(block_indices)  # [B, T, Hkv, n]
@@ -196,13 +196,14 @@ def _selected_xla(q, k, v, block_indices, spec: AttnSpec, *, block_size: int):
   kidx = jnp.where((idx[..., None] >= 0) & (kidx < s_len), kidx, -1)
   kidx = rearrange(kidx, "b t k n c -> b k n t c")  # rows: one query token each
   qr = rearrange(q, "b t (k g) d -> b k t 1 g d", k=hkv)
-  qpos = query_positions(t, s_len)[:, None]
+  qpos = query_positions(t, s_len) if q_positions is None else q_positions
+  qpos = jnp.broadcast_to(qpos, (b, t))[..., None]  # [B, T, 1]
   kh, vh = (rearrange(x, "b s k d -> b k s d") for x in (k, v))
 
-  def one(qr, kk, vv, ki):  # qr [T, 1, G, D] -> [T, G, Dv]
-    return _sparse_flash(spec, qr, qpos, kk, vv, ki)[:, :, 0]
+  def one(qr, kk, vv, ki, qp):  # qr [T, 1, G, D] -> [T, G, Dv]
+    return _sparse_flash(spec, qr, qp, kk, vv, ki)[:, :, 0]
 
-  o = jax.vmap(jax.vmap(one))(qr, kh, vh, kidx)  # [B, Hkv, T, G, Dv]
+  o = jax.vmap(jax.vmap(one, (0, 0, 0, 0, None)))(qr, kh, vh, kidx, qpos)  # [B, Hkv, T, G, Dv]
   return rearrange(o, "b k t g d -> b t (k g) d").astype(q.dtype)
 
 
@@ -239,10 +240,10 @@ def _vertical_slash_xla(q, k, v, vertical_idx, slash_idx, spec: AttnSpec):
 # Dense [B|1, H|1, T, S] masks built straight from each pattern's definition.
 
 
-def _reference(q, k, v, mask, spec):
+def _reference(q, k, v, mask, spec, q_positions=None):
   s_len, t = k.shape[1], q.shape[1]
-  o = attention_reference(q, k, v, query_positions(t, s_len), jnp.arange(s_len), None, None,
-                          spec, mask=mask)
+  qpos = query_positions(t, s_len) if q_positions is None else q_positions
+  o = attention_reference(q, k, v, qpos, jnp.arange(s_len), None, None, spec, mask=mask)
   return o.astype(q.dtype)
 
 
@@ -253,12 +254,12 @@ def _block_sparse_reference(q, k, v, block_mask, spec, *, block_q: int, block_k:
   return _reference(q, k, v, jnp.asarray(block_mask)[:, :, qb][:, :, :, kb], spec)
 
 
-def _selected_reference(q, k, v, block_indices, spec, *, block_size: int):
+def _selected_reference(q, k, v, block_indices, spec, *, block_size: int, q_positions=None):
   h, hkv, s_len = q.shape[2], k.shape[2], k.shape[1]
   key_block = jnp.arange(s_len) // block_size
   sel = jnp.any(block_indices[..., None, :] == key_block[:, None], axis=-1)  # [B, T, Hkv, S]
   mask = jnp.repeat(rearrange(sel, "b t k s -> b k t s"), h // hkv, axis=1)
-  return _reference(q, k, v, mask, spec)
+  return _reference(q, k, v, mask, spec, q_positions)
 
 
 def _vertical_slash_reference(q, k, v, vertical_idx, slash_idx, spec):
@@ -341,10 +342,12 @@ def block_sparse_attention(q, k, v, block_mask, *, block_q: int = 64, block_k: i
 
 def selected_block_attention(q, k, v, block_indices, *, block_size: int = 64,
                              causal: bool = True, scale: float | None = None,
-                             impl: str = "auto"):
+                             impl: str = "auto", q_positions=None):
   """NSA's selected-block branch (softmax): query token t of every head of KV group g sees
   the keys of blocks `block_indices[b, t, g]` (int32 [B, T, Hkv, n] of key-block indices
-  < ceil(S/block_size); -1 unused, repeats count once), and j <= t + S - T when causal."""
+  < ceil(S/block_size); -1 unused, repeats count once), and j <= t + S - T when causal.
+  q_positions [T] or [B, T]: the queries' positions instead of the bottom-right `S - T + t`
+  (a decode cache whose slot j holds position j: slots past the query stay unseen)."""
   op = "selected_block_attention"
   scale = _check_qkv(op, q, k, v, causal, scale)
   _checks.positive_int(op, "block_size", block_size)
@@ -354,9 +357,15 @@ def selected_block_attention(q, k, v, block_indices, *, block_size: int = 64,
   idx = _check_indices(op, "block_indices", block_indices, 4, "[B, T, Hkv, n]", -1, nk)
   if idx.shape[:3] != (b, t, hkv) or idx.shape[3] < 1:
     raise ValueError(f"{op}: `block_indices` must be [B={b}, T={t}, Hkv={hkv}, n>=1], got {idx.shape}")
+  extra = {}
+  if q_positions is not None:
+    q_positions = jnp.asarray(q_positions, jnp.int32)
+    if q_positions.shape not in ((t,), (b, t)):
+      raise ValueError(f"{op}: `q_positions` must have shape ({t},) or ({b}, {t}), got {q_positions.shape}")
+    extra = dict(q_positions=q_positions)
   spec = AttnSpec("softmax", causal, scale, None, 0, None, 0.0)
-  fn = resolve(op, impl, dict(q=q, k=k, v=v, spec=spec))
-  return fn(q, k, v, idx, spec, block_size=block_size)
+  fn = resolve(op, impl, dict(q=q, k=k, v=v, spec=spec, explicit_positions=bool(extra)))
+  return fn(q, k, v, idx, spec, block_size=block_size, **extra)
 
 
 def vertical_slash_attention(q, k, v, vertical_idx, slash_idx, *, causal: bool = True,

@@ -7,7 +7,8 @@ Every token mixer has the same decode interface: `init_cache(batch, max_len)` an
 from longax.layers.attention import Attention
 from longax.layers.common import RMSNorm, ShortConv, SwiGLU, rope
 from longax.layers.linear import LinearAttention, taylor_features
+from longax.layers.nsa import NSA
 from longax.layers.ssm import Mamba, Mamba2
 
-__all__ = ["Attention", "LinearAttention", "Mamba", "Mamba2", "RMSNorm", "ShortConv", "SwiGLU",
+__all__ = ["Attention", "LinearAttention", "Mamba", "Mamba2", "NSA", "RMSNorm", "ShortConv", "SwiGLU",
            "rope", "taylor_features"]

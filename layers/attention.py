@@ -12,7 +12,7 @@ from flax import nnx
 
 from longax import kernels
 from longax.layers.cache import attend_cached, init_kv_cache, kv_slots, positions_of, write_kv
-from longax.layers import sequence
+from longax.layers import sequence, sparse_prefill
 from longax.layers.common import RMSNorm, ShortConv, conv_each, dense, rope
 
 KINDS = ("softmax", "sigmoid")
@@ -58,6 +58,11 @@ class Attention(nnx.Module):
       self._attend = functools.partial(kernels.attention, window=window, sinks=sinks,
                                        softcap=softcap, impl=impl)
 
+  @property
+  def sparse_prefill_ok(self) -> bool:
+    """Full softmax attention: what `layers.sparse_prefill` may make sparse."""
+    return self.kind == "softmax" and self.window is None and self.softcap is None
+
   def init_cache(self, batch: int, max_len: int) -> dict:
     slots = kv_slots(max_len, self.window, self.sinks)
     cache = init_kv_cache(batch, slots, self.hkv, self.hd, self.dtype)
@@ -84,7 +89,15 @@ class Attention(nnx.Module):
       if cache is not None:  # the zigzag order needs no undoing: slots follow positions
         cache = write_kv(cache, k, v, positions, self.sinks)
     elif cache is None:
+      if self.sparse_prefill_ok:
+        sparse_prefill.record(q, k, v)
       o = self._attend(q, k, v, segment_ids=segment_ids)
+    elif t > 1 and self.sparse_prefill_ok and (plan := sparse_prefill.take()) is not None:
+      # A sparse prefill of a whole prompt into a fresh cache: the same K/V are written.
+      plan, heads = plan
+      o = sparse_prefill.attend(q, k, v, plan.kind, heads, plan.budget, plan.block,
+                                plan.last_q, impl=self.impl)
+      cache = write_kv(cache, k, v, positions, self.sinks)
     else:
       o, cache = attend_cached(self._attend, q, k, v, cache, positions, self.sinks)
     if cache is not None and self.conv is not None:

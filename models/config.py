@@ -13,8 +13,8 @@ import typing
 from longax.kernels._dispatch import IMPLS
 
 MIXERS = ("softmax", "sigmoid", "linear", "based", "gla", "retnet", "lightning", "mamba",
-          "mamba2")
-SSM_MIXERS = ("mamba", "mamba2")  # the rest take LMConfig.short_conv
+          "mamba2", "nsa")
+SSM_MIXERS = ("mamba", "mamba2")  # the rest but nsa take LMConfig.short_conv
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -65,6 +65,18 @@ class Mamba2Config(_SSMConfig):
 
 
 @dataclasses.dataclass(frozen=True)
+class NSAConfig:
+  """nsa mixer (Native Sparse Attention): compressed, selected and sliding-window branches."""
+  head_dim: int | None = None  # default d_model // n_heads
+  block_size: int = 32  # l: tokens per compressed block
+  stride: int = 16  # d: compressed blocks start every d tokens (d <= l)
+  select_block: int = 64  # l': tokens per selectable key block
+  n_selected: int = 16  # n: key blocks each query attends to (its own block included)
+  window: int = 512  # sliding-window branch
+  rope_theta: float = 10000.0
+
+
+@dataclasses.dataclass(frozen=True)
 class LMConfig:
   vocab_size: int
   d_model: int
@@ -90,6 +102,7 @@ class LMConfig:
   linear: LinearConfig = LinearConfig()
   mamba: MambaConfig = MambaConfig()
   mamba2: Mamba2Config = Mamba2Config()
+  nsa: NSAConfig = NSAConfig()
 
   def __post_init__(self):
     try:
@@ -220,6 +233,9 @@ RULES = {
     MambaConfig: _SSM_RULES | dict(d_state=at_least(1), dt_rank=at_least(1, none=True)),
     Mamba2Config: _SSM_RULES | dict(d_state=at_least(1), head_dim=at_least(1),
                                     n_groups=at_least(1)),
+    NSAConfig: dict(head_dim=at_least(1, none=True), block_size=at_least(1), stride=at_least(1),
+                    select_block=at_least(1), n_selected=at_least(1), window=at_least(1),
+                    rope_theta=number(0, lo_open=True)),
     LMConfig: dict(vocab_size=at_least(1), d_model=at_least(1), n_layers=at_least(1),
                    n_heads=at_least(1), mixer=_mixer, n_kv_heads=at_least(1, none=True),
                    layer_pattern=_pattern, d_ff=at_least(0, none=True), short_conv=at_least(0),
@@ -257,6 +273,9 @@ def check(cfg: LMConfig) -> None:
   _check_heads(cfg, mixers)
   _check_attention(cfg.attention, mixers)
   _check_ssm(cfg, mixers)
+  if "nsa" in mixers and cfg.nsa.stride > cfg.nsa.block_size:
+    raise FieldError("nsa.stride", cfg.nsa.stride, f"must be <= nsa.block_size="
+                     f"{cfg.nsa.block_size} (else tokens between blocks are never compressed)")
 
 
 def _check_heads(cfg: LMConfig, mixers: set) -> None:
@@ -265,6 +284,7 @@ def _check_heads(cfg: LMConfig, mixers: set) -> None:
   derived = cfg.d_model // cfg.n_heads
   for group, head_dim, used, rope in (
       ("attention", cfg.attention.head_dim, mixers & {"softmax", "sigmoid"}, True),
+      ("nsa", cfg.nsa.head_dim, mixers & {"nsa"}, True),
       ("linear", cfg.linear.head_dim, mixers & {"linear", "gla", "retnet", "lightning", "based"},
        "retnet" in mixers)):
     if used and head_dim is None and cfg.d_model % cfg.n_heads:

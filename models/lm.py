@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from longax.layers import Attention, LinearAttention, Mamba, Mamba2, RMSNorm, SwiGLU
+from longax.layers import NSA, Attention, LinearAttention, Mamba, Mamba2, RMSNorm, SwiGLU
 from longax.models.config import LMConfig
 
 
@@ -45,6 +45,11 @@ def build_mixer(name: str, cfg: LMConfig, *, rngs: nnx.Rngs, dtype, param_dtype)
     return Mamba2(cfg.d_model, d_state=m.d_state, d_conv=m.d_conv, expand=m.expand,
                   head_dim=m.head_dim, n_groups=m.n_groups, dt_min=m.dt_min,
                   dt_max=m.dt_max, chunk_size=m.chunk_size, **kw)
+  if name == "nsa":
+    n = cfg.nsa
+    return NSA(cfg.d_model, cfg.n_heads, cfg.kv_heads, head_dim=n.head_dim,
+               block_size=n.block_size, stride=n.stride, select_block=n.select_block,
+               n_selected=n.n_selected, window=n.window, rope_theta=n.rope_theta, **kw)
   raise ValueError(f"unknown mixer {name!r}")  # LMConfig validated the names already
 
 
@@ -168,6 +173,11 @@ def flops_per_token(cfg: LMConfig, seq_len: int) -> float:
       dk = 1 + cfg.linear.feature_dim + cfg.linear.feature_dim**2 if name == "based" else lhd
       c = cfg.linear.chunk_size
       total += 6 * 2 * cfg.n_heads * (c * (dk + lhd) / 2 + 2 * dk * lhd)
+    if name == "nsa":  # compressed keys, selected blocks and the window, each causal-capped
+      n, nhd = cfg.nsa, cfg.nsa.head_dim or cfg.d_model // cfg.n_heads
+      ctx = (max(0, seq_len - n.block_size) // n.stride + 1 + min(seq_len, n.n_selected * n.select_block)
+             + min(seq_len, n.window))
+      total += 6 * 2 * cfg.n_heads * nhd * ctx
     if name == "mamba":
       total += 6 * 3 * cfg.mamba.expand * cfg.d_model * cfg.mamba.d_state
     if name == "mamba2":

@@ -11,7 +11,7 @@ from flax import nnx
 
 from conftest import assert_close
 from longax.models import (MIXERS, LM, AttentionConfig, LinearConfig, LMConfig, Mamba2Config,
-                           MambaConfig, count_params, flops_per_token, state_size)
+                           MambaConfig, NSAConfig, count_params, flops_per_token, state_size)
 
 T, V = 20, 40
 
@@ -20,7 +20,8 @@ def tiny(mixer, **kw):
   base = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mixer=mixer,
               max_len=32, d_ff=64, linear=LinearConfig(feature_dim=4, based_window=5, chunk_size=8),
               mamba=MambaConfig(d_state=4, chunk_size=8),
-              mamba2=Mamba2Config(d_state=8, head_dim=16, chunk_size=8))
+              mamba2=Mamba2Config(d_state=8, head_dim=16, chunk_size=8),
+              nsa=NSAConfig(block_size=4, stride=2, select_block=4, n_selected=2, window=4))
   base.update(kw)
   return LMConfig(**base)
 

@@ -152,6 +152,23 @@ def test_selected_bf16_repeats_and_empty(rand):
     np.testing.assert_array_equal(np.asarray(empty[:, :8]), 0.0)
 
 
+def test_selected_q_positions(rand):
+  """Queries placed by q_positions ([B, T], a decode cache): keys past them stay unseen,
+  as the reference's; the bottom-right positions given explicitly change nothing."""
+  q, k, v = _qkv(rand, 2, 5, 24, 4, 2, 8)
+  idx = _block_indices(rand, 2, 5, 2, 2, 3)
+  pos = jnp.array([[3, 4, 5, 6, 7], [12, 13, 14, 15, 16]], jnp.int32)
+  fn = lambda impl: lambda q, k, v: selected_block_attention(q, k, v, idx, block_size=8,
+                                                            impl=impl, q_positions=pos)
+  compare(fn("xla"), fn("reference"), (q, k, v), (0, 1, 2), jnp.float32)
+  plain = selected_block_attention(q, k, v, idx, block_size=8, impl="xla")
+  placed = selected_block_attention(q, k, v, idx, block_size=8, impl="xla",
+                                    q_positions=jnp.arange(19, 24))
+  assert_close(placed, plain)
+  with pytest.raises(ValueError, match=r"`q_positions` must have shape \(5,\) or \(2, 5\)"):
+    selected_block_attention(q, k, v, idx, block_size=8, q_positions=jnp.arange(4))
+
+
 # ------------------------------------------------------------------------- vertical-slash
 
 

@@ -134,6 +134,12 @@ def validate(cfg: ExperimentConfig, n_devices: int | None = None) -> ExperimentC
     what = f"the vocabulary of data.path={d.path!r} ({data_vocab} tokens)"
   if m.vocab_size < data_vocab:
     raise FieldError("model.vocab_size", m.vocab_size, f"must be >= {what}")
+  if d.task in ("text_bytes", "tokens") and "nsa" in m.layer_mixers:
+    raise FieldError("data.task", d.task, "packs documents (segment_ids), which the nsa mixer "
+                     "does not take: use a synthetic task, or another mixer")
+  if m.short_conv and "nsa" in m.layer_mixers:
+    raise FieldError("model.short_conv", m.short_conv, "must be 0 with an nsa layer (the nsa "
+                     "mixer takes no short conv)")
   if d.seq_len > m.max_len:
     raise FieldError("data.seq_len", d.seq_len, f"must be <= model.max_len={m.max_len}, the "
                      "longest sequence the model is built for")
@@ -160,6 +166,9 @@ def check_sequence_parallel(cfg: ExperimentConfig, p: int) -> None:
   if m.conv_reach > cfg.data.seq_len // parts:
     raise FieldError("data.seq_len", cfg.data.seq_len, f"must give each of the {parts} sequence "
                      f"chunks at least a short conv's reach (kernel - 1) = {m.conv_reach} tokens")
+  if "nsa" in m.layer_mixers:
+    raise FieldError("mesh.sequence", p, "must be 1 with an nsa layer (no sequence-parallel "
+                     "sparse attention yet)")
   attn = set(m.layer_mixers) & {"softmax", "sigmoid", "based"}
   if attn and (m.attention.sinks or m.attention.softcap is not None):
     raise FieldError("mesh.sequence", p, "needs attention without sinks or softcap (ring and "

@@ -1,0 +1,61 @@
+"""MInference's offline search: per attention head, the sparse option closest to dense.
+
+    plan = search(model, calibration_tokens, kind="vertical_slash", budget=1024)
+    new = generate(model, prompts, max_new_tokens=..., sparse_prefill=plan)
+
+One dense forward over the calibration prompt records every full softmax layer's q, k, v
+(`layers.sparse_prefill.capture`); for each layer and each option of `choices(kind, ...)`
+(every option keeps `budget` keys per query), the sparse output of the calibration prompt
+is compared with the dense one on its last `last_q` queries, and each head takes the
+option with the smallest relative error. The plan is data (a frozen dataclass, hashable:
+`generate` compiles one prefill per plan).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from longax import kernels
+from longax.layers import sparse_prefill as sp
+from longax.layers.sparse_prefill import KINDS, LAST_Q, SparsePrefill
+from longax.models.config import FieldError, at_least
+
+
+def check(cfg, kind: str, budget: int, block: int) -> None:
+  """The sparse-prefill settings for `cfg`'s model, before any work: FieldError (naming
+  sparse_prefill / sparse_budget / sparse_block) or ValueError, one line."""
+  if kind not in KINDS:
+    raise FieldError("sparse_prefill", kind, f"must be one of {', '.join(KINDS)}", owner="generate: ")
+  for key, value in (("sparse_budget", budget), ("sparse_block", block)):
+    problem = at_least(1)(value)
+    if problem:
+      raise FieldError(key, value, problem, owner="generate: ")
+  a = cfg.attention
+  if "softmax" not in cfg.layer_mixers or a.window is not None or a.softcap is not None:
+    raise FieldError("sparse_prefill", kind, "this model has no full softmax attention layer "
+                     "(softmax without attention.window or softcap) to make sparse",
+                     owner="generate: ")
+
+
+def search(model, tokens, *, kind: str, budget: int, block: int = 64, last_q: int = LAST_Q,
+           progress: bool = True) -> SparsePrefill:
+  """The per-head plan for `model` from a calibration prompt (a list of token ids)."""
+  check(model.cfg, kind, budget, block)
+  with sp.capture() as records:
+    model(jnp.asarray([list(tokens)], jnp.int32))
+  options = sp.choices(kind, budget, block)
+  heads = []
+  for q, k, v in tqdm(records, desc="sparse-prefill search", file=sys.stderr, disable=not progress):
+    dense = kernels.attention(q, k, v)[:, -last_q:]
+    errs = []
+    for opt in options:
+      o = sp.attend(q, k, v, kind, (opt,) * q.shape[2], budget, block, last_q)[:, -last_q:]
+      num = jnp.sum(jnp.square(o - dense), axis=(0, 1, 3))
+      errs.append(np.asarray(num / jnp.maximum(jnp.sum(jnp.square(dense), axis=(0, 1, 3)), 1e-30)))
+    best = np.argmin(np.stack(errs), axis=0)  # [H]
+    heads.append(tuple(int(options[i]) for i in best))
+  return SparsePrefill(kind, budget, block, tuple(heads), last_q)

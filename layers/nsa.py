@@ -1,0 +1,194 @@
+"""Native Sparse Attention (Yuan et al. 2025): three softmax branches over the same keys,
+mixed by learned per-head sigmoid gates.
+
+- compressed: the keys / values of each block of `block_size` (l) tokens taken every
+  `stride` (d) tokens are compressed to one token (a learned linear map of the flattened
+  block, initialised to mean pooling, plus an intra-block position embedding); query t
+  sees compressed block i only when the whole block is past: i*d + l - 1 <= t.
+- selected: the compressed branch's attention probabilities, summed over the query heads
+  of a KV group and spread over selection blocks of `select_block` (l') tokens by the
+  fraction of each compressed block inside them, rank the key blocks; each query token
+  attends to the top `n_selected` that start at or before it, its own (local) block always
+  among them (`kernels.selected_block_attention`). Selection is not differentiable (as in
+  the paper): the ranking is computed under stop_gradient.
+- sliding window: `kernels.attention(window=window)`.
+
+q and k carry RoPE in every branch (the compressed keys are compressions of rotated keys),
+so the full forward and the decode cache compress the same thing. One k / v projection
+serves all three branches. Packed documents (segment_ids) and sequence parallelism are
+not supported (one line each).
+
+Decode cache: a full KV cache (slot p holds position p, `max_len` slots; the selected
+branch may pick any past block) plus the compressed keys / values of every block
+(`[B, n_blocks, Hkv, D]`, written when a block's last token arrives). A chunk of new tokens
+is written first, then attends over the cache: nothing is ever evicted.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from einops import rearrange
+from flax import nnx
+
+from longax import kernels
+from longax.layers import sequence
+from longax.layers.cache import init_kv_cache, positions_of, write_kv
+from longax.layers.common import dense, rope
+
+BRANCHES = ("compressed", "selected", "window")
+
+
+def n_compressed(length: int, block_size: int, stride: int) -> int:
+  """Compressed blocks (start i*stride, block_size tokens) inside `length` tokens; at least
+  1 (a block no query sees when length < block_size), so shapes never go empty."""
+  return max(1, (length - block_size) // stride + 1)
+
+
+def block_ends(n: int, block_size: int, stride: int):
+  """[n] int32: the position of each compressed block's last token (its key position)."""
+  return jnp.arange(n, dtype=jnp.int32) * stride + block_size - 1
+
+
+def overlap(n_cmp: int, n_sel: int, block_size: int, stride: int, select_block: int):
+  """[n_cmp, n_sel] float32: the fraction of compressed block i's tokens in selection block j."""
+  tok = np.arange(n_cmp)[:, None] * stride + np.arange(block_size)  # [n_cmp, l]
+  sel = tok // select_block
+  return jnp.asarray((sel[:, :, None] == np.arange(n_sel)).mean(1), jnp.float32)
+
+
+class NSA(nnx.Module):
+  """x [B, T, d_model] -> [B, T, d_model]; see the module docstring."""
+
+  def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, *,
+               head_dim: int | None = None, block_size: int = 32, stride: int = 16,
+               select_block: int = 64, n_selected: int = 16, window: int = 512,
+               rope_theta: float = 10000.0, impl: str = "auto", rngs: nnx.Rngs, dtype,
+               param_dtype):
+    n_kv_heads = n_kv_heads or n_heads
+    if n_heads % n_kv_heads:
+      raise ValueError(f"NSA: n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
+    if not 1 <= stride <= block_size:
+      raise ValueError(f"NSA: stride={stride} must be in [1, block_size={block_size}]")
+    self.h, self.hkv = n_heads, n_kv_heads
+    self.hd = head_dim or d_model // n_heads
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.q = dense(d_model, self.h * self.hd, **kw)
+    self.k = dense(d_model, self.hkv * self.hd, **kw)
+    self.v = dense(d_model, self.hkv * self.hd, **kw)
+    self.o = dense(self.h * self.hd, d_model, **kw)
+    self.gate = dense(d_model, self.h * len(BRANCHES), bias=True, **kw)
+    # (each parameter its own buffer: the train step donates them)
+    pool = lambda: jnp.tile(jnp.eye(self.hd, dtype=param_dtype)[None] / block_size, (block_size, 1, 1))
+    self.cmp_k = nnx.Param(pool())  # [l, D, D]: mean pooling at init
+    self.cmp_v = nnx.Param(pool())
+    self.cmp_k_pos = nnx.Param(jnp.zeros((block_size, self.hd), param_dtype))
+    self.cmp_v_pos = nnx.Param(jnp.zeros((block_size, self.hd), param_dtype))
+    self.block_size, self.stride, self.select_block = block_size, stride, select_block
+    self.n_selected, self.window, self.rope_theta = n_selected, window, rope_theta
+    self.impl, self.dtype = impl, dtype
+
+  # ------------------------------------------------------------------------------ parts
+
+  def compress(self, k_blocks, v_blocks):
+    """k_blocks, v_blocks [B, N, l, Hkv, D] -> compressed [B, N, Hkv, D] each."""
+    def one(x, w, pos):
+      x = x + pos[...].astype(x.dtype)[:, None]
+      return jnp.einsum("bnlkd,lde->bnke", x, w[...].astype(x.dtype),
+                        preferred_element_type=jnp.float32).astype(x.dtype)
+    return one(k_blocks, self.cmp_k, self.cmp_k_pos), one(v_blocks, self.cmp_v, self.cmp_v_pos)
+
+  def _gather_blocks(self, x, first):
+    """x [B, S, Hkv, D]; first [B, N] block indices -> [B, N, l, Hkv, D] (clipped to S)."""
+    idx = first[..., None] * self.stride + jnp.arange(self.block_size, dtype=jnp.int32)
+    idx = jnp.clip(idx, 0, x.shape[1] - 1)
+    return jax.vmap(lambda xb, ib: xb[ib])(x, idx)
+
+  def _selection(self, q, k_cmp, ends, q_pos, n_keys: int):
+    """Block indices [B, T, Hkv, min(n_selected, n_blocks)] over `n_keys` keys, from the
+    compressed branch's probabilities, summed over each KV group's query heads and spread
+    over the selection blocks by `overlap` (no gradient). A block starting after the query
+    is never picked (-1 where fewer exist), the query's own block always is. q [B, T, H, D];
+    k_cmp [B, N, Hkv, D] at key positions ends [N]; q_pos [B, T]."""
+    q, k_cmp = jax.lax.stop_gradient((q, k_cmp))
+    g = self.h // self.hkv
+    qg = rearrange(q.astype(jnp.float32), "b t (k g) d -> b t k g d", g=g)
+    s = jnp.einsum("btkgd,bnkd->btkgn", qg, k_cmp.astype(jnp.float32)) * self.hd**-0.5
+    seen = (ends[None, None, :] <= q_pos[..., None])[:, :, None, None]  # [B, T, 1, 1, N]
+    p = jax.nn.softmax(jnp.where(seen, s, -jnp.inf), axis=-1)
+    p_group = jnp.sum(jnp.where(seen, p, 0.0), axis=3)  # [B, T, Hkv, N]
+    n_sel = -(-n_keys // self.select_block)
+    weights = overlap(k_cmp.shape[1], n_sel, self.block_size, self.stride, self.select_block)
+    score = jnp.einsum("btkn,nj->btkj", p_group, weights)
+    start = jnp.arange(n_sel, dtype=jnp.int32) * self.select_block
+    own = (q_pos // self.select_block)[..., None, None] == jnp.arange(n_sel)
+    score = jnp.where(own, jnp.inf, score)
+    score = jnp.where(start <= q_pos[..., None, None], score, -jnp.inf)
+    top, idx = jax.lax.top_k(score, min(self.n_selected, n_sel))
+    return jnp.where(top > -jnp.inf, idx, -1).astype(jnp.int32)
+
+  def _branches(self, x, q, k, v, k_cmp, v_cmp, ends, q_pos, explicit):
+    """The three branches and the gates. k, v [B, S, Hkv, D] hold position j at index j;
+    q [B, T, H, D] at positions q_pos [B, T] (explicit: not the bottom-right default)."""
+    kv_pos = jnp.arange(k.shape[1], dtype=jnp.int32)
+    pos_kw = dict(q_positions=q_pos, kv_positions=kv_pos) if explicit else {}
+    o_cmp = kernels.attention(q, k_cmp, v_cmp, q_positions=q_pos, kv_positions=ends,
+                              impl=self.impl)
+    idx = self._selection(q, k_cmp, ends, q_pos, k.shape[1])
+    o_sel = kernels.selected_block_attention(q, k, v, idx, block_size=self.select_block,
+                                             impl=self.impl,
+                                             q_positions=q_pos if explicit else None)
+    o_win = kernels.attention(q, k, v, window=self.window, impl=self.impl, **pos_kw)
+    gates = jax.nn.sigmoid(rearrange(self.gate(x), "b t (h n) -> b t h n", n=len(BRANCHES)))
+    o = sum(gates[..., i, None].astype(jnp.float32) * o.astype(jnp.float32)
+            for i, o in enumerate((o_cmp, o_sel, o_win)))
+    return self.o(rearrange(o.astype(x.dtype), "b t h d -> b t (h d)"))
+
+  # -------------------------------------------------------------------------- protocol
+
+  def init_cache(self, batch: int, max_len: int) -> dict:
+    n = n_compressed(max_len, self.block_size, self.stride)
+    cache = init_kv_cache(batch, max_len, self.hkv, self.hd, self.dtype)
+    zeros = jnp.zeros((batch, n, self.hkv, self.hd), self.dtype)
+    return dict(cache, cmp_k=zeros, cmp_v=zeros)
+
+  def __call__(self, x, cache=None, pos=0, segment_ids=None):
+    """x: [B, T, d_model] at positions pos..pos+T-1. Returns (y, new cache or None)."""
+    if segment_ids is not None:
+      raise ValueError("NSA: packed documents (segment_ids) are not supported")
+    if sequence.active() is not None:
+      raise ValueError("NSA: sequence parallelism is not supported")
+    b, t = x.shape[:2]
+    split = lambda y: rearrange(y, "b t (h d) -> b t h d", d=self.hd)
+    q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+    q_pos = jnp.broadcast_to(positions_of(pos, t), (b, t))
+    q, k = rope(q, q_pos, self.rope_theta), rope(k, q_pos, self.rope_theta)
+    if cache is None:
+      n = n_compressed(t, self.block_size, self.stride)
+      first = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+      k_cmp, v_cmp = self.compress(self._gather_blocks(k, first), self._gather_blocks(v, first))
+      ends = block_ends(n, self.block_size, self.stride)
+      return self._branches(x, q, k, v, k_cmp, v_cmp, ends, q_pos, explicit=False), None
+    cache = dict(cache, **write_kv(cache, k, v, q_pos))
+    cache = self._write_compressed(cache, q_pos)
+    ends = block_ends(cache["cmp_k"].shape[1], self.block_size, self.stride)
+    y = self._branches(x, q, cache["k"], cache["v"], cache["cmp_k"], cache["cmp_v"], ends,
+                       q_pos, explicit=True)
+    return y, cache
+
+  def _write_compressed(self, cache, q_pos):
+    """Compresses the blocks whose last token is among the new ones (positions q_pos
+    [B, T], consecutive per row) from the updated KV cache, into cmp_k / cmp_v."""
+    t, n = q_pos.shape[1], cache["cmp_k"].shape[1]
+    m = min(n, -(-t // self.stride) + 1)  # blocks that can end inside T tokens
+    lo, hi = q_pos[:, 0], q_pos[:, -1]
+    first = jnp.maximum(0, -(-(lo - self.block_size + 1) // self.stride))  # ceil, >= 0
+    i = first[:, None] + jnp.arange(m, dtype=jnp.int32)  # [B, m]
+    end = i * self.stride + self.block_size - 1
+    ok = (end >= lo[:, None]) & (end <= hi[:, None]) & (i < n)
+    k_cmp, v_cmp = self.compress(self._gather_blocks(cache["k"], i),
+                                 self._gather_blocks(cache["v"], i))
+    slot = jnp.where(ok, i, n)  # out of range: dropped
+    put = jax.vmap(lambda c, s, x: c.at[s].set(x.astype(c.dtype), mode="drop"))
+    return dict(cache, cmp_k=put(cache["cmp_k"], slot, k_cmp), cmp_v=put(cache["cmp_v"], slot, v_cmp))

@@ -1,0 +1,153 @@
+"""Training-free sparse prefill (MInference) for full softmax attention layers.
+
+    with capture() as records:          # a dense forward records each eligible layer's q, k, v
+      model(calibration_tokens)
+    plan = SparsePrefill(kind, budget, block, heads=...)   # per layer, per head: a choice
+    with prefill(plan):                 # traced inside: eligible layers prefill sparsely
+      logits, cache = model.decode(prompt, fresh_cache)
+
+Eligible layers are `Attention(kind="softmax")` without a window or softcap (they decide,
+the model does not). Under `prefill`, such a layer given a cache and more than one token
+takes the cache as fresh (the whole prompt from position 0), attends sparsely and writes
+the same K/V a dense prefill would; single-token decode steps stay dense. Layers take their
+plan in call order, the order `capture` recorded them.
+
+Each prompt's pattern is estimated online from its own q, k; the plan fixes, per head, how
+the budget of `budget` keys per query splits (`choices`):
+- `vertical_slash`: a choice is the number of vertical columns nv; the slash lines get
+  budget - nv (`kernels.vertical_slash_pattern` from the last `last_q` queries, then
+  `kernels.vertical_slash_attention`).
+- `block_topk`: K = ceil(budget / block) key blocks per query block; a choice is how many
+  of them are the nearest (diagonal) blocks, the rest the best of the others by the score
+  of mean-pooled q and k blocks (`kernels.block_sparse_attention`). The block mask is
+  traced, so under jit its XLA path steps over every key block (masked): the same output,
+  no saving yet (that is the GPU kernel's job).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+
+from longax import kernels
+
+KINDS = ("vertical_slash", "block_topk")
+LAST_Q = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsePrefill:
+  kind: str  # vertical_slash | block_topk
+  budget: int  # keys per query
+  block: int  # block_topk: tokens per block
+  heads: tuple[tuple[int, ...], ...] = ()  # per eligible layer (call order), per head: a choice
+  last_q: int = LAST_Q  # vertical_slash: queries the pattern is estimated from
+
+
+def choices(kind: str, budget: int, block: int) -> tuple[int, ...]:
+  """The per-head options the search compares (all at the same budget)."""
+  if kind == "vertical_slash":
+    opts = (budget // 4, budget // 2, 3 * budget // 4)
+    return tuple(sorted({min(max(1, n), max(1, budget - 1)) for n in opts}))
+  k = -(-budget // block)
+  return tuple(sorted({1, max(1, k // 2), k}))
+
+
+def attend(q, k, v, kind: str, heads: tuple[int, ...], budget: int, block: int,
+           last_q: int = LAST_Q, impl: str = "auto"):
+  """Sparse causal attention of a whole prompt, q [B, T, H, D], k/v [B, T, Hkv, D], head h
+  with option heads[h] (see `choices`) -> [B, T, H, D]."""
+  if kind == "vertical_slash":
+    return _vertical_slash(q, k, v, heads, budget, last_q, impl)
+  return _block_topk(q, k, v, heads, budget, block, impl)
+
+
+def _vertical_slash(q, k, v, heads, budget, last_q, impl):
+  s = k.shape[1]
+  per = {}  # one estimate per distinct option, then each head takes its own
+  for nv in sorted(set(heads)):
+    per[nv] = kernels.vertical_slash_pattern(q, k, n_vertical=min(nv, s),
+                                             n_slash=min(max(1, budget - nv), s), last_q=last_q)
+  width_v = max(x[0].shape[-1] for x in per.values())
+  width_s = max(x[1].shape[-1] for x in per.values())
+  pad = lambda x, w: jnp.pad(x, ((0, 0), (0, 0), (0, w - x.shape[-1])), constant_values=-1)
+  vert = jnp.stack([pad(per[nv][0], width_v)[:, h] for h, nv in enumerate(heads)], axis=1)
+  slash = jnp.stack([pad(per[nv][1], width_s)[:, h] for h, nv in enumerate(heads)], axis=1)
+  return kernels.vertical_slash_attention(q, k, v, vert, slash, impl=impl)
+
+
+def _block_topk(q, k, v, heads, budget, block, impl):
+  b, t, h, d = q.shape
+  n = -(-t // block)
+  pool = lambda x: jnp.mean(jnp.pad(x.astype(jnp.float32), ((0, 0), (0, n * block - t), (0, 0),
+                                                            (0, 0))).reshape(b, n, block, -1, d), 2)
+  qb, kb = pool(q), jnp.repeat(pool(k), h // k.shape[2], axis=2)
+  score = jnp.einsum("bihd,bjhd->bhij", qb, kb)  # [B, H, nq, nk]
+  i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
+  k_blocks = -(-budget // block)
+  n_local = jnp.asarray(heads, jnp.int32)[:, None, None]  # [H, 1, 1]
+  local = (j <= i) & (i - j < n_local)
+  rest = jnp.where((j <= i) & ~local, score, -jnp.inf)
+  rank = jnp.argsort(jnp.argsort(-rest, axis=-1), axis=-1)  # 0 = best
+  top = (rank < (k_blocks - n_local)) & jnp.isfinite(rest)
+  return kernels.block_sparse_attention(q, k, v, local | top, block_q=block, block_k=block,
+                                        impl=impl)
+
+
+# ------------------------------------------------------------------------------ context
+
+
+@dataclasses.dataclass
+class _State:
+  plan: SparsePrefill | None = None
+  taken: int = 0
+  records: list | None = None
+
+
+_STATE: contextvars.ContextVar[_State | None] = contextvars.ContextVar("longax_sparse_prefill",
+                                                                       default=None)
+
+
+@contextlib.contextmanager
+def prefill(plan: SparsePrefill):
+  """Eligible layers traced inside prefill sparsely with `plan` (one entry each, in order)."""
+  token = _STATE.set(_State(plan=plan))
+  try:
+    yield
+  finally:
+    _STATE.reset(token)
+
+
+@contextlib.contextmanager
+def capture():
+  """Eligible layers called (eagerly) inside append (q, k, v) to the list it yields."""
+  state = _State(records=[])
+  token = _STATE.set(state)
+  try:
+    yield state.records
+  finally:
+    _STATE.reset(token)
+
+
+def record(q, k, v) -> None:
+  state = _STATE.get()
+  if state is not None and state.records is not None:
+    state.records.append((q, k, v))
+
+
+def take() -> tuple[SparsePrefill, tuple[int, ...]] | None:
+  """(plan, this layer's per-head options) inside `prefill`, else None."""
+  state = _STATE.get()
+  if state is None or state.plan is None:
+    return None
+  if state.taken >= len(state.plan.heads):
+    raise ValueError(f"sparse prefill: the plan covers {len(state.plan.heads)} attention layers, "
+                     "the model has more (a plan made for another model?)")
+  heads = state.plan.heads[state.taken]
+  state.taken += 1
+  return state.plan, heads

@@ -1,0 +1,107 @@
+"""Sparse prefill (MInference) for softmax layers: the per-head search, the caches against the
+dense prefill, outputs against dense, the CLI flags."""
+
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import assert_close
+from longax import kernels
+from longax.infer import generate
+from longax.infer.generate import _prefill, _prefill_sparse
+from longax.infer.sparse import search
+from longax.layers import sparse_prefill as sp
+from longax.models import LM, LMConfig
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PROMPT = [int(t) for t in np.random.default_rng(0).integers(0, 40, 41)]
+
+
+@pytest.fixture(scope="module")
+def model():
+  cfg = LMConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mixer="softmax",
+                 layer_pattern=("softmax", "gla"), max_len=128, d_ff=64)
+  return LM(cfg, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("kind", sp.KINDS)
+def test_search_picks_each_heads_closest_option(model, kind):
+  """Each head's choice has the smallest error of the options on the calibration prompt."""
+  plan = search(model, PROMPT, kind=kind, budget=12, block=4, last_q=8, progress=False)
+  with sp.capture() as records:
+    model(jnp.asarray([PROMPT]))
+  assert len(plan.heads) == len(records) == 1 and len(plan.heads[0]) == 4
+  q, k, v = records[0]
+  dense = kernels.attention(q, k, v)[:, -8:]
+  err = lambda heads: np.asarray(jnp.sum(jnp.square(
+      sp.attend(q, k, v, kind, heads, 12, 4, 8)[:, -8:] - dense), axis=(0, 1, 3)))
+  chosen = err(plan.heads[0])
+  for opt in sp.choices(kind, 12, 4):
+    assert np.all(chosen <= err((opt,) * 4) + 1e-6), (opt, plan.heads)
+
+
+@pytest.mark.parametrize("kind", sp.KINDS)
+def test_prefill_cache_equals_dense_and_output_is_close(model, kind):
+  dense_logits, dense = _prefill(model, PROMPT, 64, 64)
+  # A budget below the prompt: the first attention layer writes exactly the dense K/V (its
+  # inputs are the dense ones), every position is where the dense prefill puts it, the
+  # recurrent layer's state follows its (approximate) input; the last token's logits (from
+  # the sparse pass) stay near dense (loosely: a random model's attention is diffuse).
+  plan = search(model, PROMPT, kind=kind, budget=24, block=4, last_q=8, progress=False)
+  logits, cache = _prefill_sparse(model, PROMPT, 64, 64, plan)
+  a, b = cache["layers"][0], dense["layers"][0]
+  assert np.array_equal(np.asarray(a["pos"]), np.asarray(b["pos"]))
+  assert_close(a["k"], b["k"], what="K")
+  assert_close(a["v"], b["v"], what="V")
+  assert np.array_equal(np.asarray(cache["pos"]), np.asarray(dense["pos"]))
+  assert_close(logits, dense_logits, 0.35, what=f"{kind} logits")
+  # A budget covering every key: the whole cache and the logits equal the dense prefill's.
+  full = search(model, PROMPT, kind=kind, budget=64, block=4, last_q=8, progress=False)
+  logits, cache = _prefill_sparse(model, PROMPT, 64, 64, full)
+  for got, want in zip(cache["layers"], dense["layers"]):
+    for key in want:
+      assert_close(got[key], want[key], what=f"{kind} full budget {key}")
+  assert_close(logits, dense_logits, what=f"{kind} full budget logits")
+  if kind == "block_topk":  # (one kind is enough for generate's plumbing)
+    assert generate(model, [PROMPT], max_new_tokens=3, sparse_prefill=full) == \
+        generate(model, [PROMPT], max_new_tokens=3)
+
+
+@pytest.mark.slow
+def test_cli_runs_a_sparse_prefill(tmp_path, capsys):
+  from longax.infer.__main__ import main
+  from longax.train import Trainer
+  from longax.train import config as C
+  cfg = C.override(C.load(str(ROOT / "tests" / "tiny_train_config.py")),
+                   ["train.steps=1", "train.eval_every=100"])
+  Trainer(cfg, tmp_path / "run").run()
+  capsys.readouterr()
+  assert main(["--workdir", str(tmp_path / "run"), "--prompt-tokens", "1,17,2,18,3,19,1",
+               "--max-new-tokens", "2", "--sparse-prefill", "vertical_slash", "--sparse-budget",
+               "4", "--calibration-tokens", "1,17,2,18,3,19,4,20,2"]) == 0
+  assert len(capsys.readouterr().out.strip().split(",")) == 2
+
+
+def test_cli_flag_errors(tmp_path, capsys):
+  """Each is one line, before the model loads (so a run folder with no real checkpoint)."""
+  import json
+  from longax.infer.__main__ import main
+  from longax.train import config as C
+  run = tmp_path / "run"
+  (run / "checkpoints" / "1").mkdir(parents=True)
+  (run / "config.json").write_text(json.dumps(C.to_dict(C.load(str(ROOT / "tests" / "tiny_train_config.py")))))
+  base = ["--workdir", str(run), "--prompt-tokens", "1,17,2,18,3,19,1", "--max-new-tokens", "2"]
+  for args, msg in [
+      (["--sparse-prefill", "diagonal"], "--sparse-prefill='diagonal': must be one of vertical_slash, block_topk"),
+      (["--sparse-prefill", "block_topk", "--sparse-budget", "0"], "--sparse-budget=0: must be an int >= 1"),
+      (["--sparse-prefill", "block_topk", "--sparse-block", "0"], "--sparse-block=0: must be an int >= 1"),
+      (["--calibration-tokens", "1,2"], "--calibration-tokens needs --sparse-prefill"),
+      (["--sparse-prefill", "block_topk", "--calibration-tokens", "1,99"], "--calibration-tokens: token 99 is outside [0, 32)"),
+      (["--sparse-prefill", "block_topk", "--streaming", "1,4"], "this model has no full softmax attention layer"),
+      (["--sparse-prefill", "block_topk", "--sequence-parallel", "2"], "does not run with --sequence-parallel")]:
+    assert main(base + args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0], err
