@@ -212,6 +212,8 @@ def test_validate_rules_and_the_shipped_config():
   with pytest.raises(C.ConfigError, match="data.task='text_bytes': packs documents"):
     C.validate(dataclasses.replace(exp, data=C.DataConfig(task="text_bytes", seq_len=64),
                                    model=dataclasses.replace(exp.model, vocab_size=256)))
+  with pytest.raises(C.ConfigError, match="model.short_conv=4: must be 0 with an nsa layer"):
+    C.validate(dataclasses.replace(exp, model=dataclasses.replace(exp.model, short_conv=4)))
   with pytest.raises(C.ConfigError, match="mesh.sequence=2: must be 1 with an nsa layer"):
     C.validate(dataclasses.replace(exp, mesh=C.MeshConfig(sequence=2)), 2)
   assert C.override(exp, ["model.nsa.n_selected=5"]).model.nsa.n_selected == 5
