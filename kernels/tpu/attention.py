@@ -62,9 +62,9 @@ class Blocks:
 
 # Defaults per head dim, sized for v5e's 16 MiB scoped VMEM (see `vmem_bytes`); untuned.
 DEFAULTS: dict[int, Blocks] = {
-    64: Blocks(512, 512, 256, 256),
-    128: Blocks(512, 512, 256, 256),
-    256: Blocks(256, 512, 128, 256),
+    64: Blocks(512, 512, 512, 512),
+    128: Blocks(512, 512, 512, 512),
+    256: Blocks(256, 512, 256, 512),
 }
 
 
