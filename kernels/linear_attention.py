@@ -20,6 +20,7 @@ inside a chunk goes through sub-chunks (`_intra_per_key`), never a [.., C, C, Dk
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -331,3 +332,12 @@ def linear_attention_step(q_t, k_t, v_t, state, log_decay_t=None, scale: float |
 from longax.kernels.gpu import linear_attention as _gpu  # noqa: E402
 
 register("linear_attention", "pallas", unsupported=_gpu.unsupported)(_gpu.linear_attention_pallas)
+
+# The Pallas TPU kernel: impl="pallas" on TPU, impl="pallas_interpret" anywhere (CPU).
+from longax.kernels.tpu import linear_attention as _tpu  # noqa: E402
+
+register("linear_attention", "pallas", backend="tpu", unsupported=_tpu.unsupported)(
+    _tpu.linear_attention_pallas)
+register("linear_attention", "pallas_interpret",
+         unsupported=functools.partial(_tpu.unsupported, interpret=True))(
+             functools.partial(_tpu.linear_attention_pallas, interpret=True))
