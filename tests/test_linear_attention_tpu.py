@@ -79,3 +79,16 @@ def test_dispatch_on_tpu(monkeypatch):
   assert _dispatch.resolve("linear_attention", "auto", bad).__name__ == "_linear_attention_xla"
   with pytest.raises(ValueError, match="impl='pallas' does not support this call: Dk=96"):
     _dispatch.resolve("linear_attention", "pallas", bad)
+
+
+@pytest.mark.slow
+def test_ssd_through_the_kernel(rand):
+  """ssd (Mamba-2) reaches the kernel through linear_attention's dispatch."""
+  from longax.kernels import ssd
+  from test_ssd import _inputs as ssd_inputs, naive_ssd
+  x, dt, A, B, C, D, h0 = ssd_inputs(rand, 1, 19, 2, 8, 1, 8)
+  want_y, want_s = naive_ssd(x, dt, A, B, C, D, h0)
+  y, s = ssd(x, dt, A, B, C, D=D, initial_state=h0, chunk_size=8, return_final_state=True,
+             impl="pallas_interpret")
+  assert_close(y, want_y)
+  assert_close(s, want_s)
