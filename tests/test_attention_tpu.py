@@ -61,7 +61,6 @@ FAST = [
     ("softmax", (1, 21, 45, 2, 1, 8, 8, 0), dict(window=7, sinks=3, softcap=2.0)),
     ("sigmoid", (1, 37, 37, 4, 2, 16, 8, 0), dict(segments=3, window=6)),
     ("softmax", (1, 9, 5, 2, 2, 8, 8, 0), dict(segments=2)),  # T > S: rows that see no key
-    ("sigmoid", (1, 13, 29, 2, 1, 8, 8, 0), dict(causal=False)),
 ]
 
 
@@ -71,7 +70,8 @@ def test_interpret_matches_reference_f32(rand, small_blocks, kind, shape, opts):
 
 
 def test_interpret_bf16_return_lse(rand, small_blocks):
-  _check("softmax", (1, 40, 40, 2, 1, 16, 16, 0), dict(), jnp.bfloat16, rand, return_lse=True)
+  _check("softmax", (1, 40, 40, 2, 1, 16, 16, 0), dict(causal=False), jnp.bfloat16, rand,
+         return_lse=True)
 
 
 @pytest.mark.slow
