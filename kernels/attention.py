@@ -284,6 +284,10 @@ for _op in ("attention", "sigmoid_attention"):
   register(_op, "pallas_interpret", unsupported=_tpu.unsupported_interpret)(_tpu.attention_interpret)
 register("attention_block_grads", "pallas",
          unsupported=_gpu.block_grads_unsupported)(_gpu.block_grads_pallas)
+register("attention_block_grads", "pallas", backend="tpu",
+         unsupported=_tpu.unsupported)(_tpu.block_grads_pallas)
+register("attention_block_grads", "pallas_interpret",
+         unsupported=_tpu.unsupported_interpret)(_tpu.block_grads_interpret)
 
 # ----------------------------------------------------------------------------- public API
 

@@ -168,3 +168,29 @@ def test_pallas_interpret_refuses_explicit_positions(rand):
     with pytest.raises(ValueError, match="impl='pallas_interpret' does not support this call: "
                                          "explicit q_positions"):
       fn(q, k, v, impl="pallas_interpret", q_positions=jnp.arange(4))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", ["ring", "lasp2"])
+def test_kernels_inside_shard_map(op):
+  """Ring attention (the forward and `attention_block_grads` kernels) and LASP-2 (the linear
+  kernel) with impl="pallas_interpret" inside `jax.shard_map` (check_vma on), one device."""
+  from jax.sharding import Mesh, PartitionSpec as P
+
+  from longax.kernels import linear_attention
+  from longax.kernels import sequence_parallel as SP
+  keys = jax.random.split(jax.random.key(0), 3)
+  q, k, v = (jax.random.normal(kk, (1, 32, h, 8)) for kk, h in zip(keys, (2, 1, 1)))
+  g = -0.1 * jnp.ones((1, 32, 2))
+  local, ref = {
+      "ring": (lambda impl: lambda q, k, v: SP.ring_attention(q, k, v, axis_name="sp", layout="zigzag", impl=impl),
+               lambda q, k, v: attention(q, k, v, impl="reference")),
+      "lasp2": (lambda impl: lambda q, k, v: SP.lasp2_linear_attention(q, k, v, axis_name="sp", log_decay=g, impl=impl),
+                lambda q, k, v: linear_attention(q, k, v, log_decay=g, impl="reference"))}[op]
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ("sp",))
+  sp = jax.shard_map(local("pallas_interpret"), mesh=mesh, in_specs=(P(None, "sp"),) * 3,
+                     out_specs=P(None, "sp"))
+  assert_close(jax.jit(sp)(q, k, v), ref(q, k, v))
+  got = jax.jit(jax.grad(lambda *a: sp(*a).sum(), (0, 1, 2)))(q, k, v)
+  for a, b in zip(got, jax.grad(lambda *a: ref(*a).sum(), (0, 1, 2))(q, k, v)):
+    assert_close(a, b)

@@ -34,3 +34,28 @@ def round_up(n: int, m: int) -> int:
 def fit(block: int, n: int, multiple: int = 8) -> int:
   """A block size for a length-n axis: `block`, or the whole (padded) axis when shorter."""
   return min(block, round_up(n, multiple))
+
+
+def same_vma(*xs):
+  """xs cast to vary over every mesh axis any of them varies over, at the entry of a kernel's
+  custom_vjp (inside shard_map each cotangent must have its primal's type)."""
+  from longax.kernels._vma import vary_like
+  return vary_like(xs, *xs)
+
+
+def pallas_call(kernel, *, out_shape, **kwargs):
+  """`pl.pallas_call` whose inputs are cast to one device variance and whose outputs carry it:
+  inside `jax.shard_map(check_vma=True)` (ring / Ulysses / LASP-2) an output's variance must be
+  given, and a custom_vjp wants each cotangent typed like its primal."""
+  from jax.experimental import pallas as pl
+
+  from longax.kernels._vma import vary_like
+
+  def run(*args):
+    args = vary_like(args, *args)
+    mat = next((jax.typeof(a).manual_axis_type for a in jax.tree.leaves(args)), None)
+    shapes = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, manual_axis_type=mat), out_shape)
+    return pl.pallas_call(kernel, out_shape=shapes, **kwargs)(*args)
+
+  return run

@@ -38,7 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from longax.kernels.tpu import VMEM_LIMIT, fit, interpret_params, not_on_tpu, round_up
+from longax.kernels.tpu import VMEM_LIMIT, pallas_call, same_vma, fit, interpret_params, not_on_tpu, round_up
 from longax.kernels.visibility import key_blocks, query_blocks, visible_pairs
 
 F32 = jnp.float32
@@ -313,7 +313,7 @@ def _forward(q, k, v, segs, pb: _Problem):
     out_specs.append(row_spec)
     out_shape.append(jax.ShapeDtypeStruct((b, h, tp, 1), F32))
     scratch += [pltpu.VMEM((bq, 1), F32), pltpu.VMEM((bq, 1), F32)]
-  out = pl.pallas_call(
+  out = pallas_call(
       functools.partial(_forward_kernel, pb=pb),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=2, grid=(b, h, tp // bq, blk.shape[1]), in_specs=in_specs,
@@ -371,7 +371,7 @@ def _backward_dq(q, k, v, do, lse, delta, segs, pb: _Problem):
     in_specs += [pl.BlockSpec((1, bq, 1), lambda b, h, i, j, blk, kind: (b, i, 0)),
                  pl.BlockSpec((1, 1, bk), lambda b, h, i, j, blk, kind: (b, 0, blk[i, j]))]
     args += list(segs)
-  return pl.pallas_call(
+  return pallas_call(
       functools.partial(_dq_kernel, pb=pb),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=2, grid=(b, h, tp // bq, blk.shape[1]), in_specs=in_specs,
@@ -434,7 +434,7 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, pb: _Problem):
     in_specs += [pl.BlockSpec((1, 1, bq), lambda b, h, i, t, blk, kind: (b, 0, blk[i, t % n])),
                  pl.BlockSpec((1, bk, 1), lambda b, h, i, t, blk, kind: (b, i, 0))]
     args += list(segs)
-  return pl.pallas_call(
+  return pallas_call(
       functools.partial(_dkv_kernel, pb=pb),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=2, grid=(b, hkv, sp // bk, g * n), in_specs=in_specs,
@@ -557,7 +557,7 @@ def attention_pallas(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, kv_block=None, b
   path's fold) is not used."""
   del q_pos, k_pos, kv_block
   cfg = _Config(spec, blocks or blocks_for(q.shape[-1]), interpret)
-  o, lse = _flash(q, k, v, q_seg, k_seg, cfg)
+  o, lse = _flash(*same_vma(q, k, v), q_seg, k_seg, cfg)
   if not return_lse:
     return o
   if lse is None:
@@ -567,3 +567,18 @@ def attention_pallas(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, kv_block=None, b
 
 attention_interpret = functools.partial(attention_pallas, interpret=True)
 unsupported_interpret = functools.partial(unsupported, interpret=True)
+
+
+def block_grads_pallas(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, o, lse, do, kv_block=None,
+                       blocks=None, interpret=False):
+  """One key block's share of the gradients of rows whose output o [B, T, H, Dv] and
+  log-sum-exp lse [B, T, H] (-inf: empty row; None: sigmoid) cover more keys (ring
+  attention's backward step) -> (dq, dk, dv): the dq and dk/dv kernels on those rows."""
+  del q_pos, k_pos, kv_block
+  cfg = _Config(spec, blocks or blocks_for(q.shape[-1]), interpret)
+  if lse is not None:
+    lse = jnp.swapaxes(jnp.where(jnp.isneginf(lse), jnp.inf, lse), 1, 2).astype(F32)
+  return _flash_bwd(cfg, (q, k, v, q_seg, k_seg, o, lse), (do, None))[:3]
+
+
+block_grads_interpret = functools.partial(block_grads_pallas, interpret=True)

@@ -39,7 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from longax.kernels.tpu import VMEM_LIMIT, interpret_params, not_on_tpu, round_up
+from longax.kernels.tpu import VMEM_LIMIT, pallas_call, same_vma, interpret_params, not_on_tpu, round_up
 
 F32 = jnp.float32
 NT = (((1,), (1,)), ((), ()))  # a @ b.T
@@ -176,7 +176,7 @@ def _forward(q, k, v, g, h0, run, cfg: _Config):
     in_specs += [pl.BlockSpec((1, c, 1), lambda b, h, i: (b, i, 0)),
                  pl.BlockSpec((1, 1, c), lambda b, h, i: (b, 0, i))]
     args += [run[:, :, None], run[:, None, :]]
-  return pl.pallas_call(
+  return pallas_call(
       functools.partial(_forward_kernel, cfg=cfg),
       grid=(b, h, n), in_specs=in_specs,
       out_specs=[tok(dv), pl.BlockSpec((1, 1, 1, dk, dv), lambda b, h, i: (i, b, h, 0, 0)), state],
@@ -219,7 +219,7 @@ def _reverse_states(q, do, fs, across, dfinal, cfg: _Config):
   state = pl.BlockSpec((1, 1, dk, dv), lambda b, h, i: (b, h, 0, 0))
   per_chunk = lambda d1, d2: pl.BlockSpec((1, 1, 1, d1, d2), lambda b, h, i: (b, h, rev(i), 0, 0))
   fd = fs.shape[-1]
-  return pl.pallas_call(
+  return pallas_call(
       functools.partial(_reverse_kernel, cfg=cfg),
       grid=(b, h, n), in_specs=[tok(dk), tok(dv), tok(fd), per_chunk(fd, 1), state],
       out_specs=[pl.BlockSpec((1, 1, 1, dk, dv), lambda b, h, i: (rev(i), b, h, 0, 0)), state],
@@ -301,5 +301,5 @@ def linear_attention_pallas(q, k, v, g, h0, resets, scale, chunk: int = 64, inte
   cfg = _Config(float(scale), c, _form(g), q.shape[2] // k.shape[2], run is not None, interpret)
   if run is not None:  # padded tokens (k = v = 0, no decay) stay in the last document
     run = jnp.pad(run, [(0, 0), (0, tp - t)], mode="edge")
-  o, final = _chunked(_pad(q, tp), _pad(k, tp), _pad(v, tp), _pad(g, tp), h0, run, cfg)
+  o, final = _chunked(*same_vma(_pad(q, tp), _pad(k, tp), _pad(v, tp), _pad(g, tp), h0), run, cfg)
   return jnp.swapaxes(o, 1, 2)[:, :t], final

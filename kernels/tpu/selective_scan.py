@@ -31,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from longax.kernels.tpu import VMEM_LIMIT, interpret_params, not_on_tpu, round_up
+from longax.kernels.tpu import VMEM_LIMIT, pallas_call, same_vma, interpret_params, not_on_tpu, round_up
 
 F32 = jnp.float32
 BLOCK_D = 512  # channels per grid step
@@ -119,7 +119,7 @@ def _forward(u, dt, bt, ct, at, h0t, r, cfg: _Config):
   if r is not None:
     in_specs.append(pl.BlockSpec((1, c, 1), lambda b, j, i: (b, i, 0)))
     args.append(r)
-  return pl.pallas_call(
+  return pallas_call(
       functools.partial(_forward_kernel, cfg=cfg),
       grid=(b, d // bd, nc), in_specs=in_specs,
       out_specs=[tok, pl.BlockSpec((1, 1, n, bd), lambda b, j, i: (i, b, 0, j)), state],
@@ -169,7 +169,7 @@ def _reverse_states(dt, ct, at, dy, dfinal_t, r, cfg: _Config):
   if r is not None:
     in_specs.append(pl.BlockSpec((1, c, 1), lambda b, j, i: (b, rev(i), 0)))
     args.append(r)
-  return pl.pallas_call(
+  return pallas_call(
       functools.partial(_reverse_kernel, cfg=cfg),
       grid=(b, d // bd, nc), in_specs=in_specs,
       out_specs=[pl.BlockSpec((1, 1, n, bd), lambda b, j, i: (rev(i), b, 0, j)), state],
@@ -238,5 +238,5 @@ def selective_scan_pallas(u, dt, A, Bm, Cm, h0, resets, chunk: int = CHUNK, bloc
   lp = round_up(l, c)
   cfg = _Config(c, block_d if d % block_d == 0 else d, resets is not None, interpret)
   pad = lambda x: None if x is None else jnp.pad(x, [(0, 0), (0, lp - l)] + [(0, 0)] * (x.ndim - 2))
-  y, h = _scan(pad(u), pad(dt), A, pad(Bm), pad(Cm), h0, pad(resets), cfg)
+  y, h = _scan(*same_vma(pad(u), pad(dt), A, pad(Bm), pad(Cm), h0), pad(resets), cfg)
   return y[:, :l], h
