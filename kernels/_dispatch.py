@@ -9,6 +9,10 @@ A kernel registers with `unsupported(call) -> str | None`: None where its tests 
 the call (backend, shapes, dtypes, options), else the reason. `auto` takes the kernel
 only where that is None and otherwise falls back to the XLA path, slower but never
 wrong; an explicit `impl="pallas"` on an uncovered call raises the reason in one line.
+
+One impl may have an entry per backend: `register(op, "pallas", backend="tpu")` is taken
+where `jax.default_backend()` is "tpu"; elsewhere the entry registered without a backend
+(the Mosaic GPU kernels) answers.
 """
 
 from __future__ import annotations
@@ -27,16 +31,17 @@ class _Entry:
   unsupported: Callable[[dict], str | None] | None = None
 
 
-_REGISTRY: dict[str, dict[str, _Entry]] = {}
+_REGISTRY: dict[str, dict[str, dict[str | None, _Entry]]] = {}  # op -> impl -> backend -> entry
 
 
-def register(op: str, impl: str, *, unsupported: Callable[[dict], str | None] | None = None):
-  """Registers `fn` as implementation `impl` of `op`."""
+def register(op: str, impl: str, *, unsupported: Callable[[dict], str | None] | None = None,
+             backend: str | None = None):
+  """Registers `fn` as implementation `impl` of `op` (on `backend` only, if given)."""
   if impl not in IMPLS or impl == "auto":
     raise ValueError(f"cannot register impl={impl!r}; valid: {IMPLS[1:]}")
 
   def deco(fn):
-    _REGISTRY.setdefault(op, {})[impl] = _Entry(fn, unsupported)
+    _REGISTRY.setdefault(op, {}).setdefault(impl, {})[backend] = _Entry(fn, unsupported)
     return fn
 
   return deco
@@ -54,8 +59,10 @@ def resolve(op: str, impl: str, call: dict | None = None, *, name: str | None = 
   name = name or op
   if impl not in IMPLS:
     raise ValueError(f"{name}: unknown impl={impl!r}; valid: {', '.join(IMPLS)}")
-  table = _REGISTRY.get(op, {})
-  call = dict(call or {}, backend=jax.default_backend())
+  backend = jax.default_backend()
+  table = {i: by.get(backend, by.get(None)) for i, by in _REGISTRY.get(op, {}).items()}
+  table = {i: e for i, e in table.items() if e is not None}
+  call = dict(call or {}, backend=backend)
   if impl == "auto":
     kernel = table.get("pallas")
     if kernel is not None and kernel.unsupported is not None and kernel.unsupported(call) is None:

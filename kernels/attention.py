@@ -275,10 +275,19 @@ register("attention_block_grads", "xla")(_block_grads_xla)
 # The Mosaic GPU kernel (Hopper) is impl="pallas"; it asks `unsupported` which calls it takes.
 from longax.kernels.gpu import attention as _gpu  # noqa: E402
 
+# The Pallas TPU kernels are impl="pallas" on TPU and impl="pallas_interpret" anywhere (CPU).
+from longax.kernels.tpu import attention as _tpu  # noqa: E402
+
 for _op in ("attention", "sigmoid_attention"):
   register(_op, "pallas", unsupported=_gpu.unsupported)(_gpu.attention_pallas)
+  register(_op, "pallas", backend="tpu", unsupported=_tpu.unsupported)(_tpu.attention_pallas)
+  register(_op, "pallas_interpret", unsupported=_tpu.unsupported_interpret)(_tpu.attention_interpret)
 register("attention_block_grads", "pallas",
          unsupported=_gpu.block_grads_unsupported)(_gpu.block_grads_pallas)
+register("attention_block_grads", "pallas", backend="tpu",
+         unsupported=_tpu.unsupported)(_tpu.block_grads_pallas)
+register("attention_block_grads", "pallas_interpret",
+         unsupported=_tpu.unsupported_interpret)(_tpu.block_grads_interpret)
 
 # ----------------------------------------------------------------------------- public API
 

@@ -20,7 +20,9 @@ inside a chunk goes through sub-chunks (`_intra_per_key`), never a [.., C, C, Dk
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -157,13 +159,28 @@ def _intra_per_key(q, k, gc, visible, sub: int):
   return rearrange(scores, "... r s i j -> ... (r i) (s j)")
 
 
-def _linear_attention_xla(q, k, v, g, h0, resets, scale, chunk: int = CHUNK):
-  """q: [B, T, H, Dk]; k, v: [B, T, Hkv, Dk|Dv]; g: [B, T, H, 1|Dk] f32 or None; h0: [B, H,
-  Dk, Dv] f32; resets: [B, T] bool or None. Returns (o [B, T, H, Dv] f32, final state).
-  Matmul operands stay in the dtype of q, k, v; decays, scores and states are float32."""
+class Chunked(NamedTuple):
+  """The chunked form of one call: operands [B, H, N, C, D] (k, v per query head), the
+  cumulative log decay gc [B, H, N, C, 1|Dk] (None: no decay) and the factors below; the
+  XLA path and the TPU kernel's backward share it."""
+  q: Any
+  k: Any
+  v: Any
+  gc: Any
+  from_start: Any  # exp(G): chunk start -> token (1 without decay)
+  to_end: Any  # exp(G_last - G): token -> chunk end
+  across: Any  # [B, H|1, N, 1|Dk]: the state's decay over the chunk, times `carry`
+  same_in: Any  # [B, 1, N, C, 1]: the token sees the incoming state (1: no resets)
+  same_end: Any  # the token reaches the outgoing state
+  visible: Any  # [B|1, 1, N|1, C, C]: causal pairs of one document
+  t: int
+
+
+def chunked(q, k, v, g, resets, chunk: int) -> Chunked:
+  """q: [B, T, H, Dk]; k, v: [B, T, Hkv, Dk|Dv]; g: [B, T, H, 1|Dk] f32 or None; resets:
+  [B, T] bool or None. T is padded to a multiple of `chunk`."""
   k, v = _per_query_head(q, k, v)
   b, t = q.shape[:2]
-  dt = q.dtype
   n = -(-t // chunk)
   pad = n * chunk - t
   padt = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
@@ -173,29 +190,45 @@ def _linear_attention_xla(q, k, v, g, h0, resets, scale, chunk: int = CHUNK):
 
   # Decay factors, all exp of a non-positive number (1 without decay).
   gc = None if g is None else jnp.cumsum(to_chunks(g.astype(jnp.float32)), axis=3)  # [B,H,N,C,1|Dk]
-  from_start = 1.0 if gc is None else jnp.exp(gc)  # chunk start -> token
-  to_end = 1.0 if gc is None else jnp.exp(gc[..., -1:, :] - gc)  # token -> chunk end
-  across = jnp.ones((b, 1, n, 1)) if gc is None else jnp.exp(gc[..., -1, :])  # [B,H,N,1|Dk]
+  from_start = 1.0 if gc is None else jnp.exp(gc)
+  to_end = 1.0 if gc is None else jnp.exp(gc[..., -1:, :] - gc)
+  across = jnp.ones((b, 1, n, 1)) if gc is None else jnp.exp(gc[..., -1, :])
 
   # Segment masks: who sees the incoming state, who reaches the outgoing one (1: no resets).
-  same_in = same_end = carry = 1.0
+  same_in = same_end = 1.0
   visible = causal
   if resets is not None:
     seg = rearrange(jnp.cumsum(padt(resets), axis=1), "b (n c) -> b n c", c=chunk)
     seg_in = seg[..., 0] - rearrange(padt(resets), "b (n c) -> b n c", c=chunk)[..., 0]
     same_in = (seg == seg_in[..., None])[:, None, ..., None]
     same_end = (seg == seg[..., -1:])[:, None, ..., None]
-    carry = (seg[..., -1] == seg_in)[:, None, :, None]  # [B,1,N,1]: no reset in the chunk
+    across = across * (seg[..., -1] == seg_in)[:, None, :, None]  # no reset in the chunk
     visible = causal & (seg[..., :, None] == seg[..., None, :])[:, None]  # [B,1,N,C,C]
+  return Chunked(q, k, v, gc, from_start, to_end, across, same_in, same_end, visible, t)
 
-  # Chunk-local states, then the recurrence over chunks.
-  local = _dot("bhncd,bhnce->nbhde", k * to_end * same_end, v, dt)
-  entering, final = pass_states(rearrange(across * carry, "b h n d -> n b h d"), local, h0)
 
-  o_intra = _dot("bhnij,bhnje->bhnie", _intra(q, k, gc, visible), v, dt)
-  o_inter = _dot("bhncd,nbhde->bhnce", q * from_start * same_in, entering, dt)
+def chunk_states(c: Chunked, dt):
+  """-> (decay [N, B, H|1, 1|Dk], local [N, B, H, Dk, Dv]): S_leaving = decay S_entering + local."""
+  local = _dot("bhncd,bhnce->nbhde", c.k * c.to_end * c.same_end, c.v, dt)
+  return rearrange(c.across, "b h n d -> n b h d"), local
+
+
+def chunk_outputs(c: Chunked, entering, scale, dt):
+  """o [B, T, H, Dv] float32 from the states entering each chunk [N, B, H, Dk, Dv]."""
+  o_intra = _dot("bhnij,bhnje->bhnie", _intra(c.q, c.k, c.gc, c.visible), c.v, dt)
+  o_inter = _dot("bhncd,nbhde->bhnce", c.q * c.from_start * c.same_in, entering, dt)
   o = scale * rearrange(o_intra + o_inter, "b h n c e -> b (n c) h e")
-  return o[:, :t], final
+  return o[:, :c.t]
+
+
+def _linear_attention_xla(q, k, v, g, h0, resets, scale, chunk: int = CHUNK):
+  """q: [B, T, H, Dk]; k, v: [B, T, Hkv, Dk|Dv]; g: [B, T, H, 1|Dk] f32 or None; h0: [B, H,
+  Dk, Dv] f32; resets: [B, T] bool or None. Returns (o [B, T, H, Dv] f32, final state).
+  Matmul operands stay in the dtype of q, k, v; decays, scores and states are float32.
+  Chunk-local states, then the recurrence over chunks, then the outputs."""
+  c = chunked(q, k, v, g, resets, chunk)
+  entering, final = pass_states(*chunk_states(c, q.dtype), h0)
+  return chunk_outputs(c, entering, scale, q.dtype), final
 
 
 register("linear_attention", "xla")(_linear_attention_xla)
@@ -299,3 +332,12 @@ def linear_attention_step(q_t, k_t, v_t, state, log_decay_t=None, scale: float |
 from longax.kernels.gpu import linear_attention as _gpu  # noqa: E402
 
 register("linear_attention", "pallas", unsupported=_gpu.unsupported)(_gpu.linear_attention_pallas)
+
+# The Pallas TPU kernel: impl="pallas" on TPU, impl="pallas_interpret" anywhere (CPU).
+from longax.kernels.tpu import linear_attention as _tpu  # noqa: E402
+
+register("linear_attention", "pallas", backend="tpu", unsupported=_tpu.unsupported)(
+    _tpu.linear_attention_pallas)
+register("linear_attention", "pallas_interpret",
+         unsupported=functools.partial(_tpu.unsupported, interpret=True))(
+             functools.partial(_tpu.linear_attention_pallas, interpret=True))

@@ -16,6 +16,8 @@ pass, so [B, L, D, N] never exists for the whole length, forward or backward.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from einops import rearrange
@@ -53,27 +55,32 @@ def _combine(x, y):
   return x[0] * y[0], y[0] * x[1] + y[1]
 
 
+def split_chunks(x, chunk: int):
+  """[B, L, ...] -> [N, B, C, ...], L padded with zeros to a multiple of `chunk`."""
+  pad = -x.shape[1] % chunk
+  x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+  return rearrange(x, "b (n c) ... -> n b c ...", c=chunk)
+
+
+@jax.checkpoint
+def chunk_step(A, h, xs):
+  """One chunk: state h [B, D, N] entering it, xs = (u, dt [B, C, D], B, C [B, C, N], resets
+  [B, C] or None), float32 -> (the state leaving it, y [B, C, D]). An associative scan inside."""
+  u_c, dt_c, b_c, c_c, r_c = xs
+  a = jnp.exp(dt_c[..., None] * A)  # [B,C,D,N]
+  if r_c is not None:
+    a = jnp.where(r_c[..., None, None], 0.0, a)
+  bu = (dt_c * u_c)[..., None] * b_c[:, :, None, :]
+  a_cum, b_cum = jax.lax.associative_scan(_combine, (a, bu), axis=1)
+  hs = a_cum * h[:, None] + b_cum
+  return hs[:, -1], jnp.einsum("bcdn,bcn->bcd", hs, c_c)
+
+
 def _selective_scan_xla(u, dt, A, Bm, Cm, h0, resets, chunk: int = CHUNK):
   l = u.shape[1]
-  n = -(-l // chunk)
-  pad = n * chunk - l
-  padt = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-  split = lambda x: rearrange(padt(x), "b (n c) ... -> n b c ...", c=chunk)
-  xs = [split(x.astype(jnp.float32)) for x in (u, dt, Bm, Cm)]
-  xs.append(None if resets is None else split(resets))
-
-  @jax.checkpoint
-  def chunk_step(h, xs):
-    u_c, dt_c, b_c, c_c, r_c = xs  # [B,C,D], [B,C,D], [B,C,N], [B,C,N], [B,C]
-    a = jnp.exp(dt_c[..., None] * A)  # [B,C,D,N]
-    if r_c is not None:
-      a = jnp.where(r_c[..., None, None], 0.0, a)
-    bu = (dt_c * u_c)[..., None] * b_c[:, :, None, :]
-    a_cum, b_cum = jax.lax.associative_scan(_combine, (a, bu), axis=1)
-    hs = a_cum * h[:, None] + b_cum
-    return hs[:, -1], jnp.einsum("bcdn,bcn->bcd", hs, c_c)
-
-  h, y = jax.lax.scan(chunk_step, vary_like(h0, xs, A), xs)
+  xs = [split_chunks(x.astype(jnp.float32), chunk) for x in (u, dt, Bm, Cm)]
+  xs.append(None if resets is None else split_chunks(resets, chunk))
+  h, y = jax.lax.scan(lambda h, xs: chunk_step(A, h, xs), vary_like(h0, xs, A), xs)
   return rearrange(y, "n b c d -> b (n c) d")[:, :l], h
 
 
@@ -83,6 +90,15 @@ register("selective_scan", "xla")(_selective_scan_xla)
 from longax.kernels.gpu import selective_scan as _gpu  # noqa: E402
 
 register("selective_scan", "pallas", unsupported=_gpu.unsupported)(_gpu.selective_scan_pallas)
+
+# The Pallas TPU kernel: impl="pallas" on TPU, impl="pallas_interpret" anywhere (CPU).
+from longax.kernels.tpu import selective_scan as _tpu  # noqa: E402
+
+register("selective_scan", "pallas", backend="tpu", unsupported=_tpu.unsupported)(
+    _tpu.selective_scan_pallas)
+register("selective_scan", "pallas_interpret",
+         unsupported=functools.partial(_tpu.unsupported, interpret=True))(
+             functools.partial(_tpu.selective_scan_pallas, interpret=True))
 
 
 def _prepare_dt(delta, delta_bias, delta_softplus):

@@ -139,15 +139,6 @@ def test_jit_and_vmap(rand):
   assert_close(vm(q, k, v), sigmoid_attention(q, k, v, impl="reference"))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_pallas_interpret_not_yet(rand, kind):
-  """The TPU-form kernels (impl="pallas_interpret") are their own issue."""
-  q, k, v, _ = _inputs(rand, (1, 4, 4, 1, 1, 8, 8, 0), jnp.float32)
-  name = "attention" if kind == "softmax" else "sigmoid_attention"
-  with pytest.raises(NotImplementedError, match=name):
-    KINDS[kind](q, k, v, impl="pallas_interpret")
-
-
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="the CPU answer")
 @pytest.mark.parametrize("kind", KINDS)
 def test_pallas_off_gpu_is_one_clear_line(rand, kind):

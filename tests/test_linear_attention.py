@@ -210,12 +210,6 @@ def test_jit_and_vmap(rand):
   assert_close(jax.jit(vm)(q, k, v, g), want)
 
 
-def test_pallas_interpret_not_yet(rand):
-  q, k, v = _inputs(rand, (1, 4, 1, 1, 4, 4, 0))
-  with pytest.raises(NotImplementedError, match="linear_attention"):
-    linear_attention(q, k, v, impl="pallas_interpret")
-
-
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="the CPU answer")
 def test_pallas_off_gpu_is_one_clear_line(rand):
   q, k, v = _inputs(rand, (1, 4, 1, 1, 4, 4, 0))

@@ -97,8 +97,6 @@ def test_state_shape_errors(rand):
 @pytest.mark.parametrize("impl,err,msg", [
     ("pallas", ValueError, r"^longax.kernels.ssd: impl='pallas' does not support this call: the "
                            "Mosaic GPU kernel needs a GPU backend"),
-    ("pallas_interpret", NotImplementedError,
-     r"^longax.kernels.ssd: impl='pallas_interpret' is not implemented yet"),
     ("bogus", ValueError, r"^ssd: unknown impl='bogus'")])
 def test_impl_errors_name_ssd(rand, impl, err, msg):
   x, dt, A, B, C, _, _ = _inputs(rand, 1, 4, 4, 3, 2, 4)

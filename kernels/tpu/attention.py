@@ -1,0 +1,584 @@
+"""Flash attention for TPU in Pallas (Mosaic TPU): softmax and sigmoid as one kernel family.
+
+Registered as `impl="pallas"` (TPU backend) and `impl="pallas_interpret"` (the same kernels in
+TPU interpret mode, on CPU) of `attention` and `sigmoid_attention`; see `kernels/attention.py`
+for the API, the float32 reference and the XLA path. Every option of the op: causal with the
+bottom-right offset, GQA, window, sinks, softcap, segment ids, ragged T / S, return_lse.
+
+Layout inside the kernels is head-major: q [B, H, T, D], k / v [B, Hkv, S, D] (the op
+transposes), T and S padded to the blocks (padded keys masked, padded query rows dropped).
+
+Forward: grid (B, H, query blocks, steps); the last axis is "arbitrary" and walks the key
+blocks a query block sees, read from scalar-prefetched tables (`_Steps`): the key block of each
+step and its kind (0: past the block's list, nothing to do; 1: masked; 2: every pair visible,
+no mask). A step past the list repeats the last key block, so its DMA is skipped. The score
+function is a parameter: softmax keeps a running max and normaliser in VMEM scratch, sigmoid
+(FlashSigmoid) adds sigmoid(s + bias) straight into the f32 accumulator.
+Backward (`jax.custom_vjp`), both recomputing P from the saved log-sum-exp:
+  dq:   grid (B, H, query blocks, steps) over the same key-block tables;
+  dk/dv: grid (B, Hkv, key blocks, G * steps): one KV head accumulates the query blocks of
+        every query head of its group (no K/V repeat, no post-sum); scores are computed
+        transposed ([keys, queries]) so every matmul is a plain or NT one.
+
+Visibility is `visibility.visible_pairs` on [rows, cols] position tiles; the tables come from
+`visibility.key_blocks` / `visibility.query_blocks` (evaluated at trace time: positions are the
+defaults, so the tables are static).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from longax.kernels.tpu import VMEM_LIMIT, pallas_call, same_vma, fit, interpret_params, not_on_tpu, round_up
+from longax.kernels.visibility import key_blocks, query_blocks, visible_pairs
+
+F32 = jnp.float32
+NT = (((1,), (1,)), ((), ()))  # a @ b.T
+NN = (((1,), (0,)), ((), ()))  # a @ b
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+  """Query / key rows per grid step, forward (block_*) and backward (bwd_block_*)."""
+  block_q: int = 512
+  block_kv: int = 512
+  bwd_block_q: int = 256
+  bwd_block_kv: int = 256
+
+  def __post_init__(self):
+    for name, value in dataclasses.asdict(self).items():
+      if value < 8 or value % 8:
+        raise ValueError(f"Blocks.{name}={value} must be a multiple of 8")
+
+
+# Defaults per head dim, sized for v5e's 16 MiB scoped VMEM (see `vmem_bytes`); untuned.
+DEFAULTS: dict[int, Blocks] = {
+    64: Blocks(512, 512, 512, 512),
+    128: Blocks(512, 512, 512, 512),
+    256: Blocks(256, 512, 256, 512),
+}
+
+
+def blocks_for(head_dim: int) -> Blocks:
+  return DEFAULTS.get(head_dim) or DEFAULTS[min(DEFAULTS, key=lambda d: abs(d - head_dim))]
+
+
+def vmem_bytes(blocks: Blocks, d: int, dv: int, itemsize: int = 2) -> dict[str, int]:
+  """VMEM one grid step holds, per kernel: double-buffered input / output blocks, f32 scratch
+  and the f32 [rows, cols] score-sized temporaries (s, p, and dp / ds in the backward). Lanes
+  pad to 128 (a [rows, 1] column costs [rows, 128])."""
+  lane = lambda n: round_up(n, 128)
+  bq, bk, d, dv = blocks.block_q, blocks.block_kv, lane(d), lane(dv)
+  col = lambda rows: rows * 128 * 4  # f32 [rows, 1] column
+  fwd = (2 * itemsize * (bq * d + bk * d + bk * dv + bq * dv) + 2 * col(bq)  # q k v o, lse
+         + 4 * bq * dv + 2 * col(bq) + 3 * 4 * bq * bk)  # acc, m, l; s, p, mask
+  bq, bk = blocks.bwd_block_q, blocks.bwd_block_kv
+  blocks_io = 2 * itemsize * (bq * d + bk * d + bk * dv + bq * dv)  # q k v do
+  dq = blocks_io + 2 * 2 * col(bq) + 2 * itemsize * bq * d + 4 * bq * d + 5 * 4 * bq * bk
+  dkv = (blocks_io + 2 * 2 * 8 * lane(bq) * 4 + 2 * itemsize * bk * (d + dv) + 4 * bk * (d + dv)
+         + 5 * 4 * bq * bk)  # lse / delta rows [1, bq] pad to [8, bq]
+  return {"forward": fwd, "dq": dq, "dkv": dkv}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Problem:
+  spec: Any  # attention.AttnSpec
+  t: int  # real query / key lengths (the kernels see them padded)
+  s: int
+  group: int  # query heads per KV head
+  segments: bool
+  block_q: int  # this pass's blocks
+  block_kv: int
+  interpret: bool
+
+  @property
+  def offset(self):  # query row i sits at position i + offset (bottom-right alignment)
+    return self.s - self.t
+
+  @property
+  def sinks(self):
+    return self.spec.sinks if self.spec.window is not None else 0
+
+  @property
+  def nq(self):
+    return -(-self.t // self.block_q)
+
+  @property
+  def nk(self):
+    return -(-self.s // self.block_kv)
+
+  def padded_key_block(self, blk: int) -> bool:
+    return self.s % self.block_kv != 0 and blk == self.nk - 1
+
+
+# ------------------------------------------------------------------------------ schedule
+
+
+def _table(rows: list[list[tuple[int, int]]]):
+  """Per-row lists of (block, kind) -> (block [R, n], kind [R, n]) int32, n >= 1; a row's
+  tail repeats its last block (no new DMA) with kind 0."""
+  n = max(1, max(len(r) for r in rows))
+  blk = np.zeros((len(rows), n), np.int32)
+  kind = np.zeros((len(rows), n), np.int32)
+  for i, r in enumerate(rows):
+    for j, (b, k) in enumerate(r):
+      blk[i, j], kind[i, j] = b, k
+    if r:
+      blk[i, len(r):] = r[-1][0]
+  return jnp.asarray(blk), jnp.asarray(kind)
+
+
+def _ranges(fn, firsts, lasts):
+  with jax.ensure_compile_time_eval():
+    out = jax.vmap(fn)(jnp.asarray(firsts, jnp.int32), jnp.asarray(lasts, jnp.int32))
+    return [np.asarray(x) for x in out]
+
+
+def _key_steps(pb: _Problem):
+  """For each query block, the key blocks it sees: sink blocks first (masked), then the
+  window's / causal range; a block is unmasked where `key_blocks` says every pair is visible
+  and it holds no padding and no segment boundary may cut it."""
+  spec, bq, bk = pb.spec, pb.block_q, pb.block_kv
+  first = np.arange(pb.nq) * bq + pb.offset
+  lo, hi, full_lo, full_hi = _ranges(
+      lambda a, b: key_blocks(a, b, bk, pb.nk, causal=spec.causal, window=spec.window),
+      first, first + bq - 1)
+  n_sink = -(-pb.sinks // bk)
+  rows = []
+  for i in range(pb.nq):
+    sink = list(range(min(n_sink, hi[i])))
+    rest = range(max(lo[i], len(sink)), hi[i])
+    kind = lambda b: 2 if (full_lo[i] <= b < full_hi[i] and not pb.segments
+                           and not pb.padded_key_block(b) and b >= n_sink) else 1
+    rows.append([(b, 1) for b in sink] + [(b, kind(b)) for b in rest])
+  return _table(rows)
+
+
+def _query_steps(pb: _Problem):
+  """For each key block, the query blocks that see it (the transpose of `_key_steps`)."""
+  spec, bq, bk = pb.spec, pb.block_q, pb.block_kv
+  first = np.arange(pb.nk) * bk
+  last = np.minimum(first + bk - 1, pb.s - 1)
+  lo, hi, full_lo, full_hi = _ranges(
+      lambda a, b: query_blocks(a, b, bq, pb.nq, pb.offset, causal=spec.causal,
+                                window=spec.window, sinks=pb.sinks), first, last)
+  rows = []
+  for kb in range(pb.nk):
+    plain = not (pb.segments or pb.padded_key_block(kb) or first[kb] < pb.sinks)
+    kind = lambda b: 2 if plain and full_lo[kb] <= b < full_hi[kb] else 1
+    rows.append([(b, kind(b)) for b in range(lo[kb], hi[kb])])
+  return _table(rows)
+
+
+# ----------------------------------------------------------------------------- tile math
+
+
+def _logits(spec, raw):
+  s = raw * spec.scale
+  if spec.softcap is not None:
+    s = spec.softcap * jnp.tanh(s / spec.softcap)
+  return s
+
+
+def _mask(pb: _Problem, shape, q_row0, k0, q_seg=None, k_seg=None, *, keys_on_rows=False):
+  """Visibility of a tile whose rows are queries (forward, dq) or keys (dk/dv); None when
+  nothing is masked. Segment tiles come shaped to broadcast ([n, 1] / [1, n])."""
+  qd, kd = (1, 0) if keys_on_rows else (0, 1)
+  qi = lax.broadcasted_iota(jnp.int32, shape, qd) + (q_row0 + pb.offset)
+  kj = lax.broadcasted_iota(jnp.int32, shape, kd) + k0
+  spec = pb.spec
+  ok = visible_pairs(qi, kj, causal=spec.causal, window=spec.window, sinks=pb.sinks)
+  both = lambda a, b: b if a is None else a & b
+  if pb.s % pb.block_kv:  # padded keys
+    ok = both(ok, kj < pb.s)
+  if pb.segments:
+    ok = both(ok, q_seg == k_seg)
+  return ok
+
+
+def _probs(pb: _Problem, s, lse):
+  """P recomputed in the backward: exp(s - lse) (softmax) or sigmoid(s + bias)."""
+  if pb.spec.kind == "softmax":
+    return jnp.exp(s - lse)
+  return jax.nn.sigmoid(s + pb.spec.bias)
+
+
+def _dscores(pb: _Problem, s, p, dp, delta):
+  """d loss / d (q.k) from P and dP (scale and softcap's 1 - tanh^2 folded in)."""
+  ds = p * (dp - delta) if pb.spec.kind == "softmax" else dp * p * (1.0 - p)
+  if pb.spec.softcap is not None:
+    ds = ds * (1.0 - jnp.square(s / pb.spec.softcap))
+  return ds * pb.spec.scale
+
+
+def _when_kind(kind, step):
+  """Runs step(masked) for the step's kind (1: masked, 2: plain, 0: nothing)."""
+  pl.when(kind == 1)(functools.partial(step, True))
+  pl.when(kind == 2)(functools.partial(step, False))
+
+
+def _params(interpret: bool):
+  return dict(interpret=interpret_params(interpret),
+              compiler_params=pltpu.CompilerParams(
+                  dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
+                  vmem_limit_bytes=VMEM_LIMIT))
+
+
+# ------------------------------------------------------------------------------- forward
+
+
+def _forward_kernel(blk_ref, kind_ref, q_ref, k_ref, v_ref, *refs, pb: _Problem):
+  softmax = pb.spec.kind == "softmax"
+  if pb.segments:
+    qs_ref, ks_ref, *refs = refs
+  if softmax:
+    o_ref, lse_ref, acc_ref, m_ref, l_ref = refs
+  else:
+    o_ref, acc_ref = refs
+  qb, j = pl.program_id(2), pl.program_id(3)
+
+  @pl.when(j == 0)
+  def _init():
+    acc_ref[...] = jnp.zeros_like(acc_ref)
+    if softmax:
+      m_ref[...] = jnp.full_like(m_ref, -jnp.inf)
+      l_ref[...] = jnp.zeros_like(l_ref)
+
+  def step(masked):
+    q, k, v = q_ref[0, 0], k_ref[0, 0], v_ref[0, 0]
+    s = _logits(pb.spec, lax.dot_general(q, k, NT, preferred_element_type=F32))  # [bq, bk]
+    ok = None
+    if masked:
+      segs = (qs_ref[0], ks_ref[0]) if pb.segments else ()
+      ok = _mask(pb, s.shape, qb * pb.block_q, blk_ref[qb, j] * pb.block_kv, *segs)
+    if softmax:
+      if ok is not None:
+        s = jnp.where(ok, s, -jnp.inf)
+      m_prev = m_ref[...]
+      m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+      p = jnp.exp(s - m_safe)
+      alpha = jnp.exp(m_prev - m_safe)
+      l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
+      m_ref[...] = m_new
+      acc = alpha * acc_ref[...]
+    else:
+      p = jax.nn.sigmoid(s + pb.spec.bias)
+      if ok is not None:
+        p = jnp.where(ok, p, 0.0)
+      acc = acc_ref[...]
+    acc_ref[...] = acc + lax.dot_general(p.astype(v.dtype), v, NN, preferred_element_type=F32)
+
+  _when_kind(kind_ref[qb, j], step)
+
+  @pl.when(j == pl.num_programs(3) - 1)
+  def _finish():
+    if not softmax:
+      o_ref[0, 0] = acc_ref[...].astype(o_ref.dtype)
+      return
+    l = l_ref[...]
+    o_ref[0, 0] = (acc_ref[...] / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
+    lse_ref[0, 0] = jnp.where(l > 0, m_ref[...] + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)
+
+
+def _forward(q, k, v, segs, pb: _Problem):
+  """q [B, H, Tp, D], k [B, Hkv, Sp, D], v [B, Hkv, Sp, Dv], segs (q [B, Tp, 1], k [B, 1, Sp])
+  or None -> (o [B, H, Tp, Dv], lse [B, H, Tp, 1] (+inf: a row that sees no key) or None)."""
+  b, h, tp, d = q.shape
+  dv = v.shape[-1]
+  bq, bk, g = pb.block_q, pb.block_kv, pb.group
+  blk, kind = _key_steps(pb)
+  q_spec = pl.BlockSpec((1, 1, bq, d), lambda b, h, i, j, blk, kind: (b, h, i, 0))
+  kv_spec = lambda dd: pl.BlockSpec((1, 1, bk, dd),
+                                    lambda b, h, i, j, blk, kind: (b, h // g, blk[i, j], 0))
+  row_spec = pl.BlockSpec((1, 1, bq, 1), lambda b, h, i, j, blk, kind: (b, h, i, 0))
+  in_specs, args = [q_spec, kv_spec(d), kv_spec(dv)], [q, k, v]
+  if segs is not None:
+    in_specs += [pl.BlockSpec((1, bq, 1), lambda b, h, i, j, blk, kind: (b, i, 0)),
+                 pl.BlockSpec((1, 1, bk), lambda b, h, i, j, blk, kind: (b, 0, blk[i, j]))]
+    args += list(segs)
+  out_specs = [pl.BlockSpec((1, 1, bq, dv), lambda b, h, i, j, blk, kind: (b, h, i, 0))]
+  out_shape = [jax.ShapeDtypeStruct((b, h, tp, dv), q.dtype)]
+  scratch = [pltpu.VMEM((bq, dv), F32)]
+  if pb.spec.kind == "softmax":
+    out_specs.append(row_spec)
+    out_shape.append(jax.ShapeDtypeStruct((b, h, tp, 1), F32))
+    scratch += [pltpu.VMEM((bq, 1), F32), pltpu.VMEM((bq, 1), F32)]
+  out = pallas_call(
+      functools.partial(_forward_kernel, pb=pb),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=2, grid=(b, h, tp // bq, blk.shape[1]), in_specs=in_specs,
+          out_specs=out_specs, scratch_shapes=scratch),
+      out_shape=out_shape, **_params(pb.interpret))(blk, kind, *args)
+  return out[0], (out[1] if len(out) > 1 else None)
+
+
+# ------------------------------------------------------------------------------ backward
+
+
+def _dq_kernel(blk_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
+               pb: _Problem):
+  if pb.segments:
+    qs_ref, ks_ref, *refs = refs
+  dq_ref, acc_ref = refs
+  qb, j = pl.program_id(2), pl.program_id(3)
+
+  @pl.when(j == 0)
+  def _init():
+    acc_ref[...] = jnp.zeros_like(acc_ref)
+
+  def step(masked):
+    q, k, v, do = q_ref[0, 0], k_ref[0, 0], v_ref[0, 0], do_ref[0, 0]
+    s = _logits(pb.spec, lax.dot_general(q, k, NT, preferred_element_type=F32))  # [bq, bk]
+    p = _probs(pb, s, lse_ref[0, 0])
+    if masked:
+      segs = (qs_ref[0], ks_ref[0]) if pb.segments else ()
+      ok = _mask(pb, s.shape, qb * pb.block_q, blk_ref[qb, j] * pb.block_kv, *segs)
+      if ok is not None:
+        p = jnp.where(ok, p, 0.0)
+    dp = lax.dot_general(do, v, NT, preferred_element_type=F32)
+    ds = _dscores(pb, s, p, dp, delta_ref[0, 0])
+    acc_ref[...] += lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=F32)
+
+  _when_kind(kind_ref[qb, j], step)
+
+  @pl.when(j == pl.num_programs(3) - 1)
+  def _finish():
+    dq_ref[0, 0] = acc_ref[...].astype(dq_ref.dtype)
+
+
+def _backward_dq(q, k, v, do, lse, delta, segs, pb: _Problem):
+  """lse / delta: [B, H, Tp, 1] columns -> dq [B, H, Tp, D]."""
+  b, h, tp, d = q.shape
+  dv = v.shape[-1]
+  bq, bk, g = pb.block_q, pb.block_kv, pb.group
+  blk, kind = _key_steps(pb)
+  rows = lambda dd: pl.BlockSpec((1, 1, bq, dd), lambda b, h, i, j, blk, kind: (b, h, i, 0))
+  kv_spec = lambda dd: pl.BlockSpec((1, 1, bk, dd),
+                                    lambda b, h, i, j, blk, kind: (b, h // g, blk[i, j], 0))
+  in_specs = [rows(d), kv_spec(d), kv_spec(dv), rows(dv), rows(1), rows(1)]
+  args = [q, k, v, do, lse, delta]
+  if segs is not None:
+    in_specs += [pl.BlockSpec((1, bq, 1), lambda b, h, i, j, blk, kind: (b, i, 0)),
+                 pl.BlockSpec((1, 1, bk), lambda b, h, i, j, blk, kind: (b, 0, blk[i, j]))]
+    args += list(segs)
+  return pallas_call(
+      functools.partial(_dq_kernel, pb=pb),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=2, grid=(b, h, tp // bq, blk.shape[1]), in_specs=in_specs,
+          out_specs=rows(d), scratch_shapes=[pltpu.VMEM((bq, d), F32)]),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), **_params(pb.interpret))(blk, kind, *args)
+
+
+def _dkv_kernel(blk_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
+                pb: _Problem):
+  if pb.segments:
+    qs_ref, ks_ref, *refs = refs
+  dk_ref, dv_ref, dk_acc, dv_acc = refs
+  kb, t = pl.program_id(2), pl.program_id(3)
+  n = blk_ref.shape[1]
+  qb, kind = blk_ref[kb, t % n], kind_ref[kb, t % n]
+
+  @pl.when(t == 0)
+  def _init():
+    dk_acc[...] = jnp.zeros_like(dk_acc)
+    dv_acc[...] = jnp.zeros_like(dv_acc)
+
+  def step(masked):
+    q, k, v, do = q_ref[0, 0], k_ref[0, 0], v_ref[0, 0], do_ref[0, 0]
+    s = _logits(pb.spec, lax.dot_general(k, q, NT, preferred_element_type=F32))  # [bk, bq]
+    p = _probs(pb, s, lse_ref[0, 0])
+    if masked:
+      segs = (qs_ref[0], ks_ref[0]) if pb.segments else ()
+      ok = _mask(pb, s.shape, qb * pb.block_q, kb * pb.block_kv, *segs, keys_on_rows=True)
+      if ok is not None:
+        p = jnp.where(ok, p, 0.0)
+    dv_acc[...] += lax.dot_general(p.astype(do.dtype), do, NN, preferred_element_type=F32)
+    dp = lax.dot_general(v, do, NT, preferred_element_type=F32)
+    ds = _dscores(pb, s, p, dp, delta_ref[0, 0])
+    dk_acc[...] += lax.dot_general(ds.astype(q.dtype), q, NN, preferred_element_type=F32)
+
+  _when_kind(kind, step)
+
+  @pl.when(t == pl.num_programs(3) - 1)
+  def _finish():
+    dk_ref[0, 0] = dk_acc[...].astype(dk_ref.dtype)
+    dv_ref[0, 0] = dv_acc[...].astype(dv_ref.dtype)
+
+
+def _backward_dkv(q, k, v, do, lse, delta, segs, pb: _Problem):
+  """lse / delta: [B, H, 1, Tp] rows -> (dk [B, Hkv, Sp, D], dv [B, Hkv, Sp, Dv])."""
+  b, hkv, sp, d = k.shape
+  dv = v.shape[-1]
+  bq, bk, g = pb.block_q, pb.block_kv, pb.group
+  blk, kind = _query_steps(pb)
+  n = blk.shape[1]
+  head = lambda h, t: h * g + t // n  # step t of KV head h: query head, then query block
+  rows = lambda dd: pl.BlockSpec((1, 1, bq, dd), lambda b, h, i, t, blk, kind: (
+      b, head(h, t), blk[i, t % n], 0))
+  keys = lambda dd: pl.BlockSpec((1, 1, bk, dd), lambda b, h, i, t, blk, kind: (b, h, i, 0))
+  stat = pl.BlockSpec((1, 1, 1, bq), lambda b, h, i, t, blk, kind: (
+      b, head(h, t), 0, blk[i, t % n]))
+  in_specs = [rows(d), keys(d), keys(dv), rows(dv), stat, stat]
+  args = [q, k, v, do, lse, delta]
+  if segs is not None:
+    in_specs += [pl.BlockSpec((1, 1, bq), lambda b, h, i, t, blk, kind: (b, 0, blk[i, t % n])),
+                 pl.BlockSpec((1, bk, 1), lambda b, h, i, t, blk, kind: (b, i, 0))]
+    args += list(segs)
+  return pallas_call(
+      functools.partial(_dkv_kernel, pb=pb),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=2, grid=(b, hkv, sp // bk, g * n), in_specs=in_specs,
+          out_specs=[keys(d), keys(dv)],
+          scratch_shapes=[pltpu.VMEM((bk, d), F32), pltpu.VMEM((bk, dv), F32)]),
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      **_params(pb.interpret))(blk, kind, *args)
+
+
+# ---------------------------------------------------------------------------- the op
+
+
+def _pad_to(x, axis, multiple, value=0):
+  extra = -x.shape[axis] % multiple
+  if not extra:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, extra)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def _heads_first(x, multiple):
+  """[B, T, H, D] -> [B, H, Tp, D], T padded to `multiple`."""
+  return jnp.swapaxes(_pad_to(x, 1, multiple), 1, 2)
+
+
+def _segments(q_seg, k_seg, tq: int, tk: int, *, query_rows: bool):
+  """Segment ids padded and shaped for the kernels: queries [B, Tp, 1] and keys [B, 1, Sp]
+  (query_rows) or queries [B, 1, Tp] and keys [B, Sp, 1] (dk/dv); None without segments."""
+  if q_seg is None:
+    return None
+  qs = _pad_to(q_seg.astype(jnp.int32), 1, tq, -1)
+  ks = _pad_to(k_seg.astype(jnp.int32), 1, tk, -2)
+  return (qs[:, :, None], ks[:, None, :]) if query_rows else (qs[:, None, :], ks[:, :, None])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  spec: Any
+  blocks: Blocks
+  interpret: bool
+
+  def problem(self, q, k, q_seg, *, backward: bool) -> _Problem:
+    t, s = q.shape[1], k.shape[1]
+    blk = self.blocks
+    bq, bk = (blk.bwd_block_q, blk.bwd_block_kv) if backward else (blk.block_q, blk.block_kv)
+    return _Problem(self.spec, t, s, q.shape[2] // k.shape[2], q_seg is not None,
+                    fit(bq, t), fit(bk, s), self.interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, q_seg, k_seg, cfg: _Config):
+  """-> (o [B, T, H, Dv], lse [B, H, T] (+inf: empty row) or None)."""
+  return _flash_fwd(q, k, v, q_seg, k_seg, cfg)[0]
+
+
+def _flash_fwd(q, k, v, q_seg, k_seg, cfg: _Config):
+  pb = cfg.problem(q, k, q_seg, backward=False)
+  t = q.shape[1]
+  segs = _segments(q_seg, k_seg, pb.block_q, pb.block_kv, query_rows=True)
+  o, lse = _forward(_heads_first(q, pb.block_q), _heads_first(k, pb.block_kv),
+                    _heads_first(v, pb.block_kv), segs, pb)
+  o = jnp.swapaxes(o[:, :, :t], 1, 2)
+  lse = None if lse is None else lse[:, :, :t, 0]
+  return (o, lse), (q, k, v, q_seg, k_seg, o, lse)
+
+
+def _flash_bwd(cfg: _Config, res, cotangents):
+  q, k, v, q_seg, k_seg, o, lse = res
+  do, dlse = cotangents
+  pb = cfg.problem(q, k, q_seg, backward=True)
+  t, s, bq, bk = q.shape[1], k.shape[1], pb.block_q, pb.block_kv
+  if pb.spec.kind == "softmax":  # delta_i = do_i . o_i (minus the lse's own cotangent)
+    delta = jnp.einsum("bthd,bthd->bht", do.astype(F32), o.astype(F32))
+    if dlse is not None:
+      delta = delta - dlse
+    lse = _pad_to(lse, 2, bq)
+  else:
+    lse = jnp.zeros((q.shape[0], q.shape[2], t), F32)  # unused by sigmoid
+    delta = lse
+    lse = _pad_to(lse, 2, bq)
+  delta = _pad_to(delta, 2, bq)
+  qp, dop = _heads_first(q, bq), _heads_first(do, bq)
+  kp, vp = _heads_first(k, bk), _heads_first(v, bk)
+  dq = _backward_dq(qp, kp, vp, dop, lse[..., None], delta[..., None],
+                    _segments(q_seg, k_seg, bq, bk, query_rows=True), pb)
+  dk, dv = _backward_dkv(qp, kp, vp, dop, lse[:, :, None], delta[:, :, None],
+                         _segments(q_seg, k_seg, bq, bk, query_rows=False), pb)
+  grads = (jnp.swapaxes(x, 1, 2)[:, :n] for x, n in ((dq, t), (dk, s), (dv, s)))
+  return (*grads, _no_grad(q_seg), _no_grad(k_seg))
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _no_grad(seg):
+  """The cotangent of integer segment ids."""
+  return None if seg is None else jnp.zeros(seg.shape, jax.dtypes.float0)
+
+
+def unsupported(call: dict, *, interpret: bool = False) -> str | None:
+  """Why the kernel does not take this call (None: it does). `auto` asks this on TPU; under
+  impl="pallas" / "pallas_interpret" the reason is the error message."""
+  q, v = call["q"], call["v"]
+  if not interpret and (why := not_on_tpu(call)) is not None:
+    return why
+  if call.get("explicit_positions"):
+    return "explicit q_positions / kv_positions (the kernel takes the default bottom-right positions)"
+  if not interpret:  # Mosaic TPU lays the head dim on the 128 lanes
+    for name, x in (("head dim", q), ("value head dim", v)):
+      if x.shape[-1] % 64:
+        return f"{name} {x.shape[-1]} (the TPU kernel takes multiples of 64; 128 fills the lanes)"
+  return None
+
+
+def attention_pallas(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, kv_block=None, blocks=None,
+                     return_lse=False, interpret=False):
+  """The kernels under the op's signature; positions must be the defaults (see
+  `unsupported`). blocks: a `Blocks` (default `blocks_for(head dim)`); kv_block (the XLA
+  path's fold) is not used."""
+  del q_pos, k_pos, kv_block
+  cfg = _Config(spec, blocks or blocks_for(q.shape[-1]), interpret)
+  o, lse = _flash(*same_vma(q, k, v), q_seg, k_seg, cfg)
+  if not return_lse:
+    return o
+  if lse is None:
+    return o, None
+  return o, jnp.swapaxes(jnp.where(jnp.isposinf(lse), -jnp.inf, lse), 1, 2)
+
+
+attention_interpret = functools.partial(attention_pallas, interpret=True)
+unsupported_interpret = functools.partial(unsupported, interpret=True)
+
+
+def block_grads_pallas(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, o, lse, do, kv_block=None,
+                       blocks=None, interpret=False):
+  """One key block's share of the gradients of rows whose output o [B, T, H, Dv] and
+  log-sum-exp lse [B, T, H] (-inf: empty row; None: sigmoid) cover more keys (ring
+  attention's backward step) -> (dq, dk, dv): the dq and dk/dv kernels on those rows."""
+  del q_pos, k_pos, kv_block
+  cfg = _Config(spec, blocks or blocks_for(q.shape[-1]), interpret)
+  if lse is not None:
+    lse = jnp.swapaxes(jnp.where(jnp.isneginf(lse), jnp.inf, lse), 1, 2).astype(F32)
+  return _flash_bwd(cfg, (q, k, v, q_seg, k_seg, o, lse), (do, None))[:3]
+
+
+block_grads_interpret = functools.partial(block_grads_pallas, interpret=True)
