@@ -27,3 +27,11 @@ def vary_like(x, *refs):
     return jax.lax.pcast(leaf, missing, to="varying") if missing else leaf
 
   return jax.tree.map(cast, x)
+
+
+def same_vma(*xs):
+  """xs cast to vary over every mesh axis any of them varies over: at the entry of a kernel's
+  custom_vjp each cotangent then has its primal's type, and an invariant input (a replicated
+  parameter, a constant initial state) gets its gradient summed over the axis by the cast's
+  own transpose."""
+  return vary_like(xs, *xs)

@@ -28,12 +28,3 @@ def kernel(body, **kwargs):
   from longax.kernels._vma import vary_like
   call = plgpu.kernel(body, **kwargs)
   return lambda *args: vary_like(call(*args), *args)
-
-
-def same_vma(*xs):
-  """xs cast to vary over every mesh axis any of them varies over, at the entry of a kernel's
-  custom_vjp: each cotangent then has its primal's type, and an invariant input (a replicated
-  parameter, a constant initial state) gets its gradient summed over the axis by the cast's
-  own transpose."""
-  from longax.kernels._vma import vary_like
-  return vary_like(xs, *xs)

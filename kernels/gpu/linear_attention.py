@@ -40,7 +40,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from longax.kernels.gpu import kernel, not_on_hopper, same_vma
+from longax.kernels._vma import same_vma
+from longax.kernels.gpu import kernel, not_on_hopper
 
 LOG2E = math.log2(math.e)
 C = 64  # tokens per chunk: the M of every wgmma tile

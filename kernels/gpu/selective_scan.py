@@ -45,7 +45,8 @@ from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, memref, vector
 
-from longax.kernels.gpu import kernel, not_on_hopper, same_vma
+from longax.kernels._vma import same_vma
+from longax.kernels.gpu import kernel, not_on_hopper
 
 CHUNK = 16  # tokens per TMA tile (and per saved state)
 BLOCK_D = 128  # channels per CTA: one per thread of the warpgroup

@@ -27,6 +27,15 @@ def interpret_params(interpret: bool):
   return pltpu.InterpretParams() if interpret else False
 
 
+def scan_params(interpret: bool) -> dict:
+  """`pallas_call` keywords of a state-carrying kernel: grid (parallel, parallel, arbitrary:
+  the state stays in VMEM scratch across the last axis), the VMEM limit, interpret mode."""
+  return dict(interpret=interpret_params(interpret),
+              compiler_params=pltpu.CompilerParams(
+                  dimension_semantics=("parallel", "parallel", "arbitrary"),
+                  vmem_limit_bytes=VMEM_LIMIT))
+
+
 def round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
@@ -36,11 +45,6 @@ def fit(block: int, n: int, multiple: int = 8) -> int:
   return min(block, round_up(n, multiple))
 
 
-def same_vma(*xs):
-  """xs cast to vary over every mesh axis any of them varies over, at the entry of a kernel's
-  custom_vjp (inside shard_map each cotangent must have its primal's type)."""
-  from longax.kernels._vma import vary_like
-  return vary_like(xs, *xs)
 
 
 def pallas_call(kernel, *, out_shape, **kwargs):

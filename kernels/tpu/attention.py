@@ -38,7 +38,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from longax.kernels.tpu import VMEM_LIMIT, pallas_call, same_vma, fit, interpret_params, not_on_tpu, round_up
+from longax.kernels._vma import same_vma
+from longax.kernels.tpu import VMEM_LIMIT, pallas_call, fit, interpret_params, not_on_tpu, round_up
 from longax.kernels.visibility import key_blocks, query_blocks, visible_pairs
 
 F32 = jnp.float32

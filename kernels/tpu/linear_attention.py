@@ -39,7 +39,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from longax.kernels.tpu import VMEM_LIMIT, pallas_call, same_vma, interpret_params, not_on_tpu, round_up
+from longax.kernels._vma import same_vma
+from longax.kernels.tpu import not_on_tpu, pallas_call, round_up, scan_params
 
 F32 = jnp.float32
 NT = (((1,), (1,)), ((), ()))  # a @ b.T
@@ -80,12 +81,6 @@ class _Config:
   segments: bool
   interpret: bool
 
-
-def _params(interpret: bool):
-  return dict(interpret=interpret_params(interpret),
-              compiler_params=pltpu.CompilerParams(
-                  dimension_semantics=("parallel", "parallel", "arbitrary"),
-                  vmem_limit_bytes=VMEM_LIMIT))
 
 
 # ------------------------------------------------------------------------------- forward
@@ -183,7 +178,7 @@ def _forward(q, k, v, g, h0, run, cfg: _Config):
       out_shape=[jax.ShapeDtypeStruct((b, h, tp, dv), F32),
                  jax.ShapeDtypeStruct((n, b, h, dk, dv), F32),
                  jax.ShapeDtypeStruct((b, h, dk, dv), F32)],
-      scratch_shapes=[pltpu.VMEM((dk, dv), F32)], **_params(cfg.interpret))(*args)
+      scratch_shapes=[pltpu.VMEM((dk, dv), F32)], **scan_params(cfg.interpret))(*args)
 
 
 # ------------------------------------------------------------------------------ backward
@@ -225,7 +220,7 @@ def _reverse_states(q, do, fs, across, dfinal, cfg: _Config):
       out_specs=[pl.BlockSpec((1, 1, 1, dk, dv), lambda b, h, i: (rev(i), b, h, 0, 0)), state],
       out_shape=[jax.ShapeDtypeStruct((n, b, h, dk, dv), F32),
                  jax.ShapeDtypeStruct((b, h, dk, dv), F32)],
-      scratch_shapes=[pltpu.VMEM((dk, dv), F32)], **_params(cfg.interpret))(
+      scratch_shapes=[pltpu.VMEM((dk, dv), F32)], **scan_params(cfg.interpret))(
           q, do, fs, across, dfinal)
 
 

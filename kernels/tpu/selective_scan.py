@@ -31,7 +31,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from longax.kernels.tpu import VMEM_LIMIT, pallas_call, same_vma, interpret_params, not_on_tpu, round_up
+from longax.kernels._vma import same_vma
+from longax.kernels.tpu import not_on_tpu, pallas_call, round_up, scan_params
 
 F32 = jnp.float32
 BLOCK_D = 512  # channels per grid step
@@ -55,12 +56,6 @@ class _Config:
   resets: bool
   interpret: bool
 
-
-def _params(interpret: bool):
-  return dict(interpret=interpret_params(interpret),
-              compiler_params=pltpu.CompilerParams(
-                  dimension_semantics=("parallel", "parallel", "arbitrary"),
-                  vmem_limit_bytes=VMEM_LIMIT))
 
 
 def _column(tile, t):
@@ -125,7 +120,7 @@ def _forward(u, dt, bt, ct, at, h0t, r, cfg: _Config):
       out_specs=[tok, pl.BlockSpec((1, 1, n, bd), lambda b, j, i: (i, b, 0, j)), state],
       out_shape=[jax.ShapeDtypeStruct((b, lp, d), F32), jax.ShapeDtypeStruct((nc, b, n, d), F32),
                  jax.ShapeDtypeStruct((b, n, d), F32)],
-      scratch_shapes=[pltpu.VMEM((n, bd), F32)], **_params(cfg.interpret))(*args)
+      scratch_shapes=[pltpu.VMEM((n, bd), F32)], **scan_params(cfg.interpret))(*args)
 
 
 def _reverse_kernel(dt_ref, ct_ref, at_ref, dy_ref, dfinal_ref, *refs, cfg: _Config):
@@ -174,7 +169,7 @@ def _reverse_states(dt, ct, at, dy, dfinal_t, r, cfg: _Config):
       grid=(b, d // bd, nc), in_specs=in_specs,
       out_specs=[pl.BlockSpec((1, 1, n, bd), lambda b, j, i: (rev(i), b, 0, j)), state],
       out_shape=[jax.ShapeDtypeStruct((nc, b, n, d), F32), jax.ShapeDtypeStruct((b, n, d), F32)],
-      scratch_shapes=[pltpu.VMEM((n, bd), F32)], **_params(cfg.interpret))(*args)
+      scratch_shapes=[pltpu.VMEM((n, bd), F32)], **scan_params(cfg.interpret))(*args)
 
 
 # ---------------------------------------------------------------------------- the op
