@@ -8,7 +8,9 @@ Every row is first checked against longax's float32 reference on the same inputs
 `vs xla` is longax-xla's time over the row's time (> 1: faster than our XLA path).
 On a GPU the peers that import are added in the same run: cuDNN through
 `jax.nn.dot_product_attention`, tokamax, jax-linear-attention (jla) and
-flash-linear-attention (fla, PyTorch/Triton). Attention FLOPs are counted the
+flash-linear-attention (fla, PyTorch/Triton). `--ops block_sparse_attention` times the
+block-sparse op at 10/25/50% of the causal blocks beside dense attention (ours and cuDNN) at
+the same shape, FLOPs from the mask's pairs. Attention FLOPs are counted the
 FlashAttention way: 4*B*H*T*S*D forward, halved if causal, x3.5 for forward+backward.
 """
 
@@ -35,6 +37,7 @@ class Row:
   name: str
   fwd: Callable[[], Any]  # runs the forward once, returns the output (any array type)
   fwd_bwd: Callable[[], Any] | None  # runs forward + backward once, blocks
+  same_op: bool = True  # False: a baseline of another op (no err, no TFLOP/s of the case)
 
 
 @dataclasses.dataclass
@@ -279,19 +282,60 @@ def ssd_cases(shapes, dtype, on_gpu) -> list[Case]:
   return out
 
 
-GRIDS = {  # (attention, linear, selective scan, ssd) shapes
-    "quick": ([(1, 128, 4, 2, 32)], [(1, 256, 4, 32)], [(1, 256, 64, 8)], [(1, 256, 4, 32, 16)]),
+def _sparse_mask(nq: int, nk: int, h: int, density: float, seed: int = 0) -> np.ndarray:
+  """bool [1, H, nq, nk]: each causally visible block on with probability `density`, the
+  diagonal always on (no row is empty); concrete, so the XLA path's loop is static."""
+  rng = np.random.default_rng(seed)
+  causal = np.tril(np.ones((nq, nk), bool), k=nk - nq)
+  on = (rng.random((1, h, nq, nk)) < density) & causal
+  on |= np.eye(nq, nk, k=nk - nq, dtype=bool)
+  return on
+
+
+def sparse_cases(shapes, dtype, on_gpu, densities=(0.1, 0.25, 0.5), block=64) -> list[Case]:
+  """Block-sparse attention at several densities beside dense attention (the same shape):
+  the goal is time within 1.2x of density x dense time. FLOPs from the mask's pairs."""
+  out = []
+  for b, t, h, hkv, d in shapes:
+    keys = jax.random.split(jax.random.key(4), 3)
+    q = jax.random.normal(keys[0], (b, t, h, d), dtype)
+    k = jax.random.normal(keys[1], (b, t, hkv, d), dtype)
+    v = jax.random.normal(keys[2], (b, t, hkv, d), dtype)
+    nq = -(-t // block)
+    for density in densities:
+      mask = _sparse_mask(nq, nq, h, density)
+      pairs = b * block * block * (mask.sum() - 0.5 * h * nq)  # diagonal blocks: half
+      f = lambda q, k, v, impl, mask=mask: K.block_sparse_attention(
+          q, k, v, mask, block_q=block, block_k=block, impl=impl)
+      rows = _longax_rows("block_sparse_attention", f, (q, k, v), on_gpu)
+      dense = [jax_row("dense.longax.auto", lambda q, k, v: K.attention(q, k, v), (q, k, v))]
+      if on_gpu:
+        dense.append(jax_row("dense.cudnn", lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation="cudnn"), (q, k, v)))
+      rows += [dataclasses.replace(r, same_op=False) for r in dense]
+      ref = _reference(lambda *a, impl="reference", f=f: f(*a, impl=impl), (q, k, v),
+                       small=t <= 2048)
+      out.append(Case(f"block_sparse[{density:.0%}]",
+                      dict(B=b, T=t, H=h, Hkv=hkv, D=d, block=block, causal=True),
+                      4.0 * d * pairs, ref, rows))
+  return out
+
+
+GRIDS = {  # (attention, linear, selective scan, ssd, block-sparse attention) shapes
+    "quick": ([(1, 128, 4, 2, 32)], [(1, 256, 4, 32)], [(1, 256, 64, 8)], [(1, 256, 4, 32, 16)],
+              [(1, 256, 2, 1, 32)]),
     "cpu": ([(1, 1024, 8, 2, 64)], [(1, 2048, 8, 64)], [(1, 2048, 256, 16)],
-            [(1, 2048, 8, 64, 64)]),
+            [(1, 2048, 8, 64, 64)], [(1, 1024, 4, 2, 64)]),
     "gpu": ([(2, 4096, 16, 4, 128)], [(2, 4096, 16, 128)], [(2, 4096, 1024, 16)],
-            [(2, 4096, 16, 64, 128)]),
+            [(2, 4096, 16, 64, 128)], [(2, 4096, 16, 4, 128)]),
     # the linear family's issue grid: N = 2k..32k at a fixed 32k tokens (B = 32k / N), D = 64 and 128
     # (cuDNN / our softmax kernel at the same shapes: where the linear family crosses over)
     "long": ([(32 * 1024 // t, t, 16, 16, d) for d in (128, 64) for t in (2048, 8192, 32768)],
              [(32 * 1024 // t, t, 16, d) for d in (128, 64) for t in (2048, 8192, 32768)],
-             [(2, 8192, 1024, 16)], [(2, 8192, 16, 64, 128)]),
+             [(2, 8192, 1024, 16)], [(2, 8192, 16, 64, 128)],
+             [(32 * 1024 // t, t, 16, 16, 128) for t in (8192, 32768)]),
     "anchor": ([(2, 8192, 16, 16, 128)], [(2, 8192, 16, 128)], [(2, 8192, 1024, 16)],
-               [(2, 8192, 16, 64, 128)]),
+               [(2, 8192, 16, 64, 128)], [(2, 8192, 16, 16, 128)]),
 }
 
 
@@ -301,11 +345,12 @@ def run(grid: str, dtype, reps: int, ops: set[str], bwd: bool, stream=None,
   """rows: keep only the rows whose name starts with one of these (None: all); check=False
   skips the float32 reference (no `err`): on a GPU most of a case's time is compiling."""
   on_gpu = jax.default_backend() == "gpu"
-  att, lin, scan, ssd_ = GRIDS[grid]
+  att, lin, scan, ssd_, sparse = GRIDS[grid]
   makers = {"attention": lambda: attention_cases(att, dtype, on_gpu),
             "linear_attention": lambda: linear_cases(lin, dtype, on_gpu, decays),
             "selective_scan": lambda: scan_cases(scan, dtype, on_gpu),
-            "ssd": lambda: ssd_cases(ssd_, dtype, on_gpu)}
+            "ssd": lambda: ssd_cases(ssd_, dtype, on_gpu),
+            "block_sparse_attention": lambda: sparse_cases(sparse, dtype, on_gpu)}
   results = []
   try:
     from tqdm import tqdm
@@ -321,14 +366,14 @@ def run(grid: str, dtype, reps: int, ops: set[str], bwd: bool, stream=None,
       rec = dict(op=case.op, shape=case.shape, impl=row.name)
       try:
         got = _to_np(row.fwd())
-        if want is not None:
+        if want is not None and row.same_op:
           rec["err"] = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
         rec["fwd_ms"] = _median_ms(row.fwd, reps)
         if bwd and row.fwd_bwd is not None:
           rec["fwd_bwd_ms"] = _median_ms(row.fwd_bwd, reps)
       except Exception as e:  # noqa: BLE001 - one failing row must not sink the table
         rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-      if case.flops_fwd and "fwd_ms" in rec:
+      if case.flops_fwd and "fwd_ms" in rec and row.same_op:
         rec["fwd_tflops"] = case.flops_fwd / rec["fwd_ms"] / 1e9
         if "fwd_bwd_ms" in rec:
           rec["fwd_bwd_tflops"] = 3.5 * case.flops_fwd / rec["fwd_bwd_ms"] / 1e9
@@ -369,7 +414,9 @@ def main(argv=None) -> int:
   p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                  help="default: bfloat16 on GPU, float32 on CPU")
   p.add_argument("--reps", type=int, default=None)
-  p.add_argument("--ops", default="attention,linear_attention,selective_scan,ssd")
+  p.add_argument("--ops", default="attention,linear_attention,selective_scan,ssd",
+                 help="comma-separated; also block_sparse_attention (10/25/50%% density "
+                      "beside dense attention at the same shape)")
   p.add_argument("--decays", default="none,scalar,key",
                  help="linear_attention decay forms to time (none, scalar, key)")
   p.add_argument("--no-bwd", action="store_true", help="time the forward only")
@@ -385,7 +432,8 @@ def main(argv=None) -> int:
   dtype = jnp.dtype(a.dtype or ("bfloat16" if on_gpu else "float32"))
   reps = a.reps or (3 if a.quick else 10 if not on_gpu else 20)
   ops = set(a.ops.split(","))
-  unknown = ops - {"attention", "linear_attention", "selective_scan", "ssd"}
+  unknown = ops - {"attention", "linear_attention", "selective_scan", "ssd",
+                   "block_sparse_attention"}
   if unknown:
     p.error(f"unknown --ops {sorted(unknown)}")
   results = run(grid, dtype, reps, ops, not a.no_bwd, stream=sys.stdout if a.stream else None,

@@ -59,3 +59,15 @@ def test_kernels_benchmark_rows_and_no_check(tmp_path):
                        "--reps", "1", "--json", str(out)]) == 0
   rows = json.loads(out.read_text())["results"]
   assert [r["impl"] for r in rows] == ["longax.xla"] and "err" not in rows[0]
+
+
+def test_kernels_benchmark_block_sparse_beside_dense(tmp_path):
+  """Block-sparse rows are checked against their reference; the dense baseline is not."""
+  from longax.benchmarks import kernels
+  out = tmp_path / "k.json"
+  assert kernels.main(["--quick", "--ops", "block_sparse_attention", "--reps", "1",
+                       "--rows", "longax.xla,dense", "--json", str(out)]) == 0
+  rows = json.loads(out.read_text())["results"]
+  assert {r["op"] for r in rows} == {"block_sparse[10%]", "block_sparse[25%]", "block_sparse[50%]"}
+  assert all(r["err"] < 1e-5 for r in rows if r["impl"] == "longax.xla")
+  assert all("err" not in r for r in rows if r["impl"].startswith("dense."))
