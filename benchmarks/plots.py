@@ -220,10 +220,26 @@ def plot_kernels(paths: list[pathlib.Path], out: pathlib.Path, title: str | None
   plt.close(fig)
 
 
-def plot_sp(paths: list[pathlib.Path], out: pathlib.Path, title: str | None = None) -> None:
-  rows = [r for path in paths for r in json.loads(path.read_text()) if "ms_fwd_bwd" in r]
+def read_sp(paths: list[pathlib.Path]) -> list[dict]:
+  """The timed rows of `sequence_parallel --out` files."""
+  rows = []
+  for path in paths:
+    try:
+      got = json.loads(path.read_text())
+    except OSError as e:
+      raise PlotError(f"cannot read {path}: {e.strerror or e}") from None
+    except ValueError:
+      raise PlotError(f"{path}: not a `sequence_parallel --out` file (not JSON)") from None
+    if not isinstance(got, list) or not all(isinstance(r, dict) for r in got):
+      raise PlotError(f"{path}: not a `sequence_parallel --out` file (no list of rows)")
+    rows += [r for r in got if "ms_fwd_bwd" in r]
   if not rows:
-    raise PlotError("no row has a time (ms_fwd_bwd)")
+    raise PlotError(f"no row has a time (ms_fwd_bwd) in {', '.join(map(str, paths))}")
+  return rows
+
+
+def plot_sp(paths: list[pathlib.Path], out: pathlib.Path, title: str | None = None) -> None:
+  rows = read_sp(paths)
   scalings = list(dict.fromkeys(r["scaling"] for r in rows))
   plt = _figure()
   fig, axes = plt.subplots(2, len(scalings), figsize=(5.5 * len(scalings), 6.5), squeeze=False)

@@ -207,19 +207,20 @@ def run_train(args) -> list[dict]:
   from longax.train.config import load, override
   n = jax.device_count()
   rows = []
+  base_cfg = load(args.train)  # (main checked it loads)
   for p in sorted({p for p in args.devices if n % p == 0} | {1}):
     for t in args.lengths:
-      cfg = override(load(args.train), [
-          f"mesh.sequence={p}", "mesh.data=-1", f"data.seq_len={t}", f"model.max_len={t}",
-          f"train.steps={args.train_steps}", f"train.log_every={max(args.train_steps // 5, 1)}",
-          f"train.eval_every={args.train_steps}", "train.eval_batches=1",
-          f"train.checkpoint_every={args.train_steps}", f"train.sp_layout={args.layouts[0]}",
-          f"train.sp_attention={args.sp_attention}", *args.set])
       row = dict(op="train", config=args.train, layout=args.layouts[0],
-                 sp_attention=args.sp_attention, scaling="dp-vs-sp", P=p, T=t,
-                 batch=cfg.data.batch_size, devices=n, impl="longax",
-                 device=jax.devices()[0].device_kind)
-      try:
+                 sp_attention=args.sp_attention, scaling="dp-vs-sp", P=p, T=t, devices=n,
+                 impl="longax", device=jax.devices()[0].device_kind)
+      try:  # a point the config rules refuse (e.g. T not a multiple of P) is an error row
+        cfg = override(base_cfg, [
+            f"mesh.sequence={p}", "mesh.data=-1", f"data.seq_len={t}", f"model.max_len={t}",
+            f"train.steps={args.train_steps}", f"train.log_every={max(args.train_steps // 5, 1)}",
+            f"train.eval_every={args.train_steps}", "train.eval_batches=1",
+            f"train.checkpoint_every={args.train_steps}", f"train.sp_layout={args.layouts[0]}",
+            f"train.sp_attention={args.sp_attention}", *args.set])
+        row["batch"] = cfg.data.batch_size
         with tempfile.TemporaryDirectory() as d:
           tps = run_longax(cfg, pathlib.Path(d) / "run")
         row["tokens_per_s"] = statistics.median(tps)
@@ -270,7 +271,15 @@ def main(argv=None):
     if args.train:
       args.lengths, args.train_steps = [32], 4
   _setup(args.quick)
-  return run_train(args) if args.train else run(args)
+  if args.train:
+    from longax.train.config import ConfigError, load, override
+    try:
+      override(load(args.train), args.set)
+    except ConfigError as e:
+      print(f"error: {e}", file=sys.stderr)
+      raise SystemExit(2) from None
+    return run_train(args)
+  return run(args)
 
 
 if __name__ == "__main__":

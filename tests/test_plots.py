@@ -71,3 +71,36 @@ def test_kernels_benchmark_block_sparse_beside_dense(tmp_path):
   assert {r["op"] for r in rows} == {"block_sparse[10%]", "block_sparse[25%]", "block_sparse[50%]"}
   assert all(r["err"] < 1e-5 for r in rows if r["impl"] == "longax.xla")
   assert all("err" not in r for r in rows if r["impl"].startswith("dense."))
+
+
+def _sp_row(op, scaling, p, t, ms, **kw):
+  return dict(op=op, layout="zigzag", scaling=scaling, P=p, T=t, impl="longax", ms_fwd=ms / 4,
+              ms_fwd_bwd=ms, tokens_per_s_per_device=t / p / ms * 1e3, device="cpu", **kw)
+
+
+def test_sp_figure(tmp_path):
+  rows = [_sp_row("ring", "strong", 1, 4096, 8.0), _sp_row("ring", "strong", 2, 4096, 5.0,
+                                                          efficiency_fwd_bwd=0.8),
+          _sp_row("lasp2", "weak", 1, 1024, 1.0), _sp_row("lasp2", "weak", 2, 2048, 1.2,
+                                                         efficiency_fwd_bwd=0.83),
+          dict(op="ulysses", P=2, error="ValueError: ...")]  # a failed row is left out
+  js = tmp_path / "sp.json"
+  js.write_text(json.dumps(rows))
+  out = tmp_path / "sp.png"
+  assert plots.main(["sp", str(js), "--out", str(out)]) == 0
+  _png(out)
+
+
+@pytest.mark.parametrize("content,msg", [
+    (None, "error: cannot read"),
+    ("{not json", "not a `sequence_parallel --out` file (not JSON)"),
+    ('{"results": []}', "no list of rows"),
+    ('[{"op": "ring", "error": "x"}]', "no row has a time (ms_fwd_bwd)"),
+])
+def test_sp_bad_input_is_one_line(tmp_path, capsys, content, msg):
+  js = tmp_path / "sp.json"
+  if content is not None:
+    js.write_text(content)
+  assert plots.main(["sp", str(js), "--out", str(tmp_path / "x.png")]) == 2
+  err = capsys.readouterr().err
+  assert msg in err and err.count("\n") == 1

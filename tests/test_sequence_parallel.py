@@ -265,6 +265,19 @@ def test_benchmark_quick(tmp_path):
   assert all(x["bytes_sent"] > 0 and x["efficiency_fwd_bwd"] > 0 for x in rows if x["P"] == 2)
 
 
+@pytest.mark.parametrize("extra,msg", [
+    (["--train", "no/such/config.py"], "no/such/config.py"),
+    (["--train", "configs/mqar.py", "--set", "model.nope=1"], "model.nope"),
+])
+def test_benchmark_train_bad_config_is_one_line(extra, msg):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  root = pathlib.Path(__file__).resolve().parents[1]
+  r = subprocess.run([sys.executable, "-m", "longax.benchmarks.sequence_parallel", *extra],
+                     env=env, capture_output=True, text=True, timeout=300, cwd=root)
+  assert r.returncode == 2 and r.stderr.startswith("error: ") and msg in r.stderr
+  assert r.stderr.count("\n") == 1, r.stderr
+
+
 @pytest.mark.slow
 def test_benchmark_train_quick(tmp_path):
   """--train: a training step with mesh (data, sequence) = (8, 1) and (4, 2), 8 CPU devices."""
