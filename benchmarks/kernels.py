@@ -135,13 +135,18 @@ def _reference(f: Callable, args: tuple, small: bool) -> Callable[[], Any]:
 # ------------------------------------------------------------------------------ the cases
 
 
+def _attention_inputs(b, t, h, hkv, d, dtype, seed):
+  """q [B, T, H, D], k / v [B, T, Hkv, D]: standard normal."""
+  keys = jax.random.split(jax.random.key(seed), 3)
+  return (jax.random.normal(keys[0], (b, t, h, d), dtype),
+          jax.random.normal(keys[1], (b, t, hkv, d), dtype),
+          jax.random.normal(keys[2], (b, t, hkv, d), dtype))
+
+
 def attention_cases(shapes, dtype, on_gpu) -> list[Case]:
   out = []
   for b, t, h, hkv, d in shapes:
-    keys = jax.random.split(jax.random.key(0), 3)
-    q = jax.random.normal(keys[0], (b, t, h, d), dtype)
-    k = jax.random.normal(keys[1], (b, t, hkv, d), dtype)
-    v = jax.random.normal(keys[2], (b, t, hkv, d), dtype)
+    q, k, v = _attention_inputs(b, t, h, hkv, d, dtype, seed=0)
     flops = 4 * b * h * t * t * d / 2
     shape = dict(B=b, T=t, H=h, Hkv=hkv, D=d, causal=True)
     for op, fn in (("attention", K.attention), ("sigmoid_attention", K.sigmoid_attention)):
@@ -297,10 +302,7 @@ def sparse_cases(shapes, dtype, on_gpu, densities=(0.1, 0.25, 0.5), block=64) ->
   the goal is time within 1.2x of density x dense time. FLOPs from the mask's pairs."""
   out = []
   for b, t, h, hkv, d in shapes:
-    keys = jax.random.split(jax.random.key(4), 3)
-    q = jax.random.normal(keys[0], (b, t, h, d), dtype)
-    k = jax.random.normal(keys[1], (b, t, hkv, d), dtype)
-    v = jax.random.normal(keys[2], (b, t, hkv, d), dtype)
+    q, k, v = _attention_inputs(b, t, h, hkv, d, dtype, seed=4)
     nq = -(-t // block)
     for density in densities:
       mask = _sparse_mask(nq, nq, h, density)

@@ -13,7 +13,7 @@ from flax import nnx
 from longax import kernels
 from longax.layers.cache import attend_cached, init_kv_cache, kv_slots, positions_of, write_kv
 from longax.layers import sequence, sparse_prefill
-from longax.layers.common import RMSNorm, ShortConv, conv_each, dense, rope
+from longax.layers.common import RMSNorm, ShortConv, conv_each, gqa_projections, rope
 
 KINDS = ("softmax", "sigmoid")
 
@@ -33,16 +33,8 @@ class Attention(nnx.Module):
       raise ValueError(f"Attention: unknown kind {kind!r}; valid: {KINDS}")
     if kind == "sigmoid" and (sinks or softcap):
       raise ValueError("Attention: sigmoid attention takes no `sinks` or `softcap`")
-    n_kv_heads = n_kv_heads or n_heads
-    if n_heads % n_kv_heads:
-      raise ValueError(f"Attention: n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
-    self.h, self.hkv = n_heads, n_kv_heads
-    self.hd = head_dim or d_model // n_heads
-    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.q = dense(d_model, self.h * self.hd, **kw)
-    self.k = dense(d_model, self.hkv * self.hd, **kw)
-    self.v = dense(d_model, self.hkv * self.hd, **kw)
-    self.o = dense(self.h * self.hd, d_model, **kw)
+    gqa_projections(self, "Attention", d_model, n_heads, n_kv_heads, head_dim, rngs=rngs,
+                    dtype=dtype, param_dtype=param_dtype)
     self.conv = (ShortConv((self.h + 2 * self.hkv) * self.hd, short_conv, rngs=rngs,
                            param_dtype=param_dtype) if short_conv else None)
     self.q_norm = RMSNorm(self.hd, param_dtype=param_dtype) if qk_norm else None

@@ -16,6 +16,21 @@ def dense(d_in: int, d_out: int, *, rngs: nnx.Rngs, dtype, param_dtype, bias: bo
                     kernel_init=init, rngs=rngs)
 
 
+def gqa_projections(m: nnx.Module, name: str, d_model: int, n_heads: int,
+                    n_kv_heads: int | None, head_dim: int | None, **kw) -> None:
+  """Sets m.h, m.hkv, m.hd and grouped-query attention's q, k, v, o projections (H query
+  heads sharing Hkv key/value heads); a bad head split is one ValueError naming `name`."""
+  n_kv_heads = n_kv_heads or n_heads
+  if n_heads % n_kv_heads:
+    raise ValueError(f"{name}: n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
+  m.h, m.hkv = n_heads, n_kv_heads
+  m.hd = head_dim or d_model // n_heads
+  m.q = dense(d_model, m.h * m.hd, **kw)
+  m.k = dense(d_model, m.hkv * m.hd, **kw)
+  m.v = dense(d_model, m.hkv * m.hd, **kw)
+  m.o = dense(m.h * m.hd, d_model, **kw)
+
+
 class RMSNorm(nnx.Module):
   """x / rms(x) * scale over the last axis (statistics in float32)."""
 

@@ -35,7 +35,7 @@ from flax import nnx
 from longax import kernels
 from longax.layers import sequence
 from longax.layers.cache import init_kv_cache, positions_of, write_kv
-from longax.layers.common import dense, rope
+from longax.layers.common import dense, gqa_projections, rope
 
 BRANCHES = ("compressed", "selected", "window")
 
@@ -66,18 +66,10 @@ class NSA(nnx.Module):
                select_block: int = 64, n_selected: int = 16, window: int = 512,
                rope_theta: float = 10000.0, impl: str = "auto", rngs: nnx.Rngs, dtype,
                param_dtype):
-    n_kv_heads = n_kv_heads or n_heads
-    if n_heads % n_kv_heads:
-      raise ValueError(f"NSA: n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    gqa_projections(self, "NSA", d_model, n_heads, n_kv_heads, head_dim, **kw)
     if not 1 <= stride <= block_size:
       raise ValueError(f"NSA: stride={stride} must be in [1, block_size={block_size}]")
-    self.h, self.hkv = n_heads, n_kv_heads
-    self.hd = head_dim or d_model // n_heads
-    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.q = dense(d_model, self.h * self.hd, **kw)
-    self.k = dense(d_model, self.hkv * self.hd, **kw)
-    self.v = dense(d_model, self.hkv * self.hd, **kw)
-    self.o = dense(self.h * self.hd, d_model, **kw)
     self.gate = dense(d_model, self.h * len(BRANCHES), bias=True, **kw)
     # (each parameter its own buffer: the train step donates them)
     pool = lambda: jnp.tile(jnp.eye(self.hd, dtype=param_dtype)[None] / block_size, (block_size, 1, 1))
