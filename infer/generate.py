@@ -135,8 +135,6 @@ def check_sequence_parallel(cfg, p: int, attention: str = "ring",
                        f"divide or be divisible by the sequence axis {p}: use ring", owner="generate: ")
 
 
-
-
 def sample(logits, key, temperature: float, top_k: int | None, top_p: float | None):
   """logits [B, V] float32 -> tokens [B]. temperature 0: greedy."""
   if temperature == 0.0:
