@@ -140,7 +140,7 @@ def _forward(q, k, v, decay, segs: Segs | None, h0t, *, scale: float, store_stat
       each chunk's scores (scaled, masked) and gamma the chunk's decay per key; segs is None.
   `gamma_after` [B, H, Tp / C, Dk] float32 (scalar form only): the state update ends with a
   per-key decay, S^T' = (scalar update) * gamma (per column): per-key decay whose chunks fit
-  exp's range, with q = q exp(G), k = k exp(-G) (see `_bounded_per_key`).
+  exp's range, with q = q exp(G), k = k exp(-G) (see `_bounded_fwd`).
   With `pieces` P > 1 every sequence is cut into P pieces that run in parallel CTAs, each from
   its own initial state: h0t is then [B * P, H, Dv, Dk] (row b * P + p: piece p of batch b)
   and so is the final state returned (each piece's end).
@@ -752,22 +752,16 @@ def _group_sum(x, group):
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _chunked_per_key(qt, kt, v, gamma, a, h0t, st: _Static):
-  o, final, _ = _forward(qt, kt, v, (gamma, a), None, h0t, scale=1.0, store_states=False,
-                         stages=st.config.stages)
-  return o, final
-
-
-def _chunked_per_key_fwd(qt, kt, v, gamma, a, h0t, st: _Static):
-  o, final, states = _forward(qt, kt, v, (gamma, a), None, h0t, scale=1.0, store_states=True,
-                              stages=st.config.stages)
-  return (o, final), (qt, kt, v, gamma, a, states)
+def _chunked_per_key_fwd(qt, kt, v, gamma, a, h0t, st: _Static, store_states: bool):
+  """o = a v + q~ S, S' = gamma S + k~^T v per chunk (decay folded into the operands by
+  `per_key_factors`). Returns o, the final S^T and S^T entering every chunk (or None)."""
+  return _forward(qt, kt, v, (gamma, a), None, h0t, scale=1.0, store_states=store_states,
+                  stages=st.config.stages)
 
 
 def _chunked_per_key_bwd(st: _Static, res, cts):
-  """o = a v + q~ S, S' = gamma S + k~^T v per chunk: the reverse state pass (kernel), then
-  batched XLA for the chunk-parallel products."""
+  """The reverse state pass (kernel), then batched XLA for the chunk-parallel products.
+  Returns the gradients of (qt, kt, v, gamma, a, h0t)."""
   qt, kt, v, gamma, a, states = res
   do, dfinal = cts
   do = do.astype(qt.dtype)
@@ -788,27 +782,19 @@ def _chunked_per_key_bwd(st: _Static, res, cts):
           da.astype(a.dtype), dh0t)
 
 
-_chunked_per_key.defvjp(_chunked_per_key_fwd, _chunked_per_key_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _bounded_per_key(qh, kh, v, gamma, h0t, st: _Static):
-  return _bounded_fwd(qh, kh, v, gamma, h0t, st)[0]
-
-
-def _bounded_fwd(qh, kh, v, gamma, h0t, st: _Static):
+def _bounded_fwd(qh, kh, v, gamma, h0t, st: _Static, store_states: bool):
   """Per-key decay whose every chunk decays less than PER_KEY_BOUND nats (no segments) on the
   scalar kernels: with qh = q exp(G), kh = k exp(-G) (G chunk-local, per key),
     o = scale ((qh kh^T) [j <= i] v + qh S),   S' = gamma (S + kh^T v)   (gamma = exp(G_last)),
   i.e. the no-decay kernel whose state update ends with the per-key decay."""
   b, tp, h, _ = qh.shape
   zeros = jnp.zeros((b, h, tp), F32)
-  o, final, states = _forward(qh, kh, v, zeros, None, h0t, scale=st.scale, store_states=True,
-                              stages=st.config.stages, gamma_after=gamma)
-  return (o, final), (qh, kh, v, gamma, states)
+  return _forward(qh, kh, v, zeros, None, h0t, scale=st.scale, store_states=store_states,
+                  stages=st.config.stages, gamma_after=gamma)
 
 
 def _bounded_bwd(st: _Static, res, cts):
+  """Gradients of (qh, kh, v, gamma, h0t) of `_bounded_fwd`."""
   qh, kh, v, gamma, states = res
   do, dfinal = cts
   do = do.astype(qh.dtype)
@@ -825,31 +811,132 @@ def _bounded_bwd(st: _Static, res, cts):
   vd = mm("bhnje,bhned->bhnjd", _chunks(vr), d_t)  # v_j D^T
   dg = mm("bhned,bhned->bhnd", states, d_t) + (_chunks(kh).astype(F32) * vd).sum(3)
   dv = _group_sum(dv, st.group).astype(v.dtype)
-  return dqh, dkh.astype(kh.dtype), dv, dg, dh0t
+  return dqh.astype(qh.dtype), dkh.astype(kh.dtype), dv, dg, dh0t
 
 
-_bounded_per_key.defvjp(_bounded_fwd, _bounded_bwd)
+# Per-key decay: three forms of one computation, each a pair (factors in differentiable XLA,
+# kernels with their own backward):
+#   "bounded":  every chunk decays < PER_KEY_BOUND nats, no segments: q exp(G), k exp(-G) on
+#               the scalar kernels (`_bounded_fwd`);
+#   "one_matmul": bounded, with segments: the scores as one matmul of q exp(G) . k exp(-G),
+#               the per-key kernels (`_chunked_per_key_fwd`);
+#   "sub_chunks": any decay: the scores from XLA's sub-chunked `_intra`, the per-key kernels.
+# One `lax.cond` on the bound picks the form in the forward and again in the backward. Each
+# branch recomputes its factors and runs its whole backward inside the branch, so no
+# residual crosses the cond: autodiff of a cond would store every branch's residuals (the
+# untaken ones as zeros), which cost ~2 ms per call at B2 T8k H16 D128 (NOTES.md).
+
+
+def _form_fns(form: str, segs, st: _Static, tp: int):
+  """The form's (factors(q, k, g) -> ops, forward(ops, v, h0t, store_states) -> (o, final,
+  states), backward(ops, v, states, cts) -> (d_ops, dv, dh0t))."""
+  if form == "bounded":  # ops = (qh, kh, gamma)
+
+    def backward(ops, v, states, cts):
+      dqh, dkh, dv, dgamma, dh0t = _bounded_bwd(st, (ops[0], ops[1], v, ops[2], states), cts)
+      return (dqh, dkh, dgamma), dv, dh0t
+
+    return (lambda q, k, g: bounded_factors(q, k, g, tp),
+            lambda ops, v, h0t, store: _bounded_fwd(ops[0], ops[1], v, ops[2], h0t, st, store),
+            backward)
+
+  def backward(ops, v, states, cts):  # ops = (qt, kt, gamma, a)
+    qt, kt, gamma, a = ops
+    dqt, dkt, dv, dgamma, da, dh0t = _chunked_per_key_bwd(st, (qt, kt, v, gamma, a, states),
+                                                          cts)
+    return (dqt, dkt, dgamma, da), dv, dh0t
+
+  return (lambda q, k, g: per_key_factors(q, k, g, segs, st.scale, tp, form),
+          lambda ops, v, h0t, store: _chunked_per_key_fwd(ops[0], ops[1], v, ops[2], ops[3],
+                                                          h0t, st, store),
+          backward)
+
+
+def _forms(segs, st: _Static):
+  """(form when every chunk is within PER_KEY_BOUND, form otherwise)."""
+  return ("bounded" if segs is None and st.config.bounded_per_key else "one_matmul",
+          "sub_chunks")
+
+
+def _per_key_run(q, k, v, g, h0t, segs, st: _Static, store_states: bool):
+  tp = v.shape[1]
+
+  def branch(form):
+    factors, forward, _ = _form_fns(form, segs, st, tp)
+    return lambda: forward(factors(q, k, g), v, h0t, store_states)
+
+  return lax.cond(chunks_bounded(g, tp), *map(branch, _forms(segs, st)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _per_key(q, k, v, g, h0t, segs, st: _Static):
+  """q [B, T, H, Dk], k [B, T, Hkv, Dk], g [B, T, H, Dk] float32, v [B, Tp, Hkv, Dv] (padded),
+  h0t [B, H, Dv, Dk]; segs: `Segs` of the padded length or None. Returns o [B, Tp, H, Dv] and
+  the final S^T."""
+  o, final, _ = _per_key_run(q, k, v, g, h0t, segs, st, store_states=False)
+  return o, final
+
+
+def _per_key_fwd(q, k, v, g, h0t, segs, st: _Static):
+  o, final, states = _per_key_run(q, k, v, g, h0t, segs, st, store_states=True)
+  return (o, final), (q, k, v, g, segs, states)
+
+
+def _per_key_bwd(st: _Static, res, cts):
+  q, k, v, g, segs, states = res
+  tp = v.shape[1]
+
+  def branch(form):
+    factors, _, backward = _form_fns(form, segs, st, tp)
+
+    def run():
+      ops, pull = jax.vjp(factors, q, k, g)
+      d_ops, dv, dh0t = backward(ops, v, states, cts)
+      d_ops = tuple(d.astype(o.dtype) for d, o in zip(d_ops, ops))
+      dq, dk, dg = pull(d_ops)
+      return dq, dk, dv.astype(v.dtype), dg, dh0t.astype(F32)
+
+    return run
+
+  dq, dk, dv, dg, dh0t = lax.cond(chunks_bounded(g, tp), *map(branch, _forms(segs, st)))
+  zeros = None if segs is None else jax.tree.map(jnp.zeros_like, segs)
+  return dq, dk, dv, dg, dh0t, zeros
+
+
+_per_key.defvjp(_per_key_fwd, _per_key_bwd)
+
+
+def _chunk_decay_sums(g, tp: int):
+  """g [B, T, H, Dk] -> each chunk's total log decay per key [B, H, Tp / C, Dk] float32."""
+  b, t, h, dk = g.shape
+  g = jnp.pad(g.astype(F32), [(0, 0), (0, tp - t), (0, 0), (0, 0)])
+  return jnp.moveaxis(g.reshape(b, tp // C, C, h, dk).sum(2), 2, 1)
+
+
+def chunks_bounded(g, tp: int):
+  """Whether every chunk decays less than PER_KEY_BOUND nats (per key): scalar bool."""
+  return jnp.all(_chunk_decay_sums(g, tp) > -PER_KEY_BOUND)
 
 
 def bounded_factors(q, k, g, tp: int):
   """qh = q exp(G), kh = k exp(-G) [B, Tp, H, Dk] (k per query head), gamma = exp(G_last)
-  [B, H, Tp / C, Dk] and whether every chunk decays less than PER_KEY_BOUND nats."""
+  [B, H, Tp / C, Dk] float32; for chunks within PER_KEY_BOUND nats (`chunks_bounded`)."""
   b, t, h, _ = q.shape
   padt = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))
   k = jnp.repeat(k, h // k.shape[2], axis=2)
   gc = jnp.cumsum(_chunks(padt(g.astype(F32))), axis=3)  # [B, H, N, C, Dk], <= 0
-  ok = jnp.all(gc[..., -1, :] > -PER_KEY_BOUND)
-  gc = jnp.maximum(gc, -PER_KEY_BOUND)  # the unused branch stays finite
   qh = _unchunk(_chunks(padt(q)).astype(F32) * jnp.exp(gc)).astype(q.dtype)
   kh = _unchunk(_chunks(padt(k)).astype(F32) * jnp.exp(-gc)).astype(q.dtype)
-  return qh, kh, jnp.exp(gc[..., -1, :]), ok
+  return qh, kh, jnp.exp(gc[..., -1, :])
 
 
-def per_key_factors(q, k, g, resets, scale: float, tp: int):
+def per_key_factors(q, k, g, segs: Segs | None, scale: float, tp: int, scores: str):
   """Per-key decay folded into the operands (differentiable XLA; the kernel's inputs):
   q~ = q exp(G) cin scale, k~ = k exp(G_last - G) tail [B, Tp, H, Dk] (k per query head),
-  gamma = exp(G_last) carry [B, H, Tp / C, Dk] float32, a = the chunk's scores [B, H, Tp, C]
-  (XLA's sub-chunked `_intra`: safe however strong the decay). g [B, T, H, Dk] float32."""
+  gamma = exp(G_last) carry [B, H, Tp / C, Dk] float32, a = the chunk's scores [B, H, Tp, C]:
+  `scores` "one_matmul" (q exp(G) . k exp(-G); chunks within PER_KEY_BOUND nats) or
+  "sub_chunks" (XLA's sub-chunked `_intra`: safe however strong the decay).
+  g [B, T, H, Dk] float32."""
   import sys
   xla = sys.modules["longax.kernels.linear_attention"]  # the op's module (it imports this one)
   b, t, h, dk = q.shape
@@ -861,8 +948,7 @@ def per_key_factors(q, k, g, resets, scale: float, tp: int):
   visible = jnp.tril(jnp.ones((C, C), bool))
   cin = tail = 1.0
   carry = jnp.ones((b, 1, n, 1))
-  if resets is not None:
-    segs = segment_vectors(resets, tp)
+  if segs is not None:
     run = segs.run.reshape(b, 1, n, C)
     visible = visible & (run[..., :, None] == run[..., None, :])
     cin, tail = (x.reshape(b, 1, n, C, 1) for x in (segs.cin, segs.tail))
@@ -871,18 +957,14 @@ def per_key_factors(q, k, g, resets, scale: float, tp: int):
   kt = kc.astype(F32) * jnp.exp(gc[..., -1:, :] - gc) * tail
   gamma = jnp.exp(gc[..., -1, :]) * carry
   dtype = q.dtype
-
-  def one_matmul():  # q exp(G) . k exp(-G): exponents within exp's range (checked below)
+  if scores == "one_matmul":
     qh = (qc.astype(F32) * jnp.exp(gc)).astype(dtype)
     kh = (kc.astype(F32) * jnp.exp(-gc)).astype(dtype)
-    return jnp.einsum("bhnid,bhnjd->bhnij", qh, kh, preferred_element_type=F32) * visible
-
-  # Every chunk's decay within BOUNDED nats: the scores are one matmul on the tensor cores;
-  # else the sub-chunked construction, safe however strong the decay (jla's `bounded` flag).
-  bounded = jnp.all(gc[..., -1, :] > -PER_KEY_BOUND)
-  a = lax.cond(bounded, one_matmul, lambda: xla._intra(qc, kc, gc, visible)) * scale
+    a = jnp.einsum("bhnid,bhnjd->bhnij", qh, kh, preferred_element_type=F32) * visible
+  else:
+    a = xla._intra(qc, kc, gc, visible)
   return (_unchunk(qt).astype(dtype), _unchunk(kt).astype(dtype), gamma,
-          a.reshape(b, h, tp, C).astype(dtype))
+          (a * scale).reshape(b, h, tp, C).astype(dtype))
 
 
 def chunk_log2_decay(g, tp: int):
@@ -925,16 +1007,8 @@ def linear_attention_pallas(q, k, v, g, h0, resets, scale, chunk: int = C, confi
   st = _Static(float(scale), h // k.shape[2], cfg, p)
   h0t = jnp.swapaxes(h0, -1, -2)
   if per_key:  # per-key decay: folded into the operands
-
-    def general():
-      qt, kt, gamma, a = per_key_factors(q, k, g, resets, scale, tp)
-      return _chunked_per_key(qt, kt, pad(v), gamma, a, h0t, st)
-
-    if resets is None and cfg.bounded_per_key:
-      qh, kh, gamma, ok = bounded_factors(q, k, g, tp)
-      o, final_t = lax.cond(ok, lambda: _bounded_per_key(qh, kh, pad(v), gamma, h0t, st), general)
-    else:
-      o, final_t = general()
+    segs = None if resets is None else segment_vectors(resets, tp)
+    o, final_t = _per_key(q, k, pad(v), g.astype(F32), h0t, segs, st)
     return o[:, :t], jnp.swapaxes(final_t, -1, -2)
   g2 = (jnp.zeros((b, h, tp), F32) if g is None else chunk_log2_decay(g, tp))
   segs = psegs = None
