@@ -8,7 +8,9 @@ The first logged interval (compilation) is dropped; the rest give median tokens/
 trains the same model shape (width, depth, heads, layer pattern, SSM state, SwiGLU width,
 vocabulary, batch, sequence, bf16 compute / f32 params, full remat per block) with
 jax-linear-attention's own trainer on its synthetic data, so tokens/s compare like for
-like; both MFUs use longax's FLOP count (`longax.models.flops_per_token`).
+like; both MFUs use longax's FLOP count (`longax.models.flops_per_token`). `--profile DIR`
+traces the run with `jax.profiler` and prints where the device time went
+(`benchmarks/profile.py`: by kernel and by JAX op path, ms per step).
 """
 
 from __future__ import annotations
@@ -93,6 +95,8 @@ def main(argv=None) -> int:
                  help="train the same model shape with a peer's trainer instead")
   p.add_argument("--workdir", default=None, help="keep the run here (default: a temp dir)")
   p.add_argument("--json", default=None)
+  p.add_argument("--profile", default=None, metavar="DIR",
+                 help="trace the run here and print device time by kernel and op path")
   a = p.parse_args(argv)
   try:
     cfg = override(load(a.config), [f"train.steps={a.steps}", "train.log_every=10",
@@ -102,7 +106,13 @@ def main(argv=None) -> int:
     raise SystemExit(f"error: {e}")
   with tempfile.TemporaryDirectory() as tmp:
     workdir = pathlib.Path(a.workdir or f"{tmp}/run")
-    tps = (run_jla if a.peer == "jla" else run_longax)(cfg, workdir)
+    run = run_jla if a.peer == "jla" else run_longax
+    if a.profile:
+      from longax.benchmarks.profile import options
+      with jax.profiler.trace(a.profile, profiler_options=options()):
+        tps = run(cfg, workdir)
+    else:
+      tps = run(cfg, workdir)
   fpt = flops_per_token(cfg.model, cfg.data.seq_len)
   peak = peak_flops(jax.devices()[0])
   med = statistics.median(tps) if tps else None
@@ -113,6 +123,11 @@ def main(argv=None) -> int:
              tokens_per_s=med,
              mfu=med * fpt / (peak * jax.device_count()) if med and peak else None)
   print(json.dumps(out, indent=1))
+  if a.profile:
+    from longax.benchmarks.profile import report, summarize
+    summary = summarize(a.profile, steps=a.steps)
+    print(report(summary))
+    out["profile"] = summary
   if a.json:
     with open(a.json, "w") as f:
       json.dump(out, f, indent=1)
