@@ -4,13 +4,15 @@ Registered as `impl="pallas"` (TPU backend) and `impl="pallas_interpret"` (the s
 TPU interpret mode, on CPU) of `attention` and `sigmoid_attention`; see `kernels/attention.py`
 for the API, the float32 reference and the XLA path. Every option of the op: causal with the
 bottom-right offset, GQA, window, sinks, softcap, segment ids, ragged T / S, return_lse.
+Also of `block_sparse_attention` (`kernels/sparse_attention.py`): the same kernels, walking
+the block mask's on blocks (see "Block-sparse" below).
 
 Layout inside the kernels is head-major: q [B, H, T, D], k / v [B, Hkv, S, D] (the op
 transposes), T and S padded to the blocks (padded keys masked, padded query rows dropped).
 
 Forward: grid (B, H, query blocks, steps); the last axis is "arbitrary" and walks the key
-blocks a query block sees, read from scalar-prefetched tables (`_Steps`): the key block of each
-step and its kind (0: past the block's list, nothing to do; 1: masked; 2: every pair visible,
+blocks a query block sees, read from scalar-prefetched tables (`_forward_steps`): the key
+block of each step and its kind (0: past the block's list, nothing to do; 1: masked; 2: every pair visible,
 no mask). A step past the list repeats the last key block, so its DMA is skipped. The score
 function is a parameter: softmax keeps a running max and normaliser in VMEM scratch, sigmoid
 (FlashSigmoid) adds sigmoid(s + bias) straight into the f32 accumulator.
@@ -20,9 +22,19 @@ Backward (`jax.custom_vjp`), both recomputing P from the saved log-sum-exp:
         every query head of its group (no K/V repeat, no post-sum); scores are computed
         transposed ([keys, queries]) so every matmul is a plain or NT one.
 
+The dk/dv table (`_backward_steps`) lists, per key block, entries gi * nq + qb: query block qb
+of the group's query head gi, so steps no head needs are skipped across the whole group.
+
 Visibility is `visibility.visible_pairs` on [rows, cols] position tiles; the tables come from
 `visibility.key_blocks` / `visibility.query_blocks` (evaluated at trace time: positions are the
-defaults, so the tables are static).
+defaults, so the tables are static, one row per grid block shared by every batch and head).
+
+Block-sparse: a kernel block is one block of the op's mask (block_q / block_kv = the op's
+block_q / block_k, forward and backward). The tables are built in XLA from the bool mask
+[Bm, Hm, nq, nk] (`_mask_lists`, `_compact`), so a traced mask works: a row per (batch, head,
+block) where the mask has those axes (`_Rows`); a block is listed where its bit is on and the
+causal rule leaves it a visible pair, kind 1 where it crosses the diagonal or holds padded keys,
+2 otherwise. Table widths are static: the longest list of a concrete mask, else every block.
 """
 
 from __future__ import annotations
@@ -34,9 +46,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 from jax import lax
 from jax.experimental import pallas as pl
-from einops import rearrange
 from jax.experimental.pallas import tpu as pltpu
 
 from longax.kernels._vma import same_vma
@@ -198,7 +210,7 @@ def _mask_blocks(pb: _Problem):
   """Block-sparse: static [nq, nk] bools, (seen: the causal rule leaves query block i some
   key of key block kb; plain: it leaves every pair and kb holds no padded key)."""
   qb, kb = np.arange(pb.nq)[:, None], np.arange(pb.nk)[None, :]
-  padded = np.broadcast_to(np.vectorize(pb.padded_key_block)(kb), (pb.nq, pb.nk))
+  padded = np.broadcast_to((kb == pb.nk - 1) & (pb.s % pb.block_kv != 0), (pb.nq, pb.nk))
   if not pb.spec.causal:
     return np.ones((pb.nq, pb.nk), bool), ~padded
   q_first = qb * pb.block_q + pb.offset
