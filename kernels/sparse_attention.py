@@ -21,6 +21,9 @@ neither pass forms [T, S]: memory is rows x listed keys per step. Rows listing f
 than the longest list run masked steps (a block mask traced under jit lists every key
 block). The references build a dense [T, S] mask from the pattern, independently of the
 lists, and call `attention_reference(mask=...)`.
+
+`block_sparse_attention` also runs the Pallas TPU flash kernels (`kernels/tpu/attention.py`,
+impl="pallas" on TPU, "pallas_interpret" on CPU), their step tables built from the mask.
 """
 
 from __future__ import annotations
