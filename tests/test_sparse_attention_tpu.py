@@ -137,7 +137,8 @@ def test_dispatch_on_tpu(monkeypatch):
   assert _dispatch.resolve(op, "pallas", call) is tpu.block_sparse_pallas
   assert _dispatch.resolve(op, "auto", call) is tpu.block_sparse_pallas
   assert _dispatch.resolve(op, "pallas_interpret", call) is tpu.block_sparse_interpret
-  assert _dispatch.resolve(op, "auto", dict(call, block_q=64, q=x(64, 128))) is tpu.block_sparse_pallas
+  one_block = dict(call, block_q=64, q=x(64, 128))  # block_q 64 covers every query
+  assert _dispatch.resolve(op, "auto", one_block) is tpu.block_sparse_pallas
   for change, reason in ((dict(block_q=64), "block_q=64 \\(the TPU kernel takes multiples of 128"),
                          (dict(block_k=12), "block_q=128 / block_k=12"),
                          (dict(q=x(512, 96), k=x(512, 96)), "head dim 96")):
@@ -152,9 +153,11 @@ def test_off_tpu_auto_is_xla_and_interpret_refuses_odd_blocks():
   call = dict(q=jnp.zeros((1, 16, 1, 8)), k=jnp.zeros((1, 16, 1, 8)), v=jnp.zeros((1, 16, 1, 8)),
               block_q=8, block_k=8, spec=AttnSpec("softmax", True, 0.1, None, 0, None, 0.0))
   if jax.default_backend() != "tpu":
-    assert _dispatch.resolve("block_sparse_attention", "auto", call) is sparse_attention._block_sparse_xla
+    auto = _dispatch.resolve("block_sparse_attention", "auto", call)
+    assert auto is sparse_attention._block_sparse_xla
   q = jnp.zeros((1, 24, 1, 8))
-  with pytest.raises(ValueError, match="impl='pallas_interpret' does not support this call: "
-                                       "block_q=12 / block_k=8 \\(the TPU kernel takes multiples of 8\\)"):
+  why = "block_q=12 / block_k=8 \\(the TPU kernel takes multiples of 8\\)"
+  with pytest.raises(ValueError, match=f"impl='pallas_interpret' does not support this call: "
+                                       f"{why}"):
     block_sparse_attention(q, q, q, np.ones((1, 1, 2, 3), bool), block_q=12, block_k=8,
                            impl="pallas_interpret")

@@ -12,9 +12,9 @@ transposes), T and S padded to the blocks (padded keys masked, padded query rows
 
 Forward: grid (B, H, query blocks, steps); the last axis is "arbitrary" and walks the key
 blocks a query block sees, read from scalar-prefetched tables (`_forward_steps`): the key
-block of each step and its kind (0: past the block's list, nothing to do; 1: masked; 2: every pair visible,
-no mask). A step past the list repeats the last key block, so its DMA is skipped. The score
-function is a parameter: softmax keeps a running max and normaliser in VMEM scratch, sigmoid
+block of each step and its kind (0: past the block's list, nothing to do; 1: masked; 2: every
+pair visible, no mask). A step past the list repeats the last key block, so its DMA is
+skipped. The score function is a parameter: softmax keeps a running max and normaliser in VMEM scratch, sigmoid
 (FlashSigmoid) adds sigmoid(s + bias) straight into the f32 accumulator.
 Backward (`jax.custom_vjp`), both recomputing P from the saved log-sum-exp:
   dq:   grid (B, H, query blocks, steps) over the same key-block tables;
