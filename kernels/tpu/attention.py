@@ -14,8 +14,8 @@ Forward: grid (B, H, query blocks, steps); the last axis is "arbitrary" and walk
 blocks a query block sees, read from scalar-prefetched tables (`_forward_steps`): the key
 block of each step and its kind (0: past the block's list, nothing to do; 1: masked; 2: every
 pair visible, no mask). A step past the list repeats the last key block, so its DMA is
-skipped. The score function is a parameter: softmax keeps a running max and normaliser in VMEM scratch, sigmoid
-(FlashSigmoid) adds sigmoid(s + bias) straight into the f32 accumulator.
+skipped. The score function is a parameter: softmax keeps a running max and normaliser in
+VMEM scratch, sigmoid (FlashSigmoid) adds sigmoid(s + bias) straight into the f32 accumulator.
 Backward (`jax.custom_vjp`), both recomputing P from the saved log-sum-exp:
   dq:   grid (B, H, query blocks, steps) over the same key-block tables;
   dk/dv: grid (B, Hkv, key blocks, G * steps): one KV head accumulates the query blocks of
