@@ -21,6 +21,9 @@ neither pass forms [T, S]: memory is rows x listed keys per step. Rows listing f
 than the longest list run masked steps (a block mask traced under jit lists every key
 block). The references build a dense [T, S] mask from the pattern, independently of the
 lists, and call `attention_reference(mask=...)`.
+
+`block_sparse_attention` also runs the Pallas TPU flash kernels (`kernels/tpu/attention.py`,
+impl="pallas" on TPU, "pallas_interpret" on CPU), their step tables built from the mask.
 """
 
 from __future__ import annotations
@@ -278,6 +281,15 @@ for _op, _ref, _xla in (("block_sparse_attention", _block_sparse_reference, _blo
   register(_op, "reference")(_ref)
   register(_op, "xla")(_xla)
 
+# The Pallas TPU flash kernels walk the mask's on blocks: impl="pallas" on TPU, and
+# impl="pallas_interpret" anywhere (CPU); no GPU kernel yet (auto falls back to XLA there).
+from longax.kernels.tpu import attention as _tpu  # noqa: E402
+
+register("block_sparse_attention", "pallas", backend="tpu",
+         unsupported=_tpu.block_sparse_unsupported)(_tpu.block_sparse_pallas)
+register("block_sparse_attention", "pallas_interpret",
+         unsupported=_tpu.block_sparse_unsupported_interpret)(_tpu.block_sparse_interpret)
+
 # ----------------------------------------------------------------------------- public API
 
 
@@ -336,7 +348,7 @@ def block_sparse_attention(q, k, v, block_mask, *, block_q: int = 64, block_k: i
   else:
     raise ValueError(f"{op}: `kind` must be 'softmax' or 'sigmoid', got {kind!r}")
   spec = AttnSpec(kind, causal, scale, None, 0, None, bias)
-  fn = resolve(op, impl, dict(q=q, k=k, v=v, spec=spec))
+  fn = resolve(op, impl, dict(q=q, k=k, v=v, spec=spec, block_q=block_q, block_k=block_k))
   return fn(q, k, v, block_mask, spec, block_q=block_q, block_k=block_k)
 
 

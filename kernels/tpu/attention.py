@@ -4,25 +4,37 @@ Registered as `impl="pallas"` (TPU backend) and `impl="pallas_interpret"` (the s
 TPU interpret mode, on CPU) of `attention` and `sigmoid_attention`; see `kernels/attention.py`
 for the API, the float32 reference and the XLA path. Every option of the op: causal with the
 bottom-right offset, GQA, window, sinks, softcap, segment ids, ragged T / S, return_lse.
+Also of `block_sparse_attention` (`kernels/sparse_attention.py`): the same kernels, walking
+the block mask's on blocks (see "Block-sparse" below).
 
 Layout inside the kernels is head-major: q [B, H, T, D], k / v [B, Hkv, S, D] (the op
 transposes), T and S padded to the blocks (padded keys masked, padded query rows dropped).
 
 Forward: grid (B, H, query blocks, steps); the last axis is "arbitrary" and walks the key
-blocks a query block sees, read from scalar-prefetched tables (`_Steps`): the key block of each
-step and its kind (0: past the block's list, nothing to do; 1: masked; 2: every pair visible,
-no mask). A step past the list repeats the last key block, so its DMA is skipped. The score
-function is a parameter: softmax keeps a running max and normaliser in VMEM scratch, sigmoid
-(FlashSigmoid) adds sigmoid(s + bias) straight into the f32 accumulator.
+blocks a query block sees, read from scalar-prefetched tables (`_forward_steps`): the key
+block of each step and its kind (0: past the block's list, nothing to do; 1: masked; 2: every
+pair visible, no mask). A step past the list repeats the last key block, so its DMA is
+skipped. The score function is a parameter: softmax keeps a running max and normaliser in
+VMEM scratch, sigmoid (FlashSigmoid) adds sigmoid(s + bias) straight into the f32 accumulator.
 Backward (`jax.custom_vjp`), both recomputing P from the saved log-sum-exp:
   dq:   grid (B, H, query blocks, steps) over the same key-block tables;
   dk/dv: grid (B, Hkv, key blocks, G * steps): one KV head accumulates the query blocks of
         every query head of its group (no K/V repeat, no post-sum); scores are computed
         transposed ([keys, queries]) so every matmul is a plain or NT one.
 
+The dk/dv table (`_backward_steps`) lists, per key block, entries gi * nq + qb: query block qb
+of the group's query head gi, so steps no head needs are skipped across the whole group.
+
 Visibility is `visibility.visible_pairs` on [rows, cols] position tiles; the tables come from
 `visibility.key_blocks` / `visibility.query_blocks` (evaluated at trace time: positions are the
-defaults, so the tables are static).
+defaults, so the tables are static, one row per grid block shared by every batch and head).
+
+Block-sparse: a kernel block is one block of the op's mask (block_q / block_kv = the op's
+block_q / block_k, forward and backward). The tables are built in XLA from the bool mask
+[Bm, Hm, nq, nk] (`_mask_lists`, `_compact`), so a traced mask works: a row per (batch, head,
+block) where the mask has those axes (`_Rows`); a block is listed where its bit is on and the
+causal rule leaves it a visible pair, kind 1 where it crosses the diagonal or holds padded keys,
+2 otherwise. Table widths are static: the longest list of a concrete mask, else every block.
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -100,6 +113,7 @@ class _Problem:
   block_q: int  # this pass's blocks
   block_kv: int
   interpret: bool
+  mask_steps: tuple[int, int] | None = None  # block-sparse: widths of the mask's tables
 
   @property
   def offset(self):  # query row i sits at position i + offset (bottom-right alignment)
@@ -180,6 +194,84 @@ def _query_steps(pb: _Problem):
   return _table(rows)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Rows:
+  """The row of a step table for grid block i of (batch b, head h): tables hold tb * th * r
+  rows, tb / th = 1 where every batch / head shares them (static tables: one set of r)."""
+  r: int
+  tb: int = 1
+  th: int = 1
+
+  def __call__(self, b, h, i):
+    return ((b if self.tb > 1 else 0) * self.th + (h if self.th > 1 else 0)) * self.r + i
+
+
+def _mask_blocks(pb: _Problem):
+  """Block-sparse: static [nq, nk] bools, (seen: the causal rule leaves query block i some
+  key of key block kb; plain: it leaves every pair and kb holds no padded key)."""
+  qb, kb = np.arange(pb.nq)[:, None], np.arange(pb.nk)[None, :]
+  padded = np.broadcast_to((kb == pb.nk - 1) & (pb.s % pb.block_kv != 0), (pb.nq, pb.nk))
+  if not pb.spec.causal:
+    return np.ones((pb.nq, pb.nk), bool), ~padded
+  q_first = qb * pb.block_q + pb.offset
+  q_last = np.minimum((qb + 1) * pb.block_q, pb.t) - 1 + pb.offset
+  return kb * pb.block_kv <= q_last, ((kb + 1) * pb.block_kv - 1 <= q_first) & ~padded
+
+
+def _mask_lists(pb: _Problem, block_mask, xp=jnp):
+  """The blocks the kernels visit for a bool block mask [Bm, Hm, nq, nk]: per query block
+  its key blocks ([Bm, Hm, nq, nk]) and per key block of a KV head the (query head gi of its
+  group, query block qb) pairs, column gi * nq + qb ([Bm, 1 | Hkv, nk, G * nq])."""
+  by_query = block_mask & _mask_blocks(pb)[0]
+  by_key = xp.swapaxes(by_query, -1, -2)  # [Bm, Hm, nk, nq]
+  if by_key.shape[1] == 1:
+    return by_query, xp.tile(by_key, (1, 1, 1, pb.group))
+  return by_query, rearrange(by_key, "b (h g) k q -> b h k (g q)", g=pb.group)
+
+
+def _mask_widths(pb: _Problem, block_mask) -> tuple[int, int]:
+  """The tables' widths (steps per row): the longest lists of a concrete mask, else all."""
+  try:
+    mask = np.asarray(block_mask)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return pb.nk, pb.group * pb.nq
+  return tuple(max(1, int(x.sum(-1).max())) for x in _mask_lists(pb, mask, np))
+
+
+def _compact(on, plain, n: int):
+  """on [..., R, m] bool, plain [R, m] bool -> (blk, kind) [..., R, n] int32: each row's on
+  columns ascending (kind 2 where plain, else 1), then its last one repeated with kind 0."""
+  order = jnp.argsort(~on, axis=-1, stable=True)[..., :n].astype(jnp.int32)
+  count = jnp.sum(on, -1, keepdims=True, dtype=jnp.int32)
+  listed = jnp.arange(n) < count
+  blk = jnp.where(listed, order, jnp.take_along_axis(order, jnp.maximum(count - 1, 0), -1))
+  unmasked = jnp.take_along_axis(jnp.broadcast_to(plain, on.shape), blk, -1)
+  return blk, jnp.where(listed, jnp.where(unmasked, 2, 1), 0).astype(jnp.int32)
+
+
+def _forward_steps(pb: _Problem, block_mask=None):
+  """The forward / dq tables, (blk, kind, _Rows): per query block its key blocks."""
+  if block_mask is None:
+    return *_key_steps(pb), _Rows(pb.nq)
+  on = _mask_lists(pb, block_mask)[0]
+  blk, kind = _compact(on, _mask_blocks(pb)[1], pb.mask_steps[0])
+  n = blk.shape[-1]
+  return blk.reshape(-1, n), kind.reshape(-1, n), _Rows(pb.nq, *on.shape[:2])
+
+
+def _backward_steps(pb: _Problem, block_mask=None):
+  """The dk/dv tables, (blk, kind, _Rows): per key block of a KV head the query blocks of
+  each query head of its group that see it, entry gi * nq + qb (gi: the head in the group)."""
+  if block_mask is None:
+    blk, kind = _query_steps(pb)
+    heads = np.repeat(np.arange(pb.group, dtype=np.int32) * pb.nq, blk.shape[1])
+    return jnp.tile(blk, (1, pb.group)) + heads, jnp.tile(kind, (1, pb.group)), _Rows(pb.nk)
+  on = _mask_lists(pb, block_mask)[1]
+  blk, kind = _compact(on, np.tile(_mask_blocks(pb)[1].T, (1, pb.group)), pb.mask_steps[1])
+  n = blk.shape[-1]
+  return blk.reshape(-1, n), kind.reshape(-1, n), _Rows(pb.nk, *on.shape[:2])
+
+
 # ----------------------------------------------------------------------------- tile math
 
 
@@ -237,7 +329,7 @@ def _params(interpret: bool):
 # ------------------------------------------------------------------------------- forward
 
 
-def _forward_kernel(blk_ref, kind_ref, q_ref, k_ref, v_ref, *refs, pb: _Problem):
+def _forward_kernel(blk_ref, kind_ref, q_ref, k_ref, v_ref, *refs, pb: _Problem, rows: _Rows):
   softmax = pb.spec.kind == "softmax"
   if pb.segments:
     qs_ref, ks_ref, *refs = refs
@@ -246,6 +338,7 @@ def _forward_kernel(blk_ref, kind_ref, q_ref, k_ref, v_ref, *refs, pb: _Problem)
   else:
     o_ref, acc_ref = refs
   qb, j = pl.program_id(2), pl.program_id(3)
+  r = rows(pl.program_id(0), pl.program_id(1), qb)
 
   @pl.when(j == 0)
   def _init():
@@ -260,7 +353,7 @@ def _forward_kernel(blk_ref, kind_ref, q_ref, k_ref, v_ref, *refs, pb: _Problem)
     ok = None
     if masked:
       segs = (qs_ref[0], ks_ref[0]) if pb.segments else ()
-      ok = _mask(pb, s.shape, qb * pb.block_q, blk_ref[qb, j] * pb.block_kv, *segs)
+      ok = _mask(pb, s.shape, qb * pb.block_q, blk_ref[r, j] * pb.block_kv, *segs)
     if softmax:
       if ok is not None:
         s = jnp.where(ok, s, -jnp.inf)
@@ -279,7 +372,7 @@ def _forward_kernel(blk_ref, kind_ref, q_ref, k_ref, v_ref, *refs, pb: _Problem)
       acc = acc_ref[...]
     acc_ref[...] = acc + lax.dot_general(p.astype(v.dtype), v, NN, preferred_element_type=F32)
 
-  _when_kind(kind_ref[qb, j], step)
+  _when_kind(kind_ref[r, j], step)
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _finish():
@@ -291,21 +384,23 @@ def _forward_kernel(blk_ref, kind_ref, q_ref, k_ref, v_ref, *refs, pb: _Problem)
     lse_ref[0, 0] = jnp.where(l > 0, m_ref[...] + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)
 
 
-def _forward(q, k, v, segs, pb: _Problem):
+def _forward(q, k, v, segs, block_mask, pb: _Problem):
   """q [B, H, Tp, D], k [B, Hkv, Sp, D], v [B, Hkv, Sp, Dv], segs (q [B, Tp, 1], k [B, 1, Sp])
-  or None -> (o [B, H, Tp, Dv], lse [B, H, Tp, 1] (+inf: a row that sees no key) or None)."""
+  or None, block_mask (block-sparse) or None -> (o [B, H, Tp, Dv], lse [B, H, Tp, 1] (+inf:
+  a row that sees no key) or None)."""
   b, h, tp, d = q.shape
   dv = v.shape[-1]
   bq, bk, g = pb.block_q, pb.block_kv, pb.group
-  blk, kind = _key_steps(pb)
+  blk, kind, rows = _forward_steps(pb, block_mask)
   q_spec = pl.BlockSpec((1, 1, bq, d), lambda b, h, i, j, blk, kind: (b, h, i, 0))
-  kv_spec = lambda dd: pl.BlockSpec((1, 1, bk, dd),
-                                    lambda b, h, i, j, blk, kind: (b, h // g, blk[i, j], 0))
+  kv_spec = lambda dd: pl.BlockSpec((1, 1, bk, dd), lambda b, h, i, j, blk, kind: (
+      b, h // g, blk[rows(b, h, i), j], 0))
   row_spec = pl.BlockSpec((1, 1, bq, 1), lambda b, h, i, j, blk, kind: (b, h, i, 0))
   in_specs, args = [q_spec, kv_spec(d), kv_spec(dv)], [q, k, v]
   if segs is not None:
     in_specs += [pl.BlockSpec((1, bq, 1), lambda b, h, i, j, blk, kind: (b, i, 0)),
-                 pl.BlockSpec((1, 1, bk), lambda b, h, i, j, blk, kind: (b, 0, blk[i, j]))]
+                 pl.BlockSpec((1, 1, bk), lambda b, h, i, j, blk, kind: (
+                     b, 0, blk[rows(b, h, i), j]))]
     args += list(segs)
   out_specs = [pl.BlockSpec((1, 1, bq, dv), lambda b, h, i, j, blk, kind: (b, h, i, 0))]
   out_shape = [jax.ShapeDtypeStruct((b, h, tp, dv), q.dtype)]
@@ -315,7 +410,7 @@ def _forward(q, k, v, segs, pb: _Problem):
     out_shape.append(jax.ShapeDtypeStruct((b, h, tp, 1), F32))
     scratch += [pltpu.VMEM((bq, 1), F32), pltpu.VMEM((bq, 1), F32)]
   out = pallas_call(
-      functools.partial(_forward_kernel, pb=pb),
+      functools.partial(_forward_kernel, pb=pb, rows=rows),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=2, grid=(b, h, tp // bq, blk.shape[1]), in_specs=in_specs,
           out_specs=out_specs, scratch_shapes=scratch),
@@ -327,11 +422,12 @@ def _forward(q, k, v, segs, pb: _Problem):
 
 
 def _dq_kernel(blk_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
-               pb: _Problem):
+               pb: _Problem, rows: _Rows):
   if pb.segments:
     qs_ref, ks_ref, *refs = refs
   dq_ref, acc_ref = refs
   qb, j = pl.program_id(2), pl.program_id(3)
+  r = rows(pl.program_id(0), pl.program_id(1), qb)
 
   @pl.when(j == 0)
   def _init():
@@ -343,51 +439,52 @@ def _dq_kernel(blk_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
     p = _probs(pb, s, lse_ref[0, 0])
     if masked:
       segs = (qs_ref[0], ks_ref[0]) if pb.segments else ()
-      ok = _mask(pb, s.shape, qb * pb.block_q, blk_ref[qb, j] * pb.block_kv, *segs)
+      ok = _mask(pb, s.shape, qb * pb.block_q, blk_ref[r, j] * pb.block_kv, *segs)
       if ok is not None:
         p = jnp.where(ok, p, 0.0)
     dp = lax.dot_general(do, v, NT, preferred_element_type=F32)
     ds = _dscores(pb, s, p, dp, delta_ref[0, 0])
     acc_ref[...] += lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=F32)
 
-  _when_kind(kind_ref[qb, j], step)
+  _when_kind(kind_ref[r, j], step)
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _finish():
     dq_ref[0, 0] = acc_ref[...].astype(dq_ref.dtype)
 
 
-def _backward_dq(q, k, v, do, lse, delta, segs, pb: _Problem):
+def _backward_dq(q, k, v, do, lse, delta, segs, block_mask, pb: _Problem):
   """lse / delta: [B, H, Tp, 1] columns -> dq [B, H, Tp, D]."""
   b, h, tp, d = q.shape
   dv = v.shape[-1]
   bq, bk, g = pb.block_q, pb.block_kv, pb.group
-  blk, kind = _key_steps(pb)
-  rows = lambda dd: pl.BlockSpec((1, 1, bq, dd), lambda b, h, i, j, blk, kind: (b, h, i, 0))
-  kv_spec = lambda dd: pl.BlockSpec((1, 1, bk, dd),
-                                    lambda b, h, i, j, blk, kind: (b, h // g, blk[i, j], 0))
-  in_specs = [rows(d), kv_spec(d), kv_spec(dv), rows(dv), rows(1), rows(1)]
+  blk, kind, rows = _forward_steps(pb, block_mask)
+  qrows = lambda dd: pl.BlockSpec((1, 1, bq, dd), lambda b, h, i, j, blk, kind: (b, h, i, 0))
+  kv_spec = lambda dd: pl.BlockSpec((1, 1, bk, dd), lambda b, h, i, j, blk, kind: (
+      b, h // g, blk[rows(b, h, i), j], 0))
+  in_specs = [qrows(d), kv_spec(d), kv_spec(dv), qrows(dv), qrows(1), qrows(1)]
   args = [q, k, v, do, lse, delta]
   if segs is not None:
     in_specs += [pl.BlockSpec((1, bq, 1), lambda b, h, i, j, blk, kind: (b, i, 0)),
-                 pl.BlockSpec((1, 1, bk), lambda b, h, i, j, blk, kind: (b, 0, blk[i, j]))]
+                 pl.BlockSpec((1, 1, bk), lambda b, h, i, j, blk, kind: (
+                     b, 0, blk[rows(b, h, i), j]))]
     args += list(segs)
   return pallas_call(
-      functools.partial(_dq_kernel, pb=pb),
+      functools.partial(_dq_kernel, pb=pb, rows=rows),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=2, grid=(b, h, tp // bq, blk.shape[1]), in_specs=in_specs,
-          out_specs=rows(d), scratch_shapes=[pltpu.VMEM((bq, d), F32)]),
+          out_specs=qrows(d), scratch_shapes=[pltpu.VMEM((bq, d), F32)]),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), **_params(pb.interpret))(blk, kind, *args)
 
 
 def _dkv_kernel(blk_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
-                pb: _Problem):
+                pb: _Problem, rows: _Rows):
   if pb.segments:
     qs_ref, ks_ref, *refs = refs
   dk_ref, dv_ref, dk_acc, dv_acc = refs
   kb, t = pl.program_id(2), pl.program_id(3)
-  n = blk_ref.shape[1]
-  qb, kind = blk_ref[kb, t % n], kind_ref[kb, t % n]
+  r = rows(pl.program_id(0), pl.program_id(1), kb)
+  qb, kind = lax.rem(blk_ref[r, t], np.int32(pb.nq)), kind_ref[r, t]
 
   @pl.when(t == 0)
   def _init():
@@ -416,29 +513,32 @@ def _dkv_kernel(blk_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_r
     dv_ref[0, 0] = dv_acc[...].astype(dv_ref.dtype)
 
 
-def _backward_dkv(q, k, v, do, lse, delta, segs, pb: _Problem):
+def _backward_dkv(q, k, v, do, lse, delta, segs, block_mask, pb: _Problem):
   """lse / delta: [B, H, 1, Tp] rows -> (dk [B, Hkv, Sp, D], dv [B, Hkv, Sp, Dv])."""
   b, hkv, sp, d = k.shape
   dv = v.shape[-1]
-  bq, bk, g = pb.block_q, pb.block_kv, pb.group
-  blk, kind = _query_steps(pb)
-  n = blk.shape[1]
-  head = lambda h, t: h * g + t // n  # step t of KV head h: query head, then query block
-  rows = lambda dd: pl.BlockSpec((1, 1, bq, dd), lambda b, h, i, t, blk, kind: (
-      b, head(h, t), blk[i, t % n], 0))
+  bq, bk, g, nq = pb.block_q, pb.block_kv, pb.group, np.int32(pb.nq)
+  blk, kind, rows = _backward_steps(pb, block_mask)
+  # Step t of key block i of KV head h: entry e = gi * nq + qb, query head h * g + gi.
+  entry = lambda b, h, i, t, blk: blk[rows(b, h, i), t]
+  head = lambda b, h, i, t, blk: h * g + lax.div(entry(b, h, i, t, blk), nq)
+  qblock = lambda b, h, i, t, blk: lax.rem(entry(b, h, i, t, blk), nq)
+  qrows = lambda dd: pl.BlockSpec((1, 1, bq, dd), lambda b, h, i, t, blk, kind: (
+      b, head(b, h, i, t, blk), qblock(b, h, i, t, blk), 0))
   keys = lambda dd: pl.BlockSpec((1, 1, bk, dd), lambda b, h, i, t, blk, kind: (b, h, i, 0))
   stat = pl.BlockSpec((1, 1, 1, bq), lambda b, h, i, t, blk, kind: (
-      b, head(h, t), 0, blk[i, t % n]))
-  in_specs = [rows(d), keys(d), keys(dv), rows(dv), stat, stat]
+      b, head(b, h, i, t, blk), 0, qblock(b, h, i, t, blk)))
+  in_specs = [qrows(d), keys(d), keys(dv), qrows(dv), stat, stat]
   args = [q, k, v, do, lse, delta]
   if segs is not None:
-    in_specs += [pl.BlockSpec((1, 1, bq), lambda b, h, i, t, blk, kind: (b, 0, blk[i, t % n])),
+    in_specs += [pl.BlockSpec((1, 1, bq), lambda b, h, i, t, blk, kind: (
+                     b, 0, qblock(b, h, i, t, blk))),
                  pl.BlockSpec((1, bk, 1), lambda b, h, i, t, blk, kind: (b, i, 0))]
     args += list(segs)
   return pallas_call(
-      functools.partial(_dkv_kernel, pb=pb),
+      functools.partial(_dkv_kernel, pb=pb, rows=rows),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=2, grid=(b, hkv, sp // bk, g * n), in_specs=in_specs,
+          num_scalar_prefetch=2, grid=(b, hkv, sp // bk, blk.shape[1]), in_specs=in_specs,
           out_specs=[keys(d), keys(dv)],
           scratch_shapes=[pltpu.VMEM((bk, d), F32), pltpu.VMEM((bk, dv), F32)]),
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
@@ -477,34 +577,36 @@ class _Config:
   spec: Any
   blocks: Blocks
   interpret: bool
+  mask_steps: tuple[int, int] | None = None  # block-sparse: `_mask_widths`
 
   def problem(self, q, k, q_seg, *, backward: bool) -> _Problem:
     t, s = q.shape[1], k.shape[1]
     blk = self.blocks
     bq, bk = (blk.bwd_block_q, blk.bwd_block_kv) if backward else (blk.block_q, blk.block_kv)
     return _Problem(self.spec, t, s, q.shape[2] // k.shape[2], q_seg is not None,
-                    fit(bq, t), fit(bk, s), self.interpret)
+                    fit(bq, t), fit(bk, s), self.interpret, self.mask_steps)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, q_seg, k_seg, cfg: _Config):
-  """-> (o [B, T, H, Dv], lse [B, H, T] (+inf: empty row) or None)."""
-  return _flash_fwd(q, k, v, q_seg, k_seg, cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _flash(q, k, v, q_seg, k_seg, block_mask, cfg: _Config):
+  """-> (o [B, T, H, Dv], lse [B, H, T] (+inf: empty row) or None). block_mask: None, or
+  block-sparse's bool [Bm, Hm, nq, nk] in the kernel's blocks (cfg.mask_steps set)."""
+  return _flash_fwd(q, k, v, q_seg, k_seg, block_mask, cfg)[0]
 
 
-def _flash_fwd(q, k, v, q_seg, k_seg, cfg: _Config):
+def _flash_fwd(q, k, v, q_seg, k_seg, block_mask, cfg: _Config):
   pb = cfg.problem(q, k, q_seg, backward=False)
   t = q.shape[1]
   segs = _segments(q_seg, k_seg, pb.block_q, pb.block_kv, query_rows=True)
   o, lse = _forward(_heads_first(q, pb.block_q), _heads_first(k, pb.block_kv),
-                    _heads_first(v, pb.block_kv), segs, pb)
+                    _heads_first(v, pb.block_kv), segs, block_mask, pb)
   o = jnp.swapaxes(o[:, :, :t], 1, 2)
   lse = None if lse is None else lse[:, :, :t, 0]
-  return (o, lse), (q, k, v, q_seg, k_seg, o, lse)
+  return (o, lse), (q, k, v, q_seg, k_seg, block_mask, o, lse)
 
 
 def _flash_bwd(cfg: _Config, res, cotangents):
-  q, k, v, q_seg, k_seg, o, lse = res
+  q, k, v, q_seg, k_seg, block_mask, o, lse = res
   do, dlse = cotangents
   pb = cfg.problem(q, k, q_seg, backward=True)
   t, s, bq, bk = q.shape[1], k.shape[1], pb.block_q, pb.block_kv
@@ -521,19 +623,19 @@ def _flash_bwd(cfg: _Config, res, cotangents):
   qp, dop = _heads_first(q, bq), _heads_first(do, bq)
   kp, vp = _heads_first(k, bk), _heads_first(v, bk)
   dq = _backward_dq(qp, kp, vp, dop, lse[..., None], delta[..., None],
-                    _segments(q_seg, k_seg, bq, bk, query_rows=True), pb)
+                    _segments(q_seg, k_seg, bq, bk, query_rows=True), block_mask, pb)
   dk, dv = _backward_dkv(qp, kp, vp, dop, lse[:, :, None], delta[:, :, None],
-                         _segments(q_seg, k_seg, bq, bk, query_rows=False), pb)
+                         _segments(q_seg, k_seg, bq, bk, query_rows=False), block_mask, pb)
   grads = (jnp.swapaxes(x, 1, 2)[:, :n] for x, n in ((dq, t), (dk, s), (dv, s)))
-  return (*grads, _no_grad(q_seg), _no_grad(k_seg))
+  return (*grads, _no_grad(q_seg), _no_grad(k_seg), _no_grad(block_mask))
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _no_grad(seg):
-  """The cotangent of integer segment ids."""
-  return None if seg is None else jnp.zeros(seg.shape, jax.dtypes.float0)
+def _no_grad(x):
+  """The cotangent of integer segment ids or a bool block mask."""
+  return None if x is None else jnp.zeros(x.shape, jax.dtypes.float0)
 
 
 def unsupported(call: dict, *, interpret: bool = False) -> str | None:
@@ -558,7 +660,7 @@ def attention_pallas(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, kv_block=None, b
   path's fold) is not used."""
   del q_pos, k_pos, kv_block
   cfg = _Config(spec, blocks or blocks_for(q.shape[-1]), interpret)
-  o, lse = _flash(*same_vma(q, k, v), q_seg, k_seg, cfg)
+  o, lse = _flash(*same_vma(q, k, v), q_seg, k_seg, None, cfg)
   if not return_lse:
     return o
   if lse is None:
@@ -579,7 +681,39 @@ def block_grads_pallas(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, o, lse, do, kv
   cfg = _Config(spec, blocks or blocks_for(q.shape[-1]), interpret)
   if lse is not None:
     lse = jnp.swapaxes(jnp.where(jnp.isneginf(lse), jnp.inf, lse), 1, 2).astype(F32)
-  return _flash_bwd(cfg, (q, k, v, q_seg, k_seg, o, lse), (do, None))[:3]
+  return _flash_bwd(cfg, (q, k, v, q_seg, k_seg, None, o, lse), (do, None))[:3]
 
 
 block_grads_interpret = functools.partial(block_grads_pallas, interpret=True)
+
+
+# ---------------------------------------------------------------------- block-sparse
+
+
+def block_sparse_unsupported(call: dict, *, interpret: bool = False) -> str | None:
+  """`unsupported` for block_sparse_attention: the kernel's blocks are the op's blocks."""
+  if (why := unsupported(call, interpret=interpret)) is not None:
+    return why
+  bq, bk = call["block_q"], call["block_k"]
+  if bq % 8 or bk % 8:
+    return f"block_q={bq} / block_k={bk} (the TPU kernel takes multiples of 8)"
+  t = call["q"].shape[1]
+  if not interpret and bq % 128 and bq < t:  # dk/dv lays a block's lse / delta on lanes
+    return f"block_q={bq} (the TPU kernel takes multiples of 128 where T > block_q)"
+  return None
+
+
+def block_sparse_pallas(q, k, v, block_mask, spec, *, block_q: int, block_k: int,
+                        interpret=False):
+  """block_sparse_attention on the flash kernels: a kernel block is one mask block, and the
+  step tables are the mask's on blocks (built in XLA from `block_mask`, so it may be traced;
+  with a concrete mask the tables are as wide as its longest list, else every block)."""
+  block_mask = jnp.asarray(block_mask)
+  cfg = _Config(spec, Blocks(block_q, block_k, block_q, block_k), interpret)
+  pb = cfg.problem(q, k, None, backward=False)
+  cfg = dataclasses.replace(cfg, mask_steps=_mask_widths(pb, block_mask))
+  return _flash(*same_vma(q, k, v), None, None, block_mask, cfg)[0]
+
+
+block_sparse_interpret = functools.partial(block_sparse_pallas, interpret=True)
+block_sparse_unsupported_interpret = functools.partial(block_sparse_unsupported, interpret=True)

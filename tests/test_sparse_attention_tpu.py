@@ -1,0 +1,163 @@
+"""block_sparse_attention on the Pallas TPU flash kernels (impl="pallas_interpret": TPU
+interpret mode on CPU) against the float32 reference, forward and gradients; the step tables
+the kernels walk, built from the block mask; the TPU side of `impl=` dispatch.
+
+Each case runs its kernels forward and backward in one jit (interpret mode compiles slowly);
+the fast cases cover every option between them, the grid of all of them is marked slow."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import assert_close
+from longax.kernels import _dispatch, block_sparse_attention
+from longax.kernels.attention import AttnSpec
+from longax.kernels.tpu import attention as tpu
+from test_attention_tpu import _value_and_grads
+
+F32, BF16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)  # str: the test ids
+
+
+def _mask(rand, shape, density, empty_row=True):
+  """bool [Bm, Hm, nq, nk], each bit on with probability `density`; with empty_row, query
+  block 1 of the first (batch, head) lists no key block."""
+  bits = np.asarray(rand.uniform(shape, 0.0, 1.0)) < density
+  if empty_row and shape[2] > 1:
+    bits[0, 0, 1] = False
+  return bits
+
+
+def _check(rand, shape, mask_bh, density, dtype, *, traced=False, **opts):
+  """shape (B, T, S, H, Hkv, D, block_q, block_k); mask_bh: its (Bm, Hm); traced: the mask
+  is an argument of the jitted function (tables as wide as every block)."""
+  b, t, s, h, hkv, d, bq, bk = shape
+  q = rand.normal((b, t, h, d), dtype)
+  k, v = rand.normal((b, s, hkv, d), dtype), rand.normal((b, s, hkv, d), dtype)
+  mask = _mask(rand, (*mask_bh, -(-t // bq), -(-s // bk)), density)
+
+  def fn(impl, m=mask):
+    return lambda q, k, v: block_sparse_attention(q, k, v, m, block_q=bq, block_k=bk,
+                                                  impl=impl, **opts)
+
+  if traced:
+    run = jax.jit(lambda q, k, v, m: _value_and_grads(fn("pallas_interpret", m))(q, k, v))
+    o, grads = run(q, k, v, jnp.asarray(mask))
+  else:
+    o, grads = _value_and_grads(fn("pallas_interpret"))(q, k, v)
+  o_ref, grads_ref = _value_and_grads(fn("reference"))(q, k, v)
+  assert o.dtype == dtype
+  assert_close(o, o_ref, dtype, f"{opts} forward")
+  for name, a, want in zip("qkv", grads, grads_ref):
+    assert_close(a, want, dtype, f"{opts} d{name}")
+  if mask_bh == (b, h) and mask.shape[2] > 1:  # the empty query-block row gives exactly 0
+    np.testing.assert_array_equal(np.asarray(o[0, bq:2 * bq, 0], np.float32), 0.0)
+
+
+# (B, T, S, H, Hkv, D, block_q, block_k), mask (Bm, Hm), density, options: between them the
+# fast cases take ragged T / S (T < S, T > S), GQA, every mask broadcast, both kinds, causal
+# and not, a traced mask, float32 and bfloat16.
+FAST = [
+    ((2, 37, 37, 4, 2, 8, 8, 16), (2, 4), 0.3, F32, dict()),
+    ((1, 21, 45, 4, 2, 8, 8, 8), (1, 1), 0.6, F32,
+     dict(causal=False, kind="sigmoid", bias=-1.0)),
+    ((1, 29, 19, 2, 1, 8, 8, 8), (1, 2), 0.5, F32, dict(traced=True)),  # T > S
+    ((2, 40, 40, 4, 2, 16, 8, 16), (2, 1), 0.5, BF16, dict(kind="sigmoid")),
+]
+
+
+@pytest.mark.parametrize("shape,mask_bh,density,dtype,opts", FAST, ids=str)
+def test_interpret_matches_reference(rand, shape, mask_bh, density, dtype, opts):
+  _check(rand, shape, mask_bh, density, dtype, **opts)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape,mask_bh,density", [
+    ((2, 37, 37, 4, 2, 8, 8, 16), (2, 4), 0.1),
+    ((1, 21, 45, 4, 1, 8, 16, 8), (1, 4), 0.25),
+    ((2, 45, 21, 2, 2, 16, 8, 8), (1, 1), 0.6),
+    ((1, 64, 64, 2, 1, 8, 16, 16), (1, 2), 0.4),
+], ids=str)
+def test_interpret_every_case(rand, shape, mask_bh, density, kind, causal, dtype):
+  _check(rand, shape, mask_bh, density, dtype, kind=kind, causal=causal)
+
+
+# ------------------------------------------------------------------ step tables and dispatch
+
+
+def _problem(t, s, bq, bk, group=1, causal=True):
+  spec = AttnSpec("softmax", causal, 1.0, None, 0, None, 0.0)
+  return tpu._Problem(spec, t, s, group, False, bq, bk, True)
+
+
+def test_mask_step_tables():
+  """T = S = 30 in 8-blocks, causal: query block i lists its on key blocks <= i, masked on
+  the diagonal and in the padded last key block; the dk/dv table lists, per key block, the
+  (head in group, query block) entries gi * nq + qb that see it."""
+  on = np.zeros((1, 2, 4, 4), bool)
+  on[0, 0, 3] = [True, False, True, True]  # head 0, query block 3: key blocks 0, 2, 3
+  on[0, 0, 2, 3] = True  # past the diagonal: not listed
+  on[0, 1, :, 0] = True  # head 1: key block 0 only
+  pb = _problem(30, 30, 8, 8, group=2)
+  pb = dataclasses.replace(pb, mask_steps=tpu._mask_widths(pb, on))
+  assert pb.mask_steps == (3, 5)
+  blk, kind, rows = tpu._forward_steps(pb, jnp.asarray(on))
+  blk, kind = np.asarray(blk), np.asarray(kind)
+  assert blk.shape == (8, 3) and (rows.tb, rows.th) == (1, 2)
+  assert list(blk[rows(0, 0, 3)]) == [0, 2, 3] and list(kind[rows(0, 0, 3)]) == [2, 2, 1]
+  assert list(kind[rows(0, 0, 2)]) == [0, 0, 0]  # lists nothing
+  assert list(blk[rows(0, 1, 0)]) == [0, 0, 0] and list(kind[rows(0, 1, 0)]) == [1, 0, 0]
+  assert list(kind[rows(0, 1, 2)]) == [2, 0, 0]
+  blk, kind, rows = tpu._backward_steps(pb, jnp.asarray(on))
+  blk, kind = np.asarray(blk), np.asarray(kind)
+  assert blk.shape == (4, 5) and (rows.tb, rows.th) == (1, 1)  # one KV head
+  assert list(blk[0]) == [3, 4, 5, 6, 7] and list(kind[0]) == [2, 1, 2, 2, 2]
+  assert list(blk[2]) == [3] * 5 and list(kind[2]) == [2, 0, 0, 0, 0]
+  assert list(blk[3]) == [3] * 5 and list(kind[3]) == [1, 0, 0, 0, 0]  # padded keys
+  # A traced mask: tables as wide as every block, same lists.
+  pb = dataclasses.replace(pb, mask_steps=(4, 8))
+  traced = jax.jit(lambda m: tpu._forward_steps(pb, m)[:2])(jnp.asarray(on))
+  assert list(np.asarray(traced[0])[rows(0, 0, 3)]) == [0, 2, 3, 3]
+
+
+def test_dispatch_on_tpu(monkeypatch):
+  """With a TPU backend pretended: impl="pallas" and auto take the kernel for blocks it
+  covers, auto falls back to XLA otherwise, pallas says why in one line."""
+  from longax.kernels import sparse_attention
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  x = lambda t, d: jax.ShapeDtypeStruct((1, t, 2, d), jnp.bfloat16)
+  call = dict(q=x(512, 128), k=x(512, 128), v=x(512, 128), block_q=128, block_k=64,
+              spec=AttnSpec("softmax", True, 0.1, None, 0, None, 0.0))
+  op = "block_sparse_attention"
+  assert _dispatch.resolve(op, "pallas", call) is tpu.block_sparse_pallas
+  assert _dispatch.resolve(op, "auto", call) is tpu.block_sparse_pallas
+  assert _dispatch.resolve(op, "pallas_interpret", call) is tpu.block_sparse_interpret
+  one_block = dict(call, block_q=64, q=x(64, 128))  # block_q 64 covers every query
+  assert _dispatch.resolve(op, "auto", one_block) is tpu.block_sparse_pallas
+  for change, reason in ((dict(block_q=64), "block_q=64 \\(the TPU kernel takes multiples of 128"),
+                         (dict(block_k=12), "block_q=128 / block_k=12"),
+                         (dict(q=x(512, 96), k=x(512, 96)), "head dim 96")):
+    bad = dict(call, **change)
+    assert _dispatch.resolve(op, "auto", bad) is sparse_attention._block_sparse_xla
+    with pytest.raises(ValueError, match=f"impl='pallas' does not support this call: {reason}"):
+      _dispatch.resolve(op, "pallas", bad)
+
+
+def test_off_tpu_auto_is_xla_and_interpret_refuses_odd_blocks():
+  from longax.kernels import sparse_attention
+  call = dict(q=jnp.zeros((1, 16, 1, 8)), k=jnp.zeros((1, 16, 1, 8)), v=jnp.zeros((1, 16, 1, 8)),
+              block_q=8, block_k=8, spec=AttnSpec("softmax", True, 0.1, None, 0, None, 0.0))
+  if jax.default_backend() != "tpu":
+    auto = _dispatch.resolve("block_sparse_attention", "auto", call)
+    assert auto is sparse_attention._block_sparse_xla
+  q = jnp.zeros((1, 24, 1, 8))
+  why = "block_q=12 / block_k=8 \\(the TPU kernel takes multiples of 8\\)"
+  with pytest.raises(ValueError, match=f"impl='pallas_interpret' does not support this call: "
+                                       f"{why}"):
+    block_sparse_attention(q, q, q, np.ones((1, 1, 2, 3), bool), block_q=12, block_k=8,
+                           impl="pallas_interpret")
