@@ -278,6 +278,12 @@ for _op, _ref, _xla in (("block_sparse_attention", _block_sparse_reference, _blo
   register(_op, "reference")(_ref)
   register(_op, "xla")(_xla)
 
+# The Mosaic GPU kernels (Hopper) with block lists: `kernels/gpu/attention.py`.
+from longax.kernels.gpu import attention as _gpu  # noqa: E402
+
+register("block_sparse_attention", "pallas",
+         unsupported=_gpu.block_sparse_unsupported)(_gpu.block_sparse_pallas)
+
 # ----------------------------------------------------------------------------- public API
 
 
@@ -336,7 +342,7 @@ def block_sparse_attention(q, k, v, block_mask, *, block_q: int = 64, block_k: i
   else:
     raise ValueError(f"{op}: `kind` must be 'softmax' or 'sigmoid', got {kind!r}")
   spec = AttnSpec(kind, causal, scale, None, 0, None, bias)
-  fn = resolve(op, impl, dict(q=q, k=k, v=v, spec=spec))
+  fn = resolve(op, impl, dict(q=q, k=k, v=v, spec=spec, block_q=block_q, block_k=block_k))
   return fn(q, k, v, block_mask, spec, block_q=block_q, block_k=block_k)
 
 
