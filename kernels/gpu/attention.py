@@ -985,23 +985,25 @@ def _lists(own, masked):
   need the mask there) -> `_Lists` over the union of the warpgroups' blocks. Steps are ordered
   by how many warpgroups mask them, then by block: under the causal rule (monotone in both
   positions) every warpgroup's masked steps then come after its plain ones; where they would
-  not, the steps after its first masked one run masked (slower, never wrong)."""
+  not, the steps after its first masked one run masked (slower, never wrong). numpy where
+  `own` is (a concrete mask: lists just long enough, constants), else traced jnp."""
+  xp = np if isinstance(own, np.ndarray) else jnp
+  argsort = (lambda x: np.argsort(x, -1, kind="stable")) if xp is np else (
+      lambda x: jnp.argsort(x, -1, stable=True))
   w, n = own.shape[-2:]
-  conc = isinstance(own, np.ndarray)
-  length = max(int(own.any(-2).sum(-1).max(initial=0)), 1) if conc else n
-  own, masked = jnp.asarray(own), jnp.asarray(masked)
   union = own.any(-2)  # [..., N]
-  rank = jnp.sum(own & masked, -2) * n + jnp.arange(n)
-  order = jnp.argsort(jnp.where(union, rank, (w + 1) * n), -1)[..., :length]  # step -> block
-  pick = lambda x: jnp.take_along_axis(x, order[..., None, :], -1)  # [..., wgs, L]
+  length = max(int(union.sum(-1).max(initial=0)), 1) if xp is np else n
+  rank = xp.sum(own & masked, -2) * n + xp.arange(n)
+  order = argsort(xp.where(union, rank, (w + 1) * n))[..., :length]  # step -> block
+  pick = lambda x: xp.take_along_axis(x, order[..., None, :], -1)  # [..., wgs, L]
   own_s, masked_s = pick(own), pick(own & masked)
-  pos = jnp.argsort(~own_s, -1, stable=True)  # own steps first, ascending
+  pos = argsort(~own_s)  # own steps first, ascending
   n_own = own_s.sum(-1)
-  late = jnp.take_along_axis(masked_s, pos, -1)  # the j-th own step runs masked
-  n_plain = jnp.where(late.any(-1), jnp.argmax(late, -1), n_own)
-  counts = jnp.concatenate([union.sum(-1, keepdims=True),
-                            jnp.stack([n_own, n_plain], -1).reshape(*n_own.shape[:-1], 2 * w)], -1)
-  return _Lists(order.astype(jnp.int32), pos.astype(jnp.int32), counts.astype(jnp.int32))
+  late = xp.take_along_axis(masked_s, pos, -1)  # the j-th own step runs masked
+  n_plain = xp.where(late.any(-1), xp.argmax(late, -1), n_own)
+  counts = xp.concatenate([union.sum(-1)[..., None],
+                           xp.stack([n_own, n_plain], -1).reshape(*n_own.shape[:-1], 2 * w)], -1)
+  return _Lists(*(jnp.asarray(x, jnp.int32) for x in (order, pos, counts)))
 
 
 def _row_lists(mask, pb: _Problem, tq: int, bq: int, wgs: int, bkv: int, block_q: int,
