@@ -5,7 +5,8 @@ queries are bottom-right aligned (query i at position S - T + i) and causal mean
 key j <= that position. A query row that sees no key gives 0.
 
 - `block_sparse_attention`: a bool block mask [B|1, H|1, ceil(T/block_q), ceil(S/block_k)];
-  softmax or sigmoid.
+  softmax or sigmoid. impl="pallas": the Hopper attention kernels walking block lists
+  (`kernels/gpu/attention.py`).
 - `selected_block_attention`: NSA's selected branch; each query token lists key blocks
   (int32 [B, T, Hkv, n], -1 unused, repeats count once), shared by a KV group's heads.
 - `vertical_slash_attention`: MInference; key columns every query sees ([B, H, nv]) and

@@ -16,6 +16,11 @@ Visibility is `visibility.visible_pairs` on [rows, cols] position tiles; block s
 `visibility.key_blocks` / `visibility.query_blocks`: blocks no query sees are never loaded, and
 blocks every pair of which is visible skip the mask. Lengths that are not a multiple of the
 block are padded here (padded keys are masked, padded query rows dropped).
+
+Block-sparse attention (`block_sparse_pallas`, impl="pallas" of `block_sparse_attention`) is
+the same three kernels with block lists (`_Lists`, built in XLA from the block mask) in place
+of those ranges: per CTA tile, the blocks the memory warpgroup streams and each compute
+warpgroup's own steps among them (unmasked first, then masked); see `_Listed`.
 """
 
 from __future__ import annotations
