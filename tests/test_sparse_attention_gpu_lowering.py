@@ -54,6 +54,25 @@ def test_lowers_forward_and_backward(case):
   assert lowered.as_text().count("mosaic_gpu") >= 3  # forward, dq, dk/dv
 
 
+TILINGS = {"pingpong": gpu.Blocks(block_kv=64), "one_wg": gpu.Blocks(block_kv=64, wgs=1, bwd_wgs=1)}
+
+
+@pytest.mark.parametrize("tiling", TILINGS)
+def test_lowers_other_tilings(tiling):
+  """The default is `sparse_blocks` (no ping-pong); these lower too (tuning candidates)."""
+  q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+  mask = _mask((1, 2, 4, 4), 0.5, seed=1)
+
+  def loss(q, k, v):
+    o = gpu.block_sparse_pallas(q, k, v, mask, _spec("softmax", True, 64), block_q=64,
+                                block_k=64, blocks=TILINGS[tiling])
+    return o.astype(jnp.float32).sum()
+
+  lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, q, q).lower(
+      lowering_platforms=("cuda",))
+  assert lowered.as_text().count("mosaic_gpu") >= 3
+
+
 def test_lowers_with_a_traced_mask():
   """A mask traced under jit: lists as long as every block (the counts still bound the steps)."""
   q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
@@ -66,12 +85,12 @@ def test_lowers_with_a_traced_mask():
 
 # ------------------------------------------------------------------------------ the lists
 
-# (causal, T, S, H, Hkv, block_q, block_k, blocks)
+# (causal, T, S, H, Hkv, block_q, block_k, head dim: `sparse_blocks`' tiles)
 LISTS = [
-    (True, 300, 300, 4, 2, 64, 64, gpu.sparse_blocks(128, 64)),
-    (True, 200, 456, 4, 1, 128, 128, gpu.sparse_blocks(128, 128)),
-    (True, 333, 150, 2, 2, 64, 64, gpu.sparse_blocks(64, 64)),  # T > S: first rows see nothing
-    (False, 260, 300, 4, 2, 64, 192, gpu.sparse_blocks(64, 192)),
+    (True, 300, 300, 4, 2, 64, 64, 128),
+    (True, 200, 456, 4, 1, 128, 128, 128),  # forward key block 128
+    (True, 333, 150, 2, 2, 64, 64, 64),  # T > S: the first rows see nothing
+    (False, 260, 300, 4, 2, 64, 192, 64),
 ]
 
 
@@ -87,7 +106,8 @@ def _seen(t, s, causal, q0, n_q, k0, n_k):
 def test_lists_hold_each_seen_block_once(case):
   """Every block a warpgroup sees (mask bit on, a visible pair) is one of its own steps, once;
   no other block is a step; plain steps hold only visible pairs; own steps are in order."""
-  causal, t, s, h, hkv, bq_op, bk_op, blk = case
+  causal, t, s, h, hkv, bq_op, bk_op, d = case
+  blk = gpu.sparse_blocks(d, bk_op)
   mask = _mask((2, h, -(-t // bq_op), -(-s // bk_op)), 0.4, seed=t + s)
   pb = gpu._problem(jnp.zeros((1, t, h, 64)), jnp.zeros((1, s, hkv, 64)),
                     _spec("softmax", causal, 64), None, blk)
@@ -128,18 +148,18 @@ def test_lists_hold_each_seen_block_once(case):
 
 # ---------------------------------------------------------------- the op, kernels emulated
 
-# (B, T, S, H, Hkv, D, block_q, block_k, mask [B|1, H|1])
+# (B, T, S, H, Hkv, D, block_q, block_k, mask [B|1, H|1]), options, block density
 EMULATED = [
-    ((2, 300, 300, 4, 2, 16, 64, 64, (2, 4)), dict()),  # ragged, GQA, a mask per (b, h)
-    ((1, 200, 456, 4, 1, 16, 128, 64, (1, 1)), dict(kind="sigmoid")),  # T < S, MQA, broadcast
-    ((1, 333, 150, 2, 2, 16, 64, 128, (1, 2)), dict()),  # T > S
-    ((1, 260, 300, 4, 2, 16, 64, 192, (1, 4)), dict(causal=False)),
-    ((2, 256, 256, 2, 1, 16, 64, 64, (2, 1)), dict(causal=False, kind="sigmoid")),
+    ((2, 300, 300, 4, 2, 16, 64, 64, (2, 4)), dict(), 0.1),  # ragged, GQA, a mask per (b, h)
+    ((2, 300, 300, 4, 2, 16, 64, 64, (2, 4)), dict(), 0.6),
+    ((1, 200, 456, 4, 1, 16, 128, 64, (1, 1)), dict(kind="sigmoid"), 0.3),  # T < S, MQA
+    ((1, 333, 150, 2, 2, 16, 64, 128, (1, 2)), dict(), 0.6),  # T > S
+    ((1, 260, 300, 4, 2, 16, 64, 192, (1, 4)), dict(causal=False), 0.3),
+    ((2, 256, 256, 2, 1, 16, 64, 64, (2, 1)), dict(causal=False, kind="sigmoid"), 0.1),
 ]
 
 
-@pytest.mark.parametrize("density", [0.1, 0.6])
-@pytest.mark.parametrize("shape,opts", EMULATED, ids=str)
+@pytest.mark.parametrize("shape,opts,density", EMULATED, ids=str)
 def test_emulated_matches_reference(emulated, shape, opts, density):
   """Forward and every gradient through the kernels' custom_vjp, padding and lists, with the
   kernels emulated as the pairs their lists cover, against the reference (float32)."""

@@ -59,6 +59,7 @@ class Blocks:
   bwd_block_kv: int = 64
   bwd_stages: int = 2
   bwd_wgs: int = 2
+  pingpong: bool = True  # forward with wgs=2: the warpgroups alternate on the tensor cores
 
   def __post_init__(self):
     for name in ("block_q", "block_kv", "bwd_block_q", "bwd_block_kv"):
@@ -371,6 +372,7 @@ def _forward(q, k, v, q_seg, k_seg, pb: _Problem, lists: _Lists | None = None):
   sp = k.shape[1]
   blk = pb.blocks
   bq, bkv, stages, wgs = blk.block_q, blk.block_kv, blk.stages, blk.wgs
+  pingpong = wgs == 2 and blk.pingpong
   softmax = pb.spec.kind == "softmax"
   dtype = q.dtype
   spec = pb.spec
@@ -385,7 +387,7 @@ def _forward(q, k, v, q_seg, k_seg, pb: _Problem, lists: _Lists | None = None):
     steps, run = _kv_steps(pb, row0, bq, wgs, bkv, list_refs, b, h, tile)
 
     def ping():  # FlashAttention-3 ping-pong between the two compute warpgroups
-      if wgs == 2:
+      if pingpong:
         plgpu.barrier_arrive(sched)
         plgpu.barrier_wait(sched)
 
@@ -441,10 +443,10 @@ def _forward(q, k, v, q_seg, k_seg, pb: _Problem, lists: _Lists | None = None):
             p = jnp.where(mask, p, 0.0)
           p16 = p.astype(dtype)
           rest = ()
-        if wgs == 2:
+        if pingpong:
           plgpu.barrier_arrive(sched)
         plgpu.barrier_wait(v_bars.at[slot])
-        if wgs == 2:
+        if pingpong:
           plgpu.barrier_wait(sched)
 
         def pv(acc_ref):
@@ -1063,9 +1065,11 @@ def _sparse_lists(block_mask, pb: _Problem, heads: int, block_q: int, block_k: i
 
 
 def sparse_blocks(head_dim: int, block_k: int) -> Blocks:
-  """The tuned tiles with the forward's key block dividing the op's block_k."""
-  blk = blocks_for(head_dim)
-  return blk if block_k % blk.block_kv == 0 else dataclasses.replace(blk, block_kv=64)
+  """The tuned tiles with the forward's key block dividing the op's block_k (64 keys: a ring
+  of 4), and no ping-pong: a warpgroup skipping a step its block does not list runs ahead to
+  its next one instead of waiting on the other's turn (a guess, to be timed on the device)."""
+  blk = dataclasses.replace(blocks_for(head_dim), pingpong=False)
+  return blk if block_k % blk.block_kv == 0 else dataclasses.replace(blk, block_kv=64, stages=4)
 
 
 def block_sparse_pallas(q, k, v, block_mask, spec, *, block_q: int, block_k: int, blocks=None):

@@ -92,20 +92,25 @@ def test_blocks_off_everywhere_are_never_used(rand):
     assert not np.any(np.asarray(g, np.float32)[:, off])
 
 
+TILINGS = {"pingpong": gpu.Blocks(block_kv=64), "pingpong_kv128": gpu.Blocks(block_kv=128),
+           "one_wg": gpu.Blocks(block_kv=64, wgs=1, bwd_wgs=1)}
+
+
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
-def test_one_compute_warpgroup(rand, kind):
-  """Blocks(wgs=1, bwd_wgs=1): a CTA of 64 query rows (each CTA one list, no union)."""
-  shape = RAGGED
+@pytest.mark.parametrize("tiling", TILINGS)
+def test_other_tilings(rand, tiling, kind):
+  """Tilings other than `sparse_blocks`' default (no ping-pong): FlashAttention-3's ping-pong,
+  and one compute warpgroup (a CTA of 64 query rows: each CTA one list, no union)."""
+  from longax.kernels.attention import AttnSpec
+  shape = (1, 300, 300, 4, 1, 128, 128, 128, (1, 4))
   q, k, v = _inputs(rand, shape, jnp.bfloat16)
   mask = _mask(shape, 0.3, seed=11)
-  spec_fn = lambda impl: _op(mask, shape, impl, kind=kind)
-  blocks = gpu.Blocks(block_q=64, block_kv=64, wgs=1, bwd_wgs=1)
-  from longax.kernels.attention import AttnSpec
   spec = AttnSpec(kind, True, shape[5]**-0.5, None, 0, None,
                   -np.log(shape[2]) if kind == "sigmoid" else 0.0)
-  got = lambda q, k, v: gpu.block_sparse_pallas(q, k, v, mask, spec, block_q=64, block_k=64,
-                                                 blocks=blocks)
-  compare(got, spec_fn("reference"), (q, k, v), (0, 1, 2), 2e-2, f"wgs=1 {kind}")
+  got = lambda q, k, v: gpu.block_sparse_pallas(q, k, v, mask, spec, block_q=128, block_k=128,
+                                                 blocks=TILINGS[tiling])
+  compare(got, _op(mask, shape, "reference", kind=kind), (q, k, v), (0, 1, 2), 2e-2,
+          f"{tiling} {kind}")
 
 
 def test_auto_takes_the_kernel():
