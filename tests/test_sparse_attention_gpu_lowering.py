@@ -59,7 +59,7 @@ TILINGS = {"pingpong": gpu.Blocks(block_kv=64), "one_wg": gpu.Blocks(block_kv=64
 
 @pytest.mark.parametrize("tiling", TILINGS)
 def test_lowers_other_tilings(tiling):
-  """The default is `sparse_blocks` (no ping-pong); these lower too (tuning candidates)."""
+  """Tilings other than `sparse_blocks`' choice for 64-row blocks (tuning candidates)."""
   q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
   mask = _mask((1, 2, 4, 4), 0.5, seed=1)
 
@@ -85,12 +85,13 @@ def test_lowers_with_a_traced_mask():
 
 # ------------------------------------------------------------------------------ the lists
 
-# (causal, T, S, H, Hkv, block_q, block_k, head dim: `sparse_blocks`' tiles)
+# (causal, T, S, H, Hkv, block_q, block_k, tiling: `sparse_blocks`' or one of TILINGS)
 LISTS = [
-    (True, 300, 300, 4, 2, 64, 64, 128),
-    (True, 200, 456, 4, 1, 128, 128, 128),  # forward key block 128
-    (True, 333, 150, 2, 2, 64, 64, 64),  # T > S: the first rows see nothing
-    (False, 260, 300, 4, 2, 64, 192, 64),
+    (True, 300, 300, 4, 2, 64, 64, "default"),
+    (True, 200, 456, 4, 1, 128, 128, "default"),  # forward key block 128
+    (True, 333, 150, 2, 2, 64, 64, "default"),  # T > S: the first rows see nothing
+    (False, 260, 300, 4, 2, 64, 192, "default"),
+    (True, 300, 300, 4, 2, 64, 128, "one_wg"),
 ]
 
 
@@ -106,8 +107,8 @@ def _seen(t, s, causal, q0, n_q, k0, n_k):
 def test_lists_hold_each_seen_block_once(case):
   """Every block a warpgroup sees (mask bit on, a visible pair) is one of its own steps, once;
   no other block is a step; plain steps hold only visible pairs; own steps are in order."""
-  causal, t, s, h, hkv, bq_op, bk_op, d = case
-  blk = gpu.sparse_blocks(d, bk_op)
+  causal, t, s, h, hkv, bq_op, bk_op, tiling = case
+  blk = TILINGS.get(tiling) or gpu.sparse_blocks(64, bq_op, bk_op)
   mask = _mask((2, h, -(-t // bq_op), -(-s // bk_op)), 0.4, seed=t + s)
   pb = gpu._problem(jnp.zeros((1, t, h, 64)), jnp.zeros((1, s, hkv, 64)),
                     _spec("softmax", causal, 64), None, blk)
@@ -171,7 +172,7 @@ def test_emulated_matches_reference(emulated, shape, opts, density):
   mask = _mask((bm, hm, -(-t // bq), -(-s // bk)), density, seed=t)
   kind, causal = opts.get("kind", "softmax"), opts.get("causal", True)
   spec = AttnSpec(kind, causal, d**-0.5, None, 0, None, -np.log(s) if kind == "sigmoid" else 0.0)
-  blocks = gpu.sparse_blocks(128, bk)
+  blocks = gpu.sparse_blocks(128, bq, bk)
   got = lambda q, k, v: gpu.block_sparse_pallas(q, k, v, mask, spec, block_q=bq, block_k=bk,
                                                  blocks=blocks)
   want = lambda q, k, v: block_sparse_attention(q, k, v, mask, block_q=bq, block_k=bk,

@@ -1064,17 +1064,19 @@ def _sparse_lists(block_mask, pb: _Problem, heads: int, block_q: int, block_k: i
       _key_lists(mask, pb, blk.bwd_block_q, blk.bwd_wgs, blk.bwd_block_kv, sp, heads, **sizes))
 
 
-def sparse_blocks(head_dim: int, block_k: int) -> Blocks:
-  """The tuned tiles with the forward's key block dividing the op's block_k (64 keys: a ring
-  of 4), and no ping-pong: a warpgroup skipping a step its block does not list runs ahead to
-  its next one instead of waiting on the other's turn (a guess, to be timed on the device)."""
-  blk = dataclasses.replace(blocks_for(head_dim), pingpong=False)
+def sparse_blocks(head_dim: int, block_q: int, block_k: int) -> Blocks:
+  """The tuned tiles with the forward's key block dividing block_k (64 keys: a ring of 4).
+  Ping-pong only where the CTA's two warpgroups share one query block (block_q a multiple of
+  128, as dense attention): elsewhere a warpgroup skipping a step its block does not list runs
+  ahead to its next one instead of waiting on the other's turn (a guess, to time on a GPU)."""
+  blk = blocks_for(head_dim)
+  blk = dataclasses.replace(blk, pingpong=block_q % (blk.wgs * blk.block_q) == 0)
   return blk if block_k % blk.block_kv == 0 else dataclasses.replace(blk, block_kv=64, stages=4)
 
 
 def block_sparse_pallas(q, k, v, block_mask, spec, *, block_q: int, block_k: int, blocks=None):
   """`block_sparse_attention` on the kernels (see `block_sparse_unsupported`)."""
-  pb = _problem(q, k, spec, None, blocks or sparse_blocks(q.shape[-1], block_k))
+  pb = _problem(q, k, spec, None, blocks or sparse_blocks(q.shape[-1], block_q, block_k))
   lists = _sparse_lists(block_mask, pb, q.shape[2], block_q, block_k)
   return _flash(*same_vma(q, k, v), None, None, lists, pb)[0]
 
