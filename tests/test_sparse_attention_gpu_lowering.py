@@ -103,6 +103,18 @@ def _seen(t, s, causal, q0, n_q, k0, n_k):
   return ok & (j <= i + s - t) if causal else ok
 
 
+def _union_is_own(steps, own, counts, cover, name):
+  """The streamed steps are the blocks some warpgroup owns, each once; each warpgroup's own
+  positions ascend within them; (a concrete mask) the lists are just long enough."""
+  assert steps.shape[-1] == max(counts[..., 0].max(), 1), name
+  for idx in np.ndindex(*steps.shape[:3]):
+    n = counts[idx][0]
+    assert sorted(steps[idx][:n]) == list(np.flatnonzero(cover[idx].any(0))), (name, idx)
+    for w in range(own.shape[3]):
+      pos = own[idx][w, :counts[idx][1 + 2 * w]]
+      assert np.all(np.diff(pos) > 0) and np.all(pos < n), (name, idx, w)
+
+
 @pytest.mark.parametrize("case", LISTS, ids=str)
 def test_lists_hold_each_seen_block_once(case):
   """Every block a warpgroup sees (mask bit on, a visible pair) is one of its own steps, once;
@@ -122,7 +134,6 @@ def test_lists_hold_each_seen_block_once(case):
     for b, hh, tile, w in np.ndindex(*cover.shape[:4]):
       n_own, n_plain = counts[b, hh, tile, 1 + 2 * w], counts[b, hh, tile, 2 + 2 * w]
       pos = own[b, hh, tile, w, :n_own]
-      assert np.all(np.diff(pos) > 0) and np.all(pos < counts[b, hh, tile, 0]), name
       row0 = (tile * wgs + w) * bq
       for kb in range(cover.shape[-1]):
         seen = _seen(t, s, causal, row0, bq, kb * bkv, bkv)
@@ -134,12 +145,13 @@ def test_lists_hold_each_seen_block_once(case):
         i = np.arange(row0, row0 + bq)[:, None] + s - t
         jj = np.arange(kb * bkv, (kb + 1) * bkv)[None, :]
         assert np.all(jj < s) and (not causal or np.all(jj <= i)), (name, "plain", kb)
-    n_union = counts[..., 0]
-    assert steps.shape[-1] == max(n_union.max(), 1)  # concrete mask: lists just long enough
+    _union_is_own(steps, own, counts, cover, name)
   steps, own, counts = (np.asarray(x) for x in lists.dkv)
   g, bq, bkv, wgs = h // hkv, blk.bwd_block_q, blk.bwd_block_kv, blk.bwd_wgs
   n_q = -(-t // bq)
-  cover = np.asarray(_onehot_cover(lists.dkv, g * n_q)[0]).reshape(*counts.shape[:3], wgs, g, n_q)
+  flat = np.asarray(_onehot_cover(lists.dkv, g * n_q)[0])
+  _union_is_own(steps, own, counts, flat, "dkv")
+  cover = flat.reshape(*counts.shape[:3], wgs, g, n_q)
   for b, kvh, tile, w, gg, qb in np.ndindex(*cover.shape):
     key0 = (tile * wgs + w) * bkv
     on = dense[b, kvh * g + gg, qb * bq:(qb + 1) * bq, key0:key0 + bkv]
