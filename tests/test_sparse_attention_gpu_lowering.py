@@ -192,6 +192,23 @@ def test_emulated_matches_reference(emulated, shape, opts, density):
   compare(got, want, (q, k, v), (0, 1, 2), 2e-5, f"{shape} {opts}")
 
 
+def test_emulated_traced_mask(emulated):
+  """A mask traced under jit (lists over every block, built in jnp): as the reference."""
+  from conftest import assert_close
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal(sh), jnp.float32)
+             for sh in ((1, 300, 4, 16), (1, 300, 2, 16), (1, 300, 2, 16)))
+  mask = _mask((1, 4, 5, 5), 0.4, seed=5)
+  spec = _spec("softmax", True, 16)
+  loss = lambda o: (o * jnp.cos(o)).sum()
+  got = jax.jit(jax.value_and_grad(lambda q, k, v, m: loss(gpu.block_sparse_pallas(
+      q, k, v, m, spec, block_q=64, block_k=64, blocks=gpu.sparse_blocks(64, 64, 64))), (0, 1, 2)))
+  want = jax.value_and_grad(lambda q, k, v: loss(block_sparse_attention(
+      q, k, v, mask, scale=0.25, impl="reference")), (0, 1, 2))
+  for a, b in zip(jax.tree.leaves(got(q, k, v, jnp.asarray(mask))), jax.tree.leaves(want(q, k, v))):
+    assert_close(a, b, 2e-5)
+
+
 def test_auto_takes_the_kernel_where_covered(monkeypatch):
   """Dispatch: bf16/f16, head dims 64/128, blocks multiples of 64 take the kernel; float32,
   head dim 256 (its backward is XLA's) and 32-row blocks fall back to XLA."""
