@@ -1035,7 +1035,6 @@ def _key_lists(mask, pb: _Problem, bq: int, wgs: int, bkv: int, sp: int, heads: 
   key0 = (np.arange(sp // (wgs * bkv))[:, None] * wgs + np.arange(wgs)) * bkv  # [tiles, wgs]
   q0 = np.arange(n_q) * bq
   first, last = q0 + pb.offset, np.minimum(q0 + bq, pb.t) - 1 + pb.offset
-  mask = mask if isinstance(mask, np.ndarray) else jnp.asarray(mask)
   xp = np if isinstance(mask, np.ndarray) else jnp
   per_head = xp.broadcast_to(mask, mask.shape[:1] + (heads,) + mask.shape[2:])
   per_head = per_head.reshape(mask.shape[0], kv_heads, pb.group, *mask.shape[2:])
@@ -1050,6 +1049,7 @@ def _key_lists(mask, pb: _Problem, bq: int, wgs: int, bkv: int, sp: int, heads: 
 
 
 def _sparse_lists(block_mask, pb: _Problem, heads: int, block_q: int, block_k: int):
+  """The three kernels' lists from the op's block mask (numpy where it is concrete)."""
   blk = pb.blocks
   tq = math.lcm(blk.wgs * blk.block_q, blk.bwd_wgs * blk.bwd_block_q)
   sp = -(-pb.s // _key_multiple(blk)) * _key_multiple(blk)
