@@ -1,8 +1,9 @@
 """Block-sparse attention on the Mosaic GPU attention kernels (block lists), on any machine:
 the kernels lower for "cuda" forward and backward (cross-platform lowering catches layout,
 shared-memory and tracing errors without a GPU), the lists list every visible block once and
-nothing else, and the op run with the kernels emulated by list-following XLA (the pairs
-each warpgroup's steps cover, the rule on masked steps only) matches the reference.
+nothing else, the kernels' step loop (`_Listed.run`, on arrays) walks them as meant, and the
+op run with the kernels emulated by list-following XLA (the pairs each warpgroup's steps
+cover, the rule on masked steps only) matches the reference. ~25 s on 2 cores.
 Running the kernels is checked on the device (`tests/gpu/test_sparse_attention_gpu.py`)."""
 
 import jax
@@ -157,6 +158,46 @@ def test_lists_hold_each_seen_block_once(case):
     on = dense[b, kvh * g + gg, qb * bq:(qb + 1) * bq, key0:key0 + bkv]
     seen = _seen(t, s, causal, qb * bq, bq, key0, bkv)[:on.shape[0], :on.shape[1]]
     assert cover[b, kvh, tile, w, gg, qb] == int(np.any(seen & on)), ("dkv", b, kvh, tile, w)
+
+
+class _Ref:
+  """A stand-in for a kernel's GMEM ref over an array: `.at[i]` views, `[i]` scalar reads."""
+
+  def __init__(self, x):
+    self.x, self.shape = x, x.shape
+
+  @property
+  def at(self):
+    return self
+
+  def __getitem__(self, i):
+    out = self.x[i]
+    return _Ref(out) if jnp.ndim(out) else out
+
+
+def test_listed_run_visits_every_step_once():
+  """`_Listed.run`, the kernels' own loop over a CTA's steps, run on arrays: each warpgroup
+  visits every streamed step once, in order, computing its own ones (plain, then masked) and
+  skipping the rest."""
+  blk = gpu.sparse_blocks(64, 64, 64)
+  t, h = 300, 4
+  mask = _mask((1, h, 5, 5), 0.4, seed=2)
+  pb = gpu._problem(jnp.zeros((1, t, h, 64)), jnp.zeros((1, t, 2, 64)),
+                    _spec("softmax", True, 64), None, blk)
+  log = lambda code: lambda i, c: (c[0].at[c[1]].set(4 * i + code), c[1] + 1)
+  step = lambda i, c, masked: log(1 + masked)(i, c)
+  for lists in gpu._sparse_lists(mask, pb, h, 64, 64):
+    steps, own, counts = (np.asarray(x) for x in lists)
+    refs = gpu._Lists(*(_Ref(jnp.asarray(x)) for x in (steps, own, counts)))
+    run = jax.jit(lambda b, hh, tile, w: gpu._Listed.at(refs, b, hh, tile).run(
+        w, step, log(0), (jnp.full(steps.shape[-1], -1), jnp.int32(0))))
+    for b, hh, tile in np.ndindex(*steps.shape[:3]):
+      for w in range(own.shape[3]):
+        got, n = run(b, hh, tile, w)
+        want = np.zeros(counts[b, hh, tile, 0], int)
+        n_own, n_plain = counts[b, hh, tile, 1 + 2 * w], counts[b, hh, tile, 2 + 2 * w]
+        want[own[b, hh, tile, w, :n_own]] = 1 + (np.arange(n_own) >= n_plain)
+        assert n == len(want) and list(got[:n]) == list(4 * np.arange(n) + want)
 
 
 # ---------------------------------------------------------------- the op, kernels emulated
