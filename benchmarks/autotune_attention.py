@@ -64,7 +64,7 @@ def best(rows):
   with_bwd = [r for r in ok if "fwd_bwd_ms" in r]
   by_bwd = min(with_bwd, key=lambda r: r["fwd_bwd_ms"]) if with_bwd else by_fwd
   fields = {f.name for f in dataclasses.fields(gpu.Blocks)}
-  fwd_fields = ("block_q", "block_kv", "stages", "wgs")
+  fwd_fields = ("block_q", "block_kv", "stages", "wgs", "pingpong")
   pick = {k: (by_fwd if k in fwd_fields else by_bwd)[k] for k in fields}
   return gpu.Blocks(**pick)
 

@@ -5,7 +5,8 @@ queries are bottom-right aligned (query i at position S - T + i) and causal mean
 key j <= that position. A query row that sees no key gives 0.
 
 - `block_sparse_attention`: a bool block mask [B|1, H|1, ceil(T/block_q), ceil(S/block_k)];
-  softmax or sigmoid.
+  softmax or sigmoid. impl="pallas": the Hopper attention kernels walking block lists
+  (`kernels/gpu/attention.py`).
 - `selected_block_attention`: NSA's selected branch; each query token lists key blocks
   (int32 [B, T, Hkv, n], -1 unused, repeats count once), shared by a KV group's heads.
 - `vertical_slash_attention`: MInference; key columns every query sees ([B, H, nv]) and
@@ -281,10 +282,14 @@ for _op, _ref, _xla in (("block_sparse_attention", _block_sparse_reference, _blo
   register(_op, "reference")(_ref)
   register(_op, "xla")(_xla)
 
-# The Pallas TPU flash kernels walk the mask's on blocks: impl="pallas" on TPU, and
-# impl="pallas_interpret" anywhere (CPU); no GPU kernel yet (auto falls back to XLA there).
+# The Pallas kernels walk the mask's on blocks: the Mosaic GPU kernels with block lists on
+# Hopper (`kernels/gpu/attention.py`), the Pallas TPU flash kernels with step tables on TPU,
+# and those under the TPU interpreter anywhere (impl="pallas_interpret", CPU).
+from longax.kernels.gpu import attention as _gpu  # noqa: E402
 from longax.kernels.tpu import attention as _tpu  # noqa: E402
 
+register("block_sparse_attention", "pallas",
+         unsupported=_gpu.block_sparse_unsupported)(_gpu.block_sparse_pallas)
 register("block_sparse_attention", "pallas", backend="tpu",
          unsupported=_tpu.block_sparse_unsupported)(_tpu.block_sparse_pallas)
 register("block_sparse_attention", "pallas_interpret",

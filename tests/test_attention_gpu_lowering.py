@@ -67,21 +67,62 @@ def test_lowers_return_lse_and_block_grads():
 # `_forward`, `_backward_dq` and `_backward_dkv` as XLA with the kernels' contract (padded
 # arrays, lse [B, H, Tp] in log2 units with +inf for an empty row), so the custom_vjp, the
 # returned log-sum-exp and its cotangent, ring attention's block gradients and the ring's
-# dispatch onto the kernel run on CPU against the reference.
+# dispatch onto the kernel run on CPU against the reference. With block lists (block-sparse)
+# the emulation computes exactly the pairs the kernels would: the blocks each warpgroup's own
+# steps list, the rule applied on its masked steps only.
 
 
-def _emulated_scores(q, k, q_seg, k_seg, pb):
+def _onehot_cover(lists, n_blocks):
+  """A kernel's `_Lists` -> (covered, masked): int [..., wgs, n_blocks] how many of the
+  warpgroup's own steps list each block, bool whether one of them runs masked."""
+  steps, own, counts = lists
+  j = jnp.arange(own.shape[-1])
+  valid = j < counts[..., 1::2, None]
+  masked = j >= counts[..., 2::2, None]
+  blk = jnp.take_along_axis(jnp.broadcast_to(steps[..., None, :], own.shape), own, -1)
+  hit = (blk[..., None] == jnp.arange(n_blocks)) & valid[..., None]  # [..., wgs, L, n_blocks]
+  return hit.sum(-2), (hit & masked[..., None]).any(-2)
+
+
+def _row_pairs(lists, tp, sp, bq, bkv):
+  """Forward / dq lists [B|1, H|1, tiles, ...] -> (covered, masked) [B|1, H|1, Tp, Sp]."""
+  cover, masked = _onehot_cover(lists, sp // bkv)  # [B, H, tiles, wgs, nkb]
+  grow = lambda x: jnp.repeat(jnp.repeat(x.reshape(*x.shape[:2], -1, x.shape[-1]), bq, 2), bkv, 3)
+  return grow(cover) > 0, grow(masked)
+
+
+def _key_pairs(lists, t, tp, bq, bkv, group):
+  """dk/dv lists [B|1, Hkv, tiles, wgs, G * n_q] (n_q = ceil(T / bq)) -> (covered, masked)
+  [B|1, H, Tp, Sp]."""
+  n_q = -(-t // bq)
+  cover, masked = _onehot_cover(lists, group * n_q)
+
+  def grow(x):  # [B, Hkv, tiles, wgs, G * n_q] -> [B, H, Tp, tiles * wgs * bkv]
+    x = x.reshape(*x.shape[:2], -1, group, n_q)  # [B, Hkv, key blocks, G, n_q]
+    x = jnp.moveaxis(x, 2, -1).reshape(x.shape[0], -1, n_q, x.shape[2])
+    x = jnp.repeat(jnp.repeat(x, bq, 2), bkv, 3)
+    return jnp.pad(x, ((0, 0), (0, 0), (0, tp - n_q * bq), (0, 0)))
+
+  return grow(cover) > 0, grow(masked)
+
+
+def _emulated_scores(q, k, q_seg, k_seg, pb, pairs=None):
   h, hkv = q.shape[2], k.shape[2]
   kr = jnp.repeat(k, h // hkv, axis=2).astype(jnp.float32)
   s = pb.spec.logits(jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), kr))
   q_pos = jnp.arange(q.shape[1]) + pb.offset
   k_pos = jnp.arange(k.shape[1])
   mask = pb.spec.mask(q_pos, k_pos, q_seg, k_seg)[:, None] & (k_pos < pb.s)
+  if pairs is not None:  # the listed blocks; the rule on masked steps only
+    covered, masked = pairs
+    mask = covered & (mask | ~masked)
   return s, mask
 
 
-def _emulate_forward(q, k, v, q_seg, k_seg, pb):
-  s, mask = _emulated_scores(q, k, q_seg, k_seg, pb)
+def _emulate_forward(q, k, v, q_seg, k_seg, pb, lists=None):
+  blk = pb.blocks
+  pairs = lists and _row_pairs(lists, q.shape[1], k.shape[1], blk.block_q, blk.block_kv)
+  s, mask = _emulated_scores(q, k, q_seg, k_seg, pb, pairs)
   vr = jnp.repeat(v, q.shape[2] // v.shape[2], axis=2).astype(jnp.float32)
   if pb.spec.kind == "softmax":
     lse = jax.nn.logsumexp(jnp.where(mask, s, -jnp.inf), axis=-1)
@@ -93,9 +134,9 @@ def _emulate_forward(q, k, v, q_seg, k_seg, pb):
   return jnp.einsum("bhts,bshd->bthd", p, vr).astype(q.dtype), lse
 
 
-def _emulated_grads(q, k, v, do, lse, delta, q_seg, k_seg, pb):
+def _emulated_grads(q, k, v, do, lse, delta, q_seg, k_seg, pb, pairs=None):
   spec, g = pb.spec, q.shape[2] // k.shape[2]
-  s, mask = _emulated_scores(q, k, q_seg, k_seg, pb)
+  s, mask = _emulated_scores(q, k, q_seg, k_seg, pb, pairs)
   if spec.kind == "softmax":
     p = jnp.where(mask, jnp.exp2(s * gpu.LOG2E - lse[..., None]), 0.0)
   else:
@@ -114,11 +155,24 @@ def _emulated_grads(q, k, v, do, lse, delta, q_seg, k_seg, pb):
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
+def _emulate_dq(q, k, v, do, lse, delta, q_seg, k_seg, pb, lists=None):
+  blk = pb.blocks
+  pairs = lists and _row_pairs(lists, q.shape[1], k.shape[1], blk.bwd_block_q, blk.bwd_block_kv)
+  return _emulated_grads(q, k, v, do, lse, delta, q_seg, k_seg, pb, pairs)[0]
+
+
+def _emulate_dkv(q, k, v, do, lse, delta, q_seg, k_seg, pb, lists=None):
+  blk = pb.blocks
+  pairs = lists and _key_pairs(lists, pb.t, q.shape[1], blk.bwd_block_q, blk.bwd_block_kv,
+                               pb.group)
+  return _emulated_grads(q, k, v, do, lse, delta, q_seg, k_seg, pb, pairs)[1:]
+
+
 @pytest.fixture
 def emulated(monkeypatch):
   monkeypatch.setattr(gpu, "_forward", _emulate_forward)
-  monkeypatch.setattr(gpu, "_backward_dq", lambda *a: _emulated_grads(*a)[0])
-  monkeypatch.setattr(gpu, "_backward_dkv", lambda *a: _emulated_grads(*a)[1:])
+  monkeypatch.setattr(gpu, "_backward_dq", _emulate_dq)
+  monkeypatch.setattr(gpu, "_backward_dkv", _emulate_dkv)
   monkeypatch.setattr(gpu, "not_on_hopper", lambda call: None)  # let dispatch pick it
 
 

@@ -11,7 +11,7 @@ from conftest import assert_close, compare
 from longax.kernels import (attention, block_sparse_attention, selected_block_attention,
                             sigmoid_attention, vertical_slash_attention, vertical_slash_pattern)
 
-IMPLS = ["xla"]  # the pallas kernel is a later GPU step
+IMPLS = ["xla"]  # block-sparse's pallas kernel (GPU): tests/gpu/test_sparse_attention_gpu.py
 
 
 def _qkv(rand, b, t, s, h, hkv, d, dtype=jnp.float32, dv=None):
@@ -257,8 +257,8 @@ def test_errors(rand):
     bs(bias=1.0)
   with pytest.raises(ValueError, match="share one dtype"):
     block_sparse_attention(q, k.astype(jnp.bfloat16), v, mask, block_q=8, block_k=8)
-  with pytest.raises(NotImplementedError, match="pallas"):
-    bs(impl="pallas")
+  with pytest.raises(ValueError, match="impl='pallas' does not support this call: the Mosaic GPU"):
+    bs(impl="pallas")  # the GPU kernel, asked on CPU
   idx = jnp.zeros((1, 16, 2, 2), jnp.int32)
   with pytest.raises(ValueError, match=r"values must be in \[-1, 2\)"):
     selected_block_attention(q, k, v, idx.at[0, 0, 0, 0].set(2), block_size=8)

@@ -16,6 +16,11 @@ Visibility is `visibility.visible_pairs` on [rows, cols] position tiles; block s
 `visibility.key_blocks` / `visibility.query_blocks`: blocks no query sees are never loaded, and
 blocks every pair of which is visible skip the mask. Lengths that are not a multiple of the
 block are padded here (padded keys are masked, padded query rows dropped).
+
+Block-sparse attention (`block_sparse_pallas`, impl="pallas" of `block_sparse_attention`) is
+the same three kernels with block lists (`_Lists`, built in XLA from the block mask) in place
+of those ranges: per CTA tile, the blocks the memory warpgroup streams and each compute
+warpgroup's own steps among them (unmasked first, then masked); see `_Listed`.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -53,6 +59,7 @@ class Blocks:
   bwd_block_kv: int = 64
   bwd_stages: int = 2
   bwd_wgs: int = 2
+  pingpong: bool = True  # forward with wgs=2: the warpgroups alternate on the tensor cores
 
   def __post_init__(self):
     for name in ("block_q", "block_kv", "bwd_block_q", "bwd_block_kv"):
@@ -271,6 +278,64 @@ def _run_split(split: _Split, n, step_fn, skip_fn, carry, start=0):
   return lax.fori_loop(split.d, n, skip_fn, carry)
 
 
+class _Lists(NamedTuple):
+  """Block lists of one kernel (block-sparse attention), per [B|1, heads|1, CTA tile]: the
+  memory warpgroup streams `steps` [.., L] int32 (blocks: key blocks, or for dk/dv g * n_q +
+  query block), the union of the compute warpgroups' own steps; warpgroup w computes the
+  steps at positions `own` [.., wgs, L] (ascending) and skips the others; `counts`
+  [.., 1 + 2 wgs]: (len(steps), then per warpgroup len(own) and how many of its own steps
+  lead unmasked; the rest run masked)."""
+  steps: Any
+  own: Any
+  counts: Any
+
+
+class _Listed(NamedTuple):
+  """A CTA's steps from its `_Lists` refs (GMEM, read as scalars): step i loads block
+  `block(i)`; `run` is a warpgroup's part, as `_run_split` is for the dense schedule."""
+  n: Any
+  steps: Any  # refs of this CTA: [L], [wgs, L], [1 + 2 wgs]
+  own: Any
+  counts: Any
+
+  @classmethod
+  def at(cls, refs: _Lists, b, h, tile):
+    """The lists of CTA (b, h, tile); lists of one batch / head entry are shared."""
+    i = (b if refs.steps.shape[0] > 1 else 0, h if refs.steps.shape[1] > 1 else 0, tile)
+    counts = refs.counts.at[i]
+    return cls(counts[0], refs.steps.at[i], refs.own.at[i], counts)
+
+  def block(self, step):
+    return self.steps[step]
+
+  def run(self, wg, step_fn, skip_fn, carry):
+    """Warpgroup wg's steps: its own ones (plain, then masked), every other step skipped."""
+    own = self.own.at[wg]
+
+    def part(lo, hi, masked, state):
+      def body(j, state):
+        at, carry = state
+        pos = own[j]
+        carry = lax.fori_loop(at, pos, skip_fn, carry)
+        return pos + 1, step_fn(pos, carry, masked=masked)
+      return lax.fori_loop(lo, hi, body, state)
+
+    n_own, n_plain = self.counts[1 + 2 * wg], self.counts[2 + 2 * wg]
+    state = part(jnp.int32(0), n_plain, False, (jnp.int32(0), carry))
+    at, carry = part(n_plain, n_own, True, state)
+    return lax.fori_loop(at, self.n, skip_fn, carry)
+
+
+def _kv_steps(pb: _Problem, row0, rows_per_wg: int, wgs: int, block_kv: int, lists, b, h, tile):
+  """The forward / dq kernel's key-block steps and `run(wg, step_fn, skip_fn, carry)`: from
+  the key ranges (`_kv_schedule`), or from block lists (refs, or None)."""
+  if lists is not None:
+    steps = _Listed.at(lists, b, h, tile)
+    return steps, steps.run
+  steps, splits = _kv_schedule(pb, row0, rows_per_wg, wgs, block_kv)
+  return steps, lambda wg, *a: _run_split(_pick(splits, wg), steps.n, *a)
+
+
 def _heavy_first(axis: str, n: int):
   """Query tiles in reverse launch order: under causal masking the last tiles see the most
   keys, so they start first and the short ones fill the tail (longest-processing-time)."""
@@ -289,29 +354,40 @@ def _pick(x, w):
   return out
 
 
+def _list_refs(refs, lists):
+  """A kernel body's refs after its fixed inputs: (the `_Lists` refs or None, the rest)."""
+  if lists is None:
+    return None, refs
+  return _Lists(*refs[:3]), refs[3:]
+
+
 # ------------------------------------------------------------------------------- forward
 
 
-def _forward(q, k, v, q_seg, k_seg, pb: _Problem):
+def _forward(q, k, v, q_seg, k_seg, pb: _Problem, lists: _Lists | None = None):
   """q [B, Tp, H, D] (Tp a multiple of wgs * block_q), k/v [B, Sp, Hkv, D] (Sp a multiple of
-  block_kv) -> (o [B, Tp, H, D], lse [B, H, Tp] float32 in log2 units, +inf for empty rows)."""
+  block_kv) -> (o [B, Tp, H, D], lse [B, H, Tp] float32 in log2 units, +inf for empty rows).
+  lists: the key blocks of each query tile (block-sparse), else the causal / window ranges."""
   bsz, tp, heads, d = q.shape
   sp = k.shape[1]
   blk = pb.blocks
   bq, bkv, stages, wgs = blk.block_q, blk.block_kv, blk.stages, blk.wgs
+  pingpong = wgs == 2 and blk.pingpong
   softmax = pb.spec.kind == "softmax"
   dtype = q.dtype
   spec = pb.spec
 
-  def body(q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, smem, bars):
+  def body(q_ref, k_ref, v_ref, qs_ref, ks_ref, *refs):
+    list_refs, (o_ref, lse_ref, smem, bars) = _list_refs(refs, lists)
     q_smem2, k_smem, v_smem, lse_smem2, qs_smem2, ks_smem = smem
     q_bars, k_bars, v_bars, ks_bars, k_free, v_free, sched = bars
     b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
-    row0 = _heavy_first("q_seq", tp // (wgs * bq)) * (wgs * bq)
-    steps, splits = _kv_schedule(pb, row0, bq, wgs, bkv)
+    tile = _heavy_first("q_seq", tp // (wgs * bq))
+    row0 = tile * (wgs * bq)
+    steps, run = _kv_steps(pb, row0, bq, wgs, bkv, list_refs, b, h, tile)
 
     def ping():  # FlashAttention-3 ping-pong between the two compute warpgroups
-      if wgs == 2:
+      if pingpong:
         plgpu.barrier_arrive(sched)
         plgpu.barrier_wait(sched)
 
@@ -325,7 +401,6 @@ def _forward(q, k, v, q_seg, k_seg, pb: _Problem):
         plgpu.copy_gmem_to_smem(qs_ref.at[b, pl.ds(q_row, bq)], qs_smem2.at[wg], q_bars.at[wg])
       plgpu.barrier_wait(q_bars.at[wg])
       q_seg_vec = plgpu.load(qs_smem2.at[wg], layout=_WG.reduce(1)) if pb.segments else None
-      split = _pick(splits, wg)
 
       def wait_keys(slot):
         plgpu.barrier_wait(k_bars.at[slot])
@@ -368,10 +443,10 @@ def _forward(q, k, v, q_seg, k_seg, pb: _Problem):
             p = jnp.where(mask, p, 0.0)
           p16 = p.astype(dtype)
           rest = ()
-        if wgs == 2:
+        if pingpong:
           plgpu.barrier_arrive(sched)
         plgpu.barrier_wait(v_bars.at[slot])
-        if wgs == 2:
+        if pingpong:
           plgpu.barrier_wait(sched)
 
         def pv(acc_ref):
@@ -398,7 +473,7 @@ def _forward(q, k, v, q_seg, k_seg, pb: _Problem):
       else:
         carry = (acc,)
       pl.when(wg == 1)(ping)
-      carry = _run_split(split, steps.n, step, skip, carry)
+      carry = run(wg, step, skip, carry)
       pl.when(wg == 0)(ping)
 
       if softmax:
@@ -439,15 +514,15 @@ def _forward(q, k, v, q_seg, k_seg, pb: _Problem):
       num_threads=wgs + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(q, k, v, q_seg, k_seg)
+  )(q, k, v, q_seg, k_seg, *(lists or ()))
   return o, lse
 
 
 # ------------------------------------------------------------------------------ backward
 
 
-def _backward_dq(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem):
-  """dq [B, Tp, H, D]: per query tile, stream K/V over the forward's key blocks."""
+def _backward_dq(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem, lists: _Lists | None = None):
+  """dq [B, Tp, H, D]: per query tile, stream K/V over the forward's key blocks (or `lists`)."""
   bsz, tp, heads, d = q.shape
   sp = k.shape[1]
   blk = pb.blocks
@@ -455,12 +530,14 @@ def _backward_dq(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem):
   spec, dtype = pb.spec, q.dtype
   softmax = spec.kind == "softmax"
 
-  def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dq_ref, smem, bars):
+  def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, *refs):
+    list_refs, (dq_ref, smem, bars) = _list_refs(refs, lists)
     q_smem2, do_smem2, k_smem, v_smem, stat_smem2, qs_smem2, ks_smem = smem
     q_bars, k_bars, v_bars, ks_bars, k_free, v_free = bars
     b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
-    row0 = _heavy_first("q_seq", tp // (wgs * bq)) * (wgs * bq)
-    steps, splits = _kv_schedule(pb, row0, bq, wgs, bkv)
+    tile = _heavy_first("q_seq", tp // (wgs * bq))
+    row0 = tile * (wgs * bq)
+    steps, run = _kv_steps(pb, row0, bq, wgs, bkv, list_refs, b, h, tile)
 
     @pl.when(wg < wgs)
     def _compute():
@@ -478,7 +555,6 @@ def _backward_dq(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem):
       lse = plgpu.load(stat_smem2.at[wg, 0], layout=_WG.reduce(1))
       delta = plgpu.load(stat_smem2.at[wg, 1], layout=_WG.reduce(1))
       q_seg_vec = plgpu.load(qs_smem2.at[wg], layout=_WG.reduce(1)) if pb.segments else None
-      split = _pick(splits, wg)
 
       def wait_keys(slot):
         plgpu.barrier_wait(k_bars.at[slot])
@@ -532,7 +608,7 @@ def _backward_dq(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem):
         return carry
 
       dq = plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), _WG)
-      dq = _run_split(split, steps.n, step, skip, dq)
+      dq = run(wg, step, skip, dq)
       q_smem[...] = (dq * spec.scale).astype(dtype)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, rows, h])
@@ -560,12 +636,13 @@ def _backward_dq(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem):
       num_threads=wgs + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(q, k, v, do, lse, delta, q_seg, k_seg)
+  )(q, k, v, do, lse, delta, q_seg, k_seg, *(lists or ()))
 
 
-def _backward_dkv(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem):
+def _backward_dkv(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem,
+                  lists: _Lists | None = None):
   """dk, dv [B, Sp, Hkv, D]: per key tile of one KV head, stream the query blocks of every
-  query head of its group that see it."""
+  query head of its group that see it (or `lists`: steps g * n_q + query block)."""
   bsz, tp, heads, d = q.shape
   sp, kv_heads = k.shape[1], k.shape[2]
   blk = pb.blocks
@@ -575,18 +652,27 @@ def _backward_dkv(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem):
   softmax = spec.kind == "softmax"
   group = pb.group
 
-  def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dk_ref, dv_ref,
-           smem, bars):
+  def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, *refs):
+    list_refs, (dk_ref, dv_ref, smem, bars) = _list_refs(refs, lists)
     k_smem2, v_smem2, ks_smem2, q_smem, do_smem, stat_smem, qs_smem = smem
     k_bars, q_bars, free = bars
     b, kvh, wg = lax.axis_index("batch"), lax.axis_index("kv_heads"), lax.axis_index("wg")
     key0 = lax.axis_index("kv_seq") * (wgs * bkv)
-    q_lo, nqs, splits = _q_schedule(pb, key0, bkv, wgs, bq, n_q)
-    n = nqs * group
+    if list_refs is None:
+      q_lo, nqs, splits = _q_schedule(pb, key0, bkv, wgs, bq, n_q)
+      n = nqs * group
 
-    def where(i):  # step -> (query head, first query row)
-      g = lax.div(i, jnp.maximum(nqs, 1))
-      return kvh * group + g, (q_lo + i - g * nqs) * bq
+      def where(i):  # step -> (query head, first query row)
+        g = lax.div(i, jnp.maximum(nqs, 1))
+        return kvh * group + g, (q_lo + i - g * nqs) * bq
+    else:
+      steps = _Listed.at(list_refs, b, kvh, lax.axis_index("kv_seq"))
+      n = steps.n
+
+      def where(i):  # step -> (query head, first query row): block g * n_q + query block
+        blk = steps.block(i)
+        g = lax.div(blk, jnp.int32(n_q))
+        return kvh * group + g, (blk - g * n_q) * bq
 
     @pl.when(wg < wgs)
     def _compute():
@@ -600,7 +686,6 @@ def _backward_dkv(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem):
         plgpu.copy_gmem_to_smem(ks_ref.at[b, rows], ks_smem2.at[wg], k_bars.at[wg])
       plgpu.barrier_wait(k_bars.at[wg])
       k_seg_vec = plgpu.load(ks_smem2.at[wg], layout=_WG.reduce(1)) if pb.segments else None
-      split = _pick(splits, wg)
 
       def step(i, carry, masked):
         dk_acc, dv_acc = carry
@@ -656,13 +741,19 @@ def _backward_dkv(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem):
 
       zeros = plgpu.layout_cast(jnp.zeros((bkv, d), jnp.float32), _WG)
 
-      def per_head(g, carry):  # the steps of query head g of the group: [g * nqs, (g + 1) * nqs)
-        base = g * nqs
-        return _run_split(_Split(*(x + base for x in split[:4])), base + nqs, step, skip, carry, base)
+      if list_refs is None:
+        split = _pick(splits, wg)
 
-      # traced bounds: a while loop (a fori_loop with static bounds becomes a scan, whose
-      # carry layouts Mosaic GPU's inference does not resolve here)
-      dk, dv = lax.fori_loop(0, group, per_head, (zeros, zeros))
+        def per_head(g, carry):  # the steps of query head g of the group: [g * nqs, (g + 1) * nqs)
+          base = g * nqs
+          return _run_split(_Split(*(x + base for x in split[:4])), base + nqs, step, skip, carry,
+                            base)
+
+        # traced bounds: a while loop (a fori_loop with static bounds becomes a scan, whose
+        # carry layouts Mosaic GPU's inference does not resolve here)
+        dk, dv = lax.fori_loop(0, group, per_head, (zeros, zeros))
+      else:
+        dk, dv = steps.run(wg, step, skip, (zeros, zeros))
       k_smem[...] = (dk * spec.scale).astype(dtype)
       v_smem[...] = dv.astype(dtype)
       plgpu.commit_smem()
@@ -704,7 +795,7 @@ def _backward_dkv(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem):
       num_threads=wgs + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(q, k, v, do, lse, delta, q_seg, k_seg)
+  )(q, k, v, do, lse, delta, q_seg, k_seg, *(lists or ()))
 
 
 # ---------------------------------------------------------------------------- the op
@@ -739,26 +830,26 @@ def _padded(q, k, v, q_seg, k_seg, blk: Blocks):
   return q, k, v, q_seg, k_seg
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, q_seg, k_seg, pb: _Problem):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _flash(q, k, v, q_seg, k_seg, lists, pb: _Problem):
   """-> (o [B, T, H, D], lse [B, T, H] float32 natural log, -inf for a row that sees no key;
-  None for sigmoid), both differentiable."""
-  return _flash_fwd(q, k, v, q_seg, k_seg, pb)[0]
+  None for sigmoid), both differentiable. lists: `_SparseLists` (block-sparse) or None."""
+  return _flash_fwd(q, k, v, q_seg, k_seg, lists, pb)[0]
 
 
-def _flash_fwd(q, k, v, q_seg, k_seg, pb: _Problem):
+def _flash_fwd(q, k, v, q_seg, k_seg, lists, pb: _Problem):
   t = q.shape[1]
   qp, kp, vp, qs, ks = _padded(q, k, v, q_seg, k_seg, pb.blocks)
-  o, lse = _forward(qp, kp, vp, qs, ks, pb)
+  o, lse = _forward(qp, kp, vp, qs, ks, pb, lists and lists.fwd)
   lse_out = _lse_public(lse, t) if pb.spec.kind == "softmax" else None
-  return (o[:, :t], lse_out), (q, k, v, q_seg, k_seg, o, lse)
+  return (o[:, :t], lse_out), (q, k, v, q_seg, k_seg, lists, o, lse)
 
 
 def _flash_bwd(pb: _Problem, res, cts):
-  q, k, v, q_seg, k_seg, o, lse = res
+  q, k, v, q_seg, k_seg, lists, o, lse = res
   do, dlse = cts
-  dq, dk, dv = _grads(pb, q, k, v, q_seg, k_seg, o, lse, do, dlse)
-  return dq, dk, dv, _no_grad(q_seg), _no_grad(k_seg)
+  dq, dk, dv = _grads(pb, q, k, v, q_seg, k_seg, o, lse, do, dlse, lists)
+  return dq, dk, dv, _no_grad(q_seg), _no_grad(k_seg), jax.tree.map(_no_grad, lists)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -775,12 +866,14 @@ def _lse_kernel(lse, tp: int):
   return _pad_to(x, 2, tp, jnp.inf)
 
 
-def _grads(pb: _Problem, q, k, v, q_seg, k_seg, o, lse, do, dlse=None):
+def _grads(pb: _Problem, q, k, v, q_seg, k_seg, o, lse, do, dlse=None, lists=None):
   """(dq, dk, dv) from rows whose output o [B, T or Tp, H, D] and kernel lse [B, H, Tp] may
   cover more keys than k holds (ring attention: then this key block's share of dq and its
-  dk, dv). dlse [B, T, H]: the cotangent of the public lse (d lse / d s = p), or None."""
+  dk, dv). dlse [B, T, H]: the cotangent of the public lse (d lse / d s = p), or None.
+  lists: `_SparseLists` (block-sparse; the head dim is within the kernels' limit) or None."""
   t, s = q.shape[1], k.shape[1]
   if q.shape[-1] > MAX_BWD_HEAD_DIM:
+    assert lists is None, "block-sparse: head dims above MAX_BWD_HEAD_DIM are unsupported"
     return _xla_backward(pb, (q, k, v, q_seg, k_seg, o, lse), do, dlse)
   qp, kp, vp, qs, ks = _padded(q, k, v, q_seg, k_seg, pb.blocks)
   tp = qp.shape[1]
@@ -791,8 +884,8 @@ def _grads(pb: _Problem, q, k, v, q_seg, k_seg, o, lse, do, dlse=None):
       delta = delta - _pad_to(jnp.swapaxes(dlse, 1, 2), 2, tp)
   else:
     delta = jnp.zeros_like(lse)
-  dq = _backward_dq(qp, kp, vp, dop, lse, delta, qs, ks, pb)
-  dk, dv = _backward_dkv(qp, kp, vp, dop, lse, delta, qs, ks, pb)
+  dq = _backward_dq(qp, kp, vp, dop, lse, delta, qs, ks, pb, lists and lists.dq)
+  dk, dv = _backward_dkv(qp, kp, vp, dop, lse, delta, qs, ks, pb, lists and lists.dkv)
   return dq[:, :t], dk[:, :s], dv[:, :s]
 
 
@@ -856,7 +949,7 @@ def attention_pallas(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, kv_block=None, b
   """The kernel under the op's signature; positions must be the defaults (see `unsupported`)."""
   del q_pos, k_pos, kv_block
   pb = _problem(q, k, spec, q_seg, blocks)
-  o, lse = _flash(*same_vma(q, k, v, q_seg, k_seg), pb)
+  o, lse = _flash(*same_vma(q, k, v, q_seg, k_seg), None, pb)
   return (o, lse) if return_lse else o
 
 
@@ -880,4 +973,120 @@ def block_grads_unsupported(call: dict) -> str | None:
     return why
   if call["q"].shape[-1] > MAX_BWD_HEAD_DIM:
     return f"head dim {call['q'].shape[-1]} > {MAX_BWD_HEAD_DIM} (the backward kernels' limit)"
+  return None
+
+
+# ------------------------------------------------------------------- block-sparse attention
+# The kernels above with block lists (`_Lists`) instead of the causal ranges: built here in
+# XLA from the op's block mask, per kernel CTA tile; blocks never listed are never loaded.
+
+
+class _SparseLists(NamedTuple):
+  fwd: _Lists  # per (b, query head, query tile): key blocks of Blocks.block_kv
+  dq: _Lists  # the same with the backward's tiles (bwd_block_q, bwd_block_kv)
+  dkv: _Lists  # per (b, KV head, key tile): g * n_q + query block (bwd_block_q), g < group
+
+
+def _lists(own, masked):
+  """own, masked: bool [..., wgs, N] (does a warpgroup see candidate block n at all, does it
+  need the mask there) -> `_Lists` over the union of the warpgroups' blocks. Steps are ordered
+  by how many warpgroups mask them, then by block: under the causal rule (monotone in both
+  positions) every warpgroup's masked steps then come after its plain ones; where they would
+  not, the steps after its first masked one run masked (slower, never wrong). numpy where
+  `own` is (a concrete mask: lists just long enough, constants), else traced jnp."""
+  xp = np if isinstance(own, np.ndarray) else jnp
+  argsort = (lambda x: np.argsort(x, -1, kind="stable")) if xp is np else (
+      lambda x: jnp.argsort(x, -1, stable=True))
+  w, n = own.shape[-2:]
+  union = own.any(-2)  # [..., N]
+  length = max(int(union.sum(-1).max(initial=0)), 1) if xp is np else n
+  rank = xp.sum(own & masked, -2) * n + xp.arange(n)
+  order = argsort(xp.where(union, rank, (w + 1) * n))[..., :length]  # step -> block
+  pick = lambda x: xp.take_along_axis(x, order[..., None, :], -1)  # [..., wgs, L]
+  own_s, masked_s = pick(own), pick(own & masked)
+  pos = argsort(~own_s)  # own steps first, ascending
+  n_own = own_s.sum(-1)
+  late = xp.take_along_axis(masked_s, pos, -1)  # the j-th own step runs masked
+  n_plain = xp.where(late.any(-1), xp.argmax(late, -1), n_own)
+  counts = xp.concatenate([union.sum(-1)[..., None],
+                           xp.stack([n_own, n_plain], -1).reshape(*n_own.shape[:-1], 2 * w)], -1)
+  return _Lists(*(jnp.asarray(x, jnp.int32) for x in (order, pos, counts)))
+
+
+def _row_lists(mask, pb: _Problem, tq: int, bq: int, wgs: int, bkv: int, block_q: int,
+               block_k: int):
+  """The forward / dq kernel's lists: mask [B|1, H|1, nq, nk] (op blocks) -> per query tile
+  of wgs x bq rows (T padded to a multiple of tq), the key blocks of bkv keys."""
+  tiles = -(-pb.t // tq) * tq // (wgs * bq)
+  row0 = (np.arange(tiles)[:, None] * wgs + np.arange(wgs)) * bq  # [tiles, wgs]
+  key0 = np.arange(-(-pb.s // bkv)) * bkv  # [nkb]
+  bits = mask[:, :, np.minimum(row0 // block_q, mask.shape[2] - 1)][..., key0 // block_k]
+  first, last = row0 + pb.offset, np.minimum(row0 + bq, pb.t) - 1 + pb.offset
+  seen = (row0 < pb.t)[..., None] & ((key0 <= last[..., None]) if pb.spec.causal else True)
+  full = (key0 + bkv <= pb.s) & ((key0 + bkv - 1 <= first[..., None]) if pb.spec.causal else True)
+  return _lists(bits & seen, ~full & seen)
+
+
+def _key_lists(mask, pb: _Problem, bq: int, wgs: int, bkv: int, sp: int, heads: int,
+               block_q: int, block_k: int):
+  """The dk/dv kernel's lists: per key tile of wgs x bkv keys of one KV head, the query
+  blocks (bq rows) of each query head g of its group, as g * n_q + query block."""
+  n_q, kv_heads = -(-pb.t // bq), heads // pb.group
+  key0 = (np.arange(sp // (wgs * bkv))[:, None] * wgs + np.arange(wgs)) * bkv  # [tiles, wgs]
+  q0 = np.arange(n_q) * bq
+  first, last = q0 + pb.offset, np.minimum(q0 + bq, pb.t) - 1 + pb.offset
+  xp = np if isinstance(mask, np.ndarray) else jnp
+  per_head = xp.broadcast_to(mask, mask.shape[:1] + (heads,) + mask.shape[2:])
+  per_head = per_head.reshape(mask.shape[0], kv_heads, pb.group, *mask.shape[2:])
+  bits = per_head[..., q0 // block_q, :][..., np.minimum(key0 // block_k, mask.shape[3] - 1)]
+  bits = xp.moveaxis(bits, (2, 3), (-2, -1))  # [B|1, Hkv, tiles, wgs, G, n_q]
+  seen = (key0 < pb.s)[..., None] & ((key0[..., None] <= last) if pb.spec.causal else True)
+  full = (key0[..., None] + bkv <= pb.s) & ((key0[..., None] + bkv - 1 <= first)
+                                             if pb.spec.causal else True)
+  seen, full = seen[..., None, :], full[..., None, :]  # over G
+  flat = lambda x: x.reshape(*x.shape[:-2], -1)
+  return _lists(flat(bits & seen), flat(np.broadcast_to(~full & seen, bits.shape[-4:])))
+
+
+def _sparse_lists(block_mask, pb: _Problem, heads: int, block_q: int, block_k: int):
+  """The three kernels' lists from the op's block mask (numpy where it is concrete)."""
+  blk = pb.blocks
+  tq = math.lcm(blk.wgs * blk.block_q, blk.bwd_wgs * blk.bwd_block_q)
+  sp = -(-pb.s // _key_multiple(blk)) * _key_multiple(blk)
+  try:
+    mask = np.asarray(block_mask, bool)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    mask = jnp.asarray(block_mask)
+  sizes = dict(block_q=block_q, block_k=block_k)
+  return _SparseLists(
+      _row_lists(mask, pb, tq, blk.block_q, blk.wgs, blk.block_kv, **sizes),
+      _row_lists(mask, pb, tq, blk.bwd_block_q, blk.bwd_wgs, blk.bwd_block_kv, **sizes),
+      _key_lists(mask, pb, blk.bwd_block_q, blk.bwd_wgs, blk.bwd_block_kv, sp, heads, **sizes))
+
+
+def sparse_blocks(head_dim: int, block_q: int, block_k: int) -> Blocks:
+  """The tuned tiles with the forward's key block dividing block_k (64 keys: a ring of 4).
+  Ping-pong only where the CTA's two warpgroups share one query block (block_q a multiple of
+  128, as dense attention): elsewhere a warpgroup skipping a step its block does not list runs
+  ahead to its next one instead of waiting on the other's turn (a guess, to time on a GPU)."""
+  blk = blocks_for(head_dim)
+  blk = dataclasses.replace(blk, pingpong=block_q % (blk.wgs * blk.block_q) == 0)
+  return blk if block_k % blk.block_kv == 0 else dataclasses.replace(blk, block_kv=64, stages=4)
+
+
+def block_sparse_pallas(q, k, v, block_mask, spec, *, block_q: int, block_k: int, blocks=None):
+  """`block_sparse_attention` on the kernels (see `block_sparse_unsupported`)."""
+  pb = _problem(q, k, spec, None, blocks or sparse_blocks(q.shape[-1], block_q, block_k))
+  lists = _sparse_lists(block_mask, pb, q.shape[2], block_q, block_k)
+  return _flash(*same_vma(q, k, v), None, None, lists, pb)[0]
+
+
+def block_sparse_unsupported(call: dict) -> str | None:
+  """As `unsupported`, the backward kernels' head-dim limit, and the block sizes: the
+  kernels' 64-row query and key tiles must tile the op's blocks."""
+  if (why := block_grads_unsupported(call)) is not None:
+    return why
+  for name in ("block_q", "block_k"):
+    if call[name] % 64:
+      return f"{name}={call[name]} (the kernel takes multiples of 64)"
   return None

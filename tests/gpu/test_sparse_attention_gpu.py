@@ -1,0 +1,131 @@
+"""Block-sparse attention on the Mosaic GPU kernels (impl="pallas": the attention kernels with
+block lists) against the float32 reference, forward and every gradient, on random masks at
+10-60% density with a query block that sees nothing, ragged lengths, GQA / MQA and broadcast
+masks. Runs on a Hopper GPU; skipped elsewhere.
+
+    python -m pytest -q tests/gpu/test_sparse_attention_gpu.py      # on the device
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import assert_close, compare, needs_hopper
+from longax.kernels import block_sparse_attention
+from longax.kernels.gpu import attention as gpu
+
+pytestmark = needs_hopper()
+
+# (B, T, S, H, Hkv, D, block_q, block_k, mask [B|1, H|1])
+BASE = (2, 512, 512, 4, 2, 128, 64, 64, (2, 4))  # GQA, a mask per (b, h)
+RAGGED = (1, 300, 300, 4, 1, 64, 64, 64, (1, 4))  # T, S not multiples of any tile; MQA
+T_LT_S = (1, 200, 456, 4, 2, 128, 64, 128, (1, 1))  # bottom-right causal; one mask for all
+T_GT_S = (1, 333, 150, 2, 2, 64, 64, 64, (1, 2))  # the first queries see no key
+BIG_BLOCKS = (2, 640, 640, 4, 2, 128, 128, 128, (2, 1))  # block_q = the CTA's 128 rows
+ODD_BLOCK = (1, 520, 520, 2, 1, 64, 192, 192, (1, 2))  # 192: three 64-key kernel blocks
+LONG = (1, 2048, 2048, 2, 1, 128, 64, 64, (1, 2))
+FULL = dict(causal=False)
+# (shape, block density, options), each for softmax and sigmoid
+CASES = [
+    (BASE, 0.1, {}), (BASE, 0.6, {}), (BASE, 0.3, FULL), (RAGGED, 0.3, {}), (RAGGED, 0.6, FULL),
+    (T_LT_S, 0.3, {}), (T_LT_S, 0.1, FULL), (T_GT_S, 0.6, {}), (BIG_BLOCKS, 0.25, {}),
+    (ODD_BLOCK, 0.4, {}), (ODD_BLOCK, 0.4, FULL), (LONG, 0.1, {}),
+]
+
+
+def _mask(shape, density, seed):
+  """bool [B|1, H|1, nq, nk]: blocks on with probability `density`, query block 1 all off."""
+  b, t, s, h, hkv, d, bq, bk, (bm, hm) = shape
+  on = np.random.default_rng(seed).random((bm, hm, -(-t // bq), -(-s // bk))) < density
+  on[:, :, min(1, on.shape[2] - 1)] = False
+  return on
+
+
+def _inputs(rand, shape, dtype):
+  b, t, s, h, hkv, d = shape[:6]
+  return (rand.normal((b, t, h, d), dtype), rand.normal((b, s, hkv, d), dtype),
+          rand.normal((b, s, hkv, d), dtype))
+
+
+def _op(mask, shape, impl, **opts):
+  bq, bk = shape[6:8]
+  return lambda q, k, v: block_sparse_attention(q, k, v, mask, block_q=bq, block_k=bk,
+                                                impl=impl, **opts)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("shape,density,opts", CASES, ids=str)
+def test_pallas_matches_reference(rand, shape, density, opts, kind):
+  q, k, v = _inputs(rand, shape, jnp.bfloat16)
+  mask = _mask(shape, density, seed=int(100 * density) + shape[1])
+  opts = dict(opts, kind=kind)
+  compare(_op(mask, shape, "pallas", **opts), _op(mask, shape, "reference", **opts), (q, k, v),
+          (0, 1, 2), 2e-2, f"{shape} {density} {opts}")
+
+
+def test_f16_and_a_traced_mask(rand):
+  """float16, and a mask that is an argument of the jitted function (lists over every block)."""
+  q, k, v = _inputs(rand, BASE, jnp.float16)
+  mask = _mask(BASE, 0.3, seed=7)
+  got = jax.jit(lambda q, k, v, m: block_sparse_attention(q, k, v, m, impl="pallas"))
+  want = _op(mask, BASE, "reference")(q, k, v)
+  assert_close(got(q, k, v, jnp.asarray(mask)), want, 2e-2, "traced mask")
+  compare(_op(mask, BASE, "pallas"), _op(mask, BASE, "reference"), (q, k, v), (0, 1, 2), 2e-2,
+          "f16")
+
+
+def test_blocks_off_everywhere_are_never_used(rand):
+  """Keys and values of key blocks no query block lists are NaN: a kernel that loaded and
+  used them (even times 0) would return NaN; the result is that of any finite values there,
+  and their gradients are 0."""
+  shape = RAGGED
+  q, k, v = _inputs(rand, shape, jnp.bfloat16)
+  mask = _mask(shape, 0.4, seed=3)
+  mask[..., 1::2] = False  # every other key block: off for every query block and head
+  off = (np.arange(shape[2]) // shape[7]) % 2 == 1
+  poison = lambda x, fill: jnp.where(off[None, :, None, None], fill, x).astype(x.dtype)
+  kn, vn = poison(k, jnp.nan), poison(v, jnp.nan)
+  fn = _op(mask, shape, "pallas")
+  want = _op(mask, shape, "reference")(q, poison(k, 0.0), poison(v, 0.0))
+  assert_close(fn(q, kn, vn), want, 2e-2, "forward")
+  grads = jax.grad(lambda q, k, v: fn(q, k, v).astype(jnp.float32).sum(), (0, 1, 2))(q, kn, vn)
+  for g in grads:
+    assert np.all(np.isfinite(np.asarray(g, np.float32)))
+  for g in grads[1:]:
+    assert not np.any(np.asarray(g, np.float32)[:, off])
+
+
+TILINGS = {"pingpong": gpu.Blocks(block_kv=64),
+           "no_pingpong_kv128": gpu.Blocks(block_kv=128, pingpong=False),
+           "one_wg": gpu.Blocks(block_kv=64, wgs=1, bwd_wgs=1)}
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("tiling", TILINGS)
+def test_other_tilings(rand, tiling, kind):
+  """Tilings other than `sparse_blocks`' for 64-row query blocks: ping-pong (the warpgroups
+  alternate, also on the steps one of them skips), 128-key forward blocks, and one compute
+  warpgroup (a CTA of 64 query rows: each CTA one list, no union)."""
+  from longax.kernels.attention import AttnSpec
+  shape = (1, 300, 300, 4, 1, 128, 64, 128, (1, 4))
+  q, k, v = _inputs(rand, shape, jnp.bfloat16)
+  mask = _mask(shape, 0.3, seed=11)
+  spec = AttnSpec(kind, True, shape[5]**-0.5, None, 0, None,
+                  -np.log(shape[2]) if kind == "sigmoid" else 0.0)
+  got = lambda q, k, v: gpu.block_sparse_pallas(q, k, v, mask, spec, block_q=64, block_k=128,
+                                                 blocks=TILINGS[tiling])
+  compare(got, _op(mask, shape, "reference", kind=kind), (q, k, v), (0, 1, 2), 2e-2,
+          f"{tiling} {kind}")
+
+
+def test_auto_takes_the_kernel():
+  """On a Hopper GPU, auto picks the kernel for bf16 / head dim 128 / 64-blocks (the
+  benchmark's `longax.auto` row), and XLA for float32."""
+  from longax.kernels._dispatch import resolve
+  from longax.kernels.attention import AttnSpec
+  x = lambda dt: jnp.zeros((1, 256, 4, 128), dt)
+  spec = AttnSpec("softmax", True, 0.1, None, 0, None, 0.0)
+  call = lambda dt: dict(q=x(dt), k=x(dt), v=x(dt), spec=spec, block_q=64, block_k=64)
+  assert resolve("block_sparse_attention", "auto", call(jnp.bfloat16)) is gpu.block_sparse_pallas
+  assert resolve("block_sparse_attention", "auto", call(jnp.float32)) is not gpu.block_sparse_pallas

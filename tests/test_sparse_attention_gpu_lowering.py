@@ -1,0 +1,264 @@
+"""Block-sparse attention on the Mosaic GPU attention kernels (block lists), on any machine:
+the kernels lower for "cuda" forward and backward (cross-platform lowering catches layout,
+shared-memory and tracing errors without a GPU), the lists list every visible block once and
+nothing else, the kernels' step loop (`_Listed.run`, on arrays) walks them as meant, and the
+op run with the kernels emulated by list-following XLA (the pairs each warpgroup's steps
+cover, the rule on masked steps only) matches the reference. ~25 s on 2 cores.
+Running the kernels is checked on the device (`tests/gpu/test_sparse_attention_gpu.py`)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from test_attention_gpu_lowering import _onehot_cover, emulated  # noqa: F401 (a fixture)
+from longax.kernels import block_sparse_attention
+from longax.kernels.attention import AttnSpec
+from longax.kernels.gpu import attention as gpu
+
+
+def _mask(shape, density, seed, empty_row=True):
+  """bool block mask, blocks on with probability `density`; query block 0 all off (a row of
+  queries that sees nothing) where `empty_row`."""
+  on = np.random.default_rng(seed).random(shape) < density
+  if empty_row:
+    on[:, :, 0] = False
+  return on
+
+
+def _spec(kind, causal, d):
+  return AttnSpec(kind, causal, d**-0.5, None, 0, None, -3.0 if kind == "sigmoid" else 0.0)
+
+
+# (kind, causal, T, S, H, Hkv, D, block_q, block_k, mask per (b, h))
+LOWER = [
+    ("softmax", True, 300, 300, 4, 2, 64, 64, 64, True),  # ragged, GQA, forward key block 64
+    ("softmax", False, 256, 256, 4, 2, 128, 64, 128, False),  # forward key block 128
+    ("sigmoid", True, 200, 456, 4, 1, 128, 128, 64, True),  # T < S, MQA, block_q = the CTA tile
+    ("sigmoid", False, 192, 192, 2, 2, 64, 64, 192, False),  # block_k = 3 kernel key blocks
+]
+
+
+@pytest.mark.parametrize("case", LOWER, ids=str)
+def test_lowers_forward_and_backward(case):
+  kind, causal, t, s, h, hkv, d, bq, bk, full = case
+  q = jnp.zeros((1, t, h, d), jnp.bfloat16)
+  k = jnp.zeros((1, s, hkv, d), jnp.bfloat16)
+  mask = _mask((1, h if full else 1, -(-t // bq), -(-s // bk)), 0.4, seed=t)
+
+  def loss(q, k, v):
+    o = gpu.block_sparse_pallas(q, k, v, mask, _spec(kind, causal, d), block_q=bq, block_k=bk)
+    return o.astype(jnp.float32).sum()
+
+  lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k).lower(
+      lowering_platforms=("cuda",))
+  assert lowered.as_text().count("mosaic_gpu") >= 3  # forward, dq, dk/dv
+
+
+TILINGS = {"pingpong": gpu.Blocks(block_kv=64), "one_wg": gpu.Blocks(block_kv=64, wgs=1, bwd_wgs=1)}
+
+
+@pytest.mark.parametrize("tiling", TILINGS)
+def test_lowers_other_tilings(tiling):
+  """Tilings other than `sparse_blocks`' choice for 64-row blocks (tuning candidates)."""
+  q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+  mask = _mask((1, 2, 4, 4), 0.5, seed=1)
+
+  def loss(q, k, v):
+    o = gpu.block_sparse_pallas(q, k, v, mask, _spec("softmax", True, 64), block_q=64,
+                                block_k=64, blocks=TILINGS[tiling])
+    return o.astype(jnp.float32).sum()
+
+  lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, q, q).lower(
+      lowering_platforms=("cuda",))
+  assert lowered.as_text().count("mosaic_gpu") >= 3
+
+
+def test_lowers_with_a_traced_mask():
+  """A mask traced under jit: lists as long as every block (the counts still bound the steps)."""
+  q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+  spec = _spec("softmax", True, 64)
+  fn = lambda q, k, v, m: gpu.block_sparse_pallas(q, k, v, m, spec, block_q=64, block_k=64)
+  lowered = jax.jit(fn).trace(q, q, q, jnp.ones((1, 2, 4, 4), bool)).lower(
+      lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+# ------------------------------------------------------------------------------ the lists
+
+# (causal, T, S, H, Hkv, block_q, block_k, tiling: `sparse_blocks`' or one of TILINGS)
+LISTS = [
+    (True, 300, 300, 4, 2, 64, 64, "default"),
+    (True, 200, 456, 4, 1, 128, 128, "default"),  # forward key block 128
+    (True, 333, 150, 2, 2, 64, 64, "default"),  # T > S: the first rows see nothing
+    (False, 260, 300, 4, 2, 64, 192, "default"),
+    (True, 300, 300, 4, 2, 64, 128, "one_wg"),
+]
+
+
+def _seen(t, s, causal, q0, n_q, k0, n_k):
+  """bool [n_q, n_k]: query rows [q0, q0 + n_q) vs keys [k0, k0 + n_k), padding excluded."""
+  i = np.arange(q0, q0 + n_q)[:, None]
+  j = np.arange(k0, k0 + n_k)[None, :]
+  ok = (i < t) & (j < s)
+  return ok & (j <= i + s - t) if causal else ok
+
+
+def _union_is_own(steps, own, counts, cover, name):
+  """The streamed steps are the blocks some warpgroup owns, each once; each warpgroup's own
+  positions ascend within them; (a concrete mask) the lists are just long enough."""
+  assert steps.shape[-1] == max(counts[..., 0].max(), 1), name
+  for idx in np.ndindex(*steps.shape[:3]):
+    n = counts[idx][0]
+    assert sorted(steps[idx][:n]) == list(np.flatnonzero(cover[idx].any(0))), (name, idx)
+    for w in range(own.shape[3]):
+      pos = own[idx][w, :counts[idx][1 + 2 * w]]
+      assert np.all(np.diff(pos) > 0) and np.all(pos < n), (name, idx, w)
+
+
+@pytest.mark.parametrize("case", LISTS, ids=str)
+def test_lists_hold_each_seen_block_once(case):
+  """Every block a warpgroup sees (mask bit on, a visible pair) is one of its own steps, once;
+  no other block is a step; plain steps hold only visible pairs; own steps are in order."""
+  causal, t, s, h, hkv, bq_op, bk_op, tiling = case
+  blk = TILINGS.get(tiling) or gpu.sparse_blocks(64, bq_op, bk_op)
+  mask = _mask((2, h, -(-t // bq_op), -(-s // bk_op)), 0.4, seed=t + s)
+  pb = gpu._problem(jnp.zeros((1, t, h, 64)), jnp.zeros((1, s, hkv, 64)),
+                    _spec("softmax", causal, 64), None, blk)
+  lists = gpu._sparse_lists(mask, pb, h, bq_op, bk_op)
+  dense = mask[:, :, np.arange(t) // bq_op][..., np.arange(s) // bk_op]  # [B, H, T, S]
+  kinds = [("fwd", blk.block_q, blk.wgs, blk.block_kv), ("dq", blk.bwd_block_q, blk.bwd_wgs,
+                                                         blk.bwd_block_kv)]
+  for name, bq, wgs, bkv in kinds:
+    steps, own, counts = (np.asarray(x) for x in getattr(lists, name))
+    cover = np.asarray(_onehot_cover(getattr(lists, name), -(-s // bkv))[0])
+    for b, hh, tile, w in np.ndindex(*cover.shape[:4]):
+      n_own, n_plain = counts[b, hh, tile, 1 + 2 * w], counts[b, hh, tile, 2 + 2 * w]
+      pos = own[b, hh, tile, w, :n_own]
+      row0 = (tile * wgs + w) * bq
+      for kb in range(cover.shape[-1]):
+        seen = _seen(t, s, causal, row0, bq, kb * bkv, bkv)
+        on = dense[b, hh, row0:row0 + bq, kb * bkv:(kb + 1) * bkv]
+        want = int(np.any(seen[:on.shape[0], :on.shape[1]] & on))
+        assert cover[b, hh, tile, w, kb] == want, (name, b, hh, tile, w, kb)
+      for j in range(n_plain):  # a plain step's pairs are all visible
+        kb = steps[b, hh, tile, pos[j]]
+        i = np.arange(row0, row0 + bq)[:, None] + s - t
+        jj = np.arange(kb * bkv, (kb + 1) * bkv)[None, :]
+        assert np.all(jj < s) and (not causal or np.all(jj <= i)), (name, "plain", kb)
+    _union_is_own(steps, own, counts, cover, name)
+  steps, own, counts = (np.asarray(x) for x in lists.dkv)
+  g, bq, bkv, wgs = h // hkv, blk.bwd_block_q, blk.bwd_block_kv, blk.bwd_wgs
+  n_q = -(-t // bq)
+  flat = np.asarray(_onehot_cover(lists.dkv, g * n_q)[0])
+  _union_is_own(steps, own, counts, flat, "dkv")
+  cover = flat.reshape(*counts.shape[:3], wgs, g, n_q)
+  for b, kvh, tile, w, gg, qb in np.ndindex(*cover.shape):
+    key0 = (tile * wgs + w) * bkv
+    on = dense[b, kvh * g + gg, qb * bq:(qb + 1) * bq, key0:key0 + bkv]
+    seen = _seen(t, s, causal, qb * bq, bq, key0, bkv)[:on.shape[0], :on.shape[1]]
+    assert cover[b, kvh, tile, w, gg, qb] == int(np.any(seen & on)), ("dkv", b, kvh, tile, w)
+
+
+class _Ref:
+  """A stand-in for a kernel's GMEM ref over an array: `.at[i]` views, `[i]` scalar reads."""
+
+  def __init__(self, x):
+    self.x, self.shape = x, x.shape
+
+  @property
+  def at(self):
+    return self
+
+  def __getitem__(self, i):
+    out = self.x[i]
+    return _Ref(out) if jnp.ndim(out) else out
+
+
+def test_listed_run_visits_every_step_once():
+  """`_Listed.run`, the kernels' own loop over a CTA's steps, run on arrays: each warpgroup
+  visits every streamed step once, in order, computing its own ones (plain, then masked) and
+  skipping the rest."""
+  blk = gpu.sparse_blocks(64, 64, 64)
+  t, h = 300, 4
+  mask = _mask((1, h, 5, 5), 0.4, seed=2)
+  pb = gpu._problem(jnp.zeros((1, t, h, 64)), jnp.zeros((1, t, 2, 64)),
+                    _spec("softmax", True, 64), None, blk)
+  log = lambda code: lambda i, c: (c[0].at[c[1]].set(4 * i + code), c[1] + 1)
+  step = lambda i, c, masked: log(1 + masked)(i, c)
+  for lists in gpu._sparse_lists(mask, pb, h, 64, 64):
+    steps, own, counts = (np.asarray(x) for x in lists)
+    refs = gpu._Lists(*(_Ref(jnp.asarray(x)) for x in (steps, own, counts)))
+    run = jax.jit(lambda b, hh, tile, w: gpu._Listed.at(refs, b, hh, tile).run(
+        w, step, log(0), (jnp.full(steps.shape[-1], -1), jnp.int32(0))))
+    for b, hh, tile in np.ndindex(*steps.shape[:3]):
+      for w in range(own.shape[3]):
+        got, n = run(b, hh, tile, w)
+        want = np.zeros(counts[b, hh, tile, 0], int)
+        n_own, n_plain = counts[b, hh, tile, 1 + 2 * w], counts[b, hh, tile, 2 + 2 * w]
+        want[own[b, hh, tile, w, :n_own]] = 1 + (np.arange(n_own) >= n_plain)
+        assert n == len(want) and list(got[:n]) == list(4 * np.arange(n) + want)
+
+
+# ---------------------------------------------------------------- the op, kernels emulated
+
+# (B, T, S, H, Hkv, D, block_q, block_k, mask [B|1, H|1]), options, block density
+EMULATED = [
+    ((2, 300, 300, 4, 2, 16, 64, 64, (2, 4)), dict(), 0.1),  # ragged, GQA, a mask per (b, h)
+    ((2, 300, 300, 4, 2, 16, 64, 64, (2, 4)), dict(), 0.6),
+    ((1, 200, 456, 4, 1, 16, 128, 64, (1, 1)), dict(kind="sigmoid"), 0.3),  # T < S, MQA
+    ((1, 333, 150, 2, 2, 16, 64, 128, (1, 2)), dict(), 0.6),  # T > S
+    ((1, 260, 300, 4, 2, 16, 64, 192, (1, 4)), dict(causal=False), 0.3),
+    ((2, 256, 256, 2, 1, 16, 64, 64, (2, 1)), dict(causal=False, kind="sigmoid"), 0.1),
+]
+
+
+@pytest.mark.parametrize("shape,opts,density", EMULATED, ids=str)
+def test_emulated_matches_reference(emulated, shape, opts, density):
+  """Forward and every gradient through the kernels' custom_vjp, padding and lists, with the
+  kernels emulated as the pairs their lists cover, against the reference (float32)."""
+  from conftest import compare
+  b, t, s, h, hkv, d, bq, bk, (bm, hm) = shape
+  rng = np.random.default_rng(t + s + int(10 * density))
+  q, k, v = (jnp.asarray(rng.standard_normal(sh), jnp.float32)
+             for sh in ((b, t, h, d), (b, s, hkv, d), (b, s, hkv, d)))
+  mask = _mask((bm, hm, -(-t // bq), -(-s // bk)), density, seed=t)
+  kind, causal = opts.get("kind", "softmax"), opts.get("causal", True)
+  spec = AttnSpec(kind, causal, d**-0.5, None, 0, None, -np.log(s) if kind == "sigmoid" else 0.0)
+  blocks = gpu.sparse_blocks(128, bq, bk)
+  got = lambda q, k, v: gpu.block_sparse_pallas(q, k, v, mask, spec, block_q=bq, block_k=bk,
+                                                 blocks=blocks)
+  want = lambda q, k, v: block_sparse_attention(q, k, v, mask, block_q=bq, block_k=bk,
+                                                impl="reference", **opts)
+  compare(got, want, (q, k, v), (0, 1, 2), 2e-5, f"{shape} {opts}")
+
+
+def test_emulated_traced_mask(emulated):
+  """A mask traced under jit (lists over every block, built in jnp): as the reference."""
+  from conftest import assert_close
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal(sh), jnp.float32)
+             for sh in ((1, 300, 4, 16), (1, 300, 2, 16), (1, 300, 2, 16)))
+  mask = _mask((1, 4, 5, 5), 0.4, seed=5)
+  spec = _spec("softmax", True, 16)
+  loss = lambda o: (o * jnp.cos(o)).sum()
+  got = jax.jit(jax.value_and_grad(lambda q, k, v, m: loss(gpu.block_sparse_pallas(
+      q, k, v, m, spec, block_q=64, block_k=64, blocks=gpu.sparse_blocks(64, 64, 64))), (0, 1, 2)))
+  want = jax.value_and_grad(lambda q, k, v: loss(block_sparse_attention(
+      q, k, v, mask, scale=0.25, impl="reference")), (0, 1, 2))
+  for a, b in zip(jax.tree.leaves(got(q, k, v, jnp.asarray(mask))), jax.tree.leaves(want(q, k, v))):
+    assert_close(a, b, 2e-5)
+
+
+def test_auto_takes_the_kernel_where_covered(monkeypatch):
+  """Dispatch: bf16/f16, head dims 64/128, blocks multiples of 64 take the kernel; float32,
+  head dim 256 (its backward is XLA's) and 32-row blocks fall back to XLA."""
+  from longax.kernels._dispatch import resolve
+  monkeypatch.setattr(gpu, "not_on_hopper", lambda call: None)
+  spec = _spec("softmax", True, 128)
+  x = lambda d, dt=jnp.bfloat16: jnp.zeros((1, 128, 2, d), dt)
+  call = lambda d=128, dt=jnp.bfloat16, bq=64, bk=64: dict(
+      q=x(d, dt), k=x(d, dt), v=x(d, dt), spec=spec, block_q=bq, block_k=bk)
+  take = lambda **kw: resolve("block_sparse_attention", "auto", call(**kw)) is gpu.block_sparse_pallas
+  assert take() and take(d=64, dt=jnp.float16) and take(bq=128, bk=192)
+  assert not take(dt=jnp.float32) and not take(d=256) and not take(bq=32) and not take(bk=96)
