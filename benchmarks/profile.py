@@ -4,9 +4,9 @@
     python -m longax.benchmarks.profile DIR [--steps 20] [--top 25]
 
 Reads the newest `*.xplane.pb` under DIR (`jax.profiler.ProfileData`), keeps the kernels of the
-device planes' streams (`/device:GPU:*`; on CPU the XLA ops of the host threads), and sums event
-durations two ways: by kernel name and by the JAX op path (`tf_op`/`hlo_op` stat, the name
-stack with its numbers stripped), largest first, as ms per step and share of the total.
+device planes' streams (`/device:GPU:*`; on CPU the XLA ops of the host threads), drops what ran while compiling
+(autotuning), and sums event durations two ways: by kernel name and by compiled program,
+largest first, as ms per step and share of the total.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import collections
 import pathlib
 import re
 import sys
+import warnings
 
 
 def _trace_file(trace_dir) -> pathlib.Path:
@@ -25,11 +26,9 @@ def _trace_file(trace_dir) -> pathlib.Path:
   return files[-1]
 
 
-def _op_path(stats: dict, name: str) -> str:
-  """A readable category: the JAX name stack without numbers and jit wrappers."""
-  path = str(stats.get("tf_op") or stats.get("long_name") or stats.get("hlo_op") or name)
-  path = re.sub(r"\d+", "", path.split(":")[0])
-  return re.sub(r"(jit\([^)]*\)/)+", "", path)[:120]
+def _module(stats: dict) -> str:
+  """The compiled program an event belongs to (`jit_train_step`, ...)."""
+  return re.sub(r"\(\d+\)$", "", str(stats.get("module") or stats.get("hlo_module") or "?"))
 
 
 def options():
@@ -42,7 +41,7 @@ def options():
 
 
 def device_events(trace_dir):
-  """(kernel name, op path, duration ms) of every device event in the newest trace."""
+  """(kernel name, program, duration ms) of every device event in the newest trace."""
   from jax.profiler import ProfileData
   data = ProfileData.from_file(str(_trace_file(trace_dir)))
   planes = [p for p in data.planes if p.name.startswith("/device:")]
@@ -52,26 +51,30 @@ def device_events(trace_dir):
       if not host and not line.name.startswith("Stream"):  # kernels only (not derived lines)
         continue
       for ev in line.events:
-        stats = dict(ev.stats)
+        with warnings.catch_warnings():  # jaxlib's stats type warns on iteration
+          warnings.simplefilter("ignore", DeprecationWarning)
+          stats = dict(ev.stats)
         if host and "hlo_op" not in stats:  # host threads: only XLA ops count
           continue
-        yield ev.name, _op_path(stats, ev.name), ev.duration_ns / 1e6
+        if str(stats.get("tf_op", "")).startswith("XlaCompile"):  # autotuning while compiling
+          continue
+        yield ev.name, _module(stats), ev.duration_ns / 1e6
 
 
 def summarize(trace_dir, steps: int = 1, top: int = 25) -> dict:
-  """{"total_ms_per_step", "by_kernel": [(name, ms/step, share)], "by_op": [...]}."""
-  by_kernel, by_op = collections.Counter(), collections.Counter()
+  """{"total_ms_per_step", "by_kernel": [(name, ms/step, share)], "by_module": [...]}."""
+  by_kernel, by_module = collections.Counter(), collections.Counter()
   for name, path, ms in device_events(trace_dir):
     by_kernel[name] += ms
-    by_op[path] += ms
+    by_module[path] += ms
   total = sum(by_kernel.values())
   rows = lambda c: [(k, v / steps, v / total if total else 0.0) for k, v in c.most_common(top)]
-  return dict(total_ms_per_step=total / steps, by_kernel=rows(by_kernel), by_op=rows(by_op))
+  return dict(total_ms_per_step=total / steps, by_kernel=rows(by_kernel), by_module=rows(by_module))
 
 
 def report(summary: dict) -> str:
   out = [f"device time per step: {summary['total_ms_per_step']:.2f} ms"]
-  for title, key in (("by kernel", "by_kernel"), ("by op path", "by_op")):
+  for title, key in (("by kernel", "by_kernel"), ("by program", "by_module")):
     out.append(f"-- {title}: ms/step  share")
     out += [f"{ms:9.3f}  {share:6.1%}  {name}" for name, ms, share in summary[key]]
   return "\n".join(out)

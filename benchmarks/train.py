@@ -10,7 +10,7 @@ vocabulary, batch, sequence, bf16 compute / f32 params, full remat per block) wi
 jax-linear-attention's own trainer on its synthetic data, so tokens/s compare like for
 like; both MFUs use longax's FLOP count (`longax.models.flops_per_token`). `--profile DIR`
 traces the run with `jax.profiler` and prints where the device time went
-(`benchmarks/profile.py`: by kernel and by JAX op path, ms per step).
+(`benchmarks/profile.py`: by kernel and by compiled program, ms per step).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
   p.add_argument("--workdir", default=None, help="keep the run here (default: a temp dir)")
   p.add_argument("--json", default=None)
   p.add_argument("--profile", default=None, metavar="DIR",
-                 help="trace the run here and print device time by kernel and op path")
+                 help="trace the run here and print device time by kernel and by compiled program")
   a = p.parse_args(argv)
   try:
     cfg = override(load(a.config), [f"train.steps={a.steps}", "train.log_every=10",

@@ -1,0 +1,26 @@
+"""benchmarks/profile.py: device time summed from a jax.profiler trace."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from longax.benchmarks import profile
+
+
+def test_summarize_a_traced_program(tmp_path):
+  f = jax.jit(lambda x: jnp.tanh(x @ x).sum())
+  x = jnp.ones((128, 128))
+  f(x).block_until_ready()
+  with jax.profiler.trace(str(tmp_path), profiler_options=profile.options()):
+    for _ in range(3):
+      f(x).block_until_ready()
+  s = profile.summarize(tmp_path, steps=3)
+  assert s["total_ms_per_step"] > 0
+  assert s["by_kernel"] and s["by_module"]
+  assert abs(sum(share for _, _, share in s["by_module"]) - 1.0) < 1e-6
+  assert "device time per step" in profile.report(s)
+
+
+def test_no_trace_is_one_line(tmp_path):
+  with pytest.raises(SystemExit, match="no \\*.xplane.pb under"):
+    profile.summarize(tmp_path)
