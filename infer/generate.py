@@ -116,23 +116,10 @@ def check_sequence_parallel(cfg, p: int, attention: str = "ring",
     raise FieldError("sp_layout", layout, f"must be one of {', '.join(LAYOUTS)}", owner="generate: ")
   if p <= 1:
     return
-  a, mixers = cfg.attention, set(cfg.layer_mixers)
-  if "nsa" in mixers:
-    raise ValueError(f"generate: a sequence-parallel prefill (sequence axis {p}) cannot run the "
-                     "nsa layers (no sequence-parallel sparse attention yet)")
-  full = {"softmax", "sigmoid"} & mixers
-  if full and (a.sinks or a.softcap is not None):
-    raise ValueError(f"generate: a sequence-parallel prefill (sequence axis {p}) cannot run the "
-                     f"{'/'.join(sorted(full))} layers: they have attention sinks or a softcap "
-                     f"(sinks={a.sinks}, softcap={a.softcap}), which ring and Ulysses attention "
-                     "do not take (--streaming adds sinks)")
-  if attention == "ulysses" and full | ({"based"} & mixers):
-    if cfg.n_heads % p:
-      raise FieldError("sp_attention", attention, f"needs model.n_heads={cfg.n_heads} divisible "
-                       f"by the sequence axis {p} (it splits the heads): use ring", owner="generate: ")
-    if full and cfg.kv_heads % p and p % cfg.kv_heads:
-      raise FieldError("sp_attention", attention, f"needs model.n_kv_heads={cfg.kv_heads} to "
-                       f"divide or be divisible by the sequence axis {p}: use ring", owner="generate: ")
+  if problem := cfg.sequence_parallel_problem(p, attention):
+    setting, why = problem
+    key, value = ("sequence_parallel", p) if setting == "sequence" else ("sp_attention", attention)
+    raise FieldError(key, value, why, owner="generate: ")
 
 
 def sample(logits, key, temperature: float, top_k: int | None, top_p: float | None):

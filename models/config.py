@@ -125,6 +125,28 @@ class LMConfig:
     pattern = tuple(self.layer_pattern or (self.mixer,))
     return tuple(pattern[i % len(pattern)] for i in range(self.n_layers))
 
+  def sequence_parallel_problem(self, p: int, attention: str) -> tuple[str, str] | None:
+    """Why this model cannot run its sequence split over p > 1 devices with `attention`
+    ("ring" | "ulysses") for its attention layers: (the setting to change, "sequence" or
+    "sp_attention"; the reason), or None. One rule for training and the prefill."""
+    mixers = set(self.layer_mixers)
+    if "nsa" in mixers:
+      return "sequence", "an nsa layer has no sequence-parallel form (no sparse ring yet)"
+    attn = mixers & {"softmax", "sigmoid", "based"}
+    a = self.attention
+    if attn and (a.sinks or a.softcap is not None):
+      return "sequence", (f"the {'/'.join(sorted(attn))} layers have attention sinks or a "
+                          f"softcap (sinks={a.sinks}, softcap={a.softcap}), which ring and "
+                          "Ulysses attention do not take")
+    if attention == "ulysses" and attn:
+      if self.n_heads % p:
+        return "sp_attention", (f"splits the heads: needs model.n_heads={self.n_heads} "
+                                f"divisible by the sequence axis {p} (or use ring)")
+      if attn - {"based"} and self.kv_heads % p and p % self.kv_heads:
+        return "sp_attention", (f"needs model.n_kv_heads={self.kv_heads} to divide or be "
+                                f"divisible by the sequence axis {p} (or use ring)")
+    return None
+
   @property
   def conv_reach(self) -> int:
     """How many tokens back the layers' short causal convs read (kernel - 1; 0: none)."""

@@ -163,10 +163,10 @@ def test_sequence_parallel_prefill_equals_one_device():
 
 @pytest.mark.parametrize("kw,p,msg", [
     (dict(attention=AttentionConfig(window=6, sinks=2)), 2,
-     "cannot run the softmax layers: they have attention sinks or a softcap"),
+     "generate: sequence_parallel=2: the softmax layers have attention sinks or a softcap"),
     (dict(attention=AttentionConfig(softcap=30.0), layer_pattern=("mamba2", "softmax")), 2,
      "(sinks=0, softcap=30.0)"),
-    (dict(n_heads=4, n_kv_heads=2), 8, "sp_attention='ulysses': needs model.n_heads=4 divisible by the sequence axis 8"),
+    (dict(n_heads=4, n_kv_heads=2), 8, "sp_attention='ulysses': splits the heads: needs model.n_heads=4 divisible by the sequence axis 8"),
     (dict(n_heads=6, n_kv_heads=3, attention=AttentionConfig(head_dim=8)), 2,
      "needs model.n_kv_heads=3 to divide or be divisible by the sequence axis 2"),
 ])

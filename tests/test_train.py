@@ -226,8 +226,8 @@ def test_sequence_parallel_equals_one_device(tmp_path):
      "data.seq_len=30: must be a multiple of 4 = 2 x mesh.sequence"),
     (["mesh.sequence=4", "train.sp_layout=zigzag", "model.layer_pattern=mamba,softmax",
       "data.seq_len=16"], "data.seq_len=16: must give each of the 8 sequence chunks at least"),
-    (["mesh.sequence=2", "model.attention.softcap=30.0"], "mesh.sequence=2: needs attention without sinks or softcap"),
-    (["mesh.sequence=4", "train.sp_attention=ulysses"], "mesh.sequence=4: must divide model.n_heads=2"),
+    (["mesh.sequence=2", "model.attention.softcap=30.0"], "mesh.sequence=2: the softmax layers have attention sinks or a softcap"),
+    (["mesh.sequence=4", "train.sp_attention=ulysses"], "train.sp_attention='ulysses': splits the heads: needs model.n_heads=2 divisible by the sequence axis 4"),
 ])
 def test_sequence_parallel_config_errors(sets, msg):
   with pytest.raises(C.ConfigError, match=msg):

@@ -157,7 +157,7 @@ def validate(cfg: ExperimentConfig, n_devices: int | None = None) -> ExperimentC
 
 def check_sequence_parallel(cfg: ExperimentConfig, p: int) -> None:
   """The rules of mesh.sequence = p > 1: the length splits into p (zigzag: 2p) chunks, each
-  at least a short conv's reach; attention without sinks or softcap; Ulysses splits heads."""
+  at least a short conv's reach; then the model's own rule (`LMConfig.sequence_parallel_problem`)."""
   m, zig = cfg.model, cfg.train.sp_layout == "zigzag"
   parts = 2 * p if zig else p
   if cfg.data.seq_len % parts:
@@ -166,16 +166,11 @@ def check_sequence_parallel(cfg: ExperimentConfig, p: int) -> None:
   if m.conv_reach > cfg.data.seq_len // parts:
     raise FieldError("data.seq_len", cfg.data.seq_len, f"must give each of the {parts} sequence "
                      f"chunks at least a short conv's reach (kernel - 1) = {m.conv_reach} tokens")
-  if "nsa" in m.layer_mixers:
-    raise FieldError("mesh.sequence", p, "must be 1 with an nsa layer (no sequence-parallel "
-                     "sparse attention yet)")
-  attn = set(m.layer_mixers) & {"softmax", "sigmoid", "based"}
-  if attn and (m.attention.sinks or m.attention.softcap is not None):
-    raise FieldError("mesh.sequence", p, "needs attention without sinks or softcap (ring and "
-                     "Ulysses attention take neither)")
-  if attn and cfg.train.sp_attention == "ulysses" and m.n_heads % p:
-    raise FieldError("mesh.sequence", p, f"must divide model.n_heads={m.n_heads} for "
-                     "train.sp_attention='ulysses' (it splits the heads)")
+  if problem := m.sequence_parallel_problem(p, cfg.train.sp_attention):
+    setting, why = problem
+    key, value = (("mesh.sequence", p) if setting == "sequence" else
+                  ("train.sp_attention", cfg.train.sp_attention))
+    raise FieldError(key, value, why)
 
 
 def check_data(d: DataConfig) -> None:
