@@ -296,3 +296,14 @@ if __name__ == "__main__":
   sys.path.insert(0, str(pathlib.Path(__file__).parent))
   os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
   _worker(sys.argv[1:])
+
+
+def test_benchmark_fwd_bwd_is_the_gradient_call(monkeypatch):
+  """fwd+bwd is the gradient call's time, not forward + gradient (which counts the forward
+  twice: the benchmark did so until 2026-11-26)."""
+  from longax.benchmarks import sequence_parallel as bench
+  times = iter([1.0, 3.0])  # forward call, then the gradient call
+  monkeypatch.setattr(bench, "_time", lambda fn, xs, reps: next(times))
+  x = jnp.ones((1, 8, 2, 4))
+  row = bench._timed_row(lambda q, k, v: q * k * v, (x, x, x), reps=1)
+  assert row == dict(ms_fwd=1.0, ms_fwd_bwd=3.0)
