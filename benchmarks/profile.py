@@ -40,11 +40,12 @@ def options():
   return opts
 
 
-def device_events(trace_dir):
-  """(kernel name, program, duration ms) of every device event in the newest trace."""
+def device_events(trace_dir, device: str = "/device:"):
+  """(kernel name, program, duration ms) of every device event in the newest trace, on the
+  planes whose name starts with `device` (e.g. "/device:GPU:0" for one GPU of several)."""
   from jax.profiler import ProfileData
   data = ProfileData.from_file(str(_trace_file(trace_dir)))
-  planes = [p for p in data.planes if p.name.startswith("/device:")]
+  planes = [p for p in data.planes if p.name.startswith(device)]
   host = not planes
   for plane in planes or [p for p in data.planes if p.name == "/host:CPU"]:
     for line in plane.lines:
@@ -61,10 +62,11 @@ def device_events(trace_dir):
         yield ev.name, _module(stats), ev.duration_ns / 1e6
 
 
-def summarize(trace_dir, steps: int = 1, top: int = 25) -> dict:
-  """{"total_ms_per_step", "by_kernel": [(name, ms/step, share)], "by_module": [...]}."""
+def summarize(trace_dir, steps: int = 1, top: int = 25, device: str = "/device:") -> dict:
+  """{"total_ms_per_step", "by_kernel": [(name, ms/step, share)], "by_module": [...]}:
+  kernel time summed over the planes `device` selects (all devices by default)."""
   by_kernel, by_module = collections.Counter(), collections.Counter()
-  for name, path, ms in device_events(trace_dir):
+  for name, path, ms in device_events(trace_dir, device):
     by_kernel[name] += ms
     by_module[path] += ms
   total = sum(by_kernel.values())

@@ -119,9 +119,26 @@ def _jla_fn(op, p: int, layout: str):
       q, k, v, mesh=mesh, axis="cp", strategy=strategy, load_balance=layout == "zigzag")
 
 
-def _timed_row(fn, xs, reps: int, natural=None, want=None) -> dict:
+def _profiled(fn, xs, reps: int, trace_dir: str) -> dict:
+  """Device time of reps calls of the compiled fn on the first device, from a trace."""
+  import jax
+  from longax.benchmarks.profile import options, summarize
+  jax.block_until_ready(fn(*xs))
+  with jax.profiler.trace(trace_dir, profiler_options=options()):
+    for _ in range(reps):
+      out = fn(*xs)
+    jax.block_until_ready(out)
+  device = "/device:" if jax.default_backend() == "cpu" else f"/device:{jax.devices()[0].platform.upper()}:0"
+  s = summarize(trace_dir, steps=reps, top=8, device=device)
+  return dict(device_ms_fwd_bwd=s["total_ms_per_step"],
+              top_kernels=[(name, round(ms, 4)) for name, ms, _ in s["by_kernel"]])
+
+
+def _timed_row(fn, xs, reps: int, natural=None, want=None, profile: str | None = None) -> dict:
   """ms forward and forward+backward of fn(*xs); with `want` (the 1-device output) also the
-  relative error of `natural` (fn on natural-order arrays). An error is reported in the row."""
+  relative error of `natural` (fn on natural-order arrays); with `profile` (a folder) the
+  gradient call's kernel time on the first device and its top kernels. An error is reported
+  in the row."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -130,6 +147,8 @@ def _timed_row(fn, xs, reps: int, natural=None, want=None) -> dict:
     loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32))
     bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     row = dict(ms_fwd=_time(fwd, xs, reps), ms_fwd_bwd=_time(bwd, xs, reps))  # grad: fwd + bwd
+    if profile:
+      row.update(_profiled(bwd, xs, reps, profile))
     if want is not None:
       got = np.asarray(jax.jit(natural or fn)(*xs), np.float32)
       row["err"] = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
@@ -172,8 +191,11 @@ def run(args) -> list[dict]:
               if fn is None:
                 continue
               natural = _natural(fn, p, layout) if impl == "longax" else fn
+              trace = (f"{args.profile}/{op}-{layout}-{scaling}-P{p}-T{t}-{impl}"
+                       if args.profile else None)
               r = dict(row, impl=impl, **_timed_row(fn, xs, args.reps, natural,
-                                                    want if p > 1 and scaling == "strong" else None))
+                                                    want if p > 1 and scaling == "strong" else None,
+                                                    trace))
               if p == 1 and impl == "longax" and scaling == "strong" and "error" not in r:
                 want = np.asarray(jax.jit(fn)(*xs), np.float32)  # the 1-device op
               if "ms_fwd_bwd" in r:
@@ -257,6 +279,10 @@ def main(argv=None):
   ap.add_argument("--dtype", default="bfloat16")
   ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--out", default=None, help="write the rows as JSON here (after every row)")
+  ap.add_argument("--profile", default=None, metavar="DIR",
+                  help="trace each row's gradient calls under DIR: the row gets the kernel "
+                       "time per call on the first device and its top kernels (a time far "
+                       "below ms_fwd_bwd: latency, not work)")
   ap.add_argument("--train", default=None, metavar="CONFIG",
                   help="time a training step of this config instead: mesh (data, sequence) = "
                        "(N/P, P) on all N devices for each P of --devices, at each --lengths")
