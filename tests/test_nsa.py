@@ -214,7 +214,7 @@ def test_validate_rules_and_the_shipped_config():
                                    model=dataclasses.replace(exp.model, vocab_size=256)))
   with pytest.raises(C.ConfigError, match="model.short_conv=4: must be 0 with an nsa layer"):
     C.validate(dataclasses.replace(exp, model=dataclasses.replace(exp.model, short_conv=4)))
-  with pytest.raises(C.ConfigError, match="mesh.sequence=2: must be 1 with an nsa layer"):
+  with pytest.raises(C.ConfigError, match="mesh.sequence=2: an nsa layer has no sequence-parallel form"):
     C.validate(dataclasses.replace(exp, mesh=C.MeshConfig(sequence=2)), 2)
   assert C.override(exp, ["model.nsa.n_selected=5"]).model.nsa.n_selected == 5
   with pytest.raises(C.ConfigError, match="model.nsa.stride=9: must be <= nsa.block_size=8"):
