@@ -586,7 +586,7 @@ def main(argv=None) -> int:
   ops = set(a.ops.split(","))
   unknown = ops - set(OPS)
   if unknown:
-    p.error(f"unknown --ops {sorted(unknown)}")
+    p.error(f"unknown --ops {sorted(unknown)}; valid: {', '.join(OPS)}")
   results = run(grid, dtype, reps, ops, not a.no_bwd, stream=sys.stdout if a.stream else None,
                 decays=tuple(a.decays.split(",")),
                 rows=tuple(a.rows.split(",")) if a.rows else None, check=not a.no_check)
