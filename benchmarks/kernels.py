@@ -10,7 +10,12 @@ On a GPU the peers that import are added in the same run: cuDNN through
 `jax.nn.dot_product_attention`, tokamax, jax-linear-attention (jla) and
 flash-linear-attention (fla, PyTorch/Triton). `--ops block_sparse_attention` times the
 block-sparse op at 10/25/50% of the causal blocks beside dense attention (ours and cuDNN) at
-the same shape, FLOPs from the mask's pairs. Attention FLOPs are counted the
+the same shape, FLOPs from the mask's pairs. `--ops nsa` times NSA's attention core
+(`layers.NSA.attend`: compressed, selected and window branches and gates) fwd and fwd+bwd,
+`--ops vertical_slash` MInference's vertical-slash prefill (forward only), both beside dense
+causal attention (ours and cuDNN) at the same shape, at 8k..64k / 32k..128k tokens on the GPU
+grid (`python -m longax.benchmarks.plots sparse` draws the speedups). A row that runs out of
+memory prints `oom` in the column it was timing. Attention FLOPs are counted the
 FlashAttention way: 4*B*H*T*S*D forward, halved if causal, x3.5 for forward+backward.
 """
 
@@ -76,9 +81,12 @@ def _to_np(x) -> np.ndarray:
   return np.asarray(jnp.asarray(x, jnp.float32))
 
 
-def jax_row(name: str, f: Callable, args: tuple) -> Row:
-  """A row for a JAX function of `args` (gradients w.r.t. every float argument)."""
+def jax_row(name: str, f: Callable, args: tuple, bwd: bool = True) -> Row:
+  """A row for a JAX function of `args` (gradients w.r.t. every argument; bwd=False: forward
+  only, for ops timed without a backward or with integer arguments)."""
   fwd = jax.jit(f)
+  if not bwd:
+    return Row(name, lambda: fwd(*args), None)
   ct = jax.random.normal(jax.random.key(7), jax.eval_shape(f, *args).shape, jnp.float32)
 
   def loss(ct, *a):  # ct is an argument: as a closure constant XLA would fold it for minutes
@@ -107,12 +115,12 @@ def torch_row(name: str, f: Callable, args: tuple) -> Row:
   return Row(name, fwd, fwd_bwd)
 
 
-def _longax_rows(op: str, f: Callable, args: tuple, on_gpu: bool) -> list[Row]:
+def _longax_rows(op: str, f: Callable, args: tuple, on_gpu: bool, bwd: bool = True) -> list[Row]:
   """longax's rows for `f(*args, impl=...)`: the reference (CPU only: timing the oracle tells
-  nothing on a GPU), xla, and auto where a kernel can make it differ from xla."""
+  nothing on a GPU), xla, and auto where a kernel of `op` can make it differ from xla."""
   impls = ("xla", "auto") if "pallas" in K.available(op) else ("xla",)
   impls = impls if on_gpu else ("reference",) + impls
-  return [jax_row(f"longax.{impl}", lambda *a, impl=impl: f(*a, impl=impl), args)
+  return [jax_row(f"longax.{impl}", lambda *a, impl=impl: f(*a, impl=impl), args, bwd)
           for impl in impls]
 
 
@@ -127,7 +135,8 @@ def _peer(rows: list[Row], name: str, make: Callable[[], Row]) -> None:
 def _reference(f: Callable, args: tuple, small: bool) -> Callable[[], Any]:
   """The float32 oracle of a case: the reference impl, or for shapes too large for its
   full score matrix / token loop, the XLA path (checked against it in tests/) in float32."""
-  f32 = tuple(a.astype(jnp.float32) for a in args)
+  f32 = tuple(a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a
+              for a in args)  # integer arguments (index lists) as they are
   impl = "reference" if small else "xla"
   return lambda: jax.jit(lambda *a: f(*a, impl=impl))(*f32)
 
@@ -310,11 +319,7 @@ def sparse_cases(shapes, dtype, on_gpu, densities=(0.1, 0.25, 0.5), block=64) ->
       f = lambda q, k, v, impl, mask=mask: K.block_sparse_attention(
           q, k, v, mask, block_q=block, block_k=block, impl=impl)
       rows = _longax_rows("block_sparse_attention", f, (q, k, v), on_gpu)
-      dense = [jax_row("dense.longax.auto", lambda q, k, v: K.attention(q, k, v), (q, k, v))]
-      if on_gpu:
-        dense.append(jax_row("dense.cudnn", lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, implementation="cudnn"), (q, k, v)))
-      rows += [dataclasses.replace(r, same_op=False) for r in dense]
+      rows += _dense_rows(q, k, v, on_gpu)
       ref = _reference(lambda *a, impl="reference", f=f: f(*a, impl=impl), (q, k, v),
                        small=t <= 2048)
       out.append(Case(f"block_sparse[{density:.0%}]",
@@ -323,22 +328,145 @@ def sparse_cases(shapes, dtype, on_gpu, densities=(0.1, 0.25, 0.5), block=64) ->
   return out
 
 
-GRIDS = {  # (attention, linear, selective scan, ssd, block-sparse attention) shapes
-    "quick": ([(1, 128, 4, 2, 32)], [(1, 256, 4, 32)], [(1, 256, 64, 8)], [(1, 256, 4, 32, 16)],
-              [(1, 256, 2, 1, 32)]),
-    "cpu": ([(1, 1024, 8, 2, 64)], [(1, 2048, 8, 64)], [(1, 2048, 256, 16)],
-            [(1, 2048, 8, 64, 64)], [(1, 1024, 4, 2, 64)]),
-    "gpu": ([(2, 4096, 16, 4, 128)], [(2, 4096, 16, 128)], [(2, 4096, 1024, 16)],
-            [(2, 4096, 16, 64, 128)], [(2, 4096, 16, 4, 128)]),
+def _dense_rows(q, k, v, on_gpu: bool, bwd: bool = True) -> list[Row]:
+  """The dense causal attention baselines of a sparse case at its shape: ours (auto: the
+  Hopper kernel on a GPU) and cuDNN on a GPU; rows `dense.*`, not checked (another op)."""
+  rows = [jax_row("dense.longax.auto", lambda q, k, v: K.attention(q, k, v), (q, k, v), bwd)]
+  if on_gpu:
+    rows.append(jax_row("dense.cudnn", lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation="cudnn"), (q, k, v), bwd))
+  return [dataclasses.replace(r, same_op=False) for r in rows]
+
+
+def nsa_pairs(t: int, block_size: int, stride: int, select_block: int, n_selected: int,
+              window: int) -> int:
+  """(query, key) pairs one head of NSA's three branches folds over T tokens: compressed
+  blocks past the query, its selected blocks' keys up to it, its window."""
+  p = np.arange(t)
+  cmp = np.clip((p - block_size + 1) // stride + 1, 0, None)
+  sel = (np.minimum(n_selected, p // select_block + 1) - 1) * select_block + p % select_block + 1
+  return int((cmp + sel + np.minimum(p + 1, window)).sum())
+
+
+def nsa_cases(shapes, dtype, on_gpu) -> list[Case]:
+  """NSA's attention core (`layers.NSA.attend`: compression, compressed-token attention,
+  top-n block selection, `selected_block_attention`, the sliding window, the gates; not
+  the projections) as a function of q, k, v and the gate logits, fwd and fwd+bwd, beside
+  dense causal attention at the same shape. Each shape's dict: NSA's settings (the layer's
+  defaults, the paper's, where empty). FLOPs from the three branches' pairs (`nsa_pairs`;
+  the selection's scores, another pass over the compressed keys, not counted)."""
+  from flax import nnx
+  from longax.layers import NSA
+  out = []
+  for b, t, h, hkv, d, kw in shapes:
+    q, k, v = _attention_inputs(b, t, h, hkv, d, dtype, seed=5)
+    gates = jax.random.normal(jax.random.key(6), (b, t, h, 3), dtype)
+    layer = NSA(h * d, h, hkv, head_dim=d, **kw, rngs=nnx.Rngs(0), dtype=dtype,
+                param_dtype=jnp.float32)
+    f = lambda q, k, v, g, impl, layer=layer: layer.attend(q, k, v, g, impl=impl)
+    # auto: the window branch on attention's Hopper kernel (the rest is XLA: no kernel)
+    rows = _longax_rows("attention", f, (q, k, v, gates), on_gpu) + _dense_rows(q, k, v, on_gpu)
+    ref = _reference(lambda *a, impl="reference", f=f: f(*a, impl=impl), (q, k, v, gates),
+                     small=t <= 2048)
+    cfg = dict(block_size=layer.block_size, stride=layer.stride, select_block=layer.select_block,
+               n_selected=layer.n_selected, window=layer.window)
+    pairs = b * h * nsa_pairs(t, **cfg)
+    cfg = dict(l=cfg["block_size"], d=cfg["stride"], sel=cfg["select_block"],
+               n=cfg["n_selected"], w=cfg["window"])
+    out.append(Case("nsa", dict(B=b, T=t, H=h, Hkv=hkv, D=d, **cfg), 4.0 * d * pairs, ref, rows))
+  return out
+
+
+# MInference's vertical-slash budget at 128k tokens (its LLaMA-3 setting), scaled with T.
+VS_BUDGET = (1000, 6096, 131072)
+
+
+def vs_budget(t: int) -> tuple[int, int]:
+  """(n_vertical, n_slash) at T tokens: VS_BUDGET in proportion to T (so about the same
+  share of the causal pairs at every T: at most 2 (nv + ns) / T = 11%), at least 1 each."""
+  nv, ns, at = VS_BUDGET
+  return max(1, round(nv * t / at)), max(1, round(ns * t / at))
+
+
+def vs_pairs(vert: np.ndarray, slash: np.ndarray, t: int) -> int:
+  """(query, key) pairs a vertical-slash pattern keeps, causal, T == S: vert / slash
+  [B, H, n] (-1 unused, repeats once); a key on a column and a slash counts once."""
+  total = 0
+  for v_bh, s_bh in zip(vert.reshape(-1, vert.shape[-1]), slash.reshape(-1, slash.shape[-1])):
+    v_bh, s_bh = np.unique(v_bh[v_bh >= 0]), np.unique(s_bh[s_bh >= 0])
+    both = np.searchsorted(v_bh, t - s_bh).sum()  # column j on slash o for query j + o < T
+    total += (t - v_bh).sum() + (t - s_bh).sum() - both
+  return int(total)
+
+
+def vertical_slash_cases(shapes, dtype, on_gpu) -> list[Case]:
+  """MInference's vertical-slash prefill, forward only, beside dense causal attention: the
+  pattern from `vertical_slash_pattern` (the last 64 queries' scores) with `vs_budget(T)`,
+  passed as jit arguments (a captured one would be constant-folded); FLOPs from the kept
+  pairs (`vs_pairs`)."""
+  out = []
+  for b, t, h, hkv, d in shapes:
+    q, k, v = _attention_inputs(b, t, h, hkv, d, dtype, seed=6)
+    nv, ns = vs_budget(t)
+    vert, slash = K.vertical_slash_pattern(q, k, n_vertical=nv, n_slash=ns)
+    pairs = vs_pairs(np.asarray(vert), np.asarray(slash), t)
+    f = lambda q, k, v, vert, slash, impl: K.vertical_slash_attention(q, k, v, vert, slash,
+                                                                      impl=impl)
+    args = (q, k, v, vert, slash)
+    rows = _longax_rows("vertical_slash_attention", f, args, on_gpu, bwd=False)
+    rows += _dense_rows(q, k, v, on_gpu, bwd=False)
+    ref = _reference(lambda *a, impl="reference": f(*a, impl=impl), args, small=t <= 1024)
+    out.append(Case("vertical_slash", dict(B=b, T=t, H=h, Hkv=hkv, D=d, nv=nv, ns=ns),
+                    4.0 * d * pairs, ref, rows))
+  return out
+
+
+# NSA's settings at the CPU grids' tiny T (the GPU grid takes the layer's, the paper's)
+NSA_TINY = dict(block_size=16, stride=8, select_block=32, n_selected=3, window=64)
+
+def _grid(attention, linear_attention, selective_scan, ssd, block_sparse_attention, nsa=(),
+          vertical_slash=()) -> dict:
+  """A grid: each --ops name's shapes (a tuple per case, the case function's order)."""
+  return dict(attention=attention, linear_attention=linear_attention,
+              selective_scan=selective_scan, ssd=ssd, block_sparse_attention=block_sparse_attention,
+              nsa=nsa, vertical_slash=vertical_slash)
+
+
+GRIDS = {
+    "quick": _grid([(1, 128, 4, 2, 32)], [(1, 256, 4, 32)], [(1, 256, 64, 8)],
+                   [(1, 256, 4, 32, 16)], [(1, 256, 2, 1, 32)],
+                   nsa=[(1, 256, 4, 1, 32, NSA_TINY)], vertical_slash=[(1, 256, 2, 1, 32)]),
+    "cpu": _grid([(1, 1024, 8, 2, 64)], [(1, 2048, 8, 64)], [(1, 2048, 256, 16)],
+                 [(1, 2048, 8, 64, 64)], [(1, 1024, 4, 2, 64)],
+                 nsa=[(1, 1024, 16, 1, 64, NSA_TINY)], vertical_slash=[(1, 1024, 4, 2, 64)]),
+    # nsa (issue #15): the paper's kernel setting on one GPU, GQA group 16 (H=16, Hkv=1,
+    # D=128), the paper's l=32, d=16, l'=64, n=16, w=512, 8k..64k tokens. vertical_slash:
+    # one KV group of LLaMA-3-8B, MInference's model (H=4, Hkv=1, D=128), 32k..128k tokens
+    # (all 32 heads: the XLA path's index lists and gathers need ~74 GB at 32k).
+    "gpu": _grid([(2, 4096, 16, 4, 128)], [(2, 4096, 16, 128)], [(2, 4096, 1024, 16)],
+                 [(2, 4096, 16, 64, 128)], [(2, 4096, 16, 4, 128)],
+                 nsa=[(1, t, 16, 1, 128, {}) for t in (8192, 16384, 32768, 65536)],
+                 vertical_slash=[(1, t, 4, 1, 128) for t in (32768, 65536, 131072)]),
     # the linear family's issue grid: N = 2k..32k at a fixed 32k tokens (B = 32k / N), D = 64 and 128
     # (cuDNN / our softmax kernel at the same shapes: where the linear family crosses over)
-    "long": ([(32 * 1024 // t, t, 16, 16, d) for d in (128, 64) for t in (2048, 8192, 32768)],
-             [(32 * 1024 // t, t, 16, d) for d in (128, 64) for t in (2048, 8192, 32768)],
-             [(2, 8192, 1024, 16)], [(2, 8192, 16, 64, 128)],
-             [(32 * 1024 // t, t, 16, 16, 128) for t in (8192, 32768)]),
-    "anchor": ([(2, 8192, 16, 16, 128)], [(2, 8192, 16, 128)], [(2, 8192, 1024, 16)],
-               [(2, 8192, 16, 64, 128)], [(2, 8192, 16, 16, 128)]),
+    "long": _grid([(32 * 1024 // t, t, 16, 16, d) for d in (128, 64) for t in (2048, 8192, 32768)],
+                  [(32 * 1024 // t, t, 16, d) for d in (128, 64) for t in (2048, 8192, 32768)],
+                  [(2, 8192, 1024, 16)], [(2, 8192, 16, 64, 128)],
+                  [(32 * 1024 // t, t, 16, 16, 128) for t in (8192, 32768)]),
+    "anchor": _grid([(2, 8192, 16, 16, 128)], [(2, 8192, 16, 128)], [(2, 8192, 1024, 16)],
+                    [(2, 8192, 16, 64, 128)], [(2, 8192, 16, 16, 128)]),
 }
+OPS = tuple(GRIDS["quick"])
+
+
+def _is_oom(e: Exception) -> bool:
+  """An allocation that did not fit (XLA's RESOURCE_EXHAUSTED, at compile or run time)."""
+  msg = str(e)
+  return "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower()
+
+
+def _error(e: Exception) -> str:
+  return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
 
 
 def run(grid: str, dtype, reps: int, ops: set[str], bwd: bool, stream=None,
@@ -347,34 +475,54 @@ def run(grid: str, dtype, reps: int, ops: set[str], bwd: bool, stream=None,
   """rows: keep only the rows whose name starts with one of these (None: all); check=False
   skips the float32 reference (no `err`): on a GPU most of a case's time is compiling."""
   on_gpu = jax.default_backend() == "gpu"
-  att, lin, scan, ssd_, sparse = GRIDS[grid]
-  makers = {"attention": lambda: attention_cases(att, dtype, on_gpu),
-            "linear_attention": lambda: linear_cases(lin, dtype, on_gpu, decays),
-            "selective_scan": lambda: scan_cases(scan, dtype, on_gpu),
-            "ssd": lambda: ssd_cases(ssd_, dtype, on_gpu),
-            "block_sparse_attention": lambda: sparse_cases(sparse, dtype, on_gpu)}
-  results = []
+  makers = {"attention": attention_cases,
+            "linear_attention": lambda *a: linear_cases(*a, decays),
+            "selective_scan": scan_cases, "ssd": ssd_cases,
+            "block_sparse_attention": sparse_cases, "nsa": nsa_cases,
+            "vertical_slash": vertical_slash_cases}
+  cases = [c for name, make in makers.items() if name in ops
+           for c in make(GRIDS[grid][name], dtype, on_gpu)]
+  return time_cases(cases, reps, bwd, stream, rows, check)
+
+
+def time_cases(cases: list[Case], reps: int, bwd: bool, stream=None,
+               rows: tuple[str, ...] | None = None, check: bool = True) -> list[dict]:
+  """One record per (case, row). A row that fails keeps its `error` line; one that runs out
+  of memory also gets `oom`: the column it was timing (`fwd_ms` or `fwd_bwd_ms`), which the
+  table prints as `oom`; the forward time stays where only the backward did not fit. A
+  reference that fails leaves its case unchecked (a note on stderr), not the run dead."""
   try:
     from tqdm import tqdm
   except ImportError:  # pragma: no cover
     tqdm = lambda x, **_: x
-  cases = [c for name, make in makers.items() if name in ops for c in make()]
+  results = []
   for case in tqdm(cases, desc="benchmark", file=sys.stderr):
-    want = _to_np(case.reference()) if check else None
+    want = None
+    if check:
+      try:
+        want = _to_np(case.reference())
+      except Exception as e:  # noqa: BLE001
+        shape = ",".join(f"{k}={v}" for k, v in case.shape.items())
+        print(f"# {case.op} {shape}: reference failed, no err ({_error(e)})", file=sys.stderr)
     base = None
     for row in case.rows:
       if rows is not None and not row.name.startswith(rows):
         continue
       rec = dict(op=case.op, shape=case.shape, impl=row.name)
+      stage = "fwd_ms"
       try:
         got = _to_np(row.fwd())
         if want is not None and row.same_op:
           rec["err"] = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+        del got
         rec["fwd_ms"] = _median_ms(row.fwd, reps)
         if bwd and row.fwd_bwd is not None:
+          stage = "fwd_bwd_ms"
           rec["fwd_bwd_ms"] = _median_ms(row.fwd_bwd, reps)
       except Exception as e:  # noqa: BLE001 - one failing row must not sink the table
-        rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        rec["error"] = _error(e)
+        if _is_oom(e):
+          rec["oom"] = stage
       if case.flops_fwd and "fwd_ms" in rec and row.same_op:
         rec["fwd_tflops"] = case.flops_fwd / rec["fwd_ms"] / 1e9
         if "fwd_bwd_ms" in rec:
@@ -403,7 +551,8 @@ def table(results: list[dict], header: bool = True) -> str:
                    ",".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else str(v))
   lines = [" ".join(name.ljust(w) for name, w in cols)] if header else []
   for r in results:
-    line = " ".join(fmt(r.get(name, "")).ljust(w)[:w] for name, w in cols)
+    cell = lambda name: r.get(name, "oom" if r.get("oom") == name else "")
+    line = " ".join(fmt(cell(name)).ljust(w)[:w] for name, w in cols)
     lines.append(line + (f"  {r['error']}" if "error" in r else ""))
   return "\n".join(lines)
 
@@ -417,8 +566,9 @@ def main(argv=None) -> int:
                  help="default: bfloat16 on GPU, float32 on CPU")
   p.add_argument("--reps", type=int, default=None)
   p.add_argument("--ops", default="attention,linear_attention,selective_scan,ssd",
-                 help="comma-separated; also block_sparse_attention (10/25/50%% density "
-                      "beside dense attention at the same shape)")
+                 help="comma-separated; also block_sparse_attention (10/25/50%% density), "
+                      "nsa (NSA's attention core) and vertical_slash (MInference's prefill, "
+                      "forward only), each beside dense attention at the same shape")
   p.add_argument("--decays", default="none,scalar,key",
                  help="linear_attention decay forms to time (none, scalar, key)")
   p.add_argument("--no-bwd", action="store_true", help="time the forward only")
@@ -434,10 +584,9 @@ def main(argv=None) -> int:
   dtype = jnp.dtype(a.dtype or ("bfloat16" if on_gpu else "float32"))
   reps = a.reps or (3 if a.quick else 10 if not on_gpu else 20)
   ops = set(a.ops.split(","))
-  unknown = ops - {"attention", "linear_attention", "selective_scan", "ssd",
-                   "block_sparse_attention"}
+  unknown = ops - set(OPS)
   if unknown:
-    p.error(f"unknown --ops {sorted(unknown)}")
+    p.error(f"unknown --ops {sorted(unknown)}; valid: {', '.join(OPS)}")
   results = run(grid, dtype, reps, ops, not a.no_bwd, stream=sys.stdout if a.stream else None,
                 decays=tuple(a.decays.split(",")),
                 rows=tuple(a.rows.split(",")) if a.rows else None, check=not a.no_check)

@@ -3,6 +3,7 @@
     python -m longax.benchmarks.plots mqar RUN_DIR [RUN_DIR ...] --out mqar.png   # or metrics.jsonl files
     python -m longax.benchmarks.plots kernels RESULTS [RESULTS ...] --out kernels.png
     python -m longax.benchmarks.plots sp SP.json [SP.json ...] --out sp.png
+    python -m longax.benchmarks.plots sparse RESULTS [RESULTS ...] --out sparse.png
 
 `mqar`: a training run's learning curve from RUN_DIR/metrics.jsonl: loss and answer
 accuracy against step, train (every `log_every`) and eval (every `eval_every`); with several
@@ -11,6 +12,11 @@ runs, one eval line per run (labelled by its folder), for comparisons.
 `python -m longax.benchmarks.kernels` results: its `--json` files or the table it prints
 (`--stream` lines included); rows of later files replace earlier ones with the same
 (op, shape, impl).
+`sparse`: the speedup of sparse attention over dense attention at the same shape against
+the sequence length T, from `kernels --ops nsa,vertical_slash` results: one line per (op,
+pass) (NSA forward, NSA forward+backward, vertical-slash forward), a dashed line at 1.
+The sparse row is `--impl` (default longax.auto, else longax.xla), the dense one `--dense`
+(default: the case's fastest `dense.*` row); a case missing either (e.g. `oom`) is no point.
 `sp`: sequence-parallel scaling from `python -m longax.benchmarks.sequence_parallel --out`
 files: forward+backward efficiency and tokens/s per device against the device count P, one
 line per (op, layout, implementation), strong and weak scaling side by side.
@@ -119,8 +125,8 @@ def _text_rows(text: str) -> list[dict]:
       if not cell:
         continue
       if name == "shape":
-        rec[name] = {k: int(v) if v.isdigit() else v
-                     for k, v in (kv.split("=", 1) for kv in cell.split(","))}
+        rec[name] = {k: int(v) if v.isdigit() else v  # a cut-off last piece is left out
+                     for k, v in (kv.split("=", 1) for kv in cell.split(",") if "=" in kv)}
       elif name in ("op", "impl"):
         rec[name] = cell
       else:
@@ -220,6 +226,68 @@ def plot_kernels(paths: list[pathlib.Path], out: pathlib.Path, title: str | None
   plt.close(fig)
 
 
+SPARSE = (("nsa", "fwd_ms", "NSA forward"), ("nsa", "fwd_bwd_ms", "NSA forward+backward"),
+          ("vertical_slash", "fwd_ms", "vertical-slash forward"))
+
+
+def sparse_speedups(rows: list[dict], impl: str | None = None, dense: str | None = None
+                    ) -> dict[str, list[tuple[int, float, str, str]]]:
+  """{line label: [(T, dense ms / sparse ms, sparse impl, dense impl)] ascending in T} for
+  SPARSE's (op, time); see the module docstring for which rows."""
+  cases: dict[tuple, dict[str, dict]] = {}
+  for r in rows:
+    shape = r.get("shape", {})
+    key = (r["op"], ",".join(f"{k}={v}" for k, v in sorted(shape.items())))
+    cases.setdefault(key, {})[r["impl"]] = r
+  lines: dict[str, list] = {}
+  for op, col, label in SPARSE:
+    for (case_op, _), by_impl in cases.items():
+      if case_op != op:
+        continue
+      timed = {name: r[col] for name, r in by_impl.items() if isinstance(r.get(col), (int, float))}
+      sparse = impl or next((i for i in ("longax.auto", "longax.xla") if i in timed), None)
+      dense_ms = {n: ms for n, ms in timed.items() if n.startswith("dense.")}
+      base = dense or (min(dense_ms, key=dense_ms.get) if dense_ms else None)
+      if sparse in timed and base in timed:
+        t = int(next(iter(by_impl.values()))["shape"]["T"])
+        lines.setdefault(label, []).append((t, timed[base] / timed[sparse], sparse, base))
+  return {label: sorted(pts) for label, pts in lines.items()}
+
+
+def plot_sparse(paths: list[pathlib.Path], out: pathlib.Path, title: str | None = None,
+                impl: str | None = None, dense: str | None = None) -> None:
+  lines = sparse_speedups(read_results(paths), impl, dense)
+  if not lines:
+    raise PlotError("no nsa / vertical_slash case has both a sparse and a dense time "
+                    f"(sparse: {impl or 'longax.auto or longax.xla'}, dense: {dense or 'dense.*'})")
+  plt = _figure()
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  for label, pts in lines.items():
+    ts = [p[0] for p in pts]
+    pairs = sorted({f"{p[2]} vs {p[3]}" for p in pts})
+    ax.plot(ts, [p[1] for p in pts], "o-", label=f"{label} ({'; '.join(pairs)})")
+  ax.axhline(1.0, color="gray", ls="--", lw=1)
+  ts = sorted({p[0] for pts in lines.values() for p in pts})
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(ts, [f"{t // 1024}k" if t >= 1024 else str(t) for t in ts])
+  ax.set_yscale("log")
+  from matplotlib.ticker import FuncFormatter
+  for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+    axis(FuncFormatter(lambda y, _: f"{y:g}"))
+  ax.set_xlabel("sequence length T")
+  ax.set_ylabel("speedup over dense (x, log scale)")
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=7)
+  if title is None:
+    meta = read_meta(paths)
+    where = ", ".join(str(meta[k]) for k in ("device", "dtype", "date") if k in meta)
+    title = f"sparse attention vs dense{': ' + where if where else ''}"
+  ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+
+
 def read_sp(paths: list[pathlib.Path]) -> list[dict]:
   """The timed rows of `sequence_parallel --out` files."""
   rows = []
@@ -289,7 +357,13 @@ def main(argv=None) -> int:
   k.add_argument("results", type=pathlib.Path, nargs="+", help="--json files or printed tables")
   sp = sub.add_parser("sp", help="sequence-parallel scaling from `benchmarks.sequence_parallel`")
   sp.add_argument("results", type=pathlib.Path, nargs="+", help="its --out JSON files")
-  for q in (m, k, sp):
+  sa = sub.add_parser("sparse", help="sparse-over-dense speedup against T from "
+                                     "`longax.benchmarks.kernels --ops nsa,vertical_slash`")
+  sa.add_argument("results", type=pathlib.Path, nargs="+", help="--json files or printed tables")
+  sa.add_argument("--impl", default=None,
+                  help="the sparse row (default longax.auto, else longax.xla)")
+  sa.add_argument("--dense", default=None, help="the dense row (default: the fastest dense.*)")
+  for q in (m, k, sp, sa):
     q.add_argument("--out", type=pathlib.Path, required=True, help="the PNG to write")
     q.add_argument("--title", default=None)
   a = p.parse_args(argv)
@@ -298,6 +372,8 @@ def main(argv=None) -> int:
       plot_mqar(a.run_dir if len(a.run_dir) > 1 else a.run_dir[0], a.out, a.title)
     elif a.what == "sp":
       plot_sp(a.results, a.out, a.title)
+    elif a.what == "sparse":
+      plot_sparse(a.results, a.out, a.title, a.impl, a.dense)
     else:
       plot_kernels(a.results, a.out, a.title)
   except PlotError as e:

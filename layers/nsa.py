@@ -120,21 +120,37 @@ class NSA(nnx.Module):
     top, idx = jax.lax.top_k(score, min(self.n_selected, n_sel))
     return jnp.where(top > -jnp.inf, idx, -1).astype(jnp.int32)
 
-  def _branches(self, x, q, k, v, k_cmp, v_cmp, ends, q_pos, explicit):
-    """The three branches and the gates. k, v [B, S, Hkv, D] hold position j at index j;
-    q [B, T, H, D] at positions q_pos [B, T] (explicit: not the bottom-right default)."""
+  def _mix(self, q, k, v, k_cmp, v_cmp, ends, q_pos, explicit, gate_logits, impl=None):
+    """The three branches mixed by their gates -> [B, T, H, D] float32. k, v [B, S, Hkv, D]
+    hold position j at index j; q [B, T, H, D] at positions q_pos [B, T] (explicit: not the
+    bottom-right default); gate_logits [B, T, H, 3]; impl: the kernels' (default the layer's)."""
+    impl = impl or self.impl
     kv_pos = jnp.arange(k.shape[1], dtype=jnp.int32)
     pos_kw = dict(q_positions=q_pos, kv_positions=kv_pos) if explicit else {}
-    o_cmp = kernels.attention(q, k_cmp, v_cmp, q_positions=q_pos, kv_positions=ends,
-                              impl=self.impl)
+    o_cmp = kernels.attention(q, k_cmp, v_cmp, q_positions=q_pos, kv_positions=ends, impl=impl)
     idx = self._selection(q, k_cmp, ends, q_pos, k.shape[1])
     o_sel = kernels.selected_block_attention(q, k, v, idx, block_size=self.select_block,
-                                             impl=self.impl,
-                                             q_positions=q_pos if explicit else None)
-    o_win = kernels.attention(q, k, v, window=self.window, impl=self.impl, **pos_kw)
-    gates = jax.nn.sigmoid(rearrange(self.gate(x), "b t (h n) -> b t h n", n=len(BRANCHES)))
-    o = sum(gates[..., i, None].astype(jnp.float32) * o.astype(jnp.float32)
-            for i, o in enumerate((o_cmp, o_sel, o_win)))
+                                             impl=impl, q_positions=q_pos if explicit else None)
+    o_win = kernels.attention(q, k, v, window=self.window, impl=impl, **pos_kw)
+    gates = jax.nn.sigmoid(gate_logits)
+    return sum(gates[..., i, None].astype(jnp.float32) * o.astype(jnp.float32)
+               for i, o in enumerate((o_cmp, o_sel, o_win)))
+
+  def attend(self, q, k, v, gate_logits, q_pos=None, impl=None):
+    """The attention core of a full forward (no cache; what `benchmarks/kernels.py --ops nsa`
+    times): compression, the three branches and the gates, no projections. q [B, T, H, D],
+    k / v [B, T, Hkv, D] (RoPE applied), gate_logits [B, T, H, 3] (before the sigmoid),
+    q_pos [B, T] (default 0..T-1) -> [B, T, H, D] float32."""
+    b, t = q.shape[:2]
+    q_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if q_pos is None else q_pos
+    n = n_compressed(t, self.block_size, self.stride)
+    first = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    k_cmp, v_cmp = self.compress(self._gather_blocks(k, first), self._gather_blocks(v, first))
+    ends = block_ends(n, self.block_size, self.stride)
+    return self._mix(q, k, v, k_cmp, v_cmp, ends, q_pos, False, gate_logits, impl)
+
+  def _out(self, o, x):
+    """o [B, T, H, D] float32 -> the output projection, in x's dtype."""
     return self.o(rearrange(o.astype(x.dtype), "b t h d -> b t (h d)"))
 
   # -------------------------------------------------------------------------- protocol
@@ -156,18 +172,15 @@ class NSA(nnx.Module):
     q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
     q_pos = jnp.broadcast_to(positions_of(pos, t), (b, t))
     q, k = rope(q, q_pos, self.rope_theta), rope(k, q_pos, self.rope_theta)
+    gate_logits = rearrange(self.gate(x), "b t (h n) -> b t h n", n=len(BRANCHES))
     if cache is None:
-      n = n_compressed(t, self.block_size, self.stride)
-      first = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-      k_cmp, v_cmp = self.compress(self._gather_blocks(k, first), self._gather_blocks(v, first))
-      ends = block_ends(n, self.block_size, self.stride)
-      return self._branches(x, q, k, v, k_cmp, v_cmp, ends, q_pos, explicit=False), None
+      return self._out(self.attend(q, k, v, gate_logits, q_pos), x), None
     cache = dict(cache, **write_kv(cache, k, v, q_pos))
     cache = self._write_compressed(cache, q_pos)
     ends = block_ends(cache["cmp_k"].shape[1], self.block_size, self.stride)
-    y = self._branches(x, q, cache["k"], cache["v"], cache["cmp_k"], cache["cmp_v"], ends,
-                       q_pos, explicit=True)
-    return y, cache
+    o = self._mix(q, cache["k"], cache["v"], cache["cmp_k"], cache["cmp_v"], ends, q_pos, True,
+                  gate_logits)
+    return self._out(o, x), cache
 
   def _write_compressed(self, cache, q_pos):
     """Compresses the blocks whose last token is among the new ones (positions q_pos

@@ -1,7 +1,9 @@
-"""Smoke tests for the README figures' script (fake results in tmp_path, no JAX work)."""
+"""Smoke tests for the README figures' script (fake results in tmp_path) and the kernels
+benchmark's plumbing at tiny shapes."""
 
 import json
 
+import numpy as np
 import pytest
 
 from longax.benchmarks import plots
@@ -71,6 +73,124 @@ def test_kernels_benchmark_block_sparse_beside_dense(tmp_path):
   assert {r["op"] for r in rows} == {"block_sparse[10%]", "block_sparse[25%]", "block_sparse[50%]"}
   assert all(r["err"] < 1e-5 for r in rows if r["impl"] == "longax.xla")
   assert all("err" not in r for r in rows if r["impl"].startswith("dense."))
+
+
+def test_kernels_benchmark_nsa_and_vertical_slash(tmp_path):
+  """The issue-#15 cases at the quick grid through main: NSA's core fwd and fwd+bwd and the
+  vertical-slash forward, checked against their references, beside dense attention."""
+  from longax.benchmarks import kernels
+  out = tmp_path / "k.json"
+  assert kernels.main(["--quick", "--ops", "nsa,vertical_slash", "--reps", "1",
+                       "--rows", "longax.xla,dense", "--json", str(out)]) == 0
+  rows = json.loads(out.read_text())["results"]
+  assert [(r["op"], r["impl"]) for r in rows] == [
+      ("nsa", "longax.xla"), ("nsa", "dense.longax.auto"),
+      ("vertical_slash", "longax.xla"), ("vertical_slash", "dense.longax.auto")]
+  assert all(r["err"] < 1e-5 for r in rows if r["impl"] == "longax.xla")
+  assert all("fwd_bwd_ms" in r for r in rows if r["op"] == "nsa")
+  assert all("fwd_bwd_ms" not in r and "fwd_ms" in r for r in rows if r["op"] == "vertical_slash")
+
+
+@pytest.mark.parametrize("t,cfg", [(40, dict(block_size=4, stride=2, select_block=4, n_selected=3,
+                                             window=5)),
+                                   (64, dict(block_size=8, stride=8, select_block=16, n_selected=2,
+                                             window=20))])
+def test_nsa_pairs_count_each_branch(t, cfg):
+  """nsa_pairs against the branches' definitions, query by query."""
+  from longax.benchmarks.kernels import nsa_pairs
+  l, d, ls, n, w = (cfg[k] for k in ("block_size", "stride", "select_block", "n_selected", "window"))
+  want = 0
+  for p in range(t):
+    want += sum(i * d + l - 1 <= p for i in range(t))  # compressed blocks wholly past
+    blocks = [j for j in range(-(-t // ls)) if j * ls <= p][-n:]  # own block + n-1 others
+    want += sum(min(p, j * ls + ls - 1) - j * ls + 1 for j in blocks)
+    want += min(p + 1, w)
+  assert nsa_pairs(t, **cfg) == want
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_vs_pairs_match_the_dense_mask(seed):
+  """vs_pairs against a dense causal mask of the pattern (repeats, -1, overlaps)."""
+  from longax.benchmarks.kernels import vs_budget, vs_pairs
+  rng = np.random.default_rng(seed)
+  t = 50
+  vert = rng.integers(-1, t, (2, 3, 7))
+  slash = rng.integers(-1, t, (2, 3, 5))
+  want = 0
+  for vb, sb in zip(vert.reshape(-1, 7), slash.reshape(-1, 5)):
+    i, j = np.arange(t)[:, None], np.arange(t)
+    on = np.isin(j, vb[vb >= 0]) | np.isin(i - j, sb[sb >= 0])
+    want += int((on & (j <= i)).sum())
+  assert vs_pairs(vert, slash, t) == want
+  assert vs_budget(131072) == (1000, 6096) and vs_budget(32768) == (250, 1524)
+
+
+def test_oom_row_keeps_the_forward_and_prints_oom(capsys):
+  """A row whose backward runs out of memory keeps its forward time and prints `oom`; a
+  reference that fails leaves the case unchecked; the next row still runs."""
+  import jax.numpy as jnp
+  from longax.benchmarks import kernels
+
+  def oom():
+    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 68.7GiB.")
+
+  def broken_reference():
+    raise RuntimeError("RESOURCE_EXHAUSTED: reference")
+
+  x = jnp.ones(3)
+  case = kernels.Case("nsa", dict(B=1, T=8), 1.0, broken_reference,
+                      [kernels.Row("longax.xla", lambda: x, oom),
+                       kernels.Row("dense.cudnn", oom, None, same_op=False),
+                       kernels.Row("longax.auto", lambda: x, lambda: x)])
+  rows = kernels.time_cases([case], reps=1, bwd=True)
+  assert rows[0]["oom"] == "fwd_bwd_ms" and "fwd_ms" in rows[0] and "err" not in rows[0]
+  assert rows[1]["oom"] == "fwd_ms" and "fwd_ms" not in rows[1]
+  assert "oom" not in rows[2] and "fwd_bwd_ms" in rows[2]
+  assert "reference failed, no err" in capsys.readouterr().err
+  lines = kernels.table(rows, header=False).splitlines()
+  assert lines[0].split()[4] == "oom" and lines[1].split()[3] == "oom"
+
+
+def _sparse_rows(t, nsa=(10.0, 30.0), dense=(20.0, 60.0), cudnn=(15.0, 40.0), vs=None, oom=False):
+  shape = dict(B=1, T=t, H=16, Hkv=1, D=128)
+  rows = [dict(op="nsa", shape=shape, impl="longax.auto", fwd_ms=nsa[0], fwd_bwd_ms=nsa[1]),
+          dict(op="nsa", shape=shape, impl="dense.longax.auto", fwd_ms=dense[0],
+               fwd_bwd_ms=dense[1]),
+          dict(op="nsa", shape=shape, impl="dense.cudnn", fwd_ms=cudnn[0], fwd_bwd_ms=cudnn[1])]
+  if vs is not None:
+    vshape = dict(B=1, T=t, H=32, Hkv=8, D=128, nv=t // 128, ns=t // 20)
+    rows += [dict(op="vertical_slash", shape=vshape, impl="longax.xla", fwd_ms=vs),
+             dict(op="vertical_slash", shape=vshape, impl="dense.cudnn", fwd_ms=2 * vs)]
+  if oom:
+    rows[0] = dict(rows[0], oom="fwd_bwd_ms")
+    del rows[0]["fwd_bwd_ms"]
+  return rows
+
+
+def test_sparse_figure_speedups(tmp_path):
+  """Speedup = the fastest dense row's time over longax.auto's (else xla's); a case whose
+  sparse row ran out of memory is no point of that line; --dense picks the baseline."""
+  rows = _sparse_rows(8192, vs=3.0) + _sparse_rows(16384, nsa=(10.0, 0), oom=True)
+  got = plots.sparse_speedups(rows)
+  assert got["NSA forward"] == [(8192, 1.5, "longax.auto", "dense.cudnn"),
+                                (16384, 1.5, "longax.auto", "dense.cudnn")]
+  assert got["NSA forward+backward"] == [(8192, 40 / 30, "longax.auto", "dense.cudnn")]
+  assert got["vertical-slash forward"] == [(8192, 2.0, "longax.xla", "dense.cudnn")]
+  assert plots.sparse_speedups(rows, dense="dense.longax.auto")["NSA forward"][0][1] == 2.0
+  js = tmp_path / "sparse.json"
+  js.write_text(json.dumps(dict(meta=dict(device="H100", dtype="bfloat16"), results=rows)))
+  out = tmp_path / "sparse.png"
+  assert plots.main(["sparse", str(js), "--out", str(out)]) == 0
+  _png(out)
+
+
+def test_sparse_figure_without_pairs_is_one_line(tmp_path, capsys):
+  js = tmp_path / "k.json"
+  js.write_text(json.dumps(dict(meta={}, results=[dict(op="attention", shape=dict(T=8),
+                                                        impl="cudnn", fwd_ms=1.0)])))
+  assert plots.main(["sparse", str(js), "--out", str(tmp_path / "x.png")]) == 2
+  err = capsys.readouterr().err
+  assert "no nsa / vertical_slash case has both" in err and err.count("\n") == 1
 
 
 def _sp_row(op, scaling, p, t, ms, **kw):
