@@ -47,6 +47,16 @@ def register(op: str, impl: str, *, unsupported: Callable[[dict], str | None] | 
   return deco
 
 
+def register_kernels(op: str, *, gpu=None, tpu=None, interpret=None) -> None:
+  """`op`'s Pallas kernels, each a (fn, unsupported) pair or None: `gpu` the Mosaic GPU kernel
+  (impl="pallas" off TPU), `tpu` the Pallas TPU kernel (impl="pallas" on TPU), `interpret`
+  the TPU kernel in interpret mode (impl="pallas_interpret", any backend)."""
+  for impl, backend, pair in (("pallas", None, gpu), ("pallas", "tpu", tpu),
+                              ("pallas_interpret", None, interpret)):
+    if pair is not None:
+      register(op, impl, unsupported=pair[1], backend=backend)(pair[0])
+
+
 def available(op: str) -> tuple[str, ...]:
   """The implementations registered for `op` (besides `auto`)."""
   return tuple(_REGISTRY.get(op, {}))

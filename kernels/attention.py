@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from longax.kernels import _checks
-from longax.kernels._dispatch import register, resolve
+from longax.kernels._dispatch import register, register_kernels, resolve
 from longax.kernels._vma import vary_like
 from longax.kernels.visibility import query_positions, visible
 
@@ -279,15 +279,13 @@ from longax.kernels.gpu import attention as _gpu  # noqa: E402
 from longax.kernels.tpu import attention as _tpu  # noqa: E402
 
 for _op in ("attention", "sigmoid_attention"):
-  register(_op, "pallas", unsupported=_gpu.unsupported)(_gpu.attention_pallas)
-  register(_op, "pallas", backend="tpu", unsupported=_tpu.unsupported)(_tpu.attention_pallas)
-  register(_op, "pallas_interpret", unsupported=_tpu.unsupported_interpret)(_tpu.attention_interpret)
-register("attention_block_grads", "pallas",
-         unsupported=_gpu.block_grads_unsupported)(_gpu.block_grads_pallas)
-register("attention_block_grads", "pallas", backend="tpu",
-         unsupported=_tpu.unsupported)(_tpu.block_grads_pallas)
-register("attention_block_grads", "pallas_interpret",
-         unsupported=_tpu.unsupported_interpret)(_tpu.block_grads_interpret)
+  register_kernels(_op, gpu=(_gpu.attention_pallas, _gpu.unsupported),
+                   tpu=(_tpu.attention_pallas, _tpu.unsupported),
+                   interpret=(_tpu.attention_interpret, _tpu.unsupported_interpret))
+register_kernels("attention_block_grads",
+                 gpu=(_gpu.block_grads_pallas, _gpu.block_grads_unsupported),
+                 tpu=(_tpu.block_grads_pallas, _tpu.unsupported),
+                 interpret=(_tpu.block_grads_interpret, _tpu.unsupported_interpret))
 
 # ----------------------------------------------------------------------------- public API
 

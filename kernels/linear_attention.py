@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from longax.kernels import _checks
-from longax.kernels._dispatch import register, resolve
+from longax.kernels._dispatch import register, register_kernels, resolve
 from longax.kernels._vma import vary_like
 
 CHUNK = 64
@@ -328,16 +328,12 @@ def linear_attention_step(q_t, k_t, v_t, state, log_decay_t=None, scale: float |
   return (o[:, None] if time_axis else o), state
 
 
-# The Mosaic GPU kernel (Hopper) is impl="pallas"; it asks `unsupported` which calls it takes.
+# The Mosaic GPU kernel (Hopper) is impl="pallas" off TPU; the Pallas TPU kernel impl="pallas" on
+# TPU and impl="pallas_interpret" anywhere (CPU). Each asks `unsupported` which calls it takes.
 from longax.kernels.gpu import linear_attention as _gpu  # noqa: E402
-
-register("linear_attention", "pallas", unsupported=_gpu.unsupported)(_gpu.linear_attention_pallas)
-
-# The Pallas TPU kernel: impl="pallas" on TPU, impl="pallas_interpret" anywhere (CPU).
 from longax.kernels.tpu import linear_attention as _tpu  # noqa: E402
 
-register("linear_attention", "pallas", backend="tpu", unsupported=_tpu.unsupported)(
-    _tpu.linear_attention_pallas)
-register("linear_attention", "pallas_interpret",
-         unsupported=functools.partial(_tpu.unsupported, interpret=True))(
-             functools.partial(_tpu.linear_attention_pallas, interpret=True))
+register_kernels("linear_attention", gpu=(_gpu.linear_attention_pallas, _gpu.unsupported),
+                 tpu=(_tpu.linear_attention_pallas, _tpu.unsupported),
+                 interpret=(functools.partial(_tpu.linear_attention_pallas, interpret=True),
+                            functools.partial(_tpu.unsupported, interpret=True)))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from longax.kernels import _checks
-from longax.kernels._dispatch import register, resolve
+from longax.kernels._dispatch import register, register_kernels, resolve
 from longax.kernels._vma import vary_like
 from longax.kernels.linear_attention import _resets
 
@@ -86,19 +86,15 @@ def _selective_scan_xla(u, dt, A, Bm, Cm, h0, resets, chunk: int = CHUNK):
 
 register("selective_scan", "xla")(_selective_scan_xla)
 
-# The Mosaic GPU kernel (Hopper) is impl="pallas"; it asks `unsupported` which calls it takes.
+# The Mosaic GPU kernel (Hopper) is impl="pallas" off TPU; the Pallas TPU kernel impl="pallas" on
+# TPU and impl="pallas_interpret" anywhere (CPU). Each asks `unsupported` which calls it takes.
 from longax.kernels.gpu import selective_scan as _gpu  # noqa: E402
-
-register("selective_scan", "pallas", unsupported=_gpu.unsupported)(_gpu.selective_scan_pallas)
-
-# The Pallas TPU kernel: impl="pallas" on TPU, impl="pallas_interpret" anywhere (CPU).
 from longax.kernels.tpu import selective_scan as _tpu  # noqa: E402
 
-register("selective_scan", "pallas", backend="tpu", unsupported=_tpu.unsupported)(
-    _tpu.selective_scan_pallas)
-register("selective_scan", "pallas_interpret",
-         unsupported=functools.partial(_tpu.unsupported, interpret=True))(
-             functools.partial(_tpu.selective_scan_pallas, interpret=True))
+register_kernels("selective_scan", gpu=(_gpu.selective_scan_pallas, _gpu.unsupported),
+                 tpu=(_tpu.selective_scan_pallas, _tpu.unsupported),
+                 interpret=(functools.partial(_tpu.selective_scan_pallas, interpret=True),
+                            functools.partial(_tpu.unsupported, interpret=True)))
 
 
 def _prepare_dt(delta, delta_bias, delta_softplus):

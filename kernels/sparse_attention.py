@@ -38,7 +38,7 @@ import numpy as np
 from einops import rearrange
 
 from longax.kernels import _checks
-from longax.kernels._dispatch import register, resolve
+from longax.kernels._dispatch import register, register_kernels, resolve
 from longax.kernels.attention import (AttnSpec, attention_reference, check_qkv, finish, fold_block,
                                       init_carry)
 from longax.kernels.visibility import query_positions, visible_pairs
@@ -288,12 +288,10 @@ for _op, _ref, _xla in (("block_sparse_attention", _block_sparse_reference, _blo
 from longax.kernels.gpu import attention as _gpu  # noqa: E402
 from longax.kernels.tpu import attention as _tpu  # noqa: E402
 
-register("block_sparse_attention", "pallas",
-         unsupported=_gpu.block_sparse_unsupported)(_gpu.block_sparse_pallas)
-register("block_sparse_attention", "pallas", backend="tpu",
-         unsupported=_tpu.block_sparse_unsupported)(_tpu.block_sparse_pallas)
-register("block_sparse_attention", "pallas_interpret",
-         unsupported=_tpu.block_sparse_unsupported_interpret)(_tpu.block_sparse_interpret)
+register_kernels("block_sparse_attention",
+                 gpu=(_gpu.block_sparse_pallas, _gpu.block_sparse_unsupported),
+                 tpu=(_tpu.block_sparse_pallas, _tpu.block_sparse_unsupported),
+                 interpret=(_tpu.block_sparse_interpret, _tpu.block_sparse_unsupported_interpret))
 
 # ----------------------------------------------------------------------------- public API
 
