@@ -118,6 +118,8 @@ def check_sequence_parallel(cfg, p: int, attention: str = "ring",
     return
   if problem := cfg.sequence_parallel_problem(p, attention):
     setting, why = problem
+    if setting == "sequence" and cfg.attention.sinks:
+      why += " (--streaming adds sinks)"
     key, value = ("sequence_parallel", p) if setting == "sequence" else ("sp_attention", attention)
     raise FieldError(key, value, why, owner="generate: ")
 

@@ -214,7 +214,8 @@ def test_cli(tmp_path):
                       "--sequence-parallel", "2"),
                      "--sequence-parallel=2: must divide the device count (1 cpu devices)"),
                     (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1", "--max-new-tokens", "4",
-                      "--sequence-parallel", "2", "--streaming", "1,4"), "cannot run the softmax layers: they have attention sinks")]:
+                      "--sequence-parallel", "2", "--streaming", "1,4"),
+                     "--sequence-parallel=2: the softmax layers have attention sinks")]:
     r = run(*args)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and msg in r.stderr, r.stderr
 
