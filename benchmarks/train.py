@@ -116,6 +116,10 @@ def main(argv=None) -> int:
   fpt = flops_per_token(cfg.model, cfg.data.seq_len)
   peak = peak_flops(jax.devices()[0])
   med = statistics.median(tps) if tps else None
+  if not tps:  # e.g. stopped by a signal (the trainer stops cleanly on SIGTERM) or too few steps
+    print(f"warning: no timed interval: the first logged interval (compilation) is dropped and "
+          f"none followed (--steps {a.steps}, one interval per 10 steps; was the run stopped "
+          f"early?)", file=sys.stderr)
   out = dict(date=datetime.date.today().isoformat(), device=jax.devices()[0].device_kind,
              n_devices=jax.device_count(), trainer=a.peer or "longax", config=a.config,
              overrides=a.overrides, steps=a.steps, params=count_params(cfg.model),
