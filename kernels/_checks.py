@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+def concrete(x):
+  """x as a numpy array, or None where it is traced (inside jit: checks that need values are
+  skipped, tables built from it stay jnp)."""
+  try:
+    return np.asarray(x)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None
 
 
 def shape_of(x) -> tuple[int, ...]:

@@ -46,14 +46,6 @@ from longax.kernels.visibility import query_positions, visible_pairs
 VS_CHUNK = 64  # vertical columns / slash offsets folded per step of the XLA path
 
 
-def _concrete(x):
-  """x as a numpy array, or None where it is traced (then index checks are skipped)."""
-  try:
-    return np.asarray(x)
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    return None
-
-
 def _dedupe(idx):
   """-1 for every entry of the last axis equal to an earlier one (repeats count once)."""
   n = idx.shape[-1]
@@ -151,7 +143,7 @@ def _block_lists(block_mask, t, s_len, block_q, block_k, causal):
   its causal future), ascending, -1 padded. n is the most any block lists where the mask is
   concrete, else all key blocks."""
   nq, nk = block_mask.shape[2:]
-  conc = _concrete(block_mask)
+  conc = _checks.concrete(block_mask)
   xp = jnp if conc is None else np
   on = block_mask if conc is None else conc.astype(bool)
   if causal:
@@ -309,7 +301,7 @@ def _check_indices(op, name, x, rank, layout, lo, hi):
   _checks.rank(op, name, x, rank, layout)
   if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer):
     raise ValueError(f"{op}: `{name}` must be an integer array, got dtype {jnp.asarray(x).dtype}")
-  conc = _concrete(x)
+  conc = _checks.concrete(x)
   if conc is not None and conc.size and (conc.min() < lo or conc.max() >= hi):
     raise ValueError(f"{op}: `{name}` values must be in [{lo}, {hi}) (-1: unused), "
                      f"got [{conc.min()}, {conc.max()}]")

@@ -356,3 +356,12 @@ def test_patterns_by_hand(rand, t):
     })(*args)
     for name, mask in want.items():
       assert_close(got[name], dense(mask), what=f"{name} {impl}")
+
+
+def test_unregistered_impl_is_one_line():
+  """An impl an op does not have yet names the op and what it has."""
+  from longax.kernels._dispatch import resolve
+  with pytest.raises(NotImplementedError,
+                     match=r"longax.kernels.vertical_slash_attention: impl='pallas' is not "
+                           r"implemented yet \(available: reference, xla, or 'auto'\)"):
+    resolve("vertical_slash_attention", "pallas")

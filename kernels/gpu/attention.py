@@ -38,6 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from longax.kernels._checks import concrete
 from longax.kernels._vma import same_vma
 from longax.kernels.gpu import kernel, not_on_hopper
 from longax.kernels.visibility import key_blocks, query_blocks, visible_pairs
@@ -1053,10 +1054,8 @@ def _sparse_lists(block_mask, pb: _Problem, heads: int, block_q: int, block_k: i
   blk = pb.blocks
   tq = math.lcm(blk.wgs * blk.block_q, blk.bwd_wgs * blk.bwd_block_q)
   sp = -(-pb.s // _key_multiple(blk)) * _key_multiple(blk)
-  try:
-    mask = np.asarray(block_mask, bool)
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    mask = jnp.asarray(block_mask)
+  mask = concrete(block_mask)
+  mask = jnp.asarray(block_mask) if mask is None else mask.astype(bool)
   sizes = dict(block_q=block_q, block_k=block_k)
   return _SparseLists(
       _row_lists(mask, pb, tq, blk.block_q, blk.wgs, blk.block_kv, **sizes),

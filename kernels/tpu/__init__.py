@@ -45,8 +45,6 @@ def fit(block: int, n: int, multiple: int = 8) -> int:
   return min(block, round_up(n, multiple))
 
 
-
-
 def pallas_call(kernel, *, out_shape, **kwargs):
   """`pl.pallas_call` whose inputs are cast to one device variance and whose outputs carry it:
   inside `jax.shard_map(check_vma=True)` (ring / Ulysses / LASP-2) an output's variance must be

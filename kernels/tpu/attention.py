@@ -51,6 +51,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from longax.kernels._checks import concrete
 from longax.kernels._vma import same_vma
 from longax.kernels.tpu import VMEM_LIMIT, pallas_call, fit, interpret_params, not_on_tpu, round_up
 from longax.kernels.visibility import key_blocks, query_blocks, visible_pairs
@@ -231,9 +232,8 @@ def _mask_lists(pb: _Problem, block_mask, xp=jnp):
 
 def _mask_widths(pb: _Problem, block_mask) -> tuple[int, int]:
   """The tables' widths (steps per row): the longest lists of a concrete mask, else all."""
-  try:
-    mask = np.asarray(block_mask)
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+  mask = concrete(block_mask)
+  if mask is None:
     return pb.nk, pb.group * pb.nq
   return tuple(max(1, int(x.sum(-1).max())) for x in _mask_lists(pb, mask, np))
 

@@ -57,7 +57,6 @@ class _Config:
   interpret: bool
 
 
-
 def _column(tile, t):
   """Column t [N, 1] of an [N, C] tile (a lane mask and a sum: no dynamic lane index)."""
   lanes = lax.broadcasted_iota(jnp.int32, tile.shape, 1)
