@@ -24,3 +24,13 @@ def test_summarize_a_traced_program(tmp_path):
 def test_no_trace_is_one_line(tmp_path):
   with pytest.raises(SystemExit, match="no \\*.xplane.pb under"):
     profile.summarize(tmp_path)
+
+
+def test_train_benchmark_says_why_no_rate(monkeypatch, capsys):
+  """No timed interval (a run stopped early, or too few steps): a warning, rate null."""
+  from longax.benchmarks import train as bench
+  monkeypatch.setattr(bench, "run_longax", lambda cfg, workdir: [])
+  bench.main(["--config", "tests/tiny_train_config.py", "--steps", "4"])
+  out = capsys.readouterr()
+  assert "warning: no timed interval" in out.err
+  assert '"tokens_per_s": null' in out.out
