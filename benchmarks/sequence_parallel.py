@@ -57,6 +57,19 @@ def _inputs(op, b, t, h, hkv, d, dtype):
   return args
 
 
+def _placed(xs, p: int):
+  """The inputs already sharded as the P-device call takes them ([B, T/P] per device), so a
+  timed call moves nothing but what the op sends (unplaced inputs would be scattered from
+  device 0 on every call: ~1-2 ms at T = 32k, counted against sequence parallelism)."""
+  import jax
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  if p == 1:
+    return [jax.device_put(x, jax.devices()[0]) for x in xs]
+  sharding = NamedSharding(Mesh(np.asarray(jax.devices()[:p]), ("sp",)), P(None, "sp"))
+  return [jax.device_put(x, sharding) for x in xs]
+
+
 def _fn(op, p: int, layout: str):
   """(function on whole arrays, its SP mesh or None)."""
   import jax
@@ -179,7 +192,8 @@ def run(args) -> list[dict]:
           base, want = {}, None
           for p in ps:
             t = t_arg * p if scaling == "weak" else t_arg
-            xs = _inputs(op, args.batch, t, args.heads, args.kv_heads, args.head_dim, dtype)
+            xs = _placed(_inputs(op, args.batch, t, args.heads, args.kv_heads, args.head_dim,
+                                 dtype), p)
             row = dict(op=op, layout=layout, scaling=scaling, P=p, T=t, impl="longax",
                        bytes_sent=bytes_per_device(op, p, args.batch, t, args.heads,
                                                    args.kv_heads, args.head_dim, dtype.itemsize),
