@@ -437,15 +437,19 @@ def _carried_in(q, g, seg, state_in, scale):
   """What the state entering a local chunk adds to its outputs (the chunked recurrence is
   affine in it): scale (q_t * exp(G_t)) S_in, G_t the log decay summed through t, zero from
   the chunk's first document start on. q [nB, c, H, Dk], g [nB, c, H, 1|Dk] or None, seg
-  [nB, c] or None, state_in [nB, H, Dk, Dv] -> [nB, c, H, Dv] float32."""
-  qf = q.astype(jnp.float32)
+  [nB, c] or None, state_in [nB, H, Dk, Dv] float32 -> [nB, c, H, Dv] in q's dtype.
+  The operands are in q's dtype, as the kernels' q S term (float32 accumulation): with
+  bfloat16 this glue moves half the bytes of a float32 one (it is most of LASP-2's time
+  beside the kernel, NOTES.md)."""
+  qf = q.astype(jnp.float32) * scale
   if g is not None:
     qf = qf * jnp.exp(jnp.cumsum(g, axis=1))
   if seg is not None:
     fresh = jnp.cumsum(jnp.concatenate([jnp.zeros_like(seg[:, :1], bool),
                                         seg[:, 1:] != seg[:, :-1]], axis=1), axis=1) > 0
     qf = jnp.where(fresh[..., None, None], 0.0, qf)
-  return scale * jnp.einsum("bthk,bhkv->bthv", qf, state_in)
+  return jnp.einsum("bthk,bhkv->bthv", qf.astype(q.dtype), state_in.astype(q.dtype),
+                    preferred_element_type=q.dtype)
 
 
 def lasp2_linear_attention(q, k, v, *, axis_name, log_decay=None, scale: float | None = None,
@@ -480,7 +484,7 @@ def lasp2_linear_attention(q, k, v, *, axis_name, log_decay=None, scale: float |
   state_in, final = _combine_states(axis_name, layout, split(local), decay, first, last, h0)
   carried = _carried_in(qc, g, segc, state_in.reshape(n * b, h, dk, dv),
                         dk**-0.5 if scale is None else scale)
-  o = _unfold_batch((o_local.astype(jnp.float32) + carried).astype(o_local.dtype), n)
+  o = _unfold_batch(o_local + carried.astype(o_local.dtype), n)
   return (o, final) if return_final_state else o
 
 
