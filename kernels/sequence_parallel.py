@@ -433,23 +433,23 @@ def _segment_edges(seg, b, n):
   return chunks[..., 0], chunks[..., -1], no_reset
 
 
-def _carried_in(q, g, seg, state_in, scale):
-  """What the state entering a local chunk adds to its outputs (the chunked recurrence is
-  affine in it): scale (q_t * exp(G_t)) S_in, G_t the log decay summed through t, zero from
-  the chunk's first document start on. q [nB, c, H, Dk], g [nB, c, H, 1|Dk] or None, seg
-  [nB, c] or None, state_in [nB, H, Dk, Dv] float32 -> [nB, c, H, Dv] in q's dtype.
-  The operands are in q's dtype, as the kernels' q S term (float32 accumulation): with
-  bfloat16 this glue moves half the bytes of a float32 one (it is most of LASP-2's time
-  beside the kernel, NOTES.md)."""
-  qf = q.astype(jnp.float32) * scale
+def _local_states(k, v, g, seg, h: int):
+  """Each local chunk's state from zero, sum_t w_t k_t^T v_t with w_t the decay after token t
+  (exp of the log decay summed over t+1..end), zero before the chunk's last document start:
+  one GEMM over the chunk in XLA, with its own gradient. k [nB, c, Hkv, Dk], v [nB, c, Hkv,
+  Dv], g [nB, c, H, 1|Dk] or None, seg [nB, c] or None -> [nB, H, Dk, Dv] float32."""
+  nb, c, hkv, dk = k.shape
+  w = jnp.ones((nb, c, h, 1), jnp.float32)
   if g is not None:
-    qf = qf * jnp.exp(jnp.cumsum(g, axis=1))
+    w = jnp.exp(jnp.sum(g, axis=1, keepdims=True) - jnp.cumsum(g, axis=1))
   if seg is not None:
-    fresh = jnp.cumsum(jnp.concatenate([jnp.zeros_like(seg[:, :1], bool),
-                                        seg[:, 1:] != seg[:, :-1]], axis=1), axis=1) > 0
-    qf = jnp.where(fresh[..., None, None], 0.0, qf)
-  return jnp.einsum("bthk,bhkv->bthv", qf.astype(q.dtype), state_in.astype(q.dtype),
-                    preferred_element_type=q.dtype)
+    starts = jnp.concatenate([jnp.zeros_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], 1)
+    later = jnp.flip(jnp.cumsum(jnp.flip(starts, 1), 1), 1) - starts > 0  # a start after t
+    w = jnp.where(later[..., None, None], 0.0, w)
+  w = w.reshape(nb, c, hkv, h // hkv, w.shape[-1])
+  kw = (k.astype(jnp.float32)[:, :, :, None] * w).astype(k.dtype)  # [nB, c, Hkv, G, Dk]
+  s = jnp.einsum("bckgd,bckv->bkgdv", kw, v, preferred_element_type=jnp.float32)
+  return s.reshape(nb, h, dk, v.shape[-1])
 
 
 def lasp2_linear_attention(q, k, v, *, axis_name, log_decay=None, scale: float | None = None,
@@ -468,10 +468,12 @@ def lasp2_linear_attention(q, k, v, *, axis_name, log_decay=None, scale: float |
   g_chunks = _fold_batch(log_decay, n) if per_token else log_decay
   qc, kc, vc, segc = (_fold_batch(x, n) for x in (q, k, v, segment_ids))
   kw = dict(log_decay=g_chunks, scale=scale, segment_ids=segc, chunk_size=chunk_size)
-  # One local pass from a zero state gives the chunk's outputs and its state; the entering
-  # state's share is added after the all_gather (`_carried_in`), not by a second pass.
-  o_local, local = linear_attention(qc, kc, vc, return_final_state=True, impl=impl, **kw)
+  # The chunks' states from zero come from one GEMM each (`_local_states`, ~5% of the kernel's
+  # time), so the kernel runs once, from the true entering state: an earlier form ran it from
+  # zero and added the entering state's share q exp(G) S_in after, whose [T, H, Dv] XLA glue
+  # cost ~0.5 ms at 64k (NOTES.md).
   g = _log_decay(op, g_chunks, n * b, t // n, h, dk)  # [nB, c, H, 1|Dk] or None
+  local = _local_states(kc, vc, g, segc, h)
   decay = jnp.ones((n * b, h, 1)) if g is None else jnp.exp(jnp.sum(g, axis=1))
   first, last, no_reset = _segment_edges(segment_ids, b, n)
   split = lambda x: x.reshape(n, b, *x.shape[1:])
@@ -482,9 +484,9 @@ def lasp2_linear_attention(q, k, v, *, axis_name, log_decay=None, scale: float |
   h0 = (jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None
         else initial_state.astype(jnp.float32))
   state_in, final = _combine_states(axis_name, layout, split(local), decay, first, last, h0)
-  carried = _carried_in(qc, g, segc, state_in.reshape(n * b, h, dk, dv),
-                        dk**-0.5 if scale is None else scale)
-  o = _unfold_batch(o_local + carried.astype(o_local.dtype), n)
+  o = linear_attention(qc, kc, vc, initial_state=state_in.reshape(n * b, h, dk, dv), impl=impl,
+                       **kw)
+  o = _unfold_batch(o, n)
   return (o, final) if return_final_state else o
 
 
