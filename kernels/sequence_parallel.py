@@ -28,6 +28,7 @@ sequence, `[B, T/P, ...]`, and `axis_name` names the mesh axis (size P). `layout
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 import functools
 import math
 
@@ -436,20 +437,114 @@ def _segment_edges(seg, b, n):
 def _local_states(k, v, g, seg, h: int):
   """Each local chunk's state from zero, sum_t w_t k_t^T v_t with w_t the decay after token t
   (exp of the log decay summed over t+1..end), zero before the chunk's last document start:
-  one GEMM over the chunk in XLA, with its own gradient. k [nB, c, Hkv, Dk], v [nB, c, Hkv,
-  Dv], g [nB, c, H, 1|Dk] or None, seg [nB, c] or None -> [nB, H, Dk, Dv] float32."""
+  one GEMM over the chunk. k [nB, c, Hkv, Dk], v [nB, c, Hkv, Dv], g [nB, c, H, 1|Dk] or
+  None, seg [nB, c] or None -> [nB, H, Dk, Dv] float32. Not differentiated (`_lasp2`)."""
   nb, c, hkv, dk = k.shape
   w = jnp.ones((nb, c, h, 1), jnp.float32)
   if g is not None:
     w = jnp.exp(jnp.sum(g, axis=1, keepdims=True) - jnp.cumsum(g, axis=1))
   if seg is not None:
-    starts = jnp.concatenate([jnp.zeros_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], 1)
+    starts = _starts(seg)
     later = jnp.flip(jnp.cumsum(jnp.flip(starts, 1), 1), 1) - starts > 0  # a start after t
     w = jnp.where(later[..., None, None], 0.0, w)
   w = w.reshape(nb, c, hkv, h // hkv, w.shape[-1])
   kw = (k.astype(jnp.float32)[:, :, :, None] * w).astype(k.dtype)  # [nB, c, Hkv, G, Dk]
   s = jnp.einsum("bckgd,bckv->bkgdv", kw, v, preferred_element_type=jnp.float32)
   return s.reshape(nb, h, dk, v.shape[-1])
+
+
+def _starts(seg):
+  """[nB, c] segment ids -> bool [nB, c]: a document starts at t (t > 0)."""
+  return jnp.concatenate([jnp.zeros_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], 1)
+
+
+def _entering_grad(q, g, seg, do, scale):
+  """The cotangent of the state entering a chunk from o's: the chunk's outputs take
+  scale (q_t exp(G_t)) S_in (G_t: the log decay summed through t; zero from the chunk's first
+  document start on), so dS_in = sum_t scale (q_t exp(G_t))^T do_t: one GEMM, operands in q's
+  dtype. q [nB, c, H, Dk], g [nB, c, H, 1|Dk] or None, do [nB, c, H, Dv] -> [nB, H, Dk, Dv]."""
+  qf = q.astype(jnp.float32) * scale
+  if g is not None:
+    qf = qf * jnp.exp(jnp.cumsum(g, axis=1))
+  if seg is not None:
+    qf = jnp.where((jnp.cumsum(_starts(seg), axis=1) > 0)[..., None, None], 0.0, qf)
+  return jnp.einsum("bthk,bthv->bhkv", qf.astype(q.dtype), do.astype(q.dtype),
+                    preferred_element_type=jnp.float32)
+
+
+class _Lasp2(NamedTuple):  # the static arguments of `_lasp2`
+  axis_name: object
+  layout: str
+  n: int  # local chunks (2 for zigzag)
+  scale: float | None
+  chunk_size: int
+  impl: str
+
+
+def _chunk_decay(st: _Lasp2, g_raw, segc, b: int, shape):
+  """(g [nB, c, H, 1|Dk] float32 or None, the decay through each chunk [n, B, H, 1|Dk], 0 where
+  a document starts inside it)."""
+  nb, c, h, dk = shape
+  g = _log_decay("lasp2_linear_attention", g_raw, nb, c, h, dk)
+  decay = jnp.ones((nb, h, 1)) if g is None else jnp.exp(jnp.sum(g, axis=1))
+  if segc is not None:
+    decay = decay * jnp.all(~_starts(segc), axis=1)[:, None, None]
+  return g, decay.reshape(st.n, b, *decay.shape[1:])
+
+
+def _lasp2_parts(st: _Lasp2, qc, kc, vc, g_raw, segc, h0):
+  """The forward: chunk states (one GEMM each) -> one all_gather and the combine -> the
+  kernel once from the true entering state. Returns (o, final) and what the backward needs."""
+  nb, c, h, dk = qc.shape
+  b, dv = h0.shape[0], vc.shape[-1]
+  g, decay = _chunk_decay(st, g_raw, segc, b, qc.shape)
+  local = _local_states(kc, vc, g, segc, h).reshape(st.n, b, h, dk, dv)
+  first, last = ((None, None) if segc is None else
+                 (segc[:, 0].reshape(st.n, b), segc[:, -1].reshape(st.n, b)))
+  combine = lambda local, decay, h0: _combine_states(st.axis_name, st.layout, local, decay,
+                                                     first, last, h0)
+  (state_in, final), pull_combine = jax.vjp(combine, local, decay, h0)
+  state_in = state_in.reshape(nb, h, dk, dv)
+  run = lambda q, k, v, g_raw, s0: linear_attention(
+      q, k, v, log_decay=g_raw, scale=st.scale, segment_ids=segc, chunk_size=st.chunk_size,
+      initial_state=s0, return_final_state=True, impl=st.impl)
+  (o, _), pull_kernel = jax.vjp(run, qc, kc, vc, g_raw, state_in)
+  return (o, final), (pull_combine, pull_kernel, g, state_in)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lasp2(st: _Lasp2, qc, kc, vc, g_raw, segc, h0):
+  return _lasp2_parts(st, qc, kc, vc, g_raw, segc, h0)[0]
+
+
+def _lasp2_fwd(st, qc, kc, vc, g_raw, segc, h0):
+  out, (pull_combine, pull_kernel, g, state_in) = _lasp2_parts(st, qc, kc, vc, g_raw, segc, h0)
+  return out, (qc, g_raw, segc, pull_combine, pull_kernel, g, state_in)
+
+
+def _lasp2_bwd(st: _Lasp2, res, cts):
+  """The kernel's own backward carries the chunk state's gradient: its final state is
+  F = D h0 + S_local (D: the chunk's decay), so its pullback with dF = dS_local gives S_local's
+  share of dk, dv, dg plus D h0's share of dg, taken off here. dS_local comes from the combine's
+  pullback of dS_in, which is one GEMM of q exp(G) and do (`_entering_grad`)."""
+  qc, g_raw, segc, pull_combine, pull_kernel, g, state_in = res
+  do, dfinal = cts
+  nb, _, h, dk = qc.shape
+  scale = dk**-0.5 if st.scale is None else st.scale
+  d_in = _entering_grad(qc, g, segc, do, scale)
+  b = dfinal.shape[0]
+  d_local, d_decay, dh0 = pull_combine((d_in.reshape(st.n, b, *d_in.shape[1:]), dfinal))
+  d_local = d_local.reshape(nb, h, dk, -1)
+  dq, dk_, dv, dg, _ = pull_kernel((do, d_local))
+  if g_raw is not None:  # dg: + the chunk decay's share in the combine, - D h0's in the kernel
+    decay_of = lambda g_raw: _chunk_decay(st, g_raw, segc, b, qc.shape)[1]
+    spurious = jnp.sum(state_in * d_local, axis=-1).reshape(d_decay.shape[:3] + (-1,))
+    spurious = jnp.sum(spurious, -1, keepdims=True) if d_decay.shape[-1] == 1 else spurious
+    dg = dg + jax.vjp(decay_of, g_raw)[1](d_decay - spurious)[0]
+  return dq, dk_, dv, dg, None, dh0
+
+
+_lasp2.defvjp(_lasp2_fwd, _lasp2_bwd)
 
 
 def lasp2_linear_attention(q, k, v, *, axis_name, log_decay=None, scale: float | None = None,
@@ -459,33 +554,25 @@ def lasp2_linear_attention(q, k, v, *, axis_name, log_decay=None, scale: float |
   """LASP-2 linear attention. Local shards q [B, Tl, H, Dk], k [B, Tl, Hkv, Dk],
   v [B, Tl, Hkv, Dv], log_decay [H] / [B, Tl, H] / [B, Tl, H, Dk], segment_ids [B, Tl];
   initial_state [B, H, Dk, Dv] (the same on every device: it precedes token 0). Returns
-  o [B, Tl, H, Dv] or (o, the final state of the whole sequence, on every device)."""
+  o [B, Tl, H, Dv] or (o, the final state of the whole sequence, on every device).
+  Each local chunk's state from zero is one GEMM; one all_gather and the chunk-state combine
+  give the state entering it; the local kernel runs once from that state. The backward runs
+  the kernel's backward once, with the chunk state's gradient as its final-state cotangent
+  (NOTES.md: the forms tried and their cost)."""
   op = "lasp2_linear_attention"
   b, t, h, dk = q.shape
-  p, _ = _axis(op, axis_name, layout, t)
+  _axis(op, axis_name, layout, t)
   n = _n_chunks(layout)
   per_token = log_decay is not None and jnp.ndim(log_decay) > 1
   g_chunks = _fold_batch(log_decay, n) if per_token else log_decay
+  if g_chunks is not None:  # varying: a replicated [H] decay gets its gradient summed
+    g_chunks = vary_like(jnp.asarray(g_chunks, jnp.float32), q)
   qc, kc, vc, segc = (_fold_batch(x, n) for x in (q, k, v, segment_ids))
-  kw = dict(log_decay=g_chunks, scale=scale, segment_ids=segc, chunk_size=chunk_size)
-  # The chunks' states from zero come from one GEMM each (`_local_states`, ~5% of the kernel's
-  # time), so the kernel runs once, from the true entering state: an earlier form ran it from
-  # zero and added the entering state's share q exp(G) S_in after, whose [T, H, Dv] XLA glue
-  # cost ~0.5 ms at 64k (NOTES.md).
-  g = _log_decay(op, g_chunks, n * b, t // n, h, dk)  # [nB, c, H, 1|Dk] or None
-  local = _local_states(kc, vc, g, segc, h)
-  decay = jnp.ones((n * b, h, 1)) if g is None else jnp.exp(jnp.sum(g, axis=1))
-  first, last, no_reset = _segment_edges(segment_ids, b, n)
-  split = lambda x: x.reshape(n, b, *x.shape[1:])
-  decay = split(decay)
-  if no_reset is not None:
-    decay = decay * no_reset[..., None, None]
   dv = v.shape[-1]
   h0 = (jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None
         else initial_state.astype(jnp.float32))
-  state_in, final = _combine_states(axis_name, layout, split(local), decay, first, last, h0)
-  o = linear_attention(qc, kc, vc, initial_state=state_in.reshape(n * b, h, dk, dv), impl=impl,
-                       **kw)
+  st = _Lasp2(axis_name, layout, n, scale, chunk_size, impl)
+  o, final = _lasp2(st, qc, kc, vc, g_chunks, segc, h0)
   o = _unfold_batch(o, n)
   return (o, final) if return_final_state else o
 
