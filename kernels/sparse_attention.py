@@ -284,6 +284,7 @@ register_kernels("block_sparse_attention",
                  gpu=(_gpu.block_sparse_pallas, _gpu.block_sparse_unsupported),
                  tpu=(_tpu.block_sparse_pallas, _tpu.block_sparse_unsupported),
                  interpret=(_tpu.block_sparse_interpret, _tpu.block_sparse_unsupported_interpret))
+register_kernels("selected_block_attention", gpu=(_gpu.selected_pallas, _gpu.selected_unsupported))
 
 # ----------------------------------------------------------------------------- public API
 
@@ -371,7 +372,8 @@ def selected_block_attention(q, k, v, block_indices, *, block_size: int = 64,
       raise ValueError(f"{op}: `q_positions` must have shape ({t},) or ({b}, {t}), got {q_positions.shape}")
     extra = dict(q_positions=q_positions)
   spec = AttnSpec("softmax", causal, scale, None, 0, None, 0.0)
-  fn = resolve(op, impl, dict(q=q, k=k, v=v, spec=spec, explicit_positions=bool(extra)))
+  fn = resolve(op, impl, dict(q=q, k=k, v=v, spec=spec, block_size=block_size,
+                             explicit_positions=bool(extra)))
   return fn(q, k, v, idx, spec, block_size=block_size, **extra)
 
 

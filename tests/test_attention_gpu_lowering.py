@@ -110,7 +110,7 @@ def _emulated_scores(q, k, q_seg, k_seg, pb, pairs=None):
   h, hkv = q.shape[2], k.shape[2]
   kr = jnp.repeat(k, h // hkv, axis=2).astype(jnp.float32)
   s = pb.spec.logits(jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), kr))
-  q_pos = jnp.arange(q.shape[1]) + pb.offset
+  q_pos = pb.pos(jnp.arange(q.shape[1]))
   k_pos = jnp.arange(k.shape[1])
   mask = pb.spec.mask(q_pos, k_pos, q_seg, k_seg)[:, None] & (k_pos < pb.s)
   if pairs is not None:  # the listed blocks; the rule on masked steps only

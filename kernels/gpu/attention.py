@@ -86,10 +86,15 @@ class _Problem:
   group: int  # query heads per KV head
   segments: bool
   blocks: Blocks
+  rows_per_pos: int = 1  # query rows per position (NSA's selected blocks: a token's heads)
 
   @property
-  def offset(self):  # query row i sits at position i + offset (bottom-right alignment)
-    return self.s - self.t
+  def offset(self):  # query row i sits at position i // rows_per_pos + offset (bottom-right)
+    return self.s - self.t // self.rows_per_pos
+
+  def pos(self, row):
+    """The position of query row `row` (a scalar or numpy array)."""
+    return (row if self.rows_per_pos == 1 else row // self.rows_per_pos) + self.offset
 
   @property
   def sinks(self):
@@ -111,11 +116,19 @@ def _index_tile(shape, dim, base):
   return _bcast(vec, shape, dim)
 
 
+def _pos_tile(pb: _Problem, shape, dim, first_row):
+  """The positions of query rows first_row + i along axis `dim` of a WGMMA-layout tile."""
+  if pb.rows_per_pos == 1:
+    return _index_tile(shape, dim, first_row + pb.offset)
+  rows = plgpu.broadcasted_iota(jnp.int32, (shape[dim],), 0, layout=_WG.reduce(1 - dim)) + first_row
+  return _bcast(lax.div(rows, jnp.int32(pb.rows_per_pos)) + pb.offset, shape, dim)
+
+
 def _tile_mask(pb: _Problem, shape, q_first, k_first, q_seg=None, k_seg=None, *,
                queries_on_rows=True):
   """Visibility of a tile: rows are queries (forward, dq) or keys (dk/dv)."""
   qd, kd = (0, 1) if queries_on_rows else (1, 0)
-  qi = _index_tile(shape, qd, q_first + pb.offset)
+  qi = _pos_tile(pb, shape, qd, q_first)
   kj = _index_tile(shape, kd, k_first)
   spec = pb.spec
   ok = visible_pairs(qi, kj, causal=spec.causal, window=spec.window, sinks=pb.sinks)
@@ -179,6 +192,7 @@ def _kv_schedule(pb: _Problem, row0, rows_per_wg: int, wgs: int, block_kv: int):
   """Key blocks for query rows [row0, row0 + wgs * rows_per_wg): the CTA's steps and each
   warpgroup's split."""
   spec = pb.spec
+  assert pb.rows_per_pos == 1, "the dense schedules take one row per position"
   first_pos = lambda r: r + pb.offset
   n_real = -(-pb.s // block_kv)  # blocks past the keys (padding) are never visited
   ranges = [key_blocks(first_pos(row0 + w * rows_per_wg), first_pos(row0 + (w + 1) * rows_per_wg - 1),
@@ -210,6 +224,7 @@ def _q_schedule(pb: _Problem, key0, keys_per_wg: int, wgs: int, block_q: int, n_
   """Query blocks that see keys [key0, key0 + wgs * keys_per_wg): (lo_all, n) and each
   warpgroup's split of [0, n) (per query head of the group)."""
   spec = pb.spec
+  assert pb.rows_per_pos == 1, "the dense schedules take one row per position"
   ranges = [query_blocks(key0 + w * keys_per_wg, key0 + (w + 1) * keys_per_wg - 1, block_q, n_q,
                          pb.offset, causal=spec.causal, window=spec.window, sinks=pb.sinks)
             for w in range(wgs)]
@@ -935,14 +950,14 @@ def unsupported(call: dict) -> str | None:
   return None
 
 
-def _problem(q, k, spec, q_seg, blocks):
+def _problem(q, k, spec, q_seg, blocks, rows_per_pos: int = 1):
   if not spec.causal and spec.window is None:
     # Non-causal runs as a window no pair can leave: the same visibility, but its block
     # bounds come from positions, which Mosaic GPU's layout inference needs here (with
     # constant bounds it fails on the dk/dv loop over query heads and on segment masks).
     spec = dataclasses.replace(spec, window=_UNBOUNDED, sinks=0)
   return _Problem(spec, q.shape[1], k.shape[1], q.shape[2] // k.shape[2], q_seg is not None,
-                  blocks or blocks_for(q.shape[-1]))
+                  blocks or blocks_for(q.shape[-1]), rows_per_pos)
 
 
 def attention_pallas(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, kv_block=None, blocks=None,
@@ -1022,7 +1037,7 @@ def _row_lists(mask, pb: _Problem, tq: int, bq: int, wgs: int, bkv: int, block_q
   row0 = (np.arange(tiles)[:, None] * wgs + np.arange(wgs)) * bq  # [tiles, wgs]
   key0 = np.arange(-(-pb.s // bkv)) * bkv  # [nkb]
   bits = mask[:, :, np.minimum(row0 // block_q, mask.shape[2] - 1)][..., key0 // block_k]
-  first, last = row0 + pb.offset, np.minimum(row0 + bq, pb.t) - 1 + pb.offset
+  first, last = pb.pos(row0), pb.pos(np.minimum(row0 + bq, pb.t) - 1)
   seen = (row0 < pb.t)[..., None] & ((key0 <= last[..., None]) if pb.spec.causal else True)
   full = (key0 + bkv <= pb.s) & ((key0 + bkv - 1 <= first[..., None]) if pb.spec.causal else True)
   return _lists(bits & seen, ~full & seen)
@@ -1035,7 +1050,7 @@ def _key_lists(mask, pb: _Problem, bq: int, wgs: int, bkv: int, sp: int, heads: 
   n_q, kv_heads = -(-pb.t // bq), heads // pb.group
   key0 = (np.arange(sp // (wgs * bkv))[:, None] * wgs + np.arange(wgs)) * bkv  # [tiles, wgs]
   q0 = np.arange(n_q) * bq
-  first, last = q0 + pb.offset, np.minimum(q0 + bq, pb.t) - 1 + pb.offset
+  first, last = pb.pos(q0), pb.pos(np.minimum(q0 + bq, pb.t) - 1)
   xp = np if isinstance(mask, np.ndarray) else jnp
   per_head = xp.broadcast_to(mask, mask.shape[:1] + (heads,) + mask.shape[2:])
   per_head = per_head.reshape(mask.shape[0], kv_heads, pb.group, *mask.shape[2:])
@@ -1088,4 +1103,70 @@ def block_sparse_unsupported(call: dict) -> str | None:
   for name in ("block_q", "block_k"):
     if call[name] % 64:
       return f"{name}={call[name]} (the kernel takes multiples of 64)"
+  return None
+
+
+# ------------------------------------------------------------- NSA's selected blocks
+# The block-sparse kernels over a token's query heads folded into query rows: token t of KV
+# group g is a tile of `rows` query rows (its G heads, zero rows after them) of a one-head-
+# per-KV-head problem at position S - T + t (`_Problem.rows_per_pos`), and its selected
+# blocks are that tile's row of a block mask, so `_sparse_lists` builds all three kernels'
+# lists as for block-sparse attention.
+
+
+def selected_rows(group: int) -> int:
+  """Query rows per token: its `group` heads padded to a whole number of 64-row tiles."""
+  return -(-group // 64) * 64
+
+
+def _selected_mask(block_indices, n_blocks: int):
+  """int32 [B, T, Hkv, n] (-1 unused, repeats) -> bool [B, Hkv, T, n_blocks] (numpy where
+  the indices are concrete, so the lists are just long enough)."""
+  idx = concrete(block_indices)
+  xp = jnp if idx is None else np
+  idx = jnp.asarray(block_indices) if idx is None else idx
+  b, t, hkv, _ = idx.shape
+  slot = xp.where(idx >= 0, idx, n_blocks)  # -1: a column dropped below
+  at = (xp.arange(b)[:, None, None, None], xp.arange(hkv)[None, None, :, None],
+        xp.arange(t)[None, :, None, None], slot)
+  if xp is np:
+    on = np.zeros((b, hkv, t, n_blocks + 1), bool)
+    on[at] = True
+  else:
+    on = jnp.zeros((b, hkv, t, n_blocks + 1), bool).at[at].set(True)
+  return on[..., :n_blocks]
+
+
+def selected_pallas(q, k, v, block_indices, spec, *, block_size: int, blocks=None):
+  """`selected_block_attention` on the block-sparse kernels (see `selected_unsupported`).
+
+  Exact, and wasteful where groups are small: each token's G query heads fill a 64-row tile
+  (1 - G/64 of its MMA rows are padding), so q, o and dq are 64/G times the op's size.
+  Forward and dq walk each token's own blocks. The dk/dv kernel walks, per 128-key tile, the
+  tokens that selected it: blocks every token selects (the first, each query's local one for
+  the next select_block tokens) have lists as long as T while most have a few, so that kernel
+  is unbalanced (its CTAs' work varies by T / n); untimed."""
+  b, t, h, d = q.shape
+  s_len, hkv = k.shape[1], k.shape[2]
+  g, rows = h // hkv, selected_rows(h // hkv)
+  qf = jnp.pad(q.reshape(b, t, hkv, g, d), ((0, 0),) * 3 + ((0, rows - g), (0, 0)))
+  qf = jnp.swapaxes(qf, 2, 3).reshape(b, t * rows, hkv, d)  # [B, T * rows, Hkv, D]
+  mask = _selected_mask(block_indices, -(-s_len // block_size))
+  pb = _problem(qf, k, spec, None, blocks or sparse_blocks(d, rows, block_size), rows)
+  lists = _sparse_lists(mask, pb, hkv, rows, block_size)
+  o = _flash(*same_vma(qf, k, v), None, None, lists, pb)[0]
+  o = jnp.swapaxes(o.reshape(b, t, rows, hkv, d)[:, :, :g], 2, 3)
+  return o.reshape(b, t, h, d)
+
+
+def selected_unsupported(call: dict) -> str | None:
+  """As `block_sparse_unsupported` (block_size for both block sizes, the query side being a
+  token's rows), and at most 64 query heads per KV head (what the tests cover: one tile)."""
+  if (why := block_grads_unsupported(call)) is not None:
+    return why
+  if call["block_size"] % 64:
+    return f"block_size={call['block_size']} (the kernel takes multiples of 64)"
+  group = call["q"].shape[2] // call["k"].shape[2]
+  if group > 64:
+    return f"{group} query heads per KV head (the kernel takes up to 64: one token's heads in a tile)"
   return None
