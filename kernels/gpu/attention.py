@@ -21,6 +21,9 @@ Block-sparse attention (`block_sparse_pallas`, impl="pallas" of `block_sparse_at
 the same three kernels with block lists (`_Lists`, built in XLA from the block mask) in place
 of those ranges: per CTA tile, the blocks the memory warpgroup streams and each compute
 warpgroup's own steps among them (unmasked first, then masked); see `_Listed`.
+NSA's selected blocks (`selected_pallas`, impl="pallas" of `selected_block_attention`) are
+block-sparse attention over a token's query heads folded into one query tile's rows, all at
+the token's position (`_Problem.rows_per_pos`).
 """
 
 from __future__ import annotations
