@@ -170,7 +170,8 @@ class NSA(nnx.Module):
     """The attention core of a full forward (no cache; what `benchmarks/kernels.py --ops nsa`
     times): compression, the three branches and the gates, no projections. q [B, T, H, D],
     k / v [B, T, Hkv, D] (RoPE applied), gate_logits [B, T, H, 3] (before the sigmoid),
-    q_pos [B, T] (default 0..T-1) -> [B, T, H, D] float32."""
+    q_pos [B, T] (default 0..T-1; the branches take key j at position j and the queries
+    bottom-right, i.e. 0..T-1: q_pos only places the selection) -> [B, T, H, D] float32."""
     b, t = q.shape[:2]
     q_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if q_pos is None else q_pos
     n = n_compressed(t, self.block_size, self.stride)
