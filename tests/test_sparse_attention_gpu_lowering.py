@@ -130,7 +130,7 @@ def test_lists_hold_each_seen_block_once(case):
   kinds = [("fwd", blk.block_q, blk.wgs, blk.block_kv), ("dq", blk.bwd_block_q, blk.bwd_wgs,
                                                          blk.bwd_block_kv)]
   for name, bq, wgs, bkv in kinds:
-    steps, own, counts = (np.asarray(x) for x in getattr(lists, name))
+    steps, own, counts = (np.asarray(x) for x in getattr(lists, name)[:3])
     cover = np.asarray(_onehot_cover(getattr(lists, name), -(-s // bkv))[0])
     for b, hh, tile, w in np.ndindex(*cover.shape[:4]):
       n_own, n_plain = counts[b, hh, tile, 1 + 2 * w], counts[b, hh, tile, 2 + 2 * w]
@@ -147,7 +147,7 @@ def test_lists_hold_each_seen_block_once(case):
         jj = np.arange(kb * bkv, (kb + 1) * bkv)[None, :]
         assert np.all(jj < s) and (not causal or np.all(jj <= i)), (name, "plain", kb)
     _union_is_own(steps, own, counts, cover, name)
-  steps, own, counts = (np.asarray(x) for x in lists.dkv)
+  steps, own, counts = (np.asarray(x) for x in lists.dkv[:3])
   g, bq, bkv, wgs = h // hkv, blk.bwd_block_q, blk.bwd_block_kv, blk.bwd_wgs
   n_q = -(-t // bq)
   flat = np.asarray(_onehot_cover(lists.dkv, g * n_q)[0])
@@ -187,7 +187,7 @@ def test_listed_run_visits_every_step_once():
   log = lambda code: lambda i, c: (c[0].at[c[1]].set(4 * i + code), c[1] + 1)
   step = lambda i, c, masked: log(1 + masked)(i, c)
   for lists in gpu._sparse_lists(mask, pb, h, 64, 64):
-    steps, own, counts = (np.asarray(x) for x in lists)
+    steps, own, counts = (np.asarray(x) for x in lists[:3])
     refs = gpu._Lists(*(_Ref(jnp.asarray(x)) for x in (steps, own, counts)))
     run = jax.jit(lambda b, hh, tile, w: gpu._Listed.at(refs, b, hh, tile).run(
         w, step, log(0), (jnp.full(steps.shape[-1], -1), jnp.int32(0))))
@@ -265,8 +265,10 @@ def test_auto_takes_the_kernel_where_covered(monkeypatch):
 
 
 # ------------------------------------------------------------------ NSA's selected blocks
-# `selected_pallas`: a token's G query heads are the rows of a 64-row tile at one position
-# (`_Problem.rows_per_pos`), its selected blocks a row of the block mask.
+# `selected_pallas`: a token's G query heads are query rows at one position
+# (`_Problem.rows_per_pos`), its selected blocks a row of the block mask; shared (the
+# default): 64 / G tokens share a tile, its rows masked by their own blocks (`_Lists.rows`);
+# else a token fills a tile.
 
 
 def _block_indices(rng, b, t, hkv, n, n_blocks):
@@ -277,19 +279,19 @@ def _block_indices(rng, b, t, hkv, n, n_blocks):
   return idx
 
 
-# (T, S, H, Hkv, D, block_size, n): query heads per KV head G = 1, 4, 16
-SEL_LOWER = [(300, 300, 2, 2, 64, 64, 3), (200, 456, 8, 2, 128, 128, 4),
-             (130, 130, 16, 1, 64, 64, 16)]
+# (T, S, H, Hkv, D, block_size, n, shared): query heads per KV head G = 1, 4, 16
+SEL_LOWER = [(300, 300, 2, 2, 64, 64, 3, True), (200, 456, 8, 2, 128, 128, 4, True),
+             (130, 130, 16, 1, 64, 64, 16, True), (130, 200, 16, 1, 128, 64, 5, False)]
 
 
 @pytest.mark.parametrize("case", SEL_LOWER, ids=str)
 def test_selected_lowers_forward_and_backward(case):
-  t, s, h, hkv, d, bs, n = case
+  t, s, h, hkv, d, bs, n, shared = case
   q = jnp.zeros((1, t, h, d), jnp.bfloat16)
   k = jnp.zeros((1, s, hkv, d), jnp.bfloat16)
 
   def loss(q, k, v, idx):
-    o = gpu.selected_pallas(q, k, v, idx, _spec("softmax", True, d), block_size=bs)
+    o = gpu.selected_pallas(q, k, v, idx, _spec("softmax", True, d), block_size=bs, shared=shared)
     return o.astype(jnp.float32).sum()
 
   idx = jnp.zeros((1, t, hkv, n), jnp.int32)  # traced: the lists of a layer's selection
@@ -298,10 +300,11 @@ def test_selected_lowers_forward_and_backward(case):
   assert lowered.as_text().count("mosaic_gpu") >= 3
 
 
-# (B, T, S, H, Hkv, block_size, n, causal), D = 16 (emulated: any head dim)
-SEL_EMULATED = [(2, 37, 200, 4, 1, 64, 3, True),  # T < S, G = 4, ragged
-                (1, 150, 150, 4, 4, 64, 2, True),  # G = 1, more tokens than a tile
-                (1, 70, 300, 8, 2, 128, 5, False)]
+# (B, T, S, H, Hkv, block_size, n, causal, shared), D = 16 (emulated: any head dim)
+SEL_EMULATED = [(2, 37, 200, 4, 1, 64, 3, True, True),  # T < S, G = 4, ragged
+                (1, 150, 150, 4, 4, 64, 2, True, True),  # G = 1, more tokens than a tile
+                (1, 70, 300, 12, 2, 128, 5, False, True),  # G = 6: rows padded to 8
+                (1, 45, 300, 8, 2, 64, 4, True, False)]  # a token per tile
 
 
 @pytest.mark.parametrize("case", SEL_EMULATED, ids=str)
@@ -311,13 +314,14 @@ def test_selected_emulated_matches_reference(emulated, case):
   concrete indices (numpy lists) and traced ones (jnp lists over every block)."""
   from conftest import assert_close, compare
   from longax.kernels import selected_block_attention
-  b, t, s, h, hkv, bs, n, causal = case
+  b, t, s, h, hkv, bs, n, causal, shared = case
   rng = np.random.default_rng(t + s)
   q, k, v = (jnp.asarray(rng.standard_normal(sh), jnp.float32)
              for sh in ((b, t, h, 16), (b, s, hkv, 16), (b, s, hkv, 16)))
   idx = _block_indices(rng, b, t, hkv, n, -(-s // bs))
   spec, blocks = _spec("softmax", causal, 16), gpu.sparse_blocks(128, 64, bs)
-  got = lambda q, k, v, i=idx: gpu.selected_pallas(q, k, v, i, spec, block_size=bs, blocks=blocks)
+  got = lambda q, k, v, i=idx: gpu.selected_pallas(q, k, v, i, spec, block_size=bs, blocks=blocks,
+                                                   shared=shared)
   want = lambda q, k, v: selected_block_attention(q, k, v, idx, block_size=bs, causal=causal,
                                                   impl="reference")
   compare(got, want, (q, k, v), (0, 1, 2), 2e-5, str(case))

@@ -90,6 +90,7 @@ class _Problem:
   segments: bool
   blocks: Blocks
   rows_per_pos: int = 1  # query rows per position (NSA's selected blocks: a token's heads)
+  select_block: int | None = None  # rows list their own key blocks (`_Lists.rows`) of this size
 
   @property
   def offset(self):  # query row i sits at position i // rows_per_pos + offset (bottom-right)
@@ -307,6 +308,7 @@ class _Lists(NamedTuple):
   steps: Any
   own: Any
   counts: Any
+  rows: Any = None  # int32 [B, Hkv, n, Tp]: each query row's key blocks (-1 unused), or None
 
 
 class _Listed(NamedTuple):
@@ -373,11 +375,37 @@ def _pick(x, w):
   return out
 
 
+def _rows_smem(pb: _Problem, lists, slots: int, rows: int) -> tuple:
+  """SMEM for `slots` tiles' row key-block lists [n, rows] (rows listing their own blocks)."""
+  if pb.select_block is None:
+    return ()
+  return (plgpu.SMEM((slots, lists.rows.shape[2], rows), jnp.int32),)
+
+
+def _list_args(lists: _Lists | None) -> tuple:
+  """A kernel's list inputs (none for the dense schedule; `rows` only where given)."""
+  return () if lists is None else tuple(x for x in lists if x is not None)
+
+
 def _list_refs(refs, lists):
   """A kernel body's refs after its fixed inputs: (the `_Lists` refs or None, the rest)."""
   if lists is None:
     return None, refs
-  return _Lists(*refs[:3]), refs[3:]
+  n = len(_list_args(lists))
+  return _Lists(*refs[:n]), refs[n:]
+
+
+def _rows_select(pb: _Problem, rows_smem, first_key, shape, dim):
+  """bool tile: query rows along axis `dim` (their key-block lists in rows_smem [n, rows])
+  whose token selected the block of `pb.select_block` keys holding key `first_key`."""
+  blk = lax.div(first_key, jnp.int32(pb.select_block))
+  hits = sum((plgpu.load(rows_smem.at[j], layout=_WG.reduce(1 - dim)) == blk).astype(jnp.int32)
+             for j in range(rows_smem.shape[0]))
+  return _bcast(hits, shape, dim) > 0
+
+
+def _and(mask, other):
+  return other if mask is None else mask & other
 
 
 # ------------------------------------------------------------------------------- forward
@@ -395,10 +423,11 @@ def _forward(q, k, v, q_seg, k_seg, pb: _Problem, lists: _Lists | None = None):
   softmax = pb.spec.kind == "softmax"
   dtype = q.dtype
   spec = pb.spec
+  select = pb.select_block is not None
 
   def body(q_ref, k_ref, v_ref, qs_ref, ks_ref, *refs):
     list_refs, (o_ref, lse_ref, smem, bars) = _list_refs(refs, lists)
-    q_smem2, k_smem, v_smem, lse_smem2, qs_smem2, ks_smem = smem
+    q_smem2, k_smem, v_smem, lse_smem2, qs_smem2, ks_smem, *sel_smem2 = smem
     q_bars, k_bars, v_bars, ks_bars, k_free, v_free, sched = bars
     b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
     tile = _heavy_first("q_seq", tp // (wgs * bq))
@@ -418,6 +447,9 @@ def _forward(q, k, v, q_seg, k_seg, pb: _Problem, lists: _Lists | None = None):
       plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_row, bq), h], q_smem, q_bars.at[wg])
       if pb.segments:
         plgpu.copy_gmem_to_smem(qs_ref.at[b, pl.ds(q_row, bq)], qs_smem2.at[wg], q_bars.at[wg])
+      if select:
+        plgpu.copy_gmem_to_smem(list_refs.rows.at[b, h, :, pl.ds(q_row, bq)], sel_smem2[0].at[wg],
+                                q_bars.at[wg])
       plgpu.barrier_wait(q_bars.at[wg])
       q_seg_vec = plgpu.load(qs_smem2.at[wg], layout=_WG.reduce(1)) if pb.segments else None
 
@@ -440,6 +472,9 @@ def _forward(q, k, v, q_seg, k_seg, pb: _Problem, lists: _Lists | None = None):
         if masked:
           k_seg_vec = plgpu.load(ks_smem.at[slot], layout=_WG.reduce(0)) if pb.segments else None
           mask = _tile_mask(pb, (bq, bkv), q_row, steps.block(i) * bkv, q_seg_vec, k_seg_vec)
+          if select:
+            mask = _and(mask, _rows_select(pb, sel_smem2[0].at[wg], steps.block(i) * bkv,
+                                           (bq, bkv), 0))
         plgpu.barrier_arrive(k_free.at[slot])
         if softmax:
           acc, m_i, l_i = carry
@@ -516,8 +551,8 @@ def _forward(q, k, v, q_seg, k_seg, pb: _Problem, lists: _Lists | None = None):
 
   smem = (_tiles(dtype, wgs, bq, d), _tiles(dtype, stages, bkv, d), _tiles(dtype, stages, bkv, d),
           plgpu.SMEM((wgs, bq), jnp.float32), plgpu.SMEM((wgs, bq), jnp.int32),
-          plgpu.SMEM((stages, bkv), jnp.int32))
-  bars = (plgpu.Barrier(num_arrivals=2 if pb.segments else 1, num_barriers=wgs),
+          plgpu.SMEM((stages, bkv), jnp.int32)) + _rows_smem(pb, lists, wgs, bq)
+  bars = (plgpu.Barrier(num_arrivals=1 + pb.segments + select, num_barriers=wgs),
           plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
           plgpu.Barrier(num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
@@ -533,7 +568,7 @@ def _forward(q, k, v, q_seg, k_seg, pb: _Problem, lists: _Lists | None = None):
       num_threads=wgs + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(q, k, v, q_seg, k_seg, *(lists or ()))
+  )(q, k, v, q_seg, k_seg, *_list_args(lists))
   return o, lse
 
 
@@ -548,10 +583,11 @@ def _backward_dq(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem, lists: _Li
   bq, bkv, stages, wgs = blk.bwd_block_q, blk.bwd_block_kv, blk.bwd_stages, blk.bwd_wgs
   spec, dtype = pb.spec, q.dtype
   softmax = spec.kind == "softmax"
+  select = pb.select_block is not None
 
   def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, *refs):
     list_refs, (dq_ref, smem, bars) = _list_refs(refs, lists)
-    q_smem2, do_smem2, k_smem, v_smem, stat_smem2, qs_smem2, ks_smem = smem
+    q_smem2, do_smem2, k_smem, v_smem, stat_smem2, qs_smem2, ks_smem, *sel_smem2 = smem
     q_bars, k_bars, v_bars, ks_bars, k_free, v_free = bars
     b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
     tile = _heavy_first("q_seq", tp // (wgs * bq))
@@ -570,6 +606,8 @@ def _backward_dq(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem, lists: _Li
       plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], stat_smem2.at[wg, 1], q_bars.at[wg])
       if pb.segments:
         plgpu.copy_gmem_to_smem(qs_ref.at[b, rows], qs_smem2.at[wg], q_bars.at[wg])
+      if select:
+        plgpu.copy_gmem_to_smem(list_refs.rows.at[b, h, :, rows], sel_smem2[0].at[wg], q_bars.at[wg])
       plgpu.barrier_wait(q_bars.at[wg])
       lse = plgpu.load(stat_smem2.at[wg, 0], layout=_WG.reduce(1))
       delta = plgpu.load(stat_smem2.at[wg, 1], layout=_WG.reduce(1))
@@ -597,6 +635,9 @@ def _backward_dq(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem, lists: _Li
         if masked:
           k_seg_vec = plgpu.load(ks_smem.at[slot], layout=_WG.reduce(0)) if pb.segments else None
           mask = _tile_mask(pb, (bq, bkv), q_row, steps.block(i) * bkv, q_seg_vec, k_seg_vec)
+          if select:
+            mask = _and(mask, _rows_select(pb, sel_smem2[0].at[wg], steps.block(i) * bkv,
+                                           (bq, bkv), 0))
         if softmax:
           p = jnp.exp2(_log2_logits(spec, raw) - _bcast(lse, raw.shape, 0))
           if mask is not None:
@@ -637,10 +678,11 @@ def _backward_dq(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem, lists: _Li
         pb, steps, b, h, bkv, stages, wgs, (k_ref, v_ref, ks_ref), (k_smem, v_smem, ks_smem),
         (k_bars, v_bars, ks_bars, k_free, v_free)))
 
-  n_q_copies = 5 if pb.segments else 4
+  n_q_copies = 4 + pb.segments + select
   smem = (_tiles(dtype, wgs, bq, d), _tiles(dtype, wgs, bq, d), _tiles(dtype, stages, bkv, d),
           _tiles(dtype, stages, bkv, d), plgpu.SMEM((wgs, 2, bq), jnp.float32),
-          plgpu.SMEM((wgs, bq), jnp.int32), plgpu.SMEM((stages, bkv), jnp.int32))
+          plgpu.SMEM((wgs, bq), jnp.int32), plgpu.SMEM((stages, bkv), jnp.int32)
+          ) + _rows_smem(pb, lists, wgs, bq)
   bars = (plgpu.Barrier(num_arrivals=n_q_copies, num_barriers=wgs),
           plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
           plgpu.Barrier(num_barriers=stages),
@@ -655,7 +697,7 @@ def _backward_dq(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem, lists: _Li
       num_threads=wgs + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(q, k, v, do, lse, delta, q_seg, k_seg, *(lists or ()))
+  )(q, k, v, do, lse, delta, q_seg, k_seg, *_list_args(lists))
 
 
 def _backward_dkv(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem,
@@ -670,10 +712,11 @@ def _backward_dkv(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem,
   spec, dtype = pb.spec, q.dtype
   softmax = spec.kind == "softmax"
   group = pb.group
+  select = pb.select_block is not None
 
   def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, *refs):
     list_refs, (dk_ref, dv_ref, smem, bars) = _list_refs(refs, lists)
-    k_smem2, v_smem2, ks_smem2, q_smem, do_smem, stat_smem, qs_smem = smem
+    k_smem2, v_smem2, ks_smem2, q_smem, do_smem, stat_smem, qs_smem, *sel_smem = smem
     k_bars, q_bars, free = bars
     b, kvh, wg = lax.axis_index("batch"), lax.axis_index("kv_heads"), lax.axis_index("wg")
     key0 = lax.axis_index("kv_seq") * (wgs * bkv)
@@ -721,6 +764,8 @@ def _backward_dkv(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem,
           q_seg_vec = plgpu.load(qs_smem.at[slot], layout=_WG.reduce(0)) if pb.segments else None
           mask = _tile_mask(pb, (bkv, bq), where(i)[1], k_row, q_seg_vec, k_seg_vec,
                             queries_on_rows=False)
+          if select:
+            mask = _and(mask, _rows_select(pb, sel_smem[0].at[slot], k_row, (bkv, bq), 1))
         if softmax:
           lse = plgpu.load(stat_smem.at[slot, 0], layout=_WG.reduce(0))
           p = jnp.exp2(_log2_logits(spec, raw) - _bcast(lse, raw.shape, 1))
@@ -794,13 +839,17 @@ def _backward_dkv(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem,
           plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], stat_smem.at[slot, 1], q_bars.at[slot])
         if pb.segments:
           plgpu.copy_gmem_to_smem(qs_ref.at[b, rows], qs_smem.at[slot], q_bars.at[slot])
+        if select:
+          plgpu.copy_gmem_to_smem(list_refs.rows.at[b, h, :, rows], sel_smem[0].at[slot],
+                                  q_bars.at[slot])
 
       _produce(n, stages, [(free, load_q)])
 
-  n_copies = 2 + 2 * softmax + pb.segments
+  n_copies = 2 + 2 * softmax + pb.segments + select
   smem = (_tiles(dtype, wgs, bkv, d), _tiles(dtype, wgs, bkv, d), plgpu.SMEM((wgs, bkv), jnp.int32),
           _tiles(dtype, stages, bq, d), _tiles(dtype, stages, bq, d),
-          plgpu.SMEM((stages, 2, bq), jnp.float32), plgpu.SMEM((stages, bq), jnp.int32))
+          plgpu.SMEM((stages, 2, bq), jnp.float32), plgpu.SMEM((stages, bq), jnp.int32)
+          ) + _rows_smem(pb, lists, stages, bq)
   bars = (plgpu.Barrier(num_arrivals=2 + pb.segments, num_barriers=wgs),
           plgpu.Barrier(num_arrivals=n_copies, num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages))
@@ -814,7 +863,7 @@ def _backward_dkv(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem,
       num_threads=wgs + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(q, k, v, do, lse, delta, q_seg, k_seg, *(lists or ()))
+  )(q, k, v, do, lse, delta, q_seg, k_seg, *_list_args(lists))
 
 
 # ---------------------------------------------------------------------------- the op
@@ -953,14 +1002,14 @@ def unsupported(call: dict) -> str | None:
   return None
 
 
-def _problem(q, k, spec, q_seg, blocks, rows_per_pos: int = 1):
+def _problem(q, k, spec, q_seg, blocks, rows_per_pos: int = 1, select_block: int | None = None):
   if not spec.causal and spec.window is None:
     # Non-causal runs as a window no pair can leave: the same visibility, but its block
     # bounds come from positions, which Mosaic GPU's layout inference needs here (with
     # constant bounds it fails on the dk/dv loop over query heads and on segment masks).
     spec = dataclasses.replace(spec, window=_UNBOUNDED, sinks=0)
   return _Problem(spec, q.shape[1], k.shape[1], q.shape[2] // k.shape[2], q_seg is not None,
-                  blocks or blocks_for(q.shape[-1]), rows_per_pos)
+                  blocks or blocks_for(q.shape[-1]), rows_per_pos, select_block)
 
 
 def attention_pallas(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, kv_block=None, blocks=None,
@@ -1032,18 +1081,29 @@ def _lists(own, masked):
   return _Lists(*(jnp.asarray(x, jnp.int32) for x in (order, pos, counts)))
 
 
+def _op_rows(row0, bq: int, block_q: int, nq: int):
+  """The op's query blocks (block_q rows) in kernel blocks of bq rows from row0 [...]:
+  [..., max(1, bq // block_q)] (one, or several where op blocks are smaller: rows listing
+  their own blocks), clipped to the last."""
+  sub = max(1, bq // block_q)
+  return np.minimum(row0[..., None] // block_q + np.arange(sub), nq - 1)
+
+
 def _row_lists(mask, pb: _Problem, tq: int, bq: int, wgs: int, bkv: int, block_q: int,
                block_k: int):
   """The forward / dq kernel's lists: mask [B|1, H|1, nq, nk] (op blocks) -> per query tile
-  of wgs x bq rows (T padded to a multiple of tq), the key blocks of bkv keys."""
+  of wgs x bq rows (T padded to a multiple of tq), the key blocks of bkv keys. Where op
+  blocks are smaller than bq rows, a key block is a step where any of them lists it, masked
+  where not all do (the rows' own lists then mask it: `_rows_select`)."""
   tiles = -(-pb.t // tq) * tq // (wgs * bq)
   row0 = (np.arange(tiles)[:, None] * wgs + np.arange(wgs)) * bq  # [tiles, wgs]
   key0 = np.arange(-(-pb.s // bkv)) * bkv  # [nkb]
-  bits = mask[:, :, np.minimum(row0 // block_q, mask.shape[2] - 1)][..., key0 // block_k]
+  sel = mask[:, :, _op_rows(row0, bq, block_q, mask.shape[2])][..., key0 // block_k]
+  bits, whole = sel.any(-2), sel.all(-2)  # [B|1, H|1, tiles, wgs, nkb]
   first, last = pb.pos(row0), pb.pos(np.minimum(row0 + bq, pb.t) - 1)
   seen = (row0 < pb.t)[..., None] & ((key0 <= last[..., None]) if pb.spec.causal else True)
   full = (key0 + bkv <= pb.s) & ((key0 + bkv - 1 <= first[..., None]) if pb.spec.causal else True)
-  return _lists(bits & seen, ~full & seen)
+  return _lists(bits & seen, ~(full & whole) & seen)
 
 
 def _key_lists(mask, pb: _Problem, bq: int, wgs: int, bkv: int, sp: int, heads: int,
@@ -1057,14 +1117,16 @@ def _key_lists(mask, pb: _Problem, bq: int, wgs: int, bkv: int, sp: int, heads: 
   xp = np if isinstance(mask, np.ndarray) else jnp
   per_head = xp.broadcast_to(mask, mask.shape[:1] + (heads,) + mask.shape[2:])
   per_head = per_head.reshape(mask.shape[0], kv_heads, pb.group, *mask.shape[2:])
-  bits = per_head[..., q0 // block_q, :][..., np.minimum(key0 // block_k, mask.shape[3] - 1)]
-  bits = xp.moveaxis(bits, (2, 3), (-2, -1))  # [B|1, Hkv, tiles, wgs, G, n_q]
+  sel = per_head[..., _op_rows(q0, bq, block_q, mask.shape[2]), :]  # [.., G, n_q, sub, nk]
+  sel = sel[..., np.minimum(key0 // block_k, mask.shape[3] - 1)]  # [.., n_q, sub, tiles, wgs]
+  bits, whole = sel.any(4), sel.all(4)  # [B|1, Hkv, G, n_q, tiles, wgs]
+  bits, whole = (xp.moveaxis(x, (2, 3), (-2, -1)) for x in (bits, whole))  # [.., tiles, wgs, G, n_q]
   seen = (key0 < pb.s)[..., None] & ((key0[..., None] <= last) if pb.spec.causal else True)
   full = (key0[..., None] + bkv <= pb.s) & ((key0[..., None] + bkv - 1 <= first)
                                              if pb.spec.causal else True)
   seen, full = seen[..., None, :], full[..., None, :]  # over G
   flat = lambda x: x.reshape(*x.shape[:-2], -1)
-  return _lists(flat(bits & seen), flat(np.broadcast_to(~full & seen, bits.shape[-4:])))
+  return _lists(flat(bits & seen), flat(~(full & whole) & seen))
 
 
 def _sparse_lists(block_mask, pb: _Problem, heads: int, block_q: int, block_k: int):
@@ -1117,8 +1179,11 @@ def block_sparse_unsupported(call: dict) -> str | None:
 # lists as for block-sparse attention.
 
 
-def selected_rows(group: int) -> int:
-  """Query rows per token: its `group` heads padded to a whole number of 64-row tiles."""
+def selected_rows(group: int, shared: bool = True) -> int:
+  """Query rows per token: its `group` heads padded to the next power of two up to 64
+  (shared: 64 / rows tokens share a 64-row tile), else to a whole number of 64-row tiles."""
+  if shared and group <= 64:
+    return 1 << (group - 1).bit_length()
   return -(-group // 64) * 64
 
 
@@ -1140,23 +1205,35 @@ def _selected_mask(block_indices, n_blocks: int):
   return on[..., :n_blocks]
 
 
-def selected_pallas(q, k, v, block_indices, spec, *, block_size: int, blocks=None):
+def selected_pallas(q, k, v, block_indices, spec, *, block_size: int, blocks=None,
+                    shared: bool = True):
   """`selected_block_attention` on the block-sparse kernels (see `selected_unsupported`).
 
-  Exact, and wasteful where groups are small: each token's G query heads fill a 64-row tile
-  (1 - G/64 of its MMA rows are padding), so q, o and dq are 64/G times the op's size.
-  Forward and dq walk each token's own blocks. The dk/dv kernel walks, per 128-key tile, the
-  tokens that selected it: blocks every token selects (the first, each query's local one for
-  the next select_block tokens) have lists as long as T while most have a few, so that kernel
-  is unbalanced (its CTAs' work varies by T / n); untimed."""
+  A token's G query heads are `selected_rows(G, shared)` query rows (zero rows after them)
+  of a problem with one query head per KV head, all at the token's position. shared (G < 64):
+  64 / rows tokens share a 64-row tile; a tile's steps are the union of its tokens' blocks,
+  masked where not all of them selected the block (each row then drops the keys of blocks
+  its token did not list: `_Lists.rows`, `_rows_select`). Else each token fills whole tiles
+  (1 - G/64 of the MMA rows padding where G < 64, and q, o, dq 64/G times the op's size).
+  Forward and dq walk each tile's blocks; the dk/dv kernel walks, per 128-key tile, the
+  64-row query blocks that selected it: a block every token selects (NSA's first, often)
+  has a list as long as the sequence while most have a few, so that kernel's CTAs are
+  unbalanced. Exact either way; untimed."""
   b, t, h, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
-  g, rows = h // hkv, selected_rows(h // hkv)
+  g = h // hkv
+  rows = selected_rows(g, shared)
   qf = jnp.pad(q.reshape(b, t, hkv, g, d), ((0, 0),) * 3 + ((0, rows - g), (0, 0)))
   qf = jnp.swapaxes(qf, 2, 3).reshape(b, t * rows, hkv, d)  # [B, T * rows, Hkv, D]
   mask = _selected_mask(block_indices, -(-s_len // block_size))
-  pb = _problem(qf, k, spec, None, blocks or sparse_blocks(d, rows, block_size), rows)
+  blk = blocks or sparse_blocks(d, rows, block_size)
+  pb = _problem(qf, k, spec, None, blk, rows, block_size if rows < 64 else None)
   lists = _sparse_lists(mask, pb, hkv, rows, block_size)
+  if pb.select_block is not None:  # each row's own blocks: [B, Hkv, n, Tp] (-1 past T)
+    tq = math.lcm(blk.wgs * blk.block_q, blk.bwd_wgs * blk.bwd_block_q)
+    per_row = jnp.repeat(jnp.asarray(block_indices, jnp.int32), rows, axis=1)
+    per_row = _pad_to(jnp.transpose(per_row, (0, 2, 3, 1)), 3, tq, -1)
+    lists = _SparseLists(*(x._replace(rows=per_row) for x in lists))
   o = _flash(*same_vma(qf, k, v), None, None, lists, pb)[0]
   o = jnp.swapaxes(o.reshape(b, t, rows, hkv, d)[:, :, :g], 2, 3)
   return o.reshape(b, t, h, d)
