@@ -143,6 +143,7 @@ SELECTED = [
     (1, 1000, 1000, 16, 1, 128, 64, 16),  # G = 16 (the paper's), n = 16
     (1, 200, 456, 16, 4, 64, 128, 1),  # T < S, n = 1, block_size 128 (two kernel key blocks)
     (2, 333, 150, 16, 1, 64, 64, 2),  # T > S: the first tokens see no key
+    (1, 260, 260, 12, 2, 64, 64, 4),  # G = 6: a token's rows padded to 8
 ]
 
 
@@ -171,6 +172,18 @@ def test_selected_matches_reference(rand, shape):
   idx = _block_indices(shape, seed=t)
   compare(_selected(idx, shape, "pallas"), _selected(idx, shape, "reference"), (q, k, v),
           (0, 1, 2), 2e-2, str(shape))
+
+
+@pytest.mark.parametrize("shape", [SELECTED[1], SELECTED[2]], ids=str)
+def test_selected_one_token_per_tile(rand, shape):
+  """shared=False: each token's heads fill a 64-row tile alone (no per-row block masks)."""
+  from longax.kernels.attention import AttnSpec
+  b, t, s, h, hkv, d, bs, n = shape
+  q, k, v = (rand.normal(sh, jnp.bfloat16) for sh in ((b, t, h, d), (b, s, hkv, d), (b, s, hkv, d)))
+  idx = _block_indices(shape, seed=t + 1)
+  spec = AttnSpec("softmax", True, d**-0.5, None, 0, None, 0.0)
+  got = lambda q, k, v: gpu.selected_pallas(q, k, v, idx, spec, block_size=bs, shared=False)
+  compare(got, _selected(idx, shape, "reference"), (q, k, v), (0, 1, 2), 2e-2, str(shape))
 
 
 def test_selected_traced_indices_non_causal_and_f16(rand):
