@@ -9,8 +9,9 @@ key j <= that position. A query row that sees no key gives 0.
   (`kernels/gpu/attention.py`).
 - `selected_block_attention`: NSA's selected branch; each query token lists key blocks
   (int32 [B, T, Hkv, n], -1 unused, repeats count once), shared by a KV group's heads.
-  impl="pallas": the same Hopper kernels, a token's query heads folded into the rows of one
-  query tile and its blocks a row of a block mask (`selected_pallas`).
+  impl="pallas": the same Hopper kernels, a token's query heads folded into query rows (64/G
+  tokens to a tile, each row masked by its own token's blocks) and its blocks a row of a
+  block mask (`selected_pallas`).
 - `vertical_slash_attention`: MInference; key columns every query sees ([B, H, nv]) and
   offsets o >= 0 (query i sees key i - o, [B, H, ns]), -1 unused; `vertical_slash_pattern`
   estimates both from the last queries' scores.

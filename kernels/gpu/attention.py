@@ -22,8 +22,9 @@ the same three kernels with block lists (`_Lists`, built in XLA from the block m
 of those ranges: per CTA tile, the blocks the memory warpgroup streams and each compute
 warpgroup's own steps among them (unmasked first, then masked); see `_Listed`.
 NSA's selected blocks (`selected_pallas`, impl="pallas" of `selected_block_attention`) are
-block-sparse attention over a token's query heads folded into one query tile's rows, all at
-the token's position (`_Problem.rows_per_pos`).
+block-sparse attention over a token's query heads folded into query rows, all at the token's
+position (`_Problem.rows_per_pos`); tokens sharing a tile mask each row by its own blocks on
+the steps not all of them selected (`_Lists.rows`, `_rows_select`).
 """
 
 from __future__ import annotations
@@ -1173,10 +1174,10 @@ def block_sparse_unsupported(call: dict) -> str | None:
 
 # ------------------------------------------------------------- NSA's selected blocks
 # The block-sparse kernels over a token's query heads folded into query rows: token t of KV
-# group g is a tile of `rows` query rows (its G heads, zero rows after them) of a one-head-
-# per-KV-head problem at position S - T + t (`_Problem.rows_per_pos`), and its selected
-# blocks are that tile's row of a block mask, so `_sparse_lists` builds all three kernels'
-# lists as for block-sparse attention.
+# group g is `rows` query rows (its G heads, zero rows after them) of a one-head-per-KV-head
+# problem at position S - T + t (`_Problem.rows_per_pos`), and its selected blocks are a row
+# of a block mask, so `_sparse_lists` builds all three kernels' lists as for block-sparse
+# attention (op query blocks of `rows` rows, several to a tile where rows < 64).
 
 
 def selected_rows(group: int, shared: bool = True) -> int:
