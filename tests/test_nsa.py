@@ -150,8 +150,7 @@ def test_gradients_match_reference_and_are_finite():
 
 # (T, block_size, stride, H, Hkv): ragged T (not a multiple of the stride), GQA / MHA / MQA,
 # block_size - 1 a multiple of the stride or not, T < block_size (no query sees a block)
-FOLD = [(37, 8, 4, 4, 2), (23, 5, 3, 6, 2), (50, 32, 16, 4, 1), (5, 8, 4, 2, 2), (20, 4, 4, 2, 1),
-        (9, 1, 1, 2, 1), (40, 7, 2, 8, 2)]
+FOLD = [(37, 8, 4, 4, 2), (23, 5, 3, 6, 2), (50, 32, 16, 4, 1), (5, 8, 4, 2, 2), (9, 1, 1, 2, 1)]
 
 
 @pytest.mark.parametrize("case", FOLD, ids=str)

@@ -3,8 +3,9 @@ the kernels lower for "cuda" forward and backward (cross-platform lowering catch
 shared-memory and tracing errors without a GPU), the lists list every visible block once and
 nothing else, the kernels' step loop (`_Listed.run`, on arrays) walks them as meant, and the
 op run with the kernels emulated by list-following XLA (the pairs each warpgroup's steps
-cover, the rule on masked steps only) matches the reference. ~25 s on 2 cores.
-Running the kernels is checked on the device (`tests/gpu/test_sparse_attention_gpu.py`)."""
+cover, the rule on masked steps only) matches the reference. The same for NSA's selected
+blocks (`selected_pallas`) and `NSA.attend` with every branch on the kernels. ~60 s on 2
+cores. Running the kernels is checked on the device (`tests/gpu/test_sparse_attention_gpu.py`)."""
 
 import jax
 import jax.numpy as jnp
