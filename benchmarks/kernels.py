@@ -364,7 +364,8 @@ def nsa_cases(shapes, dtype, on_gpu) -> list[Case]:
     layer = NSA(h * d, h, hkv, head_dim=d, **kw, rngs=nnx.Rngs(0), dtype=dtype,
                 param_dtype=jnp.float32)
     f = lambda q, k, v, g, impl, layer=layer: layer.attend(q, k, v, g, impl=impl)
-    # auto: the window branch on attention's Hopper kernel (the rest is XLA: no kernel)
+    # auto: every branch on the Hopper kernels (the compressed one as causal attention over
+    # rows folded into heads, the selected one on the block-sparse kernels, the window)
     rows = _longax_rows("attention", f, (q, k, v, gates), on_gpu) + _dense_rows(q, k, v, on_gpu)
     ref = _reference(lambda *a, impl="reference", f=f: f(*a, impl=impl), (q, k, v, gates),
                      small=t <= 2048)

@@ -9,6 +9,9 @@ key j <= that position. A query row that sees no key gives 0.
   (`kernels/gpu/attention.py`).
 - `selected_block_attention`: NSA's selected branch; each query token lists key blocks
   (int32 [B, T, Hkv, n], -1 unused, repeats count once), shared by a KV group's heads.
+  impl="pallas": the same Hopper kernels, a token's query heads folded into query rows (64/G
+  tokens to a tile, each row masked by its own token's blocks) and its blocks a row of a
+  block mask (`selected_pallas`).
 - `vertical_slash_attention`: MInference; key columns every query sees ([B, H, nv]) and
   offsets o >= 0 (query i sees key i - o, [B, H, ns]), -1 unused; `vertical_slash_pattern`
   estimates both from the last queries' scores.
@@ -22,6 +25,10 @@ neither pass forms [T, S]: memory is rows x listed keys per step. Rows listing f
 than the longest list run masked steps (a block mask traced under jit lists every key
 block). The references build a dense [T, S] mask from the pattern, independently of the
 lists, and call `attention_reference(mask=...)`.
+
+NSA (`layers/nsa.py`) runs its three branches on kernels: the compressed one as causal
+attention over query rows folded into heads (`layers.nsa.compressed_attention`, on
+`attention`'s kernels), the selected one here, the window on `attention`'s.
 
 `block_sparse_attention` also runs the Pallas TPU flash kernels (`kernels/tpu/attention.py`,
 impl="pallas" on TPU, "pallas_interpret" on CPU), their step tables built from the mask.
@@ -284,6 +291,7 @@ register_kernels("block_sparse_attention",
                  gpu=(_gpu.block_sparse_pallas, _gpu.block_sparse_unsupported),
                  tpu=(_tpu.block_sparse_pallas, _tpu.block_sparse_unsupported),
                  interpret=(_tpu.block_sparse_interpret, _tpu.block_sparse_unsupported_interpret))
+register_kernels("selected_block_attention", gpu=(_gpu.selected_pallas, _gpu.selected_unsupported))
 
 # ----------------------------------------------------------------------------- public API
 
@@ -371,7 +379,8 @@ def selected_block_attention(q, k, v, block_indices, *, block_size: int = 64,
       raise ValueError(f"{op}: `q_positions` must have shape ({t},) or ({b}, {t}), got {q_positions.shape}")
     extra = dict(q_positions=q_positions)
   spec = AttnSpec("softmax", causal, scale, None, 0, None, 0.0)
-  fn = resolve(op, impl, dict(q=q, k=k, v=v, spec=spec, explicit_positions=bool(extra)))
+  fn = resolve(op, impl, dict(q=q, k=k, v=v, spec=spec, block_size=block_size,
+                             explicit_positions=bool(extra)))
   return fn(q, k, v, idx, spec, block_size=block_size, **extra)
 
 

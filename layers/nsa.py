@@ -58,6 +58,33 @@ def overlap(n_cmp: int, n_sel: int, block_size: int, stride: int, select_block: 
   return jnp.asarray((sel[:, :, None] == np.arange(n_sel)).mean(1), jnp.float32)
 
 
+def compressed_attention(q, k_cmp, v_cmp, block_size: int, stride: int, impl: str = "auto"):
+  """The compressed branch at the default positions as ordinary bottom-right causal
+  attention (so it runs on the dense kernels): query t (position t) sees compressed key j
+  (position end_j = j*stride + block_size - 1) iff end_j <= t. q [B, T, H, D], k_cmp / v_cmp
+  [B, N, Hkv, D] -> [B, T, H, D].
+
+  With c = ceil((block_size - 1) / stride), prepending P0 = stride*c - (block_size - 1)
+  (in [0, stride)) empty rows puts query t at row r = t + P0, and end_j <= t becomes
+  j <= r // stride - c: rows cut into groups of `stride` see keys j <= g - c, i.e. N + c
+  groups over N keys, bottom-right causal (the first c groups see nothing: 0). Each group's
+  rows fold into the head axis (kv-head-major, so a KV group's query heads stay together);
+  the tail is padded to (N + c) * stride rows; gradients come through the reshape."""
+  b, t, h, _ = q.shape
+  n, hkv = k_cmp.shape[1], k_cmp.shape[2]
+  c = -(-(block_size - 1) // stride)
+  p0 = stride * c - (block_size - 1)
+  rows = (n + c) * stride
+  if t + p0 > rows:
+    raise ValueError(f"compressed_attention: {n} compressed keys are fewer than T={t} queries "
+                     f"see (block_size={block_size}, stride={stride}): want N >= "
+                     f"{n_compressed(t, block_size, stride)}")
+  qf = jnp.pad(q, ((0, 0), (p0, rows - t - p0), (0, 0), (0, 0)))
+  qf = rearrange(qf, "b (n s) (k g) d -> b n (k s g) d", s=stride, k=hkv)  # [B, N + c, H*s, D]
+  o = kernels.attention(qf, k_cmp, v_cmp, impl=impl)
+  return rearrange(o, "b n (k s g) d -> b (n s) (k g) d", s=stride, k=hkv)[:, p0:p0 + t]
+
+
 class NSA(nnx.Module):
   """x [B, T, d_model] -> [B, T, d_model]; see the module docstring."""
 
@@ -127,7 +154,10 @@ class NSA(nnx.Module):
     impl = impl or self.impl
     kv_pos = jnp.arange(k.shape[1], dtype=jnp.int32)
     pos_kw = dict(q_positions=q_pos, kv_positions=kv_pos) if explicit else {}
-    o_cmp = kernels.attention(q, k_cmp, v_cmp, q_positions=q_pos, kv_positions=ends, impl=impl)
+    if explicit:  # a decode chunk against the cache: the keys' own positions
+      o_cmp = kernels.attention(q, k_cmp, v_cmp, q_positions=q_pos, kv_positions=ends, impl=impl)
+    else:  # the same math as causal attention over rows folded into heads: the kernels take it
+      o_cmp = compressed_attention(q, k_cmp, v_cmp, self.block_size, self.stride, impl)
     idx = self._selection(q, k_cmp, ends, q_pos, k.shape[1])
     o_sel = kernels.selected_block_attention(q, k, v, idx, block_size=self.select_block,
                                              impl=impl, q_positions=q_pos if explicit else None)
@@ -140,7 +170,8 @@ class NSA(nnx.Module):
     """The attention core of a full forward (no cache; what `benchmarks/kernels.py --ops nsa`
     times): compression, the three branches and the gates, no projections. q [B, T, H, D],
     k / v [B, T, Hkv, D] (RoPE applied), gate_logits [B, T, H, 3] (before the sigmoid),
-    q_pos [B, T] (default 0..T-1) -> [B, T, H, D] float32."""
+    q_pos [B, T] (default 0..T-1; the branches take key j at position j and the queries
+    bottom-right, i.e. 0..T-1: q_pos only places the selection) -> [B, T, H, D] float32."""
     b, t = q.shape[:2]
     q_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if q_pos is None else q_pos
     n = n_compressed(t, self.block_size, self.stride)

@@ -75,7 +75,7 @@ def test_lowers_return_lse_and_block_grads():
 def _onehot_cover(lists, n_blocks):
   """A kernel's `_Lists` -> (covered, masked): int [..., wgs, n_blocks] how many of the
   warpgroup's own steps list each block, bool whether one of them runs masked."""
-  steps, own, counts = lists
+  steps, own, counts = lists[:3]
   j = jnp.arange(own.shape[-1])
   valid = j < counts[..., 1::2, None]
   masked = j >= counts[..., 2::2, None]
@@ -106,22 +106,32 @@ def _key_pairs(lists, t, tp, bq, bkv, group):
   return grow(cover) > 0, grow(masked)
 
 
+def _rows_selected(lists, pb, sp):
+  """Rows listing their own key blocks (`_Lists.rows` [B, Hkv, n, Tp]): bool [B, Hkv, Tp, Sp]
+  whether row i's token selected key j's block; else None."""
+  if lists is None or lists.rows is None:
+    return None
+  key_block = jnp.arange(sp) // pb.select_block
+  return jnp.any(lists.rows[..., None] == key_block, axis=2)
+
+
 def _emulated_scores(q, k, q_seg, k_seg, pb, pairs=None):
   h, hkv = q.shape[2], k.shape[2]
   kr = jnp.repeat(k, h // hkv, axis=2).astype(jnp.float32)
   s = pb.spec.logits(jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), kr))
-  q_pos = jnp.arange(q.shape[1]) + pb.offset
+  q_pos = pb.pos(jnp.arange(q.shape[1]))
   k_pos = jnp.arange(k.shape[1])
   mask = pb.spec.mask(q_pos, k_pos, q_seg, k_seg)[:, None] & (k_pos < pb.s)
-  if pairs is not None:  # the listed blocks; the rule on masked steps only
-    covered, masked = pairs
-    mask = covered & (mask | ~masked)
+  if pairs is not None:  # the listed blocks; the rule (and rows' own blocks) on masked steps only
+    covered, masked, selected = pairs
+    mask = covered & ((mask if selected is None else mask & selected) | ~masked)
   return s, mask
 
 
 def _emulate_forward(q, k, v, q_seg, k_seg, pb, lists=None):
   blk = pb.blocks
-  pairs = lists and _row_pairs(lists, q.shape[1], k.shape[1], blk.block_q, blk.block_kv)
+  pairs = lists and (*_row_pairs(lists, q.shape[1], k.shape[1], blk.block_q, blk.block_kv),
+                     _rows_selected(lists, pb, k.shape[1]))
   s, mask = _emulated_scores(q, k, q_seg, k_seg, pb, pairs)
   vr = jnp.repeat(v, q.shape[2] // v.shape[2], axis=2).astype(jnp.float32)
   if pb.spec.kind == "softmax":
@@ -157,14 +167,15 @@ def _emulated_grads(q, k, v, do, lse, delta, q_seg, k_seg, pb, pairs=None):
 
 def _emulate_dq(q, k, v, do, lse, delta, q_seg, k_seg, pb, lists=None):
   blk = pb.blocks
-  pairs = lists and _row_pairs(lists, q.shape[1], k.shape[1], blk.bwd_block_q, blk.bwd_block_kv)
+  pairs = lists and (*_row_pairs(lists, q.shape[1], k.shape[1], blk.bwd_block_q, blk.bwd_block_kv),
+                     _rows_selected(lists, pb, k.shape[1]))
   return _emulated_grads(q, k, v, do, lse, delta, q_seg, k_seg, pb, pairs)[0]
 
 
 def _emulate_dkv(q, k, v, do, lse, delta, q_seg, k_seg, pb, lists=None):
   blk = pb.blocks
-  pairs = lists and _key_pairs(lists, pb.t, q.shape[1], blk.bwd_block_q, blk.bwd_block_kv,
-                               pb.group)
+  pairs = lists and (*_key_pairs(lists, pb.t, q.shape[1], blk.bwd_block_q, blk.bwd_block_kv,
+                                pb.group), _rows_selected(lists, pb, k.shape[1]))
   return _emulated_grads(q, k, v, do, lse, delta, q_seg, k_seg, pb, pairs)[1:]
 
 

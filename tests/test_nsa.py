@@ -13,8 +13,10 @@ import pytest
 from einops import rearrange
 from flax import nnx
 
-from conftest import assert_close
+from conftest import assert_close, compare
+from longax import kernels
 from longax.layers import NSA
+from longax.layers.nsa import block_ends, compressed_attention, n_compressed
 from longax.layers.common import rope
 from longax.models import LM, LMConfig, NSAConfig, count_params
 from longax.train import config as C
@@ -144,6 +146,34 @@ def test_gradients_match_reference_and_are_finite():
     assert np.all(np.isfinite(np.asarray(g))), name
     assert np.any(np.asarray(g)), f"zero gradient at {name}"
     assert_close(g, g_want, 1e-4, what=name)
+
+
+# (T, block_size, stride, H, Hkv): ragged T (not a multiple of the stride), GQA / MHA / MQA,
+# block_size - 1 a multiple of the stride or not, T < block_size (no query sees a block)
+FOLD = [(37, 8, 4, 4, 2), (23, 5, 3, 6, 2), (50, 32, 16, 4, 1), (5, 8, 4, 2, 2), (9, 1, 1, 2, 1)]
+
+
+@pytest.mark.parametrize("case", FOLD, ids=str)
+def test_compressed_fold_matches_explicit_positions(case):
+  """The compressed branch folded into bottom-right causal attention (what the kernels take)
+  against the explicit-position path (query t sees key j iff end_j <= t), forward and grads."""
+  t, l, d, h, hkv = case
+  n = n_compressed(t, l, d)
+  keys = iter(jax.random.split(jax.random.key(sum(case)), 3))
+  q = jax.random.normal(next(keys), (2, t, h, 16))
+  kc, vc = (jax.random.normal(next(keys), (2, n, hkv, 16)) for _ in range(2))
+  want = lambda q, k, v: kernels.attention(q, k, v, q_positions=jnp.arange(t),
+                                           kv_positions=block_ends(n, l, d), impl="xla")
+  got = lambda q, k, v: compressed_attention(q, k, v, l, d, impl="xla")
+  compare(got, want, (q, kc, vc), (0, 1, 2), 1e-5, str(case))
+  if t < l:  # nothing visible: 0
+    assert not np.any(np.asarray(got(q, kc, vc)))
+
+
+def test_compressed_fold_needs_every_block():
+  q, kc = jnp.zeros((1, 40, 2, 8)), jnp.zeros((1, 3, 1, 8))
+  with pytest.raises(ValueError, match="fewer than T=40"):
+    compressed_attention(q, kc, kc, 8, 4)
 
 
 @pytest.mark.parametrize("pieces", [[6, 1, 1, 7, 1, 1]], ids=str)

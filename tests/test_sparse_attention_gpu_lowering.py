@@ -3,8 +3,9 @@ the kernels lower for "cuda" forward and backward (cross-platform lowering catch
 shared-memory and tracing errors without a GPU), the lists list every visible block once and
 nothing else, the kernels' step loop (`_Listed.run`, on arrays) walks them as meant, and the
 op run with the kernels emulated by list-following XLA (the pairs each warpgroup's steps
-cover, the rule on masked steps only) matches the reference. ~25 s on 2 cores.
-Running the kernels is checked on the device (`tests/gpu/test_sparse_attention_gpu.py`)."""
+cover, the rule on masked steps only) matches the reference. The same for NSA's selected
+blocks (`selected_pallas`) and `NSA.attend` with every branch on the kernels. ~60 s on 2
+cores. Running the kernels is checked on the device (`tests/gpu/test_sparse_attention_gpu.py`)."""
 
 import jax
 import jax.numpy as jnp
@@ -130,7 +131,7 @@ def test_lists_hold_each_seen_block_once(case):
   kinds = [("fwd", blk.block_q, blk.wgs, blk.block_kv), ("dq", blk.bwd_block_q, blk.bwd_wgs,
                                                          blk.bwd_block_kv)]
   for name, bq, wgs, bkv in kinds:
-    steps, own, counts = (np.asarray(x) for x in getattr(lists, name))
+    steps, own, counts = (np.asarray(x) for x in getattr(lists, name)[:3])
     cover = np.asarray(_onehot_cover(getattr(lists, name), -(-s // bkv))[0])
     for b, hh, tile, w in np.ndindex(*cover.shape[:4]):
       n_own, n_plain = counts[b, hh, tile, 1 + 2 * w], counts[b, hh, tile, 2 + 2 * w]
@@ -147,7 +148,7 @@ def test_lists_hold_each_seen_block_once(case):
         jj = np.arange(kb * bkv, (kb + 1) * bkv)[None, :]
         assert np.all(jj < s) and (not causal or np.all(jj <= i)), (name, "plain", kb)
     _union_is_own(steps, own, counts, cover, name)
-  steps, own, counts = (np.asarray(x) for x in lists.dkv)
+  steps, own, counts = (np.asarray(x) for x in lists.dkv[:3])
   g, bq, bkv, wgs = h // hkv, blk.bwd_block_q, blk.bwd_block_kv, blk.bwd_wgs
   n_q = -(-t // bq)
   flat = np.asarray(_onehot_cover(lists.dkv, g * n_q)[0])
@@ -187,7 +188,7 @@ def test_listed_run_visits_every_step_once():
   log = lambda code: lambda i, c: (c[0].at[c[1]].set(4 * i + code), c[1] + 1)
   step = lambda i, c, masked: log(1 + masked)(i, c)
   for lists in gpu._sparse_lists(mask, pb, h, 64, 64):
-    steps, own, counts = (np.asarray(x) for x in lists)
+    steps, own, counts = (np.asarray(x) for x in lists[:3])
     refs = gpu._Lists(*(_Ref(jnp.asarray(x)) for x in (steps, own, counts)))
     run = jax.jit(lambda b, hh, tile, w: gpu._Listed.at(refs, b, hh, tile).run(
         w, step, log(0), (jnp.full(steps.shape[-1], -1), jnp.int32(0))))
@@ -262,3 +263,127 @@ def test_auto_takes_the_kernel_where_covered(monkeypatch):
   take = lambda **kw: resolve("block_sparse_attention", "auto", call(**kw)) is gpu.block_sparse_pallas
   assert take() and take(d=64, dt=jnp.float16) and take(bq=128, bk=192)
   assert not take(dt=jnp.float32) and not take(d=256) and not take(bq=32) and not take(bk=96)
+
+
+# ------------------------------------------------------------------ NSA's selected blocks
+# `selected_pallas`: a token's G query heads are query rows at one position
+# (`_Problem.rows_per_pos`), its selected blocks a row of the block mask; shared (the
+# default): 64 / G tokens share a tile, its rows masked by their own blocks (`_Lists.rows`);
+# else a token fills a tile.
+
+
+def _block_indices(rng, b, t, hkv, n, n_blocks):
+  """int32 [B, T, Hkv, n] in [-1, n_blocks): -1 entries, repeats, future blocks."""
+  idx = rng.integers(-1, n_blocks, (b, t, hkv, n)).astype(np.int32)
+  idx[:, ::3, :, -1] = idx[:, ::3, :, 0]  # repeats
+  idx[:, 1::4, :, 0] = -1
+  return idx
+
+
+# (T, S, H, Hkv, D, block_size, n, shared): query heads per KV head G = 1, 4, 16
+SEL_LOWER = [(300, 300, 2, 2, 64, 64, 3, True), (200, 456, 8, 2, 128, 128, 4, True),
+             (130, 130, 16, 1, 64, 64, 16, True), (130, 200, 16, 1, 128, 64, 5, False)]
+
+
+@pytest.mark.parametrize("case", SEL_LOWER, ids=str)
+def test_selected_lowers_forward_and_backward(case):
+  t, s, h, hkv, d, bs, n, shared = case
+  q = jnp.zeros((1, t, h, d), jnp.bfloat16)
+  k = jnp.zeros((1, s, hkv, d), jnp.bfloat16)
+
+  def loss(q, k, v, idx):
+    o = gpu.selected_pallas(q, k, v, idx, _spec("softmax", True, d), block_size=bs, shared=shared)
+    return o.astype(jnp.float32).sum()
+
+  idx = jnp.zeros((1, t, hkv, n), jnp.int32)  # traced: the lists of a layer's selection
+  lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, idx).lower(
+      lowering_platforms=("cuda",))
+  assert lowered.as_text().count("mosaic_gpu") >= 3
+
+
+# (B, T, S, H, Hkv, block_size, n, causal, shared), D = 16 (emulated: any head dim)
+SEL_EMULATED = [(2, 37, 200, 4, 1, 64, 3, True, True),  # T < S, G = 4, ragged
+                (1, 150, 150, 4, 4, 64, 2, True, True),  # G = 1, more tokens than a tile
+                (1, 70, 300, 12, 2, 128, 5, False, True),  # G = 6: rows padded to 8
+                (1, 45, 300, 8, 2, 64, 4, True, False)]  # a token per tile
+
+
+@pytest.mark.parametrize("case", SEL_EMULATED, ids=str)
+def test_selected_emulated_matches_reference(emulated, case):
+  """Forward and gradients through the folding, the lists and the kernels' custom_vjp, the
+  kernels emulated as the pairs their lists cover, against the reference (float32), with
+  concrete indices (numpy lists) and traced ones (jnp lists over every block)."""
+  from conftest import assert_close, compare
+  from longax.kernels import selected_block_attention
+  b, t, s, h, hkv, bs, n, causal, shared = case
+  rng = np.random.default_rng(t + s)
+  q, k, v = (jnp.asarray(rng.standard_normal(sh), jnp.float32)
+             for sh in ((b, t, h, 16), (b, s, hkv, 16), (b, s, hkv, 16)))
+  idx = _block_indices(rng, b, t, hkv, n, -(-s // bs))
+  spec, blocks = _spec("softmax", causal, 16), gpu.sparse_blocks(128, 64, bs)
+  got = lambda q, k, v, i=idx: gpu.selected_pallas(q, k, v, i, spec, block_size=bs, blocks=blocks,
+                                                   shared=shared)
+  want = lambda q, k, v: selected_block_attention(q, k, v, idx, block_size=bs, causal=causal,
+                                                  impl="reference")
+  compare(got, want, (q, k, v), (0, 1, 2), 2e-5, str(case))
+  assert_close(jax.jit(got)(q, k, v, jnp.asarray(idx)), want(q, k, v), 2e-5, "traced indices")
+
+
+def test_selected_dispatch(monkeypatch):
+  """auto takes the kernel for bf16/f16, head dims 64/128, block_size a multiple of 64, up
+  to 64 query heads per KV head, default positions; else XLA (impl="pallas" says why)."""
+  from longax.kernels import selected_block_attention
+  from longax.kernels._dispatch import resolve
+  monkeypatch.setattr(gpu, "not_on_hopper", lambda call: None)
+  spec = _spec("softmax", True, 128)
+  call = lambda d=128, dt=jnp.bfloat16, h=16, bs=64, pos=False: dict(
+      q=jnp.zeros((1, 128, h, d), dt), k=jnp.zeros((1, 128, 1, d), dt),
+      v=jnp.zeros((1, 128, 1, d), dt), spec=spec, block_size=bs, explicit_positions=pos)
+  take = lambda **kw: resolve("selected_block_attention", "auto", call(**kw)) is gpu.selected_pallas
+  assert take() and take(d=64, dt=jnp.float16, h=1) and take(h=64, bs=128)
+  assert not (take(dt=jnp.float32) or take(d=256) or take(bs=32) or take(h=128) or take(pos=True))
+  x = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"impl='pallas' does not support this call: block_size=8"):
+    selected_block_attention(x, x, x, jnp.zeros((1, 8, 2, 1), jnp.int32), block_size=8,
+                             impl="pallas")
+
+
+# ------------------------------------------------------------------ NSA's attention core
+
+NSA_KW = dict(block_size=32, stride=16, select_block=64, n_selected=3, window=100)
+
+
+def _nsa(h, hkv, d):
+  from flax import nnx
+  from longax.layers import NSA
+  return NSA(h * d, h, hkv, head_dim=d, **NSA_KW, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
+             param_dtype=jnp.float32)
+
+
+def test_nsa_attend_lowers_on_the_kernels(monkeypatch):
+  """NSA.attend with impl="pallas": all three branches take the kernels (the compressed one
+  folded into causal attention, the selected one the block-sparse kernels, the window),
+  forward and backward."""
+  monkeypatch.setattr(gpu, "not_on_hopper", lambda call: None)
+  layer = _nsa(8, 2, 64)
+  q = jnp.zeros((1, 200, 8, 64), jnp.bfloat16)
+  k = jnp.zeros((1, 200, 2, 64), jnp.bfloat16)
+  gates = jnp.zeros((1, 200, 8, 3), jnp.bfloat16)
+  loss = lambda q, k, v, g: layer.attend(q, k, v, g, impl="pallas").sum()
+  lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(q, k, k, gates).lower(
+      lowering_platforms=("cuda",))
+  assert lowered.as_text().count("mosaic_gpu") >= 9  # 3 branches x (forward, dq, dk/dv)
+
+
+def test_nsa_attend_emulated_matches_xla(emulated):
+  """NSA.attend on the (emulated) kernels against its XLA path, bf16, forward and gradients:
+  the branches' wiring (the compressed fold, the selection's traced indices, the gates)."""
+  from conftest import compare
+  layer = _nsa(4, 2, 64)
+  rng = np.random.default_rng(0)
+  t = 150
+  q, k, v = (jnp.asarray(rng.standard_normal(sh), jnp.bfloat16)
+             for sh in ((1, t, 4, 64), (1, t, 2, 64), (1, t, 2, 64)))
+  gates = jnp.asarray(rng.standard_normal((1, t, 4, 3)), jnp.bfloat16)
+  fn = lambda impl: lambda q, k, v, g: layer.attend(q, k, v, g, impl=impl)
+  compare(fn("pallas"), fn("xla"), (q, k, v, gates), (0, 1, 2, 3), 2e-2, "nsa")

@@ -21,6 +21,10 @@ Block-sparse attention (`block_sparse_pallas`, impl="pallas" of `block_sparse_at
 the same three kernels with block lists (`_Lists`, built in XLA from the block mask) in place
 of those ranges: per CTA tile, the blocks the memory warpgroup streams and each compute
 warpgroup's own steps among them (unmasked first, then masked); see `_Listed`.
+NSA's selected blocks (`selected_pallas`, impl="pallas" of `selected_block_attention`) are
+block-sparse attention over a token's query heads folded into query rows, all at the token's
+position (`_Problem.rows_per_pos`); tokens sharing a tile mask each row by its own blocks on
+the steps not all of them selected (`_Lists.rows`, `_rows_select`).
 """
 
 from __future__ import annotations
@@ -86,10 +90,16 @@ class _Problem:
   group: int  # query heads per KV head
   segments: bool
   blocks: Blocks
+  rows_per_pos: int = 1  # query rows per position (NSA's selected blocks: a token's heads)
+  select_block: int | None = None  # rows list their own key blocks (`_Lists.rows`) of this size
 
   @property
-  def offset(self):  # query row i sits at position i + offset (bottom-right alignment)
-    return self.s - self.t
+  def offset(self):  # query row i sits at position i // rows_per_pos + offset (bottom-right)
+    return self.s - self.t // self.rows_per_pos
+
+  def pos(self, row):
+    """The position of query row `row` (a scalar or numpy array)."""
+    return (row if self.rows_per_pos == 1 else row // self.rows_per_pos) + self.offset
 
   @property
   def sinks(self):
@@ -111,11 +121,19 @@ def _index_tile(shape, dim, base):
   return _bcast(vec, shape, dim)
 
 
+def _pos_tile(pb: _Problem, shape, dim, first_row):
+  """The positions of query rows first_row + i along axis `dim` of a WGMMA-layout tile."""
+  if pb.rows_per_pos == 1:
+    return _index_tile(shape, dim, first_row + pb.offset)
+  rows = plgpu.broadcasted_iota(jnp.int32, (shape[dim],), 0, layout=_WG.reduce(1 - dim)) + first_row
+  return _bcast(lax.div(rows, jnp.int32(pb.rows_per_pos)) + pb.offset, shape, dim)
+
+
 def _tile_mask(pb: _Problem, shape, q_first, k_first, q_seg=None, k_seg=None, *,
                queries_on_rows=True):
   """Visibility of a tile: rows are queries (forward, dq) or keys (dk/dv)."""
   qd, kd = (0, 1) if queries_on_rows else (1, 0)
-  qi = _index_tile(shape, qd, q_first + pb.offset)
+  qi = _pos_tile(pb, shape, qd, q_first)
   kj = _index_tile(shape, kd, k_first)
   spec = pb.spec
   ok = visible_pairs(qi, kj, causal=spec.causal, window=spec.window, sinks=pb.sinks)
@@ -179,6 +197,7 @@ def _kv_schedule(pb: _Problem, row0, rows_per_wg: int, wgs: int, block_kv: int):
   """Key blocks for query rows [row0, row0 + wgs * rows_per_wg): the CTA's steps and each
   warpgroup's split."""
   spec = pb.spec
+  assert pb.rows_per_pos == 1, "the dense schedules take one row per position"
   first_pos = lambda r: r + pb.offset
   n_real = -(-pb.s // block_kv)  # blocks past the keys (padding) are never visited
   ranges = [key_blocks(first_pos(row0 + w * rows_per_wg), first_pos(row0 + (w + 1) * rows_per_wg - 1),
@@ -210,6 +229,7 @@ def _q_schedule(pb: _Problem, key0, keys_per_wg: int, wgs: int, block_q: int, n_
   """Query blocks that see keys [key0, key0 + wgs * keys_per_wg): (lo_all, n) and each
   warpgroup's split of [0, n) (per query head of the group)."""
   spec = pb.spec
+  assert pb.rows_per_pos == 1, "the dense schedules take one row per position"
   ranges = [query_blocks(key0 + w * keys_per_wg, key0 + (w + 1) * keys_per_wg - 1, block_q, n_q,
                          pb.offset, causal=spec.causal, window=spec.window, sinks=pb.sinks)
             for w in range(wgs)]
@@ -289,6 +309,7 @@ class _Lists(NamedTuple):
   steps: Any
   own: Any
   counts: Any
+  rows: Any = None  # int32 [B, Hkv, n, Tp]: each query row's key blocks (-1 unused), or None
 
 
 class _Listed(NamedTuple):
@@ -355,11 +376,37 @@ def _pick(x, w):
   return out
 
 
+def _rows_smem(pb: _Problem, lists, slots: int, rows: int) -> tuple:
+  """SMEM for `slots` tiles' row key-block lists [n, rows] (rows listing their own blocks)."""
+  if pb.select_block is None:
+    return ()
+  return (plgpu.SMEM((slots, lists.rows.shape[2], rows), jnp.int32),)
+
+
+def _list_args(lists: _Lists | None) -> tuple:
+  """A kernel's list inputs (none for the dense schedule; `rows` only where given)."""
+  return () if lists is None else tuple(x for x in lists if x is not None)
+
+
 def _list_refs(refs, lists):
   """A kernel body's refs after its fixed inputs: (the `_Lists` refs or None, the rest)."""
   if lists is None:
     return None, refs
-  return _Lists(*refs[:3]), refs[3:]
+  n = len(_list_args(lists))
+  return _Lists(*refs[:n]), refs[n:]
+
+
+def _rows_select(pb: _Problem, rows_smem, first_key, shape, dim):
+  """bool tile: query rows along axis `dim` (their key-block lists in rows_smem [n, rows])
+  whose token selected the block of `pb.select_block` keys holding key `first_key`."""
+  blk = lax.div(first_key, jnp.int32(pb.select_block))
+  hits = sum((plgpu.load(rows_smem.at[j], layout=_WG.reduce(1 - dim)) == blk).astype(jnp.int32)
+             for j in range(rows_smem.shape[0]))
+  return _bcast(hits, shape, dim) > 0
+
+
+def _and(mask, other):
+  return other if mask is None else mask & other
 
 
 # ------------------------------------------------------------------------------- forward
@@ -377,10 +424,11 @@ def _forward(q, k, v, q_seg, k_seg, pb: _Problem, lists: _Lists | None = None):
   softmax = pb.spec.kind == "softmax"
   dtype = q.dtype
   spec = pb.spec
+  select = pb.select_block is not None
 
   def body(q_ref, k_ref, v_ref, qs_ref, ks_ref, *refs):
     list_refs, (o_ref, lse_ref, smem, bars) = _list_refs(refs, lists)
-    q_smem2, k_smem, v_smem, lse_smem2, qs_smem2, ks_smem = smem
+    q_smem2, k_smem, v_smem, lse_smem2, qs_smem2, ks_smem, *sel_smem2 = smem
     q_bars, k_bars, v_bars, ks_bars, k_free, v_free, sched = bars
     b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
     tile = _heavy_first("q_seq", tp // (wgs * bq))
@@ -400,6 +448,9 @@ def _forward(q, k, v, q_seg, k_seg, pb: _Problem, lists: _Lists | None = None):
       plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_row, bq), h], q_smem, q_bars.at[wg])
       if pb.segments:
         plgpu.copy_gmem_to_smem(qs_ref.at[b, pl.ds(q_row, bq)], qs_smem2.at[wg], q_bars.at[wg])
+      if select:
+        plgpu.copy_gmem_to_smem(list_refs.rows.at[b, h, :, pl.ds(q_row, bq)], sel_smem2[0].at[wg],
+                                q_bars.at[wg])
       plgpu.barrier_wait(q_bars.at[wg])
       q_seg_vec = plgpu.load(qs_smem2.at[wg], layout=_WG.reduce(1)) if pb.segments else None
 
@@ -422,6 +473,9 @@ def _forward(q, k, v, q_seg, k_seg, pb: _Problem, lists: _Lists | None = None):
         if masked:
           k_seg_vec = plgpu.load(ks_smem.at[slot], layout=_WG.reduce(0)) if pb.segments else None
           mask = _tile_mask(pb, (bq, bkv), q_row, steps.block(i) * bkv, q_seg_vec, k_seg_vec)
+          if select:
+            mask = _and(mask, _rows_select(pb, sel_smem2[0].at[wg], steps.block(i) * bkv,
+                                           (bq, bkv), 0))
         plgpu.barrier_arrive(k_free.at[slot])
         if softmax:
           acc, m_i, l_i = carry
@@ -498,8 +552,8 @@ def _forward(q, k, v, q_seg, k_seg, pb: _Problem, lists: _Lists | None = None):
 
   smem = (_tiles(dtype, wgs, bq, d), _tiles(dtype, stages, bkv, d), _tiles(dtype, stages, bkv, d),
           plgpu.SMEM((wgs, bq), jnp.float32), plgpu.SMEM((wgs, bq), jnp.int32),
-          plgpu.SMEM((stages, bkv), jnp.int32))
-  bars = (plgpu.Barrier(num_arrivals=2 if pb.segments else 1, num_barriers=wgs),
+          plgpu.SMEM((stages, bkv), jnp.int32)) + _rows_smem(pb, lists, wgs, bq)
+  bars = (plgpu.Barrier(num_arrivals=1 + pb.segments + select, num_barriers=wgs),
           plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
           plgpu.Barrier(num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
@@ -515,7 +569,7 @@ def _forward(q, k, v, q_seg, k_seg, pb: _Problem, lists: _Lists | None = None):
       num_threads=wgs + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(q, k, v, q_seg, k_seg, *(lists or ()))
+  )(q, k, v, q_seg, k_seg, *_list_args(lists))
   return o, lse
 
 
@@ -530,10 +584,11 @@ def _backward_dq(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem, lists: _Li
   bq, bkv, stages, wgs = blk.bwd_block_q, blk.bwd_block_kv, blk.bwd_stages, blk.bwd_wgs
   spec, dtype = pb.spec, q.dtype
   softmax = spec.kind == "softmax"
+  select = pb.select_block is not None
 
   def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, *refs):
     list_refs, (dq_ref, smem, bars) = _list_refs(refs, lists)
-    q_smem2, do_smem2, k_smem, v_smem, stat_smem2, qs_smem2, ks_smem = smem
+    q_smem2, do_smem2, k_smem, v_smem, stat_smem2, qs_smem2, ks_smem, *sel_smem2 = smem
     q_bars, k_bars, v_bars, ks_bars, k_free, v_free = bars
     b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
     tile = _heavy_first("q_seq", tp // (wgs * bq))
@@ -552,6 +607,8 @@ def _backward_dq(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem, lists: _Li
       plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], stat_smem2.at[wg, 1], q_bars.at[wg])
       if pb.segments:
         plgpu.copy_gmem_to_smem(qs_ref.at[b, rows], qs_smem2.at[wg], q_bars.at[wg])
+      if select:
+        plgpu.copy_gmem_to_smem(list_refs.rows.at[b, h, :, rows], sel_smem2[0].at[wg], q_bars.at[wg])
       plgpu.barrier_wait(q_bars.at[wg])
       lse = plgpu.load(stat_smem2.at[wg, 0], layout=_WG.reduce(1))
       delta = plgpu.load(stat_smem2.at[wg, 1], layout=_WG.reduce(1))
@@ -579,6 +636,9 @@ def _backward_dq(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem, lists: _Li
         if masked:
           k_seg_vec = plgpu.load(ks_smem.at[slot], layout=_WG.reduce(0)) if pb.segments else None
           mask = _tile_mask(pb, (bq, bkv), q_row, steps.block(i) * bkv, q_seg_vec, k_seg_vec)
+          if select:
+            mask = _and(mask, _rows_select(pb, sel_smem2[0].at[wg], steps.block(i) * bkv,
+                                           (bq, bkv), 0))
         if softmax:
           p = jnp.exp2(_log2_logits(spec, raw) - _bcast(lse, raw.shape, 0))
           if mask is not None:
@@ -619,10 +679,11 @@ def _backward_dq(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem, lists: _Li
         pb, steps, b, h, bkv, stages, wgs, (k_ref, v_ref, ks_ref), (k_smem, v_smem, ks_smem),
         (k_bars, v_bars, ks_bars, k_free, v_free)))
 
-  n_q_copies = 5 if pb.segments else 4
+  n_q_copies = 4 + pb.segments + select
   smem = (_tiles(dtype, wgs, bq, d), _tiles(dtype, wgs, bq, d), _tiles(dtype, stages, bkv, d),
           _tiles(dtype, stages, bkv, d), plgpu.SMEM((wgs, 2, bq), jnp.float32),
-          plgpu.SMEM((wgs, bq), jnp.int32), plgpu.SMEM((stages, bkv), jnp.int32))
+          plgpu.SMEM((wgs, bq), jnp.int32), plgpu.SMEM((stages, bkv), jnp.int32)
+          ) + _rows_smem(pb, lists, wgs, bq)
   bars = (plgpu.Barrier(num_arrivals=n_q_copies, num_barriers=wgs),
           plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
           plgpu.Barrier(num_barriers=stages),
@@ -637,7 +698,7 @@ def _backward_dq(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem, lists: _Li
       num_threads=wgs + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(q, k, v, do, lse, delta, q_seg, k_seg, *(lists or ()))
+  )(q, k, v, do, lse, delta, q_seg, k_seg, *_list_args(lists))
 
 
 def _backward_dkv(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem,
@@ -652,10 +713,11 @@ def _backward_dkv(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem,
   spec, dtype = pb.spec, q.dtype
   softmax = spec.kind == "softmax"
   group = pb.group
+  select = pb.select_block is not None
 
   def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, *refs):
     list_refs, (dk_ref, dv_ref, smem, bars) = _list_refs(refs, lists)
-    k_smem2, v_smem2, ks_smem2, q_smem, do_smem, stat_smem, qs_smem = smem
+    k_smem2, v_smem2, ks_smem2, q_smem, do_smem, stat_smem, qs_smem, *sel_smem = smem
     k_bars, q_bars, free = bars
     b, kvh, wg = lax.axis_index("batch"), lax.axis_index("kv_heads"), lax.axis_index("wg")
     key0 = lax.axis_index("kv_seq") * (wgs * bkv)
@@ -703,6 +765,8 @@ def _backward_dkv(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem,
           q_seg_vec = plgpu.load(qs_smem.at[slot], layout=_WG.reduce(0)) if pb.segments else None
           mask = _tile_mask(pb, (bkv, bq), where(i)[1], k_row, q_seg_vec, k_seg_vec,
                             queries_on_rows=False)
+          if select:
+            mask = _and(mask, _rows_select(pb, sel_smem[0].at[slot], k_row, (bkv, bq), 1))
         if softmax:
           lse = plgpu.load(stat_smem.at[slot, 0], layout=_WG.reduce(0))
           p = jnp.exp2(_log2_logits(spec, raw) - _bcast(lse, raw.shape, 1))
@@ -776,13 +840,17 @@ def _backward_dkv(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem,
           plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], stat_smem.at[slot, 1], q_bars.at[slot])
         if pb.segments:
           plgpu.copy_gmem_to_smem(qs_ref.at[b, rows], qs_smem.at[slot], q_bars.at[slot])
+        if select:
+          plgpu.copy_gmem_to_smem(list_refs.rows.at[b, h, :, rows], sel_smem[0].at[slot],
+                                  q_bars.at[slot])
 
       _produce(n, stages, [(free, load_q)])
 
-  n_copies = 2 + 2 * softmax + pb.segments
+  n_copies = 2 + 2 * softmax + pb.segments + select
   smem = (_tiles(dtype, wgs, bkv, d), _tiles(dtype, wgs, bkv, d), plgpu.SMEM((wgs, bkv), jnp.int32),
           _tiles(dtype, stages, bq, d), _tiles(dtype, stages, bq, d),
-          plgpu.SMEM((stages, 2, bq), jnp.float32), plgpu.SMEM((stages, bq), jnp.int32))
+          plgpu.SMEM((stages, 2, bq), jnp.float32), plgpu.SMEM((stages, bq), jnp.int32)
+          ) + _rows_smem(pb, lists, stages, bq)
   bars = (plgpu.Barrier(num_arrivals=2 + pb.segments, num_barriers=wgs),
           plgpu.Barrier(num_arrivals=n_copies, num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages))
@@ -796,7 +864,7 @@ def _backward_dkv(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem,
       num_threads=wgs + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(q, k, v, do, lse, delta, q_seg, k_seg, *(lists or ()))
+  )(q, k, v, do, lse, delta, q_seg, k_seg, *_list_args(lists))
 
 
 # ---------------------------------------------------------------------------- the op
@@ -935,14 +1003,14 @@ def unsupported(call: dict) -> str | None:
   return None
 
 
-def _problem(q, k, spec, q_seg, blocks):
+def _problem(q, k, spec, q_seg, blocks, rows_per_pos: int = 1, select_block: int | None = None):
   if not spec.causal and spec.window is None:
     # Non-causal runs as a window no pair can leave: the same visibility, but its block
     # bounds come from positions, which Mosaic GPU's layout inference needs here (with
     # constant bounds it fails on the dk/dv loop over query heads and on segment masks).
     spec = dataclasses.replace(spec, window=_UNBOUNDED, sinks=0)
   return _Problem(spec, q.shape[1], k.shape[1], q.shape[2] // k.shape[2], q_seg is not None,
-                  blocks or blocks_for(q.shape[-1]))
+                  blocks or blocks_for(q.shape[-1]), rows_per_pos, select_block)
 
 
 def attention_pallas(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, kv_block=None, blocks=None,
@@ -1014,18 +1082,29 @@ def _lists(own, masked):
   return _Lists(*(jnp.asarray(x, jnp.int32) for x in (order, pos, counts)))
 
 
+def _op_rows(row0, bq: int, block_q: int, nq: int):
+  """The op's query blocks (block_q rows) in kernel blocks of bq rows from row0 [...]:
+  [..., max(1, bq // block_q)] (one, or several where op blocks are smaller: rows listing
+  their own blocks), clipped to the last."""
+  sub = max(1, bq // block_q)
+  return np.minimum(row0[..., None] // block_q + np.arange(sub), nq - 1)
+
+
 def _row_lists(mask, pb: _Problem, tq: int, bq: int, wgs: int, bkv: int, block_q: int,
                block_k: int):
   """The forward / dq kernel's lists: mask [B|1, H|1, nq, nk] (op blocks) -> per query tile
-  of wgs x bq rows (T padded to a multiple of tq), the key blocks of bkv keys."""
+  of wgs x bq rows (T padded to a multiple of tq), the key blocks of bkv keys. Where op
+  blocks are smaller than bq rows, a key block is a step where any of them lists it, masked
+  where not all do (the rows' own lists then mask it: `_rows_select`)."""
   tiles = -(-pb.t // tq) * tq // (wgs * bq)
   row0 = (np.arange(tiles)[:, None] * wgs + np.arange(wgs)) * bq  # [tiles, wgs]
   key0 = np.arange(-(-pb.s // bkv)) * bkv  # [nkb]
-  bits = mask[:, :, np.minimum(row0 // block_q, mask.shape[2] - 1)][..., key0 // block_k]
-  first, last = row0 + pb.offset, np.minimum(row0 + bq, pb.t) - 1 + pb.offset
+  sel = mask[:, :, _op_rows(row0, bq, block_q, mask.shape[2])][..., key0 // block_k]
+  bits, whole = sel.any(-2), sel.all(-2)  # [B|1, H|1, tiles, wgs, nkb]
+  first, last = pb.pos(row0), pb.pos(np.minimum(row0 + bq, pb.t) - 1)
   seen = (row0 < pb.t)[..., None] & ((key0 <= last[..., None]) if pb.spec.causal else True)
   full = (key0 + bkv <= pb.s) & ((key0 + bkv - 1 <= first[..., None]) if pb.spec.causal else True)
-  return _lists(bits & seen, ~full & seen)
+  return _lists(bits & seen, ~(full & whole) & seen)
 
 
 def _key_lists(mask, pb: _Problem, bq: int, wgs: int, bkv: int, sp: int, heads: int,
@@ -1035,18 +1114,20 @@ def _key_lists(mask, pb: _Problem, bq: int, wgs: int, bkv: int, sp: int, heads: 
   n_q, kv_heads = -(-pb.t // bq), heads // pb.group
   key0 = (np.arange(sp // (wgs * bkv))[:, None] * wgs + np.arange(wgs)) * bkv  # [tiles, wgs]
   q0 = np.arange(n_q) * bq
-  first, last = q0 + pb.offset, np.minimum(q0 + bq, pb.t) - 1 + pb.offset
+  first, last = pb.pos(q0), pb.pos(np.minimum(q0 + bq, pb.t) - 1)
   xp = np if isinstance(mask, np.ndarray) else jnp
   per_head = xp.broadcast_to(mask, mask.shape[:1] + (heads,) + mask.shape[2:])
   per_head = per_head.reshape(mask.shape[0], kv_heads, pb.group, *mask.shape[2:])
-  bits = per_head[..., q0 // block_q, :][..., np.minimum(key0 // block_k, mask.shape[3] - 1)]
-  bits = xp.moveaxis(bits, (2, 3), (-2, -1))  # [B|1, Hkv, tiles, wgs, G, n_q]
+  sel = per_head[..., _op_rows(q0, bq, block_q, mask.shape[2]), :]  # [.., G, n_q, sub, nk]
+  sel = sel[..., np.minimum(key0 // block_k, mask.shape[3] - 1)]  # [.., n_q, sub, tiles, wgs]
+  bits, whole = sel.any(4), sel.all(4)  # [B|1, Hkv, G, n_q, tiles, wgs]
+  bits, whole = (xp.moveaxis(x, (2, 3), (-2, -1)) for x in (bits, whole))  # [.., tiles, wgs, G, n_q]
   seen = (key0 < pb.s)[..., None] & ((key0[..., None] <= last) if pb.spec.causal else True)
   full = (key0[..., None] + bkv <= pb.s) & ((key0[..., None] + bkv - 1 <= first)
                                              if pb.spec.causal else True)
   seen, full = seen[..., None, :], full[..., None, :]  # over G
   flat = lambda x: x.reshape(*x.shape[:-2], -1)
-  return _lists(flat(bits & seen), flat(np.broadcast_to(~full & seen, bits.shape[-4:])))
+  return _lists(flat(bits & seen), flat(~(full & whole) & seen))
 
 
 def _sparse_lists(block_mask, pb: _Problem, heads: int, block_q: int, block_k: int):
@@ -1088,4 +1169,85 @@ def block_sparse_unsupported(call: dict) -> str | None:
   for name in ("block_q", "block_k"):
     if call[name] % 64:
       return f"{name}={call[name]} (the kernel takes multiples of 64)"
+  return None
+
+
+# ------------------------------------------------------------- NSA's selected blocks
+# The block-sparse kernels over a token's query heads folded into query rows: token t of KV
+# group g is `rows` query rows (its G heads, zero rows after them) of a one-head-per-KV-head
+# problem at position S - T + t (`_Problem.rows_per_pos`), and its selected blocks are a row
+# of a block mask, so `_sparse_lists` builds all three kernels' lists as for block-sparse
+# attention (op query blocks of `rows` rows, several to a tile where rows < 64).
+
+
+def selected_rows(group: int, shared: bool = True) -> int:
+  """Query rows per token: its `group` heads padded to the next power of two up to 64
+  (shared: 64 / rows tokens share a 64-row tile), else to a whole number of 64-row tiles."""
+  if shared and group <= 64:
+    return 1 << (group - 1).bit_length()
+  return -(-group // 64) * 64
+
+
+def _selected_mask(block_indices, n_blocks: int):
+  """int32 [B, T, Hkv, n] (-1 unused, repeats) -> bool [B, Hkv, T, n_blocks] (numpy where
+  the indices are concrete, so the lists are just long enough)."""
+  idx = concrete(block_indices)
+  xp = jnp if idx is None else np
+  idx = jnp.asarray(block_indices) if idx is None else idx
+  b, t, hkv, _ = idx.shape
+  slot = xp.where(idx >= 0, idx, n_blocks)  # -1: a column dropped below
+  at = (xp.arange(b)[:, None, None, None], xp.arange(hkv)[None, None, :, None],
+        xp.arange(t)[None, :, None, None], slot)
+  if xp is np:
+    on = np.zeros((b, hkv, t, n_blocks + 1), bool)
+    on[at] = True
+  else:
+    on = jnp.zeros((b, hkv, t, n_blocks + 1), bool).at[at].set(True)
+  return on[..., :n_blocks]
+
+
+def selected_pallas(q, k, v, block_indices, spec, *, block_size: int, blocks=None,
+                    shared: bool = True):
+  """`selected_block_attention` on the block-sparse kernels (see `selected_unsupported`).
+
+  A token's G query heads are `selected_rows(G, shared)` query rows (zero rows after them)
+  of a problem with one query head per KV head, all at the token's position. shared (G < 64):
+  64 / rows tokens share a 64-row tile; a tile's steps are the union of its tokens' blocks,
+  masked where not all of them selected the block (each row then drops the keys of blocks
+  its token did not list: `_Lists.rows`, `_rows_select`). Else each token fills whole tiles
+  (1 - G/64 of the MMA rows padding where G < 64, and q, o, dq 64/G times the op's size).
+  Forward and dq walk each tile's blocks; the dk/dv kernel walks, per 128-key tile, the
+  64-row query blocks that selected it: a block every token selects (NSA's first, often)
+  has a list as long as the sequence while most have a few, so that kernel's CTAs are
+  unbalanced. Exact either way; untimed."""
+  b, t, h, d = q.shape
+  s_len, hkv = k.shape[1], k.shape[2]
+  g = h // hkv
+  rows = selected_rows(g, shared)
+  qf = jnp.pad(q.reshape(b, t, hkv, g, d), ((0, 0),) * 3 + ((0, rows - g), (0, 0)))
+  qf = jnp.swapaxes(qf, 2, 3).reshape(b, t * rows, hkv, d)  # [B, T * rows, Hkv, D]
+  mask = _selected_mask(block_indices, -(-s_len // block_size))
+  blk = blocks or sparse_blocks(d, rows, block_size)
+  pb = _problem(qf, k, spec, None, blk, rows, block_size if rows < 64 else None)
+  lists = _sparse_lists(mask, pb, hkv, rows, block_size)
+  if pb.select_block is not None:  # each row's own blocks: [B, Hkv, n, Tp] (-1 past T)
+    tq = math.lcm(blk.wgs * blk.block_q, blk.bwd_wgs * blk.bwd_block_q)
+    per_row = jnp.repeat(jnp.asarray(block_indices, jnp.int32), rows, axis=1)
+    per_row = _pad_to(jnp.transpose(per_row, (0, 2, 3, 1)), 3, tq, -1)
+    lists = _SparseLists(*(x._replace(rows=per_row) for x in lists))
+  o = _flash(*same_vma(qf, k, v), None, None, lists, pb)[0]
+  o = jnp.swapaxes(o.reshape(b, t, rows, hkv, d)[:, :, :g], 2, 3)
+  return o.reshape(b, t, h, d)
+
+
+def selected_unsupported(call: dict) -> str | None:
+  """As `block_sparse_unsupported` (block_size for both block sizes, the query side being a
+  token's rows), and at most 64 query heads per KV head (what the tests cover: one tile)."""
+  if (why := block_grads_unsupported(call)) is not None:
+    return why
+  if call["block_size"] % 64:
+    return f"block_size={call['block_size']} (the kernel takes multiples of 64)"
+  group = call["q"].shape[2] // call["k"].shape[2]
+  if group > 64:
+    return f"{group} query heads per KV head (the kernel takes up to 64: one token's heads in a tile)"
   return None

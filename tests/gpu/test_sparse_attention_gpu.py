@@ -1,9 +1,12 @@
 """Block-sparse attention on the Mosaic GPU kernels (impl="pallas": the attention kernels with
 block lists) against the float32 reference, forward and every gradient, on random masks at
 10-60% density with a query block that sees nothing, ragged lengths, GQA / MQA and broadcast
-masks. Runs on a Hopper GPU; skipped elsewhere.
+masks; NSA's selected blocks on the same kernels (a token's query heads folded into a tile's
+rows) against the reference, and NSA's attention core with impl="pallas" (all three branches
+on the kernels) against its XLA path. Runs on a Hopper GPU; skipped elsewhere.
 
     python -m pytest -q tests/gpu/test_sparse_attention_gpu.py      # on the device
+    python -m pytest -q tests/gpu/test_sparse_attention_gpu.py -k "selected or nsa"
 """
 
 import jax
@@ -12,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_close, compare, needs_hopper
-from longax.kernels import block_sparse_attention
+from longax.kernels import block_sparse_attention, selected_block_attention
 from longax.kernels.gpu import attention as gpu
 
 pytestmark = needs_hopper()
@@ -129,3 +132,125 @@ def test_auto_takes_the_kernel():
   call = lambda dt: dict(q=x(dt), k=x(dt), v=x(dt), spec=spec, block_q=64, block_k=64)
   assert resolve("block_sparse_attention", "auto", call(jnp.bfloat16)) is gpu.block_sparse_pallas
   assert resolve("block_sparse_attention", "auto", call(jnp.float32)) is not gpu.block_sparse_pallas
+
+
+# ------------------------------------------------------------------ NSA's selected blocks
+
+# (B, T, S, H, Hkv, D, block_size, n): query heads per KV head G = H / Hkv
+SELECTED = [
+    (2, 300, 300, 4, 4, 64, 64, 3),  # G = 1, ragged T
+    (1, 517, 517, 8, 2, 128, 64, 8),  # G = 4
+    (1, 1000, 1000, 16, 1, 128, 64, 16),  # G = 16 (the paper's), n = 16
+    (1, 200, 456, 16, 4, 64, 128, 1),  # T < S, n = 1, block_size 128 (two kernel key blocks)
+    (2, 333, 150, 16, 1, 64, 64, 2),  # T > S: the first tokens see no key
+    (1, 260, 260, 12, 2, 64, 64, 4),  # G = 6: a token's rows padded to 8
+]
+
+
+def _block_indices(shape, seed):
+  """int32 [B, T, Hkv, n] in [-1, ceil(S / block_size)): -1 entries, repeats, future blocks,
+  and each token's own block (the layer always picks it) in the first slot of odd tokens."""
+  b, t, s, h, hkv, d, bs, n = shape
+  rng = np.random.default_rng(seed)
+  idx = rng.integers(-1, -(-s // bs), (b, t, hkv, n)).astype(np.int32)
+  own = (np.arange(t) + s - t) // bs
+  idx[:, 1::2, :, 0] = np.maximum(own[1::2], -1)[None, :, None]
+  idx[:, ::3, :, -1] = idx[:, ::3, :, 0]  # repeats
+  idx[:, 2::5, :, 0] = -1
+  return idx
+
+
+def _selected(idx, shape, impl, **opts):
+  return lambda q, k, v: selected_block_attention(q, k, v, idx, block_size=shape[6], impl=impl,
+                                                  **opts)
+
+
+@pytest.mark.parametrize("shape", SELECTED, ids=str)
+def test_selected_matches_reference(rand, shape):
+  b, t, s, h, hkv, d = shape[:6]
+  q, k, v = (rand.normal(sh, jnp.bfloat16) for sh in ((b, t, h, d), (b, s, hkv, d), (b, s, hkv, d)))
+  idx = _block_indices(shape, seed=t)
+  compare(_selected(idx, shape, "pallas"), _selected(idx, shape, "reference"), (q, k, v),
+          (0, 1, 2), 2e-2, str(shape))
+
+
+@pytest.mark.parametrize("shape", [SELECTED[1], SELECTED[2]], ids=str)
+def test_selected_one_token_per_tile(rand, shape):
+  """shared=False: each token's heads fill a 64-row tile alone (no per-row block masks)."""
+  from longax.kernels.attention import AttnSpec
+  b, t, s, h, hkv, d, bs, n = shape
+  q, k, v = (rand.normal(sh, jnp.bfloat16) for sh in ((b, t, h, d), (b, s, hkv, d), (b, s, hkv, d)))
+  idx = _block_indices(shape, seed=t + 1)
+  spec = AttnSpec("softmax", True, d**-0.5, None, 0, None, 0.0)
+  got = lambda q, k, v: gpu.selected_pallas(q, k, v, idx, spec, block_size=bs, shared=False)
+  compare(got, _selected(idx, shape, "reference"), (q, k, v), (0, 1, 2), 2e-2, str(shape))
+
+
+def test_selected_traced_indices_non_causal_and_f16(rand):
+  """Indices that are an argument of the jitted function (lists over every block, as the
+  layer's), float16, and causal=False."""
+  shape = SELECTED[1]
+  b, t, s, h, hkv, d = shape[:6]
+  q, k, v = (rand.normal(sh, jnp.float16) for sh in ((b, t, h, d), (b, s, hkv, d), (b, s, hkv, d)))
+  idx = _block_indices(shape, seed=1)
+  for causal in (True, False):
+    fn = jax.jit(lambda q, k, v, i: selected_block_attention(q, k, v, i, block_size=shape[6],
+                                                            causal=causal, impl="pallas"))
+    want = _selected(idx, shape, "reference", causal=causal)
+    compare(lambda q, k, v: fn(q, k, v, jnp.asarray(idx)), want, (q, k, v), (0, 1, 2), 2e-2,
+            f"causal={causal}")
+
+
+def test_selected_blocks_never_selected_are_never_used(rand):
+  """K / V of blocks no token selects are NaN: the result is finite and their gradients 0."""
+  shape = SELECTED[1]
+  b, t, s, h, hkv, d, bs, n = shape
+  q, k, v = (rand.normal(sh, jnp.bfloat16) for sh in ((b, t, h, d), (b, s, hkv, d), (b, s, hkv, d)))
+  idx = _block_indices(shape, seed=2)
+  idx = np.where(idx % 2 == 1, -1, idx)  # odd blocks: never selected
+  off = (np.arange(s) // bs) % 2 == 1
+  poison = lambda x, fill: jnp.where(off[None, :, None, None], fill, x).astype(x.dtype)
+  fn = _selected(idx, shape, "pallas")
+  want = _selected(idx, shape, "reference")(q, poison(k, 0.0), poison(v, 0.0))
+  assert_close(fn(q, poison(k, jnp.nan), poison(v, jnp.nan)), want, 2e-2, "forward")
+  grads = jax.grad(lambda q, k, v: fn(q, k, v).astype(jnp.float32).sum(), (0, 1, 2))(
+      q, poison(k, jnp.nan), poison(v, jnp.nan))
+  for g in grads:
+    assert np.all(np.isfinite(np.asarray(g, np.float32)))
+  for g in grads[1:]:
+    assert not np.any(np.asarray(g, np.float32)[:, off])
+
+
+def test_selected_auto_takes_the_kernel():
+  from longax.kernels._dispatch import resolve
+  from longax.kernels.attention import AttnSpec
+  spec = AttnSpec("softmax", True, 0.1, None, 0, None, 0.0)
+  call = lambda dt: dict(q=jnp.zeros((1, 256, 16, 128), dt), k=jnp.zeros((1, 256, 1, 128), dt),
+                         v=jnp.zeros((1, 256, 1, 128), dt), spec=spec, block_size=64,
+                         explicit_positions=False)
+  assert resolve("selected_block_attention", "auto", call(jnp.bfloat16)) is gpu.selected_pallas
+  assert resolve("selected_block_attention", "auto", call(jnp.float32)) is not gpu.selected_pallas
+
+
+# ------------------------------------------------------------------ NSA's attention core
+
+# (T, H, Hkv, D, NSA settings): the layer's defaults (the paper's), and smaller blocks
+NSA_CASES = [(1000, 16, 1, 128, {}),
+             (2048, 8, 2, 64, dict(block_size=32, stride=16, select_block=128, n_selected=4,
+                                   window=256))]
+
+
+@pytest.mark.parametrize("case", NSA_CASES, ids=str)
+def test_nsa_attend_pallas_matches_xla(rand, case):
+  """NSA.attend (compression, the three branches, the gates) with impl="pallas" (every branch
+  on the kernels) against impl="xla", bf16, forward and the gradients of q, k, v and the
+  gate logits (the selection is the same: computed in float32 outside the kernels)."""
+  from flax import nnx
+  from longax.layers import NSA
+  t, h, hkv, d, kw = case
+  layer = NSA(h * d, h, hkv, head_dim=d, **kw, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
+              param_dtype=jnp.float32)
+  q, k, v = (rand.normal(sh, jnp.bfloat16) for sh in ((1, t, h, d), (1, t, hkv, d), (1, t, hkv, d)))
+  gates = rand.normal((1, t, h, 3), jnp.bfloat16)
+  fn = lambda impl: lambda q, k, v, g: layer.attend(q, k, v, g, impl=impl)
+  compare(fn("pallas"), fn("xla"), (q, k, v, gates), (0, 1, 2, 3), 2e-2, str(case))
