@@ -13,7 +13,11 @@ P-device time); weak, the 1-device time of the work each device now does / P-dev
 where causal attention's work grows as T^2 and the linear family's as T) and the bytes each device sends per
 forward, from the shapes (ring: (P-1) K/V blocks; Ulysses: 4 all-to-alls of (P-1)/P of a
 shard; LASP-2: one all-gather of (P-1) [B, H, Dk, Dv] states) and tokens/s per device.
-Strong-scaling rows carry `err`: the P-device forward's relative error against the
+With `--profile DIR` a row also has its gradient call's device time on the first device
+(`device_ms_fwd_bwd`), the collectives' share of it (`comm_ms_fwd_bwd`, NCCL kernels) and
+`overlap_fwd_bwd`: the share of that communication hidden behind compute, 1 - exposed /
+comm with exposed = wall - (device - comm) (approximate: the trace and the timing are
+separate calls). Strong-scaling rows carry `err`: the P-device forward's relative error against the
 1-device op on the same inputs. `--peer`: jla's context parallelism (ring with load balancing for zigzag, Ulysses, simple_gla
 state passing for LASP-2) on the same P and inputs, its efficiency against its own P = 1 row.
 """
@@ -143,9 +147,24 @@ def _profiled(fn, xs, reps: int, trace_dir: str) -> dict:
       out = fn(*xs)
     jax.block_until_ready(out)
   device = "/device:" if jax.default_backend() == "cpu" else f"/device:{jax.devices()[0].platform.upper()}:0"
-  s = summarize(trace_dir, steps=reps, top=8, device=device)
+  s = summarize(trace_dir, steps=reps, top=10**6, device=device)
   return dict(device_ms_fwd_bwd=s["total_ms_per_step"],
-              top_kernels=[(name, round(ms, 4)) for name, ms, _ in s["by_kernel"]])
+              comm_ms_fwd_bwd=sum(ms for name, ms, _ in s["by_kernel"] if _is_comm(name)),
+              top_kernels=[(name, round(ms, 4)) for name, ms, _ in s["by_kernel"][:8]])
+
+
+def _is_comm(kernel: str) -> bool:
+  """A collective's kernel (NCCL on GPUs)."""
+  return kernel.startswith("nccl") or "all-gather" in kernel or "all-to-all" in kernel
+
+
+def overlap(ms_wall: float, device_ms: float, comm_ms: float) -> float | None:
+  """The share of the collectives' kernel time hidden behind compute: 1 - exposed / comm,
+  where exposed = wall - (device time - comm time), clipped to [0, 1]. None without comm."""
+  if comm_ms <= 0:
+    return None
+  exposed = max(0.0, ms_wall - (device_ms - comm_ms))
+  return max(0.0, 1.0 - exposed / comm_ms)
 
 
 def _timed_row(fn, xs, reps: int, natural=None, want=None, profile: str | None = None) -> dict:
@@ -163,6 +182,8 @@ def _timed_row(fn, xs, reps: int, natural=None, want=None, profile: str | None =
     row = dict(ms_fwd=_time(fwd, xs, reps), ms_fwd_bwd=_time(bwd, xs, reps))  # grad: fwd + bwd
     if profile:
       row.update(_profiled(bwd, xs, reps, profile))
+      row["overlap_fwd_bwd"] = overlap(row["ms_fwd_bwd"], row["device_ms_fwd_bwd"],
+                                       row["comm_ms_fwd_bwd"])
     if want is not None:
       got = np.asarray(jax.jit(natural or fn)(*xs), np.float32)
       row["err"] = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))

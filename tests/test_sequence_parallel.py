@@ -308,3 +308,15 @@ def test_benchmark_fwd_bwd_is_the_gradient_call(monkeypatch):
   x = jnp.ones((1, 8, 2, 4))
   row = bench._timed_row(lambda q, k, v: q * k * v, (x, x, x), reps=1)
   assert row == dict(ms_fwd=1.0, ms_fwd_bwd=3.0)
+
+
+@pytest.mark.parametrize("wall, device, comm, want", [
+    (8.0, 10.0, 2.0, 1.0),    # wall = compute alone: the collectives all hidden
+    (10.0, 10.0, 2.0, 0.0),   # wall = compute + comm: none hidden
+    (9.0, 10.0, 2.0, 0.5),
+    (12.0, 10.0, 2.0, 0.0),   # gaps beyond the comm time: clipped
+    (10.0, 10.0, 0.0, None),  # no collective
+])
+def test_benchmark_overlap(wall, device, comm, want):
+  from longax.benchmarks.sequence_parallel import overlap
+  assert overlap(wall, device, comm) == (None if want is None else pytest.approx(want))
