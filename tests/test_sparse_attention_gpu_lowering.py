@@ -387,3 +387,85 @@ def test_nsa_attend_emulated_matches_xla(emulated):
   gates = jnp.asarray(rng.standard_normal((1, t, 4, 3)), jnp.bfloat16)
   fn = lambda impl: lambda q, k, v, g: layer.attend(q, k, v, g, impl=impl)
   compare(fn("pallas"), fn("xla"), (q, k, v, gates), (0, 1, 2, 3), 2e-2, "nsa")
+
+
+# ----------------------------------------------------------------- NSA's block importance
+# `importance_pallas`: a token's G heads folded into rows (64 / rows tokens to a tile), S = QK^T,
+# P masked by end_j <= t, the group sum as R @ P. The kernel lowers; its wrapper (folding,
+# log2 lse, padding, slicing) runs with the kernel emulated by XLA under the kernel's contract
+# and its own tile arithmetic (`_Importance.visible`, `.steps`: the blocks a CTA computes, the
+# rest zeros), P rounded to q's dtype as the kernel's shared-memory P.
+
+
+def _emulate_importance(q, k, lse, pb):
+  """`_importance_kernel` in XLA: q [B, R, Hkv, D], k [B, Np, Hkv, D], lse [B, Hkv, R] (log2)
+  -> [B, R / rows, Hkv, Np] float32."""
+  b, r, hkv, _ = q.shape
+  raw = jnp.einsum("brkd,bnkd->bkrn", q.astype(jnp.float32), k.astype(jnp.float32))
+  rows = jnp.arange(r, dtype=jnp.int32)[:, None]
+  keys = jnp.arange(k.shape[1], dtype=jnp.int32)[None, :]
+  cta = pb.blocks.wgs * 64
+  ok = pb.visible(rows, keys) & (keys // pb.blocks.block_k < pb.steps(rows // cta * cta))
+  p = jnp.where(ok, jnp.exp2(raw * (pb.scale * gpu.LOG2E) - lse[..., None]), 0.0)
+  p = p.astype(q.dtype).astype(jnp.float32).reshape(b, hkv, r // pb.rows, pb.rows, -1).sum(3)
+  return jnp.swapaxes(p, 1, 2)
+
+
+# (T, N, H, Hkv, D, block_size, stride): G = 1, 4, 16 and 6 (rows padded to 8)
+IMP_LOWER = [(300, 17, 16, 1, 128, 32, 16), (130, 7, 4, 2, 64, 32, 16), (100, 5, 1, 1, 64, 16, 8),
+             (77, 9, 12, 2, 128, 8, 8)]
+
+
+@pytest.mark.parametrize("case", IMP_LOWER, ids=str)
+def test_importance_lowers(case):
+  t, n, h, hkv, d, l, st = case
+  q = jnp.zeros((1, t, h, d), jnp.bfloat16)
+  k = jnp.zeros((1, n, hkv, d), jnp.bfloat16)
+  fn = lambda q, k, lse: gpu.importance_pallas(q, k, lse, block_size=l, stride=st, scale=0.1)
+  lowered = jax.jit(fn).trace(q, k, jnp.zeros((1, t, h), jnp.float32)).lower(
+      lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+# (B, T, N, H, Hkv, block_size, stride, blocks): ragged, T < block_size, more tokens than a
+# CTA (steps per CTA differ), 64-key steps (several per CTA, blocks past the CTA's zeros)
+IMP_EMULATED = [(2, 37, 3, 4, 4, 8, 4, None), (1, 300, 40, 16, 1, 16, 8, None),
+                (1, 150, 70, 8, 2, 4, 2, gpu.ImportanceBlocks(block_k=64, wgs=1)),
+                (1, 5, 1, 12, 2, 8, 4, None), (1, 90, 30, 6, 1, 8, 3, None)]
+
+
+@pytest.mark.parametrize("case", IMP_EMULATED, ids=str)
+def test_importance_emulated_matches_reference(monkeypatch, rand, case):
+  """The wrapper with the kernel emulated against the reference: f32 1e-5, bf16 1e-2, G = 1,
+  4, 16, 6; empty rows (lse -inf) give 0."""
+  from conftest import assert_close
+  from test_sparse_attention import importance_inputs
+  from longax.kernels import compressed_importance
+  monkeypatch.setattr(gpu, "_importance_kernel", _emulate_importance)
+  b, t, n, h, hkv, l, st, blocks = case
+  for dtype in (jnp.float32, jnp.bfloat16):
+    q, k, lse = importance_inputs(rand, b, t, n, h, hkv, 16, l, st, dtype)
+    got = gpu.importance_pallas(q, k, lse, block_size=l, stride=st, scale=0.25, blocks=blocks)
+    want = compressed_importance(q, k, lse, block_size=l, stride=st, impl="reference")
+    assert_close(got, want, dtype, f"{case} {dtype.__name__}")
+
+
+def test_importance_dispatch(monkeypatch):
+  """auto stays on XLA while IMPORTANCE_ON_AUTO is off (the kernel is unchecked on a GPU);
+  with it on, bf16/f16, head dim 64/128, G <= 64, default positions take the kernel.
+  impl="pallas" takes it regardless of the flag, or says why not."""
+  from longax.kernels import compressed_importance
+  from longax.kernels._dispatch import resolve
+  monkeypatch.setattr(gpu, "not_on_hopper", lambda call: None)
+  call = lambda impl="auto", d=128, dt=jnp.bfloat16, h=16, pos=False: dict(
+      q=jnp.zeros((1, 64, h, d), dt), k_cmp=jnp.zeros((1, 3, 1, d), dt), impl=impl,
+      explicit_positions=pos)
+  take = lambda **kw: resolve("compressed_importance", kw.get("impl", "auto"),
+                              call(**kw)) is gpu.importance_pallas
+  assert not take() and take(impl="pallas")
+  monkeypatch.setattr(gpu, "IMPORTANCE_ON_AUTO", True)
+  assert take() and take(d=64, dt=jnp.float16, h=1) and take(h=64)
+  assert not (take(dt=jnp.float32) or take(d=256) or take(h=128) or take(pos=True))
+  x = jnp.zeros((1, 8, 2, 64), jnp.float32)
+  with pytest.raises(ValueError, match=r"impl='pallas' does not support this call: dtype float32"):
+    compressed_importance(x, x[:, :2], jnp.zeros((1, 8, 2)), block_size=4, stride=2, impl="pallas")
