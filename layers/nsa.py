@@ -155,10 +155,12 @@ class NSA(nnx.Module):
     top, idx = jax.lax.top_k(score, min(self.n_selected, n_sel))
     return jnp.where(top > -jnp.inf, idx, -1).astype(jnp.int32)
 
-  def _mix(self, q, k, v, k_cmp, v_cmp, ends, q_pos, explicit, gate_logits, impl=None):
+  def _mix(self, q, k, v, k_cmp, v_cmp, ends, q_pos, explicit, gate_logits, impl=None,
+           block_indices=None):
     """The three branches mixed by their gates -> [B, T, H, D] float32. k, v [B, S, Hkv, D]
     hold position j at index j; q [B, T, H, D] at positions q_pos [B, T] (explicit: not the
-    bottom-right default); gate_logits [B, T, H, 3]; impl: the kernels' (default the layer's)."""
+    bottom-right default); gate_logits [B, T, H, 3]; impl: the kernels' (default the layer's);
+    block_indices: the selection, where given (else from the compressed branch)."""
     impl = impl or self.impl
     kv_pos = jnp.arange(k.shape[1], dtype=jnp.int32)
     pos_kw = dict(q_positions=q_pos, kv_positions=kv_pos) if explicit else {}
@@ -168,7 +170,8 @@ class NSA(nnx.Module):
     else:  # the same math as causal attention over rows folded into heads: the kernels take it
       o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, self.block_size, self.stride, impl,
                                         return_lse=True)
-    idx = self._selection(q, k_cmp, lse, q_pos, explicit, k.shape[1])
+    idx = (self._selection(q, k_cmp, lse, q_pos, explicit, k.shape[1]) if block_indices is None
+           else block_indices)
     o_sel = kernels.selected_block_attention(q, k, v, idx, block_size=self.select_block,
                                              impl=impl, q_positions=q_pos if explicit else None)
     o_win = kernels.attention(q, k, v, window=self.window, impl=impl, **pos_kw)
@@ -176,19 +179,38 @@ class NSA(nnx.Module):
     return sum(gates[..., i, None].astype(jnp.float32) * o.astype(jnp.float32)
                for i, o in enumerate((o_cmp, o_sel, o_win)))
 
-  def attend(self, q, k, v, gate_logits, q_pos=None, impl=None):
+  def _compressed(self, k, v):
+    """The full forward's compressed keys / values [B, N, Hkv, D] and their positions [N]."""
+    b, t = k.shape[:2]
+    n = n_compressed(t, self.block_size, self.stride)
+    first = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    k_cmp, v_cmp = self.compress(self._gather_blocks(k, first), self._gather_blocks(v, first))
+    return k_cmp, v_cmp, block_ends(n, self.block_size, self.stride)
+
+  def _positions(self, q, q_pos):
+    b, t = q.shape[:2]
+    return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if q_pos is None else q_pos
+
+  def attend(self, q, k, v, gate_logits, q_pos=None, impl=None, block_indices=None):
     """The attention core of a full forward (no cache; what `benchmarks/kernels.py --ops nsa`
     times): compression, the three branches and the gates, no projections. q [B, T, H, D],
     k / v [B, T, Hkv, D] (RoPE applied), gate_logits [B, T, H, 3] (before the sigmoid),
     q_pos [B, T] (default 0..T-1; the branches take key j at position j and the queries
-    bottom-right, i.e. 0..T-1: q_pos only places the selection) -> [B, T, H, D] float32."""
-    b, t = q.shape[:2]
-    q_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if q_pos is None else q_pos
-    n = n_compressed(t, self.block_size, self.stride)
-    first = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-    k_cmp, v_cmp = self.compress(self._gather_blocks(k, first), self._gather_blocks(v, first))
-    ends = block_ends(n, self.block_size, self.stride)
-    return self._mix(q, k, v, k_cmp, v_cmp, ends, q_pos, False, gate_logits, impl)
+    bottom-right, i.e. 0..T-1: q_pos only places the selection) -> [B, T, H, D] float32.
+    block_indices [B, T, Hkv, n]: a given selection (`select`'s; tests comparing impls hold
+    it fixed, since the compressed branch's lse, and so near-ties, differ by impl)."""
+    q_pos = self._positions(q, q_pos)
+    k_cmp, v_cmp, ends = self._compressed(k, v)
+    return self._mix(q, k, v, k_cmp, v_cmp, ends, q_pos, False, gate_logits, impl, block_indices)
+
+  def select(self, q, k, v, q_pos=None, impl=None):
+    """The selection `attend` computes (its arguments; impl: the compressed branch's, whose
+    lse the importance takes) -> block indices [B, T, Hkv, n] int32."""
+    q_pos = self._positions(q, q_pos)
+    k_cmp, v_cmp, _ = self._compressed(k, v)
+    _, lse = compressed_attention(q, k_cmp, v_cmp, self.block_size, self.stride,
+                                  impl or self.impl, return_lse=True)
+    return self._selection(q, k_cmp, lse, q_pos, False, k.shape[1])
 
   def _out(self, o, x):
     """o [B, T, H, D] float32 -> the output projection, in x's dtype."""

@@ -377,7 +377,8 @@ def test_nsa_attend_lowers_on_the_kernels(monkeypatch):
 
 def test_nsa_attend_emulated_matches_xla(emulated):
   """NSA.attend on the (emulated) kernels against its XLA path, bf16, forward and gradients:
-  the branches' wiring (the compressed fold, the selection's traced indices, the gates)."""
+  the branches' wiring (the compressed fold, the selection's traced indices, the gates), with
+  the XLA path's selection given to both (the compressed branch's lse differs by impl)."""
   from conftest import compare
   layer = _nsa(4, 2, 64)
   rng = np.random.default_rng(0)
@@ -385,7 +386,8 @@ def test_nsa_attend_emulated_matches_xla(emulated):
   q, k, v = (jnp.asarray(rng.standard_normal(sh), jnp.bfloat16)
              for sh in ((1, t, 4, 64), (1, t, 2, 64), (1, t, 2, 64)))
   gates = jnp.asarray(rng.standard_normal((1, t, 4, 3)), jnp.bfloat16)
-  fn = lambda impl: lambda q, k, v, g: layer.attend(q, k, v, g, impl=impl)
+  idx = layer.select(q, k, v, impl="xla")
+  fn = lambda impl: lambda q, k, v, g: layer.attend(q, k, v, g, impl=impl, block_indices=idx)
   compare(fn("pallas"), fn("xla"), (q, k, v, gates), (0, 1, 2, 3), 2e-2, "nsa")
 
 
