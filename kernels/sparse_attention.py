@@ -12,11 +12,18 @@ key j <= that position. A query row that sees no key gives 0.
   impl="pallas": the same Hopper kernels, a token's query heads folded into query rows (64/G
   tokens to a tile, each row masked by its own token's blocks) and its blocks a row of a
   block mask (`selected_pallas`).
+- `compressed_importance`: NSA's selection scores, the compressed branch's probabilities
+  summed over a KV group's heads (q [B, T, H, D], compressed keys [B, N, Hkv, D] at positions
+  j*stride + block_size - 1, the branch's own lse [B, T, H] -> [B, T, Hkv, N] float32), so
+  no softmax is recomputed: the XLA path is one einsum and one fused exp-mask-sum per chunk
+  of tokens (`IMPORTANCE_ELEMENTS`); impl="pallas": a Hopper kernel (QK^T, masked exp2, the
+  group sum as a second wgmma with a 0/1 grouping matrix; `importance_pallas`), which `auto`
+  takes only once its GPU tests have passed (`IMPORTANCE_ON_AUTO`). No gradient.
 - `vertical_slash_attention`: MInference; key columns every query sees ([B, H, nv]) and
   offsets o >= 0 (query i sees key i - o, [B, H, ns]), -1 unused; `vertical_slash_pattern`
   estimates both from the last queries' scores.
 
-The three differ only in how the keys of a step are listed. `_sparse_flash` is the one XLA
+The three attention ops differ only in how the keys of a step are listed. `_sparse_flash` is the one XLA
 loop: rows of queries (a query block, or one query token), and per step a list of key
 indices per row (-1: none); it gathers those keys and folds them with `fold_block`, so
 softmax and sigmoid come with it. Its backward is FlashAttention-2's (a `custom_vjp` that
@@ -28,7 +35,8 @@ lists, and call `attention_reference(mask=...)`.
 
 NSA (`layers/nsa.py`) runs its three branches on kernels: the compressed one as causal
 attention over query rows folded into heads (`layers.nsa.compressed_attention`, on
-`attention`'s kernels), the selected one here, the window on `attention`'s.
+`attention`'s kernels, which also returns its lse), the selection's importance and the
+selected branch here, the window on `attention`'s.
 
 `block_sparse_attention` also runs the Pallas TPU flash kernels (`kernels/tpu/attention.py`,
 impl="pallas" on TPU, "pallas_interpret" on CPU), their step tables built from the mask.

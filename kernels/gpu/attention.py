@@ -25,6 +25,9 @@ NSA's selected blocks (`selected_pallas`, impl="pallas" of `selected_block_atten
 block-sparse attention over a token's query heads folded into query rows, all at the token's
 position (`_Problem.rows_per_pos`); tokens sharing a tile mask each row by its own blocks on
 the steps not all of them selected (`_Lists.rows`, `_rows_select`).
+NSA's block importance (`importance_pallas`, impl="pallas" of `compressed_importance`) folds a
+token's heads into rows the same way and sums each token's rows with a second wgmma (R @ P);
+`auto` takes it only once its GPU tests pass (`IMPORTANCE_ON_AUTO`).
 """
 
 from __future__ import annotations
