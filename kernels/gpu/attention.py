@@ -1262,7 +1262,7 @@ def selected_unsupported(call: dict) -> str | None:
 # query rows (`selected_rows`, zero rows after them) as in `selected_pallas`, so a 64-row tile
 # holds 64 / rows tokens. Per compressed key block: S = Q K^T (wgmma), P = exp2(S scale log2e -
 # lse log2e) masked by end_j <= t, P to shared memory in q's dtype, then the group sum as a
-# second wgmma R @ P with R [64, 64] 0/1 (R[i, r] = 1 where row r is token i's), whose first
+# second wgmma R @ P with R [64, 64] 0/1 (in shared memory, written once) (R[i, r] = 1 where row r is token i's), whose first
 # 64 / rows rows are the tile's tokens' importance, written [tokens, block_k] float32.
 
 # auto keeps the XLA path until `tests/gpu/test_sparse_attention_gpu.py -k importance` has
@@ -1327,7 +1327,7 @@ def _importance_kernel(q, k, lse, pb: _Importance):
   n_tiles, n_all = r_all // (wgs * 64), np_ // bk
 
   def body(q_ref, k_ref, lse_ref, out_ref, smem, bars):
-    q_smem2, k_smem, lse_smem2, p_smem2, o_smem2 = smem
+    q_smem2, k_smem, lse_smem2, p_smem2, o_smem2, r_smem2 = smem
     q_bars, k_bars, k_free = bars
     b, kvh, wg = lax.axis_index("batch"), lax.axis_index("kv_heads"), lax.axis_index("wg")
     row0 = _heavy_first("q_seq", n_tiles) * (wgs * 64)
@@ -1336,7 +1336,7 @@ def _importance_kernel(q, k, lse, pb: _Importance):
     @pl.when(wg < wgs)
     def _compute():
       plgpu.set_max_registers(232 if wgs == 2 else 240, action="increase")
-      q_smem, p_smem, o_smem = q_smem2.at[wg], p_smem2.at[wg], o_smem2.at[wg]
+      q_smem, p_smem, o_smem, r_smem = (x.at[wg] for x in (q_smem2, p_smem2, o_smem2, r_smem2))
       q_row = row0 + wg * 64
       tok0 = lax.div(q_row, jnp.int32(pb.rows))
       plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_row, 64), kvh], q_smem, q_bars.at[wg])
@@ -1344,9 +1344,9 @@ def _importance_kernel(q, k, lse, pb: _Importance):
       plgpu.barrier_wait(q_bars.at[wg])
       lse = _bcast(plgpu.load(lse_smem2.at[wg], layout=_WG.reduce(1)), (64, bk), 0)
       rows = _index_tile((64, bk), 0, q_row)
-      # R [64, 64]: R[i, r] = 1 where P's row r is token i's (rows i >= tok stay 0)
+      # R [64, 64] in shared memory: R[i, r] = 1 where P's row r is token i's (rows i >= tok 0)
       grouping = lax.div(_index_tile((64, 64), 1, 0), jnp.int32(pb.rows)) == _index_tile((64, 64), 0, 0)
-      grouping = jnp.where(grouping, 1.0, 0.0).astype(dtype)
+      r_smem[...] = jnp.where(grouping, 1.0, 0.0).astype(dtype)
 
       def write(i):  # o_smem's first `tok` rows -> the tokens' [tok, bk] block i
         plgpu.commit_smem()
@@ -1369,10 +1369,10 @@ def _importance_kernel(q, k, lse, pb: _Importance):
         plgpu.commit_smem()
 
         def group_sum(acc_ref):
-          plgpu.wgmma(acc_ref, grouping, p_smem)
+          plgpu.wgmma(acc_ref, r_smem, p_smem)
+          return acc_ref[...]
 
-        zeros = plgpu.layout_cast(jnp.zeros((64, bk), jnp.float32), _WG)
-        imp = pl.run_state(group_sum)(plgpu.ACC.init(zeros))
+        imp = pl.run_scoped(group_sum, plgpu.ACC((64, bk), jnp.float32))
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last block's store has read o_smem
         o_smem[...] = imp
         write(i)
@@ -1400,7 +1400,7 @@ def _importance_kernel(q, k, lse, pb: _Importance):
 
   smem = (_tiles(dtype, wgs, 64, d), _tiles(dtype, stages, bk, d),
           plgpu.SMEM((wgs, 64), jnp.float32), _tiles(dtype, wgs, 64, bk),
-          plgpu.SMEM((wgs, 64, bk), jnp.float32))
+          plgpu.SMEM((wgs, 64, bk), jnp.float32), _tiles(dtype, wgs, 64, 64))
   bars = (plgpu.Barrier(num_arrivals=2, num_barriers=wgs), plgpu.Barrier(num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages))
   return kernel(
