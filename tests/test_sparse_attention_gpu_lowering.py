@@ -4,8 +4,10 @@ shared-memory and tracing errors without a GPU), the lists list every visible bl
 nothing else, the kernels' step loop (`_Listed.run`, on arrays) walks them as meant, and the
 op run with the kernels emulated by list-following XLA (the pairs each warpgroup's steps
 cover, the rule on masked steps only) matches the reference. The same for NSA's selected
-blocks (`selected_pallas`) and `NSA.attend` with every branch on the kernels. ~60 s on 2
-cores. Running the kernels is checked on the device (`tests/gpu/test_sparse_attention_gpu.py`)."""
+blocks (`selected_pallas`) and `NSA.attend` with every branch on the kernels. NSA's block
+importance kernel (`importance_pallas`) lowers and runs under Mosaic GPU's interpret mode on CPU
+against the reference. ~90 s on 2 cores. Running the kernels is checked on the device
+(`tests/gpu/test_sparse_attention_gpu.py`)."""
 
 import jax
 import jax.numpy as jnp
@@ -393,24 +395,8 @@ def test_nsa_attend_emulated_matches_xla(emulated):
 
 # ----------------------------------------------------------------- NSA's block importance
 # `importance_pallas`: a token's G heads folded into rows (64 / rows tokens to a tile), S = QK^T,
-# P masked by end_j <= t, the group sum as R @ P. The kernel lowers; its wrapper (folding,
-# log2 lse, padding, slicing) runs with the kernel emulated by XLA under the kernel's contract
-# and its own tile arithmetic (`_Importance.visible`, `.steps`: the blocks a CTA computes, the
-# rest zeros), P rounded to q's dtype as the kernel's shared-memory P.
-
-
-def _emulate_importance(q, k, lse, pb):
-  """`_importance_kernel` in XLA: q [B, R, Hkv, D], k [B, Np, Hkv, D], lse [B, Hkv, R] (log2)
-  -> [B, R / rows, Hkv, Np] float32."""
-  b, r, hkv, _ = q.shape
-  raw = jnp.einsum("brkd,bnkd->bkrn", q.astype(jnp.float32), k.astype(jnp.float32))
-  rows = jnp.arange(r, dtype=jnp.int32)[:, None]
-  keys = jnp.arange(k.shape[1], dtype=jnp.int32)[None, :]
-  cta = pb.blocks.wgs * 64
-  ok = pb.visible(rows, keys) & (keys // pb.blocks.block_k < pb.steps(rows // cta * cta))
-  p = jnp.where(ok, jnp.exp2(raw * (pb.scale * gpu.LOG2E) - lse[..., None]), 0.0)
-  p = p.astype(q.dtype).astype(jnp.float32).reshape(b, hkv, r // pb.rows, pb.rows, -1).sum(3)
-  return jnp.swapaxes(p, 1, 2)
+# P masked by end_j <= t, the group sum as R @ P. The kernel lowers for cuda, and runs on CPU
+# under Mosaic GPU's interpret mode (below) against the reference; dispatch keeps auto on XLA.
 
 
 # (T, N, H, Hkv, D, block_size, stride): G = 1, 4, 16 and 6 (rows padded to 8)
@@ -427,29 +413,6 @@ def test_importance_lowers(case):
   lowered = jax.jit(fn).trace(q, k, jnp.zeros((1, t, h), jnp.float32)).lower(
       lowering_platforms=("cuda",))
   assert "mosaic_gpu" in lowered.as_text()
-
-
-# (B, T, N, H, Hkv, block_size, stride, blocks): ragged, T < block_size, more tokens than a
-# CTA (steps per CTA differ), 64-key steps (several per CTA, blocks past the CTA's zeros)
-IMP_EMULATED = [(2, 37, 3, 4, 4, 8, 4, None), (1, 300, 40, 16, 1, 16, 8, None),
-                (1, 150, 70, 8, 2, 4, 2, gpu.ImportanceBlocks(block_k=64, wgs=1)),
-                (1, 5, 1, 12, 2, 8, 4, None), (1, 90, 30, 6, 1, 8, 3, None)]
-
-
-@pytest.mark.parametrize("case", IMP_EMULATED, ids=str)
-def test_importance_emulated_matches_reference(monkeypatch, rand, case):
-  """The wrapper with the kernel emulated against the reference: f32 1e-5, bf16 1e-2, G = 1,
-  4, 16, 6; empty rows (lse -inf) give 0."""
-  from conftest import assert_close
-  from test_sparse_attention import importance_inputs
-  from longax.kernels import compressed_importance
-  monkeypatch.setattr(gpu, "_importance_kernel", _emulate_importance)
-  b, t, n, h, hkv, l, st, blocks = case
-  for dtype in (jnp.float32, jnp.bfloat16):
-    q, k, lse = importance_inputs(rand, b, t, n, h, hkv, 16, l, st, dtype)
-    got = gpu.importance_pallas(q, k, lse, block_size=l, stride=st, scale=0.25, blocks=blocks)
-    want = compressed_importance(q, k, lse, block_size=l, stride=st, impl="reference")
-    assert_close(got, want, dtype, f"{case} {dtype.__name__}")
 
 
 def test_importance_dispatch(monkeypatch):
@@ -471,3 +434,35 @@ def test_importance_dispatch(monkeypatch):
   x = jnp.zeros((1, 8, 2, 64), jnp.float32)
   with pytest.raises(ValueError, match=r"impl='pallas' does not support this call: dtype float32"):
     compressed_importance(x, x[:, :2], jnp.zeros((1, 8, 2)), block_size=4, stride=2, impl="pallas")
+
+
+# The kernel itself, run by Mosaic GPU's interpret mode on CPU (`plgpu.force_gpu_interpret_mode`:
+# simulated shared memory, warpgroups, barriers and TMA; buffers start as NaN, so an output
+# block the kernel never writes shows; the race detector on). (B, T, N, H, Hkv, D, block_size,
+# stride, blocks): G = 16 over several CTAs, G = 6 (rows padded to 8), T < block_size, 64-key
+# steps with a 3-deep ring and blocks past each CTA's last written as zeros, one warpgroup.
+IMP_INTERPRET = [(1, 70, 40, 16, 1, 64, 8, 2, None), (2, 37, 3, 12, 2, 64, 8, 4, None),
+                 (1, 5, 1, 4, 4, 64, 8, 4, None),
+                 (1, 130, 200, 1, 1, 64, 2, 1, gpu.ImportanceBlocks(block_k=64, stages=3)),
+                 (1, 150, 70, 8, 2, 64, 4, 2, gpu.ImportanceBlocks(block_k=64, wgs=1))]
+
+
+@pytest.mark.parametrize("case", IMP_INTERPRET, ids=str)
+def test_importance_kernel_interpreted_matches_reference(rand, case):
+  """bf16 against the float32 reference (1e-2), every output element written, no race."""
+  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as interp
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  from conftest import assert_close
+  from test_sparse_attention import importance_inputs
+  from longax.kernels import compressed_importance
+  b, t, n, h, hkv, d, l, st, blocks = case
+  q, k, lse = importance_inputs(rand, b, t, n, h, hkv, d, l, st, jnp.bfloat16)
+  try:
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)):
+      got = gpu.importance_pallas(q, k, lse, block_size=l, stride=st, scale=d**-0.5, blocks=blocks)
+      got = np.asarray(got)
+    assert not interp.get_races().races_found, "a data race in the kernel"
+  finally:
+    interp.reset_gpu_interpret_mode_state()
+  assert_close(got, compressed_importance(q, k, lse, block_size=l, stride=st, impl="reference"),
+               2e-2, str(case))
