@@ -1266,8 +1266,9 @@ def selected_unsupported(call: dict) -> str | None:
 # 64 / rows rows are the tile's tokens' importance, written [tokens, block_k] float32.
 
 # auto keeps the XLA path until `tests/gpu/test_sparse_attention_gpu.py -k importance` has
-# passed on a Hopper GPU: the kernel was written without one (lowering and its tile math
-# checked on CPU only). impl="pallas" takes it regardless.
+# passed on a Hopper GPU: the kernel was written without one (on CPU it lowers for cuda and
+# runs correctly under Mosaic GPU's interpret mode; never timed, never run on the hardware).
+# impl="pallas" takes it regardless.
 IMPORTANCE_ON_AUTO = False
 
 
