@@ -142,8 +142,11 @@ class NSA(nnx.Module):
     fewer exist), the query's own block always is. q [B, T, H, D]; k_cmp [B, N, Hkv, D];
     q_pos [B, T]; explicit: the importance at q_pos (a decode chunk), else at 0..T-1 (the
     compressed branch's own positions)."""
+    # (the kernel takes the default positions only: a decode chunk's importance, a few rows
+    # against the cache's compressed keys, runs on the XLA path under select_impl="pallas")
+    impl = "auto" if explicit and self.select_impl == "pallas" else self.select_impl
     p_group = kernels.compressed_importance(
-        q, k_cmp, lse, block_size=self.block_size, stride=self.stride, impl=self.select_impl,
+        q, k_cmp, lse, block_size=self.block_size, stride=self.stride, impl=impl,
         q_positions=q_pos if explicit else None)  # [B, T, Hkv, N]
     n_sel = -(-n_keys // self.select_block)
     weights = overlap(k_cmp.shape[1], n_sel, self.block_size, self.stride, self.select_block)
