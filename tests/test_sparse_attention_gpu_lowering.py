@@ -438,12 +438,13 @@ def test_importance_dispatch(monkeypatch):
 
 # The kernel itself, run by Mosaic GPU's interpret mode on CPU (`plgpu.force_gpu_interpret_mode`:
 # simulated shared memory, warpgroups, barriers and TMA; buffers start as NaN, so an output
-# block the kernel never writes shows; the race detector on). (B, T, N, H, Hkv, D, block_size,
-# stride, blocks): G = 16 over several CTAs, G = 6 (rows padded to 8), T < block_size, 64-key
-# steps with a 3-deep ring and blocks past each CTA's last written as zeros, one warpgroup.
-IMP_INTERPRET = [(1, 70, 40, 16, 1, 64, 8, 2, None), (2, 37, 3, 12, 2, 64, 8, 4, None),
+# block the kernel never writes shows; the race detector on; a warpgroup that waits on a
+# barrier must observe every phase of it). (B, T, N, H, Hkv, D, block_size, stride, blocks):
+# G = 16 over several CTAs, G = 6 (rows padded to 8), T < block_size, more 64-key steps than
+# the ring's slots with blocks past each CTA's last written as zeros, one warpgroup.
+IMP_INTERPRET = [(1, 70, 40, 16, 1, 128, 8, 2, None), (2, 37, 3, 12, 2, 64, 8, 4, None),
                  (1, 5, 1, 4, 4, 64, 8, 4, None),
-                 (1, 130, 200, 1, 1, 64, 2, 1, gpu.ImportanceBlocks(block_k=64, stages=3)),
+                 (1, 130, 200, 1, 1, 64, 2, 1, gpu.ImportanceBlocks(block_k=64)),
                  (1, 150, 70, 8, 2, 64, 4, 2, gpu.ImportanceBlocks(block_k=64, wgs=1))]
 
 

@@ -1399,6 +1399,10 @@ def _importance_kernel(q, k, lse, pb: _Importance):
 
       _produce(n, stages, [(k_free, load_k)])
 
+      @pl.loop(jnp.maximum(n - stages, 0), n)  # the last steps' frees too: a thread that waits
+      def _(i):  # on a barrier observes all its phases (what Mosaic GPU's interpreter checks)
+        plgpu.barrier_wait(k_free.at[lax.rem(i, jnp.int32(stages))])
+
   smem = (_tiles(dtype, wgs, 64, d), _tiles(dtype, stages, bk, d),
           plgpu.SMEM((wgs, 64), jnp.float32), _tiles(dtype, wgs, 64, bk),
           plgpu.SMEM((wgs, 64, bk), jnp.float32), _tiles(dtype, wgs, 64, 64))
