@@ -87,7 +87,8 @@ def compressed_attention(q, k_cmp, v_cmp, block_size: int, stride: int, impl: st
                      f"{n_compressed(t, block_size, stride)}")
   qf = jnp.pad(q, ((0, 0), (p0, rows - t - p0), (0, 0), (0, 0)))
   qf = rearrange(qf, "b (n s) (k g) d -> b n (k s g) d", s=stride, k=hkv)  # [B, N + c, H*s, D]
-  o, lse = kernels.attention(qf, k_cmp, v_cmp, impl=impl, return_lse=True)
+  out = kernels.attention(qf, k_cmp, v_cmp, impl=impl, return_lse=return_lse)
+  o, lse = out if return_lse else (out, None)
   o = rearrange(o, "b n (k s g) d -> b (n s) (k g) d", s=stride, k=hkv)[:, p0:p0 + t]
   if not return_lse:
     return o
@@ -191,6 +192,7 @@ class NSA(nnx.Module):
     return k_cmp, v_cmp, block_ends(n, self.block_size, self.stride)
 
   def _positions(self, q, q_pos):
+    """q_pos, or the default 0..T-1, as [B, T] int32."""
     b, t = q.shape[:2]
     return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if q_pos is None else q_pos
 
