@@ -466,4 +466,4 @@ def test_importance_kernel_interpreted_matches_reference(rand, case):
   finally:
     interp.reset_gpu_interpret_mode_state()
   assert_close(got, compressed_importance(q, k, lse, block_size=l, stride=st, impl="reference"),
-               2e-2, str(case))
+               1e-2, str(case))
