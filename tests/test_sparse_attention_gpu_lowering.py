@@ -445,7 +445,9 @@ def test_importance_dispatch(monkeypatch):
 IMP_INTERPRET = [(1, 70, 40, 16, 1, 128, 8, 2, None), (2, 37, 3, 12, 2, 64, 8, 4, None),
                  (1, 5, 1, 4, 4, 64, 8, 4, None),
                  (1, 130, 200, 1, 1, 64, 2, 1, gpu.ImportanceBlocks(block_k=64)),
-                 (1, 150, 70, 8, 2, 64, 4, 2, gpu.ImportanceBlocks(block_k=64, wgs=1))]
+                 (1, 150, 70, 8, 2, 64, 4, 2, gpu.ImportanceBlocks(block_k=64, wgs=1)),
+                 # the paper's setting with the default tiles, 3 steps a CTA: ~5 min on CPU
+                 pytest.param((1, 4200, 261, 16, 1, 128, 32, 16, None), marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("case", IMP_INTERPRET, ids=str)
