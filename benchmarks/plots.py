@@ -322,8 +322,10 @@ def plot_sp(paths: list[pathlib.Path], out: pathlib.Path, title: str | None = No
       n = f"{t // 1024}k" if t >= 1024 else str(t)
       label = f"{impl} {op}{' ' + layout if op != 'ulysses' else ''}, T{'/P' if scaling == 'weak' else ''}={n}"
       style = dict(ls="--" if impl != "longax" else "-", marker="o", label=label)
-      effs = [(r["P"], r.get("efficiency_fwd_bwd", 1.0)) for r in rs]
-      axes[0][col].plot(*zip(*effs), **style)
+      effs = [(r["P"], r.get("efficiency_fwd_bwd", 1.0)) for r in rs
+              if r["P"] == 1 or "efficiency_fwd_bwd" in r]  # none without its 1-device row
+      if effs:
+        axes[0][col].plot(*zip(*effs), **style)
       axes[1][col].plot([r["P"] for r in rs], [r["tokens_per_s_per_device"] / 1e3 for r in rs],
                         **style)
     ps = sorted({r["P"] for r in rows})

@@ -259,6 +259,10 @@ def run_train(args) -> list[dict]:
         row["batch"] = cfg.data.batch_size
         with tempfile.TemporaryDirectory() as d:
           tps = run_longax(cfg, pathlib.Path(d) / "run")
+        if not tps:  # the trainer stops cleanly on SIGTERM (e.g. a timeout): no interval timed
+          raise RuntimeError(f"no timed interval: the first logged interval (compilation) is "
+                             f"dropped and none followed ({args.train_steps} steps; was the run "
+                             f"stopped early?)")
         row["tokens_per_s"] = statistics.median(tps)
         row["tokens_per_s_per_device"] = row["tokens_per_s"] / n
         base = next((r for r in rows if r["P"] == 1 and r["T"] == t and "tokens_per_s" in r), None)

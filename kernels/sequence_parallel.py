@@ -17,10 +17,11 @@ sequence, `[B, T/P, ...]`, and `axis_name` names the mesh axis (size P). `layout
   the rows' log-sum-exp, whatever P.
 - `ulysses_attention`: all-to-all sequence -> heads, the local op on the whole sequence,
   all-to-all back.
-- `lasp2_linear_attention` / `lasp2_ssd`: one local pass (the op's `impl=` dispatch) from a
-  zero state gives each device's outputs and chunk state; its total decay, one `all_gather`
-  of the states, the chunk-state combine `linear_attention.pass_states` over devices, then
-  the incoming state's share of the outputs (the recurrence is affine in it) added in XLA.
+- `lasp2_linear_attention` / `lasp2_ssd`: each device's chunk state from zero as one GEMM
+  and its total decay, one `all_gather` of the states, the chunk-state combine
+  `linear_attention.pass_states` over devices, then the local op (the `impl=` dispatch) once
+  from the true entering state. Its backward (`_lasp2`) runs the op's backward once, with the
+  chunk state's gradient as its final-state cotangent.
   `lasp2_selective_scan`: the same state pass, then the local op with the incoming state.
 - `left_context`: the tokens before each local chunk (short causal convs).
 """

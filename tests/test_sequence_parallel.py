@@ -66,15 +66,16 @@ def _case(name):
             lambda q, k, v, s: ref_op(q, k, v, segment_ids=s, **ref_kw), (q, k, v, s), (0, 1, 2))
   if name.startswith("lasp2"):
     decay = name.split("-")[1]
-    g = {"none": None, "state": None, "head": -jnp.arange(1.0, H + 1) / 8,
-         "token": -r.uniform((B, T, H), 0.0, 0.5), "key": -r.uniform((B, T, H, D), 0.0, 0.5)}[decay]
+    g = {"none": None, "head": -jnp.arange(1.0, H + 1) / 8,
+         "token": -r.uniform((B, T, H), 0.0, 0.5), "state": -r.uniform((B, T, H), 0.0, 0.2),
+         "key": -r.uniform((B, T, H, D), 0.0, 0.5)}[decay]
     s = seg if decay in ("none", "token", "state") else None
-    h0 = r.normal((B, H, D, D)) if decay == "state" else None
-    fin = decay == "state"
-    kw = dict(chunk_size=4, return_final_state=fin, initial_state=h0)
-    return (lambda q, k, v, g, s: SP.lasp2_linear_attention(q, k, v, log_decay=g, segment_ids=s, **kw, **lay),
-            lambda q, k, v, g, s: K.linear_attention(q, k, v, log_decay=g, segment_ids=s, **kw),
-            (q, k, v, g, s), (0, 1, 2) + ((3,) if g is not None else ()))
+    fin = decay == "state"  # also the initial state's gradient and the final state
+    h0 = r.normal((B, H, D, D)) if fin else None
+    kw = dict(chunk_size=4, return_final_state=fin)
+    return (lambda q, k, v, g, s, h0: SP.lasp2_linear_attention(q, k, v, log_decay=g, segment_ids=s, initial_state=h0, **kw, **lay),
+            lambda q, k, v, g, s, h0: K.linear_attention(q, k, v, log_decay=g, segment_ids=s, initial_state=h0, **kw),
+            (q, k, v, g, s, h0), (0, 1, 2) + ((3,) if g is not None else ()) + ((5,) if fin else ()))
   if name.startswith("ssd"):
     x, dt = r.normal((B, T, H, D)), r.uniform((B, T, H), 0.05, 0.5)
     bm, cm = r.normal((B, T, 1, 4)), r.normal((B, T, 1, 4))
