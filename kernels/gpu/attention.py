@@ -1308,10 +1308,9 @@ class _Importance:
     bk = jnp.int32(self.blocks.block_k)
     return lax.div(n_vis + bk - 1, bk)
 
-  def visible(self, row, key):
-    """bool: query row `row` (its token at position row // rows) sees compressed key `key`
-    (int32 arrays of one shape; padded keys j >= n never)."""
-    pos = lax.div(row, jnp.int32(self.rows))
+  def visible(self, pos, key):
+    """bool: a row whose token is at position `pos` sees compressed key `key` (int32 arrays
+    of one shape; padded keys j >= n never)."""
     end = key * self.stride + (self.block_size - 1)
     return visible_pairs(pos, end) & (key < self.n)
 
@@ -1344,7 +1343,8 @@ def _importance_kernel(q, k, lse, pb: _Importance):
       plgpu.copy_gmem_to_smem(lse_ref.at[b, kvh, pl.ds(q_row, 64)], lse_smem2.at[wg], q_bars.at[wg])
       plgpu.barrier_wait(q_bars.at[wg])
       lse = _bcast(plgpu.load(lse_smem2.at[wg], layout=_WG.reduce(1)), (64, bk), 0)
-      rows = _index_tile((64, bk), 0, q_row)
+      pos = _bcast(lax.div(plgpu.broadcasted_iota(jnp.int32, (64,), 0, layout=_WG.reduce(1)),
+                           jnp.int32(pb.rows)) + tok0, (64, bk), 0)  # each row's token
       # R [64, 64] in shared memory: R[i, r] = 1 where P's row r is token i's (rows i >= tok 0)
       grouping = lax.div(_index_tile((64, 64), 1, 0), jnp.int32(pb.rows)) == _index_tile((64, 64), 0, 0)
       r_smem[...] = jnp.where(grouping, 1.0, 0.0).astype(dtype)
@@ -1364,7 +1364,7 @@ def _importance_kernel(q, k, lse, pb: _Importance):
 
         raw = pl.run_scoped(qk, plgpu.ACC((64, bk), jnp.float32))
         plgpu.barrier_arrive(k_free.at[slot])
-        ok = pb.visible(rows, _index_tile((64, bk), 1, i * bk))
+        ok = pb.visible(pos, _index_tile((64, bk), 1, i * bk))
         p = jnp.where(ok, jnp.exp2(raw * (pb.scale * LOG2E) - lse), 0.0)
         p_smem[...] = p.astype(dtype)
         plgpu.commit_smem()
