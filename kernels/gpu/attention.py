@@ -1262,8 +1262,9 @@ def selected_unsupported(call: dict) -> str | None:
 # query rows (`selected_rows`, zero rows after them) as in `selected_pallas`, so a 64-row tile
 # holds 64 / rows tokens. Per compressed key block: S = Q K^T (wgmma), P = exp2(S scale log2e -
 # lse log2e) masked by end_j <= t, P to shared memory in q's dtype, then the group sum as a
-# second wgmma R @ P with R [64, 64] 0/1 (in shared memory, written once) (R[i, r] = 1 where row r is token i's), whose first
-# 64 / rows rows are the tile's tokens' importance, written [tokens, block_k] float32.
+# second wgmma R @ P with R [64, 64] 0/1 in shared memory (R[i, r] = 1 where row r is token
+# i's), whose first 64 / rows rows are the tile's tokens' importance, written [tokens,
+# block_k] float32. A memory warpgroup streams the K blocks through a ring, as the forward's.
 
 # auto keeps the XLA path until `tests/gpu/test_sparse_attention_gpu.py -k importance` has
 # passed on a Hopper GPU: the kernel was written without one (on CPU it lowers for cuda and
