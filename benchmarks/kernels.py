@@ -354,7 +354,9 @@ def nsa_cases(shapes, dtype, on_gpu) -> list[Case]:
   the projections) as a function of q, k, v and the gate logits, fwd and fwd+bwd, beside
   dense causal attention at the same shape. Each shape's dict: NSA's settings (the layer's
   defaults, the paper's, where empty). FLOPs from the three branches' pairs (`nsa_pairs`;
-  the selection's scores, another pass over the compressed keys, not counted)."""
+  the selection's scores, another pass over the compressed keys, not counted). On a GPU also
+  `longax.auto.importance`: auto with the selection's importance on its kernel
+  (`select_impl="pallas"`; auto keeps it on XLA until its GPU tests pass)."""
   from flax import nnx
   from longax.layers import NSA
   out = []
@@ -367,6 +369,11 @@ def nsa_cases(shapes, dtype, on_gpu) -> list[Case]:
     # auto: every branch on the Hopper kernels (the compressed one as causal attention over
     # rows folded into heads, the selected one on the block-sparse kernels, the window)
     rows = _longax_rows("attention", f, (q, k, v, gates), on_gpu) + _dense_rows(q, k, v, on_gpu)
+    if on_gpu:  # the selection's importance on its kernel too (auto keeps it on XLA for now)
+      fast = NSA(h * d, h, hkv, head_dim=d, **kw, select_impl="pallas", rngs=nnx.Rngs(0),
+                 dtype=dtype, param_dtype=jnp.float32)
+      rows.append(jax_row("longax.auto.importance", lambda q, k, v, g, m=fast: m.attend(
+          q, k, v, g, impl="auto"), (q, k, v, gates), True))
     ref = _reference(lambda *a, impl="reference", f=f: f(*a, impl=impl), (q, k, v, gates),
                      small=t <= 2048)
     cfg = dict(block_size=layer.block_size, stride=layer.stride, select_block=layer.select_block,

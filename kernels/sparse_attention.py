@@ -12,11 +12,18 @@ key j <= that position. A query row that sees no key gives 0.
   impl="pallas": the same Hopper kernels, a token's query heads folded into query rows (64/G
   tokens to a tile, each row masked by its own token's blocks) and its blocks a row of a
   block mask (`selected_pallas`).
+- `compressed_importance`: NSA's selection scores, the compressed branch's probabilities
+  summed over a KV group's heads (q [B, T, H, D], compressed keys [B, N, Hkv, D] at positions
+  j*stride + block_size - 1, the branch's own lse [B, T, H] -> [B, T, Hkv, N] float32), so
+  no softmax is recomputed: the XLA path is one einsum and one fused exp-mask-sum per chunk
+  of tokens (`IMPORTANCE_ELEMENTS`); impl="pallas": a Hopper kernel (QK^T, masked exp2, the
+  group sum as a second wgmma with a 0/1 grouping matrix; `importance_pallas`), which `auto`
+  takes only once its GPU tests have passed (`IMPORTANCE_ON_AUTO`). No gradient.
 - `vertical_slash_attention`: MInference; key columns every query sees ([B, H, nv]) and
   offsets o >= 0 (query i sees key i - o, [B, H, ns]), -1 unused; `vertical_slash_pattern`
   estimates both from the last queries' scores.
 
-The three differ only in how the keys of a step are listed. `_sparse_flash` is the one XLA
+The three attention ops differ only in how the keys of a step are listed. `_sparse_flash` is the one XLA
 loop: rows of queries (a query block, or one query token), and per step a list of key
 indices per row (-1: none); it gathers those keys and folds them with `fold_block`, so
 softmax and sigmoid come with it. Its backward is FlashAttention-2's (a `custom_vjp` that
@@ -28,7 +35,8 @@ lists, and call `attention_reference(mask=...)`.
 
 NSA (`layers/nsa.py`) runs its three branches on kernels: the compressed one as causal
 attention over query rows folded into heads (`layers.nsa.compressed_attention`, on
-`attention`'s kernels), the selected one here, the window on `attention`'s.
+`attention`'s kernels, which also returns its lse), the selection's importance and the
+selected branch here, the window on `attention`'s.
 
 `block_sparse_attention` also runs the Pallas TPU flash kernels (`kernels/tpu/attention.py`,
 impl="pallas" on TPU, "pallas_interpret" on CPU), their step tables built from the mask.
@@ -51,6 +59,7 @@ from longax.kernels.attention import (AttnSpec, attention_reference, check_qkv, 
 from longax.kernels.visibility import query_positions, visible_pairs
 
 VS_CHUNK = 64  # vertical columns / slash offsets folded per step of the XLA path
+IMPORTANCE_ELEMENTS = 2**26  # compressed_importance's XLA path: float32 scores per chunk
 
 
 def _dedupe(idx):
@@ -239,6 +248,49 @@ def _vertical_slash_xla(q, k, v, vertical_idx, slash_idx, spec: AttnSpec):
   return o.astype(q.dtype)
 
 
+# ------------------------------------------------------------- NSA's block importance
+
+
+def compressed_ends(n: int, block_size: int, stride: int):
+  """[n] int32: compressed key j's position, its block's last token j*stride + block_size - 1."""
+  return jnp.arange(n, dtype=jnp.int32) * stride + block_size - 1
+
+
+def _importance_positions(q_positions, b: int, t: int):
+  """[B, T] int32: the queries' positions (default t)."""
+  pos = jnp.arange(t, dtype=jnp.int32) if q_positions is None else q_positions
+  return jnp.broadcast_to(pos, (b, t))
+
+
+def _importance_xla(q, k_cmp, lse, *, block_size: int, stride: int, scale: float,
+                    q_positions=None):
+  """One einsum per chunk of tokens and one fused exp-mask-sum over the group: scores
+  [B, c, Hkv, G, N] float32 for c tokens at a time (IMPORTANCE_ELEMENTS bounds them; lax.map
+  over the chunks), never the whole [T, H, N]."""
+  b, t, h, _ = q.shape
+  n, hkv = k_cmp.shape[1], k_cmp.shape[2]
+  ends = compressed_ends(n, block_size, stride)
+  qpos = _importance_positions(q_positions, b, t)
+  qg = rearrange(q, "b t (k g) d -> b t k g d", k=hkv)
+  lg = rearrange(lse, "b t (k g) -> b t k g", k=hkv)
+
+  def one(xs):  # qg [B, c, Hkv, G, D], lg [B, c, Hkv, G], pos [B, c] -> [B, c, Hkv, N]
+    qc, lc, pc = xs
+    s = jnp.einsum("btkgd,bnkd->btkgn", qc, k_cmp, preferred_element_type=jnp.float32)
+    seen = visible_pairs(pc[..., None], ends)[:, :, None, None]  # [B, c, 1, 1, N]
+    return jnp.sum(jnp.where(seen, jnp.exp(s * scale - lc[..., None]), 0.0), axis=3)
+
+  c = max(1, min(t, IMPORTANCE_ELEMENTS // (b * h * n)))
+  if c >= t:
+    return one((qg, lg, qpos))
+  m = -(-t // c)
+  pad = lambda x, v=0: jnp.pad(x, [(0, 0), (0, m * c - t)] + [(0, 0)] * (x.ndim - 2),
+                               constant_values=v)
+  chunks = lambda x: jnp.moveaxis(x.reshape(b, m, c, *x.shape[2:]), 1, 0)
+  out = jax.lax.map(one, (chunks(pad(qg)), chunks(pad(lg)), chunks(pad(qpos, -1))))
+  return jnp.moveaxis(out, 0, 1).reshape(b, m * c, hkv, n)[:, :t]
+
+
 # ----------------------------------------------------------------------------- reference
 # Dense [B|1, H|1, T, S] masks built straight from each pattern's definition.
 
@@ -275,9 +327,23 @@ def _vertical_slash_reference(q, k, v, vertical_idx, slash_idx, spec):
   return _reference(q, k, v, vert[:, :, None, :] | slash, spec)
 
 
+def _importance_reference(q, k_cmp, lse, *, block_size: int, stride: int, scale: float,
+                          q_positions=None):
+  """The definition in float32: every head's probabilities, then the group's sum."""
+  b, t, h, _ = q.shape
+  n, hkv = k_cmp.shape[1], k_cmp.shape[2]
+  kk = jnp.repeat(k_cmp.astype(jnp.float32), h // hkv, axis=2)
+  s = scale * jnp.einsum("bthd,bnhd->bthn", q.astype(jnp.float32), kk)
+  qpos = _importance_positions(q_positions, b, t)
+  seen = compressed_ends(n, block_size, stride) <= qpos[..., None]  # [B, T, N]
+  p = jnp.where(seen[:, :, None], jnp.exp(s - lse[..., None]), 0.0)
+  return p.reshape(b, t, hkv, h // hkv, n).sum(3)
+
+
 for _op, _ref, _xla in (("block_sparse_attention", _block_sparse_reference, _block_sparse_xla),
                         ("selected_block_attention", _selected_reference, _selected_xla),
-                        ("vertical_slash_attention", _vertical_slash_reference, _vertical_slash_xla)):
+                        ("vertical_slash_attention", _vertical_slash_reference, _vertical_slash_xla),
+                        ("compressed_importance", _importance_reference, _importance_xla)):
   register(_op, "reference")(_ref)
   register(_op, "xla")(_xla)
 
@@ -292,6 +358,7 @@ register_kernels("block_sparse_attention",
                  tpu=(_tpu.block_sparse_pallas, _tpu.block_sparse_unsupported),
                  interpret=(_tpu.block_sparse_interpret, _tpu.block_sparse_unsupported_interpret))
 register_kernels("selected_block_attention", gpu=(_gpu.selected_pallas, _gpu.selected_unsupported))
+register_kernels("compressed_importance", gpu=(_gpu.importance_pallas, _gpu.importance_unsupported))
 
 # ----------------------------------------------------------------------------- public API
 
@@ -382,6 +449,43 @@ def selected_block_attention(q, k, v, block_indices, *, block_size: int = 64,
   fn = resolve(op, impl, dict(q=q, k=k, v=v, spec=spec, block_size=block_size,
                              explicit_positions=bool(extra)))
   return fn(q, k, v, idx, spec, block_size=block_size, **extra)
+
+
+def compressed_importance(q, k_cmp, lse, *, block_size: int, stride: int,
+                          scale: float | None = None, impl: str = "auto", q_positions=None):
+  """NSA's block importance: the compressed branch's attention probabilities summed over
+  each KV group's query heads. q [B, T, H, D], k_cmp [B, N, Hkv, D] (compressed key j at
+  position end_j = j*stride + block_size - 1), lse [B, T, H] float32: each row's natural-log
+  log-sum-exp over the compressed keys it sees (`attention(..., return_lse=True)` of the
+  compressed branch; -inf where it sees none) -> [B, T, Hkv, N] float32,
+  sum_g exp(scale q_(t,g).k_j - lse_(t,g)) where end_j <= position of t, else 0.
+  q_positions [T] or [B, T]: the queries' positions (default 0..T-1: query t at t).
+  Not differentiable (NSA's selection ranks blocks under stop_gradient): no gradient rule."""
+  op = "compressed_importance"
+  _checks.rank(op, "q", q, 4, "[B, T, H, D]")
+  _checks.rank(op, "k_cmp", k_cmp, 4, "[B, N, Hkv, D]")
+  _checks.same_dtype(op, q=q, k_cmp=k_cmp)
+  _checks.floating(op, "q", q)
+  b, t, h, d = q.shape
+  if k_cmp.shape[0] != b or k_cmp.shape[3] != d:
+    raise ValueError(f"{op}: `k_cmp` must be [B={b}, N, Hkv, D={d}] to match q {q.shape}, "
+                     f"got {k_cmp.shape}")
+  _checks.divides(op, f"q heads H={h} vs k_cmp heads Hkv={k_cmp.shape[2]}", k_cmp.shape[2], h)
+  _checks.shape_is(op, "lse", lse, (b, t, h), "[B, T, H]")
+  _checks.floating(op, "lse", lse)
+  _checks.positive_int(op, "block_size", block_size)
+  _checks.positive_int(op, "stride", stride)
+  extra = {}
+  if q_positions is not None:
+    q_positions = jnp.asarray(q_positions, jnp.int32)
+    if q_positions.shape not in ((t,), (b, t)):
+      raise ValueError(f"{op}: `q_positions` must have shape ({t},) or ({b}, {t}), got {q_positions.shape}")
+    extra = dict(q_positions=q_positions)
+  scale = d**-0.5 if scale is None else float(scale)
+  fn = resolve(op, impl, dict(q=q, k_cmp=k_cmp, impl=impl, explicit_positions=bool(extra)))
+  return fn(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k_cmp),
+            jax.lax.stop_gradient(jnp.asarray(lse, jnp.float32)), block_size=block_size,
+            stride=stride, scale=scale, **extra)
 
 
 def vertical_slash_attention(q, k, v, vertical_idx, slash_idx, *, causal: bool = True,

@@ -9,8 +9,11 @@ mixed by learned per-head sigmoid gates.
   of a KV group and spread over selection blocks of `select_block` (l') tokens by the
   fraction of each compressed block inside them, rank the key blocks; each query token
   attends to the top `n_selected` that start at or before it, its own (local) block always
-  among them (`kernels.selected_block_attention`). Selection is not differentiable (as in
-  the paper): the ranking is computed under stop_gradient.
+  among them (`kernels.selected_block_attention`). The group's summed probabilities are
+  `kernels.compressed_importance` from the compressed branch's own log-sum-exp (one pass
+  over the compressed scores, no softmax), on `select_impl` ("auto": XLA until its kernel
+  has passed on a GPU). Selection is not differentiable (as in the paper): the ranking is
+  computed under stop_gradient.
 - sliding window: `kernels.attention(window=window)`.
 
 q and k carry RoPE in every branch (the compressed keys are compressions of rotated keys),
@@ -58,7 +61,8 @@ def overlap(n_cmp: int, n_sel: int, block_size: int, stride: int, select_block: 
   return jnp.asarray((sel[:, :, None] == np.arange(n_sel)).mean(1), jnp.float32)
 
 
-def compressed_attention(q, k_cmp, v_cmp, block_size: int, stride: int, impl: str = "auto"):
+def compressed_attention(q, k_cmp, v_cmp, block_size: int, stride: int, impl: str = "auto",
+                         return_lse: bool = False):
   """The compressed branch at the default positions as ordinary bottom-right causal
   attention (so it runs on the dense kernels): query t (position t) sees compressed key j
   (position end_j = j*stride + block_size - 1) iff end_j <= t. q [B, T, H, D], k_cmp / v_cmp
@@ -69,7 +73,9 @@ def compressed_attention(q, k_cmp, v_cmp, block_size: int, stride: int, impl: st
   j <= r // stride - c: rows cut into groups of `stride` see keys j <= g - c, i.e. N + c
   groups over N keys, bottom-right causal (the first c groups see nothing: 0). Each group's
   rows fold into the head axis (kv-head-major, so a KV group's query heads stay together);
-  the tail is padded to (N + c) * stride rows; gradients come through the reshape."""
+  the tail is padded to (N + c) * stride rows; gradients come through the reshape.
+  return_lse: also each query row's log-sum-exp [B, T, H] float32 (-inf: sees no block),
+  what `kernels.compressed_importance` takes."""
   b, t, h, _ = q.shape
   n, hkv = k_cmp.shape[1], k_cmp.shape[2]
   c = -(-(block_size - 1) // stride)
@@ -81,8 +87,12 @@ def compressed_attention(q, k_cmp, v_cmp, block_size: int, stride: int, impl: st
                      f"{n_compressed(t, block_size, stride)}")
   qf = jnp.pad(q, ((0, 0), (p0, rows - t - p0), (0, 0), (0, 0)))
   qf = rearrange(qf, "b (n s) (k g) d -> b n (k s g) d", s=stride, k=hkv)  # [B, N + c, H*s, D]
-  o = kernels.attention(qf, k_cmp, v_cmp, impl=impl)
-  return rearrange(o, "b n (k s g) d -> b (n s) (k g) d", s=stride, k=hkv)[:, p0:p0 + t]
+  out = kernels.attention(qf, k_cmp, v_cmp, impl=impl, return_lse=return_lse)
+  o, lse = out if return_lse else (out, None)
+  o = rearrange(o, "b n (k s g) d -> b (n s) (k g) d", s=stride, k=hkv)[:, p0:p0 + t]
+  if not return_lse:
+    return o
+  return o, rearrange(lse, "b n (k s g) -> b (n s) (k g)", s=stride, k=hkv)[:, p0:p0 + t]
 
 
 class NSA(nnx.Module):
@@ -91,8 +101,8 @@ class NSA(nnx.Module):
   def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, *,
                head_dim: int | None = None, block_size: int = 32, stride: int = 16,
                select_block: int = 64, n_selected: int = 16, window: int = 512,
-               rope_theta: float = 10000.0, impl: str = "auto", rngs: nnx.Rngs, dtype,
-               param_dtype):
+               rope_theta: float = 10000.0, impl: str = "auto", select_impl: str = "auto",
+               rngs: nnx.Rngs, dtype, param_dtype):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     gqa_projections(self, "NSA", d_model, n_heads, n_kv_heads, head_dim, **kw)
     if not 1 <= stride <= block_size:
@@ -106,7 +116,7 @@ class NSA(nnx.Module):
     self.cmp_v_pos = nnx.Param(jnp.zeros((block_size, self.hd), param_dtype))
     self.block_size, self.stride, self.select_block = block_size, stride, select_block
     self.n_selected, self.window, self.rope_theta = n_selected, window, rope_theta
-    self.impl, self.dtype = impl, dtype
+    self.impl, self.select_impl, self.dtype = impl, select_impl, dtype
 
   # ------------------------------------------------------------------------------ parts
 
@@ -124,19 +134,21 @@ class NSA(nnx.Module):
     idx = jnp.clip(idx, 0, x.shape[1] - 1)
     return jax.vmap(lambda xb, ib: xb[ib])(x, idx)
 
-  def _selection(self, q, k_cmp, ends, q_pos, n_keys: int):
+  def _selection(self, q, k_cmp, lse, q_pos, explicit: bool, n_keys: int):
     """Block indices [B, T, Hkv, min(n_selected, n_blocks)] over `n_keys` keys, from the
-    compressed branch's probabilities, summed over each KV group's query heads and spread
-    over the selection blocks by `overlap` (no gradient). A block starting after the query
-    is never picked (-1 where fewer exist), the query's own block always is. q [B, T, H, D];
-    k_cmp [B, N, Hkv, D] at key positions ends [N]; q_pos [B, T]."""
-    q, k_cmp = jax.lax.stop_gradient((q, k_cmp))
-    g = self.h // self.hkv
-    qg = rearrange(q.astype(jnp.float32), "b t (k g) d -> b t k g d", g=g)
-    s = jnp.einsum("btkgd,bnkd->btkgn", qg, k_cmp.astype(jnp.float32)) * self.hd**-0.5
-    seen = (ends[None, None, :] <= q_pos[..., None])[:, :, None, None]  # [B, T, 1, 1, N]
-    p = jax.nn.softmax(jnp.where(seen, s, -jnp.inf), axis=-1)
-    p_group = jnp.sum(jnp.where(seen, p, 0.0), axis=3)  # [B, T, Hkv, N]
+    compressed branch's probabilities, summed over each KV group's query heads
+    (`kernels.compressed_importance` with the branch's own log-sum-exp lse [B, T, H], on
+    `select_impl`, independent of the layer's impl) and spread over the selection blocks by
+    `overlap` (no gradient). A block starting after the query is never picked (-1 where
+    fewer exist), the query's own block always is. q [B, T, H, D]; k_cmp [B, N, Hkv, D];
+    q_pos [B, T]; explicit: the importance at q_pos (a decode chunk), else at 0..T-1 (the
+    compressed branch's own positions)."""
+    # (the kernel takes the default positions only: a decode chunk's importance, a few rows
+    # against the cache's compressed keys, runs on the XLA path under select_impl="pallas")
+    impl = "auto" if explicit and self.select_impl == "pallas" else self.select_impl
+    p_group = kernels.compressed_importance(
+        q, k_cmp, lse, block_size=self.block_size, stride=self.stride, impl=impl,
+        q_positions=q_pos if explicit else None)  # [B, T, Hkv, N]
     n_sel = -(-n_keys // self.select_block)
     weights = overlap(k_cmp.shape[1], n_sel, self.block_size, self.stride, self.select_block)
     score = jnp.einsum("btkn,nj->btkj", p_group, weights)
@@ -147,18 +159,23 @@ class NSA(nnx.Module):
     top, idx = jax.lax.top_k(score, min(self.n_selected, n_sel))
     return jnp.where(top > -jnp.inf, idx, -1).astype(jnp.int32)
 
-  def _mix(self, q, k, v, k_cmp, v_cmp, ends, q_pos, explicit, gate_logits, impl=None):
+  def _mix(self, q, k, v, k_cmp, v_cmp, ends, q_pos, explicit, gate_logits, impl=None,
+           block_indices=None):
     """The three branches mixed by their gates -> [B, T, H, D] float32. k, v [B, S, Hkv, D]
     hold position j at index j; q [B, T, H, D] at positions q_pos [B, T] (explicit: not the
-    bottom-right default); gate_logits [B, T, H, 3]; impl: the kernels' (default the layer's)."""
+    bottom-right default); gate_logits [B, T, H, 3]; impl: the kernels' (default the layer's);
+    block_indices: the selection, where given (else from the compressed branch)."""
     impl = impl or self.impl
     kv_pos = jnp.arange(k.shape[1], dtype=jnp.int32)
     pos_kw = dict(q_positions=q_pos, kv_positions=kv_pos) if explicit else {}
     if explicit:  # a decode chunk against the cache: the keys' own positions
-      o_cmp = kernels.attention(q, k_cmp, v_cmp, q_positions=q_pos, kv_positions=ends, impl=impl)
+      o_cmp, lse = kernels.attention(q, k_cmp, v_cmp, q_positions=q_pos, kv_positions=ends,
+                                     impl=impl, return_lse=True)
     else:  # the same math as causal attention over rows folded into heads: the kernels take it
-      o_cmp = compressed_attention(q, k_cmp, v_cmp, self.block_size, self.stride, impl)
-    idx = self._selection(q, k_cmp, ends, q_pos, k.shape[1])
+      o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, self.block_size, self.stride, impl,
+                                        return_lse=True)
+    idx = (self._selection(q, k_cmp, lse, q_pos, explicit, k.shape[1]) if block_indices is None
+           else block_indices)
     o_sel = kernels.selected_block_attention(q, k, v, idx, block_size=self.select_block,
                                              impl=impl, q_positions=q_pos if explicit else None)
     o_win = kernels.attention(q, k, v, window=self.window, impl=impl, **pos_kw)
@@ -166,19 +183,39 @@ class NSA(nnx.Module):
     return sum(gates[..., i, None].astype(jnp.float32) * o.astype(jnp.float32)
                for i, o in enumerate((o_cmp, o_sel, o_win)))
 
-  def attend(self, q, k, v, gate_logits, q_pos=None, impl=None):
+  def _compressed(self, k, v):
+    """The full forward's compressed keys / values [B, N, Hkv, D] and their positions [N]."""
+    b, t = k.shape[:2]
+    n = n_compressed(t, self.block_size, self.stride)
+    first = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    k_cmp, v_cmp = self.compress(self._gather_blocks(k, first), self._gather_blocks(v, first))
+    return k_cmp, v_cmp, block_ends(n, self.block_size, self.stride)
+
+  def _positions(self, q, q_pos):
+    """q_pos, or the default 0..T-1, as [B, T] int32."""
+    b, t = q.shape[:2]
+    return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if q_pos is None else q_pos
+
+  def attend(self, q, k, v, gate_logits, q_pos=None, impl=None, block_indices=None):
     """The attention core of a full forward (no cache; what `benchmarks/kernels.py --ops nsa`
     times): compression, the three branches and the gates, no projections. q [B, T, H, D],
     k / v [B, T, Hkv, D] (RoPE applied), gate_logits [B, T, H, 3] (before the sigmoid),
     q_pos [B, T] (default 0..T-1; the branches take key j at position j and the queries
-    bottom-right, i.e. 0..T-1: q_pos only places the selection) -> [B, T, H, D] float32."""
-    b, t = q.shape[:2]
-    q_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if q_pos is None else q_pos
-    n = n_compressed(t, self.block_size, self.stride)
-    first = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-    k_cmp, v_cmp = self.compress(self._gather_blocks(k, first), self._gather_blocks(v, first))
-    ends = block_ends(n, self.block_size, self.stride)
-    return self._mix(q, k, v, k_cmp, v_cmp, ends, q_pos, False, gate_logits, impl)
+    bottom-right, i.e. 0..T-1: q_pos only places the selection) -> [B, T, H, D] float32.
+    block_indices [B, T, Hkv, n]: a given selection (`select`'s; tests comparing impls hold
+    it fixed, since the compressed branch's lse, and so near-ties, differ by impl)."""
+    q_pos = self._positions(q, q_pos)
+    k_cmp, v_cmp, ends = self._compressed(k, v)
+    return self._mix(q, k, v, k_cmp, v_cmp, ends, q_pos, False, gate_logits, impl, block_indices)
+
+  def select(self, q, k, v, q_pos=None, impl=None):
+    """The selection `attend` computes (its arguments; impl: the compressed branch's, whose
+    lse the importance takes) -> block indices [B, T, Hkv, n] int32."""
+    q_pos = self._positions(q, q_pos)
+    k_cmp, v_cmp, _ = self._compressed(k, v)
+    _, lse = compressed_attention(q, k_cmp, v_cmp, self.block_size, self.stride,
+                                  impl or self.impl, return_lse=True)
+    return self._selection(q, k_cmp, lse, q_pos, False, k.shape[1])
 
   def _out(self, o, x):
     """o [B, T, H, D] float32 -> the output projection, in x's dtype."""

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import assert_close, compare
-from longax.kernels import (attention, block_sparse_attention, selected_block_attention,
-                            sigmoid_attention, vertical_slash_attention, vertical_slash_pattern)
+from longax.kernels import (attention, block_sparse_attention, compressed_importance,
+                            selected_block_attention, sigmoid_attention, vertical_slash_attention,
+                            vertical_slash_pattern)
 
 IMPLS = ["xla"]  # block-sparse's pallas kernel (GPU): tests/gpu/test_sparse_attention_gpu.py
 
@@ -273,6 +274,80 @@ def test_errors(rand):
     vertical_slash_attention(q, k, v, vi[:, :2], vi)
   with pytest.raises(ValueError, match="exceeds"):
     vertical_slash_pattern(q, k, n_vertical=17, n_slash=2)
+
+
+# --------------------------------------------------------------- NSA's block importance
+
+
+def importance_inputs(rand, b, t, n, h, hkv, d, block_size, stride, dtype=jnp.float32,
+                      positions=None):
+  """q, k_cmp and the compressed branch's lse [B, T, H] (float32 from the rounded inputs;
+  -inf for a query that sees no block), built here from the definition end_j <= t."""
+  q, k_cmp = rand.normal((b, t, h, d), dtype), rand.normal((b, n, hkv, d), dtype)
+  pos = jnp.broadcast_to(jnp.arange(t) if positions is None else positions, (b, t))
+  kk = jnp.repeat(k_cmp.astype(jnp.float32), h // hkv, axis=2)
+  s = jnp.einsum("bthd,bnhd->bthn", q.astype(jnp.float32), kk) * d**-0.5
+  seen = (jnp.arange(n) * stride + block_size - 1 <= pos[..., None])[:, :, None]
+  return q, k_cmp, jax.nn.logsumexp(jnp.where(seen, s, -jnp.inf), axis=-1)
+
+
+# (B, T, N, H, Hkv, D, block_size, stride): G = 1, 4, 16; ragged; T < block_size
+IMP_CASES = [(2, 37, 3, 4, 4, 8, 8, 4, ), (1, 50, 11, 8, 2, 16, 6, 4),
+             (1, 45, 6, 16, 1, 8, 16, 8), (2, 5, 1, 4, 1, 8, 8, 4)]
+
+
+@pytest.mark.parametrize("case", IMP_CASES, ids=str)
+def test_importance_xla_matches_reference(rand, case, monkeypatch):
+  """f32 1e-5 and bf16 1e-2 in one chunk, bf16 chunked over T (padded to whole chunks); each
+  token's importance sums to its G heads' probability mass (G where it sees a block, else 0)."""
+  from longax.kernels import sparse_attention as S
+  b, t, n, h, hkv, d, l, st = case
+  for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)):
+    q, k, lse = importance_inputs(rand, b, t, n, h, hkv, d, l, st, dtype)
+    fn = lambda impl: compressed_importance(q, k, lse, block_size=l, stride=st, impl=impl)
+    want = fn("reference")
+    assert_close(fn("xla"), want, tol, f"{case} {dtype.__name__}")
+  monkeypatch.setattr(S, "IMPORTANCE_ELEMENTS", 7 * b * h * n)  # chunks of 7 tokens
+  assert_close(fn("xla"), want, tol, f"{case} chunked")
+  sees = (jnp.arange(t) >= l - 1)[None, :, None]
+  assert_close(want.sum(-1), jnp.broadcast_to(jnp.where(sees, h // hkv, 0.0), want.shape[:3]))
+
+
+def test_importance_xla_memory_is_bounded(rand, monkeypatch):
+  """The chunked XLA path's largest intermediates are its output [T, Hkv, N] (G = 4 times
+  smaller than the scores [T, H, N]) and a chunk's IMPORTANCE_ELEMENTS scores."""
+  from longax.kernels import sparse_attention as S
+  t, n, h = 64, 64, 4
+  q, k, lse = importance_inputs(rand, 1, t, n, h, 1, 8, 4, 4)
+  monkeypatch.setattr(S, "IMPORTANCE_ELEMENTS", t * h * n // 8)
+  fn = lambda q, k, lse: compressed_importance(q, k, lse, block_size=4, stride=4, impl="xla")
+  sizes = [int(np.prod(a.shape)) for a in _avals(jax.make_jaxpr(fn)(q, k, lse).jaxpr)]
+  assert max(sizes) <= t * n, max(sizes)  # the output; scores per chunk t * h * n / 8
+
+
+def test_importance_q_positions_and_errors(rand):
+  """Explicit positions (a decode chunk against compressed keys of a cache); bad inputs."""
+  pos = jnp.asarray([[9, 10, 11], [3, 4, 5]], jnp.int32)
+  q, k, lse = importance_inputs(rand, 2, 3, 5, 4, 2, 8, 4, 2, positions=pos)
+  fn = lambda impl: compressed_importance(q, k, lse, block_size=4, stride=2, impl=impl,
+                                          q_positions=pos)
+  want = fn("reference")
+  assert_close(fn("xla"), want)
+  assert np.all(np.asarray(want[1, 0, :, 1:]) == 0) and np.all(np.asarray(want[0, 2]) > 0)
+  imp = lambda **kw: compressed_importance(kw.pop("q", q), kw.pop("k", k), kw.pop("lse", lse),
+                                           block_size=kw.pop("l", 4), stride=2, **kw)
+  with pytest.raises(ValueError, match=r"`lse` must have shape \(2, 3, 4\)"):
+    imp(lse=lse[:, :, :2])
+  with pytest.raises(ValueError, match="`k_cmp` must be \\[B=2, N, Hkv, D=8\\]"):
+    imp(k=k[..., :4])
+  with pytest.raises(ValueError, match="H=4 vs k_cmp heads Hkv=3"):
+    imp(k=jnp.zeros((2, 5, 3, 8)))
+  with pytest.raises(ValueError, match="`block_size` must be an int >= 1"):
+    imp(l=0)
+  with pytest.raises(ValueError, match="q_positions` must have shape"):
+    imp(q_positions=pos[:, :2])
+  with pytest.raises(ValueError, match="impl='pallas' does not support this call: the Mosaic GPU"):
+    imp(impl="pallas")  # the GPU kernel, asked on CPU
 
 
 # ------------------------------------------------------------------------------ memory

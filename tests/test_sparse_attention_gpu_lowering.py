@@ -4,8 +4,10 @@ shared-memory and tracing errors without a GPU), the lists list every visible bl
 nothing else, the kernels' step loop (`_Listed.run`, on arrays) walks them as meant, and the
 op run with the kernels emulated by list-following XLA (the pairs each warpgroup's steps
 cover, the rule on masked steps only) matches the reference. The same for NSA's selected
-blocks (`selected_pallas`) and `NSA.attend` with every branch on the kernels. ~60 s on 2
-cores. Running the kernels is checked on the device (`tests/gpu/test_sparse_attention_gpu.py`)."""
+blocks (`selected_pallas`) and `NSA.attend` with every branch on the kernels. NSA's block
+importance kernel (`importance_pallas`) lowers and runs under Mosaic GPU's interpret mode on CPU
+against the reference. ~90 s on 2 cores. Running the kernels is checked on the device
+(`tests/gpu/test_sparse_attention_gpu.py`)."""
 
 import jax
 import jax.numpy as jnp
@@ -377,7 +379,8 @@ def test_nsa_attend_lowers_on_the_kernels(monkeypatch):
 
 def test_nsa_attend_emulated_matches_xla(emulated):
   """NSA.attend on the (emulated) kernels against its XLA path, bf16, forward and gradients:
-  the branches' wiring (the compressed fold, the selection's traced indices, the gates)."""
+  the branches' wiring (the compressed fold, the selection's traced indices, the gates), with
+  the XLA path's selection given to both (the compressed branch's lse differs by impl)."""
   from conftest import compare
   layer = _nsa(4, 2, 64)
   rng = np.random.default_rng(0)
@@ -385,5 +388,84 @@ def test_nsa_attend_emulated_matches_xla(emulated):
   q, k, v = (jnp.asarray(rng.standard_normal(sh), jnp.bfloat16)
              for sh in ((1, t, 4, 64), (1, t, 2, 64), (1, t, 2, 64)))
   gates = jnp.asarray(rng.standard_normal((1, t, 4, 3)), jnp.bfloat16)
-  fn = lambda impl: lambda q, k, v, g: layer.attend(q, k, v, g, impl=impl)
+  idx = layer.select(q, k, v, impl="xla")
+  fn = lambda impl: lambda q, k, v, g: layer.attend(q, k, v, g, impl=impl, block_indices=idx)
   compare(fn("pallas"), fn("xla"), (q, k, v, gates), (0, 1, 2, 3), 2e-2, "nsa")
+
+
+# ----------------------------------------------------------------- NSA's block importance
+# `importance_pallas`: a token's G heads folded into rows (64 / rows tokens to a tile), S = QK^T,
+# P masked by end_j <= t, the group sum as R @ P. The kernel lowers for cuda, and runs on CPU
+# under Mosaic GPU's interpret mode (below) against the reference; dispatch keeps auto on XLA.
+
+
+# (T, N, H, Hkv, D, block_size, stride): G = 1, 4, 16 and 6 (rows padded to 8)
+IMP_LOWER = [(300, 17, 16, 1, 128, 32, 16), (130, 7, 4, 2, 64, 32, 16), (100, 5, 1, 1, 64, 16, 8),
+             (77, 9, 12, 2, 128, 8, 8)]
+
+
+@pytest.mark.parametrize("case", IMP_LOWER, ids=str)
+def test_importance_lowers(case):
+  t, n, h, hkv, d, l, st = case
+  q = jnp.zeros((1, t, h, d), jnp.bfloat16)
+  k = jnp.zeros((1, n, hkv, d), jnp.bfloat16)
+  fn = lambda q, k, lse: gpu.importance_pallas(q, k, lse, block_size=l, stride=st, scale=0.1)
+  lowered = jax.jit(fn).trace(q, k, jnp.zeros((1, t, h), jnp.float32)).lower(
+      lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_importance_dispatch(monkeypatch):
+  """auto stays on XLA while IMPORTANCE_ON_AUTO is off (the kernel is unchecked on a GPU);
+  with it on, bf16/f16, head dim 64/128, G <= 64, default positions take the kernel.
+  impl="pallas" takes it regardless of the flag, or says why not."""
+  from longax.kernels import compressed_importance
+  from longax.kernels._dispatch import resolve
+  monkeypatch.setattr(gpu, "not_on_hopper", lambda call: None)
+  call = lambda impl="auto", d=128, dt=jnp.bfloat16, h=16, pos=False: dict(
+      q=jnp.zeros((1, 64, h, d), dt), k_cmp=jnp.zeros((1, 3, 1, d), dt), impl=impl,
+      explicit_positions=pos)
+  take = lambda **kw: resolve("compressed_importance", kw.get("impl", "auto"),
+                              call(**kw)) is gpu.importance_pallas
+  assert not take() and take(impl="pallas")
+  monkeypatch.setattr(gpu, "IMPORTANCE_ON_AUTO", True)
+  assert take() and take(d=64, dt=jnp.float16, h=1) and take(h=64)
+  assert not (take(dt=jnp.float32) or take(d=256) or take(h=128) or take(pos=True))
+  x = jnp.zeros((1, 8, 2, 64), jnp.float32)
+  with pytest.raises(ValueError, match=r"impl='pallas' does not support this call: dtype float32"):
+    compressed_importance(x, x[:, :2], jnp.zeros((1, 8, 2)), block_size=4, stride=2, impl="pallas")
+
+
+# The kernel itself, run by Mosaic GPU's interpret mode on CPU (`plgpu.force_gpu_interpret_mode`:
+# simulated shared memory, warpgroups, barriers and TMA; buffers start as NaN, so an output
+# block the kernel never writes shows; the race detector on; a warpgroup that waits on a
+# barrier must observe every phase of it). (B, T, N, H, Hkv, D, block_size, stride, blocks):
+# G = 16 over several CTAs, G = 6 (rows padded to 8), T < block_size, more 64-key steps than
+# the ring's slots with blocks past each CTA's last written as zeros, one warpgroup.
+IMP_INTERPRET = [(1, 70, 40, 16, 1, 128, 8, 2, None), (2, 37, 3, 12, 2, 64, 8, 4, None),
+                 (1, 5, 1, 4, 4, 64, 8, 4, None),
+                 (1, 130, 200, 1, 1, 64, 2, 1, gpu.ImportanceBlocks(block_k=64)),
+                 (1, 150, 70, 8, 2, 64, 4, 2, gpu.ImportanceBlocks(block_k=64, wgs=1)),
+                 # the paper's setting with the default tiles, 3 steps a CTA: ~5 min on CPU
+                 pytest.param((1, 4200, 261, 16, 1, 128, 32, 16, None), marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("case", IMP_INTERPRET, ids=str)
+def test_importance_kernel_interpreted_matches_reference(rand, case):
+  """bf16 against the float32 reference (1e-2), every output element written, no race."""
+  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as interp
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  from conftest import assert_close
+  from test_sparse_attention import importance_inputs
+  from longax.kernels import compressed_importance
+  b, t, n, h, hkv, d, l, st, blocks = case
+  q, k, lse = importance_inputs(rand, b, t, n, h, hkv, d, l, st, jnp.bfloat16)
+  try:
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)):
+      got = gpu.importance_pallas(q, k, lse, block_size=l, stride=st, scale=d**-0.5, blocks=blocks)
+      got = np.asarray(got)
+    assert not interp.get_races().races_found, "a data race in the kernel"
+  finally:
+    interp.reset_gpu_interpret_mode_state()
+  assert_close(got, compressed_importance(q, k, lse, block_size=l, stride=st, impl="reference"),
+               1e-2, str(case))

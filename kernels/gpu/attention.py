@@ -25,6 +25,9 @@ NSA's selected blocks (`selected_pallas`, impl="pallas" of `selected_block_atten
 block-sparse attention over a token's query heads folded into query rows, all at the token's
 position (`_Problem.rows_per_pos`); tokens sharing a tile mask each row by its own blocks on
 the steps not all of them selected (`_Lists.rows`, `_rows_select`).
+NSA's block importance (`importance_pallas`, impl="pallas" of `compressed_importance`) folds a
+token's heads into rows the same way and sums each token's rows with a second wgmma (R @ P);
+`auto` takes it only once its GPU tests pass (`IMPORTANCE_ON_AUTO`).
 """
 
 from __future__ import annotations
@@ -1250,4 +1253,210 @@ def selected_unsupported(call: dict) -> str | None:
   group = call["q"].shape[2] // call["k"].shape[2]
   if group > 64:
     return f"{group} query heads per KV head (the kernel takes up to 64: one token's heads in a tile)"
+  return None
+
+
+# --------------------------------------------------------------- NSA's block importance
+# `compressed_importance` (kernels/sparse_attention.py): per token and KV group, the compressed
+# branch's probabilities summed over the group's G query heads. A token's heads are `rows`
+# query rows (`selected_rows`, zero rows after them) as in `selected_pallas`, so a 64-row tile
+# holds 64 / rows tokens. Per compressed key block: S = Q K^T (wgmma), P = exp2(S scale log2e -
+# lse log2e) masked by end_j <= t, P to shared memory in q's dtype, then the group sum as a
+# second wgmma R @ P with R [64, 64] 0/1 in shared memory (R[i, r] = 1 where row r is token
+# i's), whose first 64 / rows rows are the tile's tokens' importance, written [tokens,
+# block_k] float32. A memory warpgroup streams the K blocks through a ring, as the forward's.
+
+# auto keeps the XLA path until `tests/gpu/test_sparse_attention_gpu.py -k importance` has
+# passed on a Hopper GPU: the kernel was written without one (on CPU it lowers for cuda and
+# runs correctly under Mosaic GPU's interpret mode; never timed, never run on the hardware).
+# impl="pallas" takes it regardless.
+IMPORTANCE_ON_AUTO = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportanceBlocks:
+  """Compressed keys per step (`block_k`), the K ring's depth, 64-row compute warpgroups."""
+  block_k: int = 128
+  stages: int = 2
+  wgs: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class _Importance:
+  t: int  # real tokens
+  n: int  # real compressed keys
+  rows: int  # query rows per token (a power of two <= 64)
+  block_size: int
+  stride: int
+  scale: float
+  blocks: ImportanceBlocks
+
+  @property
+  def tokens(self):  # tokens per 64-row tile
+    return 64 // self.rows
+
+  def n_visible(self, last_token):
+    """Compressed keys token `last_token` (int32, >= 0) sees: end_j <= t for j < this."""
+    num = jnp.maximum(last_token - (self.block_size - 1) + self.stride, 0)
+    return jnp.minimum(lax.div(num, jnp.int32(self.stride)), jnp.int32(self.n))
+
+  def steps(self, row0):
+    """Key blocks a CTA of query rows [row0, row0 + wgs * 64) computes: those its last real
+    token sees (the rest of its output is written as zeros)."""
+    rows_cta = self.blocks.wgs * 64
+    last = jnp.minimum(lax.div(row0 + rows_cta, jnp.int32(self.rows)), jnp.int32(self.t)) - 1
+    n_vis = jnp.where(last >= 0, self.n_visible(jnp.maximum(last, 0)), 0)
+    bk = jnp.int32(self.blocks.block_k)
+    return lax.div(n_vis + bk - 1, bk)
+
+  def visible(self, pos, key):
+    """bool: a row whose token is at position `pos` sees compressed key `key` (int32 arrays
+    of one shape; padded keys j >= n never)."""
+    end = key * self.stride + (self.block_size - 1)
+    return visible_pairs(pos, end) & (key < self.n)
+
+
+def _importance_kernel(q, k, lse, pb: _Importance):
+  """q [B, Tp * rows, Hkv, D] (a token's heads folded into `rows` rows; Tp * rows a multiple
+  of wgs * 64), k [B, Np, Hkv, D] (Np a multiple of block_k), lse [B, Hkv, Tp * rows] float32
+  log2 units (+inf: a row that adds nothing) -> [B, Tp, Hkv, Np] float32."""
+  bsz, r_all, kv_heads, d = q.shape
+  np_ = k.shape[1]
+  blk = pb.blocks
+  bk, stages, wgs, tok = blk.block_k, blk.stages, blk.wgs, pb.tokens
+  dtype = q.dtype
+  n_tiles, n_all = r_all // (wgs * 64), np_ // bk
+
+  def body(q_ref, k_ref, lse_ref, out_ref, smem, bars):
+    q_smem2, k_smem, lse_smem2, p_smem2, o_smem2, r_smem2 = smem
+    q_bars, k_bars, k_free = bars
+    b, kvh, wg = lax.axis_index("batch"), lax.axis_index("kv_heads"), lax.axis_index("wg")
+    row0 = _heavy_first("q_seq", n_tiles) * (wgs * 64)
+    n = pb.steps(row0)
+
+    @pl.when(wg < wgs)
+    def _compute():
+      plgpu.set_max_registers(232 if wgs == 2 else 240, action="increase")
+      q_smem, p_smem, o_smem, r_smem = (x.at[wg] for x in (q_smem2, p_smem2, o_smem2, r_smem2))
+      q_row = row0 + wg * 64
+      tok0 = lax.div(q_row, jnp.int32(pb.rows))
+      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_row, 64), kvh], q_smem, q_bars.at[wg])
+      plgpu.copy_gmem_to_smem(lse_ref.at[b, kvh, pl.ds(q_row, 64)], lse_smem2.at[wg], q_bars.at[wg])
+      plgpu.barrier_wait(q_bars.at[wg])
+      lse = _bcast(plgpu.load(lse_smem2.at[wg], layout=_WG.reduce(1)), (64, bk), 0)
+      pos = _bcast(lax.div(plgpu.broadcasted_iota(jnp.int32, (64,), 0, layout=_WG.reduce(1)),
+                           jnp.int32(pb.rows)) + tok0, (64, bk), 0)  # each row's token
+      # R [64, 64] in shared memory: R[i, r] = 1 where P's row r is token i's (rows i >= tok 0)
+      grouping = lax.div(_index_tile((64, 64), 1, 0), jnp.int32(pb.rows)) == _index_tile((64, 64), 0, 0)
+      r_smem[...] = jnp.where(grouping, 1.0, 0.0).astype(dtype)
+
+      def write(i):  # o_smem's first `tok` rows -> the tokens' [tok, bk] block i
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, tok)],
+                                out_ref.at[b, pl.ds(tok0, tok), kvh, pl.ds(i * bk, bk)])
+
+      def step(i, carry):
+        slot = lax.rem(i, jnp.int32(stages))
+        plgpu.barrier_wait(k_bars.at[slot])
+
+        def qk(acc_ref):
+          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+          return acc_ref[...]
+
+        raw = pl.run_scoped(qk, plgpu.ACC((64, bk), jnp.float32))
+        plgpu.barrier_arrive(k_free.at[slot])
+        ok = pb.visible(pos, _index_tile((64, bk), 1, i * bk))
+        p = jnp.where(ok, jnp.exp2(raw * (pb.scale * LOG2E) - lse), 0.0)
+        p_smem[...] = p.astype(dtype)
+        plgpu.commit_smem()
+
+        def group_sum(acc_ref):
+          plgpu.wgmma(acc_ref, r_smem, p_smem)
+          return acc_ref[...]
+
+        imp = pl.run_scoped(group_sum, plgpu.ACC((64, bk), jnp.float32))
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last block's store has read o_smem
+        o_smem[...] = imp
+        write(i)
+        return carry
+
+      lax.fori_loop(0, n, step, None)
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      o_smem[...] = plgpu.layout_cast(jnp.zeros((64, bk), jnp.float32), _WG)
+
+      @pl.loop(n, n_all)  # blocks no token of the CTA sees
+      def _(i):
+        write(i)
+
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == wgs)
+    def _memory():
+      plgpu.set_max_registers(40 if wgs == 2 else 24, action="decrease")
+
+      def load_k(i, slot):
+        plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(i * bk, bk), kvh], k_smem.at[slot],
+                                k_bars.at[slot])
+
+      _produce(n, stages, [(k_free, load_k)])
+
+      @pl.loop(jnp.maximum(n - stages, 0), n)  # the last steps' frees too: a thread that waits
+      def _(i):  # on a barrier observes all its phases (what Mosaic GPU's interpreter checks)
+        plgpu.barrier_wait(k_free.at[lax.rem(i, jnp.int32(stages))])
+
+  smem = (_tiles(dtype, wgs, 64, d), _tiles(dtype, stages, bk, d),
+          plgpu.SMEM((wgs, 64), jnp.float32), _tiles(dtype, wgs, 64, bk),
+          plgpu.SMEM((wgs, 64, bk), jnp.float32), _tiles(dtype, wgs, 64, 64))
+  bars = (plgpu.Barrier(num_arrivals=2, num_barriers=wgs), plgpu.Barrier(num_barriers=stages),
+          plgpu.Barrier(num_arrivals=wgs, num_barriers=stages))
+  return kernel(
+      body,
+      out_type=jax.ShapeDtypeStruct((bsz, r_all // pb.rows, kv_heads, np_), jnp.float32),
+      scratch_types=[smem, bars],
+      grid=(kv_heads, n_tiles, bsz),
+      grid_names=("kv_heads", "q_seq", "batch"),
+      num_threads=wgs + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(q, k, lse)
+
+
+def importance_pallas(q, k_cmp, lse, *, block_size: int, stride: int, scale: float,
+                      blocks: ImportanceBlocks | None = None):
+  """`compressed_importance` on the kernel (see `importance_unsupported`): folds a token's
+  heads into rows, lse to log2 units (+inf where it adds nothing: empty rows, padding), pads
+  T and N to the tiles, and slices the result back to [B, T, Hkv, N]."""
+  b, t, h, d = q.shape
+  n, hkv = k_cmp.shape[1], k_cmp.shape[2]
+  g = h // hkv
+  blk = blocks or ImportanceBlocks()
+  rows = selected_rows(g)
+  tp = -(-t * rows // (blk.wgs * 64)) * (blk.wgs * 64) // rows  # tokens, padded to whole CTAs
+  qf = jnp.pad(q.reshape(b, t, hkv, g, d), ((0, 0), (0, tp - t), (0, 0), (0, rows - g), (0, 0)))
+  qf = jnp.swapaxes(qf, 2, 3).reshape(b, tp * rows, hkv, d)  # row t * rows + g
+  l2 = jnp.where(jnp.isneginf(lse), jnp.inf, lse * LOG2E).reshape(b, t, hkv, g)
+  l2 = jnp.pad(l2, ((0, 0), (0, tp - t), (0, 0), (0, rows - g)), constant_values=jnp.inf)
+  l2 = jnp.transpose(l2, (0, 2, 1, 3)).reshape(b, hkv, tp * rows)
+  kp = _pad_to(k_cmp, 1, blk.block_k)
+  pb = _Importance(t, n, rows, block_size, stride, scale, blk)
+  return _importance_kernel(*same_vma(qf, kp), l2, pb)[:, :t, :, :n]
+
+
+def importance_unsupported(call: dict) -> str | None:
+  """Why the kernel does not take this call (None: it does): a Hopper GPU, bf16/f16, head
+  dim 64/128, at most 64 query heads per KV head, default positions; and under auto, only
+  once IMPORTANCE_ON_AUTO is set (see there)."""
+  if call.get("impl") == "auto" and not IMPORTANCE_ON_AUTO:
+    return "not yet checked on a GPU (IMPORTANCE_ON_AUTO is False)"
+  if (why := not_on_hopper(call)) is not None:
+    return why
+  q, k = call["q"], call["k_cmp"]
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    return f"dtype {q.dtype} (the kernel takes bfloat16 and float16)"
+  if q.shape[-1] not in (64, 128):
+    return f"head dim {q.shape[-1]} (the kernel takes 64 and 128)"
+  if q.shape[2] // k.shape[2] > 64:
+    return f"{q.shape[2] // k.shape[2]} query heads per KV head (the kernel takes up to 64)"
+  if call.get("explicit_positions"):
+    return "explicit q_positions (the kernel takes the default positions 0..T-1)"
   return None

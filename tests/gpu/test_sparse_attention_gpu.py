@@ -3,10 +3,12 @@ block lists) against the float32 reference, forward and every gradient, on rando
 10-60% density with a query block that sees nothing, ragged lengths, GQA / MQA and broadcast
 masks; NSA's selected blocks on the same kernels (a token's query heads folded into a tile's
 rows) against the reference, and NSA's attention core with impl="pallas" (all three branches
-on the kernels) against its XLA path. Runs on a Hopper GPU; skipped elsewhere.
+on the kernels) against its XLA path; NSA's block importance (`compressed_importance`) on its
+kernel against the reference. Runs on a Hopper GPU; skipped elsewhere.
 
     python -m pytest -q tests/gpu/test_sparse_attention_gpu.py      # on the device
     python -m pytest -q tests/gpu/test_sparse_attention_gpu.py -k "selected or nsa"
+    python -m pytest -q tests/gpu/test_sparse_attention_gpu.py -k importance
 """
 
 import jax
@@ -244,7 +246,8 @@ NSA_CASES = [(1000, 16, 1, 128, {}),
 def test_nsa_attend_pallas_matches_xla(rand, case):
   """NSA.attend (compression, the three branches, the gates) with impl="pallas" (every branch
   on the kernels) against impl="xla", bf16, forward and the gradients of q, k, v and the
-  gate logits (the selection is the same: computed in float32 outside the kernels)."""
+  gate logits, with the XLA path's selection given to both (the compressed branch's lse,
+  from which the selection ranks blocks, differs by impl: near-ties could flip)."""
   from flax import nnx
   from longax.layers import NSA
   t, h, hkv, d, kw = case
@@ -252,5 +255,46 @@ def test_nsa_attend_pallas_matches_xla(rand, case):
               param_dtype=jnp.float32)
   q, k, v = (rand.normal(sh, jnp.bfloat16) for sh in ((1, t, h, d), (1, t, hkv, d), (1, t, hkv, d)))
   gates = rand.normal((1, t, h, 3), jnp.bfloat16)
-  fn = lambda impl: lambda q, k, v, g: layer.attend(q, k, v, g, impl=impl)
+  idx = layer.select(q, k, v, impl="xla")
+  fn = lambda impl: lambda q, k, v, g: layer.attend(q, k, v, g, impl=impl, block_indices=idx)
   compare(fn("pallas"), fn("xla"), (q, k, v, gates), (0, 1, 2, 3), 2e-2, str(case))
+
+
+# ------------------------------------------------------------------ NSA's block importance
+# `compressed_importance` on its kernel (impl="pallas"; auto stays on XLA until these pass:
+# `kernels/gpu/attention.py` IMPORTANCE_ON_AUTO).
+
+# (B, T, N, H, Hkv, D, block_size, stride): the paper's G = 16, GQA G = 4, MHA, G = 6 (rows
+# padded to 8), T < block_size (all zeros), more keys than one 128-key step
+IMPORTANCE = [(1, 1000, 61, 16, 1, 128, 32, 16), (2, 300, 18, 8, 2, 64, 32, 16),
+              (1, 257, 62, 4, 4, 128, 8, 4), (1, 777, 96, 6, 1, 128, 16, 8),
+              (1, 20, 1, 16, 1, 128, 32, 16), (1, 4096, 255, 16, 1, 128, 32, 16)]
+
+
+@pytest.mark.parametrize("case", IMPORTANCE, ids=str)
+def test_importance_matches_reference(rand, case):
+  """bf16 against the float32 reference (1e-2), lse from the definition (-inf rows: 0)."""
+  from test_sparse_attention import importance_inputs
+  from longax.kernels import compressed_importance
+  b, t, n, h, hkv, d, l, st = case
+  q, k, lse = importance_inputs(rand, b, t, n, h, hkv, d, l, st, jnp.bfloat16)
+  fn = lambda impl: compressed_importance(q, k, lse, block_size=l, stride=st, impl=impl)
+  got = jax.jit(lambda: fn("pallas"))()
+  assert_close(got, fn("reference"), 1e-2, str(case))
+  unseen = (np.arange(n) * st + l - 1 > np.arange(t)[:, None])[None, :, None]  # [1, T, 1, N]
+  assert not np.any(np.where(unseen, np.asarray(got), 0.0)), "unseen blocks are 0"
+
+
+def test_nsa_selection_on_the_kernel(rand):
+  """NSA with select_impl="pallas" (the importance on its kernel) picks the blocks the XLA
+  importance picks, but for rare near-ties (bf16 P); its attention core runs and is finite."""
+  from flax import nnx
+  from longax.layers import NSA
+  t, h, hkv, d = 2048, 16, 1, 128
+  layers = {i: NSA(h * d, h, hkv, head_dim=d, select_impl=i, rngs=nnx.Rngs(0),
+                   dtype=jnp.bfloat16, param_dtype=jnp.float32) for i in ("xla", "pallas")}
+  q, k, v = (rand.normal(sh, jnp.bfloat16) for sh in ((1, t, h, d), (1, t, hkv, d), (1, t, hkv, d)))
+  idx = {i: np.sort(np.asarray(m.select(q, k, v, impl="pallas")), -1) for i, m in layers.items()}
+  assert np.mean(np.all(idx["xla"] == idx["pallas"], -1)) > 0.98
+  o = layers["pallas"].attend(q, k, v, rand.normal((1, t, h, 3), jnp.bfloat16), impl="pallas")
+  assert np.all(np.isfinite(np.asarray(o, np.float32)))
