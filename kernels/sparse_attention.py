@@ -383,6 +383,16 @@ def _check_indices(op, name, x, rank, layout, lo, hi):
   return jnp.asarray(x, jnp.int32)
 
 
+def _q_positions(op, q_positions, b: int, t: int) -> dict:
+  """{} or {"q_positions": int32 [T] or [B, T]}: the queries' explicit positions, checked."""
+  if q_positions is None:
+    return {}
+  q_positions = jnp.asarray(q_positions, jnp.int32)
+  if q_positions.shape not in ((t,), (b, t)):
+    raise ValueError(f"{op}: `q_positions` must have shape ({t},) or ({b}, {t}), got {q_positions.shape}")
+  return dict(q_positions=q_positions)
+
+
 def block_sparse_attention(q, k, v, block_mask, *, block_q: int = 64, block_k: int = 64,
                            causal: bool = True, kind: str = "softmax",
                            scale: float | None = None, bias: float | None = None,
@@ -439,12 +449,7 @@ def selected_block_attention(q, k, v, block_indices, *, block_size: int = 64,
   idx = _check_indices(op, "block_indices", block_indices, 4, "[B, T, Hkv, n]", -1, nk)
   if idx.shape[:3] != (b, t, hkv) or idx.shape[3] < 1:
     raise ValueError(f"{op}: `block_indices` must be [B={b}, T={t}, Hkv={hkv}, n>=1], got {idx.shape}")
-  extra = {}
-  if q_positions is not None:
-    q_positions = jnp.asarray(q_positions, jnp.int32)
-    if q_positions.shape not in ((t,), (b, t)):
-      raise ValueError(f"{op}: `q_positions` must have shape ({t},) or ({b}, {t}), got {q_positions.shape}")
-    extra = dict(q_positions=q_positions)
+  extra = _q_positions(op, q_positions, b, t)
   spec = AttnSpec("softmax", causal, scale, None, 0, None, 0.0)
   fn = resolve(op, impl, dict(q=q, k=k, v=v, spec=spec, block_size=block_size,
                              explicit_positions=bool(extra)))
@@ -475,12 +480,7 @@ def compressed_importance(q, k_cmp, lse, *, block_size: int, stride: int,
   _checks.floating(op, "lse", lse)
   _checks.positive_int(op, "block_size", block_size)
   _checks.positive_int(op, "stride", stride)
-  extra = {}
-  if q_positions is not None:
-    q_positions = jnp.asarray(q_positions, jnp.int32)
-    if q_positions.shape not in ((t,), (b, t)):
-      raise ValueError(f"{op}: `q_positions` must have shape ({t},) or ({b}, {t}), got {q_positions.shape}")
-    extra = dict(q_positions=q_positions)
+  extra = _q_positions(op, q_positions, b, t)
   scale = d**-0.5 if scale is None else float(scale)
   fn = resolve(op, impl, dict(q=q, k_cmp=k_cmp, impl=impl, explicit_positions=bool(extra)))
   return fn(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k_cmp),
