@@ -293,6 +293,19 @@ def test_benchmark_train_quick(tmp_path):
   assert rows[1]["vs_data_parallel"] > 0
 
 
+def test_benchmark_train_empty_run_says_why(monkeypatch, tmp_path):
+  """A training run that timed no interval (stopped early) is an error row saying so."""
+  import argparse
+  from longax.benchmarks import sequence_parallel as bench
+  from longax.benchmarks import train as bench_train
+  monkeypatch.setattr(bench_train, "run_longax", lambda cfg, workdir: [])
+  args = argparse.Namespace(train=str(pathlib.Path(__file__).parent / "tiny_train_config.py"),
+                            devices=[1], lengths=[32], layouts=["contiguous"],
+                            sp_attention="ring", train_steps=4, set=[], out=None)
+  (row,) = bench.run_train(args)
+  assert row["error"].startswith("RuntimeError: no timed interval")
+
+
 if __name__ == "__main__":
   sys.path.insert(0, str(pathlib.Path(__file__).parent))
   os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
