@@ -29,9 +29,9 @@ sequence, `[B, T/P, ...]`, and `axis_name` names the mesh axis (size P). `layout
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -431,8 +431,7 @@ def _segment_edges(seg, b, n):
   if seg is None:
     return None, None, None
   chunks = _split(seg, n)  # [n, B, c]
-  no_reset = jnp.all(chunks[..., 1:] == chunks[..., :-1], axis=-1)
-  return chunks[..., 0], chunks[..., -1], no_reset
+  return chunks[..., 0], chunks[..., -1], ~jnp.any(_starts(chunks), axis=-1)
 
 
 def _local_states(k, v, g, seg, h: int):
@@ -455,8 +454,8 @@ def _local_states(k, v, g, seg, h: int):
 
 
 def _starts(seg):
-  """[nB, c] segment ids -> bool [nB, c]: a document starts at t (t > 0)."""
-  return jnp.concatenate([jnp.zeros_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], 1)
+  """[..., c] segment ids -> bool [..., c]: a document starts at t (t > 0)."""
+  return jnp.concatenate([jnp.zeros_like(seg[..., :1], bool), seg[..., 1:] != seg[..., :-1]], -1)
 
 
 def _entering_grad(q, g, seg, do, scale):
@@ -493,9 +492,11 @@ def _chunk_decay(st: _Lasp2, g_raw, segc, b: int, shape):
   return g, decay.reshape(st.n, b, *decay.shape[1:])
 
 
-def _lasp2_parts(st: _Lasp2, qc, kc, vc, g_raw, segc, h0):
+def _lasp2_parts(st: _Lasp2, qc, kc, vc, g_raw, segc, h0, pullbacks: bool):
   """The forward: chunk states (one GEMM each) -> one all_gather and the combine -> the
-  kernel once from the true entering state. Returns (o, final) and what the backward needs."""
+  kernel once from the true entering state. Returns (o, final) and, with `pullbacks`, what
+  the backward needs (else None: a call not differentiated linearises nothing)."""
+  vjp = jax.vjp if pullbacks else (lambda f, *a: (f(*a), None))
   nb, c, h, dk = qc.shape
   b, dv = h0.shape[0], vc.shape[-1]
   g, decay = _chunk_decay(st, g_raw, segc, b, qc.shape)
@@ -504,22 +505,23 @@ def _lasp2_parts(st: _Lasp2, qc, kc, vc, g_raw, segc, h0):
                  (segc[:, 0].reshape(st.n, b), segc[:, -1].reshape(st.n, b)))
   combine = lambda local, decay, h0: _combine_states(st.axis_name, st.layout, local, decay,
                                                      first, last, h0)
-  (state_in, final), pull_combine = jax.vjp(combine, local, decay, h0)
+  (state_in, final), pull_combine = vjp(combine, local, decay, h0)
   state_in = state_in.reshape(nb, h, dk, dv)
   run = lambda q, k, v, g_raw, s0: linear_attention(
       q, k, v, log_decay=g_raw, scale=st.scale, segment_ids=segc, chunk_size=st.chunk_size,
       initial_state=s0, return_final_state=True, impl=st.impl)
-  (o, _), pull_kernel = jax.vjp(run, qc, kc, vc, g_raw, state_in)
+  (o, _), pull_kernel = vjp(run, qc, kc, vc, g_raw, state_in)
   return (o, final), (pull_combine, pull_kernel, g, state_in)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _lasp2(st: _Lasp2, qc, kc, vc, g_raw, segc, h0):
-  return _lasp2_parts(st, qc, kc, vc, g_raw, segc, h0)[0]
+  return _lasp2_parts(st, qc, kc, vc, g_raw, segc, h0, pullbacks=False)[0]
 
 
 def _lasp2_fwd(st, qc, kc, vc, g_raw, segc, h0):
-  out, (pull_combine, pull_kernel, g, state_in) = _lasp2_parts(st, qc, kc, vc, g_raw, segc, h0)
+  out, (pull_combine, pull_kernel, g, state_in) = _lasp2_parts(st, qc, kc, vc, g_raw, segc, h0,
+                                                                pullbacks=True)
   return out, (qc, g_raw, segc, pull_combine, pull_kernel, g, state_in)
 
 

@@ -36,6 +36,7 @@ from einops import rearrange
 from flax import nnx
 
 from longax import kernels
+from longax.kernels.sparse_attention import compressed_ends as block_ends
 from longax.layers import sequence
 from longax.layers.cache import init_kv_cache, positions_of, write_kv
 from longax.layers.common import dense, gqa_projections, rope
@@ -47,11 +48,6 @@ def n_compressed(length: int, block_size: int, stride: int) -> int:
   """Compressed blocks (start i*stride, block_size tokens) inside `length` tokens; at least
   1 (a block no query sees when length < block_size), so shapes never go empty."""
   return max(1, (length - block_size) // stride + 1)
-
-
-def block_ends(n: int, block_size: int, stride: int):
-  """[n] int32: the position of each compressed block's last token (its key position)."""
-  return jnp.arange(n, dtype=jnp.int32) * stride + block_size - 1
 
 
 def overlap(n_cmp: int, n_sel: int, block_size: int, stride: int, select_block: int):
