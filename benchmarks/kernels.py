@@ -355,8 +355,8 @@ def nsa_cases(shapes, dtype, on_gpu) -> list[Case]:
   dense causal attention at the same shape. Each shape's dict: NSA's settings (the layer's
   defaults, the paper's, where empty). FLOPs from the three branches' pairs (`nsa_pairs`;
   the selection's scores, another pass over the compressed keys, not counted). On a GPU also
-  `longax.auto.importance`: auto with the selection's importance on its kernel
-  (`select_impl="pallas"`; auto keeps it on XLA until its GPU tests pass)."""
+  `longax.auto.xla_select`: auto with the selection's importance on the XLA path
+  (`select_impl="xla"`; auto takes its Hopper kernel)."""
   from flax import nnx
   from longax.layers import NSA
   out = []
@@ -369,10 +369,10 @@ def nsa_cases(shapes, dtype, on_gpu) -> list[Case]:
     # auto: every branch on the Hopper kernels (the compressed one as causal attention over
     # rows folded into heads, the selected one on the block-sparse kernels, the window)
     rows = _longax_rows("attention", f, (q, k, v, gates), on_gpu) + _dense_rows(q, k, v, on_gpu)
-    if on_gpu:  # the selection's importance on its kernel too (auto keeps it on XLA for now)
-      fast = NSA(h * d, h, hkv, head_dim=d, **kw, select_impl="pallas", rngs=nnx.Rngs(0),
+    if on_gpu:  # the selection's importance on the XLA path, for comparison
+      slow = NSA(h * d, h, hkv, head_dim=d, **kw, select_impl="xla", rngs=nnx.Rngs(0),
                  dtype=dtype, param_dtype=jnp.float32)
-      rows.append(jax_row("longax.auto.importance", lambda q, k, v, g, m=fast: m.attend(
+      rows.append(jax_row("longax.auto.xla_select", lambda q, k, v, g, m=slow: m.attend(
           q, k, v, g, impl="auto"), (q, k, v, gates), True))
     ref = _reference(lambda *a, impl="reference", f=f: f(*a, impl=impl), (q, k, v, gates),
                      small=t <= 2048)
@@ -479,9 +479,10 @@ def _error(e: Exception) -> str:
 
 def run(grid: str, dtype, reps: int, ops: set[str], bwd: bool, stream=None,
         decays=("none", "scalar", "key"), rows: tuple[str, ...] | None = None,
-        check: bool = True) -> list[dict]:
+        check: bool = True, lengths: tuple[int, ...] | None = None) -> list[dict]:
   """rows: keep only the rows whose name starts with one of these (None: all); check=False
-  skips the float32 reference (no `err`): on a GPU most of a case's time is compiling."""
+  skips the float32 reference (no `err`): on a GPU most of a case's time is compiling;
+  lengths: keep only the grid's shapes of these sequence lengths (None: all)."""
   on_gpu = jax.default_backend() == "gpu"
   makers = {"attention": attention_cases,
             "linear_attention": lambda *a: linear_cases(*a, decays),
@@ -489,7 +490,8 @@ def run(grid: str, dtype, reps: int, ops: set[str], bwd: bool, stream=None,
             "block_sparse_attention": sparse_cases, "nsa": nsa_cases,
             "vertical_slash": vertical_slash_cases}
   cases = [c for name, make in makers.items() if name in ops
-           for c in make(GRIDS[grid][name], dtype, on_gpu)]
+           for c in make([s for s in GRIDS[grid][name] if lengths is None or s[1] in lengths],
+                         dtype, on_gpu)]
   return time_cases(cases, reps, bwd, stream, rows, check)
 
 
@@ -584,6 +586,8 @@ def main(argv=None) -> int:
   p.add_argument("--stream", action="store_true", help="print each row as it lands")
   p.add_argument("--rows", default=None,
                  help="keep only these rows (name prefixes, e.g. longax.auto,jla,fla,cudnn)")
+  p.add_argument("--lengths", type=int, nargs="+", default=None,
+                 help="keep only the grid's shapes of these sequence lengths T")
   p.add_argument("--no-check", action="store_true",
                  help="skip the float32 reference check (no err column; faster on a GPU)")
   a = p.parse_args(argv)
@@ -597,7 +601,8 @@ def main(argv=None) -> int:
     p.error(f"unknown --ops {sorted(unknown)}; valid: {', '.join(OPS)}")
   results = run(grid, dtype, reps, ops, not a.no_bwd, stream=sys.stdout if a.stream else None,
                 decays=tuple(a.decays.split(",")),
-                rows=tuple(a.rows.split(",")) if a.rows else None, check=not a.no_check)
+                rows=tuple(a.rows.split(",")) if a.rows else None, check=not a.no_check,
+                lengths=tuple(a.lengths) if a.lengths else None)
   meta = dict(date=datetime.date.today().isoformat(), device=str(jax.devices()[0].device_kind),
               backend=jax.default_backend(), jax=jax.__version__, dtype=str(dtype), grid=grid,
               reps=reps)

@@ -18,7 +18,7 @@ key j <= that position. A query row that sees no key gives 0.
   no softmax is recomputed: the XLA path is one einsum and one fused exp-mask-sum per chunk
   of tokens (`IMPORTANCE_ELEMENTS`); impl="pallas": a Hopper kernel (QK^T, masked exp2, the
   group sum as a second wgmma with a 0/1 grouping matrix; `importance_pallas`), which `auto`
-  takes only once its GPU tests have passed (`IMPORTANCE_ON_AUTO`). No gradient.
+  takes on a Hopper GPU (`IMPORTANCE_ON_AUTO`). No gradient.
 - `vertical_slash_attention`: MInference; key columns every query sees ([B, H, nv]) and
   offsets o >= 0 (query i sees key i - o, [B, H, ns]), -1 unused; `vertical_slash_pattern`
   estimates both from the last queries' scores.

@@ -11,8 +11,8 @@ mixed by learned per-head sigmoid gates.
   attends to the top `n_selected` that start at or before it, its own (local) block always
   among them (`kernels.selected_block_attention`). The group's summed probabilities are
   `kernels.compressed_importance` from the compressed branch's own log-sum-exp (one pass
-  over the compressed scores, no softmax), on `select_impl` ("auto": XLA until its kernel
-  has passed on a GPU). Selection is not differentiable (as in the paper): the ranking is
+  over the compressed scores, no softmax), on `select_impl` ("auto": the Hopper kernel on an
+  H100/H200, else XLA). Selection is not differentiable (as in the paper): the ranking is
   computed under stop_gradient.
 - sliding window: `kernels.attention(window=window)`.
 

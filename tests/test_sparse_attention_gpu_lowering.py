@@ -416,8 +416,7 @@ def test_importance_lowers(case):
 
 
 def test_importance_dispatch(monkeypatch):
-  """auto stays on XLA while IMPORTANCE_ON_AUTO is off (the kernel is unchecked on a GPU);
-  with it on, bf16/f16, head dim 64/128, G <= 64, default positions take the kernel.
+  """auto stays on XLA while IMPORTANCE_ON_AUTO is off; with it on (the default), bf16/f16, head dim 64/128, G <= 64, default positions take the kernel.
   impl="pallas" takes it regardless of the flag, or says why not."""
   from longax.kernels import compressed_importance
   from longax.kernels._dispatch import resolve
@@ -427,6 +426,7 @@ def test_importance_dispatch(monkeypatch):
       explicit_positions=pos)
   take = lambda **kw: resolve("compressed_importance", kw.get("impl", "auto"),
                               call(**kw)) is gpu.importance_pallas
+  monkeypatch.setattr(gpu, "IMPORTANCE_ON_AUTO", False)
   assert not take() and take(impl="pallas")
   monkeypatch.setattr(gpu, "IMPORTANCE_ON_AUTO", True)
   assert take() and take(d=64, dt=jnp.float16, h=1) and take(h=64)

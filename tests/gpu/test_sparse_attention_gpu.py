@@ -261,8 +261,8 @@ def test_nsa_attend_pallas_matches_xla(rand, case):
 
 
 # ------------------------------------------------------------------ NSA's block importance
-# `compressed_importance` on its kernel (impl="pallas"; auto stays on XLA until these pass:
-# `kernels/gpu/attention.py` IMPORTANCE_ON_AUTO).
+# `compressed_importance` on its kernel (impl="pallas"; auto takes it since these passed on
+# an H100: `kernels/gpu/attention.py` IMPORTANCE_ON_AUTO).
 
 # (B, T, N, H, Hkv, D, block_size, stride): the paper's G = 16, GQA G = 4, MHA, G = 6 (rows
 # padded to 8), T < block_size (all zeros), more keys than one 128-key step
