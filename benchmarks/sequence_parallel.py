@@ -253,7 +253,9 @@ def run(args) -> list[dict]:
 
 def run_train(args) -> list[dict]:
   """A training step at fixed global batch and length on all devices, mesh (data, sequence)
-  = (N/P, P) for each P: tokens/s in all and per device, against P = 1 (data parallel)."""
+  = (N/P, P) for each P: tokens/s in all and per device, against P = 1 (data parallel). The
+  sequence-parallel points run first and the baseline last (a call cut short keeps the SP
+  rows); `vs_data_parallel` is filled in when the baseline lands."""
   import pathlib
   import statistics
   import tempfile
@@ -265,7 +267,7 @@ def run_train(args) -> list[dict]:
   n = jax.device_count()
   rows = []
   base_cfg = load(args.train)  # (main checked it loads)
-  for p in sorted({p for p in args.devices if n % p == 0} | {1}):
+  for p in sorted({p for p in args.devices if n % p == 0} - {1}) + [1]:
     for t in args.lengths:
       row = dict(op="train", config=args.train, layout=args.layouts[0],
                  sp_attention=args.sp_attention, scaling="dp-vs-sp", P=p, T=t, devices=n,
@@ -286,9 +288,11 @@ def run_train(args) -> list[dict]:
                              f"stopped early?)")
         row["tokens_per_s"] = statistics.median(tps)
         row["tokens_per_s_per_device"] = row["tokens_per_s"] / n
-        base = next((r for r in rows if r["P"] == 1 and r["T"] == t and "tokens_per_s" in r), None)
-        if base is not None and p > 1:
-          row["vs_data_parallel"] = row["tokens_per_s"] / base["tokens_per_s"]
+        if p == 1:
+          for r in rows:
+            if r["T"] == t and "tokens_per_s" in r:
+              r["vs_data_parallel"] = r["tokens_per_s"] / row["tokens_per_s"]
+              print(f"# P={r['P']} T={t}: {r['vs_data_parallel']:.3f}x data parallel", flush=True)
       except Exception as e:  # noqa: BLE001 - e.g. out of memory at P = 1: the point of SP
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
       rows.append(row)
@@ -310,7 +314,7 @@ def main(argv=None):
   ap.add_argument("--layouts", nargs="+", choices=["contiguous", "zigzag"], default=["zigzag"],
                   help="ring and LASP-2 run each (Ulysses: contiguous)")
   ap.add_argument("--devices", nargs="+", type=int, default=[2],
-                  help="device counts P to run (1 is always run: the baseline)")
+                  help="device counts P to run (1 is always run: the baseline; last with --train)")
   ap.add_argument("--peer", action="store_true", help="jla's context parallelism beside, same P")
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--heads", type=int, default=16)
