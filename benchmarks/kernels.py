@@ -308,22 +308,24 @@ def _sparse_mask(nq: int, nk: int, h: int, density: float, seed: int = 0) -> np.
 
 def sparse_cases(shapes, dtype, on_gpu, densities=(0.1, 0.25, 0.5), block=64) -> list[Case]:
   """Block-sparse attention at several densities beside dense attention (the same shape):
-  the goal is time within 1.2x of density x dense time. FLOPs from the mask's pairs."""
+  the goal is time within 1.2x of density x dense time. FLOPs from the mask's pairs. A shape
+  (B, T, H, Hkv, D[, block]) may name its own square block size (else `block`)."""
   out = []
-  for b, t, h, hkv, d in shapes:
+  for b, t, h, hkv, d, *own in shapes:
+    bs = own[0] if own else block
     q, k, v = _attention_inputs(b, t, h, hkv, d, dtype, seed=4)
-    nq = -(-t // block)
+    nq = -(-t // bs)
     for density in densities:
       mask = _sparse_mask(nq, nq, h, density)
-      pairs = b * block * block * (mask.sum() - 0.5 * h * nq)  # diagonal blocks: half
-      f = lambda q, k, v, impl, mask=mask: K.block_sparse_attention(
-          q, k, v, mask, block_q=block, block_k=block, impl=impl)
+      pairs = b * bs * bs * (mask.sum() - 0.5 * h * nq)  # diagonal blocks: half
+      f = lambda q, k, v, impl, mask=mask, bs=bs: K.block_sparse_attention(
+          q, k, v, mask, block_q=bs, block_k=bs, impl=impl)
       rows = _longax_rows("block_sparse_attention", f, (q, k, v), on_gpu)
       rows += _dense_rows(q, k, v, on_gpu)
       ref = _reference(lambda *a, impl="reference", f=f: f(*a, impl=impl), (q, k, v),
                        small=t <= 2048)
       out.append(Case(f"block_sparse[{density:.0%}]",
-                      dict(B=b, T=t, H=h, Hkv=hkv, D=d, block=block, causal=True),
+                      dict(B=b, T=t, H=h, Hkv=hkv, D=d, block=bs, causal=True),
                       4.0 * d * pairs, ref, rows))
   return out
 
@@ -452,7 +454,8 @@ GRIDS = {
     # one KV group of LLaMA-3-8B, MInference's model (H=4, Hkv=1, D=128), 32k..128k tokens
     # (all 32 heads: the XLA path's index lists and gathers need ~74 GB at 32k).
     "gpu": _grid([(2, 4096, 16, 4, 128)], [(2, 4096, 16, 128)], [(2, 4096, 1024, 16)],
-                 [(2, 4096, 16, 64, 128)], [(2, 4096, 16, 4, 128)],
+                 [(2, 4096, 16, 64, 128)],
+                 [(2, 4096, 16, 4, 128), (1, 16384, 16, 4, 128, 64), (1, 16384, 16, 4, 128, 128)],
                  nsa=[(1, t, 16, 1, 128, {}) for t in (8192, 16384, 32768, 65536)],
                  vertical_slash=[(1, t, 4, 1, 128) for t in (32768, 65536, 131072)]),
     # the linear family's issue grid: N = 2k..32k at a fixed 32k tokens (B = 32k / N), D = 64 and 128
