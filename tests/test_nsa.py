@@ -16,7 +16,7 @@ from flax import nnx
 from conftest import assert_close, compare
 from longax import kernels
 from longax.layers import NSA
-from longax.layers.nsa import block_ends, compressed_attention, n_compressed
+from longax.layers.nsa import block_ends, compressed_attention, n_compressed, overlap, spread
 from longax.layers.common import rope
 from longax.models import LM, LMConfig, NSAConfig, count_params
 from longax.train import config as C
@@ -168,6 +168,18 @@ def test_compressed_fold_matches_explicit_positions(case):
   compare(got, want, (q, kc, vc), (0, 1, 2), 1e-5, str(case))
   if t < l:  # nothing visible: 0
     assert not np.any(np.asarray(got(q, kc, vc)))
+
+
+@pytest.mark.parametrize("l,d,sel,n_keys", [(32, 16, 64, 1000), (16, 8, 32, 257), (4, 2, 4, 9),
+                                            (30, 16, 64, 700), (8, 8, 64, 130), (32, 12, 64, 500)])
+def test_spread_equals_the_overlap_matmul(l, d, sel, n_keys):
+  """The strided-slice spread of compressed-block scores over selection blocks equals the
+  [N, n_sel] overlap matmul (and is that matmul where sel % d != 0)."""
+  n, n_sel = n_compressed(n_keys, l, d), -(-n_keys // sel)
+  p = jax.random.uniform(jax.random.key(n_keys), (2, 5, 3, n), jnp.float32)
+  want = jnp.einsum("...n,nj->...j", p, overlap(n, n_sel, l, d, sel),
+                    precision=jax.lax.Precision.HIGHEST)
+  assert_close(spread(p, n_sel, l, d, sel), want, 1e-6, f"l={l} d={d} sel={sel}")
 
 
 def test_compressed_fold_needs_every_block():
