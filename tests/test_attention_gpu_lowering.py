@@ -185,6 +185,7 @@ def emulated(monkeypatch):
   monkeypatch.setattr(gpu, "_backward_dq", _emulate_dq)
   monkeypatch.setattr(gpu, "_backward_dkv", _emulate_dkv)
   monkeypatch.setattr(gpu, "not_on_hopper", lambda call: None)  # let dispatch pick it
+  monkeypatch.setattr(gpu, "IMPORTANCE_ON_AUTO", False)  # NSA's importance kernel: not emulated
 
 
 def _inputs(t, s, h, hkv, d, dtype, seed=0):
