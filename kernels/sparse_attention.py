@@ -359,6 +359,8 @@ register_kernels("block_sparse_attention",
                  interpret=(_tpu.block_sparse_interpret, _tpu.block_sparse_unsupported_interpret))
 register_kernels("selected_block_attention", gpu=(_gpu.selected_pallas, _gpu.selected_unsupported))
 register_kernels("compressed_importance", gpu=(_gpu.importance_pallas, _gpu.importance_unsupported))
+register_kernels("vertical_slash_attention",
+                 gpu=(_gpu.vertical_slash_pallas, _gpu.vertical_slash_unsupported))
 
 # ----------------------------------------------------------------------------- public API
 
