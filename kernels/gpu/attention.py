@@ -271,6 +271,12 @@ def _produce(n, stages: int, loads):
       plgpu.barrier_wait(free.at[slot])
       load(step + stages, slot)
 
+  if _interpreting():  # the last steps' frees too: a thread that waits on a barrier must
+    @pl.loop(jnp.maximum(n - stages, 0), n)  # observe all its phases (what Mosaic GPU's
+    def _(step):  # interpreter checks; on the GPU the CTA just ends)
+      for free, _ in loads:
+        plgpu.barrier_wait(free.at[lax.rem(step, jnp.int32(stages))])
+
 
 def _kv_producer(pb: _Problem, steps: _Steps, b, h, bkv: int, stages: int, wgs: int, refs,
                  bufs, bars):
@@ -431,16 +437,15 @@ def _vs_mask(pb: _Problem, shape, q_first, k_first, k_vec, runs=None):
   j <= p when causal. "slash": keys k_first + c on a run of offsets lo <= p - j <= hi (the
   warpgroup's runs at step i: runs = (its [2, L] ranges, the (b, h)'s diags [2, NR], i)) and
   not a vertical column (k_vec 1), which the vertical pass holds: a key on both counts once."""
-  qi = _pos_tile(pb, shape, 0, q_first)
   kv = _bcast(k_vec, shape, 1)
-  if pb.vs == "vertical":
+  if pb.vs == "vertical":  # (no unused position tile: Mosaic GPU cannot lay it out)
     ok = kv < pb.s
-    return ok & (kv <= qi) if pb.spec.causal else ok
+    return ok & (kv <= _pos_tile(pb, shape, 0, q_first)) if pb.spec.causal else ok
   ranges, diags, i = runs
-  d = qi - _index_tile(shape, 1, k_first)
+  d = _pos_tile(pb, shape, 0, q_first) - _index_tile(shape, 1, k_first)
 
-  def run(r, hit):  # hit: 1 where p - j lies on one of the runs so far
-    return jnp.where((d >= diags[0, r]) & (d <= diags[1, r]), 1, hit)
+  def run(r, hit):  # hit: 1 where p - j lies on one of the runs so far (ones_like: a
+    return jnp.where((d >= diags[0, r]) & (d <= diags[1, r]), jnp.ones_like(hit), hit)  # layout
 
   hit = lax.fori_loop(ranges[0, i], ranges[1, i], run,
                       plgpu.layout_cast(jnp.zeros(shape, jnp.int32), _WG))
