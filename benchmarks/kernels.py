@@ -12,8 +12,9 @@ flash-linear-attention (fla, PyTorch/Triton). `--ops block_sparse_attention` tim
 block-sparse op at 10/25/50% of the causal blocks beside dense attention (ours and cuDNN) at
 the same shape, FLOPs from the mask's pairs. `--ops nsa` times NSA's attention core
 (`layers.NSA.attend`: compressed, selected and window branches and gates) fwd and fwd+bwd,
-`--ops vertical_slash` MInference's vertical-slash prefill (forward only), both beside dense
-causal attention (ours and cuDNN) at the same shape, at 8k..64k / 32k..128k tokens on the GPU
+`--ops vertical_slash` MInference's vertical-slash prefill (forward only; two patterns of one
+budget: the estimated one, `vertical_slash`, and a local band with spread columns,
+`vertical_slash[band]`), both beside dense causal attention (ours and cuDNN) at the same shape, at 8k..64k / 32k..128k tokens on the GPU
 grid (`python -m longax.benchmarks.plots sparse` draws the speedups). A row that runs out of
 memory prints `oom` in the column it was timing. Attention FLOPs are counted the
 FlashAttention way: 4*B*H*T*S*D forward, halved if causal, x3.5 for forward+backward.
@@ -409,25 +410,37 @@ def vs_pairs(vert: np.ndarray, slash: np.ndarray, t: int) -> int:
   return int(total)
 
 
+def vs_band_pattern(b: int, h: int, t: int, nv: int, ns: int) -> tuple[jax.Array, jax.Array]:
+  """A realistic pattern with the same budget (MInference's heads: a local band, a few hundred
+  columns): slashes the ns smallest offsets 0..ns-1 (one run), columns spread evenly over T."""
+  vert = np.round(np.linspace(0, t - 1, nv)).astype(np.int32)
+  slash = np.arange(ns, dtype=np.int32)
+  return (jnp.asarray(np.broadcast_to(vert, (b, h, nv))),
+          jnp.asarray(np.broadcast_to(slash, (b, h, ns))))
+
+
 def vertical_slash_cases(shapes, dtype, on_gpu) -> list[Case]:
-  """MInference's vertical-slash prefill, forward only, beside dense causal attention: the
-  pattern from `vertical_slash_pattern` (the last 64 queries' scores) with `vs_budget(T)`,
-  passed as jit arguments (a captured one would be constant-folded); FLOPs from the kept
-  pairs (`vs_pairs`)."""
+  """MInference's vertical-slash prefill, forward only, beside dense causal attention, two
+  patterns with `vs_budget(T)`: `vertical_slash` from `vertical_slash_pattern` (the last 64
+  queries' scores; on random inputs its offsets are scattered), `vertical_slash[band]` a local
+  band and spread columns (`vs_band_pattern`), both passed as jit arguments (a captured one
+  would be constant-folded); FLOPs from the kept pairs (`vs_pairs`)."""
   out = []
   for b, t, h, hkv, d in shapes:
     q, k, v = _attention_inputs(b, t, h, hkv, d, dtype, seed=6)
     nv, ns = vs_budget(t)
-    vert, slash = K.vertical_slash_pattern(q, k, n_vertical=nv, n_slash=ns)
-    pairs = vs_pairs(np.asarray(vert), np.asarray(slash), t)
+    estimated = K.vertical_slash_pattern(q, k, n_vertical=nv, n_slash=ns)
     f = lambda q, k, v, vert, slash, impl: K.vertical_slash_attention(q, k, v, vert, slash,
                                                                       impl=impl)
-    args = (q, k, v, vert, slash)
-    rows = _longax_rows("vertical_slash_attention", f, args, on_gpu, bwd=False)
-    rows += _dense_rows(q, k, v, on_gpu, bwd=False)
-    ref = _reference(lambda *a, impl="reference": f(*a, impl=impl), args, small=t <= 1024)
-    out.append(Case("vertical_slash", dict(B=b, T=t, H=h, Hkv=hkv, D=d, nv=nv, ns=ns),
-                    4.0 * d * pairs, ref, rows))
+    for name, (vert, slash) in (("vertical_slash", estimated),
+                                ("vertical_slash[band]", vs_band_pattern(b, h, t, nv, ns))):
+      pairs = vs_pairs(np.asarray(vert), np.asarray(slash), t)
+      args = (q, k, v, vert, slash)
+      rows = _longax_rows("vertical_slash_attention", f, args, on_gpu, bwd=False)
+      rows += _dense_rows(q, k, v, on_gpu, bwd=False)
+      ref = _reference(lambda *a, impl="reference": f(*a, impl=impl), args, small=t <= 1024)
+      out.append(Case(name, dict(B=b, T=t, H=h, Hkv=hkv, D=d, nv=nv, ns=ns), 4.0 * d * pairs,
+                      ref, rows))
   return out
 
 

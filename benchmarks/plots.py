@@ -227,7 +227,8 @@ def plot_kernels(paths: list[pathlib.Path], out: pathlib.Path, title: str | None
 
 
 SPARSE = (("nsa", "fwd_ms", "NSA forward"), ("nsa", "fwd_bwd_ms", "NSA forward+backward"),
-          ("vertical_slash", "fwd_ms", "vertical-slash forward"))
+          ("vertical_slash", "fwd_ms", "vertical-slash forward"),
+          ("vertical_slash[band]", "fwd_ms", "vertical-slash forward, band pattern"))
 
 
 def sparse_speedups(rows: list[dict], impl: str | None = None, dense: str | None = None

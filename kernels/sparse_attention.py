@@ -21,7 +21,9 @@ key j <= that position. A query row that sees no key gives 0.
   takes on a Hopper GPU (`IMPORTANCE_ON_AUTO`). No gradient.
 - `vertical_slash_attention`: MInference; key columns every query sees ([B, H, nv]) and
   offsets o >= 0 (query i sees key i - o, [B, H, ns]), -1 unused; `vertical_slash_pattern`
-  estimates both from the last queries' scores.
+  estimates both from the last queries' scores. impl="pallas": two passes of the Hopper
+  forward kernel merged by lse, runs of offsets over the keys and the gathered columns
+  (`vertical_slash_pallas`); forward only, the gradient is the XLA path's.
 
 The three attention ops differ only in how the keys of a step are listed. `_sparse_flash` is the one XLA
 loop: rows of queries (a query block, or one query token), and per step a list of key
@@ -359,6 +361,8 @@ register_kernels("block_sparse_attention",
                  interpret=(_tpu.block_sparse_interpret, _tpu.block_sparse_unsupported_interpret))
 register_kernels("selected_block_attention", gpu=(_gpu.selected_pallas, _gpu.selected_unsupported))
 register_kernels("compressed_importance", gpu=(_gpu.importance_pallas, _gpu.importance_unsupported))
+register_kernels("vertical_slash_attention",
+                 gpu=(_gpu.vertical_slash_pallas, _gpu.vertical_slash_unsupported))
 
 # ----------------------------------------------------------------------------- public API
 

@@ -437,6 +437,6 @@ def test_unregistered_impl_is_one_line():
   """An impl an op does not have yet names the op and what it has."""
   from longax.kernels._dispatch import resolve
   with pytest.raises(NotImplementedError,
-                     match=r"longax.kernels.vertical_slash_attention: impl='pallas' is not "
-                           r"implemented yet \(available: reference, xla, or 'auto'\)"):
-    resolve("vertical_slash_attention", "pallas")
+                     match=r"longax.kernels.vertical_slash_attention: impl='pallas_interpret' "
+                           r"is not implemented yet \(available: pallas, reference, xla, or 'auto'\)"):
+    resolve("vertical_slash_attention", "pallas_interpret")

@@ -469,3 +469,168 @@ def test_importance_kernel_interpreted_matches_reference(rand, case):
     interp.reset_gpu_interpret_mode_state()
   assert_close(got, compressed_importance(q, k, lse, block_size=l, stride=st, impl="reference"),
                1e-2, str(case))
+
+
+# --------------------------------------------------------- MInference's vertical-slash
+# `vertical_slash_pallas`: a slash pass over the op's keys (runs of consecutive offsets, the
+# vertical columns dropped) and a vertical pass over each head's gathered columns, merged by
+# their lse; forward only as kernels (the gradient is the XLA path's).
+
+
+def vs_pattern(seed, b, h, s, nv=9, ns=12, band=0):
+  """int32 vertical [B, H, nv] and slash [B, H, ns + band] indices in [-1, S): repeats, -1,
+  offset 0, a column on a slash (the diagonal crosses every column), scattered offsets, and
+  a band of offsets 0..band-1 (one run) where band > 0."""
+  rng = np.random.default_rng(seed)
+  vert = rng.integers(-1, s, (b, h, nv)).astype(np.int32)
+  vert[..., 1] = vert[..., 0]
+  slash = rng.integers(-1, s, (b, h, ns)).astype(np.int32)
+  slash[..., 1] = slash[..., 0]
+  slash[..., 2] = 0
+  slash[..., 3:7] = np.arange(30, 34)  # a short run
+  if band:
+    slash = np.concatenate([slash, np.broadcast_to(np.arange(band, dtype=np.int32),
+                                                   (b, h, band))], -1)
+  return jnp.asarray(vert), jnp.asarray(slash)
+
+
+# (T, S, H, Hkv, D, causal, dtype)
+VS_LOWER = [(300, 300, 4, 2, 64, True, jnp.bfloat16), (200, 456, 4, 1, 128, False, jnp.float16)]
+
+
+@pytest.mark.parametrize("case", VS_LOWER, ids=str)
+def test_vertical_slash_lowers(case):
+  """Both forward kernels lower for "cuda"; the gradient (XLA's) lowers with them."""
+  t, s, h, hkv, d, causal, dtype = case
+  q = jnp.zeros((1, t, h, d), dtype)
+  k = jnp.zeros((1, s, hkv, d), dtype)
+  vert, slash = vs_pattern(0, 1, h, s)
+  spec = _spec("softmax", causal, d)
+  loss = lambda q, k, v, vi, si: gpu.vertical_slash_pallas(q, k, v, vi, si, spec).astype(
+      jnp.float32).sum()
+  lowered = jax.jit(jax.value_and_grad(loss, (0, 1, 2))).trace(q, k, k, vert, slash).lower(
+      lowering_platforms=("cuda",))
+  assert lowered.as_text().count("mosaic_gpu") >= 2  # the slash and vertical passes
+
+
+def test_vertical_slash_dispatch(monkeypatch):
+  """auto takes the kernel for bf16/f16 and head dims 64/128 on a Hopper GPU, else XLA;
+  impl="pallas" on an uncovered call says why in one line."""
+  from longax.kernels import vertical_slash_attention
+  from longax.kernels._dispatch import resolve
+  monkeypatch.setattr(gpu, "not_on_hopper", lambda call: None)
+  x = lambda d, dt: jnp.zeros((1, 128, 2, d), dt)
+  take = lambda d=128, dt=jnp.bfloat16: resolve("vertical_slash_attention", "auto", dict(
+      q=x(d, dt), k=x(d, dt), v=x(d, dt), spec=_spec("softmax", True, d))) is gpu.vertical_slash_pallas
+  assert take() and take(d=64, dt=jnp.float16)
+  assert not take(dt=jnp.float32) and not take(d=256)
+  y = jnp.zeros((1, 16, 2, 256), jnp.bfloat16)
+  idx = jnp.zeros((1, 2, 1), jnp.int32)
+  with pytest.raises(ValueError, match=r"impl='pallas' does not support this call: head dim 256"):
+    vertical_slash_attention(y, y, y, idx, idx, impl="pallas")
+
+
+def test_vertical_slash_runs():
+  """Offsets -> runs of consecutive offsets: sorted, repeats and -1 dropped, padded."""
+  slash = jnp.asarray([[[7, -1, 3, 4, 5, 4, 0, 9, 8, -1]]], jnp.int32)
+  runs = np.asarray(gpu._vs_runs(slash))[0, 0]
+  big = gpu._UNBOUNDED
+  assert runs[0].tolist() == [0, 3, 7] + [big] * 7 and runs[1].tolist() == [0, 5, 9] + [big] * 7
+
+
+# (T, S, causal, band): a band wide enough for plain steps (one run over a warpgroup's window)
+VS_LISTS = [(320, 320, True, 260), (150, 300, True, 0), (333, 150, True, 40), (190, 260, False, 80)]
+
+
+@pytest.mark.parametrize("case", VS_LISTS, ids=str)
+def test_vertical_slash_lists(case):
+  """Per warpgroup and key block (numpy, from the pattern's definition): the slash pass owns
+  exactly the blocks holding a pair on a slash, runs unmasked only blocks whose pairs are all
+  on one run with no vertical column, and its run range holds every run crossing the block;
+  the vertical pass owns exactly the gathered blocks holding a seen column."""
+  t, s, causal, band = case
+  h, d = 2, 64
+  blk = gpu.blocks_for(d)
+  bq, bkv, wgs = blk.block_q, blk.block_kv, blk.wgs
+  vert, slash = vs_pattern(t + s, 1, h, s, band=band)
+  vert = vert.at[0, 0].set(jnp.asarray([0, 1, 2, 2, 5, -1, 7, 8, 9]))  # columns in block 0 only
+  spec = _spec("softmax", causal, d)
+  pb = gpu._Problem(spec, t, s, 1, False, blk, vs="slash")
+  tiles = -(-t // (wgs * bq))
+  sp = -(-s // bkv) * bkv
+  cols = np.full((1, h, sp + 1), 0, np.int32)
+  for hh in range(h):
+    cols[0, hh, np.asarray(vert[0, hh])[np.asarray(vert[0, hh]) >= 0]] = 1
+  vflag = jnp.asarray(cols[..., :sp])
+  runs = gpu._vs_runs(slash)
+  lists = gpu._slash_lists(runs, vflag, pb, tiles)
+  steps, own, counts, runs_s = (np.asarray(x) for x in (lists.steps, lists.own, lists.counts,
+                                                        lists.runs))
+  diags = np.asarray(runs)
+  plain_seen = 0
+  for hh, tile, w in np.ndindex(h, tiles, wgs):
+    offs = set(np.asarray(slash[0, hh]).tolist()) - {-1}
+    row0 = (tile * wgs + w) * bq
+    p = np.arange(row0, min(row0 + bq, t))[:, None] + s - t
+    n_own, n_plain = counts[0, hh, tile, 1 + 2 * w], counts[0, hh, tile, 2 + 2 * w]
+    mine = {steps[0, hh, tile, j]: (k, k >= n_plain)
+            for k, j in enumerate(own[0, hh, tile, w, :n_own])}
+    for kb in range(sp // bkv):
+      j = np.arange(kb * bkv, (kb + 1) * bkv)[None, :]
+      on = np.isin(p - j, list(offs)) & (j < s)
+      assert (kb in mine) == bool(on.size and on.any()), (case, hh, tile, w, kb)
+      if kb not in mine:
+        continue
+      pos = [i for i in range(counts[0, hh, tile, 0]) if steps[0, hh, tile, i] == kb][0]
+      r0, r1 = runs_s[0, hh, tile, w, :, pos]
+      crossing = [r for r in range(diags.shape[-1]) if diags[0, hh, 0, r] <= (p - j).max()
+                  and diags[0, hh, 1, r] >= (p - j).min()]
+      assert set(crossing) <= set(range(r0, r1)), (case, hh, tile, w, kb)
+      if not mine[kb][1]:  # plain: every pair on a slash, no vertical column
+        plain_seen += 1
+        assert on.all() and not cols[0, hh, kb * bkv:(kb + 1) * bkv].any(), (case, kb)
+  assert plain_seen or band < 200, "the wide band makes plain steps"
+  # the vertical pass: gathered columns [B, H, nv_pad] sorted, padding _UNBOUNDED
+  col = np.sort(np.where(np.asarray(vert) >= 0, np.asarray(vert), gpu._UNBOUNDED), -1)
+  col = np.pad(col, ((0, 0), (0, 0), (0, bkv - col.shape[-1])), constant_values=gpu._UNBOUNDED)
+  pb_v = gpu._Problem(spec, t, s, 1, False, blk, vs="vertical")
+  vl = gpu._vertical_lists(jnp.asarray(col), pb_v, tiles)
+  counts = np.asarray(vl.counts)
+  for hh, tile, w in np.ndindex(h, tiles, wgs):
+    row0 = (tile * wgs + w) * bq
+    last = min(row0 + bq, t) - 1 + s - t
+    seen = row0 < t and bool(np.any((col[0, hh] < s) & ((col[0, hh] <= last) | (not causal))))
+    assert counts[0, hh, tile, 1 + 2 * w] == int(seen), (case, "vertical", hh, tile, w)
+
+
+# Both kernels run by Mosaic GPU's interpret mode on CPU (race detector on; a warpgroup must
+# observe every phase of a barrier it waits on), bf16 / f16 against the float32 reference.
+# (B, T, S, H, Hkv, D, causal, band, dtype): ragged T, GQA, offset 0, a short run, scattered
+# offsets, columns on slashes; T < S; a wide band (plain steps); non-causal with T > S.
+VS_INTERPRET = [
+    (1, 200, 200, 4, 2, 64, True, 0, jnp.bfloat16),
+    (1, 150, 300, 2, 1, 64, True, 0, jnp.float16),
+    pytest.param((1, 320, 320, 2, 1, 64, True, 260, jnp.bfloat16), marks=pytest.mark.slow),
+    pytest.param((1, 190, 130, 2, 2, 128, False, 40, jnp.bfloat16), marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("case", VS_INTERPRET, ids=str)
+def test_vertical_slash_interpreted_matches_reference(case):
+  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as interp
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  from conftest import assert_close
+  from longax.kernels import vertical_slash_attention
+  b, t, s, h, hkv, d, causal, band, dtype = case
+  rng = np.random.default_rng(t + s)
+  q, k, v = (jnp.asarray(rng.standard_normal(sh), dtype)
+             for sh in ((b, t, h, d), (b, s, hkv, d), (b, s, hkv, d)))
+  vert, slash = vs_pattern(t, b, h, s, band=band)
+  try:
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)):
+      got = np.asarray(gpu.vertical_slash_pallas(q, k, v, vert, slash, _spec("softmax", causal, d)))
+    assert not interp.get_races().races_found, "a data race in the kernel"
+  finally:
+    interp.reset_gpu_interpret_mode_state()
+  want = vertical_slash_attention(q, k, v, vert, slash, causal=causal, impl="reference")
+  assert_close(got, want, 2e-2, str(case))

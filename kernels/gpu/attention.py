@@ -95,6 +95,11 @@ class _Problem:
   blocks: Blocks
   rows_per_pos: int = 1  # query rows per position (NSA's selected blocks: a token's heads)
   select_block: int | None = None  # rows list their own key blocks (`_Lists.rows`) of this size
+  vs: str | None = None  # MInference's passes, "vertical" | "slash" (`vertical_slash_pallas`)
+
+  @property
+  def key_vec(self):  # the forward streams an int32 vector per key block (k_seg)
+    return self.segments or self.vs is not None
 
   @property
   def offset(self):  # query row i sits at position i // rows_per_pos + offset (bottom-right)
@@ -266,6 +271,12 @@ def _produce(n, stages: int, loads):
       plgpu.barrier_wait(free.at[slot])
       load(step + stages, slot)
 
+  if _interpreting():  # the last steps' frees too: a thread that waits on a barrier must
+    @pl.loop(jnp.maximum(n - stages, 0), n)  # observe all its phases (what Mosaic GPU's
+    def _(step):  # interpreter checks; on the GPU the CTA just ends)
+      for free, _ in loads:
+        plgpu.barrier_wait(free.at[lax.rem(step, jnp.int32(stages))])
+
 
 def _kv_producer(pb: _Problem, steps: _Steps, b, h, bkv: int, stages: int, wgs: int, refs,
                  bufs, bars):
@@ -280,8 +291,9 @@ def _kv_producer(pb: _Problem, steps: _Steps, b, h, bkv: int, stages: int, wgs: 
   def load_k(i, slot):
     rows = pl.ds(steps.block(i) * bkv, bkv)
     plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kvh], k_smem.at[slot], k_bars.at[slot])
-    if pb.segments:
-      plgpu.copy_gmem_to_smem(ks_ref.at[b, rows], ks_smem.at[slot], ks_bars.at[slot])
+    if pb.key_vec:  # segment ids [B, Sp], or vertical-slash's per-head vectors [B, H, Sp]
+      src = ks_ref.at[b, h, rows] if pb.vs is not None else ks_ref.at[b, rows]
+      plgpu.copy_gmem_to_smem(src, ks_smem.at[slot], ks_bars.at[slot])
 
   def load_v(i, slot):
     rows = pl.ds(steps.block(i) * bkv, bkv)
@@ -313,6 +325,9 @@ class _Lists(NamedTuple):
   own: Any
   counts: Any
   rows: Any = None  # int32 [B, Hkv, n, Tp]: each query row's key blocks (-1 unused), or None
+  runs: Any = None  # vertical-slash's slash pass: int32 [.., wgs, 2, L], warpgroup w's runs
+  #   of offsets crossing step i are [runs[w, 0, i], runs[w, 1, i]) of `diags`
+  diags: Any = None  # int32 [B, H, 2, NR]: each (b, h)'s runs of offsets (lo, hi), ascending
 
 
 class _Listed(NamedTuple):
@@ -326,9 +341,8 @@ class _Listed(NamedTuple):
   @classmethod
   def at(cls, refs: _Lists, b, h, tile):
     """The lists of CTA (b, h, tile); lists of one batch / head entry are shared."""
-    i = (b if refs.steps.shape[0] > 1 else 0, h if refs.steps.shape[1] > 1 else 0, tile)
-    counts = refs.counts.at[i]
-    return cls(counts[0], refs.steps.at[i], refs.own.at[i], counts)
+    counts = _cta(refs.counts, b, h, tile)
+    return cls(counts[0], _cta(refs.steps, b, h, tile), _cta(refs.own, b, h, tile), counts)
 
   def block(self, step):
     return self.steps[step]
@@ -349,6 +363,11 @@ class _Listed(NamedTuple):
     state = part(jnp.int32(0), n_plain, False, (jnp.int32(0), carry))
     at, carry = part(n_plain, n_own, True, state)
     return lax.fori_loop(at, self.n, skip_fn, carry)
+
+
+def _cta(ref, b, h, tile):
+  """A list ref [B|1, H|1, tiles, ...] at CTA (b, h, tile) (entries of size 1 shared)."""
+  return ref.at[b if ref.shape[0] > 1 else 0, h if ref.shape[1] > 1 else 0, tile]
 
 
 def _kv_steps(pb: _Problem, row0, rows_per_wg: int, wgs: int, block_kv: int, lists, b, h, tile):
@@ -395,8 +414,8 @@ def _list_refs(refs, lists):
   """A kernel body's refs after its fixed inputs: (the `_Lists` refs or None, the rest)."""
   if lists is None:
     return None, refs
-  n = len(_list_args(lists))
-  return _Lists(*refs[:n]), refs[n:]
+  names = [name for name, x in zip(lists._fields, lists) if x is not None]
+  return _Lists(**dict(zip(names, refs))), refs[len(names):]
 
 
 def _rows_select(pb: _Problem, rows_smem, first_key, shape, dim):
@@ -410,6 +429,60 @@ def _rows_select(pb: _Problem, rows_smem, first_key, shape, dim):
 
 def _and(mask, other):
   return other if mask is None else mask & other
+
+
+def _vs_mask(pb: _Problem, shape, q_first, k_first, k_vec, runs=None):
+  """Visibility of a forward tile of MInference's passes (`vertical_slash_pallas`).
+  "vertical": keys are gathered columns at positions k_vec (padding: past S), seen where
+  j <= p when causal. "slash": keys k_first + c on a run of offsets lo <= p - j <= hi (the
+  warpgroup's runs at step i: runs = (its [2, L] ranges, the (b, h)'s diags [2, NR], i)) and
+  not a vertical column (k_vec 1), which the vertical pass holds: a key on both counts once."""
+  kv = _bcast(k_vec, shape, 1)
+  if pb.vs == "vertical":  # (no unused position tile: Mosaic GPU cannot lay it out)
+    ok = kv < pb.s
+    return ok & (kv <= _pos_tile(pb, shape, 0, q_first)) if pb.spec.causal else ok
+  ranges, diags, i = runs
+  d = _pos_tile(pb, shape, 0, q_first) - _index_tile(shape, 1, k_first)
+
+  def run(r, hit):  # hit: 1 where p - j lies on one of the runs so far (ones_like: a
+    return jnp.where((d >= diags[0, r]) & (d <= diags[1, r]), jnp.ones_like(hit), hit)  # layout
+
+  hit = lax.fori_loop(ranges[0, i], ranges[1, i], run,
+                      plgpu.layout_cast(jnp.zeros(shape, jnp.int32), _WG))
+  return (hit > 0) & (kv == 0)
+
+
+def _interpreting() -> bool:
+  """Whether kernels traced now run under Mosaic GPU's interpret mode
+  (`plgpu.force_gpu_interpret_mode`: how the CPU tests run them)."""
+  from jax._src import config
+  return isinstance(config.pallas_tpu_interpret_mode_context_manager.value,
+                    plgpu.InterpretGPUParams)
+
+
+def _accumulate(acc, a, b, a_smem):
+  """acc + a @ b on the tensor cores (a [M, K] in registers, b [K, N] in shared memory): in
+  place (`pl.run_state`) on the GPU; under interpret mode, which has neither run_state nor
+  register operands, through `a_smem` (a tile allocated only there: `_interpret_smem`) into a
+  fresh accumulator added after."""
+  if not _interpreting():
+    def mma(acc_ref):
+      plgpu.wgmma(acc_ref, a, b)
+
+    return pl.run_state(mma)(plgpu.ACC.init(acc))
+  a_smem[...] = a
+  plgpu.commit_smem()
+
+  def mma(acc_ref):
+    plgpu.wgmma(acc_ref, a_smem, b)
+    return acc_ref[...]
+
+  return acc + pl.run_scoped(mma, plgpu.ACC(acc.shape, jnp.float32))
+
+
+def _interpret_smem(dtype, *shape) -> tuple:
+  """The register operands' shared-memory tiles of `_accumulate`: under interpret mode only."""
+  return (_tiles(dtype, *shape),) if _interpreting() else ()
 
 
 # ------------------------------------------------------------------------------- forward
@@ -431,7 +504,8 @@ def _forward(q, k, v, q_seg, k_seg, pb: _Problem, lists: _Lists | None = None):
 
   def body(q_ref, k_ref, v_ref, qs_ref, ks_ref, *refs):
     list_refs, (o_ref, lse_ref, smem, bars) = _list_refs(refs, lists)
-    q_smem2, k_smem, v_smem, lse_smem2, qs_smem2, ks_smem, *sel_smem2 = smem
+    q_smem2, k_smem, v_smem, lse_smem2, qs_smem2, ks_smem, *extra = smem
+    sel_smem2, p_smem2 = extra[:select], extra[select:]
     q_bars, k_bars, v_bars, ks_bars, k_free, v_free, sched = bars
     b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
     tile = _heavy_first("q_seq", tp // (wgs * bq))
@@ -459,7 +533,7 @@ def _forward(q, k, v, q_seg, k_seg, pb: _Problem, lists: _Lists | None = None):
 
       def wait_keys(slot):
         plgpu.barrier_wait(k_bars.at[slot])
-        if pb.segments:
+        if pb.key_vec:
           plgpu.barrier_wait(ks_bars.at[slot])
 
       def step(i, carry, masked):
@@ -473,7 +547,12 @@ def _forward(q, k, v, q_seg, k_seg, pb: _Problem, lists: _Lists | None = None):
 
         raw = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
         mask = None
-        if masked:
+        if masked and pb.vs is not None:
+          k_vec = plgpu.load(ks_smem.at[slot], layout=_WG.reduce(0))
+          runs = (_cta(list_refs.runs, b, h, tile).at[wg], list_refs.diags.at[b, h], i
+                  ) if pb.vs == "slash" else None
+          mask = _vs_mask(pb, (bq, bkv), q_row, steps.block(i) * bkv, k_vec, runs)
+        elif masked:
           k_seg_vec = plgpu.load(ks_smem.at[slot], layout=_WG.reduce(0)) if pb.segments else None
           mask = _tile_mask(pb, (bq, bkv), q_row, steps.block(i) * bkv, q_seg_vec, k_seg_vec)
           if select:
@@ -507,10 +586,7 @@ def _forward(q, k, v, q_seg, k_seg, pb: _Problem, lists: _Lists | None = None):
         if pingpong:
           plgpu.barrier_wait(sched)
 
-        def pv(acc_ref):
-          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-
-        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        acc = _accumulate(acc, p16, v_smem.at[slot], p_smem2 and p_smem2[0].at[wg])
         plgpu.barrier_arrive(v_free.at[slot])
         return (acc, *rest)
 
@@ -555,7 +631,8 @@ def _forward(q, k, v, q_seg, k_seg, pb: _Problem, lists: _Lists | None = None):
 
   smem = (_tiles(dtype, wgs, bq, d), _tiles(dtype, stages, bkv, d), _tiles(dtype, stages, bkv, d),
           plgpu.SMEM((wgs, bq), jnp.float32), plgpu.SMEM((wgs, bq), jnp.int32),
-          plgpu.SMEM((stages, bkv), jnp.int32)) + _rows_smem(pb, lists, wgs, bq)
+          plgpu.SMEM((stages, bkv), jnp.int32)) + _rows_smem(pb, lists, wgs, bq) + (
+              _interpret_smem(dtype, wgs, bq, bkv))
   bars = (plgpu.Barrier(num_arrivals=1 + pb.segments + select, num_barriers=wgs),
           plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
           plgpu.Barrier(num_barriers=stages),
@@ -1458,4 +1535,181 @@ def importance_unsupported(call: dict) -> str | None:
     return f"{q.shape[2] // k.shape[2]} query heads per KV head (the kernel takes up to 64)"
   if call.get("explicit_positions"):
     return "explicit q_positions (the kernel takes the default positions 0..T-1)"
+  return None
+
+
+# ------------------------------------------------------------ MInference's vertical-slash
+# `vertical_slash_attention` (kernels/sparse_attention.py) as two forward passes of the kernel
+# above, merged by their log-sum-exp:
+# - the slash pass over the op's keys: the offsets, sorted and deduplicated, become runs of
+#   consecutive offsets (lo, hi) (a local band of 1500 offsets is one run); a warpgroup's steps
+#   are the key blocks some run's diagonals cross (built in XLA as block-sparse lists, traced),
+#   each step with the range of runs crossing it (`_Lists.runs`); masked steps OR those runs'
+#   (lo <= p - j <= hi) and drop the vertical columns (a per-head 0/1 vector streamed with the
+#   key blocks, like segment ids), which the other pass holds; steps inside one run with no
+#   vertical column run unmasked.
+# - the vertical pass over each query head's columns gathered in XLA (K, V [B, nv_pad, H, D],
+#   sorted, nv_pad a multiple of the key block) with their positions as the key vector:
+#   column j is seen by position p >= j (causal), padding never.
+
+
+def _vs_runs(slash_idx):
+  """int32 [B, H, ns] offsets (-1 unused, repeats) -> runs of consecutive offsets
+  [B, H, 2, ns] int32 (lo; hi), ascending, padded with _UNBOUNDED."""
+  big = jnp.int32(_UNBOUNDED)
+  o = jnp.sort(jnp.where(slash_idx >= 0, slash_idx, big), -1)
+  shift = lambda x, fill: jnp.concatenate([jnp.full_like(x[..., :1], fill), x[..., :-1]], -1)
+  o = jnp.sort(jnp.where(o == shift(o, -2), big, o), -1)  # repeats -> padding
+  nxt = jnp.concatenate([o[..., 1:], jnp.full_like(o[..., :1], big)], -1)
+  valid = o < big
+  lo = jnp.sort(jnp.where(valid & (o != shift(o, -2) + 1), o, big), -1)
+  hi = jnp.sort(jnp.where(valid & (o + 1 != nxt), o, big), -1)
+  return jnp.stack([lo, hi], 2)
+
+
+def _vs_windows(pb: _Problem, tiles: int, wgs: int, bq: int, nk: int, bkv: int):
+  """Per (tile, warpgroup, key block): whether the warpgroup has a real query row, the
+  positions of its first / last real rows [tiles, wgs, 1], and the key blocks' first keys."""
+  row0 = (np.arange(tiles)[:, None] * wgs + np.arange(wgs)) * bq
+  first, last = pb.pos(row0), pb.pos(np.minimum(row0 + bq, pb.t) - 1)
+  return (row0 < pb.t)[..., None], first[..., None], last[..., None], np.arange(nk) * bkv
+
+
+def _slash_lists(runs, vflag, pb: _Problem, tiles: int) -> _Lists:
+  """The slash pass's lists: runs [B, H, 2, NR] (`_vs_runs`), vflag [B, H, Sp] int32 (1: a
+  vertical column) -> per (b, query head, tile) the key blocks some run crosses; a step is
+  plain for a warpgroup where one run holds all its pairs' offsets and the block holds no
+  vertical column; `runs` each warpgroup's range of runs per step."""
+  blk = pb.blocks
+  bkv, wgs = blk.block_kv, blk.wgs
+  nk = vflag.shape[-1] // bkv
+  real, p_first, p_last, key0 = _vs_windows(pb, tiles, wgs, blk.block_q, nk, bkv)
+  d_lo = jnp.asarray(p_first - (key0 + bkv - 1), jnp.int32)  # [tiles, wgs, nk]: the offsets
+  d_hi = jnp.asarray(p_last - key0, jnp.int32)  # a warpgroup's rows meet in key block kb
+  search = jax.vmap(jax.vmap(lambda x, v, side: jnp.searchsorted(x, v, side=side),
+                             (0, None, None)), (0, None, None))
+  lo, hi = runs[:, :, 0], runs[:, :, 1]
+  first = search(hi, d_lo, "left").astype(jnp.int32)  # [B, H, tiles, wgs, nk]: the first run
+  end = search(lo, d_hi, "right").astype(jnp.int32)  # with hi >= d_lo; runs with lo <= d_hi
+  take = lambda x, i: jnp.take_along_axis(x[:, :, None, None], jnp.minimum(i, x.shape[-1] - 1),
+                                          -1)  # x [B, H, NR] at i
+  has_vert = vflag.reshape(*vflag.shape[:2], nk, bkv).any(-1)[:, :, None, None]
+  whole = (take(lo, first) <= d_lo) & (take(hi, first) >= d_hi) & ~has_vert
+  own = (end > first) & real & (key0 < pb.s)
+  lists = _lists(own, ~whole)
+  pick = lambda x: jnp.take_along_axis(x, lists.steps[:, :, :, None, :], -1)  # [.., wgs, L]
+  return lists._replace(runs=jnp.stack([pick(first), pick(end)], -2), diags=runs)
+
+
+def _vertical_lists(cols, pb: _Problem, tiles: int) -> _Lists:
+  """The vertical pass's lists: cols [B, H, nv_pad] each head's column positions, ascending
+  (padding _UNBOUNDED) -> per (b, query head, tile) the gathered key blocks some row sees;
+  plain where every pair of the block is seen."""
+  blk = pb.blocks
+  bkv = blk.block_kv
+  nk = cols.shape[-1] // bkv
+  real, p_first, p_last, _ = _vs_windows(pb, tiles, blk.wgs, blk.block_q, nk, bkv)
+  lo = cols[..., ::bkv][:, :, None, None]  # [B, H, 1, 1, nk]: each block's first column
+  hi = cols[..., bkv - 1::bkv][:, :, None, None]  # and last (padding: _UNBOUNDED)
+  if pb.spec.causal:
+    own, whole = real & (lo <= p_last) & (lo < pb.s), (hi <= p_first)
+  else:
+    own, whole = real & (lo < pb.s), (hi < pb.s)
+  return _lists(own, ~whole)
+
+
+def _vs_merge(o_a, lse_a, o_b, lse_b, t: int):
+  """Two passes' outputs [B, Tp, H, D] over disjoint keys, lse [B, H, Tp] log2 (+inf: a row
+  that saw nothing) -> o [B, T, H, D] float32 over the union (0 where neither saw a key)."""
+  la, lb = (jnp.swapaxes(jnp.where(jnp.isposinf(x), -jnp.inf, x), 1, 2)[:, :t]
+            for x in (lse_a, lse_b))  # [B, T, H]
+  m = jnp.maximum(la, lb)
+  m = jnp.where(jnp.isneginf(m), 0.0, m)
+  wa, wb = jnp.exp2(la - m), jnp.exp2(lb - m)
+  total = jnp.where(wa + wb > 0, wa + wb, 1.0)
+  mix = lambda o, w: o[:, :t].astype(jnp.float32) * (w / total)[..., None]
+  return mix(o_a, wa) + mix(o_b, wb)
+
+
+def _vs_forward(q, k, v, vertical_idx, slash_idx, spec, blocks: Blocks):
+  """The two passes (see above) -> o [B, T, H, D] in q's dtype."""
+  b, t, h, d = q.shape
+  s_len, hkv = k.shape[1], k.shape[2]
+  blk, bkv = blocks, blocks.block_kv
+  tq = blk.wgs * blk.block_q
+  qp = _pad_to(q, 1, tq)
+  tiles = qp.shape[1] // tq
+  q_seg = jnp.zeros(qp.shape[:2], jnp.int32)  # unused (no segments)
+  big = jnp.int32(_UNBOUNDED)
+  # each head's columns: sorted, repeats and -1 to the end as padding
+  cols = jnp.sort(jnp.where(vertical_idx >= 0, vertical_idx, big), -1)
+  prev = jnp.concatenate([jnp.full_like(cols[..., :1], -1), cols[..., :-1]], -1)
+  cols = jnp.sort(jnp.where(cols == prev, big, cols), -1)
+  cols = _pad_to(cols, 2, bkv, _UNBOUNDED)  # [B, H, nv_pad]
+  kp, vp = _pad_to(k, 1, bkv), _pad_to(v, 1, bkv)
+  sp = kp.shape[1]
+  vflag = jnp.zeros((b, h, sp + 1), jnp.int32).at[
+      jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None], jnp.minimum(cols, sp)].set(1)
+  vflag = vflag[..., :sp]  # [B, H, Sp]: 1 on each head's columns
+  pb = lambda vs: _Problem(spec, t, s_len, h // hkv, False, blk, vs=vs)
+  lists = _slash_lists(_vs_runs(slash_idx), vflag, pb("slash"), tiles)
+  o_s, lse_s = _forward(qp, kp, vp, q_seg, vflag, pb("slash"), lists)
+  # the columns' keys and values per query head: [B, nv_pad, H, D]
+  at = (jnp.arange(b)[:, None, None], jnp.minimum(cols, s_len - 1),
+        (jnp.arange(h) // (h // hkv))[None, :, None])
+  kv_cols = [jnp.swapaxes(x[at], 1, 2) for x in (k, v)]
+  pb_v = dataclasses.replace(pb("vertical"), group=1)
+  o_v, lse_v = _forward(qp, *kv_cols, q_seg, cols, pb_v, _vertical_lists(cols, pb_v, tiles))
+  return _vs_merge(o_s, lse_s, o_v, lse_v, t).astype(q.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _vertical_slash(q, k, v, vertical_idx, slash_idx, spec, blocks: Blocks):
+  return _vs_forward(q, k, v, vertical_idx, slash_idx, spec, blocks)
+
+
+def _vertical_slash_fwd(q, k, v, vertical_idx, slash_idx, spec, blocks):
+  return (_vs_forward(q, k, v, vertical_idx, slash_idx, spec, blocks),
+          (q, k, v, vertical_idx, slash_idx))
+
+
+def _vertical_slash_bwd(spec, blocks, res, do):
+  """The XLA path's gradient (its forward recomputed: the kernel's lse is not its residual)."""
+  q, k, v, vertical_idx, slash_idx = res
+  xla = sys.modules["longax.kernels.sparse_attention"]  # the op's module (it imports this one)
+  _, pull = jax.vjp(lambda q, k, v: xla._vertical_slash_xla(q, k, v, vertical_idx, slash_idx,
+                                                            spec), q, k, v)
+  return (*pull(do), _no_grad(vertical_idx), _no_grad(slash_idx))
+
+
+_vertical_slash.defvjp(_vertical_slash_fwd, _vertical_slash_bwd)
+
+
+def vertical_slash_pallas(q, k, v, vertical_idx, slash_idx, spec, *, blocks: Blocks | None = None):
+  """`vertical_slash_attention` on the forward kernel (see `vertical_slash_unsupported`): two
+  passes merged by their lse, the slash one over the op's keys with runs of offsets, the
+  vertical one over each head's gathered columns (see the section's comment). Exact: the
+  pairs of the reference, a key on a column and a slash once (the slash pass drops columns).
+
+  Forward only as a kernel (MInference's use is prefill): the gradient is the XLA path's
+  (`jax.custom_vjp`; its forward is recomputed in the backward).
+
+  Why two passes and not the columns as a second key source of one: the vertical pass costs
+  about nv / S of a dense pass plus a launch (~10 us) and an elementwise merge over o
+  (3 x B T H D, ~0.05 ms at 32k H4); one pass would need a second ring of K / V and a second
+  step schedule in every CTA for that. Cost: the slash pass folds the key blocks its runs
+  cross, ~(nv + band + 2 bkv) / S of dense attention's pairs per row for a band of offsets
+  and spread columns; a scattered set of offsets crosses most blocks (dense cost) and its
+  masked steps loop over the runs crossing them (in-kernel work grows with their number)."""
+  d = q.shape[-1]
+  blk = blocks or dataclasses.replace(blocks_for(d), pingpong=True)
+  return _vertical_slash(*same_vma(q, k, v), vertical_idx, slash_idx, spec, blk)
+
+
+def vertical_slash_unsupported(call: dict) -> str | None:
+  """As `unsupported` (a Hopper GPU, bf16 / f16), head dim 64 or 128 (what the tests cover)."""
+  if (why := unsupported(call)) is not None:
+    return why
+  if call["q"].shape[-1] not in (64, 128):
+    return f"head dim {call['q'].shape[-1]} (the kernel takes 64 and 128)"
   return None

@@ -4,11 +4,14 @@ block lists) against the float32 reference, forward and every gradient, on rando
 masks; NSA's selected blocks on the same kernels (a token's query heads folded into a tile's
 rows) against the reference, and NSA's attention core with impl="pallas" (all three branches
 on the kernels) against its XLA path; NSA's block importance (`compressed_importance`) on its
-kernel against the reference. Runs on a Hopper GPU; skipped elsewhere.
+kernel against the reference; MInference's vertical-slash on its two forward passes against
+the reference (bf16 and f16, scattered offsets, bands, T != S, non-causal; the gradient the
+XLA path's). Runs on a Hopper GPU; skipped elsewhere.
 
     python -m pytest -q tests/gpu/test_sparse_attention_gpu.py      # on the device
     python -m pytest -q tests/gpu/test_sparse_attention_gpu.py -k "selected or nsa"
     python -m pytest -q tests/gpu/test_sparse_attention_gpu.py -k importance
+    python -m pytest -q tests/gpu/test_sparse_attention_gpu.py -k vertical_slash
 """
 
 import jax
@@ -298,3 +301,62 @@ def test_nsa_selection_on_the_kernel(rand):
   assert np.mean(np.all(idx["xla"] == idx["pallas"], -1)) > 0.98
   o = layers["pallas"].attend(q, k, v, rand.normal((1, t, h, 3), jnp.bfloat16), impl="pallas")
   assert np.all(np.isfinite(np.asarray(o, np.float32)))
+
+
+# ------------------------------------------------------------- MInference's vertical-slash
+# `vertical_slash_attention` on its kernels (impl="pallas": a slash pass over runs of offsets
+# and a vertical pass over gathered columns, merged by lse; the gradient is the XLA path's).
+
+# (B, T, S, H, Hkv, D, nv, ns, band, causal): scattered offsets with offset 0, a short run and
+# repeats (`vs_pattern`), plus a local band of `band` offsets (one run: plain steps)
+VS_CASES = [(1, 300, 300, 4, 1, 64, 9, 12, 0, True), (2, 1000, 1000, 4, 2, 128, 40, 30, 300, True),
+            (1, 2000, 2000, 8, 2, 128, 60, 20, 700, True), (1, 777, 1500, 4, 2, 64, 30, 50, 200, True),
+            (1, 700, 400, 2, 2, 128, 20, 20, 100, True), (1, 520, 600, 4, 1, 128, 25, 40, 150, False)]
+
+
+def _vs(case, dtype, rand):
+  from test_sparse_attention_gpu_lowering import vs_pattern
+  b, t, s, h, hkv, d, nv, ns, band, causal = case
+  q, k, v = _inputs(rand, (b, t, s, h, hkv, d), dtype)
+  vert, slash = vs_pattern(t + s, b, h, s, nv, ns, band)
+  from longax.kernels import vertical_slash_attention
+  fn = lambda impl: lambda q, k, v: vertical_slash_attention(q, k, v, vert, slash, causal=causal,
+                                                             impl=impl)
+  return fn, (q, k, v)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("case", VS_CASES, ids=str)
+def test_vertical_slash_matches_reference(rand, case, dtype):
+  """Forward against the float32 reference (2e-2); no NaN from keys never listed."""
+  fn, args = _vs(case, dtype, rand)
+  got = jax.jit(fn("pallas"))(*args)
+  assert_close(got, fn("reference")(*args), 2e-2, f"{case} {dtype.__name__}")
+
+
+def test_vertical_slash_gradient_is_xla(rand):
+  """The forward on the kernels, the gradient the XLA path's: both against the reference."""
+  fn, args = _vs(VS_CASES[1], jnp.bfloat16, rand)
+  compare(fn("pallas"), fn("reference"), args, (0, 1, 2), 2e-2, "vertical-slash grads")
+
+
+def test_vertical_slash_estimated_pattern(rand):
+  """`vertical_slash_pattern`'s estimate, as `layers.sparse_prefill` and the benchmark use it,
+  passed as jit arguments (traced lists)."""
+  from longax.kernels import vertical_slash_attention, vertical_slash_pattern
+  q, k, v = _inputs(rand, (1, 2048, 2048, 4, 1, 128), jnp.bfloat16)
+  vert, slash = vertical_slash_pattern(q, k, n_vertical=16, n_slash=96)
+  f = jax.jit(lambda q, k, v, vi, si, impl: vertical_slash_attention(q, k, v, vi, si, impl=impl),
+              static_argnums=5)
+  assert_close(f(q, k, v, vert, slash, "pallas"), f(q, k, v, vert, slash, "reference"), 2e-2)
+
+
+def test_vertical_slash_auto_takes_the_kernel():
+  """On a Hopper GPU auto takes the kernel for bf16 / f16, head dims 64 / 128; float32 XLA."""
+  from longax.kernels._dispatch import resolve
+  from longax.kernels.attention import AttnSpec
+  x = lambda d, dt: jnp.zeros((1, 256, 4, d), dt)
+  spec = AttnSpec("softmax", True, 0.1, None, 0, None, 0.0)
+  take = lambda d, dt: resolve("vertical_slash_attention", "auto", dict(
+      q=x(d, dt), k=x(d, dt), v=x(d, dt), spec=spec)) is gpu.vertical_slash_pallas
+  assert take(128, jnp.bfloat16) and take(64, jnp.float16) and not take(128, jnp.float32)
