@@ -324,8 +324,11 @@ def _vertical_slash_reference(q, k, v, vertical_idx, slash_idx, spec):
   keys = jnp.arange(s_len)
   vert = jnp.any(vertical_idx[..., :, None] == keys, axis=-2)  # [B, H, S]
   offset = query_positions(t, s_len)[:, None] - keys  # [T, S]: i - j
-  slash = jnp.any((offset[..., None] == slash_idx[:, :, None, None, :]) & (offset[..., None] >= 0),
-                  axis=-1)  # [B, H, T, S]
+  b, h = slash_idx.shape[:2]
+  on = jnp.zeros((b, h, s_len + 1), bool).at[  # [B, H, S]: offset o is a slash
+      jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None],
+      jnp.where(slash_idx >= 0, slash_idx, s_len)].set(True)[..., :s_len]
+  slash = (offset >= 0) & on[:, :, jnp.clip(offset, 0, s_len - 1)]  # [B, H, T, S]
   return _reference(q, k, v, vert[:, :, None, :] | slash, spec)
 
 
