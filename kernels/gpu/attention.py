@@ -271,11 +271,14 @@ def _produce(n, stages: int, loads):
       plgpu.barrier_wait(free.at[slot])
       load(step + stages, slot)
 
-  if _interpreting():  # the last steps' frees too: a thread that waits on a barrier must
-    @pl.loop(jnp.maximum(n - stages, 0), n)  # observe all its phases (what Mosaic GPU's
-    def _(step):  # interpreter checks; on the GPU the CTA just ends)
-      for free, _ in loads:
-        plgpu.barrier_wait(free.at[lax.rem(step, jnp.int32(stages))])
+
+def _drain(n, stages: int, frees):
+  """The memory warpgroup waits on the last steps' frees too: a thread that waits on a
+  barrier must observe all its phases (what Mosaic GPU's interpreter checks)."""
+  @pl.loop(jnp.maximum(n - stages, 0), n)
+  def _(step):
+    for free in frees:
+      plgpu.barrier_wait(free.at[lax.rem(step, jnp.int32(stages))])
 
 
 def _kv_producer(pb: _Problem, steps: _Steps, b, h, bkv: int, stages: int, wgs: int, refs,
@@ -300,6 +303,8 @@ def _kv_producer(pb: _Problem, steps: _Steps, b, h, bkv: int, stages: int, wgs: 
     plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kvh], v_smem.at[slot], v_bars.at[slot])
 
   _produce(steps.n, stages, [(k_free, load_k), (v_free, load_v)])
+  if _interpreting():  # (on the GPU the CTA just ends)
+    _drain(steps.n, stages, (k_free, v_free))
 
 
 def _run_split(split: _Split, n, step_fn, skip_fn, carry, start=0):
@@ -1475,10 +1480,7 @@ def _importance_kernel(q, k, lse, pb: _Importance):
                                 k_bars.at[slot])
 
       _produce(n, stages, [(k_free, load_k)])
-
-      @pl.loop(jnp.maximum(n - stages, 0), n)  # the last steps' frees too: a thread that waits
-      def _(i):  # on a barrier observes all its phases (what Mosaic GPU's interpreter checks)
-        plgpu.barrier_wait(k_free.at[lax.rem(i, jnp.int32(stages))])
+      _drain(n, stages, (k_free,))
 
   smem = (_tiles(dtype, wgs, 64, d), _tiles(dtype, stages, bk, d),
           plgpu.SMEM((wgs, 64), jnp.float32), _tiles(dtype, wgs, 64, bk),
