@@ -530,6 +530,24 @@ def test_vertical_slash_dispatch(monkeypatch):
     vertical_slash_attention(y, y, y, idx, idx, impl="pallas")
 
 
+def test_vertical_slash_gradient_is_the_xla_paths(monkeypatch):
+  """The custom_vjp's wiring: with the two kernel passes replaced by the XLA forward, the
+  op's value and gradients (the XLA path's backward) match the float32 reference."""
+  from conftest import compare
+  from longax.kernels import sparse_attention as S
+  from longax.kernels import vertical_slash_attention
+  monkeypatch.setattr(gpu, "_vs_forward", lambda q, k, v, vi, si, spec, blocks:
+                      S._vertical_slash_xla(q, k, v, vi, si, spec))
+  rng = np.random.default_rng(4)
+  q, k, v = (jnp.asarray(rng.standard_normal(sh), jnp.float32)
+             for sh in ((1, 70, 4, 16), (1, 70, 2, 16), (1, 70, 2, 16)))
+  vert, slash = vs_pattern(1, 1, 4, 70)
+  spec, blocks = _spec("softmax", True, 16), gpu.Blocks()
+  compare(lambda q, k, v: gpu.vertical_slash_pallas(q, k, v, vert, slash, spec, blocks=blocks),
+          lambda q, k, v: vertical_slash_attention(q, k, v, vert, slash, impl="reference"),
+          (q, k, v), (0, 1, 2), jnp.float32, "custom_vjp")
+
+
 def test_vertical_slash_runs():
   """Offsets -> runs of consecutive offsets: sorted, repeats and -1 dropped, padded."""
   slash = jnp.asarray([[[7, -1, 3, 4, 5, 4, 0, 9, 8, -1]]], jnp.int32)
