@@ -447,14 +447,17 @@ def _vs_mask(pb: _Problem, shape, q_first, k_first, k_vec, runs=None):
     ok = kv < pb.s
     return ok & (kv <= _pos_tile(pb, shape, 0, q_first)) if pb.spec.causal else ok
   ranges, diags, i = runs
-  d = _pos_tile(pb, shape, 0, q_first) - _index_tile(shape, 1, k_first)
+  kj = _index_tile(shape, 1, k_first)
+  rows = plgpu.broadcasted_iota(jnp.int32, (shape[0],), 0, layout=_WG.reduce(1))
+  pos = rows + (q_first + pb.offset)  # the rows' positions (a vector, not a tile)
 
-  def run(r, hit):  # hit: 1 where p - j lies on one of the runs so far (ones_like: a
-    return jnp.where((d >= diags[0, r]) & (d <= diags[1, r]), jnp.ones_like(hit), hit)  # layout
+  def run(r, hit):  # row p holds keys p - hi <= j <= p - lo of run r: bounds per row, so no
+    first = _bcast(pos - diags[1, r], shape, 0)  # [rows, keys] offset tile stays live in the
+    last = _bcast(pos - diags[0, r], shape, 0)  # loop beside the scores and accumulator
+    return hit | ((kj >= first) & (kj <= last))
 
-  hit = lax.fori_loop(ranges[0, i], ranges[1, i], run,
-                      plgpu.layout_cast(jnp.zeros(shape, jnp.int32), _WG))
-  return (hit > 0) & (kv == 0)
+  hit = lax.fori_loop(ranges[0, i], ranges[1, i], run, kj < 0)  # (kj < 0: none, laid out)
+  return hit & (kv == 0)
 
 
 def _interpreting() -> bool:
