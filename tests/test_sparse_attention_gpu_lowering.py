@@ -626,12 +626,13 @@ def test_vertical_slash_lists(case):
 # Both kernels run by Mosaic GPU's interpret mode on CPU (race detector on; a warpgroup must
 # observe every phase of a barrier it waits on), bf16 / f16 against the float32 reference.
 # (B, T, S, H, Hkv, D, causal, band, dtype): ragged T, GQA, offset 0, a short run, scattered
-# offsets, columns on slashes; T < S; a wide band (plain steps); non-causal with T > S.
+# offsets, columns on slashes; T < S; a wide band (plain steps); non-causal with T > S; B = 2.
 VS_INTERPRET = [
     (1, 200, 200, 4, 2, 64, True, 0, jnp.bfloat16),
     (1, 150, 300, 2, 1, 64, True, 0, jnp.float16),
     pytest.param((1, 320, 320, 2, 1, 64, True, 260, jnp.bfloat16), marks=pytest.mark.slow),
     pytest.param((1, 190, 130, 2, 2, 128, False, 40, jnp.bfloat16), marks=pytest.mark.slow),
+    pytest.param((2, 130, 130, 2, 1, 64, True, 20, jnp.bfloat16), marks=pytest.mark.slow),  # B=2
 ]
 
 
