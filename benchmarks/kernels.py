@@ -14,7 +14,8 @@ the same shape, FLOPs from the mask's pairs. `--ops nsa` times NSA's attention c
 (`layers.NSA.attend`: compressed, selected and window branches and gates) fwd and fwd+bwd,
 `--ops vertical_slash` MInference's vertical-slash prefill (forward only; two patterns of one
 budget: the estimated one, `vertical_slash`, and a local band with spread columns,
-`vertical_slash[band]`), both beside dense causal attention (ours and cuDNN) at the same shape, at 8k..64k / 32k..128k tokens on the GPU
+`vertical_slash[band]`), both beside dense causal attention (ours and cuDNN) at the same
+shape, at 8k..64k / 32k..128k tokens on the GPU
 grid (`python -m longax.benchmarks.plots sparse` draws the speedups). A row that runs out of
 memory prints `oom` in the column it was timing. Attention FLOPs are counted the
 FlashAttention way: 4*B*H*T*S*D forward, halved if causal, x3.5 for forward+backward.

@@ -438,5 +438,6 @@ def test_unregistered_impl_is_one_line():
   from longax.kernels._dispatch import resolve
   with pytest.raises(NotImplementedError,
                      match=r"longax.kernels.vertical_slash_attention: impl='pallas_interpret' "
-                           r"is not implemented yet \(available: pallas, reference, xla, or 'auto'\)"):
+                           r"is not implemented yet \(available: pallas, reference, xla, "
+                           r"or 'auto'\)"):
     resolve("vertical_slash_attention", "pallas_interpret")

@@ -6,7 +6,8 @@ op run with the kernels emulated by list-following XLA (the pairs each warpgroup
 cover, the rule on masked steps only) matches the reference. The same for NSA's selected
 blocks (`selected_pallas`) and `NSA.attend` with every branch on the kernels. NSA's block
 importance kernel (`importance_pallas`) lowers and runs under Mosaic GPU's interpret mode on CPU
-against the reference. ~90 s on 2 cores. Running the kernels is checked on the device
+against the reference; so do MInference's vertical-slash passes (`vertical_slash_pallas`, ~35 s
+of the file; their lists checked against the pattern's definition). ~2 min on 2 cores. Running the kernels is checked on the device
 (`tests/gpu/test_sparse_attention_gpu.py`)."""
 
 import jax
@@ -520,14 +521,33 @@ def test_vertical_slash_dispatch(monkeypatch):
   from longax.kernels._dispatch import resolve
   monkeypatch.setattr(gpu, "not_on_hopper", lambda call: None)
   x = lambda d, dt: jnp.zeros((1, 128, 2, d), dt)
-  take = lambda d=128, dt=jnp.bfloat16: resolve("vertical_slash_attention", "auto", dict(
-      q=x(d, dt), k=x(d, dt), v=x(d, dt), spec=_spec("softmax", True, d))) is gpu.vertical_slash_pallas
+  call = lambda d, dt: dict(q=x(d, dt), k=x(d, dt), v=x(d, dt), spec=_spec("softmax", True, d))
+  take = lambda d=128, dt=jnp.bfloat16: resolve("vertical_slash_attention", "auto",
+                                                call(d, dt)) is gpu.vertical_slash_pallas
   assert take() and take(d=64, dt=jnp.float16)
   assert not take(dt=jnp.float32) and not take(d=256)
   y = jnp.zeros((1, 16, 2, 256), jnp.bfloat16)
   idx = jnp.zeros((1, 2, 1), jnp.int32)
   with pytest.raises(ValueError, match=r"impl='pallas' does not support this call: head dim 256"):
     vertical_slash_attention(y, y, y, idx, idx, impl="pallas")
+
+
+def test_vertical_slash_gradient_is_the_xla_paths(monkeypatch):
+  """The custom_vjp's wiring: with the two kernel passes replaced by the XLA forward, the
+  op's value and gradients (the XLA path's backward) match the float32 reference."""
+  from conftest import compare
+  from longax.kernels import sparse_attention as S
+  from longax.kernels import vertical_slash_attention
+  monkeypatch.setattr(gpu, "_vs_forward", lambda q, k, v, vi, si, spec, blocks:
+                      S._vertical_slash_xla(q, k, v, vi, si, spec))
+  rng = np.random.default_rng(4)
+  q, k, v = (jnp.asarray(rng.standard_normal(sh), jnp.float32)
+             for sh in ((1, 70, 4, 16), (1, 70, 2, 16), (1, 70, 2, 16)))
+  vert, slash = vs_pattern(1, 1, 4, 70)
+  spec, blocks = _spec("softmax", True, 16), gpu.Blocks()
+  compare(lambda q, k, v: gpu.vertical_slash_pallas(q, k, v, vert, slash, spec, blocks=blocks),
+          lambda q, k, v: vertical_slash_attention(q, k, v, vert, slash, impl="reference"),
+          (q, k, v), (0, 1, 2), jnp.float32, "custom_vjp")
 
 
 def test_vertical_slash_runs():
@@ -606,12 +626,13 @@ def test_vertical_slash_lists(case):
 # Both kernels run by Mosaic GPU's interpret mode on CPU (race detector on; a warpgroup must
 # observe every phase of a barrier it waits on), bf16 / f16 against the float32 reference.
 # (B, T, S, H, Hkv, D, causal, band, dtype): ragged T, GQA, offset 0, a short run, scattered
-# offsets, columns on slashes; T < S; a wide band (plain steps); non-causal with T > S.
+# offsets, columns on slashes; T < S; a wide band (plain steps); non-causal with T > S; B = 2.
 VS_INTERPRET = [
     (1, 200, 200, 4, 2, 64, True, 0, jnp.bfloat16),
     (1, 150, 300, 2, 1, 64, True, 0, jnp.float16),
     pytest.param((1, 320, 320, 2, 1, 64, True, 260, jnp.bfloat16), marks=pytest.mark.slow),
     pytest.param((1, 190, 130, 2, 2, 128, False, 40, jnp.bfloat16), marks=pytest.mark.slow),
+    pytest.param((2, 130, 130, 2, 1, 64, True, 20, jnp.bfloat16), marks=pytest.mark.slow),  # B=2
 ]
 
 

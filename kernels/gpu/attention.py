@@ -271,11 +271,14 @@ def _produce(n, stages: int, loads):
       plgpu.barrier_wait(free.at[slot])
       load(step + stages, slot)
 
-  if _interpreting():  # the last steps' frees too: a thread that waits on a barrier must
-    @pl.loop(jnp.maximum(n - stages, 0), n)  # observe all its phases (what Mosaic GPU's
-    def _(step):  # interpreter checks; on the GPU the CTA just ends)
-      for free, _ in loads:
-        plgpu.barrier_wait(free.at[lax.rem(step, jnp.int32(stages))])
+
+def _drain(n, stages: int, frees):
+  """The memory warpgroup waits on the last steps' frees too: a thread that waits on a
+  barrier must observe all its phases (what Mosaic GPU's interpreter checks)."""
+  @pl.loop(jnp.maximum(n - stages, 0), n)
+  def _(step):
+    for free in frees:
+      plgpu.barrier_wait(free.at[lax.rem(step, jnp.int32(stages))])
 
 
 def _kv_producer(pb: _Problem, steps: _Steps, b, h, bkv: int, stages: int, wgs: int, refs,
@@ -300,6 +303,8 @@ def _kv_producer(pb: _Problem, steps: _Steps, b, h, bkv: int, stages: int, wgs: 
     plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kvh], v_smem.at[slot], v_bars.at[slot])
 
   _produce(steps.n, stages, [(k_free, load_k), (v_free, load_v)])
+  if _interpreting():  # (on the GPU the CTA just ends)
+    _drain(steps.n, stages, (k_free, v_free))
 
 
 def _run_split(split: _Split, n, step_fn, skip_fn, carry, start=0):
@@ -442,14 +447,17 @@ def _vs_mask(pb: _Problem, shape, q_first, k_first, k_vec, runs=None):
     ok = kv < pb.s
     return ok & (kv <= _pos_tile(pb, shape, 0, q_first)) if pb.spec.causal else ok
   ranges, diags, i = runs
-  d = _pos_tile(pb, shape, 0, q_first) - _index_tile(shape, 1, k_first)
+  kj = _index_tile(shape, 1, k_first)
+  rows = plgpu.broadcasted_iota(jnp.int32, (shape[0],), 0, layout=_WG.reduce(1))
+  pos = rows + (q_first + pb.offset)  # the rows' positions (a vector, not a tile)
 
-  def run(r, hit):  # hit: 1 where p - j lies on one of the runs so far (ones_like: a
-    return jnp.where((d >= diags[0, r]) & (d <= diags[1, r]), jnp.ones_like(hit), hit)  # layout
+  def run(r, hit):  # row p holds keys p - hi <= j <= p - lo of run r: bounds per row, so no
+    first = _bcast(pos - diags[1, r], shape, 0)  # [rows, keys] offset tile stays live in the
+    last = _bcast(pos - diags[0, r], shape, 0)  # loop beside the scores and accumulator
+    return hit | ((kj >= first) & (kj <= last))
 
-  hit = lax.fori_loop(ranges[0, i], ranges[1, i], run,
-                      plgpu.layout_cast(jnp.zeros(shape, jnp.int32), _WG))
-  return (hit > 0) & (kv == 0)
+  hit = lax.fori_loop(ranges[0, i], ranges[1, i], run, kj < 0)  # (kj < 0: none, laid out)
+  return hit & (kv == 0)
 
 
 def _interpreting() -> bool:
@@ -1475,10 +1483,7 @@ def _importance_kernel(q, k, lse, pb: _Importance):
                                 k_bars.at[slot])
 
       _produce(n, stages, [(k_free, load_k)])
-
-      @pl.loop(jnp.maximum(n - stages, 0), n)  # the last steps' frees too: a thread that waits
-      def _(i):  # on a barrier observes all its phases (what Mosaic GPU's interpreter checks)
-        plgpu.barrier_wait(k_free.at[lax.rem(i, jnp.int32(stages))])
+      _drain(n, stages, (k_free,))
 
   smem = (_tiles(dtype, wgs, 64, d), _tiles(dtype, stages, bk, d),
           plgpu.SMEM((wgs, 64), jnp.float32), _tiles(dtype, wgs, 64, bk),

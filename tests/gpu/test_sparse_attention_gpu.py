@@ -309,9 +309,12 @@ def test_nsa_selection_on_the_kernel(rand):
 
 # (B, T, S, H, Hkv, D, nv, ns, band, causal): scattered offsets with offset 0, a short run and
 # repeats (`vs_pattern`), plus a local band of `band` offsets (one run: plain steps)
-VS_CASES = [(1, 300, 300, 4, 1, 64, 9, 12, 0, True), (2, 1000, 1000, 4, 2, 128, 40, 30, 300, True),
-            (1, 2000, 2000, 8, 2, 128, 60, 20, 700, True), (1, 777, 1500, 4, 2, 64, 30, 50, 200, True),
-            (1, 700, 400, 2, 2, 128, 20, 20, 100, True), (1, 520, 600, 4, 1, 128, 25, 40, 150, False)]
+VS_CASES = [(1, 300, 300, 4, 1, 64, 9, 12, 0, True),
+            (2, 1000, 1000, 4, 2, 128, 40, 30, 300, True),
+            (1, 2000, 2000, 8, 2, 128, 60, 20, 700, True),
+            (1, 777, 1500, 4, 2, 64, 30, 50, 200, True),  # T < S
+            (1, 700, 400, 2, 2, 128, 20, 20, 100, True),  # T > S: the first rows see nothing
+            (1, 520, 600, 4, 1, 128, 25, 40, 150, False)]
 
 
 def _vs(case, dtype, rand):
