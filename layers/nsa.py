@@ -205,12 +205,7 @@ class NSA(nnx.Module):
     impl = impl or self.impl
     kv_pos = jnp.arange(k.shape[1], dtype=jnp.int32)
     pos_kw = dict(q_positions=q_pos, kv_positions=kv_pos) if explicit else {}
-    if explicit:  # a decode chunk against the cache: the keys' own positions
-      o_cmp, lse = kernels.attention(q, k_cmp, v_cmp, q_positions=q_pos, kv_positions=ends,
-                                     impl=impl, return_lse=True)
-    else:  # the same math as causal attention over rows folded into heads: the kernels take it
-      o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, self.block_size, self.stride, impl,
-                                        return_lse=True)
+    o_cmp, lse = self._compressed_branch(q, k_cmp, v_cmp, ends, q_pos, explicit, impl)
     idx = (self._selection(q, k_cmp, lse, q_pos, explicit, k.shape[1]) if block_indices is None
            else block_indices)
     o_sel = kernels.selected_block_attention(q, k, v, idx, block_size=self.select_block,
@@ -219,6 +214,15 @@ class NSA(nnx.Module):
     gates = jax.nn.sigmoid(gate_logits)
     return sum(gates[..., i, None].astype(jnp.float32) * o.astype(jnp.float32)
                for i, o in enumerate((o_cmp, o_sel, o_win)))
+
+  def _compressed_branch(self, q, k_cmp, v_cmp, ends, q_pos, explicit: bool, impl: str):
+    """The compressed-token branch -> (o [B, T, H, D], its log-sum-exp [B, T, H])."""
+    if explicit:  # a decode chunk against the cache: the keys' own positions
+      return kernels.attention(q, k_cmp, v_cmp, q_positions=q_pos, kv_positions=ends,
+                               impl=impl, return_lse=True)
+    # the same math as causal attention over rows folded into heads: the kernels take it
+    return compressed_attention(q, k_cmp, v_cmp, self.block_size, self.stride, impl,
+                                return_lse=True)
 
   def _compressed(self, k, v):
     """The full forward's compressed keys / values [B, N, Hkv, D] and their positions [N]."""
@@ -249,9 +253,8 @@ class NSA(nnx.Module):
     """The selection `attend` computes (its arguments; impl: the compressed branch's, whose
     lse the importance takes) -> block indices [B, T, Hkv, n] int32."""
     q_pos = self._positions(q, q_pos)
-    k_cmp, v_cmp, _ = self._compressed(k, v)
-    _, lse = compressed_attention(q, k_cmp, v_cmp, self.block_size, self.stride,
-                                  impl or self.impl, return_lse=True)
+    k_cmp, v_cmp, ends = self._compressed(k, v)
+    _, lse = self._compressed_branch(q, k_cmp, v_cmp, ends, q_pos, False, impl or self.impl)
     return self._selection(q, k_cmp, lse, q_pos, False, k.shape[1])
 
   def _out(self, o, x):
