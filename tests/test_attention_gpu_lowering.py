@@ -235,10 +235,12 @@ def test_emulated_block_grads_match_xla(emulated, kind, causal):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("kind", ["softmax", pytest.param("sigmoid", marks=pytest.mark.slow)])
+@pytest.mark.slow  # ~50 s on 2 cores; on a GPU: tests/gpu/test_sequence_parallel_gpu.py
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
 def test_ring_takes_the_kernel_on_one_device(emulated, kind):
   """Zigzag ring attention on a 1-device mesh (the device's two chunks: both diagonals and
-  one full pair) with impl="pallas": every local call and block gradient is the kernel's."""
+  one full pair) with impl="pallas": every local call and block gradient is the kernel's
+  (the kernels emulated on CPU; `test_ring_on_the_kernel` runs the real ones on a GPU)."""
   from jax.sharding import Mesh, PartitionSpec as P
 
   A = importlib.import_module("longax.kernels.attention")
