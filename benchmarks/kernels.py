@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longax import kernels as K
+from longax.benchmarks.profile import device_time
 
 
 @dataclasses.dataclass
@@ -496,7 +497,8 @@ def _error(e: Exception) -> str:
 
 def run(grid: str, dtype, reps: int, ops: set[str], bwd: bool, stream=None,
         decays=("none", "scalar", "key"), rows: tuple[str, ...] | None = None,
-        check: bool = True, lengths: tuple[int, ...] | None = None) -> list[dict]:
+        check: bool = True, lengths: tuple[int, ...] | None = None,
+        profile: bool = False) -> list[dict]:
   """rows: keep only the rows whose name starts with one of these (None: all); check=False
   skips the float32 reference (no `err`): on a GPU most of a case's time is compiling;
   lengths: keep only the grid's shapes of these sequence lengths (None: all)."""
@@ -509,15 +511,18 @@ def run(grid: str, dtype, reps: int, ops: set[str], bwd: bool, stream=None,
   cases = [c for name, make in makers.items() if name in ops
            for c in make([s for s in GRIDS[grid][name] if lengths is None or s[1] in lengths],
                          dtype, on_gpu)]
-  return time_cases(cases, reps, bwd, stream, rows, check)
+  return time_cases(cases, reps, bwd, stream, rows, check, profile)
 
 
 def time_cases(cases: list[Case], reps: int, bwd: bool, stream=None,
-               rows: tuple[str, ...] | None = None, check: bool = True) -> list[dict]:
+               rows: tuple[str, ...] | None = None, check: bool = True,
+               profile: bool = False) -> list[dict]:
   """One record per (case, row). A row that fails keeps its `error` line; one that runs out
   of memory also gets `oom`: the column it was timing (`fwd_ms` or `fwd_bwd_ms`), which the
   table prints as `oom`; the forward time stays where only the backward did not fit. A
-  reference that fails leaves its case unchecked (a note on stderr), not the run dead."""
+  reference that fails leaves its case unchecked (a note on stderr), not the run dead.
+  profile: also the kernels' time per call on the first device from a profiler trace
+  (`fwd_dev_ms`, `fwd_bwd_dev_ms`): wall time far above it is host or launch overhead."""
   try:
     from tqdm import tqdm
   except ImportError:  # pragma: no cover
@@ -543,9 +548,13 @@ def time_cases(cases: list[Case], reps: int, bwd: bool, stream=None,
           rec["err"] = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
         del got
         rec["fwd_ms"] = _median_ms(row.fwd, reps)
+        if profile:
+          rec["fwd_dev_ms"] = device_time(row.fwd, reps)["total_ms_per_step"]
         if bwd and row.fwd_bwd is not None:
           stage = "fwd_bwd_ms"
           rec["fwd_bwd_ms"] = _median_ms(row.fwd_bwd, reps)
+          if profile:
+            rec["fwd_bwd_dev_ms"] = device_time(row.fwd_bwd, reps)["total_ms_per_step"]
       except Exception as e:  # noqa: BLE001 - one failing row must not sink the table
         rec["error"] = _error(e)
         if _is_oom(e):
@@ -569,7 +578,7 @@ def time_cases(cases: list[Case], reps: int, bwd: bool, stream=None,
 # The printed table's columns and widths (one space between columns); `plots` reads it back.
 COLUMNS = (("op", 24), ("shape", 40), ("impl", 17), ("err", 8), ("fwd_ms", 9),
            ("fwd_bwd_ms", 10), ("fwd_vs_xla", 10), ("fwd_bwd_vs_xla", 14),
-           ("fwd_bwd_tflops", 14))
+           ("fwd_bwd_tflops", 14), ("fwd_dev_ms", 10), ("fwd_bwd_dev_ms", 14))
 
 
 def table(results: list[dict], header: bool = True) -> str:
@@ -605,6 +614,9 @@ def main(argv=None) -> int:
                  help="keep only these rows (name prefixes, e.g. longax.auto,jla,fla,cudnn)")
   p.add_argument("--lengths", type=int, nargs="+", default=None,
                  help="keep only the grid's shapes of these sequence lengths T")
+  p.add_argument("--profile", action="store_true",
+                 help="also each row's kernel time per call on the first device, from a "
+                      "profiler trace (columns fwd_dev_ms, fwd_bwd_dev_ms)")
   p.add_argument("--no-check", action="store_true",
                  help="skip the float32 reference check (no err column; faster on a GPU)")
   a = p.parse_args(argv)
@@ -619,7 +631,7 @@ def main(argv=None) -> int:
   results = run(grid, dtype, reps, ops, not a.no_bwd, stream=sys.stdout if a.stream else None,
                 decays=tuple(a.decays.split(",")),
                 rows=tuple(a.rows.split(",")) if a.rows else None, check=not a.no_check,
-                lengths=tuple(a.lengths) if a.lengths else None)
+                lengths=tuple(a.lengths) if a.lengths else None, profile=a.profile)
   meta = dict(date=datetime.date.today().isoformat(), device=str(jax.devices()[0].device_kind),
               backend=jax.default_backend(), jax=jax.__version__, dtype=str(dtype), grid=grid,
               reps=reps)

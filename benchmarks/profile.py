@@ -74,6 +74,26 @@ def summarize(trace_dir, steps: int = 1, top: int = 25, device: str = "/device:"
   return dict(total_ms_per_step=total / steps, by_kernel=rows(by_kernel), by_module=rows(by_module))
 
 
+def device_time(run, reps: int, trace_dir=None, device: str | None = None) -> dict:
+  """`summarize` of `reps` calls of run() (a zero-argument callable; one untimed call first),
+  traced into trace_dir (a temporary folder if None). device: the first device's planes by
+  default (on the CPU: the host's XLA ops)."""
+  import tempfile
+
+  import jax
+  if device is None:
+    device = ("/device:" if jax.default_backend() == "cpu"
+              else f"/device:{jax.devices()[0].platform.upper()}:0")
+  jax.block_until_ready(run())
+  with tempfile.TemporaryDirectory() as tmp:
+    trace_dir = trace_dir or tmp
+    with jax.profiler.trace(trace_dir, profiler_options=options()):
+      for _ in range(reps):
+        out = run()
+      jax.block_until_ready(out)
+    return summarize(trace_dir, steps=reps, top=10**6, device=device)
+
+
 def report(summary: dict) -> str:
   out = [f"device time per step: {summary['total_ms_per_step']:.2f} ms"]
   for title, key in (("by kernel", "by_kernel"), ("by program", "by_module")):

@@ -139,15 +139,8 @@ def _jla_fn(op, p: int, layout: str):
 
 def _profiled(fn, xs, reps: int, trace_dir: str) -> dict:
   """Device time of reps calls of the compiled fn on the first device, from a trace."""
-  import jax
-  from longax.benchmarks.profile import options, summarize
-  jax.block_until_ready(fn(*xs))
-  with jax.profiler.trace(trace_dir, profiler_options=options()):
-    for _ in range(reps):
-      out = fn(*xs)
-    jax.block_until_ready(out)
-  device = "/device:" if jax.default_backend() == "cpu" else f"/device:{jax.devices()[0].platform.upper()}:0"
-  s = summarize(trace_dir, steps=reps, top=10**6, device=device)
+  from longax.benchmarks.profile import device_time
+  s = device_time(lambda: fn(*xs), reps, trace_dir)
   return dict(device_ms_fwd_bwd=s["total_ms_per_step"],
               comm_ms_fwd_bwd=sum(ms for name, ms, _ in s["by_kernel"] if _is_comm(name)),
               top_kernels=[(name, round(ms, 4)) for name, ms, _ in s["by_kernel"][:8]])

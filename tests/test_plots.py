@@ -75,6 +75,23 @@ def test_kernels_benchmark_block_sparse_beside_dense(tmp_path):
   assert all("err" not in r for r in rows if r["impl"].startswith("dense."))
 
 
+def test_kernels_benchmark_profile_and_lengths(tmp_path, capsys):
+  """--profile adds each row's kernel time from a trace (here the host's XLA ops), printed in
+  the table and read back by `plots`; --lengths keeps the grid's shapes of those T."""
+  from longax.benchmarks import kernels
+  from longax.benchmarks.plots import _text_rows
+  out = tmp_path / "k.json"
+  assert kernels.main(["--quick", "--ops", "block_sparse_attention", "--reps", "1", "--rows",
+                       "longax.xla", "--no-check", "--profile", "--lengths", "256", "--json",
+                       str(out)]) == 0
+  rows = json.loads(out.read_text())["results"]
+  assert len(rows) == 3 and all(r["fwd_dev_ms"] > 0 and r["fwd_bwd_dev_ms"] > 0 for r in rows)
+  back = _text_rows(capsys.readouterr().out)
+  assert [r["fwd_dev_ms"] for r in back] == [float(f"{r['fwd_dev_ms']:.3g}") for r in rows]
+  assert kernels.main(["--quick", "--ops", "block_sparse_attention", "--lengths", "99"]) == 0
+  assert "block_sparse" not in capsys.readouterr().out
+
+
 def test_kernels_benchmark_nsa_and_vertical_slash(tmp_path):
   """The issue-#15 cases at the quick grid through main: NSA's core fwd and fwd+bwd and the
   vertical-slash forward, checked against their references, beside dense attention."""

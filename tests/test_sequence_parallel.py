@@ -293,6 +293,18 @@ def test_benchmark_train_quick(tmp_path):
   assert rows[0]["vs_data_parallel"] > 0 and "vs_data_parallel" not in rows[1]
 
 
+def test_benchmark_profile_row(tmp_path):
+  """--profile's numbers for a row: kernel time per call from a trace kept in the given
+  folder (on the CPU the host's XLA ops), no collective here, the top kernels named."""
+  import jax
+  import jax.numpy as jnp
+  from longax.benchmarks.sequence_parallel import _profiled
+  fn = jax.jit(lambda x: jnp.sin(x) @ x)
+  row = _profiled(fn, [jnp.ones((64, 64))], 2, str(tmp_path))
+  assert row["device_ms_fwd_bwd"] > 0 and row["comm_ms_fwd_bwd"] == 0
+  assert row["top_kernels"] and any(tmp_path.rglob("*.xplane.pb"))
+
+
 def test_benchmark_train_empty_run_says_why(monkeypatch, tmp_path):
   """A training run that timed no interval (stopped early) is an error row saying so."""
   import argparse
