@@ -512,6 +512,9 @@ def test_vertical_slash_lowers(case):
   lowered = jax.jit(jax.value_and_grad(loss, (0, 1, 2))).trace(q, k, k, vert, slash).lower(
       lowering_platforms=("cuda",))
   assert lowered.as_text().count("mosaic_gpu") >= 2  # the slash and vertical passes
+  fwd = jax.jit(lambda q, k, v, vi, si: gpu.vertical_slash_pallas(q, k, v, vi, si, spec))
+  text = fwd.trace(q, k, k, vert, slash).lower(lowering_platforms=("cuda",)).as_text()
+  assert "stablehlo.while" not in text  # the lists are straight-line code (host-bound else)
 
 
 def test_vertical_slash_dispatch(monkeypatch):

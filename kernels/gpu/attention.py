@@ -1591,7 +1591,10 @@ def _slash_lists(runs, vflag, pb: _Problem, tiles: int) -> _Lists:
   real, p_first, p_last, key0 = _vs_windows(pb, tiles, wgs, blk.block_q, nk, bkv)
   d_lo = jnp.asarray(p_first - (key0 + bkv - 1), jnp.int32)  # [tiles, wgs, nk]: the offsets
   d_hi = jnp.asarray(p_last - key0, jnp.int32)  # a warpgroup's rows meet in key block kb
-  search = jax.vmap(jax.vmap(lambda x, v, side: jnp.searchsorted(x, v, side=side),
+  # unrolled: log2(NR) straight-line steps, not a while loop (whose predicate XLA:GPU reads
+  # back to the host every iteration: a suspect for the host-bound 32k call, NOTES.md)
+  search = jax.vmap(jax.vmap(lambda x, v, side: jnp.searchsorted(x, v, side=side,
+                                                                 method="scan_unrolled"),
                              (0, None, None)), (0, None, None))
   lo, hi = runs[:, :, 0], runs[:, :, 1]
   first = search(hi, d_lo, "left").astype(jnp.int32)  # [B, H, tiles, wgs, nk]: the first run
