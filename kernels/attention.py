@@ -126,6 +126,14 @@ def fold_block(spec: AttnSpec, carry, qg, k_blk, v_blk, mask):
   return alpha[..., None] * acc + pv, m_new, l
 
 
+def merge_partials(o1, lse1, o2, lse2):
+  """Two softmax attentions of the same rows over disjoint keys -> the one over their union:
+  o [..., Dv] (float32 out), lse [...] natural log, -inf where a row saw no key (its o: 0)."""
+  lse = jnp.logaddexp(lse1, lse2)
+  safe = jnp.where(jnp.isneginf(lse), 0.0, lse)
+  return o1 * jnp.exp(lse1 - safe)[..., None] + o2 * jnp.exp(lse2 - safe)[..., None], lse
+
+
 def finish(spec: AttnSpec, carry):
   """Carry -> output [B, Hkv, G, T, Dv] (rows that saw no key give 0)."""
   if spec.kind == "sigmoid":

@@ -40,7 +40,7 @@ import numpy as np
 from longax.kernels import _checks
 from longax.kernels._dispatch import resolve
 from longax.kernels._vma import vary_like
-from longax.kernels.attention import KV_BLOCK, AttnSpec, _prepare
+from longax.kernels.attention import KV_BLOCK, AttnSpec, _prepare, merge_partials
 from longax.kernels.linear_attention import CHUNK, _log_decay, linear_attention, pass_states
 from longax.kernels.selective_scan import _prepare_dt, selective_scan
 from longax.kernels.ssd import _as_qkv, _check as _ssd_check, _skip
@@ -221,10 +221,7 @@ def _fold(spec, acc, part):
   """Folds a partial result (o [B, c, H, Dv] f32, lse [B, c, H] or None) into acc."""
   if spec.kind == "sigmoid":
     return acc[0] + part[0], None
-  (o1, l1), (o2, l2) = acc, part
-  lse = jnp.logaddexp(l1, l2)
-  safe = jnp.where(jnp.isneginf(lse), 0.0, lse)
-  return o1 * jnp.exp(l1 - safe)[..., None] + o2 * jnp.exp(l2 - safe)[..., None], lse
+  return merge_partials(*acc, *part)
 
 
 def _ring_forward(axis_name, spec, layout, impl, block_kv, q, k, v, seg):

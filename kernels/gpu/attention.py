@@ -47,6 +47,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from longax.kernels._checks import concrete
 from longax.kernels._vma import same_vma
+from longax.kernels.attention import merge_partials
 from longax.kernels.gpu import kernel, not_on_hopper
 from longax.kernels.visibility import key_blocks, query_blocks, visible_pairs
 
@@ -1558,16 +1559,27 @@ def importance_unsupported(call: dict) -> str | None:
 #   column j is seen by position p >= j (causal), padding never.
 
 
+def _shift(x, fill):
+  """x [..., n] -> [fill, x_0, ..., x_{n-2}] along the last axis."""
+  return jnp.concatenate([jnp.full_like(x[..., :1], fill), x[..., :-1]], -1)
+
+
+def _sorted_unique(idx):
+  """int32 [..., n] indices (-1 unused, repeats) -> each distinct one once, ascending, then
+  _UNBOUNDED as padding."""
+  big = jnp.int32(_UNBOUNDED)
+  x = jnp.sort(jnp.where(idx >= 0, idx, big), -1)
+  return jnp.sort(jnp.where(x == _shift(x, -1), big, x), -1)
+
+
 def _vs_runs(slash_idx):
   """int32 [B, H, ns] offsets (-1 unused, repeats) -> runs of consecutive offsets
   [B, H, 2, ns] int32 (lo; hi), ascending, padded with _UNBOUNDED."""
   big = jnp.int32(_UNBOUNDED)
-  o = jnp.sort(jnp.where(slash_idx >= 0, slash_idx, big), -1)
-  shift = lambda x, fill: jnp.concatenate([jnp.full_like(x[..., :1], fill), x[..., :-1]], -1)
-  o = jnp.sort(jnp.where(o == shift(o, -2), big, o), -1)  # repeats -> padding
+  o = _sorted_unique(slash_idx)
   nxt = jnp.concatenate([o[..., 1:], jnp.full_like(o[..., :1], big)], -1)
   valid = o < big
-  lo = jnp.sort(jnp.where(valid & (o != shift(o, -2) + 1), o, big), -1)
+  lo = jnp.sort(jnp.where(valid & (o != _shift(o, -2) + 1), o, big), -1)
   hi = jnp.sort(jnp.where(valid & (o + 1 != nxt), o, big), -1)
   return jnp.stack([lo, hi], 2)
 
@@ -1627,16 +1639,10 @@ def _vertical_lists(cols, pb: _Problem, tiles: int) -> _Lists:
 
 
 def _vs_merge(o_a, lse_a, o_b, lse_b, t: int):
-  """Two passes' outputs [B, Tp, H, D] over disjoint keys, lse [B, H, Tp] log2 (+inf: a row
-  that saw nothing) -> o [B, T, H, D] float32 over the union (0 where neither saw a key)."""
-  la, lb = (jnp.swapaxes(jnp.where(jnp.isposinf(x), -jnp.inf, x), 1, 2)[:, :t]
-            for x in (lse_a, lse_b))  # [B, T, H]
-  m = jnp.maximum(la, lb)
-  m = jnp.where(jnp.isneginf(m), 0.0, m)
-  wa, wb = jnp.exp2(la - m), jnp.exp2(lb - m)
-  total = jnp.where(wa + wb > 0, wa + wb, 1.0)
-  mix = lambda o, w: o[:, :t].astype(jnp.float32) * (w / total)[..., None]
-  return mix(o_a, wa) + mix(o_b, wb)
+  """Two passes' outputs [B, Tp, H, D] over disjoint keys, the kernel's lse -> o [B, T, H, D]
+  float32 over the union (0 where neither saw a key): `merge_partials`."""
+  part = lambda o, lse: (o[:, :t].astype(jnp.float32), _lse_public(lse, t))
+  return merge_partials(*part(o_a, lse_a), *part(o_b, lse_b))[0]
 
 
 def _vs_forward(q, k, v, vertical_idx, slash_idx, spec, blocks: Blocks):
@@ -1648,12 +1654,7 @@ def _vs_forward(q, k, v, vertical_idx, slash_idx, spec, blocks: Blocks):
   qp = _pad_to(q, 1, tq)
   tiles = qp.shape[1] // tq
   q_seg = jnp.zeros(qp.shape[:2], jnp.int32)  # unused (no segments)
-  big = jnp.int32(_UNBOUNDED)
-  # each head's columns: sorted, repeats and -1 to the end as padding
-  cols = jnp.sort(jnp.where(vertical_idx >= 0, vertical_idx, big), -1)
-  prev = jnp.concatenate([jnp.full_like(cols[..., :1], -1), cols[..., :-1]], -1)
-  cols = jnp.sort(jnp.where(cols == prev, big, cols), -1)
-  cols = _pad_to(cols, 2, bkv, _UNBOUNDED)  # [B, H, nv_pad]
+  cols = _pad_to(_sorted_unique(vertical_idx), 2, bkv, _UNBOUNDED)  # [B, H, nv_pad]
   kp, vp = _pad_to(k, 1, bkv), _pad_to(v, 1, bkv)
   sp = kp.shape[1]
   vflag = jnp.zeros((b, h, sp + 1), jnp.int32).at[
