@@ -628,6 +628,10 @@ def main(argv=None) -> int:
   unknown = ops - set(OPS)
   if unknown:
     p.error(f"unknown --ops {sorted(unknown)}; valid: {', '.join(OPS)}")
+  have = sorted({s[1] for name in ops for s in GRIDS[grid][name]})
+  if a.lengths and not set(a.lengths) & set(have):
+    p.error(f"--lengths {' '.join(map(str, a.lengths))}: no shape of the {grid!r} grid for "
+            f"--ops {','.join(sorted(ops))} has that T; its lengths: {', '.join(map(str, have))}")
   results = run(grid, dtype, reps, ops, not a.no_bwd, stream=sys.stdout if a.stream else None,
                 decays=tuple(a.decays.split(",")),
                 rows=tuple(a.rows.split(",")) if a.rows else None, check=not a.no_check,

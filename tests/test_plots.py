@@ -77,7 +77,8 @@ def test_kernels_benchmark_block_sparse_beside_dense(tmp_path):
 
 def test_kernels_benchmark_profile_and_lengths(tmp_path, capsys):
   """--profile adds each row's kernel time from a trace (here the host's XLA ops), printed in
-  the table and read back by `plots`; --lengths keeps the grid's shapes of those T."""
+  the table and read back by `plots`; --lengths keeps the grid's shapes of those T, and
+  lengths no shape has are one error line naming the grid's lengths."""
   from longax.benchmarks import kernels
   from longax.benchmarks.plots import _text_rows
   out = tmp_path / "k.json"
@@ -88,8 +89,12 @@ def test_kernels_benchmark_profile_and_lengths(tmp_path, capsys):
   assert len(rows) == 3 and all(r["fwd_dev_ms"] > 0 and r["fwd_bwd_dev_ms"] > 0 for r in rows)
   back = _text_rows(capsys.readouterr().out)
   assert [r["fwd_dev_ms"] for r in back] == [float(f"{r['fwd_dev_ms']:.3g}") for r in rows]
-  assert kernels.main(["--quick", "--ops", "block_sparse_attention", "--lengths", "99"]) == 0
-  assert "block_sparse" not in capsys.readouterr().out
+  with pytest.raises(SystemExit) as e:
+    kernels.main(["--quick", "--ops", "block_sparse_attention", "--lengths", "99"])
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert e.value.code == 2 and err.endswith(
+      "--lengths 99: no shape of the 'quick' grid for --ops block_sparse_attention has that T; "
+      "its lengths: 256")
 
 
 def test_kernels_benchmark_nsa_and_vertical_slash(tmp_path):
