@@ -91,11 +91,14 @@ def _row_pairs(lists, tp, sp, bq, bkv):
   return grow(cover) > 0, grow(masked)
 
 
-def _key_pairs(lists, t, tp, bq, bkv, group):
-  """dk/dv lists [B|1, Hkv, tiles, wgs, G * n_q] (n_q = ceil(T / bq)) -> (covered, masked)
-  [B|1, H, Tp, Sp]."""
+def _key_pairs(lists, t, tp, sp, bq, bkv, group):
+  """dk/dv lists [B|1, Hkv, tiles * splits, wgs, G * n_q] (n_q = ceil(T / bq); a tile's
+  splits hold parts of its steps) -> (covered, masked) [B|1, H, Tp, Sp]."""
   n_q = -(-t // bq)
   cover, masked = _onehot_cover(lists, group * n_q)
+  tiles = sp // (cover.shape[-2] * bkv)
+  per_tile = lambda x: x.reshape(*x.shape[:2], tiles, -1, *x.shape[3:])
+  cover, masked = per_tile(cover).sum(3), per_tile(masked).any(3)
 
   def grow(x):  # [B, Hkv, tiles, wgs, G * n_q] -> [B, H, Tp, tiles * wgs * bkv]
     x = x.reshape(*x.shape[:2], -1, group, n_q)  # [B, Hkv, key blocks, G, n_q]
@@ -174,7 +177,8 @@ def _emulate_dq(q, k, v, do, lse, delta, q_seg, k_seg, pb, lists=None):
 
 def _emulate_dkv(q, k, v, do, lse, delta, q_seg, k_seg, pb, lists=None):
   blk = pb.blocks
-  pairs = lists and (*_key_pairs(lists, pb.t, q.shape[1], blk.bwd_block_q, blk.bwd_block_kv,
+  pairs = lists and (*_key_pairs(lists, pb.t, q.shape[1], k.shape[1], blk.bwd_block_q,
+                                blk.bwd_block_kv,
                                 pb.group), _rows_selected(lists, pb, k.shape[1]))
   return _emulated_grads(q, k, v, do, lse, delta, q_seg, k_seg, pb, pairs)[1:]
 

@@ -156,7 +156,13 @@ def test_lists_hold_each_seen_block_once(case):
   n_q = -(-t // bq)
   flat = np.asarray(_onehot_cover(lists.dkv, g * n_q)[0])
   _union_is_own(steps, own, counts, flat, "dkv")
-  cover = flat.reshape(*counts.shape[:3], wgs, g, n_q)
+  tiles = -(-s // (wgs * bkv))  # each tile's steps cut into splits by ranges of their numbers
+  splits = counts.shape[2] // tiles
+  span = -(-g * n_q // splits)
+  for idx in np.ndindex(*counts.shape[:3]):
+    part = steps[idx][:counts[idx][0]]
+    assert np.all(part // span == idx[2] % splits), ("dkv split", idx)
+  cover = flat.reshape(*counts.shape[:2], tiles, splits, wgs, g, n_q).sum(3)
   for b, kvh, tile, w, gg, qb in np.ndindex(*cover.shape):
     key0 = (tile * wgs + w) * bkv
     on = dense[b, kvh * g + gg, qb * bq:(qb + 1) * bq, key0:key0 + bkv]

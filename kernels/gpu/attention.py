@@ -69,12 +69,15 @@ class Blocks:
   bwd_stages: int = 2
   bwd_wgs: int = 2
   pingpong: bool = True  # forward with wgs=2: the warpgroups alternate on the tensor cores
+  bwd_splits: int = 0  # dk/dv CTAs per key tile (each a share of its query steps, partial sums
+  #   added after): 0 picks by occupancy (`_dkv_splits`)
 
   def __post_init__(self):
     for name in ("block_q", "block_kv", "bwd_block_q", "bwd_block_kv"):
       if getattr(self, name) % 64:
         raise ValueError(f"Blocks.{name}={getattr(self, name)} must be a multiple of 64")
-    if min(self.stages, self.bwd_stages) < 1 or self.wgs not in (1, 2) or self.bwd_wgs not in (1, 2):
+    if (min(self.stages, self.bwd_stages) < 1 or self.wgs not in (1, 2) or self.bwd_wgs not in (1, 2)
+        or self.bwd_splits < 0):
       raise ValueError(f"bad pipeline settings {self}")
 
 
@@ -790,10 +793,37 @@ def _backward_dq(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem, lists: _Li
   )(q, k, v, do, lse, delta, q_seg, k_seg, *_list_args(lists))
 
 
+_SMS = 132  # an H100 SXM's SMs: the dk/dv split aims at a CTA per SM
+
+
+def _dkv_splits(pb: _Problem, ctas: int, n: int, lists: bool) -> int:
+  """dk/dv CTAs per key tile (`Blocks.bwd_splits`, else picked): ctas = B x Hkv x key tiles,
+  n = G x n_q query steps a tile may take. Without lists a split takes a share of the group's
+  query heads (a divisor of G): the fewest for a CTA per SM (the compressed branch of NSA,
+  one KV head and T / 16 keys: 32 CTAs at 64k). With lists a split takes a range of the steps'
+  numbers, and rows listing their own blocks (NSA's selected blocks, where a block every token
+  selects makes one tile's list as long as the sequence) split every ~1024 numbers, at most 16."""
+  want = pb.blocks.bwd_splits
+  if not lists:
+    divisors = [d for d in range(1, pb.group + 1) if pb.group % d == 0]
+    if want:
+      if want not in divisors:
+        raise ValueError(f"Blocks.bwd_splits={want} must divide the {pb.group} query heads per KV head")
+      return want
+    return next((d for d in divisors if ctas * d >= _SMS), pb.group)
+  if want:
+    return max(1, min(want, n))
+  occupancy = -(-_SMS // ctas)
+  balance = min(16, -(-n // 1024)) if pb.select_block is not None or pb.rows_per_pos > 1 else 1
+  return max(1, min(n, max(occupancy, balance)))
+
+
 def _backward_dkv(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem,
                   lists: _Lists | None = None):
   """dk, dv [B, Sp, Hkv, D]: per key tile of one KV head, stream the query blocks of every
-  query head of its group that see it (or `lists`: steps g * n_q + query block)."""
+  query head of its group that see it (or `lists`: steps g * n_q + query block). A tile's
+  steps may go to several CTAs (`_dkv_splits`: query heads, or ranges of the lists' steps),
+  whose partial sums are added after."""
   bsz, tp, heads, d = q.shape
   sp, kv_heads = k.shape[1], k.shape[2]
   blk = pb.blocks
@@ -803,22 +833,31 @@ def _backward_dkv(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem,
   softmax = spec.kind == "softmax"
   group = pb.group
   select = pb.select_block is not None
+  tiles = sp // (wgs * bkv)
+  if lists is None:
+    splits_n = _dkv_splits(pb, bsz * kv_heads * tiles, group * n_q, lists=False)
+  else:  # the lists were cut per split: [.., tiles * splits, ..]
+    splits_n = lists.steps.shape[2] // tiles
+  heads_per = group // splits_n if lists is None else group
 
   def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, *refs):
     list_refs, (dk_ref, dv_ref, smem, bars) = _list_refs(refs, lists)
     k_smem2, v_smem2, ks_smem2, q_smem, do_smem, stat_smem, qs_smem, *sel_smem = smem
     k_bars, q_bars, free = bars
     b, kvh, wg = lax.axis_index("batch"), lax.axis_index("kv_heads"), lax.axis_index("wg")
-    key0 = lax.axis_index("kv_seq") * (wgs * bkv)
+    cta = lax.axis_index("kv_seq")  # key tile * splits + split
+    part = lax.rem(cta, jnp.int32(splits_n))
+    key0 = lax.div(cta, jnp.int32(splits_n)) * (wgs * bkv)
     if list_refs is None:
       q_lo, nqs, splits = _q_schedule(pb, key0, bkv, wgs, bq, n_q)
-      n = nqs * group
+      n = nqs * heads_per
+      g0 = kvh * group + part * heads_per  # this split's first query head
 
       def where(i):  # step -> (query head, first query row)
         g = lax.div(i, jnp.maximum(nqs, 1))
-        return kvh * group + g, (q_lo + i - g * nqs) * bq
+        return g0 + g, (q_lo + i - g * nqs) * bq
     else:
-      steps = _Listed.at(list_refs, b, kvh, lax.axis_index("kv_seq"))
+      steps = _Listed.at(list_refs, b, kvh, cta)
       n = steps.n
 
       def where(i):  # step -> (query head, first query row): block g * n_q + query block
@@ -905,14 +944,14 @@ def _backward_dkv(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem,
 
         # traced bounds: a while loop (a fori_loop with static bounds becomes a scan, whose
         # carry layouts Mosaic GPU's inference does not resolve here)
-        dk, dv = lax.fori_loop(0, group, per_head, (zeros, zeros))
+        dk, dv = lax.fori_loop(0, heads_per, per_head, (zeros, zeros))
       else:
         dk, dv = steps.run(wg, step, skip, (zeros, zeros))
       k_smem[...] = (dk * spec.scale).astype(dtype)
       v_smem[...] = dv.astype(dtype)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[b, rows, kvh])
-      plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, rows, kvh])
+      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[part, b, rows, kvh])
+      plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[part, b, rows, kvh])
       plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == wgs)
@@ -943,17 +982,21 @@ def _backward_dkv(q, k, v, do, lse, delta, q_seg, k_seg, pb: _Problem,
   bars = (plgpu.Barrier(num_arrivals=2 + pb.segments, num_barriers=wgs),
           plgpu.Barrier(num_arrivals=n_copies, num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages))
-  kv_shape = jax.ShapeDtypeStruct(k.shape, dtype)
-  return kernel(
+  kv_shape = jax.ShapeDtypeStruct((splits_n,) + k.shape, dtype)
+  dk, dv = kernel(
       body,
       out_type=[kv_shape, kv_shape],
       scratch_types=[smem, bars],
-      grid=(kv_heads, sp // (wgs * bkv), bsz),
+      grid=(kv_heads, tiles * splits_n, bsz),
       grid_names=("kv_heads", "kv_seq", "batch"),
       num_threads=wgs + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
   )(q, k, v, do, lse, delta, q_seg, k_seg, *_list_args(lists))
+  if splits_n == 1:
+    return dk[0], dv[0]
+  add = lambda x: jnp.sum(x, 0, dtype=jnp.float32).astype(dtype)
+  return add(dk), add(dv)
 
 
 # ---------------------------------------------------------------------------- the op
@@ -1199,9 +1242,11 @@ def _row_lists(mask, pb: _Problem, tq: int, bq: int, wgs: int, bkv: int, block_q
 def _key_lists(mask, pb: _Problem, bq: int, wgs: int, bkv: int, sp: int, heads: int,
                block_q: int, block_k: int):
   """The dk/dv kernel's lists: per key tile of wgs x bkv keys of one KV head, the query
-  blocks (bq rows) of each query head g of its group, as g * n_q + query block."""
+  blocks (bq rows) of each query head g of its group, as g * n_q + query block; each tile's
+  steps cut into `_dkv_splits` CTAs by ranges of that number ([.., tiles * splits, ..])."""
   n_q, kv_heads = -(-pb.t // bq), heads // pb.group
-  key0 = (np.arange(sp // (wgs * bkv))[:, None] * wgs + np.arange(wgs)) * bkv  # [tiles, wgs]
+  tiles = sp // (wgs * bkv)
+  key0 = (np.arange(tiles)[:, None] * wgs + np.arange(wgs)) * bkv  # [tiles, wgs]
   q0 = np.arange(n_q) * bq
   first, last = pb.pos(q0), pb.pos(np.minimum(q0 + bq, pb.t) - 1)
   xp = np if isinstance(mask, np.ndarray) else jnp
@@ -1215,8 +1260,21 @@ def _key_lists(mask, pb: _Problem, bq: int, wgs: int, bkv: int, sp: int, heads: 
   full = (key0[..., None] + bkv <= pb.s) & ((key0[..., None] + bkv - 1 <= first)
                                              if pb.spec.causal else True)
   seen, full = seen[..., None, :], full[..., None, :]  # over G
-  flat = lambda x: x.reshape(*x.shape[:-2], -1)
-  return _lists(flat(bits & seen), flat(~(full & whole) & seen))
+  n = pb.group * n_q
+  splits = _dkv_splits(pb, mask.shape[0] * kv_heads * tiles, n, lists=True)
+  span = -(-n // splits)
+
+  def cut(x):  # [.., tiles, wgs, G, n_q] -> [.., tiles * splits, wgs, span]
+    x = x.reshape(*x.shape[:-2], n)
+    widths = [(0, 0)] * (x.ndim - 1) + [(0, span * splits - n)]
+    x = xp.pad(x, widths).reshape(*x.shape[:-1], splits, span)
+    x = xp.moveaxis(x, -2, -3)  # [.., tiles, splits, wgs, span]
+    return x.reshape(*x.shape[:-4], tiles * splits, wgs, span)
+
+  own, masked = cut(bits & seen), cut(~(full & whole) & seen)
+  lists = _lists(own, masked)
+  base = jnp.asarray(np.arange(tiles * splits) % splits * span, jnp.int32)  # the split's first
+  return lists._replace(steps=lists.steps + base[:, None])
 
 
 def _sparse_lists(block_mask, pb: _Problem, heads: int, block_q: int, block_k: int):
