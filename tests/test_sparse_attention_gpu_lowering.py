@@ -10,6 +10,8 @@ against the reference; so do MInference's vertical-slash passes (`vertical_slash
 of the file; their lists checked against the pattern's definition). ~2 min on 2 cores. Running the kernels is checked on the device
 (`tests/gpu/test_sparse_attention_gpu.py`)."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -308,6 +310,48 @@ def test_selected_lowers_forward_and_backward(case):
   lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, idx).lower(
       lowering_platforms=("cuda",))
   assert lowered.as_text().count("mosaic_gpu") >= 3
+
+
+# (B, T, S, H, Hkv, block_size, n, causal, shared, blocks): shared tiles with G = 16, 4, 1 and
+# 6 (rows padded to 8), a token per tile, selection blocks of two kernel key blocks, T < S
+SEL_LISTS = [(1, 300, 300, 16, 1, 64, 5, True, True, None),
+             (2, 37, 200, 4, 1, 64, 3, True, True, None),
+             (1, 150, 150, 4, 4, 64, 2, True, True, gpu.Blocks(block_kv=64, wgs=1, bwd_wgs=1)),
+             (1, 70, 300, 12, 2, 128, 5, False, True, None),
+             (1, 45, 300, 8, 2, 64, 4, True, False, None),
+             (1, 90, 250, 8, 1, 128, 3, True, True, gpu.Blocks(block_kv=64))]
+
+
+@pytest.mark.parametrize("case", SEL_LISTS, ids=str)
+def test_selected_lists_from_indices_equal_the_masks(case):
+  """Traced indices build the forward / dq lists from a tile's own candidates
+  (`_selected_row_lists`): the same steps, own positions and counts as from the [T, blocks]
+  mask (`_row_lists`), every field compared exactly."""
+  b, t, s, h, hkv, bs, n, causal, shared, blocks = case
+  rng = np.random.default_rng(t * s)
+  idx = _block_indices(rng, b, t, hkv, n, -(-s // bs))
+  idx[:, ::5, :, 1 % n] = -(-s // bs)  # past the last block: unused, as -1
+  g = h // hkv
+  rows = gpu.selected_rows(g, shared)
+  blk = blocks or gpu.sparse_blocks(64, rows, bs)
+  qf = jnp.zeros((b, t * rows, hkv, 64))
+  pb = gpu._problem(qf, jnp.zeros((b, s, hkv, 64)), _spec("softmax", causal, 64), None, blk,
+                    rows, bs if rows < 64 else None)
+  tq = math.lcm(blk.wgs * blk.block_q, blk.bwd_wgs * blk.bwd_block_q)
+  mask = jnp.asarray(gpu._selected_mask(idx, -(-s // bs)))  # traced-style (jnp) lists
+  for bq, wgs, bkv in ((blk.block_q, blk.wgs, blk.block_kv),
+                       (blk.bwd_block_q, blk.bwd_wgs, blk.bwd_block_kv)):
+    want = gpu._row_lists(mask, pb, tq, bq, wgs, bkv, rows, bs)
+    got = jax.jit(lambda i: gpu._selected_row_lists(i, pb, tq, bq, wgs, bkv, bs))(jnp.asarray(idx))
+    w_steps, w_own, w_counts = (np.asarray(x) for x in want[:3])
+    g_steps, g_own, g_counts = (np.asarray(x) for x in got[:3])
+    np.testing.assert_array_equal(g_counts, w_counts)
+    for at in np.ndindex(*w_counts.shape[:3]):
+      m = w_counts[at][0]
+      np.testing.assert_array_equal(g_steps[at][:m], w_steps[at][:m], err_msg=str(at))
+      for w in range(wgs):
+        k = w_counts[at][1 + 2 * w]
+        np.testing.assert_array_equal(g_own[at][w, :k], w_own[at][w, :k], err_msg=str((at, w)))
 
 
 # (B, T, S, H, Hkv, block_size, n, causal, shared), D = 16 (emulated: any head dim)

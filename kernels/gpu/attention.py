@@ -1353,6 +1353,35 @@ def _selected_mask(block_indices, n_blocks: int):
   return on[..., :n_blocks]
 
 
+def _selected_row_lists(block_indices, pb: _Problem, tq: int, bq: int, wgs: int, bkv: int,
+                        block_size: int) -> _Lists:
+  """`_row_lists` of NSA's selected blocks built from traced indices [B, T, Hkv, n]: a tile's
+  candidate key blocks are its tokens' selected ones (sorted, repeats dropped), so the lists'
+  sorts run over wgs x tokens x n x (block_size / bkv) candidates per tile instead of every
+  key block, and no [T, blocks] mask is built. The same lists as from the mask (tested)."""
+  b, t, hkv, _ = block_indices.shape
+  rows, r, nkb = pb.rows_per_pos, block_size // bkv, -(-pb.s // bkv)
+  per_wg = max(1, bq // rows)  # tokens per warpgroup
+  tiles = -(-pb.t // tq) * tq // (wgs * bq)
+  row0 = (np.arange(tiles)[:, None] * wgs + np.arange(wgs)) * bq  # [tiles, wgs]
+  tok = np.minimum(row0[..., None] // rows + np.arange(per_wg), t - 1)  # [tiles, wgs, per_wg]
+  idx = jnp.swapaxes(jnp.asarray(block_indices, jnp.int32), 1, 2)[:, :, tok]  # [B, Hkv, tiles, wgs, per_wg, n]
+  kb = idx[..., None] * r + np.arange(r)  # the kernel's key blocks of each selected block
+  kb = jnp.where((idx[..., None] >= 0) & (kb < nkb), kb, nkb).reshape(b, hkv, tiles, -1)
+  cand = jnp.sort(kb, -1)
+  repeat = jnp.concatenate([jnp.zeros_like(cand[..., :1], bool), cand[..., 1:] == cand[..., :-1]], -1)
+  cand = jnp.sort(jnp.where(repeat, nkb, cand), -1)  # [B, Hkv, tiles, C]: unique, ascending, then nkb
+  valid = (cand < nkb)[:, :, :, None, :]  # over wgs
+  hit = jnp.any(idx[..., None] == (cand // r)[:, :, :, None, None, None, :], -2)  # [.., wgs, per_wg, C]
+  bits, whole = hit.any(-2) & valid, hit.all(-2)
+  key0 = cand[:, :, :, None, :] * bkv
+  first, last = (x[..., None] for x in (pb.pos(row0), pb.pos(np.minimum(row0 + bq, pb.t) - 1)))
+  seen = valid & (row0 < pb.t)[..., None] & ((key0 <= last) if pb.spec.causal else True)
+  full = (key0 + bkv <= pb.s) & ((key0 + bkv - 1 <= first) if pb.spec.causal else True)
+  lists = _lists(bits & seen, ~(full & whole) & seen)
+  return lists._replace(steps=jnp.take_along_axis(cand, lists.steps, -1))
+
+
 def selected_pallas(q, k, v, block_indices, spec, *, block_size: int, blocks=None,
                     shared: bool = True):
   """`selected_block_attention` on the block-sparse kernels (see `selected_unsupported`).
@@ -1377,8 +1406,15 @@ def selected_pallas(q, k, v, block_indices, spec, *, block_size: int, blocks=Non
   blk = blocks or sparse_blocks(d, rows, block_size)
   pb = _problem(qf, k, spec, None, blk, rows, block_size if rows < 64 else None)
   lists = _sparse_lists(mask, pb, hkv, rows, block_size)
+  tq = math.lcm(blk.wgs * blk.block_q, blk.bwd_wgs * blk.bwd_block_q)
+  if concrete(block_indices) is None:  # traced: the forward and dq lists from the indices
+    row_lists = functools.partial(_selected_row_lists, block_indices, pb, tq,
+                                  block_size=block_size)
+    fwd = row_lists(blk.block_q, blk.wgs, blk.block_kv)
+    same = (blk.block_q, blk.wgs, blk.block_kv) == (blk.bwd_block_q, blk.bwd_wgs, blk.bwd_block_kv)
+    lists = lists._replace(fwd=fwd, dq=fwd if same else row_lists(
+        blk.bwd_block_q, blk.bwd_wgs, blk.bwd_block_kv))
   if pb.select_block is not None:  # each row's own blocks: [B, Hkv, n, Tp] (-1 past T)
-    tq = math.lcm(blk.wgs * blk.block_q, blk.bwd_wgs * blk.bwd_block_q)
     per_row = jnp.repeat(jnp.asarray(block_indices, jnp.int32), rows, axis=1)
     per_row = _pad_to(jnp.transpose(per_row, (0, 2, 3, 1)), 3, tq, -1)
     lists = _SparseLists(*(x._replace(rows=per_row) for x in lists))
