@@ -1233,10 +1233,18 @@ def _row_lists(mask, pb: _Problem, tq: int, bq: int, wgs: int, bkv: int, block_q
   key0 = np.arange(-(-pb.s // bkv)) * bkv  # [nkb]
   sel = mask[:, :, _op_rows(row0, bq, block_q, mask.shape[2])][..., key0 // block_k]
   bits, whole = sel.any(-2), sel.all(-2)  # [B|1, H|1, tiles, wgs, nkb]
-  first, last = pb.pos(row0), pb.pos(np.minimum(row0 + bq, pb.t) - 1)
-  seen = (row0 < pb.t)[..., None] & ((key0 <= last[..., None]) if pb.spec.causal else True)
-  full = (key0 + bkv <= pb.s) & ((key0 + bkv - 1 <= first[..., None]) if pb.spec.causal else True)
+  seen, full = _row_visibility(pb, row0, bq, key0, bkv)
   return _lists(bits & seen, ~(full & whole) & seen)
+
+
+def _row_visibility(pb: _Problem, row0, bq: int, key0, bkv: int):
+  """Warpgroups of bq query rows from row0 [tiles, wgs] against key blocks of bkv keys from
+  key0 (broadcasting against [tiles, wgs, 1]): (seen: some pair visible under the causal rule,
+  rows past T none; full: every pair visible and no padded key)."""
+  first, last = (x[..., None] for x in (pb.pos(row0), pb.pos(np.minimum(row0 + bq, pb.t) - 1)))
+  seen = (row0 < pb.t)[..., None] & ((key0 <= last) if pb.spec.causal else True)
+  full = (key0 + bkv <= pb.s) & ((key0 + bkv - 1 <= first) if pb.spec.causal else True)
+  return seen, full
 
 
 def _key_lists(mask, pb: _Problem, bq: int, wgs: int, bkv: int, sp: int, heads: int,
@@ -1374,10 +1382,8 @@ def _selected_row_lists(block_indices, pb: _Problem, tq: int, bq: int, wgs: int,
   valid = (cand < nkb)[:, :, :, None, :]  # over wgs
   hit = jnp.any(idx[..., None] == (cand // r)[:, :, :, None, None, None, :], -2)  # [.., wgs, per_wg, C]
   bits, whole = hit.any(-2) & valid, hit.all(-2)
-  key0 = cand[:, :, :, None, :] * bkv
-  first, last = (x[..., None] for x in (pb.pos(row0), pb.pos(np.minimum(row0 + bq, pb.t) - 1)))
-  seen = valid & (row0 < pb.t)[..., None] & ((key0 <= last) if pb.spec.causal else True)
-  full = (key0 + bkv <= pb.s) & ((key0 + bkv - 1 <= first) if pb.spec.causal else True)
+  seen, full = _row_visibility(pb, row0, bq, cand[:, :, :, None, :] * bkv, bkv)
+  seen = seen & valid
   lists = _lists(bits & seen, ~(full & whole) & seen)
   return lists._replace(steps=jnp.take_along_axis(cand, lists.steps, -1))
 
