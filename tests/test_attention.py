@@ -250,11 +250,25 @@ def test_pallas_needs_hopper(monkeypatch):
 @pytest.mark.parametrize("kw,msg", [(dict(block_q=96), "Blocks.block_q=96 must be a multiple of 64"),
                                     (dict(bwd_block_kv=32), "Blocks.bwd_block_kv=32 must be a multiple of 64"),
                                     (dict(wgs=3), "bad pipeline settings"),
-                                    (dict(stages=0), "bad pipeline settings")])
+                                    (dict(stages=0), "bad pipeline settings"),
+                                    (dict(bwd_splits=-1), "bad pipeline settings")])
 def test_kernel_blocks_errors(kw, msg):
   from longax.kernels.gpu.attention import Blocks
   with pytest.raises(ValueError, match=msg):
     Blocks(**kw)
+
+
+def test_kernel_bwd_splits_must_divide_the_group():
+  """A dk/dv split of the dense schedule takes whole query heads of a KV group."""
+  import dataclasses
+  from longax.kernels.attention import AttnSpec
+  from longax.kernels.gpu import attention as gpu
+  x = jnp.zeros((1, 128, 4, 64))
+  spec = AttnSpec("softmax", True, 0.1, None, 0, None, 0.0)
+  pb = gpu._problem(x, x[:, :, :1], spec, None, dataclasses.replace(gpu.Blocks(), bwd_splits=3))
+  with pytest.raises(ValueError, match="Blocks.bwd_splits=3 must divide the 4 query heads per KV head"):
+    gpu._dkv_splits(pb, 1, 8, lists=False)
+  assert gpu._dkv_splits(dataclasses.replace(pb, blocks=gpu.Blocks(bwd_splits=2)), 1, 8, lists=False) == 2
 
 
 def test_attention_benchmark_rejects_unknown_impl(capsys):

@@ -1285,17 +1285,22 @@ def _key_lists(mask, pb: _Problem, bq: int, wgs: int, bkv: int, sp: int, heads: 
   return lists._replace(steps=lists.steps + base[:, None])
 
 
-def _sparse_lists(block_mask, pb: _Problem, heads: int, block_q: int, block_k: int):
-  """The three kernels' lists from the op's block mask (numpy where it is concrete)."""
+def _sparse_lists(block_mask, pb: _Problem, heads: int, block_q: int, block_k: int,
+                  row_lists=None):
+  """The three kernels' lists from the op's block mask (numpy where it is concrete).
+  row_lists(bq, wgs, bkv) -> `_Lists`: the forward / dq lists built another way (NSA's
+  selected blocks from their indices), else from the mask; one build where both tile alike."""
   blk = pb.blocks
   tq = math.lcm(blk.wgs * blk.block_q, blk.bwd_wgs * blk.bwd_block_q)
   sp = -(-pb.s // _key_multiple(blk)) * _key_multiple(blk)
   mask = concrete(block_mask)
   mask = jnp.asarray(block_mask) if mask is None else mask.astype(bool)
   sizes = dict(block_q=block_q, block_k=block_k)
+  rows = functools.cache(row_lists or (lambda bq, wgs, bkv: _row_lists(mask, pb, tq, bq, wgs, bkv,
+                                                                       **sizes)))
   return _SparseLists(
-      _row_lists(mask, pb, tq, blk.block_q, blk.wgs, blk.block_kv, **sizes),
-      _row_lists(mask, pb, tq, blk.bwd_block_q, blk.bwd_wgs, blk.bwd_block_kv, **sizes),
+      rows(blk.block_q, blk.wgs, blk.block_kv),
+      rows(blk.bwd_block_q, blk.bwd_wgs, blk.bwd_block_kv),
       _key_lists(mask, pb, blk.bwd_block_q, blk.bwd_wgs, blk.bwd_block_kv, sp, heads, **sizes))
 
 
@@ -1411,15 +1416,12 @@ def selected_pallas(q, k, v, block_indices, spec, *, block_size: int, blocks=Non
   mask = _selected_mask(block_indices, -(-s_len // block_size))
   blk = blocks or sparse_blocks(d, rows, block_size)
   pb = _problem(qf, k, spec, None, blk, rows, block_size if rows < 64 else None)
-  lists = _sparse_lists(mask, pb, hkv, rows, block_size)
   tq = math.lcm(blk.wgs * blk.block_q, blk.bwd_wgs * blk.bwd_block_q)
-  if concrete(block_indices) is None:  # traced: the forward and dq lists from the indices
+  row_lists = None  # traced indices: the forward and dq lists from the indices themselves
+  if concrete(block_indices) is None:
     row_lists = functools.partial(_selected_row_lists, block_indices, pb, tq,
                                   block_size=block_size)
-    fwd = row_lists(blk.block_q, blk.wgs, blk.block_kv)
-    same = (blk.block_q, blk.wgs, blk.block_kv) == (blk.bwd_block_q, blk.bwd_wgs, blk.bwd_block_kv)
-    lists = lists._replace(fwd=fwd, dq=fwd if same else row_lists(
-        blk.bwd_block_q, blk.bwd_wgs, blk.bwd_block_kv))
+  lists = _sparse_lists(mask, pb, hkv, rows, block_size, row_lists)
   if pb.select_block is not None:  # each row's own blocks: [B, Hkv, n, Tp] (-1 past T)
     per_row = jnp.repeat(jnp.asarray(block_indices, jnp.int32), rows, axis=1)
     per_row = _pad_to(jnp.transpose(per_row, (0, 2, 3, 1)), 3, tq, -1)
