@@ -105,3 +105,36 @@ def test_cli_flag_errors(tmp_path, capsys):
     assert main(base + args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and msg in err[0], err
+
+
+@pytest.mark.slow
+def test_benchmark_on_a_passkey_run(tmp_path, capsys):
+  """The benchmark's passkey branch end to end: with a budget covering every key the sparse
+  prefill's answers equal the dense ones on every prompt (the rows say so)."""
+  import json
+  from longax.benchmarks.sparse_prefill import main
+  from longax.train import Trainer
+  from longax.train import config as C
+  cfg = C.override(C.load(str(ROOT / "tests" / "tiny_train_config.py")),
+                   ["data.task=passkey", "data.vocab_size=32", "model.max_len=64", "train.steps=1",
+                    "train.eval_every=100"])
+  Trainer(cfg, tmp_path / "run").run()
+  out = tmp_path / "rows.json"
+  assert main(["--workdir", str(tmp_path / "run"), "--kinds", "vertical_slash", "--budgets", "64",
+               "--n", "3", "--depths", "0.25,0.75", "--out", str(out)]) == 0
+  rows = json.loads(out.read_text())["rows"]
+  assert [(r["prefill"], r["prompts"]) for r in rows] == [
+      ("dense", "L=32,depth=0.25"), ("dense", "L=32,depth=0.75"),
+      ("vertical_slash", "L=32,depth=0.25"), ("vertical_slash", "L=32,depth=0.75")]
+  assert all(r["agrees"] == 1.0 and r["tokens"] == 29 for r in rows), rows
+
+
+def test_benchmark_flag_errors(tmp_path, capsys):
+  """One line each, before any model loads (the run folder does not exist)."""
+  from longax.benchmarks.sparse_prefill import main
+  for args, msg in [(["--depths", "2"], "--depths 2: each must be in [0, 1]"),
+                    (["--lengths", "8,x"], "--lengths 8,x: comma-separated numbers"),
+                    (["--budgets", "0"], "--budgets 0: each must be in [1, inf]")]:
+    assert main(["--workdir", str(tmp_path / "none")] + args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0], err
