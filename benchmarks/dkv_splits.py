@@ -4,7 +4,7 @@
     python -m longax.benchmarks.dkv_splits [--shapes 1x1024,1x2048,1x4096,4x2048] [--reps 10]
 
 Shapes are BxT with H16 Hkv4 D128 bf16, causal; the gradient call of a float32 vdot loss.
-Device time is the sum of the traced kernels per call (`benchmarks/profile.py`).
+Device time is the sum of the traced kernels per call (`profile.device_time`).
 """
 
 from __future__ import annotations
@@ -12,20 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import tempfile
-
-
-def _device_ms(f, args, reps: int) -> float:
-  import jax
-  from longax.benchmarks.profile import options, summarize
-  for _ in range(3):
-    jax.block_until_ready(f(*args))
-  trace = tempfile.mkdtemp()
-  with jax.profiler.trace(trace, profiler_options=options()):
-    for _ in range(reps):
-      out = f(*args)
-    jax.block_until_ready(out)
-  return summarize(trace, steps=reps, top=10**6, device="/device:GPU:0")["total_ms_per_step"]
 
 
 def main(argv=None) -> int:
@@ -46,6 +32,7 @@ def main(argv=None) -> int:
     return 2
   from longax import kernels as K
   from longax.benchmarks.kernels import _attention_inputs
+  from longax.benchmarks.profile import device_time
   from longax.kernels.gpu import attention as G
   base = G.TUNED[128]
   print("B T      rule_ms  one_cta_ms  one_cta/rule")
@@ -58,7 +45,7 @@ def main(argv=None) -> int:
       try:
         grad = jax.jit(jax.grad(lambda ct, q, k, v: jnp.vdot(ct, K.attention(q, k, v).astype(jnp.float32)),
                                 argnums=(1, 2, 3)))
-        ms.append(_device_ms(grad, (ct, q, k, v), a.reps))
+        ms.append(device_time(lambda: grad(ct, q, k, v), a.reps)["total_ms_per_step"])
       finally:
         G.TUNED[128] = base
     print(f"{b} {t:<6} {ms[0]:8.4f}  {ms[1]:10.4f}  {ms[1] / ms[0]:12.3f}", flush=True)
