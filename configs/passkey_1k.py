@@ -9,7 +9,9 @@ filler (13-63), the question (1) at the end: the loss counts the key's digits. T
 softmax layers (two heads of 128, the Hopper kernels' head size), so every layer is one the
 sparse prefill makes sparse. `max_len` leaves room for the answer after the prompt.
 On an H100 (2026-11-26) eval accuracy was 0.95 at step 250 and 1.0 from step 750. The same
-model at 8k tokens (batch 16, lr 1e-3, 600 steps) stayed at chance (loss 2.2, ln 10 = 2.3).
+model at 8k tokens (batch 16, lr 1e-3, 600 steps) stayed at chance (loss 2.2, ln 10 = 2.3);
+to reach 8k, go on from this run (`--set train.init_from=runs/passkey_1k --set
+data.seq_len=8192 --set model.max_len=8256`; not yet measured).
 """
 
 from longax.models import LMConfig

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import pathlib
 import sys
 
@@ -128,20 +127,17 @@ def load_model(workdir: pathlib.Path, streaming: str | tuple[int, int] | None = 
   checkpoint (unreadable ones are skipped with a warning)."""
   streaming = parse_streaming(streaming) if isinstance(streaming, str) else streaming
   cfg, run = read_config(workdir, streaming)
-  ckpt, steps = workdir / "checkpoints", checkpoint_steps(workdir)
-  import orbax.checkpoint as ocp
+  ckpt = workdir / "checkpoints"
+  checkpoint_steps(workdir)  # none: one line
   from flax import nnx
   from longax.models import LM
-  from longax.train.workdir import restore_newest
+  from longax.train.workdir import read_params
   model = LM(cfg, rngs=nnx.Rngs(0))
-  logging.getLogger("absl").setLevel(logging.ERROR)
-  mngr = ocp.CheckpointManager(ckpt.absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
-  restore = lambda step: mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  restored, _, tried = restore_newest(steps, restore, ckpt)
+  restored, _, tried = read_params(workdir)
   if restored is None:
     raise UsageError(f"no checkpoint in {ckpt} restores (tried steps {', '.join(map(str, tried))})")
   params = nnx.state(model, nnx.Param)
-  nnx.replace_by_pure_dict(params, restored["state"]["params"])
+  nnx.replace_by_pure_dict(params, restored)
   nnx.update(model, params)
   return model, run
 

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -352,3 +354,46 @@ def test_train_benchmark_warns_on_a_peer_of_another_size(tmp_path, capsys):
   (tmp_path / "run.json").write_text(json.dumps(dict(parameters=365270208)))
   bench.check_param_count(cfg, tmp_path / "run.json")
   assert capsys.readouterr().err == ""
+
+
+def test_init_from_starts_from_another_runs_parameters(tmp_path, capsys):
+  """train.init_from: a fresh run at a longer seq_len takes the short run's newest parameters
+  (every leaf equal), a new optimizer state and step 0; a resume ignores it."""
+  from longax.train import Trainer
+  from longax.train import config as C
+  from longax.train.workdir import read_params
+  base = C.load(str(ROOT / "tests" / "tiny_train_config.py"))
+  Trainer(C.override(base, ["train.steps=2", "train.eval_every=100"]), tmp_path / "short").run()
+  src, step, _ = read_params(tmp_path / "short")
+  assert step == 2
+  long = C.override(base, ["data.seq_len=64", "model.max_len=64", "train.steps=1",
+                           "train.eval_every=100", f"train.init_from={tmp_path / 'short'}"])
+  t = Trainer(long, tmp_path / "long")
+  state = t._params_from(t._init_state(), str(tmp_path / "short"))
+  flat = lambda tree: {jax.tree_util.keystr(p).replace("'", ""): np.asarray(x)
+                       for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  mine, theirs = flat(state["params"]), flat(src)
+  assert mine.keys() == theirs.keys() and all(np.array_equal(mine[k], theirs[k]) for k in mine)
+  assert int(state["step"]) == 0
+  assert all(float(jnp.sum(jnp.abs(x))) == 0 for x in jax.tree.leaves(state["opt"])
+             if jnp.issubdtype(x.dtype, jnp.floating))  # Adam's moments start at zero
+  capsys.readouterr()
+  assert Trainer(long, tmp_path / "long").run()["start_step"] == 0
+  assert f"parameters from {tmp_path / 'short'} (step 2)" in capsys.readouterr().err
+  resumed = C.override(long, ["train.steps=2"])
+  assert Trainer(resumed, tmp_path / "long").run()["start_step"] == 1
+  assert "parameters from" not in capsys.readouterr().err
+
+
+def test_init_from_errors_are_one_line(tmp_path):
+  from longax.train import Trainer
+  from longax.train import config as C
+  from longax.train.trainer import CheckpointError
+  base = C.load(str(ROOT / "tests" / "tiny_train_config.py"))
+  with pytest.raises(C.ConfigError, match="train.init_from=.*: must be a run folder with a checkpoint"):
+    C.validate(C.override(base, [f"train.init_from={tmp_path / 'none'}"]))
+  Trainer(C.override(base, ["train.steps=1", "train.eval_every=100"]), tmp_path / "short").run()
+  wider = C.override(base, ["model.d_ff=96", f"train.init_from={tmp_path / 'short'}"])
+  with pytest.raises(CheckpointError, match=r"parameter blocks/0/mlp/down/kernel has shape \(64, 32\) there, \(96, 32\) here"):
+    Trainer(wider, tmp_path / "wide").run()
+  assert not (tmp_path / "wide").exists()  # refused before anything was written

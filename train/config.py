@@ -69,6 +69,8 @@ class TrainConfig:
   stop_after: int | None = None  # stop cleanly (checkpoint, exit) after this step, as if signalled
   sp_attention: str = "ring"  # ring | ulysses: attention layers when mesh.sequence > 1
   sp_layout: str = "contiguous"  # contiguous | zigzag: how the sequence splits over devices
+  init_from: str | None = None  # a run folder: a fresh run starts from the parameters of its
+  #   newest checkpoint (same shapes; optimizer and step anew), e.g. a longer seq_len next
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +110,7 @@ RULES = model_config.RULES | {
                       keep_checkpoints=at_least(1), seed=at_least(0),
                       remat=one_of("none", "block"), stop_after=at_least(1, none=True),
                       sp_attention=one_of("ring", "ulysses"),
-                      sp_layout=one_of("contiguous", "zigzag")),
+                      sp_layout=one_of("contiguous", "zigzag"), init_from=text(none=True)),
     MeshConfig: dict(data=_MESH_SIZE, fsdp=_MESH_SIZE, tensor=_MESH_SIZE,
                      sequence=_MESH_SIZE),
     ExperimentConfig: dict(name=lambda v: None if isinstance(v, str) and v and "/" not in v
@@ -152,6 +154,10 @@ def validate(cfg: ExperimentConfig, n_devices: int | None = None) -> ExperimentC
                      f"= {sizes['data'] * sizes['fsdp']} (the batch is split over them)")
   if sizes.get("sequence", 1) > 1:
     check_sequence_parallel(cfg, sizes["sequence"])
+  src = cfg.train.init_from
+  if src is not None and not any(p.name.isdigit() for p in (pathlib.Path(src) / "checkpoints").glob("*")):
+    raise FieldError("train.init_from", src, "must be a run folder with a checkpoint "
+                     "(checkpoints/<step>)")
   return cfg
 
 

@@ -40,7 +40,7 @@ from longax.models import LM, flops_per_token
 from longax.models.sharding import shardings
 from longax.train.config import AXES, ExperimentConfig, MeshConfig, mesh_sizes, to_dict, validate
 from longax.train.data import Dataset
-from longax.train.workdir import move_aside, restore_newest
+from longax.train.workdir import move_aside, read_params, restore_newest
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
               "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12}
 
@@ -232,6 +232,30 @@ class Trainer:
     self._mngr = self._manager()
     return state, 0
 
+  def _params_from(self, state, src: str):
+    """A fresh run's state with `train.init_from`'s newest parameters (every name and shape
+    as this model's; cast to its dtypes) and a new optimizer state."""
+    params, step, tried = read_params(src)
+    if params is None:
+      raise CheckpointError(f"train.init_from={src!r}: no checkpoint there restores"
+                            + (f" (tried steps {', '.join(map(str, tried))})" if tried else ""))
+    name = lambda path: "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    flat = lambda tree: {name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    mine, theirs = flat(state["params"]), flat(params)  # by name: restored list keys are strings
+    problem = next((f"parameter {n} is {'missing there' if n in mine else 'not in this model'}"
+                    for n in sorted(set(mine) ^ set(theirs))), None) or next(
+        (f"parameter {n} has shape {tuple(theirs[n].shape)} there, {tuple(x.shape)} here"
+         for n, x in mine.items() if tuple(theirs[n].shape) != tuple(x.shape)), None)
+    if problem:
+      raise CheckpointError(f"train.init_from={src!r}: {problem}")
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.asarray(theirs[name(p)], x.dtype), state["params"])
+    state = dict(params=params, opt=self.tx.init(params), step=state["step"])
+    if self.lead:
+      print(f"longax: parameters from {src} (step {step}); optimizer and step start anew",
+            file=sys.stderr)
+    return jax.device_put(state, self.state_shardings)
+
   # ------------------------------------------------------------------ logging
   def _open_logs(self, start: int):
     self.workdir.mkdir(parents=True, exist_ok=True)
@@ -279,6 +303,10 @@ class Trainer:
   def run(self) -> dict:
     cfg, tc = self.cfg, self.cfg.train
     state = self._init_state()
+    own = self.workdir / "checkpoints"
+    if tc.init_from is not None and (self.fresh or not (
+        own.is_dir() and any(p.name.isdigit() for p in own.iterdir()))):  # a resume ignores it
+      state = self._params_from(state, tc.init_from)  # checked before anything is written
     self._build_step()
     self._mngr = self._manager()
     try:

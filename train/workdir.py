@@ -7,6 +7,8 @@
   deleted), so a later run sees the same checkpoints.
 - `move_aside(folder, tag)`: `checkpoints` -> `checkpoints.<tag>-<timestamp>` (kept), for
   `--fresh`.
+- `read_params(path)`: the parameters of a run folder's newest readable checkpoint
+  (inference, and a run's `train.init_from`).
 """
 
 from __future__ import annotations
@@ -120,3 +122,21 @@ def move_aside(folder: pathlib.Path, tag: str) -> pathlib.Path:
     n += 1
   folder.rename(target)
   return target
+
+
+def read_params(workdir: str | pathlib.Path):
+  """(parameters as a pure dict, step, unreadable steps) of a run folder's newest checkpoint
+  that restores; (None, None, tried) when none does (or there is none)."""
+  import orbax.checkpoint as ocp
+  ckpt = pathlib.Path(workdir) / "checkpoints"
+  steps = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
+  if not steps:
+    return None, None, []
+  logging.getLogger("absl").setLevel(logging.ERROR)
+  mngr = ocp.CheckpointManager(ckpt.absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
+  restore = lambda step: mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  try:
+    out, step, tried = restore_newest(steps, restore, ckpt)
+  finally:
+    mngr.close()
+  return (None if out is None else out["state"]["params"]), step, tried
