@@ -4,6 +4,7 @@
     python -m longax.benchmarks.plots kernels RESULTS [RESULTS ...] --out kernels.png
     python -m longax.benchmarks.plots sp SP.json [SP.json ...] --out sp.png
     python -m longax.benchmarks.plots sparse RESULTS [RESULTS ...] --out sparse.png
+    python -m longax.benchmarks.plots prefill ROWS.json [--prompts L=1024,depth=0.5] --out prefill.png
 
 `mqar`: a training run's learning curve from RUN_DIR/metrics.jsonl: loss and answer
 accuracy against step, train (every `log_every`) and eval (every `eval_every`); with several
@@ -17,6 +18,10 @@ the sequence length T, from `kernels --ops nsa,vertical_slash` results: one line
 pass) (NSA forward, NSA forward+backward, vertical-slash forward), a dashed line at 1.
 The sparse row is `--impl` (default longax.auto, else longax.xla), the dense one `--dense`
 (default: the case's fastest `dense.*` row); a case missing either (e.g. `oom`) is no point.
+`prefill`: a sparse prefill's recall against the share of causal pairs it keeps, from
+`python -m longax.benchmarks.sparse_prefill --out` files: accuracy and agreement with the
+dense prefill's answers, one line per kind (the dense prefill a point at 1), for one group
+of prompts (`--prompts`, default the first).
 `sp`: sequence-parallel scaling from `python -m longax.benchmarks.sequence_parallel --out`
 files: forward+backward efficiency and tokens/s per device against the device count P, one
 line per (op, layout, implementation), strong and weak scaling side by side.
@@ -289,6 +294,43 @@ def plot_sparse(paths: list[pathlib.Path], out: pathlib.Path, title: str | None 
   plt.close(fig)
 
 
+def plot_prefill(path: pathlib.Path, out: pathlib.Path, title: str | None = None,
+                 prompts: str | None = None) -> None:
+  try:
+    run = json.loads(path.read_text())
+    rows = run["rows"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise PlotError(f"{path}: not a `benchmarks.sparse_prefill --out` file ({type(e).__name__})") from None
+  groups = list(dict.fromkeys(r["prompts"] for r in rows))
+  prompts = prompts or groups[0]
+  rows = [r for r in rows if r["prompts"] == prompts]
+  if not rows:
+    raise PlotError(f"--prompts {prompts}: not in {path} (it has {', '.join(groups)})")
+  plt = _figure()
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharex=True)
+  kinds = list(dict.fromkeys(r["prefill"] for r in rows))
+  for ax, key, label in zip(axes, ("accuracy", "agrees"), ("accuracy", "answers = dense")):
+    for kind in kinds:
+      pts = sorted((r["pairs_kept"], r[key]) for r in rows if r["prefill"] == kind)
+      style = "s" if kind == "dense" else "o-"
+      ax.plot([x for x, _ in pts], [y for _, y in pts], style, label=kind)
+      if kind != "dense":
+        for r in rows:
+          if r["prefill"] == kind:
+            ax.annotate(str(r["budget"]), (r["pairs_kept"], r[key]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+    ax.set_xlabel("causal (query, key) pairs kept")
+    ax.set_ylabel(label)
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8)
+  fig.suptitle(title or f"sparse prefill: {run.get('task', '?')}, {prompts} "
+               f"(labels: keys per query)", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+
+
 def read_sp(paths: list[pathlib.Path]) -> list[dict]:
   """The timed rows of `sequence_parallel --out` files."""
   rows = []
@@ -366,7 +408,10 @@ def main(argv=None) -> int:
   sa.add_argument("--impl", default=None,
                   help="the sparse row (default longax.auto, else longax.xla)")
   sa.add_argument("--dense", default=None, help="the dense row (default: the fastest dense.*)")
-  for q in (m, k, sp, sa):
+  pf = sub.add_parser("prefill", help="sparse prefill recall from `benchmarks.sparse_prefill --out`")
+  pf.add_argument("results", type=pathlib.Path, help="its --out JSON file")
+  pf.add_argument("--prompts", default=None, help="the group of prompts (default the first)")
+  for q in (m, k, sp, sa, pf):
     q.add_argument("--out", type=pathlib.Path, required=True, help="the PNG to write")
     q.add_argument("--title", default=None)
   a = p.parse_args(argv)
@@ -375,6 +420,8 @@ def main(argv=None) -> int:
       plot_mqar(a.run_dir if len(a.run_dir) > 1 else a.run_dir[0], a.out, a.title)
     elif a.what == "sp":
       plot_sp(a.results, a.out, a.title)
+    elif a.what == "prefill":
+      plot_prefill(a.results, a.out, a.title, a.prompts)
     elif a.what == "sparse":
       plot_sparse(a.results, a.out, a.title, a.impl, a.dense)
     else:

@@ -248,3 +248,25 @@ def test_sp_bad_input_is_one_line(tmp_path, capsys, content, msg):
   assert plots.main(["sp", str(js), "--out", str(tmp_path / "x.png")]) == 2
   err = capsys.readouterr().err
   assert msg in err and err.count("\n") == 1
+
+
+def test_prefill_plot_and_its_errors(tmp_path, capsys):
+  rows = [dict(prefill=k, budget=b, prompts=g, tokens=100, accuracy=a, agrees=a, pairs_kept=f)
+          for g in ("L=100,depth=0.5", "L=100,depth=0.9")
+          for k, b, a, f in [("dense", 100, 1.0, 1.0), ("vertical_slash", 8, 0.5, 0.2),
+                             ("vertical_slash", 32, 1.0, 0.6)]]
+  res = tmp_path / "rows.json"
+  res.write_text(json.dumps(dict(task="passkey", rows=rows)))
+  out = tmp_path / "prefill.png"
+  assert plots.main(["prefill", str(res), "--prompts", "L=100,depth=0.9", "--out", str(out)]) == 0
+  _png(out)
+  capsys.readouterr()
+  for args, msg in [(["--prompts", "nope"], "--prompts nope: not in"),
+                    (["--prompts", "x"], "--prompts x: not in")]:
+    assert plots.main(["prefill", str(res), *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {msg}") and err.count("\n") == 1
+  bad = tmp_path / "bad.json"
+  bad.write_text("[1, 2]")
+  assert plots.main(["prefill", str(bad), "--out", str(out)]) == 2
+  assert "not a `benchmarks.sparse_prefill --out` file" in capsys.readouterr().err
