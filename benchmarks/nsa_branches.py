@@ -1,7 +1,7 @@
 """NSA's attention core piece by piece on a Hopper GPU (B1 H16 Hkv1 D128 bf16, the paper's
 selection: l=32, d=16, l'=64, n=16, w=512), device time per call from a profiler trace.
 
-    python -m longax.benchmarks.nsa_branches [--length 65536] [--sections parts,splits,variants]
+    python -m longax.benchmarks.nsa_branches [--length 65536] [--sections parts,splits,variants,groups]
 
 - `parts`: each forward piece alone (compression, compressed branch, selection, selected
   blocks, window), the whole `NSA.attend` forward and fwd+bwd, and dense causal attention.
@@ -11,6 +11,9 @@ selection: l=32, d=16, l'=64, n=16, w=512), device time per call from a profiler
 - `variants`: the selected-block forward's union of neighbouring tokens' blocks (blocks per
   4-token tile) and the kernel on the layer's selection vs a coherent one (every 4 tokens
   sharing their first token's blocks), shared 4-token tiles vs one token per tile.
+- `groups`: the selected blocks at GQA groups G = 1, 4, 16 (H16 with Hkv 16, 4, 1), forward
+  and fwd+bwd, on the token tiles (`selected_pallas`) and key-centric (`_selected_keyed`,
+  Flash Sparse Attention's loading), each on its layer's selection.
 The inputs are random normal, so the selection is the one random scores give.
 """
 
@@ -20,7 +23,7 @@ import argparse
 import dataclasses
 import sys
 
-SECTIONS = ("parts", "splits", "variants")
+SECTIONS = ("parts", "splits", "variants", "groups")
 
 
 def main(argv=None) -> int:
@@ -39,8 +42,9 @@ def main(argv=None) -> int:
     print(f"error: --length {a.length}: a multiple of 64, >= 1024", file=sys.stderr)
     return 2
   import jax
-  if jax.default_backend() != "gpu" and ("splits" in sections or "variants" in sections):
-    print("error: --sections splits / variants need a Hopper GPU (the Mosaic GPU kernels)", file=sys.stderr)
+  if jax.default_backend() != "gpu" and set(sections) - {"parts"}:
+    print("error: --sections splits / variants / groups need a Hopper GPU (the Mosaic GPU kernels)",
+          file=sys.stderr)
     return 2
   bench = _Bench(a.length, a.reps)
   for s in sections:
@@ -156,6 +160,30 @@ class _Bench:
                           ("coherent selection, 4-token tiles", coherent, {})]:
       self._show(name, jax.jit(lambda q, k, v, i, kw=kw: G.selected_pallas(q, k, v, i, spec, block_size=bs, **kw)),
                  self.q, self.k, self.v, sel)
+
+  def groups(self):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from longax.kernels import sparse_attention as SA
+    from longax.kernels.attention import AttnSpec
+    from longax.layers import NSA
+    h, d, t = 16, self.d, self.t
+    spec = AttnSpec("softmax", True, d ** -0.5, None, 0, None, 0.0)
+    print("groups (selected blocks; token tiles vs key-centric):", flush=True)
+    for hkv in (16, 4, 1):
+      ks = jax.random.split(jax.random.key(1), 3)
+      k = jax.random.normal(ks[0], (1, t, hkv, d), jnp.bfloat16)
+      v = jax.random.normal(ks[1], (1, t, hkv, d), jnp.bfloat16)
+      layer = NSA(h * d, h, hkv, head_dim=d, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
+                  param_dtype=jnp.float32)
+      idx = jax.jit(lambda q, k, v: layer.select(q, k, v))(self.q, k, v)
+      bs = layer.select_block
+      for name, keyed in (("token tiles", False), ("key-centric", True)):
+        f = lambda q, k, v, keyed=keyed: SA._selected_gpu(q, k, v, idx, spec, block_size=bs,
+                                                         key_centric=keyed)
+        self._show(f"G={h // hkv} {name}", jax.jit(f), self.q, k, v)
+        self._show(f"G={h // hkv} {name} fwd+bwd", self._grad(f), self.q, k, v)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ key j <= that position. A query row that sees no key gives 0.
   (int32 [B, T, Hkv, n], -1 unused, repeats count once), shared by a KV group's heads.
   impl="pallas": the same Hopper kernels, a token's query heads folded into query rows (64/G
   tokens to a tile, each row masked by its own token's blocks) and its blocks a row of a
-  block mask (`selected_pallas`).
+  block mask (`selected_pallas`); or key-centric, as Flash Sparse Attention loads small
+  groups (`_selected_keyed`: each block's tokens gathered into chunks on the dense kernel,
+  merged by lse; `SELECTED_KEYED_MAX_GROUP`, off until timed on the device).
 - `compressed_importance`: NSA's selection scores, the compressed branch's probabilities
   summed over a KV group's heads (q [B, T, H, D], compressed keys [B, N, Hkv, D] at positions
   j*stride + block_size - 1, the branch's own lse [B, T, H] -> [B, T, Hkv, N] float32), so
@@ -46,6 +48,7 @@ impl="pallas" on TPU, "pallas_interpret" on CPU), their step tables built from t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -221,6 +224,81 @@ def _selected_xla(q, k, v, block_indices, spec: AttnSpec, *, block_size: int, q_
   return rearrange(o, "b k t g d -> b t (k g) d").astype(q.dtype)
 
 
+def _selected_keyed(q, k, v, block_indices, spec: AttnSpec, *, block_size: int, attend,
+                    rows: int = 128):
+  """`selected_block_attention` loaded key-centric, as Flash Sparse Attention does for small
+  GQA groups: the (token, selected block) pairs are sorted by block, each block's tokens
+  gathered into chunks of `rows` query rows (rows / G tokens x their G heads), and every
+  chunk attends to its one block as a batch element of a dense, non-causal call; the own
+  block (the causal diagonal) runs as block-diagonal causal attention; the partial outputs
+  are merged by their log-sum-exp. No tile walks the union of several tokens' blocks, so
+  every MMA row is a useful one, at the price of the gathered q / k and the partial outputs
+  ([T, n, H, D] in all) in memory.
+  attend(q [N, R, Hq, D], k [N, S', Hk, D], v, causal) -> (o [N, R, Hq, D], lse [N, R, Hq]
+  natural log, -inf where a row sees nothing): the dense kernel (or the XLA path). Takes
+  T == S when causal (training, prefill), S a multiple of block_size when not
+  (`keyed_unsupported`)."""
+  b, t, h, d = q.shape
+  s_len, hkv = k.shape[1], k.shape[2]
+  g, bs, n = h // hkv, block_size, block_indices.shape[-1]
+  nb = -(-s_len // bs)
+  tpc = rows // g  # tokens per chunk
+  idx = _dedupe(block_indices)  # [B, T, Hkv, n]
+  own = (jnp.arange(t, dtype=jnp.int32) // bs)[None, :, None, None]
+  past = (idx >= 0) & ((idx < own) if spec.causal else True)  # fully visible pairs
+  own_on = jnp.any(idx == own, axis=-1) if spec.causal else None  # [B, T, Hkv]
+  # every pair's group: (batch, KV head, block), past pairs first by group, the rest last
+  groups = b * hkv * nb
+  bk = (jnp.arange(b)[:, None, None, None] * hkv + jnp.arange(hkv)[None, None, :, None])
+  key = jnp.where(past, bk * nb + idx, groups).reshape(-1)  # [B*T*Hkv*n], order (b, t, kv, s)
+  order = jnp.argsort(key, stable=True)
+  count = jnp.bincount(key, length=groups + 1)[:groups]
+  first = jnp.cumsum(count) - count  # each group's first sorted pair
+  chunk0 = jnp.cumsum(-(-count // tpc)) - (-(-count // tpc))  # each group's first chunk
+  n_chunks = -(-key.size // tpc) + groups  # static bound: whole chunks + one partial per group
+  sk = key[order]
+  live = sk < groups
+  skc = jnp.minimum(sk, groups - 1)
+  rank = jnp.arange(key.size) - first[skc]
+  chunk = jnp.where(live, chunk0[skc] + rank // tpc, n_chunks)  # n_chunks: dropped
+  slot = rank % tpc
+  pair_b, pair_t = order // (t * hkv * n), (order // (hkv * n)) % t
+  pair_kv = (order // n) % hkv
+  qg = q.reshape(b, t, hkv, g, d)[pair_b, pair_t, pair_kv]  # [P, G, D] in sorted order
+  q_chunks = jnp.zeros((n_chunks, tpc, g, d), q.dtype).at[chunk, slot].set(qg, mode="drop")
+  chunk_group = jnp.zeros((n_chunks,), jnp.int32).at[chunk].set(skc, mode="drop")
+  kb = jnp.pad(k, ((0, 0), (0, nb * bs - s_len), (0, 0), (0, 0))).reshape(b, nb, bs, hkv, d)
+  vb = jnp.pad(v, ((0, 0), (0, nb * bs - s_len), (0, 0), (0, 0))).reshape(b, nb, bs, hkv, -1)
+  cb, ckv, cblk = chunk_group // (hkv * nb), (chunk_group // nb) % hkv, chunk_group % nb
+  # the chunks as heads of one batch row (a grid axis without the 65535 limit of batch's)
+  heads = lambda x: jnp.moveaxis(x, 0, 1)[None]  # [N, R, D] -> [1, R, N, D]
+  o_c, lse_c = attend(heads(q_chunks.reshape(n_chunks, tpc * g, d)), heads(kb[cb, cblk, :, ckv]),
+                      heads(vb[cb, cblk, :, ckv]), False)
+  o_c, lse_c = jnp.moveaxis(o_c[0], 1, 0), jnp.moveaxis(lse_c[0], 1, 0)  # [N, R, Dv], [N, R]
+  # each pair's partial (o, lse) back in (b, t, kv, s) order; pairs not past: lse = -inf
+  inv = jnp.zeros_like(order).at[order].set(jnp.arange(key.size))
+  at_c, at_s = chunk[inv], slot[inv]  # [P] in natural order
+  ok = (at_c < n_chunks)[:, None]
+  o_p = o_c.reshape(n_chunks, tpc, g, -1)[jnp.minimum(at_c, n_chunks - 1), at_s]  # [P, G, Dv]
+  lse_p = jnp.where(ok, lse_c.reshape(n_chunks, tpc, g)[jnp.minimum(at_c, n_chunks - 1), at_s],
+                    -jnp.inf)
+  o_p = o_p.reshape(b, t, hkv, n, g, -1)
+  lse_p = lse_p.reshape(b, t, hkv, n, g)
+  if spec.causal:  # the own block: causal attention within each block of bs tokens
+    tp = nb * bs
+    qo = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0))).reshape(b * nb, bs, h, d)
+    o_o, lse_o = attend(qo, kb.reshape(b * nb, bs, hkv, d), vb.reshape(b * nb, bs, hkv, -1), True)
+    o_o = o_o.reshape(b, tp, hkv, 1, g, -1)[:, :t]
+    lse_o = jnp.where(own_on[..., None, None], lse_o.reshape(b, tp, hkv, 1, g)[:, :t], -jnp.inf)
+    o_p, lse_p = jnp.concatenate([o_p, o_o], 3), jnp.concatenate([lse_p, lse_o], 3)
+  m = jnp.max(lse_p, axis=3, keepdims=True)
+  m = jnp.where(jnp.isneginf(m), 0.0, m)  # a row that sees nothing: weights exp(-inf) = 0
+  w = jnp.exp(lse_p - m)
+  w = w / jnp.maximum(jnp.sum(w, axis=3, keepdims=True), jnp.finfo(jnp.float32).tiny)
+  o = jnp.sum(w[..., None] * o_p.astype(jnp.float32), axis=3)  # [B, T, Hkv, G, Dv]
+  return o.reshape(b, t, h, -1).astype(q.dtype)
+
+
 def _vertical_slash_xla(q, k, v, vertical_idx, slash_idx, spec: AttnSpec):
   b, t, h, _ = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
@@ -362,7 +440,51 @@ register_kernels("block_sparse_attention",
                  gpu=(_gpu.block_sparse_pallas, _gpu.block_sparse_unsupported),
                  tpu=(_tpu.block_sparse_pallas, _tpu.block_sparse_unsupported),
                  interpret=(_tpu.block_sparse_interpret, _tpu.block_sparse_unsupported_interpret))
-register_kernels("selected_block_attention", gpu=(_gpu.selected_pallas, _gpu.selected_unsupported))
+# Key-centric loading (`_selected_keyed`, Flash Sparse Attention's) for KV groups of at most
+# this many query heads on the Hopper kernels; above it, the token tiles of `selected_pallas`.
+# 0: never, until timed on the device against the token tiles (NOTES.md, session 8: the
+# prediction is a win for small groups, where 64 / G tokens share a tile and walk the union
+# of their blocks); `tests/gpu/test_sparse_attention_gpu.py -k keyed` covers it.
+SELECTED_KEYED_MAX_GROUP = 0
+
+
+def keyed_unsupported(q, k, spec: AttnSpec, block_size: int) -> str | None:
+  """Why `_selected_keyed` does not take a call (None: it does)."""
+  if spec.causal and q.shape[1] != k.shape[1]:
+    return f"causal with T={q.shape[1]} != S={k.shape[1]} (its own-block pass tiles T as S)"
+  if not spec.causal and k.shape[1] % block_size:
+    return f"non-causal with S={k.shape[1]} not a multiple of block_size={block_size}"
+  return None
+
+
+def _kernel_attend(scale: float, block_size: int):
+  """`_selected_keyed`'s dense calls on the Hopper attention kernel (one step of
+  `block_size` keys per chunk where it is 64 or 128)."""
+  def attend(q, k, v, causal):
+    spec = AttnSpec("softmax", causal, scale, None, 0, None, 0.0)
+    blk = _gpu.blocks_for(q.shape[-1])
+    if block_size in (64, 128):
+      blk = dataclasses.replace(blk, block_kv=block_size)
+    return _gpu.attention_pallas(q, k, v, None, None, None, None, spec, blocks=blk,
+                                 return_lse=True)
+  return attend
+
+
+def _selected_gpu(q, k, v, block_indices, spec: AttnSpec, *, block_size: int,
+                  key_centric: bool | None = None):
+  """selected_block_attention on the Hopper kernels: key-centric loading where
+  `key_centric` (default: the group is at most SELECTED_KEYED_MAX_GROUP heads) and the
+  call allows it (T == S when causal), else the token tiles (`selected_pallas`)."""
+  g = q.shape[2] // k.shape[2]
+  if key_centric is None:
+    key_centric = g <= SELECTED_KEYED_MAX_GROUP
+  if key_centric and keyed_unsupported(q, k, spec, block_size) is None:
+    return _selected_keyed(q, k, v, block_indices, spec, block_size=block_size,
+                           attend=_kernel_attend(spec.scale, block_size), rows=128)
+  return _gpu.selected_pallas(q, k, v, block_indices, spec, block_size=block_size)
+
+
+register_kernels("selected_block_attention", gpu=(_selected_gpu, _gpu.selected_unsupported))
 register_kernels("compressed_importance", gpu=(_gpu.importance_pallas, _gpu.importance_unsupported))
 register_kernels("vertical_slash_attention",
                  gpu=(_gpu.vertical_slash_pallas, _gpu.vertical_slash_unsupported))

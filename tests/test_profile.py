@@ -39,9 +39,10 @@ def test_train_benchmark_says_why_no_rate(monkeypatch, capsys):
 @pytest.mark.parametrize("module,args,msg", [
     ("dkv_splits", ["--shapes", "1x"], "--shapes 1x: comma-separated BxT"),
     ("dkv_splits", ["--shapes", "1x1024"], "needs a Hopper GPU"),
-    ("nsa_branches", ["--sections", "parts,nope"], "'nope' is not one of parts, splits, variants"),
+    ("nsa_branches", ["--sections", "parts,nope"], "'nope' is not one of parts, splits, variants, groups"),
     ("nsa_branches", ["--length", "1000"], "--length 1000: a multiple of 64, >= 1024"),
     ("nsa_branches", ["--sections", "splits"], "need a Hopper GPU"),
+    ("nsa_branches", ["--sections", "parts,groups"], "splits / variants / groups need a Hopper GPU"),
 ])
 def test_gpu_timing_scripts_bad_flags_are_one_line(module, args, msg, capsys):
   """The device-only timing scripts refuse bad flags (and the CPU) in one line, exit 2."""

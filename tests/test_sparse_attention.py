@@ -170,6 +170,58 @@ def test_selected_q_positions(rand):
     selected_block_attention(q, k, v, idx, block_size=8, q_positions=jnp.arange(4))
 
 
+# (B, T, S, H, Hkv, D, block_size, n, rows): key-centric loading; small rows make many chunks
+KEYED_CASES = [
+    ((2, 37, 37, 4, 4, 8, 8, 3, 8), dict()),  # G=1, ragged last block, 8 tokens per chunk
+    ((1, 50, 50, 8, 2, 8, 16, 4, 16), dict()),  # G=4: 4 tokens per chunk
+    ((1, 29, 32, 4, 2, 8, 8, 2, 4), dict(causal=False, scale=0.3)),  # T < S, non-causal
+]
+
+
+def _xla_attend(scale, block_size=None):
+  return lambda q, k, v, causal: attention(q, k, v, causal=causal, scale=scale, impl="xla",
+                                           return_lse=True)
+
+
+@pytest.mark.parametrize("shape,opts", KEYED_CASES, ids=str)
+def test_selected_keyed_matches_reference_f32(rand, shape, opts):
+  """Key-centric loading (pairs sorted by block, each block's tokens gathered into chunks,
+  the own block as block-diagonal causal attention, merged by lse) on the XLA attention
+  path: forward and gradients equal the reference, -1 and repeats included."""
+  from longax.kernels import sparse_attention as SA
+  from longax.kernels.attention import AttnSpec
+  b, t, s, h, hkv, d, bs, n, rows = shape
+  q, k, v = _qkv(rand, b, t, s, h, hkv, d)
+  idx = _block_indices(rand, b, t, hkv, n, -(-s // bs))
+  causal, scale = opts.get("causal", True), opts.get("scale", d**-0.5)
+  spec = AttnSpec("softmax", causal, scale, None, 0, None, 0.0)
+  assert SA.keyed_unsupported(q, k, spec, bs) is None
+  keyed = lambda q, k, v: SA._selected_keyed(q, k, v, idx, spec, block_size=bs,
+                                             attend=_xla_attend(scale), rows=rows)
+  ref = lambda q, k, v: selected_block_attention(q, k, v, idx, block_size=bs, impl="reference",
+                                                 **opts)
+  compare(keyed, ref, (q, k, v), (0, 1, 2), jnp.float32, str(opts))
+
+
+def test_selected_keyed_dispatch_and_limits(rand, monkeypatch):
+  """The Hopper entry takes key-centric loading where asked (its dense calls replaced by the
+  XLA path here, on the CPU) and says why it cannot."""
+  from longax.kernels import sparse_attention as SA
+  from longax.kernels.attention import AttnSpec
+  q, k, v = _qkv(rand, 1, 40, 40, 4, 4, 8)
+  idx = _block_indices(rand, 1, 40, 4, 2, 5)
+  spec = AttnSpec("softmax", True, 8**-0.5, None, 0, None, 0.0)
+  monkeypatch.setattr(SA, "_kernel_attend", _xla_attend)
+  got = SA._selected_gpu(q, k, v, idx, spec, block_size=8, key_centric=True)
+  assert_close(got, selected_block_attention(q, k, v, idx, block_size=8, impl="reference"))
+  short = q[:, :30]
+  assert SA.keyed_unsupported(short, k, spec, 8) == (
+      "causal with T=30 != S=40 (its own-block pass tiles T as S)")
+  free = AttnSpec("softmax", False, 0.3, None, 0, None, 0.0)
+  assert SA.keyed_unsupported(q, k[:, :36], free, 8) == (
+      "non-causal with S=36 not a multiple of block_size=8")
+
+
 # ------------------------------------------------------------------------- vertical-slash
 
 

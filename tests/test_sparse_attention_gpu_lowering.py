@@ -392,7 +392,8 @@ def test_selected_dispatch(monkeypatch):
   call = lambda d=128, dt=jnp.bfloat16, h=16, bs=64, pos=False: dict(
       q=jnp.zeros((1, 128, h, d), dt), k=jnp.zeros((1, 128, 1, d), dt),
       v=jnp.zeros((1, 128, 1, d), dt), spec=spec, block_size=bs, explicit_positions=pos)
-  take = lambda **kw: resolve("selected_block_attention", "auto", call(**kw)) is gpu.selected_pallas
+  from longax.kernels import sparse_attention as SA
+  take = lambda **kw: resolve("selected_block_attention", "auto", call(**kw)) is SA._selected_gpu
   assert take() and take(d=64, dt=jnp.float16, h=1) and take(h=64, bs=128)
   assert not (take(dt=jnp.float32) or take(d=256) or take(bs=32) or take(h=128) or take(pos=True))
   x = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)

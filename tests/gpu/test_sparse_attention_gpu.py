@@ -191,6 +191,22 @@ def test_selected_one_token_per_tile(rand, shape):
   compare(got, _selected(idx, shape, "reference"), (q, k, v), (0, 1, 2), 2e-2, str(shape))
 
 
+@pytest.mark.parametrize("shape", SELECTED, ids=str)
+def test_selected_keyed_matches_reference(rand, shape):
+  """Key-centric loading (`_selected_keyed`: each block's tokens gathered into 128-row
+  chunks on the dense kernel, the own block block-diagonal causal, merged by lse)."""
+  from longax.kernels import sparse_attention as SA
+  from longax.kernels.attention import AttnSpec
+  b, t, s, h, hkv, d, bs, n = shape
+  q, k, v = (rand.normal(sh, jnp.bfloat16) for sh in ((b, t, h, d), (b, s, hkv, d), (b, s, hkv, d)))
+  idx = _block_indices(shape, seed=t + 2)
+  spec = AttnSpec("softmax", True, d**-0.5, None, 0, None, 0.0)
+  if SA.keyed_unsupported(q, k, spec, bs) is not None:
+    pytest.skip(SA.keyed_unsupported(q, k, spec, bs))
+  got = lambda q, k, v: SA._selected_gpu(q, k, v, idx, spec, block_size=bs, key_centric=True)
+  compare(got, _selected(idx, shape, "reference"), (q, k, v), (0, 1, 2), 2e-2, str(shape))
+
+
 def test_selected_traced_indices_non_causal_and_f16(rand):
   """Indices that are an argument of the jitted function (lists over every block, as the
   layer's), float16, and causal=False."""
@@ -233,8 +249,9 @@ def test_selected_auto_takes_the_kernel():
   call = lambda dt: dict(q=jnp.zeros((1, 256, 16, 128), dt), k=jnp.zeros((1, 256, 1, 128), dt),
                          v=jnp.zeros((1, 256, 1, 128), dt), spec=spec, block_size=64,
                          explicit_positions=False)
-  assert resolve("selected_block_attention", "auto", call(jnp.bfloat16)) is gpu.selected_pallas
-  assert resolve("selected_block_attention", "auto", call(jnp.float32)) is not gpu.selected_pallas
+  from longax.kernels import sparse_attention as SA
+  assert resolve("selected_block_attention", "auto", call(jnp.bfloat16)) is SA._selected_gpu
+  assert resolve("selected_block_attention", "auto", call(jnp.float32)) is not SA._selected_gpu
 
 
 # ------------------------------------------------------------------ NSA's attention core
