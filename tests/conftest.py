@@ -26,6 +26,15 @@ jax.config.update("jax_default_matmul_precision", "highest")
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
 
+def pytest_collection_modifyitems(config, items):
+  """Tests marked `long` (10 s or more: subprocesses, simulated meshes) run first. xdist's
+  load scheduler hands tests out in collection order, so one of them collected last (the
+  sequence-parallel training test was) keeps one worker busy while the other idles; run
+  first, the short tests after them even the two workers out. (A stable sort: the rest
+  keep their order.)"""
+  items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 def needs_hopper(devices: int = 1):
   """The skip marker of the GPU kernel tests (tests/gpu): `devices` Hopper GPUs, asked of the
   kernels' own check (`longax.kernels.gpu.not_on_hopper`)."""
@@ -74,8 +83,8 @@ class Rand:
     return jnp.sum(jnp.arange(t)[None, :, None] >= cuts[:, None, :], axis=-1).astype(jnp.int32)
 
 
-def probe_grads(fn, args, argnums, seed=123):
-  """Gradients of <fn(*args), R> for a fixed random projection R of each output leaf."""
+def _probe_loss(fn, seed):
+  """<fn(*args), R> for a fixed random projection R of each output leaf."""
 
   def loss(*a):
     out = fn(*a)
@@ -84,16 +93,28 @@ def probe_grads(fn, args, argnums, seed=123):
     return sum(jnp.vdot(jax.random.normal(k, x.shape), x.astype(jnp.float32))
                for k, x in zip(keys, leaves))
 
-  return jax.jit(jax.grad(loss, argnums=argnums))(*args)
+  return loss
+
+
+def probe_grads(fn, args, argnums, seed=123):
+  """Gradients of <fn(*args), R> for a fixed random projection R of each output leaf."""
+  return jax.jit(jax.grad(_probe_loss(fn, seed), argnums=argnums))(*args)
+
+
+def forward_and_probe_grads(fn, args, argnums, seed=123):
+  """(fn(*args), probe_grads(fn, args, argnums)) from one jitted program: the plain forward
+  (not the forward of the differentiated function, which a custom_vjp computes with its fwd
+  rule) beside the gradients. One compile instead of two (XLA's compile time dominates)."""
+  grad = jax.grad(_probe_loss(fn, seed), argnums=argnums)
+  return jax.jit(lambda *a: (fn(*a), grad(*a)))(*args)
 
 
 def compare(fn_test, fn_ref, args, argnums, dtype, what=""):
   """Forward and gradients of fn_test against fn_ref on the same inputs."""
-  got, want = jax.jit(fn_test)(*args), jax.jit(fn_ref)(*args)
+  got, g_test = forward_and_probe_grads(fn_test, args, argnums)
+  want, g_ref = forward_and_probe_grads(fn_ref, args, argnums)
   for i, (g, w) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(want))):
     assert_close(g, w, dtype, f"{what} forward[{i}]")
-  g_test = probe_grads(fn_test, args, argnums)
-  g_ref = probe_grads(fn_ref, args, argnums)
   for i, (g, w) in zip(argnums, zip(g_test, g_ref)):
     assert_close(g, w, dtype, f"{what} d/darg{i}")
 

@@ -181,6 +181,7 @@ def _corrupt(step_dir):
       f.write_bytes(b"garbage")
 
 
+@pytest.mark.long
 def test_unreadable_checkpoints_are_kept_and_never_push_out_good_ones(tmp_path):
   wd = tmp_path / "run"
   _train_in_process(wd, "train.steps=4", "train.checkpoint_every=2")
@@ -210,25 +211,41 @@ def _train_in_process(wd, *sets):
   Trainer(C.override(C.load(TINY), ["train.eval_every=100", *sets]), wd).run()
 
 
-def test_no_readable_checkpoint_refuses_until_fresh(tmp_path):
+def _main_in_process(capsys, *args):
+  """(exit code, stdout, stderr) of `python -m longax.train --config TINY ARGS` run through
+  its main in this process (a subprocess costs a JAX start and the model's eager init)."""
+  from longax.train.__main__ import main
+  capsys.readouterr()
+  code = main(["--config", TINY, *args])
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+@pytest.mark.long
+def test_no_readable_checkpoint_refuses_until_fresh(tmp_path, capsys):
+  """The first refusal and the first --fresh in a subprocess, their repeats in process."""
   wd = tmp_path / "run"
   _train_in_process(wd, "train.steps=2", "train.checkpoint_every=1")
   ck = wd / "checkpoints"
   for step in ("1", "2"):
     _corrupt(ck / step)
   before = sorted(p.relative_to(wd) for p in wd.rglob("*"))
-  for _ in range(2):  # nothing was moved: the second try refuses the same way
-    line = one_error(train(tmp_path, wd, "train.steps=3"), f"no checkpoint in {ck} restores",
-                     "tried steps 2, 1", "--fresh")
-    assert sorted(p.relative_to(wd) for p in wd.rglob("*")) == before, line
+  line = one_error(train(tmp_path, wd, "train.steps=3"), f"no checkpoint in {ck} restores",
+                   "tried steps 2, 1", "--fresh")
+  assert sorted(p.relative_to(wd) for p in wd.rglob("*")) == before, line
+  # nothing was moved: the second try refuses the same way
+  code, _, err = _main_in_process(capsys, "--workdir", str(wd), "--set", "train.steps=3")
+  assert code == 2 and err.strip().splitlines() == [line], err
+  assert sorted(p.relative_to(wd) for p in wd.rglob("*")) == before, line
   r = train(tmp_path, wd, "train.steps=1", extra=["--fresh"])
   assert r.returncode == 0 and '"start_step": 0' in r.stdout, r.stderr[-3000:]
   kept = [p for p in wd.iterdir() if p.name.startswith("checkpoints.unreadable-")]
   assert len(kept) == 1 and steps_in(kept[0]) == ["1", "2"]
   assert f"longax: --fresh: moved the unreadable checkpoints (steps 1, 2) to {kept[0]}" in r.stderr
   # --fresh over readable checkpoints keeps them too, as checkpoints.old-<time>.
-  r = train(tmp_path, wd, "train.steps=1", extra=["--fresh"])
-  assert r.returncode == 0 and "moved the checkpoints (steps 1)" in r.stderr, r.stderr[-3000:]
+  code, out, err = _main_in_process(capsys, "--workdir", str(wd), "--set", "train.steps=1",
+                                    "--fresh")
+  assert code == 0 and '"start_step": 0' in out and "moved the checkpoints (steps 1)" in err, err
   assert [p.name for p in wd.iterdir() if p.name.startswith("checkpoints.old-")]
 
 

@@ -32,18 +32,23 @@ CONFIGS = {
 }
 
 
-def greedy_by_forward(model, prompt, n):
-  seq = list(prompt)
-  for _ in range(n):
-    seq.append(int(jnp.argmax(model(jnp.asarray([seq]))[0, -1])))
-  return seq[len(prompt):]
+def greedy_by_forward(model, prompt, tokens):
+  """The arg-max of the full forward after the prompt and each prefix of `tokens`: `tokens`
+  itself exactly when it is the greedy continuation. One forward over prompt + tokens[:-1]
+  gives them all, its logits at a position seeing only the tokens up to it (the forward is
+  causal: tests/test_models.py decodes it step by step). The forward is jitted: run
+  eagerly, every op compiles again for each new length (~20 s a config)."""
+  seq = jnp.asarray([list(prompt) + list(tokens[:-1])])
+  logits = nnx.jit(lambda m, x: m(x))(model, seq)[0, len(prompt) - 1:]
+  return [int(t) for t in jnp.argmax(logits, -1)]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_greedy_equals_the_full_forward(name):
   model = LM(CONFIGS[name], rngs=nnx.Rngs(0))
   out = generate(model, PROMPTS, max_new_tokens=5, prefill_chunk=4)
-  assert out == [greedy_by_forward(model, p, 5) for p in PROMPTS]
+  assert [len(o) for o in out] == [5] * len(PROMPTS)
+  assert out == [greedy_by_forward(model, p, o) for p, o in zip(PROMPTS, out)]
 
 
 def test_stop_tokens_and_sampling():
@@ -83,25 +88,27 @@ from test_infer import CONFIGS, PROMPTS
 from longax.models import LM
 from longax.infer import generate
 model = LM(CONFIGS["hybrid"], rngs=nnx.Rngs(0))
-mesh = Mesh(np.asarray(jax.devices()).reshape({shape}), ("data", "fsdp", "tensor"))
 prompts = PROMPTS + [[5, 6]]
-out = generate(model, prompts, max_new_tokens=5, mesh=mesh)
-# the caller's model is not moved onto the mesh
-assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(nnx.state(model)))
-print(json.dumps(out))
+outs = []
+for n, shape in ((1, (1, 1, 1)), (4, (2, 1, 2))):  # one device, then (data, tensor) = (2, 2)
+  mesh = Mesh(np.asarray(jax.devices()[:n]).reshape(shape), ("data", "fsdp", "tensor"))
+  outs.append(generate(model, prompts, max_new_tokens=5, mesh=mesh))
+  # the caller's model is not moved onto the mesh
+  assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(nnx.state(model)))
+print(json.dumps(outs))
 """
 
 
+@pytest.mark.long
 def test_sharded_generation_equals_one_device():
-  outs = []
-  for devices, shape in ((1, (1, 1, 1)), (4, (2, 1, 2))):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    r = subprocess.run([sys.executable, "-c", SHARDED.format(tests=str(ROOT / "tests"), shape=shape)],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    outs.append(r.stdout.strip().splitlines()[-1])
-  assert outs[0] == outs[1]
+  """On 4 simulated devices, a (data, tensor) = (2, 2) mesh generates what a one-device mesh
+  does (one process for both: a process costs a JAX start and the model's eager init)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  r = subprocess.run([sys.executable, "-c", SHARDED.format(tests=str(ROOT / "tests"))],
+                     env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  one, sharded = json.loads(r.stdout.strip().splitlines()[-1])
+  assert len(one) == len(PROMPTS) + 1 and one == sharded
 
 
 SEQUENCE_PARALLEL = """
@@ -145,6 +152,7 @@ SP_CONFIG = tiny(n_layers=5, mixer="mamba2", layer_pattern=("mamba2", "gla", "si
 SP_PROMPTS = [[(7 * i + 3) % 40 for i in range(32)], [(5 * i + 1) % 40 for i in range(37)]]
 
 
+@pytest.mark.long
 def test_sequence_parallel_prefill_equals_one_device():
   """8 simulated devices: sequence 8 (ring, contiguous) and data 2 x sequence 4 (Ulysses,
   zigzag): the caches and logits of the SP prefill and the generated tokens equal one
@@ -179,7 +187,8 @@ def test_sequence_parallel_errors(kw, p, msg):
     check_sequence_parallel(tiny(), 2, "ring", "zig")
 
 
-def test_cli(tmp_path):
+@pytest.mark.long
+def test_cli(tmp_path, capsys):
   from longax.train import Trainer
   from longax.train import config as C
   cfg = C.override(C.load(str(ROOT / "tests" / "tiny_train_config.py")),
@@ -202,24 +211,35 @@ def test_cli(tmp_path):
   assert r2.returncode == 0, r2.stderr
   (tmp_path / "bare").mkdir()
   (tmp_path / "bare" / "config.json").write_text((tmp_path / "run" / "config.json").read_text())
-  for args, msg in [(("--workdir", str(tmp_path / "nope"), "--prompt-tokens", "1"), "does not exist"),
-                    (("--workdir", str(tmp_path), "--prompt-tokens", "1"), "config.json not found"),
-                    (("--workdir", str(tmp_path / "bare"), "--prompt-tokens", "1"), "no checkpoint in"),
-                    (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1,x"), "comma-separated integers"),
-                    (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1", "--streaming", "4"),
-                     "--streaming expects SINKS,WINDOW"),
-                    (("--workdir", str(tmp_path / "run"), "--prompt", "hi"), "needs a run with a tokenizer"),
-                    (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1,500"), "outside [0, 32)"),
-                    (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1", "--max-new-tokens", "4",
-                      "--sequence-parallel", "2"),
-                     "--sequence-parallel=2: must divide the device count (1 cpu devices)"),
-                    (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1", "--max-new-tokens", "4",
-                      "--sequence-parallel", "2", "--streaming", "1,4"),
-                     "--sequence-parallel=2: the softmax layers have attention sinks")]:
-    r = run(*args)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and msg in r.stderr, r.stderr
+  # Bad input: exit 2, one line on stderr. Two in a subprocess (the first before the run
+  # folder is read, the second after JAX counted the devices), the rest through main in
+  # this process (each subprocess costs a Python + JAX start, ~2-3 s).
+  from longax.infer.__main__ import main
+  for i, (args, msg) in enumerate([
+      (("--workdir", str(tmp_path / "nope"), "--prompt-tokens", "1"), "does not exist"),
+      (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1", "--max-new-tokens", "4",
+        "--sequence-parallel", "2"),
+       "--sequence-parallel=2: must divide the device count (1 cpu devices)"),
+      (("--workdir", str(tmp_path), "--prompt-tokens", "1"), "config.json not found"),
+      (("--workdir", str(tmp_path / "bare"), "--prompt-tokens", "1"), "no checkpoint in"),
+      (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1,x"), "comma-separated integers"),
+      (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1", "--streaming", "4"),
+       "--streaming expects SINKS,WINDOW"),
+      (("--workdir", str(tmp_path / "run"), "--prompt", "hi"), "needs a run with a tokenizer"),
+      (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1,500"), "outside [0, 32)"),
+      (("--workdir", str(tmp_path / "run"), "--prompt-tokens", "1", "--max-new-tokens", "4",
+        "--sequence-parallel", "2", "--streaming", "1,4"),
+       "--sequence-parallel=2: the softmax layers have attention sinks")]):
+    if i < 2:
+      r = run(*args)
+      code, err = r.returncode, r.stderr
+    else:
+      capsys.readouterr()
+      code, err = main(list(args)), capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and msg in err, err
 
 
+@pytest.mark.long
 def test_decode_benchmark_smoke(tmp_path):
   import json
   from longax.benchmarks import decode

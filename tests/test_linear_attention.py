@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from conftest import assert_close, compare, probe_grads
+from conftest import assert_close, compare, forward_and_probe_grads
 from longax.kernels import linear_attention, linear_attention_step
 from longax.kernels.linear_attention import _intra
 
@@ -146,11 +146,9 @@ def test_strong_decay_gradients(rand, decay):
   reference, bf16 operands stay within 1e-2 of the f32 reference."""
   args = _strong(rand, decay, 1, 1024, 2, 16)
   argnums = tuple(range(5))
-  want = jax.jit(_with_state("reference"))(*args)
-  want_grads = probe_grads(_with_state("reference"), args, argnums)
+  want, want_grads = forward_and_probe_grads(_with_state("reference"), args, argnums)
   for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)):
-    got = jax.jit(_with_state("xla", dtype))(*args)
-    grads = probe_grads(_with_state("xla", dtype), args, argnums)
+    got, grads = forward_and_probe_grads(_with_state("xla", dtype), args, argnums)
     for i, (a, w) in enumerate(zip(got + grads, want + want_grads)):
       assert_close(a, w, tol, f"{jnp.dtype(dtype).name} output/grad {i}")
 

@@ -39,12 +39,15 @@ def _tokens(seed=1, b=2, t=T):
   return jax.random.randint(jax.random.key(seed), (b, t), 0, V)
 
 
+# One jitted decode for every call: it compiles once per model structure and piece length.
+_decode = nnx.jit(lambda m, x, c: m.decode(x, c))
+
+
 def _decode_pieces(model, tokens, pieces):
   cache = model.init_cache(tokens.shape[0], 32)
   outs, start = [], 0
-  step = nnx.jit(lambda m, x, c: m.decode(x, c))
   for n in pieces:
-    logits, cache = step(model, tokens[:, start:start + n], cache)
+    logits, cache = _decode(model, tokens[:, start:start + n], cache)
     outs.append(logits)
     start += n
   return jnp.concatenate(outs, axis=1), cache
@@ -56,10 +59,12 @@ def test_prefill_then_steps_equals_forward(name):
   tokens = _tokens()
   full = model(tokens)
   assert full.shape == (2, T, V) and full.dtype == jnp.float32
-  got, cache = _decode_pieces(model, tokens, [7] + [1] * (T - 7))
+  # A prefill of 9 (past a chunk of 8), then single steps past every window.
+  got, cache = _decode_pieces(model, tokens, [9] + [1] * (T - 9))
   assert_close(got, full, what=name)
   assert np.all(np.asarray(cache["pos"]) == T)
   # Chunked prefill in two pieces (the second longer than any window) equals one piece.
+  # (The first piece is the step run's prefill: one compile fewer.)
   two, _ = _decode_pieces(model, tokens, [9, T - 9])
   one, _ = _decode_pieces(model, tokens, [T])
   assert_close(two, one, what=f"{name} two pieces")
@@ -76,7 +81,7 @@ def test_bf16_compute_f32_params_and_grads(name):
   logits = model(tokens)
   assert logits.shape == (2, T, V) and logits.dtype == jnp.float32
   f32 = LM(dataclasses.replace(cfg, dtype="float32"), rngs=nnx.Rngs(0))
-  assert_close(logits, f32(tokens), 0.05, what="bf16 vs f32 compute")
+  assert_close(logits, nnx.jit(lambda m: m(tokens))(f32), 0.05, what="bf16 vs f32 compute")
   dec, _ = _decode_pieces(model, tokens, [7] + [1] * (T - 7))
   assert_close(dec, logits, 0.05, what="bf16 decode")
 
@@ -84,7 +89,7 @@ def test_bf16_compute_f32_params_and_grads(name):
     lg = m(tokens[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(lg, tokens[:, 1:]).mean()
 
-  grads = nnx.grad(loss)(model)
+  grads = nnx.jit(nnx.grad(loss))(model)  # (eagerly: ~3-8 s of op-by-op compiles)
   leaves = jax.tree.leaves_with_path(nnx.state(grads, nnx.Param))
   for path, g in leaves:
     g = np.asarray(g, np.float32)
@@ -182,6 +187,8 @@ def test_packed_row_equals_documents(name):
   model = LM(cfg, rngs=nnx.Rngs(0))
   tokens = _tokens(seed=5, b=1)
   seg = jnp.array([[0] * 6 + [1] * 9 + [2] * 5])
-  packed = model(tokens, segment_ids=seg)
+  forward = nnx.jit(lambda m, x, s: m(x, segment_ids=s))  # (eagerly: every op compiles per length)
+  packed = forward(model, tokens, seg)
   for lo, hi in ((0, 6), (6, 15), (15, 20)):
-    assert_close(packed[:, lo:hi], model(tokens[:, lo:hi]), what=f"{name} doc {lo}:{hi}")
+    assert_close(packed[:, lo:hi], forward(model, tokens[:, lo:hi], None),
+                 what=f"{name} doc {lo}:{hi}")

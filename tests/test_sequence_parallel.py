@@ -204,6 +204,7 @@ def results(tmp_path_factory):
   return json.loads(cache.read_text())
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("case", CASES)
 def test_matches_single_device(results, case):
   errs = results[case]
@@ -253,6 +254,7 @@ def test_unknown_layout_and_odd_zigzag():
                 jnp.zeros((1, 3, 2, 4)))
 
 
+@pytest.mark.long
 def test_benchmark_quick(tmp_path):
   """benchmarks/sequence_parallel.py --quick runs on 8 simulated CPU devices."""
   out = tmp_path / "sp.json"

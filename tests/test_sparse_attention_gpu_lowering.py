@@ -690,6 +690,7 @@ VS_INTERPRET = [
 ]
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("case", VS_INTERPRET, ids=str)
 def test_vertical_slash_interpreted_matches_reference(case):
   from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as interp

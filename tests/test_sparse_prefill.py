@@ -27,6 +27,7 @@ def model():
   return LM(cfg, rngs=nnx.Rngs(0))
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("kind", sp.KINDS)
 def test_search_picks_each_heads_closest_option(model, kind):
   """Each head's choice has the smallest error of the options on the calibration prompt."""
@@ -43,6 +44,7 @@ def test_search_picks_each_heads_closest_option(model, kind):
     assert np.all(chosen <= err((opt,) * 4) + 1e-6), (opt, plan.heads)
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("kind", sp.KINDS)
 def test_prefill_cache_equals_dense_and_output_is_close(model, kind):
   dense_logits, dense = _prefill(model, PROMPT, 64, 64)

@@ -176,6 +176,7 @@ def test_a_claimed_point_is_busy_for_others(tmp_path):
     assert again
 
 
+@pytest.mark.long
 def test_jobs_2_run_every_point_once(tmp_path):
   path = write_sweep(tmp_path, """
       def get_sweep():

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -63,16 +64,19 @@ def test_override_errors(assignment, msg):
     C.override(C.load(TINY), [assignment])
 
 
-def test_cli_errors_are_one_line(tmp_path):
+def test_cli_errors_are_one_line(tmp_path, capsys):
   r = cli(tmp_path / "a", "train.stepz=1")
   assert r.returncode == 2 and r.stderr.strip().splitlines() == [
       r.stderr.strip().splitlines()[0]] and "train.stepz" in r.stderr
   assert not (tmp_path / "a").exists(), "nothing is written for a bad config"
-  r = subprocess.run([sys.executable, "-m", "longax.train", "--config", str(tmp_path / "no.py")],
-                     capture_output=True, text=True)
-  assert r.returncode == 2 and "config file not found" in r.stderr
-  r = cli(tmp_path / "b", "train.sp_layout=spiral")
-  assert r.returncode == 2 and "train.sp_layout='spiral': must be one of contiguous, zigzag" in r.stderr
+  # The rest through the CLI's main in this process (a subprocess costs a Python + JAX start).
+  from longax.train.__main__ import main
+  capsys.readouterr()
+  assert main(["--config", str(tmp_path / "no.py")]) == 2
+  assert "config file not found" in capsys.readouterr().err
+  assert main(["--config", TINY, "--workdir", str(tmp_path / "b"), "--set",
+               "train.sp_layout=spiral"]) == 2
+  assert "train.sp_layout='spiral': must be one of contiguous, zigzag" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------- data
@@ -125,6 +129,7 @@ def test_text_bytes_packs_documents(tmp_path):
 # ------------------------------------------------------------------------------ loop
 
 
+@pytest.mark.long
 def test_few_steps_lower_the_loss_and_log(tmp_path):
   r = cli(tmp_path / "run", "train.steps=30", "optim.lr=1e-2", "train.eval_every=30")
   assert r.returncode == 0, r.stderr
@@ -138,17 +143,28 @@ def test_few_steps_lower_the_loss_and_log(tmp_path):
   assert list((tmp_path / "run" / "tb").iterdir()), "tensorboard events"
 
 
-def test_resume_is_bit_identical(tmp_path):
-  full = cli(tmp_path / "full")
-  assert full.returncode == 0, full.stderr
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+  """The tiny config's whole run (8 steps, checkpoints at 4 and 8), made once for the two
+  tests that start from it (the long tests run first, together: tests/conftest.py).
+  Read-only: a test that changes it works on a copy."""
+  workdir = tmp_path_factory.mktemp("full") / "run"
+  r = cli(workdir)
+  assert r.returncode == 0, r.stderr
+  return workdir
+
+
+@pytest.mark.long
+def test_resume_is_bit_identical(tmp_path, full_run):
   first = cli(tmp_path / "resumed", "train.stop_after=3")
   assert first.returncode == 0 and "stop_after at step 3" in first.stdout, first.stderr
   second = cli(tmp_path / "resumed")
   assert second.returncode == 0 and '"start_step": 3' in second.stdout, second.stderr
   strip = lambda ms: [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in ms]
-  assert strip(metrics(tmp_path / "resumed")) == strip(metrics(tmp_path / "full"))
+  assert strip(metrics(tmp_path / "resumed")) == strip(metrics(full_run))
 
 
+@pytest.mark.long
 def test_sigterm_saves_and_exits(tmp_path):
   proc = cli(tmp_path / "run", "train.steps=100000", "train.checkpoint_every=100000", wait=False)
   path = tmp_path / "run" / "metrics.jsonl"
@@ -164,6 +180,7 @@ def test_sigterm_saves_and_exits(tmp_path):
   assert steps[-1] == stopped_at
 
 
+@pytest.mark.long
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   r = cli(tmp_path / "run", "optim.lr=1e30", "optim.clip_norm=1e30", "optim.warmup_steps=1",
           "train.checkpoint_every=1", "train.steps=50")
@@ -175,8 +192,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert good and good[-1] == bad - 1
 
 
-def test_corrupt_checkpoint_falls_back_with_a_warning(tmp_path):
-  assert cli(tmp_path / "run").returncode == 0  # checkpoints at 4 and 8
+@pytest.mark.long
+def test_corrupt_checkpoint_falls_back_with_a_warning(tmp_path, full_run):
+  shutil.copytree(full_run, tmp_path / "run")  # checkpoints at 4 and 8
   latest = tmp_path / "run" / "checkpoints" / "8" / "state"
   for f in latest.rglob("*"):
     if f.is_file():
@@ -197,11 +215,24 @@ def _losses(workdir):
   return np.array([m["loss"] for m in metrics(workdir)])
 
 
-def test_2x2_mesh_equals_one_device(tmp_path):
+@pytest.mark.long
+def test_2x2_mesh_and_two_processes_equal_one_device(tmp_path):
+  """A (data, fsdp) = (2, 2) mesh on 4 devices of one process gives the losses of one
+  device; the same mesh over 2 processes x 2 devices gives those of the one process.
+  (One test, so the 4-device run serves both comparisons: it was run twice.)"""
   one = cli(tmp_path / "one", "train.steps=4")
   four = cli(tmp_path / "four", "train.steps=4", "mesh.data=2", "mesh.fsdp=2", devices=4)
   assert one.returncode == 0 and four.returncode == 0, four.stderr
   np.testing.assert_allclose(_losses(tmp_path / "four"), _losses(tmp_path / "one"), rtol=2e-5)
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = [cli(tmp_path / "multi", "train.steps=4", "mesh.data=2", "mesh.fsdp=2", devices=2,
+               extra=["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                      "--process-id", str(i)], wait=False) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+  np.testing.assert_allclose(_losses(tmp_path / "multi"), _losses(tmp_path / "four"), rtol=2e-5)
 
 
 HYBRID = ["model.layer_pattern=mamba2,gla,softmax,mamba", "model.n_layers=4",
@@ -209,6 +240,7 @@ HYBRID = ["model.layer_pattern=mamba2,gla,softmax,mamba", "model.n_layers=4",
           "train.steps=3"]
 
 
+@pytest.mark.long
 def test_sequence_parallel_equals_one_device(tmp_path):
   """A hybrid (Mamba-2, GLA, softmax, Mamba-1, each with a short conv) with the sequence split
   2 ways (ring attention, zigzag) and 2 ways beside data=2 (Ulysses, contiguous): the losses
@@ -236,20 +268,7 @@ def test_sequence_parallel_config_errors(sets, msg):
     C.validate(C.override(C.load(TINY), sets), 4)
 
 
-def test_two_processes_equal_one(tmp_path):
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  procs = [cli(tmp_path / "multi", "train.steps=4", "mesh.data=2", "mesh.fsdp=2", devices=2,
-               extra=["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                      "--process-id", str(i)], wait=False) for i in range(2)]
-  outs = [p.communicate(timeout=600) for p in procs]
-  assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
-  single = cli(tmp_path / "single", "train.steps=4", "mesh.data=2", "mesh.fsdp=2", devices=4)
-  assert single.returncode == 0, single.stderr
-  np.testing.assert_allclose(_losses(tmp_path / "multi"), _losses(tmp_path / "single"), rtol=2e-5)
-
-
+@pytest.mark.long
 def test_grad_accum_and_remat_match_the_plain_step(tmp_path):
   """MQAR rows carry equal answer counts, so the mean over microbatch means is the batch
   mean: accumulation and remat change memory, not the losses."""
