@@ -225,7 +225,7 @@ def _selected_xla(q, k, v, block_indices, spec: AttnSpec, *, block_size: int, q_
 
 
 def _selected_keyed(q, k, v, block_indices, spec: AttnSpec, *, block_size: int, attend,
-                    rows: int = 128):
+                    rows: int = 128, max_heads: int = 32768):
   """`selected_block_attention` loaded key-centric, as Flash Sparse Attention does for small
   GQA groups: the (token, selected block) pairs are sorted by block, each block's tokens
   gathered into chunks of `rows` query rows (rows / G tokens x their G heads), and every
@@ -233,7 +233,8 @@ def _selected_keyed(q, k, v, block_indices, spec: AttnSpec, *, block_size: int, 
   block (the causal diagonal) runs as block-diagonal causal attention; the partial outputs
   are merged by their log-sum-exp. No tile walks the union of several tokens' blocks, so
   every MMA row is a useful one, at the price of the gathered q / k and the partial outputs
-  ([T, n, H, D] in all) in memory.
+  ([T, n, H, D] in all) in memory. The chunks go to `attend` as heads of at most `max_heads`
+  per batch row (CUDA caps grid y / z at 65535; 64k tokens make ~130k chunks).
   attend(q [N, R, Hq, D], k [N, S', Hk, D], v, causal) -> (o [N, R, Hq, D], lse [N, R, Hq]
   natural log, -inf where a row sees nothing): the dense kernel (or the XLA path). Takes
   T == S when causal (training, prefill), S a multiple of block_size when not
@@ -270,11 +271,20 @@ def _selected_keyed(q, k, v, block_indices, spec: AttnSpec, *, block_size: int, 
   kb = jnp.pad(k, ((0, 0), (0, nb * bs - s_len), (0, 0), (0, 0))).reshape(b, nb, bs, hkv, d)
   vb = jnp.pad(v, ((0, 0), (0, nb * bs - s_len), (0, 0), (0, 0))).reshape(b, nb, bs, hkv, -1)
   cb, ckv, cblk = chunk_group // (hkv * nb), (chunk_group // nb) % hkv, chunk_group % nb
-  # the chunks as heads of one batch row (a grid axis without the 65535 limit of batch's)
-  heads = lambda x: jnp.moveaxis(x, 0, 1)[None]  # [N, R, D] -> [1, R, N, D]
+  # the chunks as [rows of batch, heads]: N padded to nr * per, per <= max_heads
+  nr = -(-n_chunks // max_heads)
+  per = -(-n_chunks // nr)
+
+  def heads(x):  # [N, R, D] -> [nr, R, per, D]
+    x = jnp.pad(x, ((0, nr * per - n_chunks),) + ((0, 0),) * (x.ndim - 1))
+    return jnp.moveaxis(x.reshape(nr, per, *x.shape[1:]), 1, 2)
+
+  def chunks(x):  # [nr, R, per, ...] -> [N, R, ...]
+    return jnp.moveaxis(x, 2, 1).reshape(nr * per, *x.shape[1:2], *x.shape[3:])[:n_chunks]
+
   o_c, lse_c = attend(heads(q_chunks.reshape(n_chunks, tpc * g, d)), heads(kb[cb, cblk, :, ckv]),
                       heads(vb[cb, cblk, :, ckv]), False)
-  o_c, lse_c = jnp.moveaxis(o_c[0], 1, 0), jnp.moveaxis(lse_c[0], 1, 0)  # [N, R, Dv], [N, R]
+  o_c, lse_c = chunks(o_c), chunks(lse_c)  # [N, R, Dv], [N, R]
   # each pair's partial (o, lse) back in (b, t, kv, s) order; pairs not past: lse = -inf
   inv = jnp.zeros_like(order).at[order].set(jnp.arange(key.size))
   at_c, at_s = chunk[inv], slot[inv]  # [P] in natural order

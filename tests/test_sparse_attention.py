@@ -170,11 +170,12 @@ def test_selected_q_positions(rand):
     selected_block_attention(q, k, v, idx, block_size=8, q_positions=jnp.arange(4))
 
 
-# (B, T, S, H, Hkv, D, block_size, n, rows): key-centric loading; small rows make many chunks
+# (B, T, S, H, Hkv, D, block_size, n, rows, max_heads): key-centric loading; small rows make
+# many chunks, a small max_heads spreads them over several batch rows (padded)
 KEYED_CASES = [
-    ((2, 37, 37, 4, 4, 8, 8, 3, 8), dict()),  # G=1, ragged last block, 8 tokens per chunk
-    ((1, 50, 50, 8, 2, 8, 16, 4, 16), dict()),  # G=4: 4 tokens per chunk
-    ((1, 29, 32, 4, 2, 8, 8, 2, 4), dict(causal=False, scale=0.3)),  # T < S, non-causal
+    ((2, 37, 37, 4, 4, 8, 8, 3, 8, 32768), dict()),  # G=1, ragged last block, 8 tokens per chunk
+    ((1, 50, 50, 8, 2, 8, 16, 4, 16, 7), dict()),  # G=4: 4 tokens per chunk; 7 chunks per row
+    ((1, 29, 32, 4, 2, 8, 8, 2, 4, 5), dict(causal=False, scale=0.3)),  # T < S, non-causal
 ]
 
 
@@ -190,14 +191,15 @@ def test_selected_keyed_matches_reference_f32(rand, shape, opts):
   path: forward and gradients equal the reference, -1 and repeats included."""
   from longax.kernels import sparse_attention as SA
   from longax.kernels.attention import AttnSpec
-  b, t, s, h, hkv, d, bs, n, rows = shape
+  b, t, s, h, hkv, d, bs, n, rows, max_heads = shape
   q, k, v = _qkv(rand, b, t, s, h, hkv, d)
   idx = _block_indices(rand, b, t, hkv, n, -(-s // bs))
   causal, scale = opts.get("causal", True), opts.get("scale", d**-0.5)
   spec = AttnSpec("softmax", causal, scale, None, 0, None, 0.0)
   assert SA.keyed_unsupported(q, k, spec, bs) is None
   keyed = lambda q, k, v: SA._selected_keyed(q, k, v, idx, spec, block_size=bs,
-                                             attend=_xla_attend(scale), rows=rows)
+                                             attend=_xla_attend(scale), rows=rows,
+                                             max_heads=max_heads)
   ref = lambda q, k, v: selected_block_attention(q, k, v, idx, block_size=bs, impl="reference",
                                                  **opts)
   compare(keyed, ref, (q, k, v), (0, 1, 2), jnp.float32, str(opts))
