@@ -224,6 +224,52 @@ def _selected_xla(q, k, v, block_indices, spec: AttnSpec, *, block_size: int, q_
   return rearrange(o, "b k t g d -> b t (k g) d").astype(q.dtype)
 
 
+@jax.custom_vjp
+def _take_rows(x, idx, back):
+  """x [R, ...] -> x[idx] [M, ...], 0 where idx == R; a gather whose transpose is a gather
+  too: `back` [R, n] lists, for each row of x, the n positions of y that copy it (M: none),
+  so dx = sum_n dy[back] (no scatter-add, which XLA runs slowly on the GPU)."""
+  return _take0(x, idx)
+
+
+def _take0(x, idx):
+  return jnp.take(x, idx, axis=0, mode="fill", fill_value=0)
+
+
+def _take_rows_fwd(x, idx, back):
+  return _take0(x, idx), back
+
+
+def _take_rows_bwd(back, dy):
+  r, n = back.shape
+  dx = _take0(dy, back.reshape(-1)).reshape(r, n, *dy.shape[1:])
+  return jnp.sum(dx.astype(jnp.float32), axis=1).astype(dy.dtype), None, None
+
+
+_take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+@jax.custom_vjp
+def _take_sorted(x, idx):
+  """x [R, ...] -> x[idx], 0 where idx == R; idx nondecreasing, so the transpose is a sorted
+  segment sum."""
+  return _take0(x, idx)
+
+
+def _take_sorted_fwd(x, idx):
+  return _take0(x, idx), (idx, x.shape[0])
+
+
+def _take_sorted_bwd(res, dy):
+  idx, r = res
+  dx = jax.ops.segment_sum(dy.astype(jnp.float32), idx, num_segments=r + 1,
+                           indices_are_sorted=True)[:r]
+  return dx.astype(dy.dtype), None
+
+
+_take_sorted.defvjp(_take_sorted_fwd, _take_sorted_bwd)
+
+
 def _selected_keyed(q, k, v, block_indices, spec: AttnSpec, *, block_size: int, attend,
                     rows: int = 128, max_heads: int = 32768):
   """`selected_block_attention` loaded key-centric, as Flash Sparse Attention does for small
@@ -233,14 +279,17 @@ def _selected_keyed(q, k, v, block_indices, spec: AttnSpec, *, block_size: int, 
   block (the causal diagonal) runs as block-diagonal causal attention; the partial outputs
   are merged by their log-sum-exp. No tile walks the union of several tokens' blocks, so
   every MMA row is a useful one, at the price of the gathered q / k and the partial outputs
-  ([T, n, H, D] in all) in memory. The chunks go to `attend` as heads of at most `max_heads`
-  per batch row (CUDA caps grid y / z at 65535; 64k tokens make ~130k chunks).
+  ([T, n, H, D] in all) in memory. Every move of rows is a gather both ways (`_take_rows`:
+  pair -> slot and slot -> pair are both known), except the key blocks' gradient, a sorted
+  segment sum. The chunks go to `attend` as heads of at most `max_heads` per batch row
+  (CUDA caps grid y / z at 65535; 64k tokens make ~130k chunks).
   attend(q [N, R, Hq, D], k [N, S', Hk, D], v, causal) -> (o [N, R, Hq, D], lse [N, R, Hq]
   natural log, -inf where a row sees nothing): the dense kernel (or the XLA path). Takes
   T == S when causal (training, prefill), S a multiple of block_size when not
   (`keyed_unsupported`)."""
   b, t, h, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
+  dv = v.shape[-1]
   g, bs, n = h // hkv, block_size, block_indices.shape[-1]
   nb = -(-s_len // bs)
   tpc = rows // g  # tokens per chunk
@@ -248,29 +297,45 @@ def _selected_keyed(q, k, v, block_indices, spec: AttnSpec, *, block_size: int, 
   own = (jnp.arange(t, dtype=jnp.int32) // bs)[None, :, None, None]
   past = (idx >= 0) & ((idx < own) if spec.causal else True)  # fully visible pairs
   own_on = jnp.any(idx == own, axis=-1) if spec.causal else None  # [B, T, Hkv]
-  # every pair's group: (batch, KV head, block), past pairs first by group, the rest last
+  # every pair's group: (batch, KV head, block), past pairs last (group `groups`)
   groups = b * hkv * nb
   bk = (jnp.arange(b)[:, None, None, None] * hkv + jnp.arange(hkv)[None, None, :, None])
-  key = jnp.where(past, bk * nb + idx, groups).reshape(-1)  # [B*T*Hkv*n], order (b, t, kv, s)
-  order = jnp.argsort(key, stable=True)
-  count = jnp.bincount(key, length=groups + 1)[:groups]
-  first = jnp.cumsum(count) - count  # each group's first sorted pair
-  chunk0 = jnp.cumsum(-(-count // tpc)) - (-(-count // tpc))  # each group's first chunk
-  n_chunks = -(-key.size // tpc) + groups  # static bound: whole chunks + one partial per group
+  key = jnp.where(past, bk * nb + idx, groups).reshape(-1)  # [P], order (b, t, kv, s)
+  n_pairs = key.size
+  order = jnp.argsort(key, stable=True).astype(jnp.int32)
   sk = key[order]
+  first = jnp.searchsorted(sk, jnp.arange(groups + 1), side="left").astype(jnp.int32)
+  count = first[1:] - first[:-1]  # [groups]
+  n_ch = -(-count // tpc)
+  chunk_end = jnp.cumsum(n_ch)
+  chunk0 = chunk_end - n_ch  # each group's first chunk
+  n_chunks = -(-n_pairs // tpc) + groups  # static bound: whole chunks + one partial per group
+  n_slots = n_chunks * tpc
+  # pair -> slot (natural pair order; n_slots: not a past pair)
   live = sk < groups
   skc = jnp.minimum(sk, groups - 1)
-  rank = jnp.arange(key.size) - first[skc]
-  chunk = jnp.where(live, chunk0[skc] + rank // tpc, n_chunks)  # n_chunks: dropped
-  slot = rank % tpc
-  pair_b, pair_t = order // (t * hkv * n), (order // (hkv * n)) % t
-  pair_kv = (order // n) % hkv
-  qg = q.reshape(b, t, hkv, g, d)[pair_b, pair_t, pair_kv]  # [P, G, D] in sorted order
-  q_chunks = jnp.zeros((n_chunks, tpc, g, d), q.dtype).at[chunk, slot].set(qg, mode="drop")
-  chunk_group = jnp.zeros((n_chunks,), jnp.int32).at[chunk].set(skc, mode="drop")
+  rank = jnp.arange(n_pairs, dtype=jnp.int32) - first[skc]
+  slot_sorted = jnp.where(live, (chunk0[skc] + rank // tpc) * tpc + rank % tpc, n_slots)
+  inv = jnp.zeros_like(order).at[order].set(jnp.arange(n_pairs, dtype=jnp.int32),
+                                            unique_indices=True)
+  slot_of_pair = slot_sorted[inv]  # [P]
+  # slot -> pair (n_pairs: empty), chunk -> group (groups: empty)
+  chunk_group = jnp.searchsorted(chunk_end, jnp.arange(n_chunks), side="right").astype(jnp.int32)
+  cg = jnp.minimum(chunk_group, groups - 1)
+  srank = ((jnp.arange(n_chunks) - chunk0[cg])[:, None] * tpc + jnp.arange(tpc)[None, :])
+  sfull = (chunk_group < groups)[:, None] & (srank < count[cg][:, None])
+  pair_of_slot = jnp.where(sfull, order[jnp.minimum(first[cg][:, None] + srank, n_pairs - 1)],
+                           n_pairs).reshape(-1)  # [n_slots]
+  # the query rows of each slot: token row (b, t, kv) = pair // n, its G heads
+  q_rows = q.reshape(b * t * hkv, g * d)
+  row_of_slot = jnp.where(pair_of_slot < n_pairs, pair_of_slot // n, b * t * hkv)
+  q_chunks = _take_rows(q_rows, row_of_slot, slot_of_pair.reshape(b * t * hkv, n))
+  # each chunk's key block: k as [(b, kv, block), bs, D], a sorted segment sum backward
   kb = jnp.pad(k, ((0, 0), (0, nb * bs - s_len), (0, 0), (0, 0))).reshape(b, nb, bs, hkv, d)
-  vb = jnp.pad(v, ((0, 0), (0, nb * bs - s_len), (0, 0), (0, 0))).reshape(b, nb, bs, hkv, -1)
-  cb, ckv, cblk = chunk_group // (hkv * nb), (chunk_group // nb) % hkv, chunk_group % nb
+  vb = jnp.pad(v, ((0, 0), (0, nb * bs - s_len), (0, 0), (0, 0))).reshape(b, nb, bs, hkv, dv)
+  blocks = lambda x: jnp.moveaxis(x, 3, 1).reshape(groups, bs, x.shape[-1])
+  k_chunks = _take_sorted(blocks(kb), chunk_group)  # [N, bs, D]
+  v_chunks = _take_sorted(blocks(vb), chunk_group)
   # the chunks as [rows of batch, heads]: N padded to nr * per, per <= max_heads
   nr = -(-n_chunks // max_heads)
   per = -(-n_chunks // nr)
@@ -282,23 +347,21 @@ def _selected_keyed(q, k, v, block_indices, spec: AttnSpec, *, block_size: int, 
   def chunks(x):  # [nr, R, per, ...] -> [N, R, ...]
     return jnp.moveaxis(x, 2, 1).reshape(nr * per, *x.shape[1:2], *x.shape[3:])[:n_chunks]
 
-  o_c, lse_c = attend(heads(q_chunks.reshape(n_chunks, tpc * g, d)), heads(kb[cb, cblk, :, ckv]),
-                      heads(vb[cb, cblk, :, ckv]), False)
+  o_c, lse_c = attend(heads(q_chunks.reshape(n_chunks, tpc * g, d)), heads(k_chunks),
+                      heads(v_chunks), False)
   o_c, lse_c = chunks(o_c), chunks(lse_c)  # [N, R, Dv], [N, R]
   # each pair's partial (o, lse) back in (b, t, kv, s) order; pairs not past: lse = -inf
-  inv = jnp.zeros_like(order).at[order].set(jnp.arange(key.size))
-  at_c, at_s = chunk[inv], slot[inv]  # [P] in natural order
-  ok = (at_c < n_chunks)[:, None]
-  o_p = o_c.reshape(n_chunks, tpc, g, -1)[jnp.minimum(at_c, n_chunks - 1), at_s]  # [P, G, Dv]
-  lse_p = jnp.where(ok, lse_c.reshape(n_chunks, tpc, g)[jnp.minimum(at_c, n_chunks - 1), at_s],
-                    -jnp.inf)
-  o_p = o_p.reshape(b, t, hkv, n, g, -1)
+  back = pair_of_slot[:, None]
+  o_p = _take_rows(o_c.reshape(n_slots, g * dv), slot_of_pair, back)  # [P, G*Dv]
+  lse_p = _take_rows(lse_c.reshape(n_slots, g), slot_of_pair, back)
+  lse_p = jnp.where((slot_of_pair < n_slots)[:, None], lse_p, -jnp.inf)
+  o_p = o_p.reshape(b, t, hkv, n, g, dv)
   lse_p = lse_p.reshape(b, t, hkv, n, g)
   if spec.causal:  # the own block: causal attention within each block of bs tokens
     tp = nb * bs
     qo = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0))).reshape(b * nb, bs, h, d)
-    o_o, lse_o = attend(qo, kb.reshape(b * nb, bs, hkv, d), vb.reshape(b * nb, bs, hkv, -1), True)
-    o_o = o_o.reshape(b, tp, hkv, 1, g, -1)[:, :t]
+    o_o, lse_o = attend(qo, kb.reshape(b * nb, bs, hkv, d), vb.reshape(b * nb, bs, hkv, dv), True)
+    o_o = o_o.reshape(b, tp, hkv, 1, g, dv)[:, :t]
     lse_o = jnp.where(own_on[..., None, None], lse_o.reshape(b, tp, hkv, 1, g)[:, :t], -jnp.inf)
     o_p, lse_p = jnp.concatenate([o_p, o_o], 3), jnp.concatenate([lse_p, lse_o], 3)
   m = jnp.max(lse_p, axis=3, keepdims=True)
