@@ -2,6 +2,7 @@
 selection: l=32, d=16, l'=64, n=16, w=512), device time per call from a profiler trace.
 
     python -m longax.benchmarks.nsa_branches [--length 65536] [--sections parts,splits,variants,groups]
+        [--groups 1,4,16]
 
 - `parts`: each forward piece alone (compression, compressed branch, selection, selected
   blocks, window), the whole `NSA.attend` forward and fwd+bwd, and dense causal attention.
@@ -11,7 +12,8 @@ selection: l=32, d=16, l'=64, n=16, w=512), device time per call from a profiler
 - `variants`: the selected-block forward's union of neighbouring tokens' blocks (blocks per
   4-token tile) and the kernel on the layer's selection vs a coherent one (every 4 tokens
   sharing their first token's blocks), shared 4-token tiles vs one token per tile.
-- `groups`: the selected blocks at GQA groups G = 1, 4, 16 (H16 with Hkv 16, 4, 1), forward
+- `groups`: the selected blocks at GQA groups G (`--groups`, of 1, 2, 4, 8, 16: H16 with
+  Hkv = 16 / G), forward
   and fwd+bwd, on the token tiles (`selected_pallas`) and key-centric (`_selected_keyed`,
   Flash Sparse Attention's loading), each on its layer's selection.
 The inputs are random normal, so the selection is the one random scores give.
@@ -32,7 +34,12 @@ def main(argv=None) -> int:
   p.add_argument("--length", type=int, default=65536, help="sequence length T (a multiple of 64)")
   p.add_argument("--sections", default=",".join(SECTIONS))
   p.add_argument("--reps", type=int, default=5)
+  p.add_argument("--groups", default="1,4,16", help="GQA groups of the `groups` section")
   a = p.parse_args(argv)
+  groups = a.groups.split(",")
+  if not groups or any(gs not in ("1", "2", "4", "8", "16") for gs in groups):
+    print(f"error: --groups {a.groups}: a comma list of 1, 2, 4, 8, 16", file=sys.stderr)
+    return 2
   sections = a.sections.split(",")
   bad = [s for s in sections if s not in SECTIONS]
   if bad:
@@ -46,14 +53,14 @@ def main(argv=None) -> int:
     print("error: --sections splits / variants / groups need a Hopper GPU (the Mosaic GPU kernels)",
           file=sys.stderr)
     return 2
-  bench = _Bench(a.length, a.reps)
+  bench = _Bench(a.length, a.reps, tuple(int(gs) for gs in groups))
   for s in sections:
     getattr(bench, s)()
   return 0
 
 
 class _Bench:
-  def __init__(self, t: int, reps: int):
+  def __init__(self, t: int, reps: int, groups=(1, 4, 16)):
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -68,7 +75,7 @@ class _Bench:
                      param_dtype=jnp.float32)
     self.k_cmp, self.v_cmp, _ = jax.jit(self.layer._compressed)(self.k, self.v)
     self.idx = jax.jit(lambda q, k, v: self.layer.select(q, k, v))(self.q, self.k, self.v)
-    self.t, self.d, self.group, self.reps = t, d, h // hkv, reps
+    self.t, self.d, self.group, self.reps, self.groups = t, d, h // hkv, reps, groups
     print(f"# T={t}, B1 H16 Hkv1 D128 bf16, {jax.devices()[0].device_kind}; device ms per call "
           f"(top kernels)", flush=True)
 
@@ -171,7 +178,7 @@ class _Bench:
     h, d, t = 16, self.d, self.t
     spec = AttnSpec("softmax", True, d ** -0.5, None, 0, None, 0.0)
     print("groups (selected blocks; token tiles vs key-centric):", flush=True)
-    for hkv in (16, 4, 1):
+    for hkv in (16 // gs for gs in self.groups):
       ks = jax.random.split(jax.random.key(1), 3)
       k = jax.random.normal(ks[0], (1, t, hkv, d), jnp.bfloat16)
       v = jax.random.normal(ks[1], (1, t, hkv, d), jnp.bfloat16)

@@ -274,15 +274,18 @@ def _selected_keyed(q, k, v, block_indices, spec: AttnSpec, *, block_size: int, 
                     rows: int = 128, max_heads: int = 32768):
   """`selected_block_attention` loaded key-centric, as Flash Sparse Attention does for small
   GQA groups: the (token, selected block) pairs are sorted by block, each block's tokens
-  gathered into chunks of `rows` query rows (rows / G tokens x their G heads), and every
-  chunk attends to its one block as a batch element of a dense, non-causal call; the own
-  block (the causal diagonal) runs as block-diagonal causal attention; the partial outputs
-  are merged by their log-sum-exp. No tile walks the union of several tokens' blocks, so
-  every MMA row is a useful one, at the price of the gathered q / k and the partial outputs
-  ([T, n, H, D] in all) in memory. Every move of rows is a gather both ways (`_take_rows`:
-  pair -> slot and slot -> pair are both known), except the key blocks' gradient, a sorted
-  segment sum. The chunks go to `attend` as heads of at most `max_heads` per batch row
-  (CUDA caps grid y / z at 65535; 64k tokens make ~130k chunks).
+  gathered into chunks of `rows` tokens, and every chunk attends to its one block as a KV
+  head of a dense, non-causal GQA call (its G query heads the token's); the own block (the
+  causal diagonal) runs as block-diagonal causal attention; the partial outputs are merged
+  by their log-sum-exp. No tile walks the union of several tokens' blocks, so every MMA row
+  is a useful one, at the price of the gathered q / k and the partial outputs ([T, n, H, D]
+  in all) in memory.
+  Layout: the chunks are heads, at most `max_heads` KV heads per batch row (CUDA caps grid
+  y / z at 65535; 64k tokens make ~130k chunks), so N chunks are [nr, per]; a slot (chunk
+  c = r * per + p, row s) is flat index (r * rows + s) * per + p, the attention call's own
+  layout, so q and o move by one gather each, no transposes. Every move of rows is a gather
+  both ways (`_take_rows`: pair -> slot and slot -> pair are both known), except the key
+  blocks' gradient, a sorted segment sum.
   attend(q [N, R, Hq, D], k [N, S', Hk, D], v, causal) -> (o [N, R, Hq, D], lse [N, R, Hq]
   natural log, -inf where a row sees nothing): the dense kernel (or the XLA path). Takes
   T == S when causal (training, prefill), S a multiple of block_size when not
@@ -290,9 +293,8 @@ def _selected_keyed(q, k, v, block_indices, spec: AttnSpec, *, block_size: int, 
   b, t, h, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
   dv = v.shape[-1]
-  g, bs, n = h // hkv, block_size, block_indices.shape[-1]
+  g, bs, n, tpc = h // hkv, block_size, block_indices.shape[-1], rows
   nb = -(-s_len // bs)
-  tpc = rows // g  # tokens per chunk
   idx = _dedupe(block_indices)  # [B, T, Hkv, n]
   own = (jnp.arange(t, dtype=jnp.int32) // bs)[None, :, None, None]
   past = (idx >= 0) & ((idx < own) if spec.causal else True)  # fully visible pairs
@@ -309,47 +311,38 @@ def _selected_keyed(q, k, v, block_indices, spec: AttnSpec, *, block_size: int, 
   n_ch = -(-count // tpc)
   chunk_end = jnp.cumsum(n_ch)
   chunk0 = chunk_end - n_ch  # each group's first chunk
-  n_chunks = -(-n_pairs // tpc) + groups  # static bound: whole chunks + one partial per group
-  n_slots = n_chunks * tpc
+  bound = -(-n_pairs // tpc) + groups  # static: whole chunks + one partial per group
+  nr = -(-bound // max_heads)
+  per = -(-bound // nr)
+  n_chunks, n_slots = nr * per, nr * per * tpc
+  slot_id = lambda c, s: ((c // per) * tpc + s) * per + c % per
   # pair -> slot (natural pair order; n_slots: not a past pair)
-  live = sk < groups
   skc = jnp.minimum(sk, groups - 1)
   rank = jnp.arange(n_pairs, dtype=jnp.int32) - first[skc]
-  slot_sorted = jnp.where(live, (chunk0[skc] + rank // tpc) * tpc + rank % tpc, n_slots)
+  slot_sorted = jnp.where(sk < groups, slot_id(chunk0[skc] + rank // tpc, rank % tpc), n_slots)
   inv = jnp.zeros_like(order).at[order].set(jnp.arange(n_pairs, dtype=jnp.int32),
                                             unique_indices=True)
   slot_of_pair = slot_sorted[inv]  # [P]
-  # slot -> pair (n_pairs: empty), chunk -> group (groups: empty)
+  # chunk -> group (groups: empty); slot -> pair (n_pairs: empty), in slot order
   chunk_group = jnp.searchsorted(chunk_end, jnp.arange(n_chunks), side="right").astype(jnp.int32)
   cg = jnp.minimum(chunk_group, groups - 1)
-  srank = ((jnp.arange(n_chunks) - chunk0[cg])[:, None] * tpc + jnp.arange(tpc)[None, :])
+  srank = (jnp.arange(n_chunks) - chunk0[cg])[:, None] * tpc + jnp.arange(tpc)[None, :]
   sfull = (chunk_group < groups)[:, None] & (srank < count[cg][:, None])
-  pair_of_slot = jnp.where(sfull, order[jnp.minimum(first[cg][:, None] + srank, n_pairs - 1)],
-                           n_pairs).reshape(-1)  # [n_slots]
+  pair_cs = jnp.where(sfull, order[jnp.minimum(first[cg][:, None] + srank, n_pairs - 1)],
+                      n_pairs)  # [N, tpc]
+  pair_of_slot = jnp.moveaxis(pair_cs.reshape(nr, per, tpc), 1, 2).reshape(-1)  # [n_slots]
   # the query rows of each slot: token row (b, t, kv) = pair // n, its G heads
-  q_rows = q.reshape(b * t * hkv, g * d)
   row_of_slot = jnp.where(pair_of_slot < n_pairs, pair_of_slot // n, b * t * hkv)
-  q_chunks = _take_rows(q_rows, row_of_slot, slot_of_pair.reshape(b * t * hkv, n))
+  q_c = _take_rows(q.reshape(b * t * hkv, g * d), row_of_slot,
+                   slot_of_pair.reshape(b * t * hkv, n)).reshape(nr, tpc, per * g, d)
   # each chunk's key block: k as [(b, kv, block), bs, D], a sorted segment sum backward
   kb = jnp.pad(k, ((0, 0), (0, nb * bs - s_len), (0, 0), (0, 0))).reshape(b, nb, bs, hkv, d)
   vb = jnp.pad(v, ((0, 0), (0, nb * bs - s_len), (0, 0), (0, 0))).reshape(b, nb, bs, hkv, dv)
   blocks = lambda x: jnp.moveaxis(x, 3, 1).reshape(groups, bs, x.shape[-1])
-  k_chunks = _take_sorted(blocks(kb), chunk_group)  # [N, bs, D]
-  v_chunks = _take_sorted(blocks(vb), chunk_group)
-  # the chunks as [rows of batch, heads]: N padded to nr * per, per <= max_heads
-  nr = -(-n_chunks // max_heads)
-  per = -(-n_chunks // nr)
-
-  def heads(x):  # [N, R, D] -> [nr, R, per, D]
-    x = jnp.pad(x, ((0, nr * per - n_chunks),) + ((0, 0),) * (x.ndim - 1))
-    return jnp.moveaxis(x.reshape(nr, per, *x.shape[1:]), 1, 2)
-
-  def chunks(x):  # [nr, R, per, ...] -> [N, R, ...]
-    return jnp.moveaxis(x, 2, 1).reshape(nr * per, *x.shape[1:2], *x.shape[3:])[:n_chunks]
-
-  o_c, lse_c = attend(heads(q_chunks.reshape(n_chunks, tpc * g, d)), heads(k_chunks),
-                      heads(v_chunks), False)
-  o_c, lse_c = chunks(o_c), chunks(lse_c)  # [N, R, Dv], [N, R]
+  heads = lambda x: jnp.moveaxis(x.reshape(nr, per, bs, x.shape[-1]), 1, 2)  # [nr, bs, per, D]
+  k_c = heads(_take_sorted(blocks(kb), chunk_group))
+  v_c = heads(_take_sorted(blocks(vb), chunk_group))
+  o_c, lse_c = attend(q_c, k_c, v_c, False)  # [nr, tpc, per * G, Dv], [nr, tpc, per * G]
   # each pair's partial (o, lse) back in (b, t, kv, s) order; pairs not past: lse = -inf
   back = pair_of_slot[:, None]
   o_p = _take_rows(o_c.reshape(n_slots, g * dv), slot_of_pair, back)  # [P, G*Dv]

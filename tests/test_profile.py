@@ -43,6 +43,7 @@ def test_train_benchmark_says_why_no_rate(monkeypatch, capsys):
     ("nsa_branches", ["--length", "1000"], "--length 1000: a multiple of 64, >= 1024"),
     ("nsa_branches", ["--sections", "splits"], "need a Hopper GPU"),
     ("nsa_branches", ["--sections", "parts,groups"], "splits / variants / groups need a Hopper GPU"),
+    ("nsa_branches", ["--groups", "1,3"], "--groups 1,3: a comma list of 1, 2, 4, 8, 16"),
 ])
 def test_gpu_timing_scripts_bad_flags_are_one_line(module, args, msg, capsys):
   """The device-only timing scripts refuse bad flags (and the CPU) in one line, exit 2."""

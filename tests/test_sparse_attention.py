@@ -170,11 +170,11 @@ def test_selected_q_positions(rand):
     selected_block_attention(q, k, v, idx, block_size=8, q_positions=jnp.arange(4))
 
 
-# (B, T, S, H, Hkv, D, block_size, n, rows, max_heads): key-centric loading; small rows make
-# many chunks, a small max_heads spreads them over several batch rows (padded)
+# (B, T, S, H, Hkv, D, block_size, n, rows, max_heads): key-centric loading; rows = tokens per
+# chunk, small ones make many chunks, a small max_heads spreads them over several batch rows (padded)
 KEYED_CASES = [
     ((2, 37, 37, 4, 4, 8, 8, 3, 8, 32768), dict()),  # G=1, ragged last block, 8 tokens per chunk
-    ((1, 50, 50, 8, 2, 8, 16, 4, 16, 7), dict()),  # G=4: 4 tokens per chunk; 7 chunks per row
+    ((1, 50, 50, 8, 2, 8, 16, 4, 16, 7), dict()),  # G=4: 16 tokens per chunk; 7 chunks per row
     ((1, 29, 32, 4, 2, 8, 8, 2, 4, 5), dict(causal=False, scale=0.3)),  # T < S, non-causal
 ]
 
