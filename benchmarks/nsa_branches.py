@@ -75,7 +75,7 @@ class _Bench:
                      param_dtype=jnp.float32)
     self.k_cmp, self.v_cmp, _ = jax.jit(self.layer._compressed)(self.k, self.v)
     self.idx = jax.jit(lambda q, k, v: self.layer.select(q, k, v))(self.q, self.k, self.v)
-    self.t, self.d, self.group, self.reps, self.groups = t, d, h // hkv, reps, groups
+    self.t, self.d, self.group, self.reps, self.gqa = t, d, h // hkv, reps, groups
     print(f"# T={t}, B1 H16 Hkv1 D128 bf16, {jax.devices()[0].device_kind}; device ms per call "
           f"(top kernels)", flush=True)
 
@@ -178,7 +178,7 @@ class _Bench:
     h, d, t = 16, self.d, self.t
     spec = AttnSpec("softmax", True, d ** -0.5, None, 0, None, 0.0)
     print("groups (selected blocks; token tiles vs key-centric):", flush=True)
-    for hkv in (16 // gs for gs in self.groups):
+    for hkv in (16 // gs for gs in self.gqa):
       ks = jax.random.split(jax.random.key(1), 3)
       k = jax.random.normal(ks[0], (1, t, hkv, d), jnp.bfloat16)
       v = jax.random.normal(ks[1], (1, t, hkv, d), jnp.bfloat16)
