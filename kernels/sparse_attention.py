@@ -13,7 +13,7 @@ key j <= that position. A query row that sees no key gives 0.
   tokens to a tile, each row masked by its own token's blocks) and its blocks a row of a
   block mask (`selected_pallas`); or key-centric, as Flash Sparse Attention loads small
   groups (`_selected_keyed`: each block's tokens gathered into chunks on the dense kernel,
-  merged by lse; `SELECTED_KEYED_MAX_GROUP`, off until timed on the device).
+  merged by lse; `auto` takes it at G = 1 from 64k tokens, where it was timed faster).
 - `compressed_importance`: NSA's selection scores, the compressed branch's probabilities
   summed over a KV group's heads (q [B, T, H, D], compressed keys [B, N, Hkv, D] at positions
   j*stride + block_size - 1, the branch's own lse [B, T, H] -> [B, T, Hkv, N] float32), so
@@ -487,12 +487,14 @@ register_kernels("block_sparse_attention",
                  gpu=(_gpu.block_sparse_pallas, _gpu.block_sparse_unsupported),
                  tpu=(_tpu.block_sparse_pallas, _tpu.block_sparse_unsupported),
                  interpret=(_tpu.block_sparse_interpret, _tpu.block_sparse_unsupported_interpret))
-# Key-centric loading (`_selected_keyed`, Flash Sparse Attention's) for KV groups of at most
-# this many query heads on the Hopper kernels; above it, the token tiles of `selected_pallas`.
-# 0: never, until timed on the device against the token tiles (NOTES.md, session 8: the
-# prediction is a win for small groups, where 64 / G tokens share a tile and walk the union
-# of their blocks); `tests/gpu/test_sparse_attention_gpu.py -k keyed` covers it.
-SELECTED_KEYED_MAX_GROUP = 0
+# Key-centric loading (`_selected_keyed`, Flash Sparse Attention's) on the Hopper kernels for
+# KV groups of at most SELECTED_KEYED_MAX_GROUP query heads and at least
+# SELECTED_KEYED_MIN_LENGTH tokens; elsewhere the token tiles of `selected_pallas`. Measured
+# (H100, B1 H16 D128 bf16, n = 16 blocks of 64; NOTES.md, session 9): at 64k, G = 1, 18.8 /
+# 121.7 ms fwd / fwd+bwd against the tiles' 37.5 / 145.5; at 16k it loses (4.9 vs 3.2 fwd),
+# and at G = 4, 16 the tiles win everywhere measured. `tests/gpu/... -k keyed` covers it.
+SELECTED_KEYED_MAX_GROUP = 1
+SELECTED_KEYED_MIN_LENGTH = 65536
 
 
 def keyed_unsupported(q, k, spec: AttnSpec, block_size: int) -> str | None:
@@ -520,11 +522,12 @@ def _kernel_attend(scale: float, block_size: int):
 def _selected_gpu(q, k, v, block_indices, spec: AttnSpec, *, block_size: int,
                   key_centric: bool | None = None):
   """selected_block_attention on the Hopper kernels: key-centric loading where
-  `key_centric` (default: the group is at most SELECTED_KEYED_MAX_GROUP heads) and the
-  call allows it (T == S when causal), else the token tiles (`selected_pallas`)."""
+  `key_centric` (default: the group is at most SELECTED_KEYED_MAX_GROUP heads and T at least
+  SELECTED_KEYED_MIN_LENGTH) and the call allows it (T == S when causal), else the token
+  tiles (`selected_pallas`)."""
   g = q.shape[2] // k.shape[2]
   if key_centric is None:
-    key_centric = g <= SELECTED_KEYED_MAX_GROUP
+    key_centric = g <= SELECTED_KEYED_MAX_GROUP and q.shape[1] >= SELECTED_KEYED_MIN_LENGTH
   if key_centric and keyed_unsupported(q, k, spec, block_size) is None:
     return _selected_keyed(q, k, v, block_indices, spec, block_size=block_size,
                            attend=_kernel_attend(spec.scale, block_size), rows=128)

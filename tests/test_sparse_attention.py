@@ -216,6 +216,15 @@ def test_selected_keyed_dispatch_and_limits(rand, monkeypatch):
   monkeypatch.setattr(SA, "_kernel_attend", _xla_attend)
   got = SA._selected_gpu(q, k, v, idx, spec, block_size=8, key_centric=True)
   assert_close(got, selected_block_attention(q, k, v, idx, block_size=8, impl="reference"))
+  # the default: key-centric for G <= SELECTED_KEYED_MAX_GROUP and T >= the minimum length
+  monkeypatch.setattr(SA._gpu, "selected_pallas", lambda *a, **kw: "tiles")
+  monkeypatch.setattr(SA, "SELECTED_KEYED_MIN_LENGTH", 40)
+  assert SA._selected_gpu(q, k, v, idx, spec, block_size=8).shape == q.shape
+  monkeypatch.setattr(SA, "SELECTED_KEYED_MIN_LENGTH", 41)
+  assert SA._selected_gpu(q, k, v, idx, spec, block_size=8) == "tiles"
+  monkeypatch.setattr(SA, "SELECTED_KEYED_MIN_LENGTH", 40)
+  k2, v2 = k[:, :, :2], v[:, :, :2]  # G = 2
+  assert SA._selected_gpu(q, k2, v2, idx[:, :, :2], spec, block_size=8) == "tiles"
   short = q[:, :30]
   assert SA.keyed_unsupported(short, k, spec, 8) == (
       "causal with T=30 != S=40 (its own-block pass tiles T as S)")
