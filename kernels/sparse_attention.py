@@ -250,25 +250,23 @@ _take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
 def _selected_keyed(q, k, v, block_indices, spec: AttnSpec, *, block_size: int, attend,
-                    rows: int = 128, max_heads: int = 32768):
+                    chunks, rows: int = 128):
   """`selected_block_attention` loaded key-centric, as Flash Sparse Attention does for small
-  GQA groups: the (token, selected block) pairs are sorted by block, each block's tokens
-  gathered into chunks of `rows` tokens, and every chunk attends to its one block as a KV
-  head of a dense, non-causal GQA call (its G query heads the token's); the own block (the
-  causal diagonal) runs as block-diagonal causal attention; the partial outputs are merged
-  by their log-sum-exp. No tile walks the union of several tokens' blocks, so every MMA row
-  is a useful one, at the price of the gathered q / k and the partial outputs ([T, n, H, D]
-  in all) in memory.
-  Layout: the chunks are KV heads, at most `max_heads` query heads (G per chunk) per batch
-  row (the kernel's head grid axis fails to launch past 65535; 64k tokens make ~130k
-  chunks), so N chunks are [nr, per]; a slot (chunk
-  c = r * per + p, row s) is flat index (r * rows + s) * per + p, the attention call's own
-  layout, so q and o move by one gather each, no transposes. Every move of rows is a gather
-  both ways (`_take_rows`: pair -> slot and slot -> pair are both known), except the key
-  blocks' gradient, XLA's scatter-add.
-  attend(q [N, R, Hq, D], k [N, S', Hk, D], v, causal) -> (o [N, R, Hq, D], lse [N, R, Hq]
-  natural log, -inf where a row sees nothing): the dense kernel (or the XLA path). Takes
-  T == S when causal (training, prefill), S a multiple of block_size when not
+  GQA groups: per (batch, KV head) the (token, selected block) pairs are sorted by block and
+  each block's tokens gathered into chunks of `rows` slots, so every chunk attends to its one
+  block (`chunks`); the own block (the causal diagonal) runs as block-diagonal causal
+  attention (`attend`); the partial outputs are merged by their log-sum-exp. No tile walks
+  the union of several tokens' blocks, so every MMA row is a useful one, at the price of the
+  gathered q and the partial outputs ([T, n, H, D] in all) in memory. Rows move by gathers
+  both ways (`_take_rows`: pair -> slot and slot -> pair are both known).
+  chunks(q_slots [B, N * rows, H, D] (slot s of query head h: a token of KV head h // G),
+  k, v [B, S, Hkv, D], chunk_block int32 [B, Hkv, N] (nb = ceil(S / block_size): empty),
+  rows, block_size) -> (o [B, N * rows, H, Dv], lse [B, N * rows, H] natural log): each
+  chunk against its block, non-causal (`_chunks_gathered`, or the block-sparse kernels from
+  lists, `keyed_chunks_pallas`).
+  attend(q [N, R, Hq, D], k [N, S', Hk, D], v, causal) -> (o, lse [N, R, Hq], -inf where a
+  row sees nothing): the dense kernel (or the XLA path), for the own blocks. Takes T == S
+  when causal (training, prefill), S a multiple of block_size when not
   (`keyed_unsupported`)."""
   b, t, h, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
@@ -279,71 +277,102 @@ def _selected_keyed(q, k, v, block_indices, spec: AttnSpec, *, block_size: int, 
   own = (jnp.arange(t, dtype=jnp.int32) // bs)[None, :, None, None]
   past = (idx >= 0) & ((idx < own) if spec.causal else True)  # fully visible pairs
   own_on = jnp.any(idx == own, axis=-1) if spec.causal else None  # [B, T, Hkv]
-  # every pair's group: (batch, KV head, block), past pairs last (group `groups`)
-  groups = b * hkv * nb
-  bk = (jnp.arange(b)[:, None, None, None] * hkv + jnp.arange(hkv)[None, None, :, None])
-  key = jnp.where(past, bk * nb + idx, groups).reshape(-1)  # [P], order (b, t, kv, s)
-  n_pairs = key.size
-  order = jnp.argsort(key, stable=True).astype(jnp.int32)
-  sk = key[order]
-  first = jnp.searchsorted(sk, jnp.arange(groups + 1), side="left").astype(jnp.int32)
-  count = first[1:] - first[:-1]  # [groups]
+  # per (batch, KV head): its T * n pairs in (token, slot) order, keyed by block (nb: not past)
+  m = t * n
+  key = jnp.moveaxis(jnp.where(past, idx, nb), 2, 1).reshape(b, hkv, m)
+  order = jnp.argsort(key, axis=-1, stable=True).astype(jnp.int32)  # [B, Hkv, M]
+  sk = jnp.take_along_axis(key, order, -1)
+  rowwise = lambda f, x: jax.vmap(f)(x.reshape(b * hkv, -1)).reshape(b, hkv, -1)
+  first = rowwise(lambda x: jnp.searchsorted(x, jnp.arange(nb + 1)), sk).astype(jnp.int32)
+  count = first[..., 1:] - first[..., :-1]  # [B, Hkv, nb]
   n_ch = -(-count // tpc)
-  chunk_end = jnp.cumsum(n_ch)
-  chunk0 = chunk_end - n_ch  # each group's first chunk
-  bound = -(-n_pairs // tpc) + groups  # static: whole chunks + one partial per group
-  nr = -(-bound * g // max_heads)
-  per = -(-bound // nr)
-  n_chunks, n_slots = nr * per, nr * per * tpc
-  slot_id = lambda c, s: ((c // per) * tpc + s) * per + c % per
-  # pair -> slot (natural pair order; n_slots: not a past pair)
-  skc = jnp.minimum(sk, groups - 1)
-  rank = jnp.arange(n_pairs, dtype=jnp.int32) - first[skc]
-  slot_sorted = jnp.where(sk < groups, slot_id(chunk0[skc] + rank // tpc, rank % tpc), n_slots)
-  inv = jnp.zeros_like(order).at[order].set(jnp.arange(n_pairs, dtype=jnp.int32),
-                                            unique_indices=True)
-  slot_of_pair = slot_sorted[inv]  # [P]
-  # chunk -> group (groups: empty); slot -> pair (n_pairs: empty), in slot order
-  chunk_group = jnp.searchsorted(chunk_end, jnp.arange(n_chunks), side="right").astype(jnp.int32)
-  cg = jnp.minimum(chunk_group, groups - 1)
-  srank = (jnp.arange(n_chunks) - chunk0[cg])[:, None] * tpc + jnp.arange(tpc)[None, :]
-  sfull = (chunk_group < groups)[:, None] & (srank < count[cg][:, None])
-  pair_cs = jnp.where(sfull, order[jnp.minimum(first[cg][:, None] + srank, n_pairs - 1)],
-                      n_pairs)  # [N, tpc]
-  pair_of_slot = jnp.moveaxis(pair_cs.reshape(nr, per, tpc), 1, 2).reshape(-1)  # [n_slots]
-  # the query rows of each slot: token row (b, t, kv) = pair // n, its G heads
-  row_of_slot = jnp.where(pair_of_slot < n_pairs, pair_of_slot // n, b * t * hkv)
-  q_c = _take_rows(q.reshape(b * t * hkv, g * d), row_of_slot,
-                   slot_of_pair.reshape(b * t * hkv, n)).reshape(nr, tpc, per * g, d)
-  # each chunk's key block: k as [(b, kv, block), bs, D] (a sorted segment sum as its
-  # transpose took 1.2 s at 64k on the H100, XLA's plain scatter-add ~20 ms)
-  kb = jnp.pad(k, ((0, 0), (0, nb * bs - s_len), (0, 0), (0, 0))).reshape(b, nb, bs, hkv, d)
-  vb = jnp.pad(v, ((0, 0), (0, nb * bs - s_len), (0, 0), (0, 0))).reshape(b, nb, bs, hkv, dv)
-  blocks = lambda x: jnp.moveaxis(x, 3, 1).reshape(groups, bs, x.shape[-1])
-  heads = lambda x: jnp.moveaxis(x.reshape(nr, per, bs, x.shape[-1]), 1, 2)  # [nr, bs, per, D]
-  k_c = heads(_take0(blocks(kb), chunk_group))  # its transpose: XLA's scatter-add
-  v_c = heads(_take0(blocks(vb), chunk_group))
-  o_c, lse_c = attend(q_c, k_c, v_c, False)  # [nr, tpc, per * G, Dv], [nr, tpc, per * G]
+  chunk_end = jnp.cumsum(n_ch, -1)
+  chunk0 = chunk_end - n_ch  # each block's first chunk
+  bound = -(-m // tpc) + nb  # static: whole chunks + one partial per block
+  n_slots = bound * tpc
+  at = lambda x, i: jnp.take_along_axis(x, i.reshape(b, hkv, -1), -1).reshape(i.shape)
+  # pair -> slot, as a row of q_slots flattened (batch, slot, KV head); dead: `rows_all`
+  rows_all = b * n_slots * hkv
+  skc = jnp.minimum(sk, nb - 1)
+  rank = jnp.arange(m, dtype=jnp.int32) - at(first, skc)
+  local = (at(chunk0, skc) + rank // tpc) * tpc + rank % tpc  # slot within (b, kv)
+  bi = jnp.arange(b, dtype=jnp.int32)[:, None, None]
+  ki = jnp.arange(hkv, dtype=jnp.int32)[None, :, None]
+  gid_sorted = jnp.where(sk < nb, (bi * n_slots + local) * hkv + ki, rows_all)
+  inv = jnp.zeros_like(order).at[bi, ki, order].set(
+      jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), order.shape), unique_indices=True)
+  slot_of_pair = jnp.take_along_axis(gid_sorted, inv, -1)  # [B, Hkv, M], (token, slot) order
+  slot_of_pair = jnp.moveaxis(slot_of_pair.reshape(b, hkv, t, n), 1, 2).reshape(-1)  # (b,t,kv,s)
+  # chunk -> block (nb: empty); slot -> pair
+  chunk_block = rowwise(lambda x: jnp.searchsorted(x, jnp.arange(bound), side="right"),
+                        chunk_end).astype(jnp.int32)  # [B, Hkv, bound]
+  cb = jnp.minimum(chunk_block, nb - 1)
+  srank = (jnp.arange(bound) - at(chunk0, cb))[..., None] * tpc + jnp.arange(tpc)
+  full = (chunk_block < nb)[..., None] & (srank < at(count, cb)[..., None])
+  pair = at(order, jnp.minimum(at(first, cb)[..., None] + srank, m - 1))  # [B, Hkv, bound, tpc]
+  tok, sel = pair // n, pair % n
+  row_of_slot = jnp.where(full, (bi[..., None] * t + tok) * hkv + ki[..., None], b * t * hkv)
+  pair_of_slot = jnp.where(full, row_of_slot * n + sel, b * t * hkv * n)
+  slot_order = lambda x: jnp.moveaxis(x.reshape(b, hkv, n_slots), 1, 2).reshape(-1)  # (b, s, kv)
+  q_slots = _take_rows(q.reshape(b * t * hkv, g * d), slot_order(row_of_slot),
+                       slot_of_pair.reshape(b * t * hkv, n)).reshape(b, n_slots, h, d)
+  o_c, lse_c = chunks(q_slots, k, v, chunk_block, tpc, bs)  # [B, n_slots, H, Dv], [B, n_slots, H]
   # each pair's partial (o, lse) back in (b, t, kv, s) order; pairs not past: lse = -inf
-  back = pair_of_slot[:, None]
-  o_p = _take_rows(o_c.reshape(n_slots, g * dv), slot_of_pair, back)  # [P, G*Dv]
-  lse_p = _take_rows(lse_c.reshape(n_slots, g), slot_of_pair, back)
-  lse_p = jnp.where((slot_of_pair < n_slots)[:, None], lse_p, -jnp.inf)
+  back = slot_order(pair_of_slot)[:, None]
+  o_p = _take_rows(o_c.reshape(rows_all, g * dv), slot_of_pair, back)  # [P, G*Dv]
+  lse_p = _take_rows(lse_c.reshape(rows_all, g), slot_of_pair, back)
+  lse_p = jnp.where((slot_of_pair < rows_all)[:, None], lse_p, -jnp.inf)
   o_p = o_p.reshape(b, t, hkv, n, g, dv)
   lse_p = lse_p.reshape(b, t, hkv, n, g)
   if spec.causal:  # the own block: causal attention within each block of bs tokens
     tp = nb * bs
-    qo = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0))).reshape(b * nb, bs, h, d)
-    o_o, lse_o = attend(qo, kb.reshape(b * nb, bs, hkv, d), vb.reshape(b * nb, bs, hkv, dv), True)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - x.shape[1]), (0, 0), (0, 0)))
+    o_o, lse_o = attend(pad(q).reshape(b * nb, bs, h, d), pad(k).reshape(b * nb, bs, hkv, d),
+                        pad(v).reshape(b * nb, bs, hkv, dv), True)
     o_o = o_o.reshape(b, tp, hkv, 1, g, dv)[:, :t]
     lse_o = jnp.where(own_on[..., None, None], lse_o.reshape(b, tp, hkv, 1, g)[:, :t], -jnp.inf)
     o_p, lse_p = jnp.concatenate([o_p, o_o], 3), jnp.concatenate([lse_p, lse_o], 3)
-  m = jnp.max(lse_p, axis=3, keepdims=True)
-  m = jnp.where(jnp.isneginf(m), 0.0, m)  # a row that sees nothing: weights exp(-inf) = 0
-  w = jnp.exp(lse_p - m)
+  m_ = jnp.max(lse_p, axis=3, keepdims=True)
+  m_ = jnp.where(jnp.isneginf(m_), 0.0, m_)  # a row that sees nothing: weights exp(-inf) = 0
+  w = jnp.exp(lse_p - m_)
   w = w / jnp.maximum(jnp.sum(w, axis=3, keepdims=True), jnp.finfo(jnp.float32).tiny)
   o = jnp.sum(w[..., None] * o_p.astype(jnp.float32), axis=3)  # [B, T, Hkv, G, Dv]
   return o.reshape(b, t, h, -1).astype(q.dtype)
+
+
+def _chunks_gathered(attend, max_heads: int = 32768):
+  """`_selected_keyed`'s chunks by gathering each chunk's key block: the chunks as KV heads
+  of one dense, non-causal GQA call (`attend`), at most `max_heads` query heads per batch row
+  (the Hopper kernel's head grid axis fails to launch past 65535). The key blocks' gradient
+  is XLA's scatter-add (67 ms of 122 at 64k on the H100)."""
+
+  def run(q_slots, k, v, chunk_block, tpc, bs):
+    b, n_slots, h, d = q_slots.shape
+    s_len, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
+    g, bound, nb = h // hkv, n_slots // tpc, -(-s_len // bs)
+    n = b * bound * hkv  # chunks, ordered (b, chunk, kv)
+    nr = -(-n * g // max_heads)
+    per = -(-n // nr)
+    blocks = lambda x: jnp.moveaxis(
+        jnp.pad(x, ((0, 0), (0, nb * bs - s_len), (0, 0), (0, 0))).reshape(b, nb, bs, hkv, -1),
+        3, 1).reshape(b * hkv * nb, bs, x.shape[-1])  # [(b, kv, block), bs, D]
+    grp = (jnp.arange(b)[:, None, None] * hkv + jnp.arange(hkv)[None, :, None]) * nb + chunk_block
+    grp = jnp.where(chunk_block < nb, grp, b * hkv * nb)
+    grp = jnp.pad(jnp.moveaxis(grp, 1, 2).reshape(-1), (0, nr * per - n),
+                  constant_values=b * hkv * nb)  # (b, chunk, kv)
+    kv_heads = lambda x: jnp.moveaxis(_take0(blocks(x), grp).reshape(nr, per, bs, -1), 1, 2)
+    qc = q_slots.reshape(b, bound, tpc, hkv, g, d)
+    qc = jnp.moveaxis(qc, 2, 3).reshape(n, tpc, g, d)  # [(b, chunk, kv), tpc, G, D]
+    qc = jnp.pad(qc, ((0, nr * per - n), (0, 0), (0, 0), (0, 0)))
+    qc = jnp.moveaxis(qc.reshape(nr, per, tpc, g, d), 1, 2).reshape(nr, tpc, per * g, d)
+    o, lse = attend(qc, kv_heads(k), kv_heads(v), False)  # [nr, tpc, per * G, Dv]
+    back = lambda x: jnp.moveaxis(x.reshape(nr, tpc, per, g, -1), 1, 2).reshape(
+        nr * per, tpc, g, -1)[:n].reshape(b, bound, hkv, tpc, g, -1)
+    o = jnp.moveaxis(back(o), 3, 2).reshape(b, n_slots, h, dv)
+    lse = jnp.moveaxis(back(lse[..., None]), 3, 2).reshape(b, n_slots, h)
+    return o, lse
+
+  return run
 
 
 def _vertical_slash_xla(q, k, v, vertical_idx, slash_idx, spec: AttnSpec):
@@ -520,17 +549,22 @@ def _kernel_attend(scale: float, block_size: int):
 
 
 def _selected_gpu(q, k, v, block_indices, spec: AttnSpec, *, block_size: int,
-                  key_centric: bool | None = None):
+                  key_centric: bool | str | None = None):
   """selected_block_attention on the Hopper kernels: key-centric loading where
   `key_centric` (default: the group is at most SELECTED_KEYED_MAX_GROUP heads and T at least
   SELECTED_KEYED_MIN_LENGTH) and the call allows it (T == S when causal), else the token
-  tiles (`selected_pallas`)."""
+  tiles (`selected_pallas`). key_centric="lists": its chunks on the block-sparse kernels
+  from lists (`keyed_chunks_pallas`; no gathered K / V), else gathered key blocks on the
+  dense kernel (`_chunks_gathered`)."""
   g = q.shape[2] // k.shape[2]
   if key_centric is None:
     key_centric = g <= SELECTED_KEYED_MAX_GROUP and q.shape[1] >= SELECTED_KEYED_MIN_LENGTH
   if key_centric and keyed_unsupported(q, k, spec, block_size) is None:
-    return _selected_keyed(q, k, v, block_indices, spec, block_size=block_size,
-                           attend=_kernel_attend(spec.scale, block_size), rows=128)
+    attend = _kernel_attend(spec.scale, block_size)
+    chunks = (functools.partial(_gpu.keyed_chunks_pallas, spec=spec) if key_centric == "lists"
+              else _chunks_gathered(attend))
+    return _selected_keyed(q, k, v, block_indices, spec, block_size=block_size, attend=attend,
+                           chunks=chunks, rows=128)
   return _gpu.selected_pallas(q, k, v, block_indices, spec, block_size=block_size)
 
 

@@ -197,9 +197,10 @@ def test_selected_keyed_matches_reference_f32(rand, shape, opts):
   causal, scale = opts.get("causal", True), opts.get("scale", d**-0.5)
   spec = AttnSpec("softmax", causal, scale, None, 0, None, 0.0)
   assert SA.keyed_unsupported(q, k, spec, bs) is None
-  keyed = lambda q, k, v: SA._selected_keyed(q, k, v, idx, spec, block_size=bs,
-                                             attend=_xla_attend(scale), rows=rows,
-                                             max_heads=max_heads)
+  attend = _xla_attend(scale)
+  keyed = lambda q, k, v: SA._selected_keyed(
+      q, k, v, idx, spec, block_size=bs, attend=attend, rows=rows,
+      chunks=SA._chunks_gathered(attend, max_heads=max_heads))
   ref = lambda q, k, v: selected_block_attention(q, k, v, idx, block_size=bs, impl="reference",
                                                  **opts)
   compare(keyed, ref, (q, k, v), (0, 1, 2), jnp.float32, str(opts))
