@@ -382,6 +382,47 @@ def test_selected_emulated_matches_reference(emulated, case):
   assert_close(jax.jit(got)(q, k, v, jnp.asarray(idx)), want(q, k, v), 2e-5, "traced indices")
 
 
+# NSA's key-centric chunks on the block-sparse kernels from arithmetic lists
+# (`keyed_chunks_pallas`, `_selected_gpu(..., key_centric="lists")`):
+# (B, T, H, Hkv, block_size, n): G = 1, 2, 4; 64-key blocks (two per dk/dv key tile) and 128
+KEYED = [(2, 300, 2, 2, 64, 3), (1, 260, 4, 2, 128, 4), (1, 200, 8, 2, 64, 5)]
+
+
+def _keyed(idx, bs):
+  from longax.kernels import sparse_attention as SA
+  return lambda q, k, v: SA._selected_gpu(q, k, v, idx, _spec("softmax", True, q.shape[-1]),
+                                          block_size=bs, key_centric="lists")
+
+
+@pytest.mark.parametrize("case", KEYED[:2], ids=str)
+def test_keyed_lists_lower_forward_and_backward(case):
+  b, t, h, hkv, bs, n = case
+  q = jnp.zeros((b, t, h, 64), jnp.bfloat16)
+  k = jnp.zeros((b, t, hkv, 64), jnp.bfloat16)
+  idx = jnp.zeros((b, t, hkv, n), jnp.int32)
+  loss = lambda q, k, v, i: _keyed(i, bs)(q, k, v).astype(jnp.float32).sum()
+  lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, idx).lower(
+      lowering_platforms=("cuda",))
+  assert lowered.as_text().count("mosaic_gpu") >= 6  # chunks and own blocks, fwd, dq, dk/dv
+
+
+@pytest.mark.parametrize("case", KEYED, ids=str)
+def test_keyed_lists_emulated_matches_reference(emulated, case):
+  """Forward and gradients of key-centric loading with its chunks on the kernels' lists
+  (the kernels emulated as the pairs their lists cover) against the reference (float32):
+  the lists cover each chunk's block and nothing else, dk / dv from the key tiles' ranges."""
+  from conftest import compare
+  from longax.kernels import selected_block_attention
+  b, t, h, hkv, bs, n = case
+  rng = np.random.default_rng(t + n)
+  q, k, v = (jnp.asarray(rng.standard_normal(sh), jnp.float32)
+             for sh in ((b, t, h, 64), (b, t, hkv, 64), (b, t, hkv, 64)))
+  idx = _block_indices(rng, b, t, hkv, n, -(-t // bs))
+  idx[:, 1::2, :, 0] = (np.arange(t)[1::2] // bs)[None, :, None]  # own blocks too
+  want = lambda q, k, v: selected_block_attention(q, k, v, idx, block_size=bs, impl="reference")
+  compare(_keyed(jnp.asarray(idx), bs), want, (q, k, v), (0, 1, 2), 2e-5, str(case))
+
+
 def test_selected_dispatch(monkeypatch):
   """auto takes the kernel for bf16/f16, head dims 64/128, block_size a multiple of 64, up
   to 64 query heads per KV head, default positions; else XLA (impl="pallas" says why)."""

@@ -1431,6 +1431,86 @@ def selected_pallas(q, k, v, block_indices, spec, *, block_size: int, blocks=Non
   return o.reshape(b, t, h, d)
 
 
+def _keyed_lists(chunk_block, pb: _Problem, rows: int, block_size: int, max_chunks: int,
+                 heads: int) -> _SparseLists:
+  """The three kernels' lists for NSA's key-centric chunks (`keyed_chunks_pallas`), by
+  arithmetic: chunk_block int32 [B, Hkv, N] (each chunk of `rows` query slots, its key block
+  of `block_size`; >= ceil(S / block_size): empty), chunks sorted by block. Forward / dq: a
+  query tile (inside one chunk) steps over its chunk's block. dk/dv: a warpgroup's keys lie
+  in one block, whose chunks are a contiguous range (and a key tile's blocks are adjacent,
+  so their ranges too): per query head g of the group the steps g * n_q + that range of
+  query blocks. Every step plain (whole blocks, non-causal). max_chunks: a static bound on
+  one block's chunks (ceil(T / rows): a token lists a block once)."""
+  blk = pb.blocks
+  b, hkv, n_ch = chunk_block.shape
+  g = heads // hkv
+  nb = -(-pb.s // block_size)
+  live = chunk_block < nb
+  cb = jnp.where(live, chunk_block, 0)
+
+  def row_lists(bq, wgs, bkv):
+    tile_rows = wgs * bq
+    tiles = n_ch * rows // tile_rows
+    r = block_size // bkv
+    at = cb[:, :, np.arange(tiles) * tile_rows // rows]  # [B, Hkv, tiles]
+    on = live[:, :, np.arange(tiles) * tile_rows // rows]
+    steps = at[..., None] * r + np.arange(r, dtype=np.int32)
+    own = jnp.broadcast_to(np.arange(r, dtype=np.int32), (b, hkv, tiles, wgs, r))
+    counts = jnp.repeat(jnp.where(on, r, 0)[..., None], 1 + 2 * wgs, -1)
+    rep = lambda x: jnp.repeat(x.astype(jnp.int32), g, axis=1)  # per query head
+    return _Lists(rep(steps), rep(own), rep(counts))
+
+  # dk/dv: chunk ranges per block, in query blocks of bwd_block_q rows
+  bq, bkv, wgs = blk.bwd_block_q, blk.bwd_block_kv, blk.bwd_wgs
+  per_chunk = rows // bq
+  n_q = n_ch * per_chunk
+  ends = jax.vmap(lambda x: jnp.searchsorted(x, jnp.arange(nb + 1), side="left"))(
+      chunk_block.reshape(b * hkv, n_ch)).reshape(b, hkv, nb + 1).astype(jnp.int32) * per_chunk
+  sp = -(-pb.s // _key_multiple(blk)) * _key_multiple(blk)
+  tiles = sp // (wgs * bkv)
+  key0 = (np.arange(tiles)[:, None] * wgs + np.arange(wgs)) * bkv  # [tiles, wgs]
+  blk_w = np.minimum(key0 // block_size, nb - 1)
+  on_w = key0 < pb.s
+  lo_w = jnp.where(on_w, ends[..., blk_w], 0)  # [B, Hkv, tiles, wgs]
+  len_w = jnp.where(on_w, ends[..., blk_w + 1], 0) - lo_w
+  hi = jnp.max(jnp.where(on_w, lo_w + len_w, 0), -1)  # the union: adjacent blocks' ranges
+  lo = jnp.min(jnp.where(on_w, lo_w, n_q), -1)
+  length = jnp.maximum(hi - lo, 0)
+  lo = jnp.where(length > 0, lo, 0)
+  ell = g * max_chunks * per_chunk * -(-(wgs * bkv) // block_size)  # static list length
+  p = np.arange(ell, dtype=np.int32)
+  len1 = jnp.maximum(length, 1)[..., None]
+  steps = (p // len1) * n_q + lo[..., None] + p % len1  # [B, Hkv, tiles, L]
+  steps = jnp.where(p < g * length[..., None], steps, 0)
+  lw = jnp.maximum(len_w, 1)[..., None]
+  own = (p // lw) * len1[..., None, :] + (lo_w - lo[..., None])[..., None] + p % lw
+  n_own = g * len_w
+  counts = jnp.concatenate([(g * length)[..., None],
+                            jnp.stack([n_own, n_own], -1).reshape(*n_own.shape[:-1], 2 * wgs)], -1)
+  dkv = _Lists(*(x.astype(jnp.int32) for x in (steps, own, counts)))
+  return _SparseLists(row_lists(blk.block_q, blk.wgs, blk.block_kv),
+                      row_lists(blk.bwd_block_q, blk.bwd_wgs, blk.bwd_block_kv), dkv)
+
+
+def keyed_chunks_pallas(q, k, v, chunk_block, rows: int, block_size: int, *, spec,
+                        max_chunks: int, blocks=None):
+  """NSA's key-centric chunks (`sparse_attention._selected_keyed`) on the block-sparse
+  kernels: q [B, N * rows, H, D] (slots; chunk c's rows attend to key block chunk_block[b,
+  h // G, c] only, non-causal), k / v [B, S, Hkv, D] as they are -> (o [B, N * rows, H, D],
+  lse [B, N * rows, H] natural log, -inf for empty slots). The lists come from arithmetic
+  (`_keyed_lists`), so no key block is gathered and dk / dv accumulate in the dk/dv kernel
+  (no scatter-add). Needs rows a multiple of both query tiles (128) and block_size of 64."""
+  blk = blocks or sparse_blocks(q.shape[-1], rows, block_size)
+  pb = _problem(q, k, dataclasses.replace(spec, causal=False), None, blk)
+  for tile in (blk.wgs * blk.block_q, blk.bwd_wgs * blk.bwd_block_q):
+    if rows % tile:
+      raise ValueError(f"keyed_chunks_pallas: rows={rows} must be a multiple of the {tile}-row query tiles")
+  if block_size % 64:
+    raise ValueError(f"keyed_chunks_pallas: block_size={block_size} must be a multiple of 64")
+  lists = _keyed_lists(chunk_block, pb, rows, block_size, max_chunks, q.shape[2])
+  return _flash(*same_vma(q, k, v), None, None, lists, pb)
+
+
 def selected_unsupported(call: dict) -> str | None:
   """As `block_sparse_unsupported` (block_size for both block sizes, the query side being a
   token's rows), and at most 64 query heads per KV head (what the tests cover: one tile)."""
