@@ -15,7 +15,8 @@ selection: l=32, d=16, l'=64, n=16, w=512), device time per call from a profiler
 - `groups`: the selected blocks at GQA groups G (`--groups`, of 1, 2, 4, 8, 16: H16 with
   Hkv = 16 / G), forward
   and fwd+bwd, on the token tiles (`selected_pallas`) and key-centric (`_selected_keyed`,
-  Flash Sparse Attention's loading), each on its layer's selection.
+  Flash Sparse Attention's loading; its chunks on gathered key blocks, and on the block-sparse
+  kernels' lists), each on its layer's selection.
 The inputs are random normal, so the selection is the one random scores give.
 """
 
@@ -186,7 +187,8 @@ class _Bench:
                   param_dtype=jnp.float32)
       idx = jax.jit(lambda q, k, v: layer.select(q, k, v))(self.q, k, v)
       bs = layer.select_block
-      for name, keyed in (("token tiles", False), ("key-centric", True)):
+      for name, keyed in (("token tiles", False), ("key-centric", True),
+                          ("key-centric, lists", "lists")):
         f = lambda q, k, v, keyed=keyed: SA._selected_gpu(q, k, v, idx, spec, block_size=bs,
                                                          key_centric=keyed)
         self._show(f"G={h // hkv} {name}", jax.jit(f), self.q, k, v)

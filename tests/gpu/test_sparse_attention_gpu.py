@@ -191,10 +191,12 @@ def test_selected_one_token_per_tile(rand, shape):
   compare(got, _selected(idx, shape, "reference"), (q, k, v), (0, 1, 2), 2e-2, str(shape))
 
 
+@pytest.mark.parametrize("chunks", [True, "lists"])
 @pytest.mark.parametrize("shape", SELECTED, ids=str)
-def test_selected_keyed_matches_reference(rand, shape):
-  """Key-centric loading (`_selected_keyed`: each block's tokens gathered into 128-row
-  chunks on the dense kernel, the own block block-diagonal causal, merged by lse)."""
+def test_selected_keyed_matches_reference(rand, shape, chunks):
+  """Key-centric loading (`_selected_keyed`: each block's tokens gathered into 128-slot
+  chunks, the own block block-diagonal causal, merged by lse), its chunks on the dense
+  kernel with gathered key blocks (True) or on the block-sparse kernels' lists ("lists")."""
   from longax.kernels import sparse_attention as SA
   from longax.kernels.attention import AttnSpec
   b, t, s, h, hkv, d, bs, n = shape
@@ -203,7 +205,7 @@ def test_selected_keyed_matches_reference(rand, shape):
   spec = AttnSpec("softmax", True, d**-0.5, None, 0, None, 0.0)
   if SA.keyed_unsupported(q, k, spec, bs) is not None:
     pytest.skip(SA.keyed_unsupported(q, k, spec, bs))
-  got = lambda q, k, v: SA._selected_gpu(q, k, v, idx, spec, block_size=bs, key_centric=True)
+  got = lambda q, k, v: SA._selected_gpu(q, k, v, idx, spec, block_size=bs, key_centric=chunks)
   compare(got, _selected(idx, shape, "reference"), (q, k, v), (0, 1, 2), 2e-2, str(shape))
 
 
