@@ -282,8 +282,12 @@ def _selected_keyed(q, k, v, block_indices, spec: AttnSpec, *, block_size: int, 
   key = jnp.moveaxis(jnp.where(past, idx, nb), 2, 1).reshape(b, hkv, m)
   order = jnp.argsort(key, axis=-1, stable=True).astype(jnp.int32)  # [B, Hkv, M]
   sk = jnp.take_along_axis(key, order, -1)
+  # (searchsorted unrolled: its default while loop reads its predicate back to the host on
+  # every iteration on the GPU)
   rowwise = lambda f, x: jax.vmap(f)(x.reshape(b * hkv, -1)).reshape(b, hkv, -1)
-  first = rowwise(lambda x: jnp.searchsorted(x, jnp.arange(nb + 1)), sk).astype(jnp.int32)
+  search = lambda v, side="left": lambda x: jnp.searchsorted(x, v, side=side,
+                                                             method="scan_unrolled")
+  first = rowwise(search(jnp.arange(nb + 1)), sk).astype(jnp.int32)
   count = first[..., 1:] - first[..., :-1]  # [B, Hkv, nb]
   n_ch = -(-count // tpc)
   chunk_end = jnp.cumsum(n_ch, -1)
@@ -304,8 +308,7 @@ def _selected_keyed(q, k, v, block_indices, spec: AttnSpec, *, block_size: int, 
   slot_of_pair = jnp.take_along_axis(gid_sorted, inv, -1)  # [B, Hkv, M], (token, slot) order
   slot_of_pair = jnp.moveaxis(slot_of_pair.reshape(b, hkv, t, n), 1, 2).reshape(-1)  # (b,t,kv,s)
   # chunk -> block (nb: empty); slot -> pair
-  chunk_block = rowwise(lambda x: jnp.searchsorted(x, jnp.arange(bound), side="right"),
-                        chunk_end).astype(jnp.int32)  # [B, Hkv, bound]
+  chunk_block = rowwise(search(jnp.arange(bound), "right"), chunk_end).astype(jnp.int32)
   cb = jnp.minimum(chunk_block, nb - 1)
   srank = (jnp.arange(bound) - at(chunk0, cb))[..., None] * tpc + jnp.arange(tpc)
   full = (chunk_block < nb)[..., None] & (srank < at(count, cb)[..., None])

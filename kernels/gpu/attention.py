@@ -1464,7 +1464,7 @@ def _keyed_lists(chunk_block, pb: _Problem, rows: int, block_size: int, max_chun
   bq, bkv, wgs = blk.bwd_block_q, blk.bwd_block_kv, blk.bwd_wgs
   per_chunk = rows // bq
   n_q = n_ch * per_chunk
-  ends = jax.vmap(lambda x: jnp.searchsorted(x, jnp.arange(nb + 1), side="left"))(
+  ends = jax.vmap(lambda x: jnp.searchsorted(x, jnp.arange(nb + 1), method="scan_unrolled"))(
       chunk_block.reshape(b * hkv, n_ch)).reshape(b, hkv, nb + 1).astype(jnp.int32) * per_chunk
   sp = -(-pb.s // _key_multiple(blk)) * _key_multiple(blk)
   tiles = sp // (wgs * bkv)
