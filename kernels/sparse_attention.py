@@ -564,9 +564,11 @@ def _selected_gpu(q, k, v, block_indices, spec: AttnSpec, *, block_size: int,
     key_centric = g <= SELECTED_KEYED_MAX_GROUP and q.shape[1] >= SELECTED_KEYED_MIN_LENGTH
   if key_centric and keyed_unsupported(q, k, spec, block_size) is None:
     attend = _kernel_attend(spec.scale, block_size)
-    chunks = (functools.partial(_gpu.keyed_chunks_pallas, spec=spec, max_chunks=-(-q.shape[1] // 128))
-              if key_centric == "lists"
-              else _chunks_gathered(attend))
+    if key_centric == "lists":  # a block's chunks: at most one slot per token
+      chunks = functools.partial(_gpu.keyed_chunks_pallas, spec=spec,
+                                 max_chunks=-(-q.shape[1] // 128))
+    else:
+      chunks = _chunks_gathered(attend)
     return _selected_keyed(q, k, v, block_indices, spec, block_size=block_size, attend=attend,
                            chunks=chunks, rows=128)
   return _gpu.selected_pallas(q, k, v, block_indices, spec, block_size=block_size)
