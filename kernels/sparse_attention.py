@@ -343,37 +343,31 @@ def _selected_keyed(q, k, v, block_indices, spec: AttnSpec, *, block_size: int, 
   return o.reshape(b, t, h, -1).astype(q.dtype)
 
 
-def _chunks_gathered(attend, max_heads: int = 32768):
-  """`_selected_keyed`'s chunks by gathering each chunk's key block: the chunks as KV heads
-  of one dense, non-causal GQA call (`attend`), at most `max_heads` query heads per batch row
-  (the Hopper kernel's head grid axis fails to launch past 65535). The key blocks' gradient
-  is XLA's scatter-add (67 ms of 122 at 64k on the H100)."""
+def _chunks_gathered(attend, max_batch: int = 32768):
+  """`_selected_keyed`'s chunks by gathering each chunk's key block: the chunks of all KV
+  heads as batch rows of dense, non-causal GQA calls (`attend`; q_slots is already
+  [B x chunks, rows, H, D], so no transpose), at most `max_batch` rows per call (CUDA caps a
+  grid's y / z at 65535). The key blocks' gradient is XLA's scatter-add (67 ms of 122 at 64k
+  on the H100)."""
 
   def run(q_slots, k, v, chunk_block, tpc, bs):
     b, n_slots, h, d = q_slots.shape
-    s_len, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
-    g, bound, nb = h // hkv, n_slots // tpc, -(-s_len // bs)
-    n = b * bound * hkv  # chunks, ordered (b, chunk, kv)
-    nr = -(-n * g // max_heads)
-    per = -(-n // nr)
-    blocks = lambda x: jnp.moveaxis(
-        jnp.pad(x, ((0, 0), (0, nb * bs - s_len), (0, 0), (0, 0))).reshape(b, nb, bs, hkv, -1),
-        3, 1).reshape(b * hkv * nb, bs, x.shape[-1])  # [(b, kv, block), bs, D]
-    grp = (jnp.arange(b)[:, None, None] * hkv + jnp.arange(hkv)[None, :, None]) * nb + chunk_block
-    grp = jnp.where(chunk_block < nb, grp, b * hkv * nb)
-    grp = jnp.pad(jnp.moveaxis(grp, 1, 2).reshape(-1), (0, nr * per - n),
-                  constant_values=b * hkv * nb)  # (b, chunk, kv)
-    kv_heads = lambda x: jnp.moveaxis(_take0(blocks(x), grp).reshape(nr, per, bs, -1), 1, 2)
-    qc = q_slots.reshape(b, bound, tpc, hkv, g, d)
-    qc = jnp.moveaxis(qc, 2, 3).reshape(n, tpc, g, d)  # [(b, chunk, kv), tpc, G, D]
-    qc = jnp.pad(qc, ((0, nr * per - n), (0, 0), (0, 0), (0, 0)))
-    qc = jnp.moveaxis(qc.reshape(nr, per, tpc, g, d), 1, 2).reshape(nr, tpc, per * g, d)
-    o, lse = attend(qc, kv_heads(k), kv_heads(v), False)  # [nr, tpc, per * G, Dv]
-    back = lambda x: jnp.moveaxis(x.reshape(nr, tpc, per, g, -1), 1, 2).reshape(
-        nr * per, tpc, g, -1)[:n].reshape(b, bound, hkv, tpc, g, -1)
-    o = jnp.moveaxis(back(o), 3, 2).reshape(b, n_slots, h, dv)
-    lse = jnp.moveaxis(back(lse[..., None]), 3, 2).reshape(b, n_slots, h)
-    return o, lse
+    s_len, hkv = k.shape[1], k.shape[2]
+    bound = n_slots // tpc
+    nb = -(-s_len // bs)
+    # row (b, s, kv) of k for each (b, chunk, key i, kv): [B * bound, bs, Hkv]
+    blk = jnp.moveaxis(jnp.minimum(chunk_block, nb - 1), 1, 2)  # [B, bound, Hkv]
+    pos = blk[:, :, None, :] * bs + jnp.arange(bs)[None, None, :, None]  # [B, bound, bs, Hkv]
+    on = (blk < nb)[:, :, None, :] & (pos < s_len)
+    row = (jnp.arange(b)[:, None, None, None] * s_len + pos) * hkv + jnp.arange(hkv)
+    row = jnp.where(on, row, b * s_len * hkv).reshape(b * bound, bs, hkv)
+    take = lambda x: _take0(x.reshape(b * s_len * hkv, x.shape[-1]), row)  # [B*bound, bs, Hkv, D]
+    qc, kc, vc = q_slots.reshape(b * bound, tpc, h, d), take(k), take(v)
+    outs = [attend(qc[i:i + max_batch], kc[i:i + max_batch], vc[i:i + max_batch], False)
+            for i in range(0, b * bound, max_batch)]
+    o = jnp.concatenate([x[0] for x in outs]) if len(outs) > 1 else outs[0][0]
+    lse = jnp.concatenate([x[1] for x in outs]) if len(outs) > 1 else outs[0][1]
+    return o.reshape(b, n_slots, h, -1), lse.reshape(b, n_slots, h)
 
   return run
 

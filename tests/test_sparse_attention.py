@@ -170,11 +170,11 @@ def test_selected_q_positions(rand):
     selected_block_attention(q, k, v, idx, block_size=8, q_positions=jnp.arange(4))
 
 
-# (B, T, S, H, Hkv, D, block_size, n, rows, max_heads): key-centric loading; rows = tokens per
-# chunk, small ones make many chunks, a small max_heads spreads them over several batch rows (padded)
+# (B, T, S, H, Hkv, D, block_size, n, rows, max_batch): key-centric loading; rows = tokens per
+# chunk, small ones make many chunks, a small max_batch spreads them over several calls
 KEYED_CASES = [
     ((2, 37, 37, 4, 4, 8, 8, 3, 8, 32768), dict()),  # G=1, ragged last block, 8 tokens per chunk
-    ((1, 50, 50, 8, 2, 8, 16, 4, 16, 7), dict()),  # G=4: 16 tokens per chunk; 7 chunks per row
+    ((1, 50, 50, 8, 2, 8, 16, 4, 16, 7), dict()),  # G=4: 16 tokens per chunk; 7 chunks per call
     ((1, 29, 32, 4, 2, 8, 8, 2, 4, 5), dict(causal=False, scale=0.3)),  # T < S, non-causal
 ]
 
@@ -191,7 +191,7 @@ def test_selected_keyed_matches_reference_f32(rand, shape, opts):
   path: forward and gradients equal the reference, -1 and repeats included."""
   from longax.kernels import sparse_attention as SA
   from longax.kernels.attention import AttnSpec
-  b, t, s, h, hkv, d, bs, n, rows, max_heads = shape
+  b, t, s, h, hkv, d, bs, n, rows, max_batch = shape
   q, k, v = _qkv(rand, b, t, s, h, hkv, d)
   idx = _block_indices(rand, b, t, hkv, n, -(-s // bs))
   causal, scale = opts.get("causal", True), opts.get("scale", d**-0.5)
@@ -200,7 +200,7 @@ def test_selected_keyed_matches_reference_f32(rand, shape, opts):
   attend = _xla_attend(scale)
   keyed = lambda q, k, v: SA._selected_keyed(
       q, k, v, idx, spec, block_size=bs, attend=attend, rows=rows,
-      chunks=SA._chunks_gathered(attend, max_heads=max_heads))
+      chunks=SA._chunks_gathered(attend, max_batch=max_batch))
   ref = lambda q, k, v: selected_block_attention(q, k, v, idx, block_size=bs, impl="reference",
                                                  **opts)
   compare(keyed, ref, (q, k, v), (0, 1, 2), jnp.float32, str(opts))

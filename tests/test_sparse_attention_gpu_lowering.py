@@ -388,29 +388,32 @@ def test_selected_emulated_matches_reference(emulated, case):
 KEYED = [(2, 300, 2, 2, 64, 3), (1, 260, 4, 2, 128, 4), (1, 200, 8, 2, 64, 5)]
 
 
-def _keyed(idx, bs):
+def _keyed(idx, bs, chunks="lists"):
   from longax.kernels import sparse_attention as SA
   return lambda q, k, v: SA._selected_gpu(q, k, v, idx, _spec("softmax", True, q.shape[-1]),
-                                          block_size=bs, key_centric="lists")
+                                          block_size=bs, key_centric=chunks)
 
 
+@pytest.mark.parametrize("chunks", [True, "lists"])
 @pytest.mark.parametrize("case", KEYED[:2], ids=str)
-def test_keyed_lists_lower_forward_and_backward(case):
+def test_keyed_lists_lower_forward_and_backward(case, chunks):
   b, t, h, hkv, bs, n = case
   q = jnp.zeros((b, t, h, 64), jnp.bfloat16)
   k = jnp.zeros((b, t, hkv, 64), jnp.bfloat16)
   idx = jnp.zeros((b, t, hkv, n), jnp.int32)
-  loss = lambda q, k, v, i: _keyed(i, bs)(q, k, v).astype(jnp.float32).sum()
+  loss = lambda q, k, v, i: _keyed(i, bs, chunks)(q, k, v).astype(jnp.float32).sum()
   lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, idx).lower(
       lowering_platforms=("cuda",))
   assert lowered.as_text().count("mosaic_gpu") >= 6  # chunks and own blocks, fwd, dq, dk/dv
 
 
+@pytest.mark.parametrize("chunks", [True, "lists"])
 @pytest.mark.parametrize("case", KEYED, ids=str)
-def test_keyed_lists_emulated_matches_reference(emulated, case):
-  """Forward and gradients of key-centric loading with its chunks on the kernels' lists
-  (the kernels emulated as the pairs their lists cover) against the reference (float32):
-  the lists cover each chunk's block and nothing else, dk / dv from the key tiles' ranges."""
+def test_keyed_lists_emulated_matches_reference(emulated, case, chunks):
+  """Forward and gradients of key-centric loading, its chunks on the dense kernel with
+  gathered key blocks (True) or on the kernels' lists ("lists": they cover each chunk's block
+  and nothing else, dk / dv from the key tiles' ranges), the kernels emulated as the pairs
+  they cover, against the reference (float32)."""
   from conftest import compare
   from longax.kernels import selected_block_attention
   b, t, h, hkv, bs, n = case
@@ -420,7 +423,7 @@ def test_keyed_lists_emulated_matches_reference(emulated, case):
   idx = _block_indices(rng, b, t, hkv, n, -(-t // bs))
   idx[:, 1::2, :, 0] = (np.arange(t)[1::2] // bs)[None, :, None]  # own blocks too
   want = lambda q, k, v: selected_block_attention(q, k, v, idx, block_size=bs, impl="reference")
-  compare(_keyed(jnp.asarray(idx), bs), want, (q, k, v), (0, 1, 2), 2e-5, str(case))
+  compare(_keyed(jnp.asarray(idx), bs, chunks), want, (q, k, v), (0, 1, 2), 2e-5, str(case))
 
 
 def test_selected_dispatch(monkeypatch):
