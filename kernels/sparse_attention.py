@@ -59,8 +59,10 @@ from einops import rearrange
 
 from longax.kernels import _checks
 from longax.kernels._dispatch import register, register_kernels, resolve
+from longax.kernels._vma import vary_like
 from longax.kernels.attention import (AttnSpec, attention_reference, check_qkv, finish, fold_block,
                                       init_carry)
+from longax.kernels.attention import attention as _attention
 from longax.kernels.visibility import query_positions, visible_pairs
 
 VS_CHUNK = 64  # vertical columns / slash offsets folded per step of the XLA path
@@ -104,7 +106,8 @@ def _sparse_forward(spec: AttnSpec, qr, qpos, k, v, key_idx):
     _, kb, vb, ok = _tile(spec, qpos, k, v, kidx)
     return fold_block(spec, carry, q5, kb[:, :, None], vb[:, :, None], ok), None
 
-  carry, _ = jax.lax.scan(step, init_carry(spec, (r, 1, g, tq), v.shape[-1]), key_idx)
+  init = vary_like(init_carry(spec, (r, 1, g, tq), v.shape[-1]), qr, qpos, k, v, key_idx)
+  carry, _ = jax.lax.scan(step, init, key_idx)
   o = finish(spec, carry)[:, 0]
   if spec.kind == "sigmoid":
     return o, None
@@ -152,7 +155,8 @@ def _sparse_flash_bwd(spec, res, do):
     dkb = jnp.einsum("rgtc,rtgd->rcd", ds, qr)
     return (dq, dk.at[kc].add(dkb), dv.at[kc].add(dvb)), None  # masked slots add 0
 
-  (dq, dk, dv), _ = jax.lax.scan(step, tuple(map(jnp.zeros_like, (qr, k, v))), key_idx)
+  init = vary_like(tuple(map(jnp.zeros_like, (qr, k, v))), qr, qpos, k, v, do, key_idx)
+  (dq, dk, dv), _ = jax.lax.scan(step, init, key_idx)
   return dq.astype(qr_in.dtype), None, dk.astype(k_in.dtype), dv.astype(v_in.dtype), None
 
 
@@ -205,7 +209,9 @@ def _block_sparse_xla(q, k, v, block_mask, spec: AttnSpec, *, block_q: int, bloc
   return rearrange(o, "b k g t d -> b t (k g) d")[:, :t].astype(q.dtype)
 
 
-def _selected_xla(q, k, v, block_indices, spec: AttnSpec, *, block_size: int, q_positions=None):
+def _selected_scan(q, k, v, block_indices, spec: AttnSpec, *, block_size: int,
+                   q_positions=None):
+  """The XLA path as a scan over query tokens, each a row listing its selected keys."""
   b, t, h, _ = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
   idx = _dedupe(block_indices)  # [B, T, Hkv, n]
@@ -370,6 +376,31 @@ def _chunks_gathered(attend, max_batch: int = 32768):
     return o.reshape(b, n_slots, h, -1), lse.reshape(b, n_slots, h)
 
   return run
+
+
+# The XLA path takes key-centric loading (chunks and own blocks on the XLA attention path) for
+# KV groups of at most this many query heads; larger groups, q_positions (decode) and causal
+# calls with T != S take the per-token scan. Measured on the CPU (2 cores, float32, D64, 64-key
+# blocks; NOTES.md, session 9), key-centric vs scan, fwd / fwd+bwd: G = 1 5.7-12x / 6.7-7.6x,
+# G = 4 1.6x / 2.5x, G = 8 1.03x / 1.45x, G = 16 0.65x / 0.85x.
+SELECTED_KEYED_XLA_MAX_GROUP = 8
+
+
+def _xla_attend(scale: float):
+  def attend(q, k, v, causal):
+    return _attention(q, k, v, causal=causal, scale=scale, impl="xla", return_lse=True)
+  return attend
+
+
+def _selected_xla(q, k, v, block_indices, spec: AttnSpec, *, block_size: int, q_positions=None):
+  g = q.shape[2] // k.shape[2]
+  if (g <= SELECTED_KEYED_XLA_MAX_GROUP and q_positions is None
+      and keyed_unsupported(q, k, spec, block_size) is None):
+    attend = _xla_attend(spec.scale)
+    return _selected_keyed(q, k, v, block_indices, spec, block_size=block_size, attend=attend,
+                           chunks=_chunks_gathered(attend), rows=128)
+  return _selected_scan(q, k, v, block_indices, spec, block_size=block_size,
+                        q_positions=q_positions)
 
 
 def _vertical_slash_xla(q, k, v, vertical_idx, slash_idx, spec: AttnSpec):

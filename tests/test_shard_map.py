@@ -30,7 +30,17 @@ def _cases(r):
   bm, cm = r.normal((b, t, 1, 4)), r.normal((b, t, 1, 4))
   u, z, bs, cs = r.normal((b, t, d)), r.normal((b, t, d)), r.normal((b, t, 4)), r.normal((b, t, 4))
   a_h, a_dn = -jnp.arange(1.0, h + 1), -jnp.broadcast_to(jnp.arange(1.0, 5.0), (d, 4))
+  sel = jnp.asarray(np.random.default_rng(0).integers(-1, 3, (b, t, hkv, 2)), jnp.int32)
+  mask = jnp.asarray(np.random.default_rng(1).random((b, 1, 3, 3)) < 0.6)
+  vert = jnp.asarray(np.random.default_rng(2).integers(-1, t, (b, h, 3)), jnp.int32)
+  slash = jnp.asarray(np.random.default_rng(3).integers(-1, t, (b, h, 2)), jnp.int32)
   return {
+      "block_sparse_attention": (lambda q, k, v, m: K.block_sparse_attention(
+          q, k, v, m, block_q=8, block_k=8, impl=IMPL), (q, k, v, mask)),
+      "selected_block_attention": (lambda q, k, v, i: K.selected_block_attention(
+          q, k, v, i, block_size=8, impl=IMPL), (q, k, v, sel)),
+      "vertical_slash_attention": (lambda q, k, v, vi, si: K.vertical_slash_attention(
+          q, k, v, vi, si, impl=IMPL), (q, k, v, vert, slash)),
       "attention": (lambda q, k, v, s: K.attention(q, k, v, window=9, segment_ids=s, impl=IMPL),
                     (q, k, v, seg)),
       "sigmoid_attention": (lambda q, k, v, s: K.sigmoid_attention(q, k, v, segment_ids=s, impl=IMPL),
@@ -55,7 +65,8 @@ def _cases(r):
 
 IMPL = "xla"
 OPS = ("attention", "sigmoid_attention", "linear_attention", "linear_attention_token_decay",
-       "linear_attention_key_decay", "linear_attention_head_decay", "ssd", "selective_scan")
+       "linear_attention_key_decay", "linear_attention_head_decay", "ssd", "selective_scan",
+       "block_sparse_attention", "selected_block_attention", "vertical_slash_attention")
 
 
 @pytest.mark.parametrize("impl", ["xla", "reference"])

@@ -121,9 +121,12 @@ SEL_CASES = [
 ]
 
 
+@pytest.mark.parametrize("keyed_max_group", [8, 0])  # the XLA path key-centric / as a scan
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape,opts", SEL_CASES, ids=str)
-def test_selected_matches_reference_f32(rand, impl, shape, opts):
+def test_selected_matches_reference_f32(rand, impl, shape, opts, keyed_max_group, monkeypatch):
+  from longax.kernels import sparse_attention as SA
+  monkeypatch.setattr(SA, "SELECTED_KEYED_XLA_MAX_GROUP", keyed_max_group)
   b, t, s, h, hkv, d, bs, n = shape
   q, k, v = _qkv(rand, b, t, s, h, hkv, d)
   idx = _block_indices(rand, b, t, hkv, n, -(-s // bs))
