@@ -35,7 +35,10 @@ recomputes the probabilities from the saved row log-sum-exp; dk / dv scatter-add
 neither pass forms [T, S]: memory is rows x listed keys per step. Rows listing fewer keys
 than the longest list run masked steps (a block mask traced under jit lists every key
 block). The references build a dense [T, S] mask from the pattern, independently of the
-lists, and call `attention_reference(mask=...)`.
+lists, and call `attention_reference(mask=...)`. `selected_block_attention`'s XLA path
+takes key-centric loading instead for KV groups of up to SELECTED_KEYED_XLA_MAX_GROUP heads
+(`_selected_keyed` with `attention`'s XLA path: each block's tokens in chunks, far fewer
+masked pairs than a token's scan over its n blocks).
 
 NSA (`layers/nsa.py`) runs its three branches on kernels: the compressed one as causal
 attention over query rows folded into heads (`layers.nsa.compressed_attention`, on
