@@ -387,6 +387,10 @@ def _chunks_gathered(attend, max_batch: int = 32768):
 # blocks; NOTES.md, session 9), key-centric vs scan, fwd / fwd+bwd: G = 1 5.7-12x / 6.7-7.6x,
 # G = 4 1.6x / 2.5x, G = 8 1.03x / 1.45x, G = 16 0.65x / 0.85x.
 SELECTED_KEYED_XLA_MAX_GROUP = 8
+# ... and while its gathered queries (B x T x n x H x D elements, as many again for the partial
+# outputs) stay within this many elements (1 GiB in float32); past it the scan, whose memory
+# is rows x listed keys per step.
+SELECTED_KEYED_XLA_MAX_ELEMENTS = 2**28
 
 
 def _xla_attend(scale: float):
@@ -398,6 +402,7 @@ def _xla_attend(scale: float):
 def _selected_xla(q, k, v, block_indices, spec: AttnSpec, *, block_size: int, q_positions=None):
   g = q.shape[2] // k.shape[2]
   if (g <= SELECTED_KEYED_XLA_MAX_GROUP and q_positions is None
+      and q.size * block_indices.shape[-1] <= SELECTED_KEYED_XLA_MAX_ELEMENTS
       and keyed_unsupported(q, k, spec, block_size) is None):
     attend = _xla_attend(spec.scale)
     return _selected_keyed(q, k, v, block_indices, spec, block_size=block_size, attend=attend,

@@ -121,6 +121,26 @@ SEL_CASES = [
 ]
 
 
+def test_selected_xla_takes_key_centric_within_its_limits(rand, monkeypatch):
+  """The XLA path's choice: key-centric for small groups within the element budget, the scan
+  for larger groups, decode positions, or past the budget."""
+  from longax.kernels import sparse_attention as SA
+  calls = []
+  monkeypatch.setattr(SA, "_selected_keyed", lambda *a, **kw: calls.append("keyed"))
+  monkeypatch.setattr(SA, "_selected_scan", lambda *a, **kw: calls.append("scan"))
+  spec = SA.AttnSpec("softmax", True, 0.3, None, 0, None, 0.0)
+  q, k, v = _qkv(rand, 1, 16, 16, 4, 2, 8)  # G = 2
+  idx = _block_indices(rand, 1, 16, 2, 3, 2)
+  SA._selected_xla(q, k, v, idx, spec, block_size=8)
+  SA._selected_xla(q, k, v, idx, spec, block_size=8, q_positions=jnp.arange(16))
+  monkeypatch.setattr(SA, "SELECTED_KEYED_XLA_MAX_ELEMENTS", q.size * 3 - 1)
+  SA._selected_xla(q, k, v, idx, spec, block_size=8)
+  monkeypatch.setattr(SA, "SELECTED_KEYED_XLA_MAX_ELEMENTS", q.size * 3)
+  monkeypatch.setattr(SA, "SELECTED_KEYED_XLA_MAX_GROUP", 1)
+  SA._selected_xla(q, k, v, idx, spec, block_size=8)
+  assert calls == ["keyed", "scan", "scan", "scan"]
+
+
 @pytest.mark.parametrize("keyed_max_group", [8, 0])  # the XLA path key-centric / as a scan
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape,opts", SEL_CASES, ids=str)
