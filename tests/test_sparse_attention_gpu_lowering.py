@@ -388,9 +388,9 @@ def test_selected_emulated_matches_reference(emulated, case):
 KEYED = [(2, 300, 2, 2, 64, 3), (1, 260, 4, 2, 128, 4), (1, 200, 8, 2, 64, 5)]
 
 
-def _keyed(idx, bs, chunks="lists"):
+def _keyed(idx, bs, chunks="lists", causal=True):
   from longax.kernels import sparse_attention as SA
-  return lambda q, k, v: SA._selected_gpu(q, k, v, idx, _spec("softmax", True, q.shape[-1]),
+  return lambda q, k, v: SA._selected_gpu(q, k, v, idx, _spec("softmax", causal, q.shape[-1]),
                                           block_size=bs, key_centric=chunks)
 
 
@@ -424,6 +424,22 @@ def test_keyed_lists_emulated_matches_reference(emulated, case, chunks):
   idx[:, 1::2, :, 0] = (np.arange(t)[1::2] // bs)[None, :, None]  # own blocks too
   want = lambda q, k, v: selected_block_attention(q, k, v, idx, block_size=bs, impl="reference")
   compare(_keyed(jnp.asarray(idx), bs, chunks), want, (q, k, v), (0, 1, 2), 2e-5, str(case))
+
+
+@pytest.mark.parametrize("chunks", [True, "lists"])
+def test_keyed_non_causal_emulated_matches_reference(emulated, chunks):
+  """Non-causal, T < S (S a multiple of block_size): no own-block pass, every listed block
+  whole."""
+  from conftest import compare
+  from longax.kernels import selected_block_attention
+  b, t, s, h, hkv, bs, n = 1, 100, 256, 4, 2, 64, 3
+  rng = np.random.default_rng(7)
+  q, k, v = (jnp.asarray(rng.standard_normal(sh), jnp.float32)
+             for sh in ((b, t, h, 64), (b, s, hkv, 64), (b, s, hkv, 64)))
+  idx = _block_indices(rng, b, t, hkv, n, s // bs)
+  want = lambda q, k, v: selected_block_attention(q, k, v, idx, block_size=bs, causal=False,
+                                                  impl="reference")
+  compare(_keyed(jnp.asarray(idx), bs, chunks, causal=False), want, (q, k, v), (0, 1, 2), 2e-5)
 
 
 def test_selected_dispatch(monkeypatch):

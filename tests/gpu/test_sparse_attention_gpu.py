@@ -209,6 +209,20 @@ def test_selected_keyed_matches_reference(rand, shape, chunks):
   compare(got, _selected(idx, shape, "reference"), (q, k, v), (0, 1, 2), 2e-2, str(shape))
 
 
+@pytest.mark.parametrize("chunks", [True, "lists"])
+def test_selected_keyed_non_causal(rand, chunks):
+  """Key-centric, non-causal with T < S (no own-block pass), both chunk forms."""
+  from longax.kernels import sparse_attention as SA
+  from longax.kernels.attention import AttnSpec
+  shape = (1, 300, 512, 8, 2, 128, 64, 4)
+  b, t, s, h, hkv, d, bs, n = shape
+  q, k, v = (rand.normal(sh, jnp.bfloat16) for sh in ((b, t, h, d), (b, s, hkv, d), (b, s, hkv, d)))
+  idx = _block_indices(shape, seed=5)
+  spec = AttnSpec("softmax", False, d**-0.5, None, 0, None, 0.0)
+  got = lambda q, k, v: SA._selected_gpu(q, k, v, idx, spec, block_size=bs, key_centric=chunks)
+  compare(got, _selected(idx, shape, "reference", causal=False), (q, k, v), (0, 1, 2), 2e-2)
+
+
 def test_selected_traced_indices_non_causal_and_f16(rand):
   """Indices that are an argument of the jitted function (lists over every block, as the
   layer's), float16, and causal=False."""
