@@ -560,6 +560,10 @@ register_kernels("block_sparse_attention",
 # and at G = 4, 16 the tiles win everywhere measured. `tests/gpu/... -k keyed` covers it.
 SELECTED_KEYED_MAX_GROUP = 1
 SELECTED_KEYED_MIN_LENGTH = 65536
+# ... and gathered queries (B x T x n x H x D elements; the partial outputs as many again) of at
+# most this many elements: B1 H16 D128 n16 at 64k is 2^31 (4 GiB in bf16; its gradient call
+# ran on the 80 GB H100); larger calls keep the token tiles.
+SELECTED_KEYED_MAX_ELEMENTS = 2**31
 
 
 def keyed_unsupported(q, k, spec: AttnSpec, block_size: int) -> str | None:
@@ -594,7 +598,8 @@ def _selected_gpu(q, k, v, block_indices, spec: AttnSpec, *, block_size: int,
   dense kernel (`_chunks_gathered`)."""
   g = q.shape[2] // k.shape[2]
   if key_centric is None:
-    key_centric = g <= SELECTED_KEYED_MAX_GROUP and q.shape[1] >= SELECTED_KEYED_MIN_LENGTH
+    key_centric = (g <= SELECTED_KEYED_MAX_GROUP and q.shape[1] >= SELECTED_KEYED_MIN_LENGTH
+                   and q.size * block_indices.shape[-1] <= SELECTED_KEYED_MAX_ELEMENTS)
   if key_centric and keyed_unsupported(q, k, spec, block_size) is None:
     attend = _kernel_attend(spec.scale, block_size)
     if key_centric == "lists":  # a block's chunks: at most one slot per token

@@ -247,6 +247,9 @@ def test_selected_keyed_dispatch_and_limits(rand, monkeypatch):
   monkeypatch.setattr(SA, "SELECTED_KEYED_MIN_LENGTH", 41)
   assert SA._selected_gpu(q, k, v, idx, spec, block_size=8) == "tiles"
   monkeypatch.setattr(SA, "SELECTED_KEYED_MIN_LENGTH", 40)
+  monkeypatch.setattr(SA, "SELECTED_KEYED_MAX_ELEMENTS", q.size * 2 - 1)  # n = 2
+  assert SA._selected_gpu(q, k, v, idx, spec, block_size=8) == "tiles"
+  monkeypatch.setattr(SA, "SELECTED_KEYED_MAX_ELEMENTS", q.size * 2)
   k2, v2 = k[:, :, :2], v[:, :, :2]  # G = 2
   assert SA._selected_gpu(q, k2, v2, idx[:, :, :2], spec, block_size=8) == "tiles"
   short = q[:, :30]
