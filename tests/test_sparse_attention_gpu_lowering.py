@@ -426,6 +426,42 @@ def test_keyed_lists_emulated_matches_reference(emulated, case, chunks):
   compare(_keyed(jnp.asarray(idx), bs, chunks), want, (q, k, v), (0, 1, 2), 2e-5, str(case))
 
 
+@pytest.mark.parametrize("split_steps", [1024, 5])
+@pytest.mark.parametrize("bs,g", [(64, 1), (64, 3), (128, 2)])
+def test_keyed_dkv_lists_cover_each_pair_once(bs, g, split_steps, monkeypatch):
+  """The dk/dv lists of `_keyed_lists`, over a key tile's splits: warpgroup w's steps are
+  exactly g' * n_q + the query blocks of the chunks sorted to its keys' block, for every
+  query head g' of the group, each once (built here from chunk_block directly)."""
+  monkeypatch.setattr(gpu, "KEYED_DKV_SPLIT_STEPS", split_steps)
+  rng = np.random.default_rng(bs + g)
+  b, hkv, s, rows = 2, 2, 300, 128
+  nb = -(-s // bs)
+  n_ch = 9
+  chunk_block = np.sort(rng.integers(0, nb + 1, (b, hkv, n_ch)), -1).astype(np.int32)  # nb: empty
+  q = jnp.zeros((b, n_ch * rows, hkv * g, 64))
+  pb = gpu._problem(q, jnp.zeros((b, s, hkv, 64)), _spec("softmax", False, 64), None,
+                    gpu.sparse_blocks(64, rows, bs))
+  max_chunks = int(max(np.max(np.sum(chunk_block == x, -1)) for x in range(nb)))
+  lists = gpu._keyed_lists(jnp.asarray(chunk_block), pb, rows, bs, max(max_chunks, 1), hkv * g).dkv
+  steps, own, counts = (np.asarray(x) for x in lists[:3])
+  blk = pb.blocks
+  wgs, bkv, bq = blk.bwd_wgs, blk.bwd_block_kv, blk.bwd_block_q
+  n_q, per = n_ch * rows // bq, rows // bq
+  tiles = -(-s // gpu._key_multiple(blk)) * gpu._key_multiple(blk) // (wgs * bkv)
+  splits = steps.shape[2] // tiles
+  if split_steps == 5:
+    assert splits > 1
+  for bi, kv, tile, w in np.ndindex(b, hkv, tiles, wgs):
+    got = []
+    for j in range(splits):
+      at = (bi, kv, tile * splits + j)
+      got += list(steps[at][own[at][w, :counts[at][1 + 2 * w]]])
+    key0 = (tile * wgs + w) * bkv
+    chunks = np.nonzero(chunk_block[bi, kv] == key0 // bs)[0] if key0 < s else []
+    want = [gg * n_q + c * per + r for gg in range(g) for c in chunks for r in range(per)]
+    assert sorted(got) == sorted(want), (bi, kv, tile, w)
+
+
 @pytest.mark.parametrize("chunks", [True, "lists"])
 def test_keyed_non_causal_emulated_matches_reference(emulated, chunks):
   """Non-causal, T < S (S a multiple of block_size): no own-block pass, every listed block

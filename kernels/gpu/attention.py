@@ -1431,6 +1431,9 @@ def selected_pallas(q, k, v, block_indices, spec, *, block_size: int, blocks=Non
   return o.reshape(b, t, h, d)
 
 
+KEYED_DKV_SPLIT_STEPS = 1024  # `_keyed_lists`: dk/dv list positions per CTA before a split
+
+
 def _keyed_lists(chunk_block, pb: _Problem, rows: int, block_size: int, max_chunks: int,
                  heads: int) -> _SparseLists:
   """The three kernels' lists for NSA's key-centric chunks (`keyed_chunks_pallas`), by
@@ -1485,8 +1488,25 @@ def _keyed_lists(chunk_block, pb: _Problem, rows: int, block_size: int, max_chun
   lw = jnp.maximum(len_w, 1)[..., None]
   own = (p // lw) * len1[..., None, :] + (lo_w - lo[..., None])[..., None] + p % lw
   n_own = g * len_w
-  counts = jnp.concatenate([(g * length)[..., None],
-                            jnp.stack([n_own, n_own], -1).reshape(*n_own.shape[:-1], 2 * wgs)], -1)
+  # a tile's list cut into `splits` CTAs by position (partial dk / dv summed after), as
+  # `_dkv_splits` cuts rows listing their own blocks: every ~KEYED_DKV_SPLIT_STEPS, at most 16
+  ctas = b * hkv * tiles
+  splits = min(max(-(-_SMS // ctas), min(16, -(-ell // KEYED_DKV_SPLIT_STEPS)), 1), ell)
+  span = -(-ell // splits)
+  j0 = np.arange(splits, dtype=np.int32)[:, None] * span  # [splits, 1]: each part's first
+  pad = span * splits - ell
+  steps = jnp.pad(steps, [(0, 0)] * 3 + [(0, pad)]).reshape(b, hkv, tiles * splits, span)
+  at = np.arange(ell)
+  mine = (at < n_own[..., None]) & True  # [B, Hkv, tiles, wgs, L]: own entries
+  before = jnp.sum(mine[..., None, :] & (own[..., None, :] < j0), -1)  # [.., wgs, splits]
+  inside = jnp.sum(mine[..., None, :] & (own[..., None, :] < j0 + span), -1) - before
+  idx = jnp.minimum(before[..., None] + np.arange(span), ell - 1)  # [.., wgs, splits, span]
+  own = jnp.take_along_axis(own[..., None, :], idx, -1) - j0
+  own = jnp.moveaxis(own, -2, 3).reshape(b, hkv, tiles * splits, wgs, span)
+  total = jnp.clip(g * length[..., None] - j0[:, 0], 0, span)  # [B, Hkv, tiles, splits]
+  inside = jnp.moveaxis(inside, -1, -2)  # [.., splits, wgs]
+  counts = jnp.concatenate([total[..., None], jnp.repeat(inside, 2, -1)], -1)
+  counts = counts.reshape(b, hkv, tiles * splits, 1 + 2 * wgs)
   dkv = _Lists(*(x.astype(jnp.int32) for x in (steps, own, counts)))
   return _SparseLists(row_lists(blk.block_q, blk.wgs, blk.block_kv),
                       row_lists(blk.bwd_block_q, blk.bwd_wgs, blk.bwd_block_kv), dkv)
