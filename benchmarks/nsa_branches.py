@@ -1,7 +1,7 @@
 """NSA's attention core piece by piece on a Hopper GPU (B1 H16 Hkv1 D128 bf16, the paper's
 selection: l=32, d=16, l'=64, n=16, w=512), device time per call from a profiler trace.
 
-    python -m longax.benchmarks.nsa_branches [--length 65536] [--sections parts,splits,variants,groups]
+    python -m longax.benchmarks.nsa_branches [--length 65536] [--sections parts,splits,variants,groups,xla]
         [--groups 1,4,16]
 
 - `parts`: each forward piece alone (compression, compressed branch, selection, selected
@@ -17,6 +17,9 @@ selection: l=32, d=16, l'=64, n=16, w=512), device time per call from a profiler
   and fwd+bwd, on the token tiles (`selected_pallas`) and key-centric (`_selected_keyed`,
   Flash Sparse Attention's loading; its chunks on gathered key blocks, and on the block-sparse
   kernels' lists), each on its layer's selection.
+- `xla` (any backend; not in the default): the selected blocks on the XLA path per group G,
+  the per-token scan against key-centric loading (`_selected_keyed` on `attention`'s XLA
+  path), forward and fwd+bwd: what `SELECTED_KEYED_XLA_MAX_GROUP` rests on.
 The inputs are random normal, so the selection is the one random scores give.
 """
 
@@ -26,14 +29,15 @@ import argparse
 import dataclasses
 import sys
 
-SECTIONS = ("parts", "splits", "variants", "groups")
+SECTIONS = ("parts", "splits", "variants", "groups", "xla")
+DEFAULT = "parts,splits,variants,groups"
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m longax.benchmarks.nsa_branches",
                               description=__doc__.splitlines()[0])
   p.add_argument("--length", type=int, default=65536, help="sequence length T (a multiple of 64)")
-  p.add_argument("--sections", default=",".join(SECTIONS))
+  p.add_argument("--sections", default=DEFAULT)
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--groups", default="1,4,16", help="GQA groups of the `groups` section")
   a = p.parse_args(argv)
@@ -50,7 +54,7 @@ def main(argv=None) -> int:
     print(f"error: --length {a.length}: a multiple of 64, >= 1024", file=sys.stderr)
     return 2
   import jax
-  if jax.default_backend() != "gpu" and set(sections) - {"parts"}:
+  if jax.default_backend() != "gpu" and set(sections) - {"parts", "xla"}:
     print("error: --sections splits / variants / groups need a Hopper GPU (the Mosaic GPU kernels)",
           file=sys.stderr)
     return 2
@@ -191,6 +195,32 @@ class _Bench:
                           ("key-centric, lists", "lists")):
         f = lambda q, k, v, keyed=keyed: SA._selected_gpu(q, k, v, idx, spec, block_size=bs,
                                                          key_centric=keyed)
+        self._show(f"G={h // hkv} {name}", jax.jit(f), self.q, k, v)
+        self._show(f"G={h // hkv} {name} fwd+bwd", self._grad(f), self.q, k, v)
+
+  def xla(self):
+    import jax
+    from flax import nnx
+    from longax.kernels import sparse_attention as SA
+    from longax.kernels.attention import AttnSpec
+    from longax.layers import NSA
+    h, d, t = 16, self.d, self.t
+    spec = AttnSpec("softmax", True, d ** -0.5, None, 0, None, 0.0)
+    attend = SA._xla_attend(spec.scale)
+    print("xla (selected blocks on the XLA path; the scan vs key-centric):", flush=True)
+    for hkv in (16 // gs for gs in self.gqa):
+      ks = jax.random.split(jax.random.key(1), 3)
+      k = jax.random.normal(ks[0], (1, t, hkv, d), self.q.dtype)
+      v = jax.random.normal(ks[1], (1, t, hkv, d), self.q.dtype)
+      layer = NSA(h * d, h, hkv, head_dim=d, rngs=nnx.Rngs(0), dtype=self.q.dtype,
+                  param_dtype=jax.numpy.float32)
+      idx = jax.jit(lambda q, k, v: layer.select(q, k, v))(self.q, k, v)
+      bs = layer.select_block
+      forms = (("scan", lambda q, k, v: SA._selected_scan(q, k, v, idx, spec, block_size=bs)),
+               ("key-centric", lambda q, k, v: SA._selected_keyed(
+                   q, k, v, idx, spec, block_size=bs, attend=attend,
+                   chunks=SA._chunks_gathered(attend), rows=128)))
+      for name, f in forms:
         self._show(f"G={h // hkv} {name}", jax.jit(f), self.q, k, v)
         self._show(f"G={h // hkv} {name} fwd+bwd", self._grad(f), self.q, k, v)
 

@@ -39,10 +39,11 @@ def test_train_benchmark_says_why_no_rate(monkeypatch, capsys):
 @pytest.mark.parametrize("module,args,msg", [
     ("dkv_splits", ["--shapes", "1x"], "--shapes 1x: comma-separated BxT"),
     ("dkv_splits", ["--shapes", "1x1024"], "needs a Hopper GPU"),
-    ("nsa_branches", ["--sections", "parts,nope"], "'nope' is not one of parts, splits, variants, groups"),
+    ("nsa_branches", ["--sections", "parts,nope"], "'nope' is not one of parts, splits, variants, groups, xla"),
     ("nsa_branches", ["--length", "1000"], "--length 1000: a multiple of 64, >= 1024"),
     ("nsa_branches", ["--sections", "splits"], "need a Hopper GPU"),
     ("nsa_branches", ["--sections", "parts,groups"], "splits / variants / groups need a Hopper GPU"),
+    ("nsa_branches", ["--sections", "xla,nope"], "'nope' is not one of parts, splits, variants, groups, xla"),
     ("nsa_branches", ["--groups", "1,3"], "--groups 1,3: a comma list of 1, 2, 4, 8, 16"),
 ])
 def test_gpu_timing_scripts_bad_flags_are_one_line(module, args, msg, capsys):
