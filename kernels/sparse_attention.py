@@ -374,8 +374,7 @@ def _chunks_gathered(attend, max_batch: int = 32768):
     qc, kc, vc = q_slots.reshape(b * bound, tpc, h, d), take(k), take(v)
     outs = [attend(qc[i:i + max_batch], kc[i:i + max_batch], vc[i:i + max_batch], False)
             for i in range(0, b * bound, max_batch)]
-    o = jnp.concatenate([x[0] for x in outs]) if len(outs) > 1 else outs[0][0]
-    lse = jnp.concatenate([x[1] for x in outs]) if len(outs) > 1 else outs[0][1]
+    o, lse = (jnp.concatenate(parts) for parts in zip(*outs))
     return o.reshape(b, n_slots, h, -1), lse.reshape(b, n_slots, h)
 
   return run

@@ -462,6 +462,17 @@ def test_keyed_dkv_lists_cover_each_pair_once(bs, g, split_steps, monkeypatch):
     assert sorted(got) == sorted(want), (bi, kv, tile, w)
 
 
+def test_keyed_chunks_pallas_says_what_it_cannot_take():
+  q = jnp.zeros((1, 256, 2, 64))
+  k = jnp.zeros((1, 256, 2, 64))
+  cb = jnp.zeros((1, 2, 4), jnp.int32)
+  spec = _spec("softmax", False, 64)
+  with pytest.raises(ValueError, match=r"rows=64 must be a multiple of the 128-row query tiles"):
+    gpu.keyed_chunks_pallas(q, k, k, cb, 64, 64, spec=spec, max_chunks=4)
+  with pytest.raises(ValueError, match=r"block_size=96 must be a multiple of 64"):
+    gpu.keyed_chunks_pallas(q, k, k, cb[..., :2], 128, 96, spec=spec, max_chunks=2)
+
+
 @pytest.mark.parametrize("chunks", [True, "lists"])
 def test_keyed_non_causal_emulated_matches_reference(emulated, chunks):
   """Non-causal, T < S (S a multiple of block_size): no own-block pass, every listed block

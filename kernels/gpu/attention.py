@@ -1496,10 +1496,12 @@ def _keyed_lists(chunk_block, pb: _Problem, rows: int, block_size: int, max_chun
   j0 = np.arange(splits, dtype=np.int32)[:, None] * span  # [splits, 1]: each part's first
   pad = span * splits - ell
   steps = jnp.pad(steps, [(0, 0)] * 3 + [(0, pad)]).reshape(b, hkv, tiles * splits, span)
-  at = np.arange(ell)
-  mine = (at < n_own[..., None]) & True  # [B, Hkv, tiles, wgs, L]: own entries
-  before = jnp.sum(mine[..., None, :] & (own[..., None, :] < j0), -1)  # [.., wgs, splits]
-  inside = jnp.sum(mine[..., None, :] & (own[..., None, :] < j0 + span), -1) - before
+  # each warpgroup's own positions ascend: a part's share is a searchsorted range of them
+  own_m = jnp.where(p < n_own[..., None], own, span * splits)  # [B, Hkv, tiles, wgs, L]
+  cut = lambda x: jax.vmap(lambda r: jnp.searchsorted(r, x, method="scan_unrolled"))(
+      own_m.reshape(-1, ell)).reshape(*own_m.shape[:-1], splits)
+  before = cut(j0[:, 0])  # [.., wgs, splits]
+  inside = cut(j0[:, 0] + span) - before
   idx = jnp.minimum(before[..., None] + np.arange(span), ell - 1)  # [.., wgs, splits, span]
   own = jnp.take_along_axis(own[..., None, :], idx, -1) - j0
   own = jnp.moveaxis(own, -2, 3).reshape(b, hkv, tiles * splits, wgs, span)
@@ -1524,7 +1526,8 @@ def keyed_chunks_pallas(q, k, v, chunk_block, rows: int, block_size: int, *, spe
   pb = _problem(q, k, dataclasses.replace(spec, causal=False), None, blk)
   for tile in (blk.wgs * blk.block_q, blk.bwd_wgs * blk.bwd_block_q):
     if rows % tile:
-      raise ValueError(f"keyed_chunks_pallas: rows={rows} must be a multiple of the {tile}-row query tiles")
+      raise ValueError(f"keyed_chunks_pallas: rows={rows} must be a multiple of the {tile}-row "
+                       "query tiles")
   if block_size % 64:
     raise ValueError(f"keyed_chunks_pallas: block_size={block_size} must be a multiple of 64")
   lists = _keyed_lists(chunk_block, pb, rows, block_size, max_chunks, q.shape[2])
