@@ -2,7 +2,7 @@
 selection: l=32, d=16, l'=64, n=16, w=512), device time per call from a profiler trace.
 
     python -m longax.benchmarks.nsa_branches [--length 65536] [--sections parts,splits,variants,groups,xla]
-        [--groups 1,4,16]
+        [--groups 1,4,16] [--forms tiles,gathered,lists]
 
 - `parts`: each forward piece alone (compression, compressed branch, selection, selected
   blocks, window), the whole `NSA.attend` forward and fwd+bwd, and dense causal attention.
@@ -16,7 +16,7 @@ selection: l=32, d=16, l'=64, n=16, w=512), device time per call from a profiler
   Hkv = 16 / G), forward
   and fwd+bwd, on the token tiles (`selected_pallas`) and key-centric (`_selected_keyed`,
   Flash Sparse Attention's loading; its chunks on gathered key blocks, and on the block-sparse
-  kernels' lists), each on its layer's selection.
+  kernels' lists), each on its layer's selection; `--forms` picks which of the three.
 - `xla` (any backend; not in the default): the selected blocks on the XLA path per group G,
   the per-token scan against key-centric loading (`_selected_keyed` on `attention`'s XLA
   path), forward and fwd+bwd: what `SELECTED_KEYED_XLA_MAX_GROUP` rests on.
@@ -31,6 +31,9 @@ import sys
 
 SECTIONS = ("parts", "splits", "variants", "groups", "xla")
 DEFAULT = "parts,splits,variants,groups"
+# the `groups` section's forms: name, `_selected_gpu(key_centric=...)`
+FORMS = {"tiles": ("token tiles", False), "gathered": ("key-centric", True),
+         "lists": ("key-centric, lists", "lists")}
 
 
 def main(argv=None) -> int:
@@ -40,7 +43,13 @@ def main(argv=None) -> int:
   p.add_argument("--sections", default=DEFAULT)
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--groups", default="1,4,16", help="GQA groups of the `groups` section")
+  p.add_argument("--forms", default=",".join(FORMS),
+                 help="the `groups` section's loading forms: tiles, gathered, lists")
   a = p.parse_args(argv)
+  forms = a.forms.split(",")
+  if not forms or any(f not in FORMS for f in forms):
+    print(f"error: --forms {a.forms}: a comma list of {', '.join(FORMS)}", file=sys.stderr)
+    return 2
   groups = a.groups.split(",")
   if not groups or any(gs not in ("1", "2", "4", "8", "16") for gs in groups):
     print(f"error: --groups {a.groups}: a comma list of 1, 2, 4, 8, 16", file=sys.stderr)
@@ -58,14 +67,14 @@ def main(argv=None) -> int:
     print("error: --sections splits / variants / groups need a Hopper GPU (the Mosaic GPU kernels)",
           file=sys.stderr)
     return 2
-  bench = _Bench(a.length, a.reps, tuple(int(gs) for gs in groups))
+  bench = _Bench(a.length, a.reps, tuple(int(gs) for gs in groups), tuple(forms))
   for s in sections:
     getattr(bench, s)()
   return 0
 
 
 class _Bench:
-  def __init__(self, t: int, reps: int, groups=(1, 4, 16)):
+  def __init__(self, t: int, reps: int, groups=(1, 4, 16), forms=tuple(FORMS)):
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -81,6 +90,7 @@ class _Bench:
     self.k_cmp, self.v_cmp, _ = jax.jit(self.layer._compressed)(self.k, self.v)
     self.idx = jax.jit(lambda q, k, v: self.layer.select(q, k, v))(self.q, self.k, self.v)
     self.t, self.d, self.group, self.reps, self.gqa = t, d, h // hkv, reps, groups
+    self.forms = forms
     print(f"# T={t}, B1 H16 Hkv1 D128 bf16, {jax.devices()[0].device_kind}; device ms per call "
           f"(top kernels)", flush=True)
 
@@ -191,8 +201,7 @@ class _Bench:
                   param_dtype=jnp.float32)
       idx = jax.jit(lambda q, k, v: layer.select(q, k, v))(self.q, k, v)
       bs = layer.select_block
-      for name, keyed in (("token tiles", False), ("key-centric", True),
-                          ("key-centric, lists", "lists")):
+      for name, keyed in (FORMS[f] for f in self.forms):
         f = lambda q, k, v, keyed=keyed: SA._selected_gpu(q, k, v, idx, spec, block_size=bs,
                                                          key_centric=keyed)
         self._show(f"G={h // hkv} {name}", jax.jit(f), self.q, k, v)

@@ -552,13 +552,16 @@ register_kernels("block_sparse_attention",
                  tpu=(_tpu.block_sparse_pallas, _tpu.block_sparse_unsupported),
                  interpret=(_tpu.block_sparse_interpret, _tpu.block_sparse_unsupported_interpret))
 # Key-centric loading (`_selected_keyed`, Flash Sparse Attention's) on the Hopper kernels for
-# KV groups of at most SELECTED_KEYED_MAX_GROUP query heads and at least
-# SELECTED_KEYED_MIN_LENGTH tokens; elsewhere the token tiles of `selected_pallas`. Measured
-# (H100, B1 H16 D128 bf16, n = 16 blocks of 64; NOTES.md, session 9): at 64k, G = 1, 18.8 /
-# 121.7 ms fwd / fwd+bwd against the tiles' 37.5 / 145.5; at 16k it loses (4.9 vs 3.2 fwd),
-# and at G = 4, 16 the tiles win everywhere measured. `tests/gpu/... -k keyed` covers it.
-SELECTED_KEYED_MAX_GROUP = 1
-SELECTED_KEYED_MIN_LENGTH = 65536
+# the KV groups G listed in SELECTED_KEYED_MIN_LENGTH from that many tokens on, its chunks in
+# SELECTED_KEYED_FORM ("lists": the block-sparse kernels from lists; True: gathered key blocks
+# on the dense kernel); elsewhere the token tiles of `selected_pallas`. Measured (H100, B1 H16
+# D128 bf16, n = 16 blocks of 64; NOTES.md, session 10), ms fwd / fwd+bwd, lists vs tiles:
+# G = 1: 20.3 / 45.0 vs 37.7 / 146.1 at 64k, 9.9 / 24.0 vs 11.6 / 44.2 at 32k, 4.6 / 11.8 vs
+# 3.2 / 11.9 at 16k (forward lost); G = 2 at 64k 16.5 / 39.2 vs 28.1 / 110.6; G = 4 at 64k
+# 14.3 / 36.0 vs 18.3 / 73.4 (G = 2, 4 at 32k and G >= 8 not measured: the tiles). The gathered
+# form: 23.5 / 106.0 at 64k, G = 1. `tests/gpu/... -k keyed` covers it.
+SELECTED_KEYED_MIN_LENGTH = {1: 32768, 2: 65536, 4: 65536}
+SELECTED_KEYED_FORM = "lists"
 # ... and gathered queries (B x T x n x H x D elements; the partial outputs as many again) of at
 # most this many elements: B1 H16 D128 n16 at 64k is 2^31 (4 GiB in bf16; its gradient call
 # ran on the 80 GB H100); larger calls keep the token tiles.
@@ -590,15 +593,16 @@ def _kernel_attend(scale: float, block_size: int):
 def _selected_gpu(q, k, v, block_indices, spec: AttnSpec, *, block_size: int,
                   key_centric: bool | str | None = None):
   """selected_block_attention on the Hopper kernels: key-centric loading where
-  `key_centric` (default: the group is at most SELECTED_KEYED_MAX_GROUP heads and T at least
-  SELECTED_KEYED_MIN_LENGTH) and the call allows it (T == S when causal), else the token
+  `key_centric` (default: SELECTED_KEYED_FORM where SELECTED_KEYED_MIN_LENGTH lists the group
+  and T reaches its length) and the call allows it (T == S when causal), else the token
   tiles (`selected_pallas`). key_centric="lists": its chunks on the block-sparse kernels
   from lists (`keyed_chunks_pallas`; no gathered K / V), else gathered key blocks on the
   dense kernel (`_chunks_gathered`)."""
   g = q.shape[2] // k.shape[2]
   if key_centric is None:
-    key_centric = (g <= SELECTED_KEYED_MAX_GROUP and q.shape[1] >= SELECTED_KEYED_MIN_LENGTH
-                   and q.size * block_indices.shape[-1] <= SELECTED_KEYED_MAX_ELEMENTS)
+    key_centric = (q.shape[1] >= SELECTED_KEYED_MIN_LENGTH.get(g, math.inf)
+                   and q.size * block_indices.shape[-1] <= SELECTED_KEYED_MAX_ELEMENTS
+                   and SELECTED_KEYED_FORM)
   if key_centric and keyed_unsupported(q, k, spec, block_size) is None:
     attend = _kernel_attend(spec.scale, block_size)
     if key_centric == "lists":  # a block's chunks: at most one slot per token

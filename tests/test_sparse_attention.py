@@ -240,18 +240,32 @@ def test_selected_keyed_dispatch_and_limits(rand, monkeypatch):
   monkeypatch.setattr(SA, "_kernel_attend", _xla_attend)
   got = SA._selected_gpu(q, k, v, idx, spec, block_size=8, key_centric=True)
   assert_close(got, selected_block_attention(q, k, v, idx, block_size=8, impl="reference"))
-  # the default: key-centric for G <= SELECTED_KEYED_MAX_GROUP and T >= the minimum length
+  # the default: key-centric for the groups SELECTED_KEYED_MIN_LENGTH lists from their length
+  # on, its chunks in SELECTED_KEYED_FORM (the lists form's kernels need the GPU: a stand-in)
   monkeypatch.setattr(SA._gpu, "selected_pallas", lambda *a, **kw: "tiles")
-  monkeypatch.setattr(SA, "SELECTED_KEYED_MIN_LENGTH", 40)
+  monkeypatch.setattr(SA, "SELECTED_KEYED_MIN_LENGTH", {1: 40})
+  assert SA.SELECTED_KEYED_FORM == "lists"
+
+  class Lists(Exception):
+    pass
+
+  def lists(*a, **kw):
+    raise Lists
+  monkeypatch.setattr(SA._gpu, "keyed_chunks_pallas", lists)
+  with pytest.raises(Lists):
+    SA._selected_gpu(q, k, v, idx, spec, block_size=8)
+  monkeypatch.setattr(SA, "SELECTED_KEYED_FORM", True)
   assert SA._selected_gpu(q, k, v, idx, spec, block_size=8).shape == q.shape
-  monkeypatch.setattr(SA, "SELECTED_KEYED_MIN_LENGTH", 41)
+  monkeypatch.setattr(SA, "SELECTED_KEYED_MIN_LENGTH", {1: 41})
   assert SA._selected_gpu(q, k, v, idx, spec, block_size=8) == "tiles"
-  monkeypatch.setattr(SA, "SELECTED_KEYED_MIN_LENGTH", 40)
+  monkeypatch.setattr(SA, "SELECTED_KEYED_MIN_LENGTH", {1: 40})
   monkeypatch.setattr(SA, "SELECTED_KEYED_MAX_ELEMENTS", q.size * 2 - 1)  # n = 2
   assert SA._selected_gpu(q, k, v, idx, spec, block_size=8) == "tiles"
   monkeypatch.setattr(SA, "SELECTED_KEYED_MAX_ELEMENTS", q.size * 2)
-  k2, v2 = k[:, :, :2], v[:, :, :2]  # G = 2
+  k2, v2 = k[:, :, :2], v[:, :, :2]  # G = 2: not listed
   assert SA._selected_gpu(q, k2, v2, idx[:, :, :2], spec, block_size=8) == "tiles"
+  monkeypatch.setattr(SA, "SELECTED_KEYED_MIN_LENGTH", {1: 41, 2: 40})
+  assert SA._selected_gpu(q, k2, v2, idx[:, :, :2], spec, block_size=8).shape == q.shape
   short = q[:, :30]
   assert SA.keyed_unsupported(short, k, spec, 8) == (
       "causal with T=30 != S=40 (its own-block pass tiles T as S)")

@@ -98,6 +98,30 @@ def test_synthetic_tasks_are_deterministic(task):
   assert a["tokens"].max() < 32 and a["mask"].sum() > 0
 
 
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0, None])
+def test_passkey_answer_is_the_key_after_the_marker(depth):
+  """The masked targets are the key's digits after the one marker (2); the marker sits at
+  `depth` of the context, or anywhere (None: a place per sequence, several different in a
+  batch)."""
+  n = C.PASSKEY_DIGITS
+  d = Dataset(C.DataConfig(task="passkey", seq_len=60, batch_size=16, vocab_size=32, depth=depth))
+  bt = d.batch("train", 1)
+  toks = np.concatenate([bt["tokens"], bt["targets"][:, -1:]], 1)  # the whole sequence
+  marks = np.argwhere(toks == 2)
+  assert list(marks[:, 0]) == list(range(16)), "one marker per sequence"
+  at = marks[:, 1]
+  for row in range(16):
+    key = toks[row, at[row] + 1:at[row] + 1 + n]
+    assert ((key >= 3) & (key < 13)).all()
+    np.testing.assert_array_equal(bt["targets"][row][bt["mask"][row] > 0], key)
+    assert toks[row, -n - 1] == 1  # the question
+  last = 61 - n - 1 - n - 1  # the marker's last place
+  if depth is None:
+    assert len(set(at)) > 4 and at.min() >= 0 and at.max() <= last
+  else:
+    assert set(at) == {round(depth * last)}
+
+
 def test_mqar_answers_are_the_bound_values():
   d = Dataset(C.DataConfig(task="mqar", seq_len=40, batch_size=3, vocab_size=32, num_kv_pairs=6))
   bt = d.batch("train", 0)

@@ -34,7 +34,9 @@ class DataConfig:
   vocab_size: int = 64  # synthetic tasks; must not exceed model.vocab_size
   num_kv_pairs: int = 8  # mqar
   num_tokens: int = 8  # selective_copy: tokens to copy
-  depth: float = 0.5  # passkey: where in the context the key sits (0..1)
+  # passkey: where in the context the key sits (0..1); None: uniform, per sequence (the model
+  # must find the key, not learn its place: what carries to longer contexts)
+  depth: float | None = 0.5
   # text_bytes: a file or directory (default: Python's stdlib); tokens: a folder written by
   # `python -m longax.train.prepare` (its vocabulary must fit model.vocab_size)
   path: str | None = None
@@ -98,7 +100,7 @@ _MESH_SIZE = lambda v: None if v == -1 or (model_config._is_int(v) and v >= 1) e
 RULES = model_config.RULES | {
     DataConfig: dict(task=one_of(*TASKS), seq_len=at_least(1), batch_size=at_least(1),
                      seed=at_least(0), vocab_size=at_least(1), num_kv_pairs=at_least(1),
-                     num_tokens=at_least(1), depth=number(0, 1),
+                     num_tokens=at_least(1), depth=number(0, 1, none=True),
                      path=text(none=True), val_fraction=number(0, 1, hi_open=True),
                      cache_dir=text(none=True)),
     OptimConfig: dict(lr=number(0, lo_open=True), warmup_steps=at_least(0),

@@ -85,15 +85,18 @@ def induction(cfg: DataConfig, rng) -> dict:
 
 
 def passkey(cfg: DataConfig, rng, digits: int = PASSKEY_DIGITS) -> dict:
-  """Passkey retrieval: filler tokens (13..v), then at `depth` of the context a marker (2)
-  and a key of `digits` digit tokens (3..12); the sequence ends with the question token (1)
-  and the key, on which the loss counts."""
+  """Passkey retrieval: filler tokens (13..v), then at `depth` of the context (None: a uniform
+  place per sequence) a marker (2) and a key of `digits` digit tokens (3..12); the sequence
+  ends with the question token (1) and the key, on which the loss counts."""
   b, t, v = cfg.batch_size, cfg.seq_len + 1, cfg.vocab_size
   seqs = rng.integers(13, v, (b, t))
   key = rng.integers(3, 13, (b, digits))
   ctx = t - digits - 1
-  at = int(round(cfg.depth * (ctx - digits - 1)))
-  seqs[:, at], seqs[:, at + 1:at + 1 + digits] = 2, key
+  last = ctx - digits - 1  # the marker's last place
+  rows = np.arange(b)[:, None]
+  at = (np.full((b, 1), int(round(cfg.depth * last))) if cfg.depth is not None
+        else rng.integers(0, last + 1, (b, 1)))  # [B, 1]
+  seqs[rows, at], seqs[rows, at + 1 + np.arange(digits)] = 2, key
   seqs[:, ctx], seqs[:, ctx + 1:] = 1, key
   mask = np.zeros((b, t), bool)
   mask[:, ctx + 1:] = True
