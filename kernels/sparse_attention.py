@@ -593,8 +593,8 @@ def _kernel_attend(scale: float, block_size: int):
 def _selected_gpu(q, k, v, block_indices, spec: AttnSpec, *, block_size: int,
                   key_centric: bool | str | None = None):
   """selected_block_attention on the Hopper kernels: key-centric loading where
-  `key_centric` (default: SELECTED_KEYED_FORM where SELECTED_KEYED_MIN_LENGTH lists the group
-  and T reaches its length) and the call allows it (T == S when causal), else the token
+  `key_centric` (default: SELECTED_KEYED_FORM for bf16 where SELECTED_KEYED_MIN_LENGTH lists
+  the group and T reaches its length) and the call allows it (T == S when causal), else the token
   tiles (`selected_pallas`). key_centric="lists": its chunks on the block-sparse kernels
   from lists (`keyed_chunks_pallas`; no gathered K / V), else gathered key blocks on the
   dense kernel (`_chunks_gathered`)."""
@@ -602,6 +602,7 @@ def _selected_gpu(q, k, v, block_indices, spec: AttnSpec, *, block_size: int,
   if key_centric is None:
     key_centric = (q.shape[1] >= SELECTED_KEYED_MIN_LENGTH.get(g, math.inf)
                    and q.size * block_indices.shape[-1] <= SELECTED_KEYED_MAX_ELEMENTS
+                   and q.dtype == jnp.bfloat16  # what its GPU tests run
                    and SELECTED_KEYED_FORM)
   if key_centric and keyed_unsupported(q, k, spec, block_size) is None:
     attend = _kernel_attend(spec.scale, block_size)

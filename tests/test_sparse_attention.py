@@ -245,6 +245,8 @@ def test_selected_keyed_dispatch_and_limits(rand, monkeypatch):
   monkeypatch.setattr(SA._gpu, "selected_pallas", lambda *a, **kw: "tiles")
   monkeypatch.setattr(SA, "SELECTED_KEYED_MIN_LENGTH", {1: 40})
   assert SA.SELECTED_KEYED_FORM == "lists"
+  assert SA._selected_gpu(q, k, v, idx, spec, block_size=8) == "tiles"  # float32: the tiles
+  q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
 
   class Lists(Exception):
     pass
@@ -256,6 +258,8 @@ def test_selected_keyed_dispatch_and_limits(rand, monkeypatch):
     SA._selected_gpu(q, k, v, idx, spec, block_size=8)
   monkeypatch.setattr(SA, "SELECTED_KEYED_FORM", True)
   assert SA._selected_gpu(q, k, v, idx, spec, block_size=8).shape == q.shape
+  f16 = [x.astype(jnp.float16) for x in (q, k, v)]  # bf16 only: what the GPU tests run
+  assert SA._selected_gpu(*f16, idx, spec, block_size=8) == "tiles"
   monkeypatch.setattr(SA, "SELECTED_KEYED_MIN_LENGTH", {1: 41})
   assert SA._selected_gpu(q, k, v, idx, spec, block_size=8) == "tiles"
   monkeypatch.setattr(SA, "SELECTED_KEYED_MIN_LENGTH", {1: 40})
