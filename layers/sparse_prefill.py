@@ -19,7 +19,9 @@ the budget of `budget` keys per query splits (`choices`):
   `kernels.vertical_slash_attention`).
 - `block_topk`: K = ceil(budget / block) key blocks per query block; a choice is how many
   of them are the nearest (diagonal) blocks, the rest the best of the others by the score
-  of mean-pooled q and k blocks (`kernels.block_sparse_attention`). The block mask is
+  of the query block's probes (its mean query and its last queries) against each key block's
+  best key (`_block_scores`; mean-pooled q and k, as MInference's, drown a needle)
+  (`kernels.block_sparse_attention`). The block mask is
   traced, so under jit its XLA path steps over every key block (masked): the same output,
   no saving yet (that is the GPU kernel's job).
 """
@@ -81,13 +83,43 @@ def _vertical_slash(q, k, v, heads, budget, last_q, impl):
   return kernels.vertical_slash_attention(q, k, v, vert, slash, impl=impl)
 
 
-def _block_topk(q, k, v, heads, budget, block, impl):
+# query blocks scored per step of `_block_scores` (its [B, H, rows, T] float32 scores)
+SCORE_ELEMENTS = 1 << 26
+# a query block's probes: its mean query and its last PROBES - 1 queries
+PROBES = 4
+
+
+def _block_scores(q, k, block):
+  """score [B, H, nq, nk]: for query block i and key block j, the best match of block i's
+  probe queries (its mean query and its last PROBES - 1 queries) against block j's keys:
+  max over probes p and keys s in j of p . k_s. A single key that matches (a needle) raises
+  its block, where a mean over the block's keys would dilute it block-fold; the last queries
+  keep what a block ends with (a question) from drowning in the mean."""
   b, t, h, d = q.shape
+  hkv, probes = k.shape[2], PROBES
   n = -(-t // block)
-  pool = lambda x: jnp.mean(jnp.pad(x.astype(jnp.float32), ((0, 0), (0, n * block - t), (0, 0),
-                                                            (0, 0))).reshape(b, n, block, -1, d), 2)
-  qb, kb = pool(q), jnp.repeat(pool(k), h // k.shape[2], axis=2)
-  score = jnp.einsum("bihd,bjhd->bhij", qb, kb)  # [B, H, nq, nk]
+  pad = lambda x: jnp.pad(x.astype(jnp.float32), ((0, 0), (0, n * block - t), (0, 0), (0, 0)))
+  qs = rearrange(pad(q), "b (n c) (kv g) d -> n b kv g c d", c=block, kv=hkv)
+  start = jnp.arange(n)[:, None] * block
+  end = jnp.minimum(start + block, t)  # the block's real rows: [start, end)
+  last = jnp.maximum(end - 1 - jnp.arange(probes - 1) - start, 0)  # [n, P - 1]
+  picked = jnp.take_along_axis(qs, last[:, None, None, None, :, None], axis=4)
+  qp = jnp.concatenate([qs.mean(-2, keepdims=True), picked], axis=-2)  # [n, B, Hkv, G, P, D]
+  kp = pad(k)  # [B, n * block, Hkv, D]
+  valid = (jnp.arange(n * block) < t).reshape(n, block)
+
+  def rows(qi):  # [B, Hkv, G, P, D] -> [B, Hkv, G, nk]
+    sc = jnp.max(jnp.einsum("bhgpd,bshd->bhgps", qi, kp), axis=-2)
+    sc = sc.reshape(*qi.shape[:3], n, block)
+    return jnp.max(jnp.where(valid, sc, -jnp.inf), axis=-1)
+  per_step = max(1, SCORE_ELEMENTS // (b * h * probes * n * block))
+  score = jax.lax.map(rows, qp, batch_size=min(per_step, n))  # [nq, B, Hkv, G, nk]
+  return rearrange(score, "i b kv g j -> b (kv g) i j")
+
+
+def _block_topk(q, k, v, heads, budget, block, impl):
+  n = -(-q.shape[1] // block)
+  score = _block_scores(q, k, block)  # [B, H, nq, nk]
   i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
   k_blocks = -(-budget // block)
   n_local = jnp.asarray(heads, jnp.int32)[:, None, None]  # [H, 1, 1]

@@ -140,3 +140,53 @@ def test_benchmark_flag_errors(tmp_path, capsys):
     assert main(["--workdir", str(tmp_path / "none")] + args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and msg in err[0], err
+
+
+@pytest.mark.parametrize("shape", [(1, 40, 4, 2, 8, 8), (2, 37, 2, 2, 4, 16)], ids=str)
+def test_block_scores_are_the_mean_query_against_the_best_key(shape, monkeypatch):
+  """`_block_scores` from its definition (loops): the best of block i's probes (its mean query,
+  its last PROBES - 1 queries) against block j's keys; in steps of a few query blocks and in
+  one."""
+  b, t, h, hkv, d, blk = shape
+  rng = np.random.default_rng(t)
+  q, k = rng.normal(size=(b, t, h, d)), rng.normal(size=(b, t, hkv, d))
+  n, p = -(-t // blk), sp.PROBES
+  want = np.zeros((b, h, n, n))
+  for bi, hi, i, j in np.ndindex(b, h, n, n):
+    rows = q[bi, i * blk:(i + 1) * blk, hi]
+    probes = [rows.sum(0) / blk] + [rows[max(len(rows) - 1 - r, 0)] for r in range(p - 1)]
+    want[bi, hi, i, j] = max(pr @ k[bi, s, hi // (h // hkv)] for pr in probes
+                             for s in range(j * blk, min(t, (j + 1) * blk)))
+  for elements in (sp.SCORE_ELEMENTS, b * h * p * n * blk * 2):  # one step; two blocks a step
+    monkeypatch.setattr(sp, "SCORE_ELEMENTS", elements)
+    assert_close(sp._block_scores(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32), blk),
+                 want, what=str(elements))
+
+
+def test_block_topk_finds_a_needle_in_a_block():
+  """One key that matches the last query block, hidden in a block whose other keys point
+  away: its block is chosen (a mean over the block's keys would rank it last) and the
+  output equals attention over the local and needle blocks. And a question at a block's
+  end: a block of queries pointing elsewhere but for its last, which matches the needle."""
+  t, d, blk = 64, 8, 8
+  rng = np.random.default_rng(0)
+  u = np.zeros(d); u[0] = 1.0
+  q = np.tile(u, (t, 1)) + 0.01 * rng.normal(size=(t, d))
+  k = 0.01 * rng.normal(size=(t, d))  # unrelated keys
+  k[16:24] = -2 * u  # block 2 points away (its mean: -1.25 u) ...
+  k[20] = 4 * u  # ... but for the needle
+  k[12] = w = np.eye(d)[1]  # a key for queries that point elsewhere, in block 1
+  q, k = (jnp.asarray(x[None, :, None], jnp.float32) for x in (q, k))
+  v = jnp.asarray(rng.normal(size=(1, t, 1, d)), jnp.float32)
+  score = np.asarray(sp._block_scores(q, k, blk))[0, 0, -1]  # the last query block's row
+  assert np.argmax(score[:6]) == 2
+  got = sp.attend(q, k, v, "block_topk", (1,), 2 * blk, blk, impl="xla")  # local + one more
+  mask = np.zeros((1, 1, 8, 8), bool)
+  mask[0, 0, -1, [2, 7]] = True
+  want = kernels.block_sparse_attention(q, k, v, jnp.asarray(mask), block_q=blk, block_k=blk,
+                                        impl="reference")
+  assert_close(got[:, -blk:], want[:, -blk:], what="the last query block")
+  q2 = np.array(q[0, :, 0])
+  q2[-blk:-1] = w  # the last block's queries but its last match block 1's key (the mean too) ...
+  score = np.asarray(sp._block_scores(jnp.asarray(q2[None, :, None]), k, blk))[0, 0, -1]
+  assert np.argmax(score[:6]) == 2  # ... and its last still finds the needle's block
