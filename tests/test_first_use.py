@@ -70,6 +70,7 @@ OUT_OF_RANGE = [
     ("data.seq_len=8", "data.seq_len=8: must be >= 9 for data.task='mqar' with num_kv_pairs=4"),
     ("data.task=copying", "data.task='copying': must be one of mqar"),
     ("data.cache_dir=", "data.cache_dir='': must be a non-empty string or none"),
+    ("data.depth=2", "data.depth=2.0: must be a number in [0, 1] or none"),
     ("train.steps=0", "train.steps=0: must be an int >= 1"),
     ("train.log_every=0", "train.log_every=0: must be an int >= 1"),
     ("train.eval_every=0", "train.eval_every=0: must be an int >= 1"),
