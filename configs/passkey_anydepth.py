@@ -20,7 +20,9 @@ Measured on the 2-core CPU (2026-11-27): 128 tokens, eval accuracy 1.0 at every 
 1500 steps (7 min); 512 from it, 1.0 at step 100; 1024 from that, 0.99 at step 75, and the
 needle check on it (`sparse_prefill`, depths 0.1 / 0.5 / 0.9) gave dense 1.0 at each. A model holds for distances up to about its
 training length (the 128 model: 1.0 at 128 and 0.3-1.0 at 512, by depth). From scratch at 1k
-tokens (H100, d_model 256) the same task stayed at chance for 1500 steps: start short.
+tokens (H100, d_model 256) the same task stayed at chance for 1500 steps: start short. On the H100 (2026-11-27) every
+stage up to 8192 reached 0.99-1.0 within 100 of its 300 steps (25-59 s per stage), and the
+needle check at 8k gave dense 1.0 / 0.97 / 1.0 at depths 0.1 / 0.5 / 0.9 (README).
 Two softmax layers of two 64-wide heads (a head size the Hopper kernels take); `max_len`
 leaves room for 8k prompts.
 """

@@ -557,10 +557,12 @@ register_kernels("block_sparse_attention",
 # on the dense kernel); elsewhere the token tiles of `selected_pallas`. Measured (H100, B1 H16
 # D128 bf16, n = 16 blocks of 64; NOTES.md, session 10), ms fwd / fwd+bwd, lists vs tiles:
 # G = 1: 20.3 / 45.0 vs 37.7 / 146.1 at 64k, 9.9 / 24.0 vs 11.6 / 44.2 at 32k, 4.6 / 11.8 vs
-# 3.2 / 11.9 at 16k (forward lost); G = 2 at 64k 16.5 / 39.2 vs 28.1 / 110.6; G = 4 at 64k
-# 14.3 / 36.0 vs 18.3 / 73.4 (G = 2, 4 at 32k and G >= 8 not measured: the tiles). The gathered
-# form: 23.5 / 106.0 at 64k, G = 1. `tests/gpu/... -k keyed` covers it.
-SELECTED_KEYED_MIN_LENGTH = {1: 32768, 2: 65536, 4: 65536}
+# 3.2 / 11.9 at 16k (forward lost); G = 2 at 64k 16.5 / 39.2 vs 28.1 / 110.6, at 32k 8.1 / 21.8
+# vs 10.0 / 38.2; G = 4 at 64k 14.3 / 36.0 vs 18.3 / 73.4, at 32k 7.3 / 21.1 vs 7.4 / 29.0;
+# G = 8 at 64k 13.6 / 34.8 vs 11.1 / 44.4 (forward lost, fwd+bwd won: a training call's pick;
+# session 11). G = 8 at 32k and G = 16 not measured as wins: the tiles. The gathered form:
+# 23.5 / 106.0 at 64k, G = 1. `tests/gpu/... -k keyed` covers it (G = 1, 2, 4, 6, 8, 16).
+SELECTED_KEYED_MIN_LENGTH = {1: 32768, 2: 32768, 4: 32768, 8: 65536}
 SELECTED_KEYED_FORM = "lists"
 # ... and gathered queries (B x T x n x H x D elements; the partial outputs as many again) of at
 # most this many elements: B1 H16 D128 n16 at 64k is 2^31 (4 GiB in bf16; its gradient call

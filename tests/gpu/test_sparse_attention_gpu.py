@@ -149,6 +149,8 @@ SELECTED = [
     (1, 200, 456, 16, 4, 64, 128, 1),  # T < S, n = 1, block_size 128 (two kernel key blocks)
     (2, 333, 150, 16, 1, 64, 64, 2),  # T > S: the first tokens see no key
     (1, 260, 260, 12, 2, 64, 64, 4),  # G = 6: a token's rows padded to 8
+    (1, 250, 250, 4, 2, 64, 64, 5),  # G = 2
+    (1, 384, 384, 16, 2, 128, 64, 16),  # G = 8
 ]
 
 
