@@ -10,8 +10,10 @@ key; the model answers with one token. Passkey runs (`data.task=passkey`): `--n`
 sequences of the run's task at each length x depth, cut after the question token; the model
 answers with the key's digits, a hit when every digit is right (greedy). Either way the
 answers come from `longax.infer.generate`, prefilled densely and with each (kind, budget).
-The per-head plan comes from `infer.sparse.search` on the first prompt (the calibration
-prompt), then serves every prompt, each estimating its own pattern. Prints one row per
+The per-head plan comes from `infer.sparse.search` on the first prompt (`--calibrate first`)
+or on the first prompt of each length x depth (`--calibrate groups`: each head the option
+with the least mean error), then serves every prompt, each estimating its own pattern; the
+plans are printed. Prints one row per
 setting (and length / depth): accuracy, agreement with the dense answers, and the fraction
 of causal (query, key) pairs the budget keeps.
 """
@@ -37,6 +39,8 @@ def main(argv=None) -> int:
   p.add_argument("--block", type=int, default=8, help="block_topk's block")
   p.add_argument("--lengths", default=None, help="passkey: prompt lengths (default the run's seq_len)")
   p.add_argument("--depths", default="0.5", help="passkey: key depths in [0, 1]")
+  p.add_argument("--calibrate", default="first",
+                 help="the plan's calibration prompts: first (the first prompt) | groups (each group's first)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None, help="also write the rows as JSON here")
   a = p.parse_args(argv)
@@ -44,6 +48,8 @@ def main(argv=None) -> int:
     budgets = [int(x) for x in _floats(a.budgets, "--budgets", 1)]
     depths = _floats(a.depths, "--depths", 0, 1)
     lengths = [int(x) for x in _floats(a.lengths, "--lengths", 16)] if a.lengths else None
+    if a.calibrate not in ("first", "groups"):
+      raise ValueError(f"--calibrate {a.calibrate}: must be first or groups")
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -66,12 +72,14 @@ def main(argv=None) -> int:
     return 2
   groups = (_mqar_prompts(data, a.n) if data.task == "mqar" else
             _passkey_prompts(data, a.n, lengths or [data.seq_len], depths, a.seed))
-  calib = groups[0][1][0]
+  calib = [g[1][0] for g in groups] if a.calibrate == "groups" else groups[0][1][0]
   plans = [(None, None)] + [(k, b) for k in a.kinds.split(",") for b in budgets]
-  rows, dense = [], {}
+  rows, dense, chosen = [], {}, []
   for kind, budget in tqdm(plans, desc="settings", file=sys.stderr):
     plan = None if kind is None else search(model, calib, kind=kind, budget=budget,
                                             block=a.block, progress=False)
+    if plan is not None:
+      chosen.append(dict(prefill=kind, budget=budget, heads=plan.heads))
     for name, prompts, answers in groups:
       got = np.array(generate(model, prompts, max_new_tokens=answers.shape[1], sparse_prefill=plan))
       dense.setdefault(name, got)
@@ -80,13 +88,18 @@ def main(argv=None) -> int:
       rows.append(dict(prefill=kind or "dense", budget=budget or t, prompts=name, tokens=t,
                        accuracy=float(np.mean((got == answers).all(1))),
                        agrees=float(np.mean((got == dense[name]).all(1))), pairs_kept=kept))
-  print(f"# {a.workdir}: {data.task}, {len(groups[0][1])} prompts per group, calibration on the first")
+  where = "the first prompt of each group" if a.calibrate == "groups" else "the first prompt"
+  print(f"# {a.workdir}: {data.task}, {len(groups[0][1])} prompts per group, calibration on {where}")
+  for c in chosen:  # per layer, per head: vertical columns (vertical_slash) or local blocks
+    print(f"# plan {c['prefill']} {c['budget']}: {c['heads']}")
   print(f"{'prefill':16} {'budget':>6} {'prompts':>16} {'tokens':>7} {'accuracy':>9} {'= dense':>8} {'pairs kept':>10}")
   for r in rows:
     print(f"{r['prefill']:16} {r['budget']:>6} {r['prompts']:>16} {r['tokens']:>7} {r['accuracy']:>9.3f} "
           f"{r['agrees']:>8.3f} {r['pairs_kept']:>10.2f}")
   if a.out:
-    pathlib.Path(a.out).write_text(json.dumps(dict(workdir=str(a.workdir), task=data.task, rows=rows), indent=1))
+    pathlib.Path(a.out).write_text(json.dumps(dict(workdir=str(a.workdir), task=data.task,
+                                                   calibrate=a.calibrate, plans=chosen, rows=rows),
+                                              indent=1))
   return 0
 
 

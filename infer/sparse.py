@@ -7,8 +7,9 @@ One dense forward over the calibration prompt records every full softmax layer's
 (`layers.sparse_prefill.capture`); for each layer and each option of `choices(kind, ...)`
 (every option keeps `budget` keys per query), the sparse output of the calibration prompt
 is compared with the dense one on its last `last_q` queries, and each head takes the
-option with the smallest relative error. The plan is data (a frozen dataclass, hashable:
-`generate` compiles one prefill per plan).
+option with the smallest relative error (the mean over calibration prompts, given
+several). The plan is data (a frozen dataclass, hashable: `generate` compiles one prefill
+per plan).
 """
 
 from __future__ import annotations
@@ -43,19 +44,29 @@ def check(cfg, kind: str, budget: int, block: int) -> None:
 
 def search(model, tokens, *, kind: str, budget: int, block: int = 64, last_q: int = LAST_Q,
            progress: bool = True) -> SparsePrefill:
-  """The per-head plan for `model` from a calibration prompt (a list of token ids)."""
+  """The per-head plan for `model` from a calibration prompt (a list of token ids) or several
+  (a list of such lists: each head takes the option with the least mean error over them)."""
   check(model.cfg, kind, budget, block)
-  with sp.capture() as records:
-    model(jnp.asarray([list(tokens)], jnp.int32))
+  prompts = [list(tokens)] if tokens and np.ndim(tokens[0]) == 0 else [list(t) for t in tokens]
   options = sp.choices(kind, budget, block)
-  heads = []
-  for q, k, v in tqdm(records, desc="sparse-prefill search", file=sys.stderr, disable=not progress):
-    dense = kernels.attention(q, k, v)[:, -last_q:]
-    errs = []
-    for opt in options:
-      o = sp.attend(q, k, v, kind, (opt,) * q.shape[2], budget, block, last_q)[:, -last_q:]
-      num = jnp.sum(jnp.square(o - dense), axis=(0, 1, 3))
-      errs.append(np.asarray(num / jnp.maximum(jnp.sum(jnp.square(dense), axis=(0, 1, 3)), 1e-30)))
-    best = np.argmin(np.stack(errs), axis=0)  # [H]
-    heads.append(tuple(int(options[i]) for i in best))
-  return SparsePrefill(kind, budget, block, tuple(heads), last_q)
+  errs = 0.0  # per layer: [options, H], summed over prompts
+  for prompt in tqdm(prompts, desc="sparse-prefill search", file=sys.stderr,
+                     disable=not progress or len(prompts) == 1):
+    with sp.capture() as records:
+      model(jnp.asarray([prompt], jnp.int32))
+    errs = errs + np.stack([_errors(q, k, v, kind, options, budget, block, last_q)
+                            for q, k, v in records])
+  best = np.argmin(errs, axis=1)  # [layers, H]
+  heads = tuple(tuple(int(options[i]) for i in layer) for layer in best)
+  return SparsePrefill(kind, budget, block, heads, last_q)
+
+
+def _errors(q, k, v, kind, options, budget, block, last_q):
+  """[options, H]: each option's relative squared error against dense on the last queries."""
+  dense = kernels.attention(q, k, v)[:, -last_q:]
+  norm = jnp.maximum(jnp.sum(jnp.square(dense), axis=(0, 1, 3)), 1e-30)
+  errs = []
+  for opt in options:
+    o = sp.attend(q, k, v, kind, (opt,) * q.shape[2], budget, block, last_q)[:, -last_q:]
+    errs.append(np.asarray(jnp.sum(jnp.square(o - dense), axis=(0, 1, 3)) / norm))
+  return np.stack(errs)

@@ -28,17 +28,27 @@ def model():
 
 
 @pytest.mark.long
+@pytest.mark.parametrize("several", [False, True], ids=["one prompt", "two prompts"])
 @pytest.mark.parametrize("kind", sp.KINDS)
-def test_search_picks_each_heads_closest_option(model, kind):
-  """Each head's choice has the smallest error of the options on the calibration prompt."""
-  plan = search(model, PROMPT, kind=kind, budget=12, block=4, last_q=8, progress=False)
-  with sp.capture() as records:
-    model(jnp.asarray([PROMPT]))
-  assert len(plan.heads) == len(records) == 1 and len(plan.heads[0]) == 4
-  q, k, v = records[0]
-  dense = kernels.attention(q, k, v)[:, -8:]
-  err = lambda heads: np.asarray(jnp.sum(jnp.square(
-      sp.attend(q, k, v, kind, heads, 12, 4, 8)[:, -8:] - dense), axis=(0, 1, 3)))
+def test_search_picks_each_heads_closest_option(model, kind, several):
+  """Each head's choice has the smallest error of the options on the calibration prompt
+  (relative to dense on its last queries), or the smallest mean error over several."""
+  other = [int(t) for t in np.random.default_rng(1).integers(0, 40, 33)]
+  prompts = [PROMPT, other] if several else [PROMPT]
+  plan = search(model, prompts if several else PROMPT, kind=kind, budget=12, block=4, last_q=8,
+                progress=False)
+  assert len(plan.heads) == 1 and len(plan.heads[0]) == 4
+
+  def err(heads):  # [H]: the mean over the prompts of each head's relative error
+    total = 0.0
+    for prompt in prompts:
+      with sp.capture() as records:
+        model(jnp.asarray([prompt]))
+      q, k, v = records[0]
+      dense = kernels.attention(q, k, v)[:, -8:]
+      sq = lambda x: np.asarray(jnp.sum(jnp.square(x), axis=(0, 1, 3)))
+      total = total + sq(sp.attend(q, k, v, kind, heads, 12, 4, 8)[:, -8:] - dense) / sq(dense)
+    return total / len(prompts)
   chosen = err(plan.heads[0])
   for opt in sp.choices(kind, 12, 4):
     assert np.all(chosen <= err((opt,) * 4) + 1e-6), (opt, plan.heads)
@@ -123,8 +133,11 @@ def test_benchmark_on_a_passkey_run(tmp_path, capsys):
   Trainer(cfg, tmp_path / "run").run()
   out = tmp_path / "rows.json"
   assert main(["--workdir", str(tmp_path / "run"), "--kinds", "vertical_slash", "--budgets", "64",
-               "--n", "3", "--depths", "0.25,0.75", "--out", str(out)]) == 0
-  rows = json.loads(out.read_text())["rows"]
+               "--n", "3", "--depths", "0.25,0.75", "--calibrate", "groups", "--out", str(out)]) == 0
+  got = json.loads(out.read_text())
+  rows = got["rows"]
+  assert got["calibrate"] == "groups" and [p["prefill"] for p in got["plans"]] == ["vertical_slash"]
+  assert "calibration on the first prompt of each group" in capsys.readouterr().out
   assert [(r["prefill"], r["prompts"]) for r in rows] == [
       ("dense", "L=32,depth=0.25"), ("dense", "L=32,depth=0.75"),
       ("vertical_slash", "L=32,depth=0.25"), ("vertical_slash", "L=32,depth=0.75")]
@@ -136,7 +149,8 @@ def test_benchmark_flag_errors(tmp_path, capsys):
   from longax.benchmarks.sparse_prefill import main
   for args, msg in [(["--depths", "2"], "--depths 2: each must be in [0, 1]"),
                     (["--lengths", "8,x"], "--lengths 8,x: comma-separated numbers"),
-                    (["--budgets", "0"], "--budgets 0: each must be in [1, inf]")]:
+                    (["--budgets", "0"], "--budgets 0: each must be in [1, inf]"),
+                    (["--calibrate", "all"], "--calibrate all: must be first or groups")]:
     assert main(["--workdir", str(tmp_path / "none")] + args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and msg in err[0], err
