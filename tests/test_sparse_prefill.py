@@ -32,7 +32,8 @@ def model():
 @pytest.mark.parametrize("kind", sp.KINDS)
 def test_search_picks_each_heads_closest_option(model, kind, several):
   """Each head's choice has the smallest error of the options on the calibration prompt
-  (relative to dense on its last queries), or the smallest mean error over several."""
+  (its worst query among the last, relative to dense's mean), or the smallest mean over
+  several prompts of that error."""
   other = [int(t) for t in np.random.default_rng(1).integers(0, 40, 33)]
   prompts = [PROMPT, other] if several else [PROMPT]
   plan = search(model, prompts if several else PROMPT, kind=kind, budget=12, block=4, last_q=8,
@@ -45,9 +46,10 @@ def test_search_picks_each_heads_closest_option(model, kind, several):
       with sp.capture() as records:
         model(jnp.asarray([prompt]))
       q, k, v = records[0]
-      dense = kernels.attention(q, k, v)[:, -8:]
-      sq = lambda x: np.asarray(jnp.sum(jnp.square(x), axis=(0, 1, 3)))
-      total = total + sq(sp.attend(q, k, v, kind, heads, 12, 4, 8)[:, -8:] - dense) / sq(dense)
+      dense = np.asarray(kernels.attention(q, k, v)[:, -8:])
+      got = np.asarray(sp.attend(q, k, v, kind, heads, 12, 4, 8)[:, -8:])
+      worst = np.square(got - dense).sum(-1).max(axis=(0, 1))  # [H]
+      total = total + worst / np.square(dense).sum(-1).mean(axis=(0, 1))
     return total / len(prompts)
   chosen = err(plan.heads[0])
   for opt in sp.choices(kind, 12, 4):
@@ -80,6 +82,30 @@ def test_prefill_cache_equals_dense_and_output_is_close(model, kind):
   if kind == "block_topk":  # (one kind is enough for generate's plumbing)
     assert generate(model, [PROMPT], max_new_tokens=3, sparse_prefill=full) == \
         generate(model, [PROMPT], max_new_tokens=3)
+
+
+def test_search_error_is_the_worst_query():
+  """A head whose last query (a question) needs a far key while the others lean on the
+  previous block: keeping both local blocks serves the others (the least mean error) and
+  loses the question; `errors` ranks the option that keeps the question's block first."""
+  from longax.infer.sparse import errors
+  t, d, blk, budget = 64, 16, 8, 16
+  e = np.eye(d)
+  k = np.stack([e[(j // blk) % 8] for j in range(t)])  # key block i points along e_i
+  k[10] = e[12]  # the needle, in block 1
+  q = np.stack([16 * e[(i // blk) % 8] + 14 * e[(i // blk - 1) % 8] for i in range(t)])
+  q[-1] = 40 * e[12]  # the question
+  v = np.random.default_rng(0).normal(size=(t, d))
+  q, k, v = (jnp.asarray(x, jnp.float32)[None, :, None] for x in (q, k, v))
+  opts = sp.choices("block_topk", budget, blk)
+  assert opts == (1, 2)  # one local block and the best other, or the two local ones
+  dense = kernels.attention(q, k, v)[:, -8:]
+  sq = [jnp.sum(jnp.square(sp.attend(q, k, v, "block_topk", (o,), budget, blk)[:, -8:] - dense), -1)
+        for o in opts]
+  assert float(sq[1].mean()) < float(sq[0].mean())  # the mean would take the local pair
+  assert float(sq[1][0, -1, 0]) > 10 * float(sq[0][0, -1, 0])  # which loses the question
+  err = errors(q, k, v, "block_topk", opts, budget, blk, last_q=8)
+  assert err.shape == (2, 1) and err[0, 0] < err[1, 0]
 
 
 @pytest.mark.slow
