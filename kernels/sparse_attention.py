@@ -392,6 +392,12 @@ SELECTED_KEYED_XLA_MAX_GROUP = 8
 SELECTED_KEYED_XLA_MAX_ELEMENTS = 2**28
 
 
+def _keyed_fits(q, block_indices, limit: int) -> bool:
+  """Whether key-centric loading's gathered queries (B x T x n x H x D elements; the partial
+  outputs as many again) stay within `limit` elements (each backend's own budget)."""
+  return q.size * block_indices.shape[-1] <= limit
+
+
 def _xla_attend(scale: float):
   def attend(q, k, v, causal):
     return _attention(q, k, v, causal=causal, scale=scale, impl="xla", return_lse=True)
@@ -401,7 +407,7 @@ def _xla_attend(scale: float):
 def _selected_xla(q, k, v, block_indices, spec: AttnSpec, *, block_size: int, q_positions=None):
   g = q.shape[2] // k.shape[2]
   if (g <= SELECTED_KEYED_XLA_MAX_GROUP and q_positions is None
-      and q.size * block_indices.shape[-1] <= SELECTED_KEYED_XLA_MAX_ELEMENTS
+      and _keyed_fits(q, block_indices, SELECTED_KEYED_XLA_MAX_ELEMENTS)
       and keyed_unsupported(q, k, spec, block_size) is None):
     attend = _xla_attend(spec.scale)
     return _selected_keyed(q, k, v, block_indices, spec, block_size=block_size, attend=attend,
@@ -603,7 +609,7 @@ def _selected_gpu(q, k, v, block_indices, spec: AttnSpec, *, block_size: int,
   g = q.shape[2] // k.shape[2]
   if key_centric is None:
     key_centric = (q.shape[1] >= SELECTED_KEYED_MIN_LENGTH.get(g, math.inf)
-                   and q.size * block_indices.shape[-1] <= SELECTED_KEYED_MAX_ELEMENTS
+                   and _keyed_fits(q, block_indices, SELECTED_KEYED_MAX_ELEMENTS)
                    and q.dtype == jnp.bfloat16  # what its GPU tests run
                    and SELECTED_KEYED_FORM)
   if key_centric and keyed_unsupported(q, k, spec, block_size) is None:
