@@ -421,16 +421,6 @@ def vs_band_pattern(b: int, h: int, t: int, nv: int, ns: int) -> tuple[jax.Array
           jnp.asarray(np.broadcast_to(slash, (b, h, ns))))
 
 
-def _vs_bits_call(d: int) -> Callable:
-  """vertical_slash_pallas with `Blocks.vs_bits` (its masked steps test a bitset)."""
-  from longax.kernels.attention import AttnSpec
-  from longax.kernels.gpu import attention as G
-  blk = dataclasses.replace(G.blocks_for(d), pingpong=True, vs_bits=True)
-  spec = AttnSpec("softmax", True, d**-0.5, None, 0, None, 0.0)
-  return lambda q, k, v, vert, slash: G.vertical_slash_pallas(q, k, v, vert, slash, spec,
-                                                              blocks=blk)
-
-
 def vertical_slash_cases(shapes, dtype, on_gpu) -> list[Case]:
   """MInference's vertical-slash prefill, forward only, beside dense causal attention, two
   patterns with `vs_budget(T)`: `vertical_slash` from `vertical_slash_pattern` (the last 64
@@ -449,8 +439,6 @@ def vertical_slash_cases(shapes, dtype, on_gpu) -> list[Case]:
       pairs = vs_pairs(np.asarray(vert), np.asarray(slash), t)
       args = (q, k, v, vert, slash)
       rows = _longax_rows("vertical_slash_attention", f, args, on_gpu, bwd=False)
-      if on_gpu:  # the masked slash steps from a per-head offset bitset (`Blocks.vs_bits`)
-        rows.append(jax_row("longax.pallas.vs_bits", _vs_bits_call(d), args, False))
       rows += _dense_rows(q, k, v, on_gpu, bwd=False)
       ref = _reference(lambda *a, impl="reference": f(*a, impl=impl), args, small=t <= 1024)
       out.append(Case(name, dict(B=b, T=t, H=h, Hkv=hkv, D=d, nv=nv, ns=ns), 4.0 * d * pairs,

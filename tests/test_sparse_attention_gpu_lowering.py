@@ -657,28 +657,20 @@ def vs_pattern(seed, b, h, s, nv=9, ns=12, band=0):
 VS_LOWER = [(300, 300, 4, 2, 64, True, jnp.bfloat16), (200, 456, 4, 1, 128, False, jnp.float16)]
 
 
-def _vs_blocks(d, bits):
-  import dataclasses
-  return dataclasses.replace(gpu.blocks_for(d), pingpong=True, vs_bits=bits)
-
-
-@pytest.mark.parametrize("bits", [False, True], ids=["runs", "bits"])
 @pytest.mark.parametrize("case", VS_LOWER, ids=str)
-def test_vertical_slash_lowers(case, bits):
-  """Both forward kernels lower for "cuda" (masked slash steps from the runs or the bitset);
-  the gradient (XLA's) lowers with them."""
+def test_vertical_slash_lowers(case):
+  """Both forward kernels lower for "cuda"; the gradient (XLA's) lowers with them."""
   t, s, h, hkv, d, causal, dtype = case
   q = jnp.zeros((1, t, h, d), dtype)
   k = jnp.zeros((1, s, hkv, d), dtype)
   vert, slash = vs_pattern(0, 1, h, s)
   spec = _spec("softmax", causal, d)
-  blk = _vs_blocks(d, bits)
-  loss = lambda q, k, v, vi, si: gpu.vertical_slash_pallas(q, k, v, vi, si, spec, blocks=blk).astype(
+  loss = lambda q, k, v, vi, si: gpu.vertical_slash_pallas(q, k, v, vi, si, spec).astype(
       jnp.float32).sum()
   lowered = jax.jit(jax.value_and_grad(loss, (0, 1, 2))).trace(q, k, k, vert, slash).lower(
       lowering_platforms=("cuda",))
   assert lowered.as_text().count("mosaic_gpu") >= 2  # the slash and vertical passes
-  fwd = jax.jit(lambda q, k, v, vi, si: gpu.vertical_slash_pallas(q, k, v, vi, si, spec, blocks=blk))
+  fwd = jax.jit(lambda q, k, v, vi, si: gpu.vertical_slash_pallas(q, k, v, vi, si, spec))
   text = fwd.trace(q, k, k, vert, slash).lower(lowering_platforms=("cuda",)).as_text()
   assert "stablehlo.while" not in text  # the lists are straight-line code (host-bound else)
 
@@ -717,21 +709,6 @@ def test_vertical_slash_gradient_is_the_xla_paths(monkeypatch):
   compare(lambda q, k, v: gpu.vertical_slash_pallas(q, k, v, vert, slash, spec, blocks=blocks),
           lambda q, k, v: vertical_slash_attention(q, k, v, vert, slash, impl="reference"),
           (q, k, v), (0, 1, 2), jnp.float32, "custom_vjp")
-
-
-def test_vertical_slash_bits():
-  """Offsets -> a per-head bitset: bit o % 32 of word o // 32 + _VS_PAD for each offset in
-  [0, S), repeats and -1 dropped, offsets past S ignored, the pad words zero."""
-  s_len = 70
-  slash = jnp.asarray([[[7, -1, 3, 31, 32, 33, 0, 69, 3, 80], [-1] * 10]], jnp.int32)
-  bits = np.asarray(gpu._vs_bits(slash, s_len)).view(np.uint32)
-  pad = gpu._VS_PAD
-  assert bits.shape == (1, 2, 3 + 2 * pad)
-  want = np.zeros(3, np.uint64)
-  for o in (0, 3, 7, 31, 32, 33, 69):
-    want[o // 32] |= np.uint64(1) << np.uint64(o % 32)
-  assert bits[0, 0, pad:pad + 3].tolist() == want.tolist()
-  assert not bits[0, 0, :pad].any() and not bits[0, 0, pad + 3:].any() and not bits[0, 1].any()
 
 
 def test_vertical_slash_runs():
@@ -821,24 +798,20 @@ VS_INTERPRET = [
 
 
 @pytest.mark.long
-@pytest.mark.parametrize("case", VS_INTERPRET + [
-    pytest.param((1, 200, 200, 4, 2, 64, True, 0, jnp.bfloat16, True), id="bits"),
-    pytest.param((1, 190, 130, 2, 2, 128, False, 40, jnp.bfloat16, True), id="bits-noncausal",
-                 marks=pytest.mark.slow)])
+@pytest.mark.parametrize("case", VS_INTERPRET, ids=str)
 def test_vertical_slash_interpreted_matches_reference(case):
   from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as interp
   from jax.experimental.pallas import mosaic_gpu as plgpu
   from conftest import assert_close
   from longax.kernels import vertical_slash_attention
-  b, t, s, h, hkv, d, causal, band, dtype, *bits = case  # bits: the bitset's masked steps
+  b, t, s, h, hkv, d, causal, band, dtype = case
   rng = np.random.default_rng(t + s)
   q, k, v = (jnp.asarray(rng.standard_normal(sh), dtype)
              for sh in ((b, t, h, d), (b, s, hkv, d), (b, s, hkv, d)))
   vert, slash = vs_pattern(t, b, h, s, band=band)
   try:
     with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)):
-      got = np.asarray(gpu.vertical_slash_pallas(q, k, v, vert, slash, _spec("softmax", causal, d),
-                                                 blocks=_vs_blocks(d, bool(bits))))
+      got = np.asarray(gpu.vertical_slash_pallas(q, k, v, vert, slash, _spec("softmax", causal, d)))
     assert not interp.get_races().races_found, "a data race in the kernel"
   finally:
     interp.reset_gpu_interpret_mode_state()

@@ -71,8 +71,6 @@ class Blocks:
   pingpong: bool = True  # forward with wgs=2: the warpgroups alternate on the tensor cores
   bwd_splits: int = 0  # dk/dv CTAs per key tile (each a share of its query steps, partial sums
   #   added after): 0 picks by occupancy (`_dkv_splits`)
-  vs_bits: bool = False  # vertical-slash's masked slash steps: test each pair's offset in a
-  #   per-head bitset (a few words a step) instead of looping over the runs crossing the step
 
   def __post_init__(self):
     for name in ("block_q", "block_kv", "bwd_block_q", "bwd_block_kv"):
@@ -339,8 +337,6 @@ class _Lists(NamedTuple):
   runs: Any = None  # vertical-slash's slash pass: int32 [.., wgs, 2, L], warpgroup w's runs
   #   of offsets crossing step i are [runs[w, 0, i], runs[w, 1, i]) of `diags`
   diags: Any = None  # int32 [B, H, 2, NR]: each (b, h)'s runs of offsets (lo, hi), ascending
-  bits: Any = None  # int32 [B, H, NW] (Blocks.vs_bits, in place of runs / diags): offset o is a
-  #   slash iff bit o % 32 of word o // 32 + _VS_PAD is set (`_vs_bits`)
 
 
 class _Listed(NamedTuple):
@@ -454,12 +450,10 @@ def _vs_mask(pb: _Problem, shape, q_first, k_first, k_vec, runs=None):
   if pb.vs == "vertical":  # (no unused position tile: Mosaic GPU cannot lay it out)
     ok = kv < pb.s
     return ok & (kv <= _pos_tile(pb, shape, 0, q_first)) if pb.spec.causal else ok
+  ranges, diags, i = runs
   kj = _index_tile(shape, 1, k_first)
   rows = plgpu.broadcasted_iota(jnp.int32, (shape[0],), 0, layout=_WG.reduce(1))
   pos = rows + (q_first + pb.offset)  # the rows' positions (a vector, not a tile)
-  if runs[0] == "bits":
-    return _vs_bits_hit(shape, q_first + pb.offset, k_first, kj, pos, runs[1]) & (kv == 0)
-  ranges, diags, i = runs
 
   def run(r, hit):  # row p holds keys p - hi <= j <= p - lo of run r: bounds per row, so no
     first = _bcast(pos - diags[1, r], shape, 0)  # [rows, keys] offset tile stays live in the
@@ -468,23 +462,6 @@ def _vs_mask(pb: _Problem, shape, q_first, k_first, k_vec, runs=None):
 
   hit = lax.fori_loop(ranges[0, i], ranges[1, i], run, kj < 0)  # (kj < 0: none, laid out)
   return hit & (kv == 0)
-
-
-def _vs_bits_hit(shape, p_first, k_first, kj, pos, bits):
-  """bool tile: pairs (row p, key j) whose offset p - j is a slash, from the (b, h)'s bitset
-  `bits` (GMEM [NW], `_vs_bits`). The tile's offsets lie in [base, base + rows + keys - 1)
-  (base = p_first - k_first - keys + 1), i.e. in `nw` words read as scalars; each pair picks
-  its word by compare-and-select and tests its bit: constant work per step, however many
-  runs of offsets cross it."""
-  off = _bcast(pos, shape, 0) - kj
-  base_w = lax.shift_right_arithmetic(p_first - k_first - (shape[1] - 1), 5)
-  widx = lax.shift_right_arithmetic(off, 5) - base_w
-  top = bits.shape[0] - 1
-  word = None
-  for c in range((shape[0] + shape[1] - 2) // 32 + 2):
-    w = bits[jnp.clip(base_w + (_VS_PAD + c), 0, top)]
-    word = jnp.where(widx == c, w, 0 if word is None else word)
-  return (lax.shift_right_logical(word, off & 31) & 1) != 0
 
 
 def _interpreting() -> bool:
@@ -584,11 +561,8 @@ def _forward(q, k, v, q_seg, k_seg, pb: _Problem, lists: _Lists | None = None):
         mask = None
         if masked and pb.vs is not None:
           k_vec = plgpu.load(ks_smem.at[slot], layout=_WG.reduce(0))
-          runs = None
-          if pb.vs == "slash" and list_refs.bits is not None:
-            runs = ("bits", list_refs.bits.at[b, h])
-          elif pb.vs == "slash":
-            runs = (_cta(list_refs.runs, b, h, tile).at[wg], list_refs.diags.at[b, h], i)
+          runs = (_cta(list_refs.runs, b, h, tile).at[wg], list_refs.diags.at[b, h], i
+                  ) if pb.vs == "slash" else None
           mask = _vs_mask(pb, (bq, bkv), q_row, steps.block(i) * bkv, k_vec, runs)
         elif masked:
           k_seg_vec = plgpu.load(ks_smem.at[slot], layout=_WG.reduce(0)) if pb.segments else None
@@ -1815,22 +1789,6 @@ def _vs_runs(slash_idx):
   return jnp.stack([lo, hi], 2)
 
 
-_VS_PAD = 8  # zero words on each side of a bitset: a step's words never leave it
-
-
-def _vs_bits(slash_idx, s_len: int):
-  """int32 [B, H, ns] offsets (-1 unused, repeats) -> int32 [B, H, ceil(S / 32) + 2 _VS_PAD]:
-  bit o % 32 of word o // 32 + _VS_PAD set for each offset o in [0, S)."""
-  o = _sorted_unique(slash_idx)  # each once: adding the bits is OR-ing them
-  nw = -(-s_len // 32) + 2 * _VS_PAD
-  word = jnp.where(o < s_len, (o >> 5) + _VS_PAD, nw)  # padding: past the end, dropped
-  bit = jnp.left_shift(jnp.uint32(1), (o & 31).astype(jnp.uint32))
-  b, h = o.shape[:2]
-  bits = jnp.zeros((b, h, nw), jnp.uint32).at[
-      jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None], word].add(bit, mode="drop")
-  return lax.bitcast_convert_type(bits, jnp.int32)
-
-
 def _vs_windows(pb: _Problem, tiles: int, wgs: int, bq: int, nk: int, bkv: int):
   """Per (tile, warpgroup, key block): whether the warpgroup has a real query row, the
   positions of its first / last real rows [tiles, wgs, 1], and the key blocks' first keys."""
@@ -1909,8 +1867,6 @@ def _vs_forward(q, k, v, vertical_idx, slash_idx, spec, blocks: Blocks):
   vflag = vflag[..., :sp]  # [B, H, Sp]: 1 on each head's columns
   pb = lambda vs: _Problem(spec, t, s_len, h // hkv, False, blk, vs=vs)
   lists = _slash_lists(_vs_runs(slash_idx), vflag, pb("slash"), tiles)
-  if blk.vs_bits:  # the masked steps test a bitset, not the runs
-    lists = lists._replace(runs=None, diags=None, bits=_vs_bits(slash_idx, s_len))
   o_s, lse_s = _forward(qp, kp, vp, q_seg, vflag, pb("slash"), lists)
   # the columns' keys and values per query head: [B, nv_pad, H, D]
   at = (jnp.arange(b)[:, None, None], jnp.minimum(cols, s_len - 1),
