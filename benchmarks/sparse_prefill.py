@@ -13,9 +13,9 @@ answers come from `longax.infer.generate`, prefilled densely and with each (kind
 The per-head plan comes from `infer.sparse.search` on the first prompt (`--calibrate first`)
 or on the first prompt of each length x depth (`--calibrate groups`: each head the option
 with the least mean error), then serves every prompt, each estimating its own pattern; the
-plans are printed. Prints one row per
-setting (and length / depth): accuracy, agreement with the dense answers, and the fraction
-of causal (query, key) pairs the budget keeps.
+plans are printed. One row per setting (and length / depth): accuracy, agreement with the
+dense answers, and the fraction of causal (query, key) pairs the budget keeps; rows print as
+they land, and `--out` is rewritten after each (a run cut short keeps what it finished).
 """
 
 from __future__ import annotations
@@ -74,32 +74,32 @@ def main(argv=None) -> int:
             _passkey_prompts(data, a.n, lengths or [data.seq_len], depths, a.seed))
   calib = [g[1][0] for g in groups] if a.calibrate == "groups" else groups[0][1][0]
   plans = [(None, None)] + [(k, b) for k in a.kinds.split(",") for b in budgets]
+  where = "the first prompt of each group" if a.calibrate == "groups" else "the first prompt"
+  say = lambda line: print(line, flush=True)  # each row as it lands (a cut run keeps them)
+  say(f"# {a.workdir}: {data.task}, {len(groups[0][1])} prompts per group, calibration on {where}")
+  say(f"{'prefill':16} {'budget':>6} {'prompts':>16} {'tokens':>7} {'accuracy':>9} {'= dense':>8} {'pairs kept':>10}")
   rows, dense, chosen = [], {}, []
   for kind, budget in tqdm(plans, desc="settings", file=sys.stderr):
     plan = None if kind is None else search(model, calib, kind=kind, budget=budget,
                                             block=a.block, progress=False)
-    if plan is not None:
+    if plan is not None:  # per layer, per head: vertical columns (vertical_slash) or local blocks
       chosen.append(dict(prefill=kind, budget=budget, heads=plan.heads))
+      say(f"# plan {kind} {budget}: {plan.heads}")
     for name, prompts, answers in groups:
       got = np.array(generate(model, prompts, max_new_tokens=answers.shape[1], sparse_prefill=plan))
       dense.setdefault(name, got)
       t = len(prompts[0])
       kept = 1.0 if budget is None else sum(min(i + 1, budget) for i in range(t)) / (t * (t + 1) / 2)
-      rows.append(dict(prefill=kind or "dense", budget=budget or t, prompts=name, tokens=t,
-                       accuracy=float(np.mean((got == answers).all(1))),
-                       agrees=float(np.mean((got == dense[name]).all(1))), pairs_kept=kept))
-  where = "the first prompt of each group" if a.calibrate == "groups" else "the first prompt"
-  print(f"# {a.workdir}: {data.task}, {len(groups[0][1])} prompts per group, calibration on {where}")
-  for c in chosen:  # per layer, per head: vertical columns (vertical_slash) or local blocks
-    print(f"# plan {c['prefill']} {c['budget']}: {c['heads']}")
-  print(f"{'prefill':16} {'budget':>6} {'prompts':>16} {'tokens':>7} {'accuracy':>9} {'= dense':>8} {'pairs kept':>10}")
-  for r in rows:
-    print(f"{r['prefill']:16} {r['budget']:>6} {r['prompts']:>16} {r['tokens']:>7} {r['accuracy']:>9.3f} "
+      r = dict(prefill=kind or "dense", budget=budget or t, prompts=name, tokens=t,
+               accuracy=float(np.mean((got == answers).all(1))),
+               agrees=float(np.mean((got == dense[name]).all(1))), pairs_kept=kept)
+      rows.append(r)
+      say(f"{r['prefill']:16} {r['budget']:>6} {r['prompts']:>16} {r['tokens']:>7} {r['accuracy']:>9.3f} "
           f"{r['agrees']:>8.3f} {r['pairs_kept']:>10.2f}")
-  if a.out:
-    pathlib.Path(a.out).write_text(json.dumps(dict(workdir=str(a.workdir), task=data.task,
-                                                   calibrate=a.calibrate, plans=chosen, rows=rows),
-                                              indent=1))
+      if a.out:  # rewritten after every row, so a cut run leaves what it finished
+        pathlib.Path(a.out).write_text(json.dumps(dict(
+            workdir=str(a.workdir), task=data.task, calibrate=a.calibrate, plans=chosen,
+            rows=rows), indent=1))
   return 0
 
 
