@@ -64,9 +64,10 @@ def parse_args(argv):
                  help="sparse prefill: keys per query (vertical + slash, or blocks x block)")
   p.add_argument("--sparse-block", type=int, default=64,
                  help="sparse prefill (block_topk): tokens per block")
-  p.add_argument("--calibration-tokens", default=None,
-                 help="sparse prefill: comma-separated token ids of the prompt the per-head "
-                      "search runs on (default: the prompt)")
+  p.add_argument("--calibration-tokens", action="append", default=None,
+                 help="sparse prefill: comma-separated token ids of a prompt the per-head "
+                      "search runs on (repeatable: each head's error averaged over them; "
+                      "default: the prompt)")
   return p.parse_args(argv)
 
 
@@ -182,8 +183,8 @@ def warn_streaming(cfg_trained, streaming, total: int) -> None:
           f"first {sinks} and the last {window}", file=sys.stderr)
 
 
-def check_sparse(args, cfg, tokens: list[int]) -> list[int] | None:
-  """The --sparse-* flags against the model; returns the calibration tokens (None when
+def check_sparse(args, cfg, tokens: list[int]) -> list[list[int]] | None:
+  """The --sparse-* flags against the model; returns the calibration prompts (None when
   there is no sparse prefill). Every failure is one line."""
   if args.sparse_prefill is None:
     if args.calibration_tokens is not None:
@@ -194,12 +195,18 @@ def check_sparse(args, cfg, tokens: list[int]) -> list[int] | None:
   if args.sequence_parallel > 1:
     raise UsageError("--sparse-prefill does not run with --sequence-parallel: drop one of them")
   if args.calibration_tokens is None:
-    return tokens
-  calibration = _ints("--calibration-tokens", args.calibration_tokens)
-  bad = [t for t in calibration if not 0 <= t < cfg.vocab_size]
-  if not calibration or bad:
-    raise UsageError(f"--calibration-tokens: {'empty' if not calibration else f'token {bad[0]} is outside [0, {cfg.vocab_size})'}")
-  return calibration
+    return [tokens]
+  prompts = []
+  for text in args.calibration_tokens:
+    calibration = _ints("--calibration-tokens", text)
+    bad = [t for t in calibration if not 0 <= t < cfg.vocab_size]
+    if not calibration or bad:
+      raise UsageError(f"--calibration-tokens: {'empty' if not calibration else f'token {bad[0]} is outside [0, {cfg.vocab_size})'}")
+    if len(calibration) > cfg.max_len:
+      raise UsageError(f"--calibration-tokens: {len(calibration)} tokens exceed the model's "
+                       f"max_len {cfg.max_len}")
+    prompts.append(calibration)
+  return prompts
 
 
 def sequence_mesh(p: int):

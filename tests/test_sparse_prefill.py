@@ -117,7 +117,8 @@ def test_cli_runs_a_sparse_prefill(tmp_path, capsys):
   capsys.readouterr()
   assert main(["--workdir", str(tmp_path / "run"), "--prompt-tokens", "1,17,2,18,3,19,1",
                "--max-new-tokens", "2", "--sparse-prefill", "vertical_slash", "--sparse-budget",
-               "4", "--calibration-tokens", "1,17,2,18,3,19,4,20,2"]) == 0
+               "4", "--calibration-tokens", "1,17,2,18,3,19,4,20,2",
+               "--calibration-tokens", "5,21,6,22,1"]) == 0  # two calibration prompts
   assert len(capsys.readouterr().out.strip().split(",")) == 2
 
 
@@ -136,6 +137,8 @@ def test_cli_flag_errors(tmp_path, capsys):
       (["--sparse-prefill", "block_topk", "--sparse-block", "0"], "--sparse-block=0: must be an int >= 1"),
       (["--calibration-tokens", "1,2"], "--calibration-tokens needs --sparse-prefill"),
       (["--sparse-prefill", "block_topk", "--calibration-tokens", "1,99"], "--calibration-tokens: token 99 is outside [0, 32)"),
+      (["--sparse-prefill", "block_topk", "--calibration-tokens", "1,2", "--calibration-tokens",
+        ",".join(["1"] * 200)], "--calibration-tokens: 200 tokens exceed the model's max_len"),
       (["--sparse-prefill", "block_topk", "--streaming", "1,4"], "this model has no full softmax attention layer"),
       (["--sparse-prefill", "block_topk", "--sequence-parallel", "2"], "does not run with --sequence-parallel")]:
     assert main(base + args) == 2
