@@ -50,12 +50,12 @@ def search(model, tokens, *, kind: str, budget: int, block: int = 64, last_q: in
   prompts = [list(tokens)] if tokens and np.ndim(tokens[0]) == 0 else [list(t) for t in tokens]
   options = sp.choices(kind, budget, block)
   errs = 0.0  # per layer: [options, H], summed over prompts
-  for prompt in tqdm(prompts, desc="sparse-prefill search", file=sys.stderr,
-                     disable=not progress or len(prompts) == 1):
+  for n, prompt in enumerate(prompts):
     with sp.capture() as records:
       model(jnp.asarray([prompt], jnp.int32))
-    errs = errs + np.stack([errors(q, k, v, kind, options, budget, block, last_q)
-                            for q, k, v in records])
+    desc = "sparse-prefill search" + (f" (prompt {n + 1}/{len(prompts)})" if len(prompts) > 1 else "")
+    errs = errs + np.stack([errors(q, k, v, kind, options, budget, block, last_q) for q, k, v in
+                            tqdm(records, desc=desc, file=sys.stderr, disable=not progress)])
   best = np.argmin(errs, axis=1)  # [layers, H]
   heads = tuple(tuple(int(options[i]) for i in layer) for layer in best)
   return SparsePrefill(kind, budget, block, heads, last_q)

@@ -38,12 +38,15 @@ def test_search_picks_each_heads_closest_option(model, kind):
   plan = search(model, prompts, kind=kind, budget=12, block=4, last_q=8, progress=False)
   assert len(plan.heads) == 1 and len(plan.heads[0]) == 4
 
+  recorded = []
+  for prompt in prompts:
+    with sp.capture() as records:
+      model(jnp.asarray([prompt]))
+    recorded.append(records[0])
+
   def err(heads):  # [H]: the mean over the prompts of each head's relative error
     total = 0.0
-    for prompt in prompts:
-      with sp.capture() as records:
-        model(jnp.asarray([prompt]))
-      q, k, v = records[0]
+    for q, k, v in recorded:
       dense = np.asarray(kernels.attention(q, k, v)[:, -8:])
       got = np.asarray(sp.attend(q, k, v, kind, heads, 12, 4, 8)[:, -8:])
       worst = np.square(got - dense).sum(-1).max(axis=(0, 1))  # [H]
