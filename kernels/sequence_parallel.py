@@ -41,7 +41,9 @@ from longax.kernels import _checks
 from longax.kernels._dispatch import resolve
 from longax.kernels._vma import vary_like
 from longax.kernels.attention import KV_BLOCK, AttnSpec, _prepare, merge_partials
-from longax.kernels.linear_attention import CHUNK, _log_decay, linear_attention, pass_states
+from longax.kernels.gpu import linear_attention as _gpu_la
+from longax.kernels.linear_attention import (CHUNK, _log_decay, _resets, linear_attention,
+                                             pass_states)
 from longax.kernels.selective_scan import _prepare_dt, selective_scan
 from longax.kernels.ssd import _as_qkv, _check as _ssd_check, _skip
 from longax.kernels.visibility import key_blocks
@@ -476,6 +478,7 @@ class _Lasp2(NamedTuple):  # the static arguments of `_lasp2`
   scale: float | None
   chunk_size: int
   impl: str
+  split: bool = False  # the GPU kernel's split backward gives dS_in (`_takes_split`)
 
 
 def _chunk_decay(st: _Lasp2, g_raw, segc, b: int, shape):
@@ -504,11 +507,30 @@ def _lasp2_parts(st: _Lasp2, qc, kc, vc, g_raw, segc, h0, pullbacks: bool):
                                                      first, last, h0)
   (state_in, final), pull_combine = vjp(combine, local, decay, h0)
   state_in = state_in.reshape(nb, h, dk, dv)
+  if pullbacks and st.split:  # the kernel's backward split at dF (`_lasp2_bwd`)
+    o, _, kernel_res = _gpu_la.split_forward(qc, kc, vc, g, state_in, _resets(segc, nb, c),
+                                             _scale(st, dk))
+    return (o.astype(qc.dtype), final), (pull_combine, kernel_res, g, state_in)
   run = lambda q, k, v, g_raw, s0: linear_attention(
       q, k, v, log_decay=g_raw, scale=st.scale, segment_ids=segc, chunk_size=st.chunk_size,
       initial_state=s0, return_final_state=True, impl=st.impl)
   (o, _), pull_kernel = vjp(run, qc, kc, vc, g_raw, state_in)
   return (o, final), (pull_combine, pull_kernel, g, state_in)
+
+
+def _scale(st: _Lasp2, dk: int) -> float:
+  return dk**-0.5 if st.scale is None else st.scale
+
+
+def _takes_split(impl, chunk_size, q, k, v, g) -> bool:
+  """Whether the local op resolves to the Mosaic GPU kernel with a scalar decay, whose
+  backward splits at the final state's cotangent: dS_in then comes from its reverse pass
+  (`linear_attention.split_grad_in`), not a GEMM of its own."""
+  try:
+    fn = resolve("linear_attention", impl, dict(q=q, k=k, v=v, g=g, chunk=chunk_size))
+  except (ValueError, NotImplementedError):
+    return False
+  return fn is _gpu_la.linear_attention_pallas and _gpu_la.split_supported(g)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -526,16 +548,27 @@ def _lasp2_bwd(st: _Lasp2, res, cts):
   """The kernel's own backward carries the chunk state's gradient: its final state is
   F = D h0 + S_local (D: the chunk's decay), so its pullback with dF = dS_local gives S_local's
   share of dk, dv, dg plus D h0's share of dg, taken off here. dS_local comes from the combine's
-  pullback of dS_in, which is one GEMM of q exp(G) and do (`_entering_grad`)."""
+  pullback of dS_in, which is one GEMM of q exp(G) and do (`_entering_grad`), or, on the GPU
+  kernel (`st.split`), the initial-state gradient of its reverse pass run from dF = 0, whose
+  chunk-parallel rest then takes dF = dS_local."""
   qc, g_raw, segc, pull_combine, pull_kernel, g, state_in = res
   do, dfinal = cts
-  nb, _, h, dk = qc.shape
-  scale = dk**-0.5 if st.scale is None else st.scale
-  d_in = _entering_grad(qc, g, segc, do, scale)
+  nb, c, h, dk = qc.shape
+  scale = _scale(st, dk)
+  if st.split:
+    d_in, d0 = _gpu_la.split_grad_in(pull_kernel, do, scale)
+  else:
+    d_in = _entering_grad(qc, g, segc, do, scale)
   b = dfinal.shape[0]
   d_local, d_decay, dh0 = pull_combine((d_in.reshape(st.n, b, *d_in.shape[1:]), dfinal))
   d_local = d_local.reshape(nb, h, dk, -1)
-  dq, dk_, dv, dg, _ = pull_kernel((do, d_local))
+  if st.split:
+    dq, dk_, dv, dg = _gpu_la.split_grads(pull_kernel, d0, do, d_local, scale)
+    if g_raw is not None:
+      to_g = lambda g_raw: _log_decay("lasp2_linear_attention", g_raw, nb, c, h, dk)
+      dg = jax.vjp(to_g, g_raw)[1](dg)[0]
+  else:
+    dq, dk_, dv, dg, _ = pull_kernel((do, d_local))
   if g_raw is not None:  # dg: + the chunk decay's share in the combine, - D h0's in the kernel
     decay_of = lambda g_raw: _chunk_decay(st, g_raw, segc, b, qc.shape)[1]
     spurious = jnp.sum(state_in * d_local, axis=-1).reshape(d_decay.shape[:3] + (-1,))
@@ -571,7 +604,9 @@ def lasp2_linear_attention(q, k, v, *, axis_name, log_decay=None, scale: float |
   dv = v.shape[-1]
   h0 = (jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None
         else initial_state.astype(jnp.float32))
-  st = _Lasp2(axis_name, layout, n, scale, chunk_size, impl)
+  split = _takes_split(impl, chunk_size, qc, kc, vc,
+                       _log_decay(op, g_chunks, *qc.shape[:3], dk))
+  st = _Lasp2(axis_name, layout, n, scale, chunk_size, impl, split)
   o, final = _lasp2(st, qc, kc, vc, g_chunks, segc, h0)
   o = _unfold_batch(o, n)
   return (o, final) if return_final_state else o

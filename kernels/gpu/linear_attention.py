@@ -40,7 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from longax.kernels._vma import same_vma
+from longax.kernels._vma import same_vma, vary_like
 from longax.kernels.gpu import kernel, not_on_hopper
 
 LOG2E = math.log2(math.e)
@@ -442,7 +442,8 @@ def _reverse_states(q, do, decay, segs: Segs | None, dfinal_t, *, scale: float, 
   return d, dh0
 
 
-def _chunk_grads_kernel(q, k, v, do, g2, segs: Segs | None, states_t, d_t, *, scale: float):
+def _chunk_grads_kernel(q, k, v, do, g2, segs: Segs | None, states_t, d_t, *, scale: float,
+                        late=None):
   """The chunk-parallel backward, one CTA per (chunk, head, batch), one warpgroup:
 
       dq = (dO v^T * M) k + scale exp2(G) cin (dO S^T)
@@ -452,31 +453,39 @@ def _chunk_grads_kernel(q, k, v, do, g2, segs: Segs | None, states_t, d_t, *, sc
   M = scale exp2(G_i - G_j) on visible pairs. q, k, v, do [B, Tp, H, D] (k, v per query
   head); states_t (S^T entering) and d_t (D^T leaving) [B, H, N, Dv, Dk]. Returns dq, dk, dv
   (input dtype), dG2 without the chunk-decay term [B, H, Tp] (q.dq - k.dk, log2 units / ln2
-  applied by the caller) and k.dk_state [B, H, Tp] (the caller's chunk-decay term)."""
+  applied by the caller) and k.dk_state [B, H, Tp] (the caller's chunk-decay term).
+  `late` (the split backward, `split_grads`): (Gamma [B, H, Tp] float32, each chunk's value
+  on its tokens; dF^T [B, H, Dv, Dk] input dtype): chunk c's D^T is d_t + Gamma_c dF^T."""
   bsz, tp, heads, dk = q.shape
   dv = v.shape[-1]
   n_chunks, dtype = tp // C, q.dtype
-  has_segs = segs is not None
+  has_segs, has_late = segs is not None, late is not None
 
   def body(*refs):
     q_ref, k_ref, v_ref, do_ref, g_ref, s_ref, d_ref = refs[:7]
     refs = refs[7:]
     run_ref, cin_ref, tail_ref = refs[:3] if has_segs else (None,) * 3
     refs = refs[3 * has_segs:]
+    gam_ref, f_ref = refs[:2] if has_late else (None, None)
+    refs = refs[2 * has_late:]
     dq_ref, dk_ref, dv_ref, dg_ref, kd_ref = refs[:5]
     (q_s, k_s, v_s, do_s, s_s, d_s, g_r, g_c, run_r, run_c, cin_r, tail_r, dqk_out, dv_out,
-     dg_s, kd_s), bar = refs[-2:]
+     dg_s, kd_s, gam_s, f_s), (bar, bar_d) = refs[-2:]
     n, h, b = lax.axis_index("n"), lax.axis_index("h"), lax.axis_index("b")
     rows = pl.ds(n * C, C)
     copies = [(q_ref.at[b, rows, h], q_s), (k_ref.at[b, rows, h], k_s),
               (v_ref.at[b, rows, h], v_s), (do_ref.at[b, rows, h], do_s),
-              (s_ref.at[b, h, n], s_s), (d_ref.at[b, h, n], d_s),
-              (g_ref.at[b, h, rows], g_r), (g_ref.at[b, h, rows], g_c)]
+              (s_ref.at[b, h, n], s_s), (g_ref.at[b, h, rows], g_r), (g_ref.at[b, h, rows], g_c)]
     if has_segs:
       copies += [(run_ref.at[b, rows], run_r), (run_ref.at[b, rows], run_c),
                  (cin_ref.at[b, rows], cin_r), (tail_ref.at[b, rows], tail_r)]
+    later = [(d_ref.at[b, h, n], d_s)]  # needed from dk on: their loads overlap dq's math
+    if has_late:
+      later += [(gam_ref.at[b, h, rows], gam_s), (f_ref.at[b, h], f_s)]
     for src, dst in copies:
       plgpu.copy_gmem_to_smem(src, dst, bar)
+    for src, dst in later:
+      plgpu.copy_gmem_to_smem(src, dst, bar_d)
     plgpu.barrier_wait(bar)
 
     g_row = plgpu.load(g_r, layout=_ROWS)
@@ -505,7 +514,9 @@ def _chunk_grads_kernel(q, k, v, do, g2, segs: Segs | None, states_t, d_t, *, sc
     # dk
     mt = _decay_tile(g_row, g_col, seg_rows, seg_cols, transposed=True) * scale
     dpt16 = (_mm(v_s, do_s.T, (C, C)) * mt).astype(dtype)
-    dk_state = _mm(v_s, d_s, (C, dk)) * _bcast(k_w, (C, dk), 0)
+    plgpu.barrier_wait(bar_d)
+    late_mm = lambda a, b_, shape: _mm(a, b_, shape) * gam_s[0] if has_late else None
+    dk_state = _mm(v_s, d_s, (C, dk), init=late_mm(v_s, f_s, (C, dk))) * _bcast(k_w, (C, dk), 0)
     k_f = plgpu.load(k_s, layout=_WG).astype(F32)
     kd = (k_f * dk_state).sum(axis=1)
     dk_t = _mm(dpt16, q_s, (C, dk), init=dk_state)
@@ -513,7 +524,8 @@ def _chunk_grads_kernel(q, k, v, do, g2, segs: Segs | None, states_t, d_t, *, sc
     send(dk_t, dqk_out, dk_ref.at[b, rows, h])
     # dv
     at16 = (_mm(k_s, q_s.T, (C, C)) * mt).astype(dtype)
-    dv_t = _mm(at16, do_s, (C, dv), init=_mm(k_s, d_s.T, (C, dv)) * _bcast(k_w, (C, dv), 0))
+    dv_state = _mm(k_s, d_s.T, (C, dv), init=late_mm(k_s, f_s.T, (C, dv)))
+    dv_t = _mm(at16, do_s, (C, dv), init=dv_state * _bcast(k_w, (C, dv), 0))
     send(dv_t, dv_out, dv_ref.at[b, rows, h])
     dg_s[...] = dg
     kd_s[...] = kd
@@ -525,9 +537,12 @@ def _chunk_grads_kernel(q, k, v, do, g2, segs: Segs | None, states_t, d_t, *, sc
   vec = plgpu.SMEM((C,), F32)
   smem = (_tiles(dtype, C, dk), _tiles(dtype, C, dk), _tiles(dtype, C, dv), _tiles(dtype, C, dv),
           _tiles(dtype, dv, dk), _tiles(dtype, dv, dk), vec, vec, vec, vec, vec, vec,
-          _tiles(dtype, C, dk), _tiles(dtype, C, dv), vec, vec)
-  bar = plgpu.Barrier(num_arrivals=8 + 4 * has_segs)
-  args = [q, k, v, do, g2, states_t, d_t] + (list(segs) if has_segs else [])
+          _tiles(dtype, C, dk), _tiles(dtype, C, dv), vec, vec, vec,
+          _tiles(dtype, dv, dk) if has_late else vec)
+  bar = (plgpu.Barrier(num_arrivals=7 + 4 * has_segs),
+         plgpu.Barrier(num_arrivals=1 + 2 * has_late))
+  args = ([q, k, v, do, g2, states_t, d_t] + (list(segs) if has_segs else [])
+          + (list(late) if has_late else []))
   tok = lambda d: jax.ShapeDtypeStruct((bsz, tp, heads, d), dtype)
   vec_out = jax.ShapeDtypeStruct((bsz, heads, tp), F32)
   return kernel(
@@ -537,18 +552,29 @@ def _chunk_grads_kernel(q, k, v, do, g2, segs: Segs | None, states_t, d_t, *, sc
   )(*args)
 
 
-def kernel_chunk_grads(q, k, v, do, g2, segs: Segs | None, states_t, d_t, scale: float):
+def _state_dot(states_t, d_t, late):
+  """<S_c, D_c> per chunk [B, H, N] float32 (D_c with `late`'s Gamma_c dF added)."""
+  if late is None:
+    return jnp.einsum("bhned,bhned->bhn", states_t, d_t, preferred_element_type=F32)
+  gam, f_t = late
+  b, h, n = d_t.shape[:3]
+  d = d_t.astype(F32) + gam.reshape(b, h, n, C)[..., 0, None, None] * f_t.astype(F32)[:, :, None]
+  return jnp.sum(states_t.astype(F32) * d, axis=(-1, -2))
+
+
+def kernel_chunk_grads(q, k, v, do, g2, segs: Segs | None, states_t, d_t, scale: float,
+                       late=None):
   """`chunk_grads` with the chunk-parallel part in the kernel above; the chunk-decay term
   (sum_j k_j.dk_state_j + gamma <S, D> at each chunk's last token) in XLA."""
-  dq, dk, dv, dg, kd = _chunk_grads_kernel(q, k, v, do, g2, segs, states_t, d_t, scale=scale)
+  dq, dk, dv, dg, kd = _chunk_grads_kernel(q, k, v, do, g2, segs, states_t, d_t, scale=scale,
+                                           late=late)
   b, h, tp = dg.shape
   n = tp // C
   g_last = g2.reshape(b, h, n, C)[..., -1]
   gamma = jnp.exp2(g_last)
   if segs is not None:
     gamma = gamma * segs.cin.reshape(b, 1, n, C)[..., -1]
-  last = kd.reshape(b, h, n, C).sum(-1) + gamma * jnp.einsum(
-      "bhned,bhned->bhn", states_t, d_t, preferred_element_type=F32)
+  last = kd.reshape(b, h, n, C).sum(-1) + gamma * _state_dot(states_t, d_t, late)
   dg = dg.reshape(b, h, n, C).at[..., -1].add(last)
   return dq, dk, dv, dg.reshape(b, h, tp) / LOG2E
 
@@ -564,11 +590,17 @@ def _unchunk(x):
   return jnp.moveaxis(x, 1, 3).reshape(b, n * c, h, d)
 
 
-def chunk_grads(q, k, v, do, g2, segs: Segs | None, states_t, d_t, scale: float):
+def chunk_grads(q, k, v, do, g2, segs: Segs | None, states_t, d_t, scale: float, late=None):
   """dq, dk, dv [B, Tp, H, D] (per query head) and dG2 [B, H, Tp] from the per-chunk states
   S^T (entering) and D^T (gradient leaving), batched over chunks: the chunk-parallel part of
-  the backward. k, v already per query head. Operands in the input dtype, sums in float32."""
+  the backward. k, v already per query head. Operands in the input dtype, sums in float32.
+  `late`: as `_chunk_grads_kernel`'s."""
   dtype = q.dtype
+  if late is not None:
+    gam, f_t = late
+    b_, h_, n_ = d_t.shape[:3]
+    d_t = (d_t.astype(F32) + gam.reshape(b_, h_, n_, C)[..., 0, None, None]
+           * f_t.astype(F32)[:, :, None]).astype(d_t.dtype)
   mm = functools.partial(jnp.einsum, preferred_element_type=F32)
   qc, kc, vc, doc = (_chunks(x) for x in (q, k, v, do))  # [B, H, N, C, D]
   b, h, n = qc.shape[:3]
@@ -750,6 +782,90 @@ def _group_sum(x, group):
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+# ------------------------------------------------------------- the backward split (LASP-2)
+# LASP-2 needs the gradient at the state entering a device's shard before it knows the
+# cotangent dF of the shard's final state (that comes from the later devices, through the
+# state combine). The reverse pass is linear in dF: D leaving chunk c is D_c(0) + Gamma_c dF,
+# Gamma_c the product of the carries of the chunks after c. So (1) `split_grad_in` runs the
+# reverse pass from dF = 0; its initial-state gradient is LASP-2's dS_in; (2) `split_grads`
+# runs the chunk-parallel part with Gamma_c dF added to each chunk's D as the kernel loads it.
+# Scalar decay forms (the per-key ones fold their decay into the operands).
+
+
+def split_supported(g) -> bool:
+  """Whether `split_forward` takes this decay (g [B, T, H, 1|Dk] or None)."""
+  return g is None or g.shape[-1] == 1
+
+
+def _split_static(q, k, v, t: int, scale: float):
+  b, _, h, _ = q.shape
+  p = TUNED.pieces or pieces_for(b, h, v.shape[-1], t)
+  return _Static(float(scale), h // k.shape[2], TUNED, p), -(-t // (C * p)) * C * p
+
+
+def split_forward(q, k, v, g, h0, resets, scale):
+  """`linear_attention_pallas`'s forward (scalar decay) keeping what the split backward needs.
+  Returns (o [B, T, H, Dv], final [B, H, Dk, Dv] float32, residuals)."""
+  q, k, v, g, h0, resets = same_vma(q, k, v, g, h0, resets)
+  b, t, h, _ = q.shape
+  st, tp = _split_static(q, k, v, t, scale)
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - t), (0, 0), (0, 0)])
+  g2 = jnp.zeros((b, h, tp), F32) if g is None else chunk_log2_decay(g, tp)
+  segs = None if resets is None else segment_vectors(resets, tp)
+  psegs = None if resets is None or st.pieces == 1 else segment_vectors(resets, tp,
+                                                                        tp // st.pieces)
+  q, k, v = pad(q), pad(k), pad(v)
+  o, final_t, states = _split_forward(q, k, v, g2, segs, psegs, jnp.swapaxes(h0, -1, -2), st,
+                                      store_states=True)
+  return o[:, :t], jnp.swapaxes(final_t, -1, -2), (q, k, v, g, g2, segs, psegs, states)
+
+
+def split_grad_in(res, do, scale):
+  """Phase 1: the reverse pass from a zero final cotangent. do [B, T, H, Dv] -> (the initial
+  state's gradient [B, H, Dk, Dv] float32, D^T(0) leaving every chunk for `split_grads`)."""
+  q, k, v, g, g2, segs, psegs, states = res
+  st, tp = _split_static(q, k, v, do.shape[1], scale)
+  do = jnp.pad(do.astype(q.dtype), [(0, 0), (0, tp - do.shape[1]), (0, 0), (0, 0)])
+  b, h, dv, dk = q.shape[0], q.shape[2], do.shape[-1], q.shape[-1]
+  zero = vary_like(jnp.zeros((b, h, dv, dk), F32), q, do)
+  p = st.pieces
+  ends = zero if p == 1 else _piece_ends_grad(q, do, g2, psegs, zero, st.scale, p)
+  d0, dstarts = _reverse_states(q, do, g2, segs, ends, scale=st.scale,
+                                stages=st.config.bwd_stages, pieces=p)
+  dh0t = dstarts.reshape(b, p, *dstarts.shape[1:])[:, 0]
+  return jnp.swapaxes(dh0t, -1, -2), d0
+
+
+def _later_carries(g2, segs):
+  """Gamma [B, H, Tp]: per chunk (on its tokens), the product of the carries of the chunks
+  after it (what a final-state cotangent is multiplied by on its way back to that chunk)."""
+  b, h, tp = g2.shape
+  n = tp // C
+  carry = jnp.exp2(g2.reshape(b, h, n, C)[..., -1])
+  if segs is not None:
+    carry = carry * segs.cin.reshape(b, 1, n, C)[..., -1]
+  after = jnp.flip(jnp.cumprod(jnp.flip(carry, -1), -1), -1)  # chunks c..n-1
+  gam = jnp.concatenate([after[..., 1:], jnp.ones_like(after[..., :1])], -1)
+  return jnp.repeat(gam, C, axis=-1)
+
+
+def split_grads(res, d0, do, dfinal, scale):
+  """Phase 2, once the final state's cotangent dfinal [B, H, Dk, Dv] is known: (dq, dk, dv,
+  dg [B, T, H, 1] float32 or None), as the kernel's backward with that cotangent gives."""
+  q, k, v, g, g2, segs, psegs, states = res
+  t = do.shape[1]
+  st, tp = _split_static(q, k, v, t, scale)
+  do = jnp.pad(do.astype(q.dtype), [(0, 0), (0, tp - t), (0, 0), (0, 0)])
+  late = (_later_carries(g2, segs), jnp.swapaxes(dfinal, -1, -2).astype(q.dtype))
+  kr, vr = (jnp.repeat(x, st.group, axis=2) for x in (k, v))
+  grads = kernel_chunk_grads if st.config.grads_kernel else chunk_grads
+  dq, dk, dv, dg2 = grads(q, kr, vr, do, g2, segs, states, d0, st.scale, late=late)
+  dk, dv = (_group_sum(x, st.group) for x in (dk, dv))
+  cut = lambda x, like: x[:, :t].astype(like.dtype)
+  dg = None if g is None else jax.vjp(lambda g: chunk_log2_decay(g, tp), g)[1](dg2)[0]
+  return cut(dq, q), cut(dk, k), cut(dv, v), dg
 
 
 def _chunked_per_key_fwd(qt, kt, v, gamma, a, h0t, st: _Static, store_states: bool):

@@ -93,3 +93,64 @@ def test_auto_takes_the_kernel_where_covered():
   assert resolve("linear_attention", "auto", call(dt=jnp.float32)) is not kernel
   assert resolve("linear_attention", "auto", call(g=jnp.zeros((1, 128, 2, 128)))) is kernel
   assert resolve("linear_attention", "auto", call(chunk=128)) is kernel  # its own chunk: 64
+
+
+def _split_op(seg, scale):
+  """linear_attention on the kernel's split backward (LASP-2's): phase 1 from a zero final
+  cotangent, phase 2 with the real one. The initial state gets no gradient here."""
+  from longax.kernels.linear_attention import _log_decay, _resets
+  from longax.kernels.gpu import linear_attention as gpu
+
+  @jax.custom_vjp
+  def f(q, k, v, g, h0):
+    return split_fwd(q, k, v, g, h0)[0]
+
+  def split_fwd(q, k, v, g, h0):
+    b, t, h, dk = q.shape
+    g4 = _log_decay("test", g, b, t, h, dk)
+    o, final, res = gpu.split_forward(q, k, v, g4, h0, _resets(seg, b, t), scale)
+    return (o.astype(q.dtype), final), (res, g)
+
+  def split_bwd(saved, cts):
+    res, g = saved
+    do, dfinal = cts
+    _, d0 = gpu.split_grad_in(res, do, scale)
+    dq, dk, dv, dg4 = gpu.split_grads(res, d0, do, dfinal, scale)
+    b, t, h, d = dq.shape
+    dg = None if g is None else jax.vjp(lambda g: _log_decay("test", g, b, t, h, d), g)[1](dg4)[0]
+    return dq, dk, dv, dg, jnp.zeros((b, h, d, dv.shape[-1]), jnp.float32)
+
+  f.defvjp(split_fwd, split_bwd)
+  return f
+
+
+@pytest.mark.parametrize("decay", [None, "head", "token"])
+@pytest.mark.parametrize("shape", [BASE, RAGGED, SPLIT], ids=str)
+@pytest.mark.parametrize("segments", [0, 3])
+def test_split_backward_matches_the_reference(rand, shape, decay, segments):
+  """LASP-2's split: (o, final) and the gradients of q, k, v, decay under any final-state
+  cotangent equal the reference's; phase 1's initial-state gradient is dS_in (the gradient at
+  the initial state through the outputs alone)."""
+  from longax.kernels.linear_attention import _log_decay, _resets
+  from longax.kernels.gpu import linear_attention as gpu
+  q, k, v, g, h0 = _inputs(rand, shape, decay)
+  seg = rand.segments(shape[0], shape[1], segments) if segments else None
+  scale = 0.05
+  ref = lambda q, k, v, g, h0: linear_attention(q, k, v, log_decay=g, initial_state=h0,
+                                                segment_ids=seg, scale=scale,
+                                                return_final_state=True, impl="reference")
+  argnums = (0, 1, 2) + ((3,) if g is not None else ())
+  compare(_split_op(seg, scale), ref, (q, k, v, g, h0), argnums, 2e-2,
+          f"split {shape} decay={decay} segments={segments}")
+  b, t, h, dk = q.shape
+  do = rand.normal((b, t, h, v.shape[-1]), jnp.bfloat16)
+
+  def phase1(q, k, v, g, h0):
+    g4 = _log_decay("test", g, b, t, h, dk)
+    _, _, res = gpu.split_forward(q, k, v, g4, h0, _resets(seg, b, t), scale)
+    return gpu.split_grad_in(res, do, scale)[0]
+
+  got = jax.jit(phase1)(q, k, v, g, h0)
+  want = jax.vjp(lambda h0: ref(q, k, v, g, h0)[0].astype(jnp.float32), h0)[1](
+      do.astype(jnp.float32))[0]
+  assert_close(got, want, 2e-2, "dS_in")

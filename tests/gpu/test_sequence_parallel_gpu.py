@@ -55,12 +55,18 @@ def test_ulysses_on_the_kernel(rand):
           jnp.bfloat16, "ulysses")
 
 
-@pytest.mark.parametrize("decay", ["token", "key"])
-def test_lasp2_on_the_kernel(rand, decay):
+@pytest.mark.parametrize("decay,segments", [("token", 0), ("key", 0), ("token", 5),
+                                            (None, 5)])
+def test_lasp2_on_the_kernel(rand, decay, segments):
+  """Scalar decays take the kernel's split backward (dS_in from its reverse pass), per-key
+  decays the GEMM; packed documents cross the shard boundaries."""
   q, k, v = (rand.normal((B, T, H, D), jnp.bfloat16, 0.3) for _ in range(3))
-  shape = (B, T, H) if decay == "token" else (B, T, H, D)
-  g = -jax.nn.softplus(rand.normal(shape)) / (1 if decay == "token" else 8)
-  lasp = _sp(lambda q, k, v, g: SP.lasp2_linear_attention(q, k, v, axis_name="sp", log_decay=g,
-                                                          impl="pallas"), _p(), 4)
-  compare(lasp, lambda q, k, v, g: K.linear_attention(q, k, v, log_decay=g, impl="reference"),
-          (q, k, v, g), (0, 1, 2, 3), jnp.bfloat16, f"lasp2 {decay}")
+  shape = (B, T, H) if decay != "key" else (B, T, H, D)
+  g = -jax.nn.softplus(rand.normal(shape)) / (1 if decay != "key" else 8)
+  seg = rand.segments(B, T, segments) if segments else jnp.zeros((B, T), jnp.int32)
+  use = lambda g, s: dict(log_decay=g if decay else None, segment_ids=s if segments else None)
+  lasp = _sp(lambda q, k, v, g, s: SP.lasp2_linear_attention(q, k, v, axis_name="sp",
+                                                             impl="pallas", **use(g, s)), _p(), 5)
+  one = lambda q, k, v, g: K.linear_attention(q, k, v, impl="reference", **use(g, seg))
+  compare(lambda q, k, v, g: lasp(q, k, v, g, seg), one, (q, k, v, g),
+          (0, 1, 2) + ((3,) if decay else ()), jnp.bfloat16, f"lasp2 {decay} {segments}")
