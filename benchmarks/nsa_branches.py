@@ -91,8 +91,8 @@ class _Bench:
     self.idx = jax.jit(lambda q, k, v: self.layer.select(q, k, v))(self.q, self.k, self.v)
     self.t, self.d, self.group, self.reps, self.gqa = t, d, h // hkv, reps, groups
     self.forms = forms
-    print(f"# T={t}, B1 H16 Hkv1 D128 bf16, {jax.devices()[0].device_kind}; device ms per call "
-          f"(top kernels)", flush=True)
+    print(f"# T={t}, B1 H16 Hkv1 D128 bf16 (the groups section: Hkv = 16 / G), "
+          f"{jax.devices()[0].device_kind}; device ms per call (top kernels)", flush=True)
 
   def _show(self, name, f, *args, top=3):
     from longax.benchmarks.profile import device_time
@@ -192,7 +192,7 @@ class _Bench:
     from longax.layers import NSA
     h, d, t = 16, self.d, self.t
     spec = AttnSpec("softmax", True, d ** -0.5, None, 0, None, 0.0)
-    print("groups (selected blocks; token tiles vs key-centric):", flush=True)
+    print("groups (selected blocks; token tiles vs key-centric; H16, Hkv = 16 / G):", flush=True)
     for hkv in (16 // gs for gs in self.gqa):
       ks = jax.random.split(jax.random.key(1), 3)
       k = jax.random.normal(ks[0], (1, t, hkv, d), jnp.bfloat16)
