@@ -202,3 +202,37 @@ def test_pallas_wiring_with_emulated_kernels(monkeypatch, decay, segments, group
   cts = (f(*o1.shape), f(*s1.shape))
   for name, x, y in zip(["dq", "dk", "dv", "dg", "dh0"], vjp1(cts), vjp2(cts)):
     np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("decay,segments,group,pieces", [
+    ("token", True, 1, 1), ("token", False, 2, 2), ("head", True, 1, 2), (None, False, 1, 1)])
+def test_split_backward_with_emulated_kernels(monkeypatch, decay, segments, group, pieces):
+  """LASP-2's split (`split_forward`, `split_grad_in`, `split_grads`): phase 1's initial-state
+  gradient is the one through the outputs alone, and phase 2 with a final-state cotangent
+  gives the reference's gradients; 4 chunks, so the late cotangent's decay Gamma_c differs by
+  chunk. The two state passes emulated, the chunk-parallel part on its XLA path, float32."""
+  monkeypatch.setattr(gpu, "_forward", _emulate_forward)
+  monkeypatch.setattr(gpu, "_reverse_states", _emulate_reverse)
+  monkeypatch.setattr(gpu, "TUNED", gpu.Config(grads_kernel=False, pieces=pieces))
+  rng = np.random.default_rng(2)
+  b, t, h, dk, dv = 1, 230, 2, 16, 8
+  f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  q, k, v = f(b, t, h, dk), f(b, t, h // group, dk), f(b, t, h // group, dv)
+  g = None if decay is None else -0.05 * jnp.abs(f(b, t, h, 1) if decay == "token"
+                                                 else jnp.broadcast_to(f(1, 1, h, 1), (b, t, h, 1)))
+  h0 = f(b, h, dk, dv)
+  seg = jnp.asarray(np.sort(rng.integers(0, 3, (b, t)), axis=1)) if segments else None
+  resets, scale = la._resets(seg, b, t), 0.3
+  do, dfin = f(b, t, h, dv), f(b, h, dk, dv)
+  ref = lambda q, k, v, g, h0: la.linear_attention_reference(q, k, v, g, h0, resets, scale)
+  _, vjp = jax.vjp(ref, q, k, v, g, h0)
+  o, final, res = gpu.split_forward(q, k, v, g, h0, resets, scale)
+  want_o, want_final = ref(q, k, v, g, h0)
+  np.testing.assert_allclose(o, want_o, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(final, want_final, rtol=1e-4, atol=1e-4)
+  d_in, d0 = gpu.split_grad_in(res, do, scale)
+  np.testing.assert_allclose(d_in, vjp((do, jnp.zeros_like(dfin)))[4], rtol=2e-4, atol=2e-4)
+  got = gpu.split_grads(res, d0, do, dfin, scale)
+  for name, x, y in zip(["dq", "dk", "dv", "dg"], got, vjp((do, dfin))):
+    if y is not None:
+      np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-4, err_msg=name)

@@ -10,6 +10,7 @@ pytest session (a file lock shares its result between xdist workers). Each case 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -32,8 +33,9 @@ ATTN = ["ring-softmax-causal-contiguous", "ring-softmax-window+segments-zigzag",
         "ring-softmax-mqa-zigzag", "ulysses-softmax-causal-zigzag",
         "ulysses-sigmoid-window+segments-contiguous", "ulysses-softmax-mqa-zigzag"]
 LASP = ["lasp2-none-contiguous", "lasp2-head-zigzag", "lasp2-token-zigzag",
-        "lasp2-key-contiguous", "lasp2-state-zigzag", "ssd-zigzag", "sscan-contiguous",
-        "sscan-zigzag", "conv-contiguous", "conv-zigzag"]
+        "lasp2-key-contiguous", "lasp2-state-zigzag", "lasp2split-token-zigzag",
+        "lasp2split-state-contiguous", "ssd-zigzag", "sscan-contiguous", "sscan-zigzag",
+        "conv-contiguous", "conv-zigzag"]
 CASES = ATTN + LASP
 TOL = 1e-5
 
@@ -64,6 +66,8 @@ def _case(name):
     s = seg if "segments" in opts else None
     return (lambda q, k, v, s: sp_op(q, k, v, segment_ids=s, block_kv=4, **kw, **lay),
             lambda q, k, v, s: ref_op(q, k, v, segment_ids=s, **ref_kw), (q, k, v, s), (0, 1, 2))
+  if name.startswith("lasp2split"):  # the GPU kernel's split backward (`_emulated_kernel`)
+    return _case(name.replace("lasp2split", "lasp2"))
   if name.startswith("lasp2"):
     decay = name.split("-")[1]
     g = {"none": None, "head": -jnp.arange(1.0, H + 1) / 8,
@@ -114,9 +118,34 @@ def _case(name):
   raise KeyError(name)
 
 
+@contextlib.contextmanager
+def _emulated_kernel(pieces: int):
+  """LASP-2 on the Mosaic GPU linear-attention kernel's split backward, with the kernel's two
+  state passes emulated in XLA (`test_linear_attention_gpu_lowering`) and its chunk-parallel
+  part on the XLA path, in `pieces` sequence pieces: the split's wiring, exact on the CPU."""
+  import test_linear_attention_gpu_lowering as emu
+  from longax.kernels import sequence_parallel as SP
+  from longax.kernels.gpu import linear_attention as gpu
+  saved = gpu._forward, gpu._reverse_states, gpu.TUNED, SP._takes_split
+  gpu._forward, gpu._reverse_states = emu._emulate_forward, emu._emulate_reverse
+  gpu.TUNED = gpu.Config(grads_kernel=False, pieces=pieces)
+  SP._takes_split = lambda *a: True
+  try:
+    yield
+  finally:
+    gpu._forward, gpu._reverse_states, gpu.TUNED, SP._takes_split = saved
+
+
 def _errors(name):
   """[forward error(s)..., gradient errors...] of one case. The zigzag permutation happens
   on the host (numpy): permuting sharded arrays inside jit costs seconds of SPMD compile."""
+  if name.startswith("lasp2split"):
+    with _emulated_kernel(pieces=2 if "state" in name else 1):
+      return _errors_of(name)
+  return _errors_of(name)
+
+
+def _errors_of(name):
   from jax.sharding import Mesh, PartitionSpec as Ps
   from conftest import rel_err
   from longax.kernels import sequence_parallel as SP
