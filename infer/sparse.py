@@ -6,9 +6,8 @@
 One dense forward over the calibration prompt records every full softmax layer's q, k, v
 (`layers.sparse_prefill.capture`); for each layer and each option of `choices(kind, ...)`
 (every option keeps `budget` keys per query), the sparse output of the calibration prompt
-is compared with the dense one on its last `last_q` queries, and each head takes the
-option whose worst query has the smallest error (`errors`; the mean over calibration prompts,
-given several). The plan is data (a frozen dataclass, hashable: `generate` compiles one prefill
+is compared with the dense one at every query, and each head takes the option whose worst
+query has the smallest error (`errors`; the mean over calibration prompts, given several). The plan is data (a frozen dataclass, hashable: `generate` compiles one prefill
 per plan).
 """
 
@@ -62,14 +61,16 @@ def search(model, tokens, *, kind: str, budget: int, block: int = 64, last_q: in
 
 
 def errors(q, k, v, kind, options, budget, block, last_q=LAST_Q):
-  """[options, H]: each option's worst error over the last `last_q` queries (and the batch):
+  """[options, H]: each option's worst error over every query (and the batch):
   max_t |o_t - dense_t|^2 / mean_t |dense_t|^2. The worst, not the mean: a prompt's answer
   hangs on a few queries (a question that must reach a far key), which a mean over the
-  others (served best by local keys) outvotes."""
-  dense = kernels.attention(q, k, v)[:, -last_q:]
+  others (served best by local keys) outvotes. Every query, not only the last ones (where
+  vertical-slash estimates its pattern, `last_q`): a layer's outputs at every position feed
+  the next layer's cached keys and values, which decoding reads (a needle mid-prompt)."""
+  dense = kernels.attention(q, k, v)
   norm = jnp.maximum(jnp.mean(jnp.sum(jnp.square(dense), -1), axis=(0, 1)), 1e-30)  # [H]
   errs = []
   for opt in options:
-    o = sp.attend(q, k, v, kind, (opt,) * q.shape[2], budget, block, last_q)[:, -last_q:]
+    o = sp.attend(q, k, v, kind, (opt,) * q.shape[2], budget, block, last_q)
     errs.append(np.asarray(jnp.max(jnp.sum(jnp.square(o - dense), -1), axis=(0, 1)) / norm))
   return np.stack(errs)

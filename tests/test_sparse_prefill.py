@@ -31,7 +31,7 @@ def model():
 @pytest.mark.parametrize("kind", sp.KINDS)
 def test_search_picks_each_heads_closest_option(model, kind):
   """Each head's choice has the smallest mean over the calibration prompts of its error (its
-  worst query among the last, relative to dense's mean). Two prompts: a search on the first
+  worst query over the prompt, relative to dense's mean). Two prompts: a search on the first
   alone picks other options, for both kinds (a single prompt's search: the other tests here)."""
   other = [int(t) for t in np.random.default_rng(1).integers(0, 40, 33)]
   prompts = [PROMPT, other]
@@ -47,8 +47,8 @@ def test_search_picks_each_heads_closest_option(model, kind):
   def err(heads):  # [H]: the mean over the prompts of each head's relative error
     total = 0.0
     for q, k, v in recorded:
-      dense = np.asarray(kernels.attention(q, k, v)[:, -8:])
-      got = np.asarray(sp.attend(q, k, v, kind, heads, 12, 4, 8)[:, -8:])
+      dense = np.asarray(kernels.attention(q, k, v))
+      got = np.asarray(sp.attend(q, k, v, kind, heads, 12, 4, 8))
       worst = np.square(got - dense).sum(-1).max(axis=(0, 1))  # [H]
       total = total + worst / np.square(dense).sum(-1).mean(axis=(0, 1))
     return total / len(prompts)
@@ -107,6 +107,26 @@ def test_search_error_is_the_worst_query():
   assert float(sq[1][0, -1, 0]) > 10 * float(sq[0][0, -1, 0])  # which loses the question
   err = errors(q, k, v, "block_topk", opts, budget, blk, last_q=8)
   assert err.shape == (2, 1) and err[0, 0] < err[1, 0]
+
+
+def test_search_error_counts_every_query():
+  """A question mid-prompt (a needle's block is far) and queries that need only their own
+  block elsewhere: the last queries are exact under both options, the mid-prompt one only
+  where its block's best other block is kept; `errors` sees it (a layer's outputs at every
+  position feed the next layer's cached keys and values)."""
+  from longax.infer.sparse import errors
+  t, d, blk, budget = 64, 16, 8, 16
+  e = np.eye(d)
+  k = np.stack([e[(j // blk) % 8] for j in range(t)])  # key block i points along e_i
+  k[10] = e[12]  # the needle, in block 1
+  q = np.stack([64 * e[(i // blk) % 8] for i in range(t)])  # own block only (scale 1/4)
+  q[47] = 64 * e[12]  # the question, the last query of block 5 (a probe of its block)
+  v = np.random.default_rng(0).normal(size=(t, d))
+  q, k, v = (jnp.asarray(x, jnp.float32)[None, :, None] for x in (q, k, v))
+  opts = sp.choices("block_topk", budget, blk)
+  assert opts == (1, 2)  # one local block and the best other, or the two local ones
+  err = errors(q, k, v, "block_topk", opts, budget, blk, last_q=8)
+  assert err[1, 0] > 100 * err[0, 0]
 
 
 @pytest.mark.slow
