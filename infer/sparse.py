@@ -7,8 +7,8 @@ One dense forward over the calibration prompt records every full softmax layer's
 (`layers.sparse_prefill.capture`); for each layer and each option of `choices(kind, ...)`
 (every option keeps `budget` keys per query), the sparse output of the calibration prompt
 is compared with the dense one at every query, and each head takes the option whose worst
-query has the smallest error (`errors`; the mean over calibration prompts, given several). The plan is data (a frozen dataclass, hashable: `generate` compiles one prefill
-per plan).
+query has the smallest error (`errors`; the mean over calibration prompts, given several).
+The plan is data (a frozen dataclass, hashable: `generate` compiles one prefill per plan).
 """
 
 from __future__ import annotations

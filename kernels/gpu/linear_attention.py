@@ -552,14 +552,19 @@ def _chunk_grads_kernel(q, k, v, do, g2, segs: Segs | None, states_t, d_t, *, sc
   )(*args)
 
 
+def _with_late(d_t, late):
+  """D^T leaving every chunk [B, H, N, Dv, Dk] float32 with `late`'s Gamma_c dF^T added."""
+  gam, f_t = late
+  b, h, n = d_t.shape[:3]
+  return (d_t.astype(F32)
+          + gam.reshape(b, h, n, C)[..., 0, None, None] * f_t.astype(F32)[:, :, None])
+
+
 def _state_dot(states_t, d_t, late):
   """<S_c, D_c> per chunk [B, H, N] float32 (D_c with `late`'s Gamma_c dF added)."""
   if late is None:
     return jnp.einsum("bhned,bhned->bhn", states_t, d_t, preferred_element_type=F32)
-  gam, f_t = late
-  b, h, n = d_t.shape[:3]
-  d = d_t.astype(F32) + gam.reshape(b, h, n, C)[..., 0, None, None] * f_t.astype(F32)[:, :, None]
-  return jnp.sum(states_t.astype(F32) * d, axis=(-1, -2))
+  return jnp.sum(states_t.astype(F32) * _with_late(d_t, late), axis=(-1, -2))
 
 
 def kernel_chunk_grads(q, k, v, do, g2, segs: Segs | None, states_t, d_t, scale: float,
@@ -597,10 +602,7 @@ def chunk_grads(q, k, v, do, g2, segs: Segs | None, states_t, d_t, scale: float,
   `late`: as `_chunk_grads_kernel`'s."""
   dtype = q.dtype
   if late is not None:
-    gam, f_t = late
-    b_, h_, n_ = d_t.shape[:3]
-    d_t = (d_t.astype(F32) + gam.reshape(b_, h_, n_, C)[..., 0, None, None]
-           * f_t.astype(F32)[:, :, None]).astype(d_t.dtype)
+    d_t = _with_late(d_t, late).astype(d_t.dtype)
   mm = functools.partial(jnp.einsum, preferred_element_type=F32)
   qc, kc, vc, doc = (_chunks(x) for x in (q, k, v, do))  # [B, H, N, C, D]
   b, h, n = qc.shape[:3]
@@ -759,19 +761,32 @@ def _chunked_fwd(q, k, v, g2, segs, psegs, h0t, st: _Static):
   return (o, final), (q, k, v, g2, segs, psegs, states)
 
 
+def _reverse(q, do, g2, segs, psegs, dfinal_t, st: _Static):
+  """The reverse state pass over the pieces: (D^T leaving every chunk, the initial state's
+  gradient, transposed, [B, H, Dv, Dk] float32)."""
+  p = st.pieces
+  ends = dfinal_t if p == 1 else _piece_ends_grad(q, do, g2, psegs, dfinal_t, st.scale, p)
+  d_t, dstarts = _reverse_states(q, do, g2, segs, ends, scale=st.scale,
+                                 stages=st.config.bwd_stages, pieces=p)
+  return d_t, dstarts.reshape(q.shape[0], p, *dstarts.shape[1:])[:, 0]
+
+
+def _grads(q, k, v, do, g2, segs, states, d_t, st: _Static, late=None):
+  """The chunk-parallel part: dq, dk, dv (K/V heads summed over their groups, input dtypes),
+  dG2 [B, H, Tp] float32."""
+  kr, vr = (jnp.repeat(x, st.group, axis=2) for x in (k, v))
+  grads = kernel_chunk_grads if st.config.grads_kernel else chunk_grads
+  dq, dk, dv, dg2 = grads(q, kr, vr, do, g2, segs, states, d_t, st.scale, late=late)
+  dk, dv = (_group_sum(x, st.group).astype(k.dtype) for x in (dk, dv))
+  return dq, dk, dv, dg2
+
+
 def _chunked_bwd(st: _Static, res, cts):
   q, k, v, g2, segs, psegs, states = res
   do, dfinal = cts
   do = do.astype(q.dtype)
-  p = st.pieces
-  ends = dfinal if p == 1 else _piece_ends_grad(q, do, g2, psegs, dfinal, st.scale, p)
-  d_t, dstarts = _reverse_states(q, do, g2, segs, ends, scale=st.scale,
-                                 stages=st.config.bwd_stages, pieces=p)
-  dh0t = dstarts.reshape(q.shape[0], p, *dstarts.shape[1:])[:, 0]
-  kr, vr = (jnp.repeat(x, st.group, axis=2) for x in (k, v))
-  grads = kernel_chunk_grads if st.config.grads_kernel else chunk_grads
-  dq, dk, dv, dg2 = grads(q, kr, vr, do, g2, segs, states, d_t, st.scale)
-  dk, dv = (_group_sum(x, st.group).astype(k.dtype) for x in (dk, dv))
+  d_t, dh0t = _reverse(q, do, g2, segs, psegs, dfinal, st)
+  dq, dk, dv, dg2 = _grads(q, k, v, do, g2, segs, states, d_t, st)
   zeros = lambda x: None if x is None else jax.tree.map(jnp.zeros_like, x)
   return dq, dk, dv, dg2, zeros(segs), zeros(psegs), dh0t
 
@@ -799,24 +814,36 @@ def split_supported(g) -> bool:
   return g is None or g.shape[-1] == 1
 
 
-def _split_static(q, k, v, t: int, scale: float):
+def _static(q, k, v, t: int, scale: float, cfg: Config, per_key: bool = False):
+  """(_Static, the padded length Tp) of a call with T = t."""
   b, _, h, _ = q.shape
-  p = TUNED.pieces or pieces_for(b, h, v.shape[-1], t)
-  return _Static(float(scale), h // k.shape[2], TUNED, p), -(-t // (C * p)) * C * p
+  p = 1 if per_key else cfg.pieces or pieces_for(b, h, v.shape[-1], t)
+  return _Static(float(scale), h // k.shape[2], cfg, p), -(-t // (C * p)) * C * p
+
+
+def _scalar_inputs(q, k, v, g, resets, st: _Static, tp: int):
+  """A scalar-decay call's kernel inputs: q, k, v padded to Tp, g2, segs, psegs."""
+  b, t, h, _ = q.shape
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - t), (0, 0), (0, 0)])
+  g2 = jnp.zeros((b, h, tp), F32) if g is None else chunk_log2_decay(g, tp)
+  segs = psegs = None
+  if resets is not None:
+    segs = segment_vectors(resets, tp)
+    psegs = segment_vectors(resets, tp, tp // st.pieces) if st.pieces > 1 else None
+  return pad(q), pad(k), pad(v), g2, segs, psegs
+
+
+def _pad_do(do, tp: int, dtype):
+  return jnp.pad(do.astype(dtype), [(0, 0), (0, tp - do.shape[1]), (0, 0), (0, 0)])
 
 
 def split_forward(q, k, v, g, h0, resets, scale):
   """`linear_attention_pallas`'s forward (scalar decay) keeping what the split backward needs.
   Returns (o [B, T, H, Dv], final [B, H, Dk, Dv] float32, residuals)."""
   q, k, v, g, h0, resets = same_vma(q, k, v, g, h0, resets)
-  b, t, h, _ = q.shape
-  st, tp = _split_static(q, k, v, t, scale)
-  pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - t), (0, 0), (0, 0)])
-  g2 = jnp.zeros((b, h, tp), F32) if g is None else chunk_log2_decay(g, tp)
-  segs = None if resets is None else segment_vectors(resets, tp)
-  psegs = None if resets is None or st.pieces == 1 else segment_vectors(resets, tp,
-                                                                        tp // st.pieces)
-  q, k, v = pad(q), pad(k), pad(v)
+  t = q.shape[1]
+  st, tp = _static(q, k, v, t, scale, TUNED)
+  q, k, v, g2, segs, psegs = _scalar_inputs(q, k, v, g, resets, st, tp)
   o, final_t, states = _split_forward(q, k, v, g2, segs, psegs, jnp.swapaxes(h0, -1, -2), st,
                                       store_states=True)
   return o[:, :t], jnp.swapaxes(final_t, -1, -2), (q, k, v, g, g2, segs, psegs, states)
@@ -826,15 +853,10 @@ def split_grad_in(res, do, scale):
   """Phase 1: the reverse pass from a zero final cotangent. do [B, T, H, Dv] -> (the initial
   state's gradient [B, H, Dk, Dv] float32, D^T(0) leaving every chunk for `split_grads`)."""
   q, k, v, g, g2, segs, psegs, states = res
-  st, tp = _split_static(q, k, v, do.shape[1], scale)
-  do = jnp.pad(do.astype(q.dtype), [(0, 0), (0, tp - do.shape[1]), (0, 0), (0, 0)])
-  b, h, dv, dk = q.shape[0], q.shape[2], do.shape[-1], q.shape[-1]
-  zero = vary_like(jnp.zeros((b, h, dv, dk), F32), q, do)
-  p = st.pieces
-  ends = zero if p == 1 else _piece_ends_grad(q, do, g2, psegs, zero, st.scale, p)
-  d0, dstarts = _reverse_states(q, do, g2, segs, ends, scale=st.scale,
-                                stages=st.config.bwd_stages, pieces=p)
-  dh0t = dstarts.reshape(b, p, *dstarts.shape[1:])[:, 0]
+  st, tp = _static(q, k, v, do.shape[1], scale, TUNED)
+  do = _pad_do(do, tp, q.dtype)
+  zero = vary_like(jnp.zeros((q.shape[0], q.shape[2], do.shape[-1], q.shape[-1]), F32), q, do)
+  d0, dh0t = _reverse(q, do, g2, segs, psegs, zero, st)
   return jnp.swapaxes(dh0t, -1, -2), d0
 
 
@@ -856,16 +878,11 @@ def split_grads(res, d0, do, dfinal, scale):
   dg [B, T, H, 1] float32 or None), as the kernel's backward with that cotangent gives."""
   q, k, v, g, g2, segs, psegs, states = res
   t = do.shape[1]
-  st, tp = _split_static(q, k, v, t, scale)
-  do = jnp.pad(do.astype(q.dtype), [(0, 0), (0, tp - t), (0, 0), (0, 0)])
+  st, tp = _static(q, k, v, t, scale, TUNED)
   late = (_later_carries(g2, segs), jnp.swapaxes(dfinal, -1, -2).astype(q.dtype))
-  kr, vr = (jnp.repeat(x, st.group, axis=2) for x in (k, v))
-  grads = kernel_chunk_grads if st.config.grads_kernel else chunk_grads
-  dq, dk, dv, dg2 = grads(q, kr, vr, do, g2, segs, states, d0, st.scale, late=late)
-  dk, dv = (_group_sum(x, st.group) for x in (dk, dv))
-  cut = lambda x, like: x[:, :t].astype(like.dtype)
+  dq, dk, dv, dg2 = _grads(q, k, v, _pad_do(do, tp, q.dtype), g2, segs, states, d0, st, late)
   dg = None if g is None else jax.vjp(lambda g: chunk_log2_decay(g, tp), g)[1](dg2)[0]
-  return cut(dq, q), cut(dk, k), cut(dv, v), dg
+  return dq[:, :t], dk[:, :t], dv[:, :t], dg
 
 
 def _chunked_per_key_fwd(qt, kt, v, gamma, a, h0t, st: _Static, store_states: bool):
@@ -1117,22 +1134,14 @@ def linear_attention_pallas(q, k, v, g, h0, resets, scale, chunk: int = C, confi
   Returns (o [B, T, H, Dv], final state [B, H, Dk, Dv] float32)."""
   del chunk
   q, k, v, g, h0, resets = same_vma(q, k, v, g, h0, resets)
-  b, t, h, _ = q.shape
-  cfg = config or TUNED
+  t = q.shape[1]
   per_key = g is not None and g.shape[-1] > 1
-  p = 1 if per_key else cfg.pieces or pieces_for(b, h, v.shape[-1], t)
-  tp = -(-t // (C * p)) * C * p
-  pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - t), (0, 0), (0, 0)])
-  st = _Static(float(scale), h // k.shape[2], cfg, p)
+  st, tp = _static(q, k, v, t, scale, config or TUNED, per_key)
   h0t = jnp.swapaxes(h0, -1, -2)
   if per_key:  # per-key decay: folded into the operands
     segs = None if resets is None else segment_vectors(resets, tp)
-    o, final_t = _per_key(q, k, pad(v), g.astype(F32), h0t, segs, st)
+    v = jnp.pad(v, [(0, 0), (0, tp - t), (0, 0), (0, 0)])
+    o, final_t = _per_key(q, k, v, g.astype(F32), h0t, segs, st)
     return o[:, :t], jnp.swapaxes(final_t, -1, -2)
-  g2 = (jnp.zeros((b, h, tp), F32) if g is None else chunk_log2_decay(g, tp))
-  segs = psegs = None
-  if resets is not None:
-    segs = segment_vectors(resets, tp)
-    psegs = segment_vectors(resets, tp, tp // p) if p > 1 else None
-  o, final_t = _chunked(pad(q), pad(k), pad(v), g2, segs, psegs, h0t, st)
+  o, final_t = _chunked(*_scalar_inputs(q, k, v, g, resets, st, tp), h0t, st)
   return o[:, :t], jnp.swapaxes(final_t, -1, -2)
