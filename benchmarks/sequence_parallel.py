@@ -75,24 +75,48 @@ def _placed(xs, p: int):
   return [jax.device_put(x, sharding) for x in xs]
 
 
-def _fn(op, p: int, layout: str):
-  """(function on whole arrays, its SP mesh or None)."""
+def _local(op, layout: str):
+  """The op on one device's part of the sequence (called inside `shard_map` over "sp")."""
+  from longax.kernels import sequence_parallel as SP
+  kw = dict(axis_name="sp", layout=layout)
+  return {"ring": lambda q, k, v: SP.ring_attention(q, k, v, **kw),
+          "ulysses": lambda q, k, v: SP.ulysses_attention(q, k, v, **kw),
+          "lasp2": lambda q, k, v, g: SP.lasp2_linear_attention(q, k, v, log_decay=g, **kw)}[op]
+
+
+def _sharded(f, op, p: int, out_spec):
   import jax
   import numpy as np
   from jax.sharding import Mesh, PartitionSpec as P
+  mesh = Mesh(np.asarray(jax.devices()[:p]), ("sp",))
+  n = 4 if op == "lasp2" else 3
+  return jax.shard_map(f, mesh=mesh, in_specs=(P(None, "sp"),) * n, out_specs=out_spec)
+
+
+def _fn(op, p: int, layout: str):
+  """The op on whole arrays: the 1-device kernel, or `shard_map` of its SP form."""
+  from jax.sharding import PartitionSpec as P
   from longax import kernels as K
-  from longax.kernels import sequence_parallel as SP
   if p == 1:
     if op == "lasp2":
       return lambda q, k, v, g: K.linear_attention(q, k, v, log_decay=g)
     return lambda q, k, v: K.attention(q, k, v)
-  mesh = Mesh(np.asarray(jax.devices()[:p]), ("sp",))
-  kw = dict(axis_name="sp", layout=layout)
-  local = {"ring": lambda q, k, v: SP.ring_attention(q, k, v, **kw),
-           "ulysses": lambda q, k, v: SP.ulysses_attention(q, k, v, **kw),
-           "lasp2": lambda q, k, v, g: SP.lasp2_linear_attention(q, k, v, log_decay=g, **kw)}[op]
-  n = 4 if op == "lasp2" else 3
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(None, "sp"),) * n, out_specs=P(None, "sp"))
+  return _sharded(_local(op, layout), op, p, P(None, "sp"))
+
+
+def _loss_fn(op, p: int, layout: str):
+  """The timed backward's loss, sum(o) in float32, computed where a trainer computes it: on
+  each device's own tokens inside `shard_map`, then one psum of the scalar (its transpose
+  moves nothing), so o's cotangent is born in the shard in o's dtype. (Summed outside, as the
+  peers' functions must be, the cotangent enters the shard in float32 and is cast there.)
+  None on one device (the sum outside is the same thing there)."""
+  import jax.numpy as jnp
+  from jax import lax
+  from jax.sharding import PartitionSpec as P
+  if p == 1:
+    return None
+  local = _local(op, layout)
+  return _sharded(lambda *a: lax.psum(jnp.sum(local(*a).astype(jnp.float32)), "sp"), op, p, P())
 
 
 def bytes_per_device(op, p, b, t, h, hkv, d, itemsize) -> int:
@@ -160,17 +184,18 @@ def overlap(ms_wall: float, device_ms: float, comm_ms: float) -> float | None:
   return max(0.0, 1.0 - exposed / comm_ms)
 
 
-def _timed_row(fn, xs, reps: int, natural=None, want=None, profile: str | None = None) -> dict:
-  """ms forward and forward+backward of fn(*xs); with `want` (the 1-device output) also the
-  relative error of `natural` (fn on natural-order arrays); with `profile` (a folder) the
-  gradient call's kernel time on the first device and its top kernels. An error is reported
-  in the row."""
+def _timed_row(fn, xs, reps: int, natural=None, want=None, profile: str | None = None,
+               loss=None) -> dict:
+  """ms forward and forward+backward of fn(*xs) (the backward of `loss`, by default sum(fn)
+  in float32); with `want` (the 1-device output) also the relative error of `natural` (fn on
+  natural-order arrays); with `profile` (a folder) the gradient call's kernel time on the
+  first device and its top kernels. An error is reported in the row."""
   import jax
   import jax.numpy as jnp
   import numpy as np
   try:
     fwd = jax.jit(fn)
-    loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32))
+    loss = loss or (lambda *a: jnp.sum(fn(*a).astype(jnp.float32)))
     bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     row = dict(ms_fwd=_time(fwd, xs, reps), ms_fwd_bwd=_time(bwd, xs, reps))  # grad: fwd + bwd
     if profile:
@@ -222,9 +247,11 @@ def run(args) -> list[dict]:
               natural = _natural(fn, p, layout) if impl == "longax" else fn
               trace = (f"{args.profile}/{op}-{layout}-{scaling}-P{p}-T{t}-{impl}"
                        if args.profile else None)
-              r = dict(row, impl=impl, **_timed_row(fn, xs, args.reps, natural,
-                                                    want if p > 1 and scaling == "strong" else None,
-                                                    trace))
+              loss = (_loss_fn(op, p, layout)
+                      if impl == "longax" and args.loss == "inside" else None)
+              r = dict(row, impl=impl, loss=args.loss if loss else "outside",
+                       **_timed_row(fn, xs, args.reps, natural,
+                                    want if p > 1 and scaling == "strong" else None, trace, loss))
               if p == 1 and impl == "longax" and scaling == "strong" and "error" not in r:
                 want = np.asarray(jax.jit(fn)(*xs), np.float32)  # the 1-device op
               if "ms_fwd_bwd" in r:
@@ -315,6 +342,10 @@ def main(argv=None):
   ap.add_argument("--head-dim", type=int, default=128)
   ap.add_argument("--dtype", default="bfloat16")
   ap.add_argument("--reps", type=int, default=5)
+  ap.add_argument("--loss", choices=["inside", "outside"], default="inside",
+                  help="where the timed backward's loss sum(o) is taken on P > 1 devices: "
+                       "inside shard_map on each device's tokens and psum'd (as a trainer "
+                       "does), or on the gathered output (the peers' rows always are)")
   ap.add_argument("--out", default=None, help="write the rows as JSON here (after every row)")
   ap.add_argument("--profile", default=None, metavar="DIR",
                   help="trace each row's gradient calls under DIR: the row gets the kernel "

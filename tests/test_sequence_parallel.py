@@ -295,6 +295,7 @@ def test_benchmark_quick(tmp_path):
   rows = json.loads(out.read_text())
   assert [(x["op"], x["P"]) for x in rows] == [("ring", 1), ("ring", 2), ("lasp2", 1), ("lasp2", 2)]
   assert all(x["bytes_sent"] > 0 and x["efficiency_fwd_bwd"] > 0 for x in rows if x["P"] == 2)
+  assert all(x["loss"] == ("inside" if x["P"] == 2 else "outside") for x in rows)
 
 
 @pytest.mark.parametrize("extra,msg", [
@@ -376,3 +377,25 @@ def test_benchmark_fwd_bwd_is_the_gradient_call(monkeypatch):
 def test_benchmark_overlap(wall, device, comm, want):
   from longax.benchmarks.sequence_parallel import overlap
   assert overlap(wall, device, comm) == (None if want is None else pytest.approx(want))
+
+
+def test_benchmark_loss_inside_has_the_same_gradients():
+  """--loss inside (sum(o) per device, psum'd, inside shard_map) differentiates to the same
+  gradients as the sum of the gathered output, for each op (2 simulated CPU devices)."""
+  code = """
+import jax, jax.numpy as jnp
+from longax.benchmarks import sequence_parallel as b
+for op in ["ring", "ulysses", "lasp2"]:
+  xs = b._placed(b._inputs(op, 1, 32, 4, 2, 8, jnp.float32), 2)
+  fn, loss = b._fn(op, 2, "zigzag"), b._loss_fn(op, 2, "zigzag")
+  want = jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=(0, 1, 2))(*xs)
+  got = jax.grad(loss, argnums=(0, 1, 2))(*xs)
+  print(op, max(float(jnp.max(jnp.abs(w - g)) / jnp.max(jnp.abs(w))) for w, g in zip(want, got)))
+"""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  errs = dict(line.split() for line in r.stdout.splitlines())
+  assert sorted(errs) == ["lasp2", "ring", "ulysses"]
+  assert all(float(e) < 1e-6 for e in errs.values()), errs
