@@ -433,10 +433,11 @@ def _segment_edges(seg, b, n):
   return chunks[..., 0], chunks[..., -1], ~jnp.any(_starts(chunks), axis=-1)
 
 
-def _local_states(k, v, g, seg, h: int):
+def _local_states(k, v, g, seg, h: int, on_kernel: bool = False):
   """Each local chunk's state from zero, sum_t w_t k_t^T v_t with w_t the decay after token t
   (exp of the log decay summed over t+1..end), zero before the chunk's last document start:
-  one GEMM over the chunk. k [nB, c, Hkv, Dk], v [nB, c, Hkv, Dv], g [nB, c, H, 1|Dk] or
+  one GEMM over the chunk (`on_kernel`, scalar decay: the Mosaic GPU kernel that weighs the
+  rows as it loads them). k [nB, c, Hkv, Dk], v [nB, c, Hkv, Dv], g [nB, c, H, 1|Dk] or
   None, seg [nB, c] or None -> [nB, H, Dk, Dv] float32. Not differentiated (`_lasp2`)."""
   nb, c, hkv, dk = k.shape
   w = jnp.ones((nb, c, h, 1), jnp.float32)
@@ -446,6 +447,8 @@ def _local_states(k, v, g, seg, h: int):
     starts = _starts(seg)
     later = jnp.flip(jnp.cumsum(jnp.flip(starts, 1), 1), 1) - starts > 0  # a start after t
     w = jnp.where(later[..., None, None], 0.0, w)
+  if on_kernel and w.shape[-1] == 1:
+    return _gpu_la.shard_state(k, v, jnp.moveaxis(w[..., 0], 1, 2), h)
   w = w.reshape(nb, c, hkv, h // hkv, w.shape[-1])
   kw = (k.astype(jnp.float32)[:, :, :, None] * w).astype(k.dtype)  # [nB, c, Hkv, G, Dk]
   s = jnp.einsum("bckgd,bckv->bkgdv", kw, v, preferred_element_type=jnp.float32)
@@ -500,7 +503,7 @@ def _lasp2_parts(st: _Lasp2, qc, kc, vc, g_raw, segc, h0, pullbacks: bool):
   nb, c, h, dk = qc.shape
   b, dv = h0.shape[0], vc.shape[-1]
   g, decay = _chunk_decay(st, g_raw, segc, b, qc.shape)
-  local = _local_states(kc, vc, g, segc, h).reshape(st.n, b, h, dk, dv)
+  local = _local_states(kc, vc, g, segc, h, on_kernel=st.split).reshape(st.n, b, h, dk, dv)
   first, last = ((None, None) if segc is None else
                  (segc[:, 0].reshape(st.n, b), segc[:, -1].reshape(st.n, b)))
   combine = lambda local, decay, h0: _combine_states(st.axis_name, st.layout, local, decay,

@@ -42,6 +42,25 @@ def test_lowers_forward_and_backward(case):
   assert "mosaic_gpu" in lowered.as_text()
 
 
+@pytest.mark.parametrize("t,h,hkv,dk,dv", [(300, 4, 2, 64, 64), (32768, 16, 16, 128, 128),
+                                         (37, 2, 1, 128, 64)])
+def test_shard_state_lowers(t, h, hkv, dk, dv):
+  """LASP-2's shard-state kernel lowers (layouts, barriers, SMEM) for the GPU."""
+  k = jnp.zeros((1, t, hkv, dk), jnp.bfloat16)
+  v = jnp.zeros((1, t, hkv, dv), jnp.bfloat16)
+  w = jnp.zeros((1, h, t), jnp.float32)
+  lowered = jax.jit(lambda k, v, w: gpu.shard_state(k, v, w, h)).trace(k, v, w).lower(
+      lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+def _emulate_shard_state(k, v, w, heads, **kw):
+  """`gpu.shard_state` as XLA (the same contract)."""
+  del kw
+  kr, vr = (jnp.repeat(x, heads // x.shape[2], axis=2).astype(jnp.float32) for x in (k, v))
+  return jnp.einsum("bthd,bht,bthe->bhde", kr, w, vr)
+
+
 def _states(k, v, g2, segs, h0t, reverse=False, q=None, do=None, scale=1.0):
   """The two kernels' state passes as an XLA recurrence over chunks (per query head k, v)."""
   b, tp, h, _ = (q if reverse else k).shape

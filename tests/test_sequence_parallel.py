@@ -121,19 +121,21 @@ def _case(name):
 @contextlib.contextmanager
 def _emulated_kernel(pieces: int):
   """LASP-2 on the Mosaic GPU linear-attention kernel's split backward, with the kernel's two
-  state passes emulated in XLA (`test_linear_attention_gpu_lowering`) and its chunk-parallel
-  part on the XLA path, in `pieces` sequence pieces: the split's wiring, exact on the CPU."""
+  state passes and the shard-state kernel emulated in XLA (`test_linear_attention_gpu_lowering`)
+  and its chunk-parallel part on the XLA path, in `pieces` sequence pieces: the split's wiring,
+  exact on the CPU."""
   import test_linear_attention_gpu_lowering as emu
   from longax.kernels import sequence_parallel as SP
   from longax.kernels.gpu import linear_attention as gpu
-  saved = gpu._forward, gpu._reverse_states, gpu.TUNED, SP._takes_split
+  saved = gpu._forward, gpu._reverse_states, gpu.shard_state, gpu.TUNED, SP._takes_split
   gpu._forward, gpu._reverse_states = emu._emulate_forward, emu._emulate_reverse
+  gpu.shard_state = emu._emulate_shard_state
   gpu.TUNED = gpu.Config(grads_kernel=False, pieces=pieces)
   SP._takes_split = lambda *a: True
   try:
     yield
   finally:
-    gpu._forward, gpu._reverse_states, gpu.TUNED, SP._takes_split = saved
+    gpu._forward, gpu._reverse_states, gpu.shard_state, gpu.TUNED, SP._takes_split = saved
 
 
 def _errors(name):

@@ -885,6 +885,94 @@ def split_grads(res, d0, do, dfinal, scale):
   return dq[:, :t], dk[:, :t], dv[:, :t], dg
 
 
+SHARD_STATE_CTAS = 264  # two per SM of an H100: the shard-state kernel's split of T
+
+
+def shard_state(k, v, w, heads: int, *, stages: int = 3, splits: int | None = None):
+  """LASP-2's state of a shard from zero, S = sum_t w_t k_t^T v_t per query head, on the
+  tensor cores with the weights applied on the way in (XLA materialises k w first: as much
+  memory traffic again as the GEMM). k [B, T, Hk, Dk], v [B, T, Hk, Dv], w [B, heads, T]
+  float32 (query head h reads K/V head h // (heads / Hk)) -> [B, heads, Dk, Dv] float32.
+  One CTA per (batch, head, split of T) with a warpgroup per 64 value columns, each summing
+  (v^T w) k over its chunks; the splits' partial states are summed in XLA."""
+  b, t, hk, dk = k.shape
+  dv, dtype, group = v.shape[-1], k.dtype, heads // hk
+  n_wg = dv // BV
+  n = -(-t // C)
+  splits = splits or max(1, min(-(-SHARD_STATE_CTAS // (b * heads)), n // 4))
+  npc = -(-n // splits)
+  tp = npc * splits * C
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))
+  k, v = pad(k), pad(v)
+  w = jnp.pad(w.astype(F32), [(0, 0), (0, 0), (0, tp - t)])  # padding weighs 0
+
+  def body(k_ref, v_ref, w_ref, out_ref, scratch, bars):
+    k_s, v_s, w_s, s32 = scratch
+    in_bar, in_free, done = bars
+    bi, h, sp, wg = (lax.axis_index(a) for a in ("b", "h", "s", "wg"))
+    c0, kh = sp * npc, lax.div(h, group)
+
+    @pl.when(wg == n_wg)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+
+      def issue(i, slot):
+        rows, bar = pl.ds((c0 + i) * C, C), in_bar.at[slot]
+        plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, kh], k_s.at[slot], bar)
+        for j in range(n_wg):  # one tile per summing warpgroup
+          plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, kh, pl.ds(j * BV, BV)], v_s.at[j, slot], bar)
+        plgpu.copy_gmem_to_smem(w_ref.at[bi, h, rows], w_s.at[slot], bar)
+
+      for i in range(min(stages, npc)):
+        issue(i, i)
+
+      @pl.loop(stages, npc)
+      def _refill(i):
+        slot = lax.rem(i, stages)
+        plgpu.barrier_wait(in_free.at[slot])
+        issue(i, slot)
+
+      for i in range(max(npc - stages, 0), npc):
+        plgpu.barrier_wait(in_free.at[i % stages])
+
+    @pl.when(wg < n_wg)
+    def _sum():
+      plgpu.set_max_registers(232, action="increase")
+      v0 = wg * BV
+
+      def step(i, s_t):  # s_t: S^T [BV, Dk] float32
+        slot = lax.rem(i, stages)
+        plgpu.barrier_wait(in_bar.at[slot])
+        wt = plgpu.load(w_s.at[slot], layout=_COLS)
+        v_t = plgpu.load(v_s.at[wg, slot].T, layout=_WG).astype(F32)  # [BV, C]
+        vw = (v_t * _bcast(wt, (BV, C), 1)).astype(dtype)
+        s_t = _mm(vw, k_s.at[slot], (BV, dk), init=s_t)
+        plgpu.barrier_arrive(in_free.at[slot])
+        return s_t
+
+      zero = plgpu.layout_cast(jnp.zeros((BV, dk), F32), _WG)
+      s32.at[wg][...] = lax.fori_loop(0, npc, step, zero)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(s32.at[wg], out_ref.at[bi, h, sp, pl.ds(v0, BV)])
+      plgpu.wait_smem_to_gmem(0)
+
+    plgpu.barrier_arrive(done)
+    plgpu.barrier_wait(done)
+
+  smem = (_tiles(dtype, stages, C, dk), _tiles(dtype, n_wg, stages, C, BV),
+          plgpu.SMEM((stages, C), F32), plgpu.SMEM((n_wg, BV, dk), F32))
+  bars = (plgpu.Barrier(num_arrivals=2 + n_wg, num_barriers=stages),
+          plgpu.Barrier(num_arrivals=n_wg, num_barriers=stages),
+          plgpu.Barrier(num_arrivals=n_wg + 1))
+  part = kernel(
+      body, out_type=jax.ShapeDtypeStruct((b, heads, splits, dv, dk), F32),
+      scratch_types=[smem, bars], grid=(b, heads, splits), grid_names=("b", "h", "s"),
+      num_threads=n_wg + 1, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(k, v, w)
+  return jnp.swapaxes(jnp.sum(part, axis=2), -1, -2)
+
+
 def _chunked_per_key_fwd(qt, kt, v, gamma, a, h0t, st: _Static, store_states: bool):
   """o = a v + q~ S, S' = gamma S + k~^T v per chunk (decay folded into the operands by
   `per_key_factors`). Returns o, the final S^T and S^T entering every chunk (or None)."""

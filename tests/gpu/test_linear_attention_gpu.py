@@ -154,3 +154,20 @@ def test_split_backward_matches_the_reference(rand, shape, decay, segments):
   want = jax.vjp(lambda h0: ref(q, k, v, g, h0)[0].astype(jnp.float32), h0)[1](
       do.astype(jnp.float32))[0]
   assert_close(got, want, 2e-2, "dS_in")
+
+
+@pytest.mark.parametrize("shape", [BASE, RAGGED, MIXED, SHORT, (1, 32768, 16, 16, 128, 128)],
+                         ids=str)
+@pytest.mark.parametrize("splits", [None, 1])
+def test_shard_state_matches_the_sum(rand, shape, splits):
+  """LASP-2's shard state on the kernel, sum_t w_t k_t^T v_t per query head (GQA), against
+  the float32 einsum; weights spanning 1e-30..1 (decayed rows) and zeros (reset rows)."""
+  from longax.kernels.gpu.linear_attention import shard_state
+  b, t, h, hkv, dk, dv = shape
+  _, k, v, _, _ = _inputs(rand, shape, None)
+  w = jnp.exp(rand.uniform((b, h, t), -69.0, 0.0)) * (rand.uniform((b, h, t)) > 0.1)
+  got = shard_state(k, v, w, h, splits=splits)
+  kr, vr = (jnp.repeat(x, h // hkv, axis=2).astype(jnp.float32) for x in (k, v))
+  want = jnp.einsum("bthd,bht,bthe->bhde", kr, w, vr)
+  assert got.shape == (b, h, dk, dv)
+  assert_close(got, want, jnp.bfloat16, f"shard state {shape} splits={splits}")
