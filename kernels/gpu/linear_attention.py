@@ -885,10 +885,17 @@ def split_grads(res, d0, do, dfinal, scale):
   return dq[:, :t], dk[:, :t], dv[:, :t], dg
 
 
-SHARD_STATE_CTAS = 264  # two per SM of an H100: the shard-state kernel's split of T
+SHARD_STATE_CTAS = 132  # one wave on an H100 (one CTA per SM: its output tile is 64 KB)
 
 
-def shard_state(k, v, w, heads: int, *, stages: int = 3, splits: int | None = None):
+def _shard_splits(rows: int, n: int) -> int:
+  """The split of n chunks for `rows` (batch x head) CTAs: the largest divisor of n (no
+  padding copy) with rows x splits within one wave and >= 4 chunks per split."""
+  return max([s for s in range(1, n // 4 + 1) if n % s == 0 and rows * s <= SHARD_STATE_CTAS],
+             default=1)
+
+
+def shard_state(k, v, w, heads: int, *, stages: int = 4, splits: int | None = None):
   """LASP-2's state of a shard from zero, S = sum_t w_t k_t^T v_t per query head, on the
   tensor cores with the weights applied on the way in (XLA materialises k w first: as much
   memory traffic again as the GEMM). k [B, T, Hk, Dk], v [B, T, Hk, Dv], w [B, heads, T]
@@ -899,12 +906,13 @@ def shard_state(k, v, w, heads: int, *, stages: int = 3, splits: int | None = No
   dv, dtype, group = v.shape[-1], k.dtype, heads // hk
   n_wg = dv // BV
   n = -(-t // C)
-  splits = splits or max(1, min(-(-SHARD_STATE_CTAS // (b * heads)), n // 4))
+  splits = splits or _shard_splits(b * heads, n)
   npc = -(-n // splits)
   tp = npc * splits * C
-  pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))
-  k, v = pad(k), pad(v)
-  w = jnp.pad(w.astype(F32), [(0, 0), (0, 0), (0, tp - t)])  # padding weighs 0
+  if tp != t:  # (a copy of k and v: LASP-2's shards are whole chunks, see `_shard_splits`)
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))
+    k, v, w = pad(k), pad(v), jnp.pad(w, [(0, 0), (0, 0), (0, tp - t)])  # padding weighs 0
+  w = w.astype(F32)
 
   def body(k_ref, v_ref, w_ref, out_ref, scratch, bars):
     k_s, v_s, w_s, s32 = scratch

@@ -165,7 +165,7 @@ def test_shard_state_matches_the_sum(rand, shape, splits):
   from longax.kernels.gpu.linear_attention import shard_state
   b, t, h, hkv, dk, dv = shape
   _, k, v, _, _ = _inputs(rand, shape, None)
-  w = jnp.exp(rand.uniform((b, h, t), -69.0, 0.0)) * (rand.uniform((b, h, t)) > 0.1)
+  w = jnp.exp(rand.uniform((b, h, t), -69.0, 0.0)) * (rand.uniform((b, h, t), 0.0, 1.0) > 0.1)
   got = shard_state(k, v, w, h, splits=splits)
   kr, vr = (jnp.repeat(x, h // hkv, axis=2).astype(jnp.float32) for x in (k, v))
   want = jnp.einsum("bthd,bht,bthe->bhde", kr, w, vr)
