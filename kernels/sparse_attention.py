@@ -121,23 +121,29 @@ def _sparse_forward(spec: AttnSpec, qr, qpos, k, v, key_idx):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _sparse_flash(spec: AttnSpec, qr, qpos, k, v, key_idx):
   """Rows of queries qr [R, Tq, G, D] at positions qpos [R, Tq]; one KV head k [S, D],
-  v [S, Dv]; key_idx [n, R, C] int32 (-1: no key) -> o [R, G, Tq, Dv] float32. Forward: the
-  flash fold over the listed keys; backward (FlashAttention-2): per step, recompute the
-  probabilities from the saved row log-sum-exp; dq in the carry, dk / dv scatter-added."""
-  return _sparse_forward(spec, qr, qpos, k, v, key_idx)[0]
+  v [S, Dv]; key_idx [n, R, C] int32 (-1: no key) -> (o [R, G, Tq, Dv] float32, lse
+  [R, G, Tq] natural log, -inf where a row sees nothing; None for sigmoid), both
+  differentiable. Forward: the flash fold over the listed keys; backward (FlashAttention-2):
+  per step, recompute the probabilities from the saved row log-sum-exp; dq in the carry,
+  dk / dv scatter-added."""
+  return _sparse_flash_fwd(spec, qr, qpos, k, v, key_idx)[0]
 
 
 def _sparse_flash_fwd(spec, qr, qpos, k, v, key_idx):
   o, lse = _sparse_forward(spec, qr, qpos, k, v, key_idx)
-  return o, (qr, qpos, k, v, key_idx, o, lse)
+  public = None if lse is None else jnp.where(jnp.isposinf(lse), -jnp.inf, lse)
+  return (o, public), (qr, qpos, k, v, key_idx, o, lse)
 
 
-def _sparse_flash_bwd(spec, res, do):
+def _sparse_flash_bwd(spec, res, cts):
   qr_in, qpos, k_in, v_in, key_idx, o, lse = res
+  do, dlse = cts
   # float32 throughout (XLA:CPU has no bf16 x bf16 -> f32 dot for some of these contractions).
   qr, k, v, do = (x.astype(jnp.float32) for x in (qr_in, k_in, v_in, do))
-  if spec.kind == "softmax":  # delta_i = sum_j p_ij dp_ij = do_i . o_i
+  if spec.kind == "softmax":  # delta_i = sum_j p_ij dp_ij = do_i . o_i (- the lse's cotangent)
     delta = jnp.sum(do * o, axis=-1)
+    if dlse is not None:
+      delta = delta - jnp.where(jnp.isposinf(lse), 0.0, dlse)
 
   def step(carry, kidx):
     dq, dk, dv = carry
@@ -183,7 +189,8 @@ def _block_lists(block_mask, t, s_len, block_q, block_k, causal):
   return jnp.asarray(xp.where(xp.take_along_axis(on, order, -1), order, -1), jnp.int32)
 
 
-def _block_sparse_xla(q, k, v, block_mask, spec: AttnSpec, *, block_q: int, block_k: int):
+def _block_sparse_xla(q, k, v, block_mask, spec: AttnSpec, *, block_q: int, block_k: int,
+                      return_lse: bool = False):
   b, t, h, _ = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
   nq = block_mask.shape[2]
@@ -198,18 +205,26 @@ def _block_sparse_xla(q, k, v, block_mask, spec: AttnSpec, *, block_q: int, bloc
   kh, vh = (rearrange(x, "b s k d -> b k s d") for x in (k, v))
 
   def one(qr, kk, vv, ki):  # qr [nq, bq, G', D], kk [S, D], ki [n, nq, bk] -> [Tp, G', Dv]
-    return rearrange(_sparse_flash(spec, qr, qpos, kk, vv, ki), "r g c d -> (r c) g d")
+    o, lse = _sparse_flash(spec, qr, qpos, kk, vv, ki)  # (and lse [Tp, G'])
+    return (rearrange(o, "r g c d -> (r c) g d"),
+            None if lse is None else rearrange(lse, "r g c -> (r c) g"))
 
   if lists.shape[1] != 1:  # a list per query head: one head at a time
     kidx = rearrange(kidx, "b (k g) n r c -> b k g n r c", k=hkv)
-    head = lambda qg, kk, vv, ki: one(qg[:, :, None], kk, vv, ki)[:, 0]
+    head = lambda qg, kk, vv, ki: jax.tree.map(lambda x: x[:, 0],
+                                               one(qg[:, :, None], kk, vv, ki))
     fn = jax.vmap(jax.vmap(jax.vmap(head, (0, None, None, 0))))
-    o = fn(qr, kh, vh, kidx)  # [B, Hkv, G, Tp, Dv]
+    o, lse = fn(qr, kh, vh, kidx)  # [B, Hkv, G, Tp, Dv], [B, Hkv, G, Tp]
   else:  # one list for all heads: the KV group's query heads share the loaded keys
     group = lambda qg, kk, vv, ki: one(jnp.moveaxis(qg, 0, 2), kk, vv, ki)
     fn = jax.vmap(jax.vmap(group, (0, 0, 0, None)))
-    o = rearrange(fn(qr, kh, vh, kidx[:, 0]), "b k t g d -> b k g t d")
-  return rearrange(o, "b k g t d -> b t (k g) d")[:, :t].astype(q.dtype)
+    o, lse = fn(qr, kh, vh, kidx[:, 0])
+    o = rearrange(o, "b k t g d -> b k g t d")
+    lse = None if lse is None else rearrange(lse, "b k t g -> b k g t")
+  o = rearrange(o, "b k g t d -> b t (k g) d")[:, :t].astype(q.dtype)
+  if not return_lse:
+    return o
+  return o, rearrange(lse, "b k g t -> b t (k g)")[:, :t]
 
 
 def _selected_scan(q, k, v, block_indices, spec: AttnSpec, *, block_size: int,
@@ -227,7 +242,7 @@ def _selected_scan(q, k, v, block_indices, spec: AttnSpec, *, block_size: int,
   kh, vh = (rearrange(x, "b s k d -> b k s d") for x in (k, v))
 
   def one(qr, kk, vv, ki, qp):  # qr [T, 1, G, D] -> [T, G, Dv]
-    return _sparse_flash(spec, qr, qp, kk, vv, ki)[:, :, 0]
+    return _sparse_flash(spec, qr, qp, kk, vv, ki)[0][:, :, 0]
 
   o = jax.vmap(jax.vmap(one, (0, 0, 0, 0, None)))(qr, kh, vh, kidx, qpos)  # [B, Hkv, T, G, Dv]
   return rearrange(o, "b k t g d -> b t (k g) d").astype(q.dtype)
@@ -438,7 +453,7 @@ def _vertical_slash_xla(q, k, v, vertical_idx, slash_idx, spec: AttnSpec):
   kh, vh = (rearrange(x, "b s k d -> b k s d") for x in (k, v))
 
   def one(qh, kk, vv, ki):  # one (batch, head): qh [T, 1, 1, D] -> [T, Dv]
-    return _sparse_flash(spec, qh, qpos[:, None], kk, vv, ki)[:, 0, 0]
+    return _sparse_flash(spec, qh, qpos[:, None], kk, vv, ki)[0][:, 0, 0]
 
   fn = jax.vmap(jax.vmap(jax.vmap(one, (0, None, None, 1)), (0, 0, 0, 1)), (0, 0, 0, 1))
   o = rearrange(fn(qh, kh, vh, steps), "b k g t d -> b t (k g) d")  # K/V never repeated
@@ -499,11 +514,15 @@ def _reference(q, k, v, mask, spec, q_positions=None):
   return o.astype(q.dtype)
 
 
-def _block_sparse_reference(q, k, v, block_mask, spec, *, block_q: int, block_k: int):
+def _block_sparse_reference(q, k, v, block_mask, spec, *, block_q: int, block_k: int,
+                            return_lse: bool = False):
   t, s_len = q.shape[1], k.shape[1]
-  qb = jnp.arange(t) // block_q
-  kb = jnp.arange(s_len) // block_k
-  return _reference(q, k, v, jnp.asarray(block_mask)[:, :, qb][:, :, :, kb], spec)
+  mask = jnp.asarray(block_mask)[:, :, jnp.arange(t) // block_q][:, :, :, jnp.arange(s_len) // block_k]
+  if not return_lse:
+    return _reference(q, k, v, mask, spec)
+  o, lse = attention_reference(q, k, v, query_positions(t, s_len), jnp.arange(s_len), None, None,
+                               spec, return_lse=True, mask=mask)
+  return o.astype(q.dtype), lse
 
 
 def _selected_reference(q, k, v, block_indices, spec, *, block_size: int, q_positions=None):
@@ -665,12 +684,15 @@ def _q_positions(op, q_positions, b: int, t: int) -> dict:
 def block_sparse_attention(q, k, v, block_mask, *, block_q: int = 64, block_k: int = 64,
                            causal: bool = True, kind: str = "softmax",
                            scale: float | None = None, bias: float | None = None,
-                           impl: str = "auto"):
+                           impl: str = "auto", return_lse: bool = False):
   """Attention where query i sees key j iff block (i // block_q, j // block_k) of
   `block_mask` (bool [B|1, H|1, ceil(T/block_q), ceil(S/block_k)]) is on, and
   j <= i + S - T when causal. kind="softmax" | "sigmoid" (bias: sigmoid only, default
   -log S). The XLA path loops over each query block's on key blocks only; their number is
-  static where the mask is concrete, else every key block is a step (masked)."""
+  static where the mask is concrete, else every key block is a step (masked).
+  return_lse (softmax): also each row's log-sum-exp over the keys it sees, [B, T, H]
+  float32 (-inf for a row that sees none), differentiable: a partial result `merge_partials`
+  can combine with another attention of the same rows over other keys."""
   op = "block_sparse_attention"
   scale = _check_qkv(op, q, k, v, causal, scale)
   _checks.positive_int(op, "block_q", block_q)
@@ -696,9 +718,12 @@ def block_sparse_attention(q, k, v, block_mask, *, block_q: int = 64, block_k: i
     bias = float(bias)
   else:
     raise ValueError(f"{op}: `kind` must be 'softmax' or 'sigmoid', got {kind!r}")
+  if return_lse and kind != "softmax":
+    raise ValueError(f"{op}: `return_lse` is for kind='softmax' only (sigmoid has no normaliser)")
   spec = AttnSpec(kind, causal, scale, None, 0, None, bias)
   fn = resolve(op, impl, dict(q=q, k=k, v=v, spec=spec, block_q=block_q, block_k=block_k))
-  return fn(q, k, v, block_mask, spec, block_q=block_q, block_k=block_k)
+  extra = dict(return_lse=True) if return_lse else {}
+  return fn(q, k, v, block_mask, spec, block_q=block_q, block_k=block_k, **extra)
 
 
 def selected_block_attention(q, k, v, block_indices, *, block_size: int = 64,

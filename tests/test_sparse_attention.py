@@ -85,6 +85,39 @@ def test_block_sparse_window_mask_is_windowed_attention(rand):
     assert_close(got[:, ::c], first[:, ::c], what=f"{impl} first rows")
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", [(2, 37, 37, 4, 2, 8, 8, 16, True), (1, 21, 45, 4, 2, 8, 8, 8, False)],
+                         ids=str)
+def test_block_sparse_lse_matches_reference_f32(rand, impl, shape):
+  """return_lse: the rows' log-sum-exp, forward and gradients through o and lse together
+  (the lse's own cotangent), rows that see nothing included (-inf, no NaN in gradients)."""
+  b, t, s, h, hkv, d, bq, bk, full = shape
+  q, k, v = _qkv(rand, b, t, s, h, hkv, d)
+  mask = _bits(rand, (b if full else 1, h if full else 1, -(-t // bq), -(-s // bk)))
+  mask[..., 1, :] = False  # a query block that sees nothing
+  fn = lambda impl: lambda q, k, v: block_sparse_attention(q, k, v, mask, block_q=bq, block_k=bk,
+                                                          impl=impl, return_lse=True)
+  o, lse = fn(impl)(q, k, v)
+  assert lse.shape == (b, t, h) and lse.dtype == jnp.float32
+  assert bool(jnp.all(jnp.isneginf(lse[:, bq:2 * bq])))
+  finite = lambda f: lambda q, k, v: (lambda o, lse: (o, jnp.where(jnp.isinf(lse), 0.0, lse)))(*f(q, k, v))
+  compare(finite(fn(impl)), finite(fn("reference")), (q, k, v), (0, 1, 2), jnp.float32, "lse")
+
+
+def test_block_sparse_lse_merges_to_dense(rand):
+  """Two block-sparse calls over complementary masks, merged by their lse, are dense
+  attention (the summary branch's contract)."""
+  from longax.kernels.attention import merge_partials
+  q, k, v = _qkv(rand, 1, 40, 40, 4, 2, 8)
+  m = _bits(rand, (1, 4, 5, 5))
+  parts = [block_sparse_attention(q, k, v, x, block_q=8, block_k=8, return_lse=True)
+           for x in (m, ~m)]
+  o, _ = merge_partials(*parts[0], *parts[1])
+  assert_close(o, attention(q, k, v), jnp.float32)
+  with pytest.raises(ValueError, match="return_lse.*softmax"):
+    block_sparse_attention(q, k, v, m, block_q=8, block_k=8, kind="sigmoid", return_lse=True)
+
+
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
 def test_block_sparse_empty_rows_give_zero(rand, kind):
   q, k, v = _qkv(rand, 1, 24, 24, 2, 1, 8)

@@ -73,6 +73,20 @@ def test_interpret_matches_reference(rand, shape, mask_bh, density, dtype, opts)
   _check(rand, shape, mask_bh, density, dtype, **opts)
 
 
+def test_interpret_lse_matches_reference(rand):
+  """return_lse on the TPU kernels (interpreted): lse with an empty query block (-inf), and
+  the gradients through o and lse together."""
+  from conftest import compare
+  b, t, s, h, hkv, d, bq, bk = 2, 37, 37, 4, 2, 8, 8, 16
+  q, k, v = rand.normal((b, t, h, d)), rand.normal((b, s, hkv, d)), rand.normal((b, s, hkv, d))
+  mask = _mask(rand, (b, h, -(-t // bq), -(-s // bk)), 0.4)
+  fn = lambda impl: lambda q, k, v: block_sparse_attention(q, k, v, mask, block_q=bq, block_k=bk,
+                                                          impl=impl, return_lse=True)
+  fin = lambda f: lambda q, k, v: (lambda o, l: (o, jnp.where(jnp.isinf(l), 0.0, l)))(*f(q, k, v))
+  assert bool(jnp.all(jnp.isneginf(fn("pallas_interpret")(q, k, v)[1][0, bq:2 * bq, 0])))
+  compare(fin(fn("pallas_interpret")), fin(fn("reference")), (q, k, v), (0, 1, 2), jnp.float32)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])

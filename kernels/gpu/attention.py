@@ -1314,11 +1314,13 @@ def sparse_blocks(head_dim: int, block_q: int, block_k: int) -> Blocks:
   return blk if block_k % blk.block_kv == 0 else dataclasses.replace(blk, block_kv=64, stages=4)
 
 
-def block_sparse_pallas(q, k, v, block_mask, spec, *, block_q: int, block_k: int, blocks=None):
+def block_sparse_pallas(q, k, v, block_mask, spec, *, block_q: int, block_k: int, blocks=None,
+                        return_lse=False):
   """`block_sparse_attention` on the kernels (see `block_sparse_unsupported`)."""
   pb = _problem(q, k, spec, None, blocks or sparse_blocks(q.shape[-1], block_q, block_k))
   lists = _sparse_lists(block_mask, pb, q.shape[2], block_q, block_k)
-  return _flash(*same_vma(q, k, v), None, None, lists, pb)[0]
+  o, lse = _flash(*same_vma(q, k, v), None, None, lists, pb)
+  return (o, lse) if return_lse else o
 
 
 def block_sparse_unsupported(call: dict) -> str | None:

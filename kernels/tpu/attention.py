@@ -661,11 +661,12 @@ def attention_pallas(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, kv_block=None, b
   del q_pos, k_pos, kv_block
   cfg = _Config(spec, blocks or blocks_for(q.shape[-1]), interpret)
   o, lse = _flash(*same_vma(q, k, v), q_seg, k_seg, None, cfg)
-  if not return_lse:
-    return o
-  if lse is None:
-    return o, None
-  return o, jnp.swapaxes(jnp.where(jnp.isposinf(lse), -jnp.inf, lse), 1, 2)
+  return (o, _lse_public(lse)) if return_lse else o
+
+
+def _lse_public(lse):
+  """The kernels' lse [B, H, T] (+inf: empty row; None: sigmoid) -> [B, T, H] (-inf: empty)."""
+  return None if lse is None else jnp.swapaxes(jnp.where(jnp.isposinf(lse), -jnp.inf, lse), 1, 2)
 
 
 attention_interpret = functools.partial(attention_pallas, interpret=True)
@@ -704,7 +705,7 @@ def block_sparse_unsupported(call: dict, *, interpret: bool = False) -> str | No
 
 
 def block_sparse_pallas(q, k, v, block_mask, spec, *, block_q: int, block_k: int,
-                        interpret=False):
+                        return_lse=False, interpret=False):
   """block_sparse_attention on the flash kernels: a kernel block is one mask block, and the
   step tables are the mask's on blocks (built in XLA from `block_mask`, so it may be traced;
   with a concrete mask the tables are as wide as its longest list, else every block)."""
@@ -712,7 +713,8 @@ def block_sparse_pallas(q, k, v, block_mask, spec, *, block_q: int, block_k: int
   cfg = _Config(spec, Blocks(block_q, block_k, block_q, block_k), interpret)
   pb = cfg.problem(q, k, None, backward=False)
   cfg = dataclasses.replace(cfg, mask_steps=_mask_widths(pb, block_mask))
-  return _flash(*same_vma(q, k, v), None, None, block_mask, cfg)[0]
+  o, lse = _flash(*same_vma(q, k, v), None, None, block_mask, cfg)
+  return (o, _lse_public(lse)) if return_lse else o
 
 
 block_sparse_interpret = functools.partial(block_sparse_pallas, interpret=True)

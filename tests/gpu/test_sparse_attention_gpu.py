@@ -398,3 +398,16 @@ def test_vertical_slash_auto_takes_the_kernel():
   take = lambda d, dt: resolve("vertical_slash_attention", "auto", dict(
       q=x(d, dt), k=x(d, dt), v=x(d, dt), spec=spec)) is gpu.vertical_slash_pallas
   assert take(128, jnp.bfloat16) and take(64, jnp.float16) and not take(128, jnp.float32)
+
+
+@pytest.mark.parametrize("shape", [CASES[0][0], (1, 300, 300, 4, 2, 128, 64, 64, (1, 4))], ids=str)
+def test_lse_matches_reference(rand, shape):
+  """return_lse on the kernels: the rows' log-sum-exp (-inf for query block 1, which sees
+  nothing) and the gradients through o and lse together."""
+  q, k, v = _inputs(rand, shape, jnp.bfloat16)
+  mask = _mask(shape, 0.4, seed=7)
+  fin = lambda f: lambda q, k, v: (lambda o, l: (o, jnp.where(jnp.isinf(l), 0.0, l)))(*f(q, k, v))
+  got, want = (_op(mask, shape, impl, return_lse=True) for impl in ("pallas", "reference"))
+  bq = shape[6]
+  assert bool(jnp.all(jnp.isneginf(got(q, k, v)[1][:, bq:2 * bq])))
+  compare(fin(got), fin(want), (q, k, v), (0, 1, 2), 2e-2, f"{shape} lse")
