@@ -34,7 +34,9 @@ def main(argv=None) -> int:
                               description=__doc__.splitlines()[0])
   p.add_argument("--workdir", required=True, help="an MQAR or passkey training run folder")
   p.add_argument("--n", type=int, default=64, help="validation sequences")
-  p.add_argument("--kinds", default="vertical_slash,block_topk")
+  p.add_argument("--kinds", default="vertical_slash,block_topk",
+                 help="comma-separated: vertical_slash, block_topk, block_topk+summary (block "
+                      "top-k with its skipped blocks as one mean key each)")
   p.add_argument("--budgets", default="8,16,32", help="keys per query")
   p.add_argument("--block", type=int, default=8, help="block_topk's block")
   p.add_argument("--lengths", default=None, help="passkey: prompt lengths (default the run's seq_len)")
@@ -50,6 +52,10 @@ def main(argv=None) -> int:
     lengths = [int(x) for x in _floats(a.lengths, "--lengths", 16)] if a.lengths else None
     if a.calibrate not in ("first", "groups"):
       raise ValueError(f"--calibrate {a.calibrate}: must be first or groups")
+    kinds = a.kinds.split(",")
+    for kind in kinds:
+      if kind not in ("vertical_slash", "block_topk", "block_topk+summary"):
+        raise ValueError(f"--kinds {kind}: must be vertical_slash, block_topk or block_topk+summary")
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -73,15 +79,16 @@ def main(argv=None) -> int:
   groups = (_mqar_prompts(data, a.n) if data.task == "mqar" else
             _passkey_prompts(data, a.n, lengths or [data.seq_len], depths, a.seed))
   calib = [g[1][0] for g in groups] if a.calibrate == "groups" else groups[0][1][0]
-  plans = [(None, None)] + [(k, b) for k in a.kinds.split(",") for b in budgets]
+  plans = [(None, None)] + [(k, b) for k in kinds for b in budgets]
   where = "the first prompt of each group" if a.calibrate == "groups" else "the first prompt"
   say = lambda line: print(line, flush=True)  # each row as it lands (a cut run keeps them)
   say(f"# {a.workdir}: {data.task}, {len(groups[0][1])} prompts per group, calibration on {where}")
   say(f"{'prefill':16} {'budget':>6} {'prompts':>16} {'tokens':>7} {'accuracy':>9} {'= dense':>8} {'pairs kept':>10}")
   rows, dense, chosen = [], {}, []
   for kind, budget in tqdm(plans, desc="settings", file=sys.stderr):
-    plan = None if kind is None else search(model, calib, kind=kind, budget=budget,
-                                            block=a.block, progress=False)
+    plan = None if kind is None else search(model, calib, kind=kind.split("+")[0], budget=budget,
+                                            block=a.block, summary=kind.endswith("+summary"),
+                                            progress=False)
     if plan is not None:  # per layer, per head: vertical columns (vertical_slash) or local blocks
       chosen.append(dict(prefill=kind, budget=budget, heads=plan.heads))
       say(f"# plan {kind} {budget}: {plan.heads}")

@@ -64,6 +64,9 @@ def parse_args(argv):
                  help="sparse prefill: keys per query (vertical + slash, or blocks x block)")
   p.add_argument("--sparse-block", type=int, default=64,
                  help="sparse prefill (block_topk): tokens per block")
+  p.add_argument("--sparse-summary", action="store_true",
+                 help="sparse prefill (block_topk): each skipped key block still seen as one "
+                      "key (its mean key and value, weighing as its tokens)")
   p.add_argument("--calibration-tokens", action="append", default=None,
                  help="sparse prefill: comma-separated token ids of a prompt the per-head "
                       "search runs on (repeatable: each head's error averaged over them; "
@@ -187,11 +190,15 @@ def check_sparse(args, cfg, tokens: list[int]) -> list[list[int]] | None:
   """The --sparse-* flags against the model; returns the calibration prompts (None when
   there is no sparse prefill). Every failure is one line."""
   if args.sparse_prefill is None:
-    if args.calibration_tokens is not None:
-      raise UsageError("--calibration-tokens needs --sparse-prefill")
+    for flag, on in (("--calibration-tokens", args.calibration_tokens is not None),
+                     ("--sparse-summary", args.sparse_summary)):
+      if on:
+        raise UsageError(f"{flag} needs --sparse-prefill")
     return None
   from longax.infer.sparse import check
   check(cfg, args.sparse_prefill, args.sparse_budget, args.sparse_block)
+  if args.sparse_summary and args.sparse_prefill != "block_topk":
+    raise UsageError(f"--sparse-summary is for --sparse-prefill block_topk, not {args.sparse_prefill}")
   if args.sequence_parallel > 1:
     raise UsageError("--sparse-prefill does not run with --sequence-parallel: drop one of them")
   if args.calibration_tokens is None:
@@ -256,7 +263,7 @@ def main(argv=None) -> int:
     if args.sparse_prefill is not None:
       from longax.infer.sparse import search
       plan = search(model, calibration, kind=args.sparse_prefill, budget=args.sparse_budget,
-                    block=args.sparse_block)
+                    block=args.sparse_block, summary=args.sparse_summary)
     out = generate(model, [tokens], **request, mesh=mesh, sp_attention=args.sp_attention,
                    sp_layout=args.sp_layout, sparse_prefill=plan)[0]
   except FieldError as e:

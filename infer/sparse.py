@@ -42,9 +42,11 @@ def check(cfg, kind: str, budget: int, block: int) -> None:
 
 
 def search(model, tokens, *, kind: str, budget: int, block: int = 64, last_q: int = LAST_Q,
-           progress: bool = True) -> SparsePrefill:
+           summary: bool = False, progress: bool = True) -> SparsePrefill:
   """The per-head plan for `model` from a calibration prompt (a list of token ids) or several
-  (a list of such lists: each head takes the option with the least mean error over them)."""
+  (a list of such lists: each head takes the option with the least mean error over them).
+  summary: block_topk with its summary branch (`layers.sparse_prefill._summary`), searched
+  as it will run."""
   check(model.cfg, kind, budget, block)
   prompts = [list(tokens)] if tokens and np.ndim(tokens[0]) == 0 else [list(t) for t in tokens]
   options = sp.choices(kind, budget, block)
@@ -53,14 +55,15 @@ def search(model, tokens, *, kind: str, budget: int, block: int = 64, last_q: in
     with sp.capture() as records:
       model(jnp.asarray([prompt], jnp.int32))
     desc = "sparse-prefill search" + (f" (prompt {n + 1}/{len(prompts)})" if len(prompts) > 1 else "")
-    errs = errs + np.stack([errors(q, k, v, kind, options, budget, block, last_q) for q, k, v in
+    errs = errs + np.stack([errors(q, k, v, kind, options, budget, block, last_q, summary)
+                            for q, k, v in
                             tqdm(records, desc=desc, file=sys.stderr, disable=not progress)])
   best = np.argmin(errs, axis=1)  # [layers, H]
   heads = tuple(tuple(int(options[i]) for i in layer) for layer in best)
-  return SparsePrefill(kind, budget, block, heads, last_q)
+  return SparsePrefill(kind, budget, block, heads, last_q, summary)
 
 
-def errors(q, k, v, kind, options, budget, block, last_q=LAST_Q):
+def errors(q, k, v, kind, options, budget, block, last_q=LAST_Q, summary=False):
   """[options, H]: each option's worst error over every query (and the batch):
   max_t |o_t - dense_t|^2 / mean_t |dense_t|^2. The worst, not the mean: a prompt's answer
   hangs on a few queries (a question that must reach a far key), which a mean over the
@@ -71,6 +74,6 @@ def errors(q, k, v, kind, options, budget, block, last_q=LAST_Q):
   norm = jnp.maximum(jnp.mean(jnp.sum(jnp.square(dense), -1), axis=(0, 1)), 1e-30)  # [H]
   errs = []
   for opt in options:
-    o = sp.attend(q, k, v, kind, (opt,) * q.shape[2], budget, block, last_q)
+    o = sp.attend(q, k, v, kind, (opt,) * q.shape[2], budget, block, last_q, summary=summary)
     errs.append(np.asarray(jnp.max(jnp.sum(jnp.square(o - dense), -1), axis=(0, 1)) / norm))
   return np.stack(errs)

@@ -88,7 +88,7 @@ class Attention(nnx.Module):
       # A sparse prefill of a whole prompt into a fresh cache: the same K/V are written.
       plan, heads = plan
       o = sparse_prefill.attend(q, k, v, plan.kind, heads, plan.budget, plan.block,
-                                plan.last_q, impl=self.impl)
+                                plan.last_q, impl=self.impl, summary=plan.summary)
       cache = write_kv(cache, k, v, positions, self.sinks)
     else:
       o, cache = attend_cached(self._attend, q, k, v, cache, positions, self.sinks)

@@ -23,7 +23,11 @@ the budget of `budget` keys per query splits (`choices`):
   best key (`_block_scores`; mean-pooled q and k, as MInference's, drown a needle)
   (`kernels.block_sparse_attention`). The block mask is
   traced, so under jit its XLA path steps over every key block (masked): the same output,
-  no saving yet (that is the GPU kernel's job).
+  no saving yet (that is the GPU kernel's job). With `summary`, every skipped key block
+  wholly before the query's block still takes part as one key, its mean key and mean value,
+  weighing as its `block` keys (log(block) on its score), in one softmax with the kept keys
+  (`_summary`, merged by log-sum-exp): heads whose attention spreads over the whole prompt
+  keep that share (NOTES.md: dense's answers at 1024 keys per query on the 8k passkey model).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from longax import kernels
+from longax.kernels.attention import merge_partials
 
 KINDS = ("vertical_slash", "block_topk")
 LAST_Q = 64
@@ -49,6 +54,7 @@ class SparsePrefill:
   block: int  # block_topk: tokens per block
   heads: tuple[tuple[int, ...], ...] = ()  # per eligible layer (call order), per head: a choice
   last_q: int = LAST_Q  # vertical_slash: queries the pattern is estimated from
+  summary: bool = False  # block_topk: skipped blocks as one mean key each (`_summary`)
 
 
 def choices(kind: str, budget: int, block: int) -> tuple[int, ...]:
@@ -61,12 +67,13 @@ def choices(kind: str, budget: int, block: int) -> tuple[int, ...]:
 
 
 def attend(q, k, v, kind: str, heads: tuple[int, ...], budget: int, block: int,
-           last_q: int = LAST_Q, impl: str = "auto"):
+           last_q: int = LAST_Q, impl: str = "auto", summary: bool = False):
   """Sparse causal attention of a whole prompt, q [B, T, H, D], k/v [B, T, Hkv, D], head h
-  with option heads[h] (see `choices`) -> [B, T, H, D]."""
+  with option heads[h] (see `choices`) -> [B, T, H, D]. summary: block_topk's skipped blocks
+  as one mean key each (`_summary`)."""
   if kind == "vertical_slash":
     return _vertical_slash(q, k, v, heads, budget, last_q, impl)
-  return _block_topk(q, k, v, heads, budget, block, impl)
+  return _block_topk(q, k, v, heads, budget, block, impl, summary)
 
 
 def _vertical_slash(q, k, v, heads, budget, last_q, impl):
@@ -117,7 +124,7 @@ def _block_scores(q, k, block):
   return rearrange(score, "i b kv g j -> b (kv g) i j")
 
 
-def _block_topk(q, k, v, heads, budget, block, impl):
+def _block_topk(q, k, v, heads, budget, block, impl, summary=False):
   n = -(-q.shape[1] // block)
   score = _block_scores(q, k, block)  # [B, H, nq, nk]
   i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
@@ -127,8 +134,43 @@ def _block_topk(q, k, v, heads, budget, block, impl):
   rest = jnp.where((j <= i) & ~local, score, -jnp.inf)
   rank = jnp.argsort(jnp.argsort(-rest, axis=-1), axis=-1)  # 0 = best
   top = (rank < (k_blocks - n_local)) & jnp.isfinite(rest)
-  return kernels.block_sparse_attention(q, k, v, local | top, block_q=block, block_k=block,
-                                        impl=impl)
+  keep = local | top  # [B, H, n, n]
+  if not summary:
+    return kernels.block_sparse_attention(q, k, v, keep, block_q=block, block_k=block,
+                                          impl=impl)
+  o, lse = kernels.block_sparse_attention(q, k, v, keep, block_q=block, block_k=block,
+                                          impl=impl, return_lse=True)
+  o, _ = merge_partials(o.astype(jnp.float32), lse, *_summary(q, k, v, (j < i) & ~keep, block))
+  return o.astype(q.dtype)
+
+
+def _summary(q, k, v, skipped, block):
+  """Attention of every query over the mean keys of the key blocks `skipped` marks for its
+  block (bool [B|1, H, nq, nk]), each weighing as its `block` keys: (o [B, T, H, Dv] float32,
+  lse [B, T, H] with log(block) in it, -inf where a query skips no block). Block means of
+  k and v per KV head; one query block per step: [B, H, rows, nk] scores at a time."""
+  b, t, h, d = q.shape
+  hkv = k.shape[2]
+  n = -(-t // block)
+  pad = lambda x: jnp.pad(x.astype(jnp.float32), ((0, 0), (0, n * block - t), (0, 0), (0, 0)))
+  kbar, vbar = (pad(x).reshape(b, n, block, hkv, -1).mean(2) for x in (k, v))  # [B, n, Hkv, D]
+  qs = rearrange(pad(q), "b (n c) (kv g) d -> n b kv g c d", c=block, kv=hkv)
+  masks = rearrange(jnp.broadcast_to(skipped, (b, h, n, n)), "b (kv g) i j -> i b kv g j", kv=hkv)
+  scale = d ** -0.5
+
+  def rows(args):  # one query block: [B, Hkv, G, c, D], [B, Hkv, G, nk]
+    qi, m = args
+    s = jnp.einsum("bkgcd,bjkd->bkgcj", qi, kbar) * scale
+    s = jnp.where(m[..., None, :], s, -jnp.inf)
+    lse = jax.nn.logsumexp(s, axis=-1)  # -inf: no skipped block
+    p = jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])
+    return jnp.einsum("bkgcj,bjkd->bkgcd", p, vbar), lse
+
+  per_step = max(1, SCORE_ELEMENTS // (b * h * block * n))
+  o, lse = jax.lax.map(rows, (qs, masks), batch_size=min(per_step, n))
+  o = rearrange(o, "n b kv g c d -> b (n c) (kv g) d")[:, :t]
+  lse = rearrange(lse, "n b kv g c -> b (n c) (kv g)")[:, :t]
+  return o, lse + jnp.log(float(block))
 
 
 # ------------------------------------------------------------------------------ context

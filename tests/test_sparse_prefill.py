@@ -129,6 +129,55 @@ def test_search_error_counts_every_query():
   assert err[1, 0] > 100 * err[0, 0]
 
 
+def _summary_dense(q, k, v, keep, block):
+  """Block top-k with the summary branch as one dense masked softmax (written apart from
+  `_summary`): kept blocks' keys exactly, each skipped block wholly before the query's block
+  as one key (mean key, mean value) with log(block) added to its score."""
+  b, t, h, d = q.shape
+  n = -(-t // block)
+  kr, vr = (np.repeat(np.asarray(x, np.float64), h // k.shape[2], axis=2) for x in (k, v))
+  qf = np.asarray(q, np.float64)
+  blk = np.arange(t) // block
+  s = np.einsum("bqhd,bkhd->bhqk", qf, kr) / np.sqrt(d)
+  tok = keep[:, :, blk][:, :, :, blk] & (np.arange(t)[:, None] >= np.arange(t)[None, :])
+  s = np.where(tok, s, -np.inf)
+  pad = lambda x: np.pad(x, ((0, 0), (0, n * block - t), (0, 0), (0, 0)))
+  kbar, vbar = (pad(x).reshape(b, n, block, h, d).mean(2) for x in (kr, vr))
+  ss = np.einsum("bqhd,bjhd->bhqj", qf, kbar) / np.sqrt(d) + np.log(block)
+  i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+  ss = np.where(((j < i) & ~keep)[:, :, blk], ss, -np.inf)
+  z = np.concatenate([s, ss], -1)
+  p = np.exp(z - z.max(-1, keepdims=True))
+  p = p / p.sum(-1, keepdims=True)
+  return np.einsum("bhqk,bkhd->bqhd", p[..., :t], vr) + np.einsum("bhqj,bjhd->bqhd", p[..., t:], vbar)
+
+
+@pytest.mark.parametrize("budget,heads", [(32, (1, 2, 1, 2)), (8, (1, 1, 1, 1)), (400, (1, 3, 5, 25))])
+def test_block_topk_summary_is_one_softmax_over_kept_keys_and_block_means(budget, heads,
+                                                                          monkeypatch):
+  """`attend(..., summary=True)`: the kernel's kept blocks and the skipped blocks' mean keys
+  in one softmax (merged by log-sum-exp), against the dense masked form (ragged T, GQA);
+  with a budget over the prompt nothing is skipped and it is dense attention."""
+  rng = np.random.default_rng(budget)
+  t, block = 300, 16
+  q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+             for s in ((2, t, 4, 8), (2, t, 2, 8), (2, t, 2, 8)))
+  seen = {}
+  orig = kernels.block_sparse_attention
+  def spy(q, k, v, mask, **kw):  # the block mask the plan keeps
+    seen["keep"] = np.asarray(mask)
+    return orig(q, k, v, mask, **kw)
+  monkeypatch.setattr(kernels, "block_sparse_attention", spy)
+  got = sp.attend(q, k, v, "block_topk", heads, budget, block, summary=True)
+  want = _summary_dense(q, k, v, seen["keep"], block)
+  assert_close(got, want, 1e-5, what="summary branch")
+  plain = sp.attend(q, k, v, "block_topk", heads, budget, block)
+  if budget >= t:
+    assert_close(got, kernels.attention(q, k, v), 1e-5, what="nothing skipped")
+  else:  # the skipped blocks do count
+    assert float(jnp.max(jnp.abs(got - plain))) > 1e-3
+
+
 @pytest.mark.slow
 def test_cli_runs_a_sparse_prefill(tmp_path, capsys):
   from longax.infer.__main__ import main
@@ -159,6 +208,8 @@ def test_cli_flag_errors(tmp_path, capsys):
       (["--sparse-prefill", "block_topk", "--sparse-budget", "0"], "--sparse-budget=0: must be an int >= 1"),
       (["--sparse-prefill", "block_topk", "--sparse-block", "0"], "--sparse-block=0: must be an int >= 1"),
       (["--calibration-tokens", "1,2"], "--calibration-tokens needs --sparse-prefill"),
+      (["--sparse-summary"], "--sparse-summary needs --sparse-prefill"),
+      (["--sparse-prefill", "vertical_slash", "--sparse-summary"], "--sparse-summary is for --sparse-prefill block_topk"),
       (["--sparse-prefill", "block_topk", "--calibration-tokens", "1,99"], "--calibration-tokens: token 99 is outside [0, 32)"),
       (["--sparse-prefill", "block_topk", "--calibration-tokens", "1,2", "--calibration-tokens",
         ",".join(["1"] * 200)], "--calibration-tokens: 200 tokens exceed the model's max_len"),
@@ -182,15 +233,18 @@ def test_benchmark_on_a_passkey_run(tmp_path, capsys):
                     "train.eval_every=100"])
   Trainer(cfg, tmp_path / "run").run()
   out = tmp_path / "rows.json"
-  assert main(["--workdir", str(tmp_path / "run"), "--kinds", "vertical_slash", "--budgets", "64",
-               "--n", "3", "--depths", "0.25,0.75", "--calibrate", "groups", "--out", str(out)]) == 0
+  assert main(["--workdir", str(tmp_path / "run"), "--kinds", "vertical_slash,block_topk+summary",
+               "--budgets", "64", "--block", "8", "--n", "3", "--depths", "0.25,0.75",
+               "--calibrate", "groups", "--out", str(out)]) == 0
   got = json.loads(out.read_text())
   rows = got["rows"]
-  assert got["calibrate"] == "groups" and [p["prefill"] for p in got["plans"]] == ["vertical_slash"]
+  assert got["calibrate"] == "groups"
+  assert [p["prefill"] for p in got["plans"]] == ["vertical_slash", "block_topk+summary"]
   assert "calibration on the first prompt of each group" in capsys.readouterr().out
   assert [(r["prefill"], r["prompts"]) for r in rows] == [
       ("dense", "L=32,depth=0.25"), ("dense", "L=32,depth=0.75"),
-      ("vertical_slash", "L=32,depth=0.25"), ("vertical_slash", "L=32,depth=0.75")]
+      ("vertical_slash", "L=32,depth=0.25"), ("vertical_slash", "L=32,depth=0.75"),
+      ("block_topk+summary", "L=32,depth=0.25"), ("block_topk+summary", "L=32,depth=0.75")]
   assert all(r["agrees"] == 1.0 and r["tokens"] == 29 for r in rows), rows
 
 
@@ -200,7 +254,8 @@ def test_benchmark_flag_errors(tmp_path, capsys):
   for args, msg in [(["--depths", "2"], "--depths 2: each must be in [0, 1]"),
                     (["--lengths", "8,x"], "--lengths 8,x: comma-separated numbers"),
                     (["--budgets", "0"], "--budgets 0: each must be in [1, inf]"),
-                    (["--calibrate", "all"], "--calibrate all: must be first or groups")]:
+                    (["--calibrate", "all"], "--calibrate all: must be first or groups"),
+                    (["--kinds", "block_topk+sum"], "--kinds block_topk+sum: must be")]:
     assert main(["--workdir", str(tmp_path / "none")] + args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and msg in err[0], err
