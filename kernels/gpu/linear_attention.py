@@ -77,6 +77,23 @@ def _tiles(dtype, *shape):
   return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 
 
+def _stream(issue, n: int, stages: int, free):
+  """A memory warpgroup's ring: issue(i, slot) loads chunk i (0..n-1) into one of `stages`
+  SMEM slots, a slot refilled once its readers arrive on free[slot]; then it waits for the
+  last releases (the CTA's SMEM must outlive every read)."""
+  for i in range(min(stages, n)):
+    issue(i, i)
+
+  @pl.loop(stages, n)
+  def _refill(i):
+    slot = lax.rem(i, stages)
+    plgpu.barrier_wait(free.at[slot])
+    issue(i, slot)
+
+  for i in range(max(n - stages, 0), n):
+    plgpu.barrier_wait(free.at[i % stages])
+
+
 def _bcast(vec, shape, dim):
   """A row (dim=0) or column (dim=1) vector broadcast to a WGMMA tile."""
   return plgpu.layout_cast(lax.broadcast_in_dim(vec, shape, [dim]), _WG)
@@ -197,17 +214,7 @@ def _forward(q, k, v, decay, segs: Segs | None, h0t, *, scale: float, store_stat
         if after:
           plgpu.copy_gmem_to_smem(after_ref.at[b, h, c0 + n], after_s.at[slot], bar)
 
-      for n in range(min(stages, npc)):
-        issue(n, n)
-
-      @pl.loop(stages, npc)
-      def _refill(n):
-        slot = lax.rem(n, stages)
-        plgpu.barrier_wait(in_free.at[slot])
-        issue(n, slot)
-
-      for n in range(max(npc - stages, 0), npc):  # the last releases
-        plgpu.barrier_wait(in_free.at[n % stages])
+      _stream(issue, npc, stages, in_free)
 
     @pl.when(wg == 0)
     def _state():
@@ -374,17 +381,7 @@ def _reverse_states(q, do, decay, segs: Segs | None, dfinal_t, *, scale: float, 
         if has_segs:
           plgpu.copy_gmem_to_smem(cin_ref.at[b, rows], cin_s.at[slot], bar)
 
-      for i in range(min(stages, npc)):
-        issue(i, i)
-
-      @pl.loop(stages, npc)
-      def _refill(i):
-        slot = lax.rem(i, stages)
-        plgpu.barrier_wait(in_free.at[slot])
-        issue(i, slot)
-
-      for i in range(max(npc - stages, 0), npc):
-        plgpu.barrier_wait(in_free.at[i % stages])
+      _stream(issue, npc, stages, in_free)
 
     @pl.when(wg == 0)
     def _state():
@@ -931,17 +928,7 @@ def shard_state(k, v, w, heads: int, *, stages: int = 4, splits: int | None = No
           plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, kh, pl.ds(j * BV, BV)], v_s.at[j, slot], bar)
         plgpu.copy_gmem_to_smem(w_ref.at[bi, h, rows], w_s.at[slot], bar)
 
-      for i in range(min(stages, npc)):
-        issue(i, i)
-
-      @pl.loop(stages, npc)
-      def _refill(i):
-        slot = lax.rem(i, stages)
-        plgpu.barrier_wait(in_free.at[slot])
-        issue(i, slot)
-
-      for i in range(max(npc - stages, 0), npc):
-        plgpu.barrier_wait(in_free.at[i % stages])
+      _stream(issue, npc, stages, in_free)
 
     @pl.when(wg < n_wg)
     def _sum():
