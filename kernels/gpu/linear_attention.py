@@ -882,14 +882,18 @@ def split_grads(res, d0, do, dfinal, scale):
   return dq[:, :t], dk[:, :t], dv[:, :t], dg
 
 
-SHARD_STATE_CTAS = 132  # one wave on an H100 (one CTA per SM: its output tile is 64 KB)
+def _sm_count(default: int = 132) -> int:
+  """The GPU's SM count (132 on an H100 / H200 SXM; the default where the device does not say,
+  e.g. lowering for a GPU on a CPU host)."""
+  return getattr(jax.devices()[0], "core_count", None) or default
 
 
 def _shard_splits(rows: int, n: int) -> int:
   """The split of n chunks for `rows` (batch x head) CTAs: the largest divisor of n (no
-  padding copy) with rows x splits within one wave and >= 4 chunks per split."""
-  return max([s for s in range(1, n // 4 + 1) if n % s == 0 and rows * s <= SHARD_STATE_CTAS],
-             default=1)
+  padding copy) with rows x splits within one wave (one CTA per SM: its output tile is 64 KB)
+  and >= 4 chunks per split."""
+  sms = _sm_count()
+  return max([s for s in range(1, n // 4 + 1) if n % s == 0 and rows * s <= sms], default=1)
 
 
 def shard_state(k, v, w, heads: int, *, stages: int = 4, splits: int | None = None):
