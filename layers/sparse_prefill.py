@@ -135,12 +135,12 @@ def _block_topk(q, k, v, heads, budget, block, impl, summary=False):
   rank = jnp.argsort(jnp.argsort(-rest, axis=-1), axis=-1)  # 0 = best
   top = (rank < (k_blocks - n_local)) & jnp.isfinite(rest)
   keep = local | top  # [B, H, n, n]
+  out = kernels.block_sparse_attention(q, k, v, keep, block_q=block, block_k=block, impl=impl,
+                                       return_lse=summary)
   if not summary:
-    return kernels.block_sparse_attention(q, k, v, keep, block_q=block, block_k=block,
-                                          impl=impl)
-  o, lse = kernels.block_sparse_attention(q, k, v, keep, block_q=block, block_k=block,
-                                          impl=impl, return_lse=True)
-  o, _ = merge_partials(o.astype(jnp.float32), lse, *_summary(q, k, v, (j < i) & ~keep, block))
+    return out
+  o, _ = merge_partials(out[0].astype(jnp.float32), out[1],
+                        *_summary(q, k, v, (j < i) & ~keep, block))
   return o.astype(q.dtype)
 
 
@@ -148,7 +148,9 @@ def _summary(q, k, v, skipped, block):
   """Attention of every query over the mean keys of the key blocks `skipped` marks for its
   block (bool [B|1, H, nq, nk]), each weighing as its `block` keys: (o [B, T, H, Dv] float32,
   lse [B, T, H] with log(block) in it, -inf where a query skips no block). Block means of
-  k and v per KV head; one query block per step: [B, H, rows, nk] scores at a time."""
+  k and v per KV head; one query block per step: [B, H, rows, nk] scores at a time. (Not
+  `block_sparse_attention` with one key per block: its XLA path would scan T / block
+  single-key steps, where this takes a few query blocks' dense scores per step.)"""
   b, t, h, d = q.shape
   hkv = k.shape[2]
   n = -(-t // block)

@@ -164,8 +164,8 @@ def test_block_topk_summary_is_one_softmax_over_kept_keys_and_block_means(budget
              for s in ((2, t, 4, 8), (2, t, 2, 8), (2, t, 2, 8)))
   seen = {}
   orig = kernels.block_sparse_attention
-  def spy(q, k, v, mask, **kw):  # the block mask the plan keeps
-    seen["keep"] = np.asarray(mask)
+  def spy(q, k, v, mask, **kw):  # the block mask the plan keeps (the first call's)
+    seen.setdefault("keep", np.asarray(mask))
     return orig(q, k, v, mask, **kw)
   monkeypatch.setattr(kernels, "block_sparse_attention", spy)
   got = sp.attend(q, k, v, "block_topk", heads, budget, block, summary=True)

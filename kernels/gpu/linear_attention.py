@@ -94,6 +94,11 @@ def _stream(issue, n: int, stages: int, free):
     plgpu.barrier_wait(free.at[i % stages])
 
 
+def _pad_time(x, tp: int):
+  """x [B, T, ...] zero-padded along T to tp tokens."""
+  return jnp.pad(x, [(0, 0), (0, tp - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+
+
 def _bcast(vec, shape, dim):
   """A row (dim=0) or column (dim=1) vector broadcast to a WGMMA tile."""
   return plgpu.layout_cast(lax.broadcast_in_dim(vec, shape, [dim]), _WG)
@@ -136,8 +141,8 @@ class Segs(NamedTuple):
 def segment_vectors(resets, tp: int, span: int = C) -> Segs:
   """Segs from resets [B, T] bool (the state is zeroed before token t) for spans of `span`
   tokens (a chunk, or a piece of the sequence split); padding joins the last run."""
-  b, t = resets.shape
-  r = jnp.pad(resets, [(0, 0), (0, tp - t)]).astype(jnp.int32).reshape(b, tp // span, span)
+  b = resets.shape[0]
+  r = _pad_time(resets, tp).astype(jnp.int32).reshape(b, tp // span, span)
   runs = jnp.cumsum(r.reshape(b, tp), axis=1).reshape(b, tp // span, span)
   entering = runs[:, :, :1] - r[:, :, :1]  # the run of the token before the chunk
   flat = lambda x: x.astype(F32).reshape(b, tp)
@@ -820,18 +825,17 @@ def _static(q, k, v, t: int, scale: float, cfg: Config, per_key: bool = False):
 
 def _scalar_inputs(q, k, v, g, resets, st: _Static, tp: int):
   """A scalar-decay call's kernel inputs: q, k, v padded to Tp, g2, segs, psegs."""
-  b, t, h, _ = q.shape
-  pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - t), (0, 0), (0, 0)])
+  b, _, h, _ = q.shape
   g2 = jnp.zeros((b, h, tp), F32) if g is None else chunk_log2_decay(g, tp)
   segs = psegs = None
   if resets is not None:
     segs = segment_vectors(resets, tp)
     psegs = segment_vectors(resets, tp, tp // st.pieces) if st.pieces > 1 else None
-  return pad(q), pad(k), pad(v), g2, segs, psegs
+  return _pad_time(q, tp), _pad_time(k, tp), _pad_time(v, tp), g2, segs, psegs
 
 
 def _pad_do(do, tp: int, dtype):
-  return jnp.pad(do.astype(dtype), [(0, 0), (0, tp - do.shape[1]), (0, 0), (0, 0)])
+  return _pad_time(do.astype(dtype), tp)
 
 
 def split_forward(q, k, v, g, h0, resets, scale):
@@ -911,8 +915,8 @@ def shard_state(k, v, w, heads: int, *, stages: int = 4, splits: int | None = No
   npc = -(-n // splits)
   tp = npc * splits * C
   if tp != t:  # (a copy of k and v: LASP-2's shards are whole chunks, see `_shard_splits`)
-    pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))
-    k, v, w = pad(k), pad(v), jnp.pad(w, [(0, 0), (0, 0), (0, tp - t)])  # padding weighs 0
+    k, v = _pad_time(k, tp), _pad_time(v, tp)
+    w = jnp.pad(w, [(0, 0), (0, 0), (0, tp - t)])  # padding weighs 0
   w = w.astype(F32)
 
   def body(k_ref, v_ref, w_ref, out_ref, scratch, bars):
@@ -1131,8 +1135,8 @@ _per_key.defvjp(_per_key_fwd, _per_key_bwd)
 
 def _chunk_decay_sums(g, tp: int):
   """g [B, T, H, Dk] -> each chunk's total log decay per key [B, H, Tp / C, Dk] float32."""
-  b, t, h, dk = g.shape
-  g = jnp.pad(g.astype(F32), [(0, 0), (0, tp - t), (0, 0), (0, 0)])
+  b, _, h, dk = g.shape
+  g = _pad_time(g.astype(F32), tp)
   return jnp.moveaxis(g.reshape(b, tp // C, C, h, dk).sum(2), 2, 1)
 
 
@@ -1144,8 +1148,8 @@ def chunks_bounded(g, tp: int):
 def bounded_factors(q, k, g, tp: int):
   """qh = q exp(G), kh = k exp(-G) [B, Tp, H, Dk] (k per query head), gamma = exp(G_last)
   [B, H, Tp / C, Dk] float32; for chunks within PER_KEY_BOUND nats (`chunks_bounded`)."""
-  b, t, h, _ = q.shape
-  padt = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))
+  h = q.shape[2]
+  padt = functools.partial(_pad_time, tp=tp)
   k = jnp.repeat(k, h // k.shape[2], axis=2)
   gc = jnp.cumsum(_chunks(padt(g.astype(F32))), axis=3)  # [B, H, N, C, Dk], <= 0
   qh = _unchunk(_chunks(padt(q)).astype(F32) * jnp.exp(gc)).astype(q.dtype)
@@ -1162,8 +1166,8 @@ def per_key_factors(q, k, g, segs: Segs | None, scale: float, tp: int, scores: s
   g [B, T, H, Dk] float32."""
   import sys
   xla = sys.modules["longax.kernels.linear_attention"]  # the op's module (it imports this one)
-  b, t, h, dk = q.shape
-  padt = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))
+  b, _, h, dk = q.shape
+  padt = functools.partial(_pad_time, tp=tp)
   k = jnp.repeat(k, h // k.shape[2], axis=2)
   qc, kc = _chunks(padt(q)), _chunks(padt(k))  # [B, H, N, C, Dk]
   gc = jnp.cumsum(_chunks(padt(g.astype(F32))), axis=3)  # inclusive, <= 0
@@ -1193,8 +1197,8 @@ def per_key_factors(q, k, g, segs: Segs | None, scale: float, tp: int, scores: s
 def chunk_log2_decay(g, tp: int):
   """g [B, T, H, 1] natural log decay (or None) -> [B, H, Tp] chunk-local inclusive cumsum in
   log2 units (padding decays by nothing)."""
-  b, t, h, _ = g.shape
-  g = jnp.pad(g[..., 0].astype(F32), [(0, 0), (0, tp - t), (0, 0)])
+  b, _, h, _ = g.shape
+  g = _pad_time(g[..., 0].astype(F32), tp)
   g = jnp.cumsum(g.reshape(b, tp // C, C, h), axis=2) * LOG2E
   return jnp.moveaxis(g.reshape(b, tp, h), 2, 1)
 
@@ -1227,8 +1231,7 @@ def linear_attention_pallas(q, k, v, g, h0, resets, scale, chunk: int = C, confi
   h0t = jnp.swapaxes(h0, -1, -2)
   if per_key:  # per-key decay: folded into the operands
     segs = None if resets is None else segment_vectors(resets, tp)
-    v = jnp.pad(v, [(0, 0), (0, tp - t), (0, 0), (0, 0)])
-    o, final_t = _per_key(q, k, v, g.astype(F32), h0t, segs, st)
+    o, final_t = _per_key(q, k, _pad_time(v, tp), g.astype(F32), h0t, segs, st)
     return o[:, :t], jnp.swapaxes(final_t, -1, -2)
   o, final_t = _chunked(*_scalar_inputs(q, k, v, g, resets, st, tp), h0t, st)
   return o[:, :t], jnp.swapaxes(final_t, -1, -2)
