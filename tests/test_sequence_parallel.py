@@ -401,3 +401,12 @@ for op in ["ring", "ulysses", "lasp2"]:
   errs = dict(line.split() for line in r.stdout.splitlines())
   assert sorted(errs) == ["lasp2", "ring", "ulysses"]
   assert all(float(e) < 1e-6 for e in errs.values()), errs
+
+
+def test_benchmark_bad_loss_names_the_flag(capsys):
+  """--loss takes inside or outside; anything else stops before any work, naming the value."""
+  from longax.benchmarks.sequence_parallel import main
+  with pytest.raises(SystemExit) as e:
+    main(["--loss", "sideways"])
+  assert e.value.code == 2
+  assert "argument --loss: invalid choice: 'sideways'" in capsys.readouterr().err
