@@ -14,7 +14,9 @@ the same shape, FLOPs from the mask's pairs. `--ops nsa` times NSA's attention c
 (`layers.NSA.attend`: compressed, selected and window branches and gates) fwd and fwd+bwd,
 `--ops vertical_slash` MInference's vertical-slash prefill (forward only; two patterns of one
 budget: the estimated one, `vertical_slash`, and a local band with spread columns,
-`vertical_slash[band]`), both beside dense causal attention (ours and cuDNN) at the same
+`vertical_slash[band]`), `--ops sparse_prefill` the inference CLI's sparse prefill
+attention (pattern estimate included; block top-k with and without its summary branch,
+vertical-slash; forward only), all beside dense causal attention (ours and cuDNN) at the same
 shape, at 8k..64k / 32k..128k tokens on the GPU
 grid (`python -m longax.benchmarks.plots sparse` draws the speedups). A row that runs out of
 memory prints `oom` in the column it was timing. Attention FLOPs are counted the
@@ -446,24 +448,55 @@ def vertical_slash_cases(shapes, dtype, on_gpu) -> list[Case]:
   return out
 
 
+def sparse_prefill_cases(shapes, dtype, on_gpu) -> list[Case]:
+  """`longax.infer --sparse-prefill`'s attention of a whole prompt (`layers.sparse_prefill.
+  attend`: the pattern's estimate from q, k and the sparse attention), forward only, at one
+  budget of keys per query: block top-k (`prefill.topk`), the same with the summary
+  branch (`prefill.topk+summary`), vertical-slash (`prefill.vertical_slash`); the first
+  case of a shape carries the dense causal baselines. Every head takes the middle option of
+  `choices` (block top-k: half its blocks the nearest ones; vertical-slash: half its budget
+  columns). FLOPs: `budget` keys per query (the summary's T / block keys not counted)."""
+  from longax.layers import sparse_prefill as sp
+  out = []
+  for b, t, h, hkv, d, budget, block in shapes:
+    q, k, v = _attention_inputs(b, t, h, hkv, d, dtype, seed=8)
+    for i, (kind, summary) in enumerate((("block_topk", False), ("block_topk", True),
+                                         ("vertical_slash", False))):
+      heads = (sp.choices(kind, budget, block)[1],) * h
+      f = lambda q, k, v, impl, kind=kind, heads=heads, summary=summary: sp.attend(
+          q, k, v, kind, heads, budget, block, impl=impl, summary=summary)
+      op = "block_sparse_attention" if kind == "block_topk" else "vertical_slash_attention"
+      rows = _longax_rows(op, f, (q, k, v), on_gpu, bwd=False)
+      rows += _dense_rows(q, k, v, on_gpu, bwd=False) if i == 0 else []
+      ref = _reference(lambda *a, impl="reference", f=f: f(*a, impl=impl), (q, k, v),
+                       small=t <= 1024)
+      name = "prefill." + {"block_topk": "topk"}.get(kind, kind) + ("+summary" if summary else "")
+      pairs = b * h * sum(min(p + 1, budget) for p in range(t))
+      out.append(Case(name, dict(B=b, T=t, H=h, Hkv=hkv, D=d, budget=budget, block=block),
+                      4.0 * d * pairs, ref, rows))
+  return out
+
+
 # NSA's settings at the CPU grids' tiny T (the GPU grid takes the layer's, the paper's)
 NSA_TINY = dict(block_size=16, stride=8, select_block=32, n_selected=3, window=64)
 
 def _grid(attention, linear_attention, selective_scan, ssd, block_sparse_attention, nsa=(),
-          vertical_slash=()) -> dict:
+          vertical_slash=(), sparse_prefill=()) -> dict:
   """A grid: each --ops name's shapes (a tuple per case, the case function's order)."""
   return dict(attention=attention, linear_attention=linear_attention,
               selective_scan=selective_scan, ssd=ssd, block_sparse_attention=block_sparse_attention,
-              nsa=nsa, vertical_slash=vertical_slash)
+              nsa=nsa, vertical_slash=vertical_slash, sparse_prefill=sparse_prefill)
 
 
 GRIDS = {
     "quick": _grid([(1, 128, 4, 2, 32)], [(1, 256, 4, 32)], [(1, 256, 64, 8)],
                    [(1, 256, 4, 32, 16)], [(1, 256, 2, 1, 32)],
-                   nsa=[(1, 256, 4, 1, 32, NSA_TINY)], vertical_slash=[(1, 256, 2, 1, 32)]),
+                   nsa=[(1, 256, 4, 1, 32, NSA_TINY)], vertical_slash=[(1, 256, 2, 1, 32)],
+                   sparse_prefill=[(1, 256, 2, 1, 32, 64, 16)]),
     "cpu": _grid([(1, 1024, 8, 2, 64)], [(1, 2048, 8, 64)], [(1, 2048, 256, 16)],
                  [(1, 2048, 8, 64, 64)], [(1, 1024, 4, 2, 64)],
-                 nsa=[(1, 1024, 16, 1, 64, NSA_TINY)], vertical_slash=[(1, 1024, 4, 2, 64)]),
+                 nsa=[(1, 1024, 16, 1, 64, NSA_TINY)], vertical_slash=[(1, 1024, 4, 2, 64)],
+                 sparse_prefill=[(1, 1024, 4, 2, 64, 256, 64)]),
     # nsa (issue #15): the paper's kernel setting on one GPU, GQA group 16 (H=16, Hkv=1,
     # D=128), the paper's l=32, d=16, l'=64, n=16, w=512, 8k..64k tokens. vertical_slash:
     # one KV group of LLaMA-3-8B, MInference's model (H=4, Hkv=1, D=128), 32k..128k tokens
@@ -473,7 +506,11 @@ GRIDS = {
                  [(2, 4096, 16, 4, 128), (1, 16384, 16, 4, 128, 64)]
                  + [(1, t, 16, 4, 128, 128) for t in (16384, 32768, 65536)],
                  nsa=[(1, t, 16, 1, 128, {}) for t in (8192, 16384, 32768, 65536)],
-                 vertical_slash=[(1, t, 4, 1, 128) for t in (32768, 65536, 131072)]),
+                 vertical_slash=[(1, t, 4, 1, 128) for t in (32768, 65536, 131072)],
+                 # sparse_prefill: the 8k needle check's setting (1024 keys per query, blocks
+                 # of 64) on a GQA shape, 8k..64k tokens
+                 sparse_prefill=[(1, t, 16, 4, 128, 1024, 64)
+                                 for t in (8192, 16384, 32768, 65536)]),
     # the linear family's issue grid: N = 2k..32k at a fixed 32k tokens (B = 32k / N), D = 64 and 128
     # (cuDNN / our softmax kernel at the same shapes: where the linear family crosses over)
     "long": _grid([(32 * 1024 // t, t, 16, 16, d) for d in (128, 64) for t in (2048, 8192, 32768)],
@@ -508,7 +545,7 @@ def run(grid: str, dtype, reps: int, ops: set[str], bwd: bool, stream=None,
             "linear_attention": lambda *a: linear_cases(*a, decays),
             "selective_scan": scan_cases, "ssd": ssd_cases,
             "block_sparse_attention": sparse_cases, "nsa": nsa_cases,
-            "vertical_slash": vertical_slash_cases}
+            "vertical_slash": vertical_slash_cases, "sparse_prefill": sparse_prefill_cases}
   cases = [c for name, make in makers.items() if name in ops
            for c in make([s for s in GRIDS[grid][name] if lengths is None or s[1] in lengths],
                          dtype, on_gpu)]
@@ -604,8 +641,10 @@ def main(argv=None) -> int:
   p.add_argument("--reps", type=int, default=None)
   p.add_argument("--ops", default="attention,linear_attention,selective_scan,ssd",
                  help="comma-separated; also block_sparse_attention (10/25/50%% density), "
-                      "nsa (NSA's attention core) and vertical_slash (MInference's prefill, "
-                      "forward only), each beside dense attention at the same shape")
+                      "nsa (NSA's attention core), vertical_slash (MInference's prefill, "
+                      "forward only) and sparse_prefill (longax.infer --sparse-prefill's "
+                      "attention, pattern estimate included, forward only), each beside dense "
+                      "attention at the same shape")
   p.add_argument("--decays", default="none,scalar,key",
                  help="linear_attention decay forms to time (none, scalar, key)")
   p.add_argument("--no-bwd", action="store_true", help="time the forward only")

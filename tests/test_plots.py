@@ -115,6 +115,22 @@ def test_kernels_benchmark_nsa_and_vertical_slash(tmp_path):
              if r["op"].startswith("vertical_slash"))
 
 
+def test_kernels_benchmark_sparse_prefill(tmp_path):
+  """The sparse prefill's attention at the quick grid: block top-k with and without the
+  summary branch and vertical-slash, each checked against its reference, forward only, the
+  dense baselines once per shape."""
+  from longax.benchmarks import kernels
+  out = tmp_path / "k.json"
+  assert kernels.main(["--quick", "--ops", "sparse_prefill", "--reps", "1",
+                       "--rows", "longax.xla,dense", "--json", str(out)]) == 0
+  rows = json.loads(out.read_text())["results"]
+  assert [(r["op"], r["impl"]) for r in rows] == [
+      ("prefill.topk", "longax.xla"), ("prefill.topk", "dense.longax.auto"),
+      ("prefill.topk+summary", "longax.xla"), ("prefill.vertical_slash", "longax.xla")]
+  assert all(r["err"] < 1e-5 for r in rows if r["impl"] == "longax.xla")
+  assert all("fwd_bwd_ms" not in r and "fwd_ms" in r for r in rows)
+
+
 @pytest.mark.parametrize("t,cfg", [(40, dict(block_size=4, stride=2, select_block=4, n_selected=3,
                                              window=5)),
                                    (64, dict(block_size=8, stride=8, select_block=16, n_selected=2,
