@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -101,22 +102,25 @@ def _block_scores(q, k, block):
   probe queries (its mean query and its last PROBES - 1 queries) against block j's keys:
   max over probes p and keys s in j of p . k_s. A single key that matches (a needle) raises
   its block, where a mean over the block's keys would dilute it block-fold; the last queries
-  keep what a block ends with (a question) from drowning in the mean."""
+  keep what a block ends with (a question) from drowning in the mean. The products take the
+  inputs' dtype (the tensor cores' rate for bf16) and accumulate in float32."""
   b, t, h, d = q.shape
   hkv, probes = k.shape[2], PROBES
   n = -(-t // block)
-  pad = lambda x: jnp.pad(x.astype(jnp.float32), ((0, 0), (0, n * block - t), (0, 0), (0, 0)))
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, n * block - t), (0, 0), (0, 0)))
   qs = rearrange(pad(q), "b (n c) (kv g) d -> n b kv g c d", c=block, kv=hkv)
   start = jnp.arange(n)[:, None] * block
   end = jnp.minimum(start + block, t)  # the block's real rows: [start, end)
   last = jnp.maximum(end - 1 - jnp.arange(probes - 1) - start, 0)  # [n, P - 1]
   picked = jnp.take_along_axis(qs, last[:, None, None, None, :, None], axis=4)
-  qp = jnp.concatenate([qs.mean(-2, keepdims=True), picked], axis=-2)  # [n, B, Hkv, G, P, D]
+  mean = qs.astype(jnp.float32).mean(-2, keepdims=True).astype(q.dtype)
+  qp = jnp.concatenate([mean, picked], axis=-2)  # [n, B, Hkv, G, P, D]
   kp = pad(k)  # [B, n * block, Hkv, D]
   valid = (jnp.arange(n * block) < t).reshape(n, block)
 
   def rows(qi):  # [B, Hkv, G, P, D] -> [B, Hkv, G, nk]
-    sc = jnp.max(jnp.einsum("bhgpd,bshd->bhgps", qi, kp), axis=-2)
+    sc = jnp.max(jnp.einsum("bhgpd,bshd->bhgps", qi, kp, preferred_element_type=jnp.float32),
+                 axis=-2)
     sc = sc.reshape(*qi.shape[:3], n, block)
     return jnp.max(jnp.where(valid, sc, -jnp.inf), axis=-1)
   per_step = max(1, SCORE_ELEMENTS // (b * h * probes * n * block))
@@ -124,21 +128,32 @@ def _block_scores(q, k, block):
   return rearrange(score, "i b kv g j -> b (kv g) i j")
 
 
-def _block_topk(q, k, v, heads, budget, block, impl, summary=False):
-  n = -(-q.shape[1] // block)
-  score = _block_scores(q, k, block)  # [B, H, nq, nk]
+def _keep(score, heads, budget, block):
+  """The block mask [B, H, n, n] of block top-k: query block i keeps its heads[h] nearest
+  blocks (i, i-1, ...) and the best K - heads[h] of the others up to i by `score` (ties to the
+  lower index), K = ceil(budget / block)."""
+  n = score.shape[-1]
   i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
   k_blocks = -(-budget // block)
   n_local = jnp.asarray(heads, jnp.int32)[:, None, None]  # [H, 1, 1]
   local = (j <= i) & (i - j < n_local)
   rest = jnp.where((j <= i) & ~local, score, -jnp.inf)
-  rank = jnp.argsort(jnp.argsort(-rest, axis=-1), axis=-1)  # 0 = best
-  top = (rank < (k_blocks - n_local)) & jnp.isfinite(rest)
-  keep = local | top  # [B, H, n, n]
+  best, at = jax.lax.top_k(rest, min(k_blocks, n))  # [B, H, n, K], best first
+  take = (jnp.arange(best.shape[-1]) < k_blocks - n_local) & jnp.isfinite(best)
+  bi, hi, ri = (jnp.arange(x).reshape([-1 if a == ax else 1 for a in range(4)])
+                for ax, x in enumerate(rest.shape[:3]))
+  top = jnp.zeros(rest.shape, bool).at[bi, hi, ri, at].max(take)
+  return local | top
+
+
+def _block_topk(q, k, v, heads, budget, block, impl, summary=False):
+  n = -(-q.shape[1] // block)
+  keep = _keep(_block_scores(q, k, block), heads, budget, block)  # [B, H, n, n]
   out = kernels.block_sparse_attention(q, k, v, keep, block_q=block, block_k=block, impl=impl,
                                        return_lse=summary)
   if not summary:
     return out
+  i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
   o, _ = merge_partials(out[0].astype(jnp.float32), out[1],
                         *_summary(q, k, v, (j < i) & ~keep, block))
   return o.astype(q.dtype)
@@ -146,7 +161,8 @@ def _block_topk(q, k, v, heads, budget, block, impl, summary=False):
 
 def _summary(q, k, v, skipped, block):
   """Attention of every query over the mean keys of the key blocks `skipped` marks for its
-  block (bool [B|1, H, nq, nk]), each weighing as its `block` keys: (o [B, T, H, Dv] float32,
+  block (bool [B|1, H, nq, nk]), each weighing as its `block` keys (products in the inputs'
+  dtype, float32 accumulation, as the kernels): (o [B, T, H, Dv] float32,
   lse [B, T, H] with log(block) in it, -inf where a query skips no block). Block means of
   k and v per KV head; one query block per step: [B, H, rows, nk] scores at a time. (Not
   `block_sparse_attention` with one key per block: its XLA path would scan T / block
@@ -154,19 +170,21 @@ def _summary(q, k, v, skipped, block):
   b, t, h, d = q.shape
   hkv = k.shape[2]
   n = -(-t // block)
-  pad = lambda x: jnp.pad(x.astype(jnp.float32), ((0, 0), (0, n * block - t), (0, 0), (0, 0)))
-  kbar, vbar = (pad(x).reshape(b, n, block, hkv, -1).mean(2) for x in (k, v))  # [B, n, Hkv, D]
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, n * block - t), (0, 0), (0, 0)))
+  kbar, vbar = (pad(x).astype(jnp.float32).reshape(b, n, block, hkv, -1).mean(2).astype(x.dtype)
+                for x in (k, v))  # [B, n, Hkv, D]
   qs = rearrange(pad(q), "b (n c) (kv g) d -> n b kv g c d", c=block, kv=hkv)
   masks = rearrange(jnp.broadcast_to(skipped, (b, h, n, n)), "b (kv g) i j -> i b kv g j", kv=hkv)
   scale = d ** -0.5
+  mm = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
 
   def rows(args):  # one query block: [B, Hkv, G, c, D], [B, Hkv, G, nk]
     qi, m = args
-    s = jnp.einsum("bkgcd,bjkd->bkgcj", qi, kbar) * scale
+    s = mm("bkgcd,bjkd->bkgcj", qi, kbar) * scale
     s = jnp.where(m[..., None, :], s, -jnp.inf)
     lse = jax.nn.logsumexp(s, axis=-1)  # -inf: no skipped block
     p = jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])
-    return jnp.einsum("bkgcj,bjkd->bkgcd", p, vbar), lse
+    return mm("bkgcj,bjkd->bkgcd", p.astype(vbar.dtype), vbar), lse
 
   per_step = max(1, SCORE_ELEMENTS // (b * h * block * n))
   o, lse = jax.lax.map(rows, (qs, masks), batch_size=min(per_step, n))

@@ -309,3 +309,22 @@ def test_block_topk_finds_a_needle_in_a_block():
   q2[-blk:-1] = w  # the last block's queries but its last match block 1's key (the mean too) ...
   score = np.asarray(sp._block_scores(jnp.asarray(q2[None, :, None]), k, blk))[0, 0, -1]
   assert np.argmax(score[:6]) == 2  # ... and its last still finds the needle's block
+
+
+@pytest.mark.parametrize("budget,heads,block", [(64, (1, 2, 4), 16), (40, (1, 1, 3), 8),
+                                                (1000, (2, 1, 1), 16)])
+def test_keep_is_local_blocks_and_the_best_others(budget, heads, block):
+  """`_keep` against its definition, row by row (numpy): heads[h] nearest blocks, then the
+  best K - heads[h] earlier blocks by score, ties to the lower index (scores drawn from few
+  values, so ties occur)."""
+  rng = np.random.default_rng(budget)
+  b, n = 2, 9
+  score = rng.integers(0, 4, (b, len(heads), n, n)).astype(np.float32)
+  got = np.asarray(sp._keep(jnp.asarray(score), heads, budget, block))
+  kb = -(-budget // block)
+  want = np.zeros_like(got)
+  for bi, h, i in np.ndindex(b, len(heads), n):
+    near = [j for j in range(i, -1, -1)][:heads[h]]
+    others = sorted((j for j in range(i + 1) if j not in near), key=lambda j: (-score[bi, h, i, j], j))
+    want[bi, h, i, near + others[:max(kb - heads[h], 0)]] = True
+  np.testing.assert_array_equal(got, want)
