@@ -103,7 +103,9 @@ def _block_scores(q, k, block):
   max over probes p and keys s in j of p . k_s. A single key that matches (a needle) raises
   its block, where a mean over the block's keys would dilute it block-fold; the last queries
   keep what a block ends with (a question) from drowning in the mean. The products take the
-  inputs' dtype (the tensor cores' rate for bf16) and accumulate in float32."""
+  inputs' dtype (the tensor cores' rate for bf16) and so do the [probes, T] scores before the
+  max (on a GPU their write and read are the estimate's cost: NOTES.md, session 14).
+  Returns float32."""
   b, t, h, d = q.shape
   hkv, probes = k.shape[2], PROBES
   n = -(-t // block)
@@ -119,13 +121,13 @@ def _block_scores(q, k, block):
   valid = (jnp.arange(n * block) < t).reshape(n, block)
 
   def rows(qi):  # [B, Hkv, G, P, D] -> [B, Hkv, G, nk]
-    sc = jnp.max(jnp.einsum("bhgpd,bshd->bhgps", qi, kp, preferred_element_type=jnp.float32),
+    sc = jnp.max(jnp.einsum("bhgpd,bshd->bhgps", qi, kp, preferred_element_type=qi.dtype),
                  axis=-2)
     sc = sc.reshape(*qi.shape[:3], n, block)
     return jnp.max(jnp.where(valid, sc, -jnp.inf), axis=-1)
   per_step = max(1, SCORE_ELEMENTS // (b * h * probes * n * block))
   score = jax.lax.map(rows, qp, batch_size=min(per_step, n))  # [nq, B, Hkv, G, nk]
-  return rearrange(score, "i b kv g j -> b (kv g) i j")
+  return rearrange(score, "i b kv g j -> b (kv g) i j").astype(jnp.float32)
 
 
 def _keep(score, heads, budget, block):
