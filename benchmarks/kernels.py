@@ -477,26 +477,48 @@ def sparse_prefill_cases(shapes, dtype, on_gpu) -> list[Case]:
   return out
 
 
+def block_max_cases(shapes, dtype, on_gpu) -> list[Case]:
+  """Block top-k's estimate alone (`block_max_scores`: each probe row's best score per key
+  block, causal rows), forward: the XLA path and, on a GPU, the kernel (`longax.pallas`, off
+  `auto` until timed). Shapes (B, T, Hkv, G, D): the prefill's rows, T / 64 query blocks x G
+  query heads x PROBES probes per KV head, against T keys; FLOPs of the rows' products up to
+  each row's block (2 R T D / 2)."""
+  from longax.layers.sparse_prefill import PROBES
+  out = []
+  for b, t, hkv, g, d in shapes:
+    r = (t // 64) * g * PROBES
+    q, k = (jax.random.normal(key, (b, n, hkv, d), dtype)
+            for key, n in zip(jax.random.split(jax.random.key(9)), (r, t)))
+    f = lambda q, k, impl: (lambda x: jnp.where(jnp.isinf(x), 0.0, x))(  # err: -inf as 0
+        K.block_max_scores(q, k, block=64, row_block=g * PROBES, impl=impl))
+    impls = ("xla", "pallas") if on_gpu else ("reference", "xla")
+    rows = [jax_row(f"longax.{i}", lambda q, k, i=i: f(q, k, i), (q, k), bwd=False) for i in impls]
+    ref = _reference(lambda *a, impl="reference": f(*a, impl), (q, k), small=t <= 1024)
+    out.append(Case("block_max", dict(B=b, T=t, Hkv=hkv, G=g, D=d), b * hkv * r * t * d, ref, rows))
+  return out
+
+
 # NSA's settings at the CPU grids' tiny T (the GPU grid takes the layer's, the paper's)
 NSA_TINY = dict(block_size=16, stride=8, select_block=32, n_selected=3, window=64)
 
 def _grid(attention, linear_attention, selective_scan, ssd, block_sparse_attention, nsa=(),
-          vertical_slash=(), sparse_prefill=()) -> dict:
+          vertical_slash=(), sparse_prefill=(), block_max=()) -> dict:
   """A grid: each --ops name's shapes (a tuple per case, the case function's order)."""
   return dict(attention=attention, linear_attention=linear_attention,
               selective_scan=selective_scan, ssd=ssd, block_sparse_attention=block_sparse_attention,
-              nsa=nsa, vertical_slash=vertical_slash, sparse_prefill=sparse_prefill)
+              nsa=nsa, vertical_slash=vertical_slash, sparse_prefill=sparse_prefill,
+              block_max=block_max)
 
 
 GRIDS = {
     "quick": _grid([(1, 128, 4, 2, 32)], [(1, 256, 4, 32)], [(1, 256, 64, 8)],
                    [(1, 256, 4, 32, 16)], [(1, 256, 2, 1, 32)],
                    nsa=[(1, 256, 4, 1, 32, NSA_TINY)], vertical_slash=[(1, 256, 2, 1, 32)],
-                   sparse_prefill=[(1, 256, 2, 1, 32, 64, 16)]),
+                   sparse_prefill=[(1, 256, 2, 1, 32, 64, 16)], block_max=[(1, 256, 1, 2, 32)]),
     "cpu": _grid([(1, 1024, 8, 2, 64)], [(1, 2048, 8, 64)], [(1, 2048, 256, 16)],
                  [(1, 2048, 8, 64, 64)], [(1, 1024, 4, 2, 64)],
                  nsa=[(1, 1024, 16, 1, 64, NSA_TINY)], vertical_slash=[(1, 1024, 4, 2, 64)],
-                 sparse_prefill=[(1, 1024, 4, 2, 64, 256, 64)]),
+                 sparse_prefill=[(1, 1024, 4, 2, 64, 256, 64)], block_max=[(1, 1024, 2, 2, 64)]),
     # nsa (issue #15): the paper's kernel setting on one GPU, GQA group 16 (H=16, Hkv=1,
     # D=128), the paper's l=32, d=16, l'=64, n=16, w=512, 8k..64k tokens. vertical_slash:
     # one KV group of LLaMA-3-8B, MInference's model (H=4, Hkv=1, D=128), 32k..128k tokens
@@ -510,7 +532,8 @@ GRIDS = {
                  # sparse_prefill: the 8k needle check's setting (1024 keys per query, blocks
                  # of 64) on a GQA shape, 8k..64k tokens
                  sparse_prefill=[(1, t, 16, 4, 128, 1024, 64)
-                                 for t in (8192, 16384, 32768, 65536)]),
+                                 for t in (8192, 16384, 32768, 65536)],
+                 block_max=[(1, t, 4, 4, 128) for t in (16384, 65536)]),
     # the linear family's issue grid: N = 2k..32k at a fixed 32k tokens (B = 32k / N), D = 64 and 128
     # (cuDNN / our softmax kernel at the same shapes: where the linear family crosses over)
     "long": _grid([(32 * 1024 // t, t, 16, 16, d) for d in (128, 64) for t in (2048, 8192, 32768)],
@@ -545,7 +568,8 @@ def run(grid: str, dtype, reps: int, ops: set[str], bwd: bool, stream=None,
             "linear_attention": lambda *a: linear_cases(*a, decays),
             "selective_scan": scan_cases, "ssd": ssd_cases,
             "block_sparse_attention": sparse_cases, "nsa": nsa_cases,
-            "vertical_slash": vertical_slash_cases, "sparse_prefill": sparse_prefill_cases}
+            "vertical_slash": vertical_slash_cases, "sparse_prefill": sparse_prefill_cases,
+            "block_max": block_max_cases}
   cases = [c for name, make in makers.items() if name in ops
            for c in make([s for s in GRIDS[grid][name] if lengths is None or s[1] in lengths],
                          dtype, on_gpu)]
@@ -644,7 +668,7 @@ def main(argv=None) -> int:
                       "nsa (NSA's attention core), vertical_slash (MInference's prefill, "
                       "forward only) and sparse_prefill (longax.infer --sparse-prefill's "
                       "attention, pattern estimate included, forward only), each beside dense "
-                      "attention at the same shape")
+                      "attention at the same shape; block_max: block top-k's estimate alone")
   p.add_argument("--decays", default="none,scalar,key",
                  help="linear_attention decay forms to time (none, scalar, key)")
   p.add_argument("--no-bwd", action="store_true", help="time the forward only")

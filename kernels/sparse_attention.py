@@ -21,6 +21,10 @@ key j <= that position. A query row that sees no key gives 0.
   of tokens (`IMPORTANCE_ELEMENTS`); impl="pallas": a Hopper kernel (QK^T, masked exp2, the
   group sum as a second wgmma with a 0/1 grouping matrix; `importance_pallas`), which `auto`
   takes on a Hopper GPU (`IMPORTANCE_ON_AUTO`). No gradient.
+- `block_max_scores`: block top-k's estimate (`layers.sparse_prefill`): each row's best
+  score per key block, [B, R, Hkv, ceil(S / block)] float32; the XLA path chunks rows
+  (`BLOCK_MAX_ELEMENTS`), impl="pallas" a Hopper kernel writing only the maxima
+  (`block_max_pallas`; not on `auto` until timed). No gradient.
 - `vertical_slash_attention`: MInference; key columns every query sees ([B, H, nv]) and
   offsets o >= 0 (query i sees key i - o, [B, H, ns]), -1 unused; `vertical_slash_pattern`
   estimates both from the last queries' scores. impl="pallas": two passes of the Hopper
@@ -70,6 +74,7 @@ from longax.kernels.visibility import query_positions, visible_pairs
 
 VS_CHUNK = 64  # vertical columns / slash offsets folded per step of the XLA path
 IMPORTANCE_ELEMENTS = 2**26  # compressed_importance's XLA path: float32 scores per chunk
+BLOCK_MAX_ELEMENTS = 2**26  # block_max_scores' XLA path: scores per chunk of rows
 
 
 def _dedupe(idx):
@@ -559,10 +564,54 @@ def _importance_reference(q, k_cmp, lse, *, block_size: int, stride: int, scale:
   return p.reshape(b, t, hkv, h // hkv, n).sum(3)
 
 
+# ------------------------------------------------ block top-k's estimate: block maxima
+
+
+def _block_max_mask(r: int, nk: int, row_block):
+  """bool [R, nk]: row r takes key block j (all, or j <= r // row_block)."""
+  if row_block is None:
+    return jnp.ones((r, nk), bool)
+  return jnp.arange(nk)[None, :] <= (jnp.arange(r) // row_block)[:, None]
+
+
+def _block_max_reference(q, k, *, block: int, row_block=None):
+  """The definition in float32: every score, then the max over each block's keys."""
+  b, r, hkv, _ = q.shape
+  s_len = k.shape[1]
+  nk = -(-s_len // block)
+  sc = jnp.einsum("brhd,bshd->brhs", q.astype(jnp.float32), k.astype(jnp.float32))
+  sc = jnp.pad(sc, ((0, 0),) * 3 + ((0, nk * block - s_len),), constant_values=-jnp.inf)
+  sc = sc.reshape(b, r, hkv, nk, block).max(-1)
+  return jnp.where(_block_max_mask(r, nk, row_block)[None, :, None], sc, -jnp.inf)
+
+
+def _block_max_xla(q, k, *, block: int, row_block=None):
+  """Rows in chunks of BLOCK_MAX_ELEMENTS scores (`lax.map`), products and scores in the
+  inputs' dtype (ranking only), the max over each block's keys, float32 out."""
+  b, r, hkv, d = q.shape
+  s_len = k.shape[1]
+  nk = -(-s_len // block)
+  kp = jnp.pad(k, ((0, 0), (0, nk * block - s_len), (0, 0), (0, 0)))
+  valid = (jnp.arange(nk * block) < s_len).reshape(nk, block)
+  per_step = max(1, min(r, BLOCK_MAX_ELEMENTS // (b * hkv * nk * block)))
+  rp = -(-r // per_step) * per_step
+  qs = jnp.pad(q, ((0, 0), (0, rp - r), (0, 0), (0, 0))).reshape(b, rp // per_step, per_step, hkv, d)
+
+  def rows(qi):  # [B, c, Hkv, D] -> [B, c, Hkv, nk]
+    sc = jnp.einsum("bchd,bshd->bchs", qi, kp, preferred_element_type=qi.dtype)
+    sc = jnp.where(valid, sc.reshape(*sc.shape[:3], nk, block), -jnp.inf)
+    return sc.max(-1).astype(jnp.float32)
+
+  out = jax.lax.map(rows, jnp.moveaxis(qs, 1, 0))  # [steps, B, c, Hkv, nk]
+  out = jnp.moveaxis(out, 0, 1).reshape(b, rp, hkv, nk)[:, :r]
+  return jnp.where(_block_max_mask(r, nk, row_block)[None, :, None], out, -jnp.inf)
+
+
 for _op, _ref, _xla in (("block_sparse_attention", _block_sparse_reference, _block_sparse_xla),
                         ("selected_block_attention", _selected_reference, _selected_xla),
                         ("vertical_slash_attention", _vertical_slash_reference, _vertical_slash_xla),
-                        ("compressed_importance", _importance_reference, _importance_xla)):
+                        ("compressed_importance", _importance_reference, _importance_xla),
+                        ("block_max_scores", _block_max_reference, _block_max_xla)):
   register(_op, "reference")(_ref)
   register(_op, "xla")(_xla)
 
@@ -645,6 +694,7 @@ def _selected_gpu(q, k, v, block_indices, spec: AttnSpec, *, block_size: int,
 
 register_kernels("selected_block_attention", gpu=(_selected_gpu, _gpu.selected_unsupported))
 register_kernels("compressed_importance", gpu=(_gpu.importance_pallas, _gpu.importance_unsupported))
+register_kernels("block_max_scores", gpu=(_gpu.block_max_pallas, _gpu.block_max_unsupported))
 register_kernels("vertical_slash_attention",
                  gpu=(_gpu.vertical_slash_pallas, _gpu.vertical_slash_unsupported))
 
@@ -748,6 +798,30 @@ def selected_block_attention(q, k, v, block_indices, *, block_size: int = 64,
   fn = resolve(op, impl, dict(q=q, k=k, v=v, spec=spec, block_size=block_size,
                              explicit_positions=bool(extra)))
   return fn(q, k, v, idx, spec, block_size=block_size, **extra)
+
+
+def block_max_scores(q, k, *, block: int = 64, row_block: int | None = None,
+                     impl: str = "auto"):
+  """Each row's best score per key block (block top-k's estimate, `layers.sparse_prefill`):
+  q [B, R, Hkv, D] rows per KV head (a caller folds probes and query heads into rows),
+  k [B, S, Hkv, D] -> [B, R, Hkv, ceil(S / block)] float32, max over the keys s < S of block j
+  of q_r . k_s (unscaled); with `row_block`, row r takes the key blocks j <= r // row_block
+  only (-inf past them: causal rows, which the kernel skips). Ranking only: no gradient.
+  impl="pallas": a Hopper kernel that keeps the scores in registers and writes the maxima
+  (`block_max_pallas`; blocks of 64; `auto` takes it once timed, `BLOCK_MAX_ON_AUTO`)."""
+  op = "block_max_scores"
+  _checks.rank(op, "q", q, 4, "[B, R, Hkv, D]")
+  _checks.rank(op, "k", k, 4, "[B, S, Hkv, D]")
+  _checks.same_dtype(op, q=q, k=k)
+  _checks.floating(op, "q", q)
+  if k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
+    raise ValueError(f"{op}: `k` must be [B={q.shape[0]}, S, Hkv={q.shape[2]}, D={q.shape[3]}] "
+                     f"to match q {q.shape}, got {k.shape}")
+  _checks.positive_int(op, "block", block)
+  if row_block is not None:
+    _checks.positive_int(op, "row_block", row_block)
+  fn = resolve(op, impl, dict(q=q, k=k, block=block, impl=impl))
+  return fn(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), block=block, row_block=row_block)
 
 
 def compressed_importance(q, k_cmp, lse, *, block_size: int, stride: int,

@@ -91,21 +91,20 @@ def _vertical_slash(q, k, v, heads, budget, last_q, impl):
   return kernels.vertical_slash_attention(q, k, v, vert, slash, impl=impl)
 
 
-# query blocks scored per step of `_block_scores` (its [B, H, rows, T] float32 scores)
-SCORE_ELEMENTS = 1 << 26
 # a query block's probes: its mean query and its last PROBES - 1 queries
 PROBES = 4
+# `_summary`'s scores per `lax.map` step ([B, H, rows, T / block] float32)
+SUMMARY_ELEMENTS = 1 << 26
 
 
 def _block_scores(q, k, block):
-  """score [B, H, nq, nk]: for query block i and key block j, the best match of block i's
+  """score [B, H, nq, nk]: for query block i and key block j <= i, the best match of block i's
   probe queries (its mean query and its last PROBES - 1 queries) against block j's keys:
-  max over probes p and keys s in j of p . k_s. A single key that matches (a needle) raises
-  its block, where a mean over the block's keys would dilute it block-fold; the last queries
-  keep what a block ends with (a question) from drowning in the mean. The products take the
-  inputs' dtype (the tensor cores' rate for bf16) and so do the [probes, T] scores before the
-  max (on a GPU their write and read are the estimate's cost: NOTES.md, session 14).
-  Returns float32."""
+  max over probes p and keys s in j of p . k_s; -inf for j > i (causal: never kept). A single
+  key that matches (a needle) raises its block, where a mean over the block's keys would
+  dilute it block-fold; the last queries keep what a block ends with (a question) from
+  drowning in the mean. The maxima come from `kernels.block_max_scores` (a KV group's probes
+  as its rows, `row_block` rows per query block: the kernel skips the blocks past them)."""
   b, t, h, d = q.shape
   hkv, probes = k.shape[2], PROBES
   n = -(-t // block)
@@ -117,17 +116,11 @@ def _block_scores(q, k, block):
   picked = jnp.take_along_axis(qs, last[:, None, None, None, :, None], axis=4)
   mean = qs.astype(jnp.float32).mean(-2, keepdims=True).astype(q.dtype)
   qp = jnp.concatenate([mean, picked], axis=-2)  # [n, B, Hkv, G, P, D]
-  kp = pad(k)  # [B, n * block, Hkv, D]
-  valid = (jnp.arange(n * block) < t).reshape(n, block)
-
-  def rows(qi):  # [B, Hkv, G, P, D] -> [B, Hkv, G, nk]
-    sc = jnp.max(jnp.einsum("bhgpd,bshd->bhgps", qi, kp, preferred_element_type=qi.dtype),
-                 axis=-2)
-    sc = sc.reshape(*qi.shape[:3], n, block)
-    return jnp.max(jnp.where(valid, sc, -jnp.inf), axis=-1)
-  per_step = max(1, SCORE_ELEMENTS // (b * h * probes * n * block))
-  score = jax.lax.map(rows, qp, batch_size=min(per_step, n))  # [nq, B, Hkv, G, nk]
-  return rearrange(score, "i b kv g j -> b (kv g) i j").astype(jnp.float32)
+  rows = rearrange(qp, "n b kv g p d -> b (n g p) kv d")
+  g = h // hkv
+  score = kernels.block_max_scores(rows, k, block=block, row_block=g * probes)  # [B, R, Hkv, nk]
+  score = rearrange(score, "b (n g p) kv j -> b (kv g) n p j", g=g, p=probes)
+  return jnp.max(score, axis=3)
 
 
 def _keep(score, heads, budget, block):
@@ -188,7 +181,7 @@ def _summary(q, k, v, skipped, block):
     p = jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])
     return mm("bkgcj,bjkd->bkgcd", p.astype(vbar.dtype), vbar), lse
 
-  per_step = max(1, SCORE_ELEMENTS // (b * h * block * n))
+  per_step = max(1, SUMMARY_ELEMENTS // (b * h * block * n))
   o, lse = jax.lax.map(rows, (qs, masks), batch_size=min(per_step, n))
   o = rearrange(o, "n b kv g c d -> b (n c) (kv g) d")[:, :t]
   lse = rearrange(lse, "n b kv g c -> b (n c) (kv g)")[:, :t]

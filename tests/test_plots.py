@@ -131,6 +131,16 @@ def test_kernels_benchmark_sparse_prefill(tmp_path):
   assert all("fwd_bwd_ms" not in r and "fwd_ms" in r for r in rows)
 
 
+def test_kernels_benchmark_block_max(tmp_path):
+  """Block top-k's estimate alone, checked against its reference (-inf read as 0)."""
+  from longax.benchmarks import kernels
+  out = tmp_path / "k.json"
+  assert kernels.main(["--quick", "--ops", "block_max", "--reps", "1", "--json", str(out)]) == 0
+  rows = json.loads(out.read_text())["results"]
+  assert [r["impl"] for r in rows] == ["longax.reference", "longax.xla"]
+  assert all(r["err"] < 1e-5 for r in rows)
+
+
 @pytest.mark.parametrize("t,cfg", [(40, dict(block_size=4, stride=2, select_block=4, n_selected=3,
                                              window=5)),
                                    (64, dict(block_size=8, stride=8, select_block=16, n_selected=2,

@@ -582,3 +582,52 @@ def test_unregistered_impl_is_one_line():
                            r"is not implemented yet \(available: pallas, reference, xla, "
                            r"or 'auto'\)"):
     resolve("vertical_slash_attention", "pallas_interpret")
+
+
+# ------------------------------------------------ block top-k's estimate: block maxima
+
+
+def _block_max_loops(q, k, block, row_block):
+  """The definition, loop by loop (numpy float64)."""
+  b, r, hkv, _ = q.shape
+  s = k.shape[1]
+  nk = -(-s // block)
+  out = np.full((b, r, hkv, nk), -np.inf)
+  for bi, ri, hi, j in np.ndindex(b, r, hkv, nk):
+    if row_block is None or j <= ri // row_block:
+      out[bi, ri, hi, j] = max(q[bi, ri, hi] @ k[bi, x, hi] for x in range(j * block, min(s, (j + 1) * block)))
+  return out
+
+
+@pytest.mark.parametrize("b,r,s,hkv,d,block,row_block", [(1, 37, 100, 2, 8, 16, None),
+                                                         (2, 24, 61, 1, 4, 8, 4),
+                                                         (1, 5, 9, 3, 8, 64, 1)])
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_block_max_scores_matches_its_definition(b, r, s, hkv, d, block, row_block, impl,
+                                                 monkeypatch):
+  """Each row's best score per key block (ragged S, causal rows), every impl; the XLA path
+  in steps of a few rows too."""
+  from longax.kernels import block_max_scores, sparse_attention
+  rng = np.random.default_rng(r)
+  q, k = rng.normal(size=(b, r, hkv, d)), rng.normal(size=(b, s, hkv, d))
+  want = _block_max_loops(q, k, block, row_block)
+  for elements in (sparse_attention.BLOCK_MAX_ELEMENTS, b * hkv * s * 3):
+    monkeypatch.setattr(sparse_attention, "BLOCK_MAX_ELEMENTS", elements)
+    got = np.asarray(block_max_scores(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32),
+                                      block=block, row_block=row_block, impl=impl))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    assert_close(np.where(np.isinf(got), 0, got), np.where(np.isinf(want), 0, want), 1e-5,
+                 what=f"{impl} {elements}")
+
+
+def test_block_max_scores_errors():
+  from longax.kernels import block_max_scores
+  q, k = jnp.zeros((1, 8, 2, 4)), jnp.zeros((1, 16, 2, 4))
+  with pytest.raises(ValueError, match=r"block_max_scores: `k` must be \[B=1, S, Hkv=2, D=4\]"):
+    block_max_scores(q, jnp.zeros((1, 16, 1, 4)))
+  with pytest.raises(ValueError, match="block_max_scores: `block` must be an int >= 1, got 0"):
+    block_max_scores(q, k, block=0)
+  with pytest.raises(ValueError, match="block_max_scores: `row_block` must be an int >= 1, got -1"):
+    block_max_scores(q, k, row_block=-1)
+  with pytest.raises(ValueError, match="impl='pallas' does not support this call"):
+    block_max_scores(q, k, impl="pallas")

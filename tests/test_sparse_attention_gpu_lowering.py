@@ -817,3 +817,58 @@ def test_vertical_slash_interpreted_matches_reference(case):
     interp.reset_gpu_interpret_mode_state()
   want = vertical_slash_attention(q, k, v, vert, slash, causal=causal, impl="reference")
   assert_close(got, want, 2e-2, str(case))
+
+
+# -------------------------------------------------- block top-k's estimate: block maxima
+# `block_max_pallas`: S = QK^T per 64-key block on wgmma, each row's max written (64 blocks
+# to a store); with row_block a CTA stops at its last row's block and writes -inf past it.
+# (R, S, Hkv, D, row_block)
+BMAX_LOWER = [(300, 1000, 2, 128, 16), (64, 64, 1, 64, None), (130, 5000, 1, 128, 64)]
+
+
+@pytest.mark.parametrize("case", BMAX_LOWER, ids=str)
+def test_block_max_lowers(case):
+  r, s, hkv, d, rb = case
+  q, k = jnp.zeros((1, r, hkv, d), jnp.bfloat16), jnp.zeros((1, s, hkv, d), jnp.bfloat16)
+  lowered = jax.jit(lambda q, k: gpu.block_max_pallas(q, k, block=64, row_block=rb)).trace(
+      q, k).lower(lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_block_max_dispatch(monkeypatch):
+  """auto stays on XLA while BLOCK_MAX_ON_AUTO is off (not yet timed); impl="pallas" takes
+  the kernel for bf16/f16, head dim 64/128, blocks of 64, or says why not."""
+  from longax.kernels._dispatch import resolve
+  monkeypatch.setattr(gpu, "not_on_hopper", lambda call: None)
+  take = lambda impl="auto", d=128, dt=jnp.bfloat16, block=64: resolve(
+      "block_max_scores", impl, dict(q=jnp.zeros((1, 64, 1, d), dt), k=jnp.zeros((1, 64, 1, d), dt),
+                                     block=block, impl=impl)) is gpu.block_max_pallas
+  assert not take() and take(impl="pallas") and take(impl="pallas", d=64, dt=jnp.float16)
+  monkeypatch.setattr(gpu, "BLOCK_MAX_ON_AUTO", True)
+  assert take() and not (take(dt=jnp.float32) or take(d=256) or take(block=32))
+
+
+# The kernel run by Mosaic GPU's interpret mode on CPU (race detector on, buffers start as
+# NaN): (B, R, S, Hkv, D, row_block, blocks): causal rows over two CTAs, ragged S, two KV
+# heads with one warpgroup, more than 64 key blocks (two stores of maxima) with a 2-slot ring.
+BMAX_INTERPRET = [(1, 100, 300, 1, 64, 16, None), (2, 64, 200, 2, 64, None, gpu.BlockMaxBlocks(wgs=1)),
+                  (1, 70, 64 * 70 + 5, 1, 64, None, gpu.BlockMaxBlocks(wgs=1, stages=2))]
+
+
+@pytest.mark.parametrize("case", BMAX_INTERPRET, ids=str)
+def test_block_max_kernel_interpreted_matches_reference(rand, case):
+  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as interp
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  from longax.kernels import block_max_scores
+  b, r, s, hkv, d, rb, blocks = case
+  q, k = rand.normal((b, r, hkv, d), jnp.bfloat16), rand.normal((b, s, hkv, d), jnp.bfloat16)
+  try:
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)):
+      got = np.asarray(gpu.block_max_pallas(q, k, block=64, row_block=rb, blocks=blocks))
+    assert not interp.get_races().races_found, "a data race in the kernel"
+  finally:
+    interp.reset_gpu_interpret_mode_state()
+  want = np.asarray(block_max_scores(q, k, block=64, row_block=rb, impl="reference"))
+  np.testing.assert_array_equal(np.isinf(got), np.isinf(want))  # no NaN: every element written
+  np.testing.assert_allclose(np.where(np.isinf(got), 0, got), np.where(np.isinf(want), 0, want),
+                             rtol=1e-4, atol=1e-4)

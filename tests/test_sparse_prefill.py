@@ -264,22 +264,26 @@ def test_benchmark_flag_errors(tmp_path, capsys):
 @pytest.mark.parametrize("shape", [(1, 40, 4, 2, 8, 8), (2, 37, 2, 2, 4, 16)], ids=str)
 def test_block_scores_are_the_mean_query_against_the_best_key(shape, monkeypatch):
   """`_block_scores` from its definition (loops): the best of block i's probes (its mean query,
-  its last PROBES - 1 queries) against block j's keys; in steps of a few query blocks and in
-  one."""
+  its last PROBES - 1 queries) against block j's keys, -inf for j > i; the estimate's rows in
+  steps of a few and in one."""
+  from longax.kernels import sparse_attention
   b, t, h, hkv, d, blk = shape
   rng = np.random.default_rng(t)
   q, k = rng.normal(size=(b, t, h, d)), rng.normal(size=(b, t, hkv, d))
   n, p = -(-t // blk), sp.PROBES
-  want = np.zeros((b, h, n, n))
+  want = np.full((b, h, n, n), -np.inf)
   for bi, hi, i, j in np.ndindex(b, h, n, n):
     rows = q[bi, i * blk:(i + 1) * blk, hi]
     probes = [rows.sum(0) / blk] + [rows[max(len(rows) - 1 - r, 0)] for r in range(p - 1)]
-    want[bi, hi, i, j] = max(pr @ k[bi, s, hi // (h // hkv)] for pr in probes
-                             for s in range(j * blk, min(t, (j + 1) * blk)))
-  for elements in (sp.SCORE_ELEMENTS, b * h * p * n * blk * 2):  # one step; two blocks a step
-    monkeypatch.setattr(sp, "SCORE_ELEMENTS", elements)
-    assert_close(sp._block_scores(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32), blk),
-                 want, what=str(elements))
+    if j <= i:
+      want[bi, hi, i, j] = max(pr @ k[bi, s, hi // (h // hkv)] for pr in probes
+                               for s in range(j * blk, min(t, (j + 1) * blk)))
+  for elements in (sparse_attention.BLOCK_MAX_ELEMENTS, b * hkv * n * blk * 8):  # 8 rows a step
+    monkeypatch.setattr(sparse_attention, "BLOCK_MAX_ELEMENTS", elements)
+    got = sp._block_scores(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32), blk)
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    assert_close(jnp.where(jnp.isinf(got), 0.0, got), np.where(np.isinf(want), 0.0, want),
+                 what=str(elements))
 
 
 def test_block_topk_finds_a_needle_in_a_block():

@@ -1751,6 +1751,164 @@ def importance_unsupported(call: dict) -> str | None:
   return None
 
 
+# ------------------------------------------------- block top-k's estimate: block maxima
+# `block_max_scores` (kernels/sparse_attention.py): per row r and key block j of 64 keys,
+# max_s q_r . k_s, the scores kept in registers (S = QK^T on wgmma, a row max per step) and
+# only the [rows, S / 64] maxima written, where XLA writes and reads back every [rows, S] score.
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockMaxBlocks:
+  """The K ring's depth and the 64-row compute warpgroups per CTA (one 64-key block a step)."""
+  stages: int = 3
+  wgs: int = 2
+
+
+def _block_max_kernel(q, k, *, s_len: int, row_block: int | None, blocks: BlockMaxBlocks):
+  """q [B, Rp, Hkv, D] (Rp a multiple of wgs * 64), k [B, Sp, Hkv, D] (Sp a multiple of 64) ->
+  [B, Hkv, NKp, Rp] float32 (NKp: Sp / 64 up to a multiple of 64): row r's max over the keys
+  s < s_len of block j; -inf where none, or where j > r // row_block (row_block given: a CTA
+  computes the blocks up to its last row's and writes -inf past them)."""
+  bsz, rp, kv_heads, d = q.shape
+  nk = k.shape[1] // 64
+  nkp = -(-nk // 64) * 64
+  stages, wgs = blocks.stages, blocks.wgs
+  dtype = q.dtype
+  n_tiles = rp // (wgs * 64)
+
+  def body(q_ref, k_ref, out_ref, smem, bars):
+    q_smem2, k_smem, o_smem2 = smem
+    q_bars, k_bars, k_free = bars
+    b, kvh, wg = lax.axis_index("batch"), lax.axis_index("kv_heads"), lax.axis_index("wg")
+    row0 = lax.axis_index("rows") * (wgs * 64)
+    n = jnp.int32(nk)
+    if row_block is not None:  # the key blocks the CTA's last row sees
+      n = jnp.minimum(lax.div(row0 + wgs * 64 - 1, jnp.int32(row_block)) + 1, n)
+
+    @pl.when(wg < wgs)
+    def _compute():
+      plgpu.set_max_registers(232 if wgs == 2 else 240, action="increase")
+      q_smem, o_smem = q_smem2.at[wg], o_smem2.at[wg]
+      q_row = row0 + wg * 64
+      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_row, 64), kvh], q_smem, q_bars.at[wg])
+      plgpu.barrier_wait(q_bars.at[wg])
+      # o_smem is written one row (a key block's 64 maxima) at a time, in one layout (a row
+      # max's: layout inference fails on a reduce layout cast from a constant)
+      neg = jnp.max(plgpu.layout_cast(jnp.full((64, 64), -jnp.inf, jnp.float32), _WG), axis=1)
+
+      def fill(c0):  # o_smem rows c0..63 = -inf
+        @pl.loop(c0, 64)
+        def _(c):
+          o_smem.at[c][...] = neg
+
+      def flush(j0):  # o_smem [64 blocks, 64 rows] -> out[b, kvh, j0:j0 + 64, q_row:q_row + 64]
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, out_ref.at[b, kvh, pl.ds(j0, 64), pl.ds(q_row, 64)])
+
+      def step(i, carry):
+        slot, c = lax.rem(i, jnp.int32(stages)), lax.rem(i, 64)
+
+        @pl.when(c == 0)
+        def _():  # a fresh group of 64 blocks: the last group's store has read o_smem
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+        plgpu.barrier_wait(k_bars.at[slot])
+
+        def qk(acc_ref):
+          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+          return acc_ref[...]
+
+        raw = pl.run_scoped(qk, plgpu.ACC((64, 64), jnp.float32))
+        plgpu.barrier_arrive(k_free.at[slot])
+        ok = _index_tile((64, 64), 1, i * 64) < s_len
+        if row_block is not None:
+          ok = ok & (i <= lax.div(_index_tile((64, 64), 0, q_row), jnp.int32(row_block)))
+        o_smem.at[c][...] = jnp.max(jnp.where(ok, raw, -jnp.inf), axis=1)
+
+        @pl.when(c == 63)
+        def _():
+          flush(i - 63)
+
+        return carry
+
+      lax.fori_loop(0, n, step, None)
+      m = lax.rem(n, 64)
+
+      @pl.when(m != 0)
+      def _():  # the last group, partly computed
+        fill(m)
+        flush(n - m)
+
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      fill(0)
+
+      @pl.loop(lax.div(n + 63, 64) * 64, nkp, step=64)  # groups no row of the CTA sees
+      def _(j0):
+        flush(j0)
+
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == wgs)
+    def _memory():
+      plgpu.set_max_registers(40 if wgs == 2 else 24, action="decrease")
+
+      def load_k(i, slot):
+        plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(i * 64, 64), kvh], k_smem.at[slot],
+                                k_bars.at[slot])
+
+      _produce(n, stages, [(k_free, load_k)])
+      _drain(n, stages, (k_free,))
+
+  smem = (_tiles(dtype, wgs, 64, d), _tiles(dtype, stages, 64, d),
+          plgpu.SMEM((wgs, 64, 64), jnp.float32))
+  bars = (plgpu.Barrier(num_barriers=wgs), plgpu.Barrier(num_barriers=stages),
+          plgpu.Barrier(num_arrivals=wgs, num_barriers=stages))
+  return kernel(
+      body,
+      out_type=jax.ShapeDtypeStruct((bsz, kv_heads, nkp, rp), jnp.float32),
+      scratch_types=[smem, bars],
+      grid=(kv_heads, n_tiles, bsz),
+      grid_names=("kv_heads", "rows", "batch"),
+      num_threads=wgs + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(q, k)
+
+
+def block_max_pallas(q, k, *, block: int, row_block: int | None = None,
+                     blocks: BlockMaxBlocks | None = None):
+  """`block_max_scores` on the kernel (see `block_max_unsupported`): pads R to whole CTAs and
+  S to whole blocks, and returns [B, R, Hkv, ceil(S / 64)]."""
+  b, r, hkv, d = q.shape
+  s_len = k.shape[1]
+  blk = blocks or BlockMaxBlocks()
+  qp = _pad_to(q, 1, blk.wgs * 64)
+  kp = _pad_to(k, 1, 64)
+  out = _block_max_kernel(*same_vma(qp, kp), s_len=s_len, row_block=row_block, blocks=blk)
+  return jnp.transpose(out, (0, 3, 1, 2))[:, :r, :, :kp.shape[1] // 64]
+
+
+def block_max_unsupported(call: dict) -> str | None:
+  """Why the kernel does not take this call (None: it does): a Hopper GPU, bf16/f16, head
+  dim 64/128, blocks of 64 keys; and under auto, only while BLOCK_MAX_ON_AUTO is set (not
+  yet timed on a GPU: off)."""
+  if call.get("impl") == "auto" and not BLOCK_MAX_ON_AUTO:
+    return "switched off under auto (BLOCK_MAX_ON_AUTO is False: not yet run on a GPU)"
+  if (why := not_on_hopper(call)) is not None:
+    return why
+  q = call["q"]
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    return f"dtype {q.dtype} (the kernel takes bfloat16 and float16)"
+  if q.shape[-1] not in (64, 128):
+    return f"head dim {q.shape[-1]} (the kernel takes 64 and 128)"
+  if call["block"] != 64:
+    return f"block {call['block']} (the kernel takes 64)"
+  return None
+
+
+BLOCK_MAX_ON_AUTO = False
+
+
 # ------------------------------------------------------------ MInference's vertical-slash
 # `vertical_slash_attention` (kernels/sparse_attention.py) as two forward passes of the kernel
 # above, merged by their log-sum-exp:

@@ -411,3 +411,21 @@ def test_lse_matches_reference(rand, shape):
   bq = shape[6]
   assert bool(jnp.all(jnp.isneginf(got(q, k, v)[1][:, bq:2 * bq])))
   compare(fin(got), fin(want), (q, k, v), (0, 1, 2), 2e-2, f"{shape} lse")
+
+
+@pytest.mark.parametrize("case", [(1, 100, 300, 1, 64, 16), (2, 1000, 4100, 4, 128, 16),
+                                  (1, 16384, 65536, 1, 128, 16), (1, 300, 300, 2, 64, None)],
+                         ids=str)
+def test_block_max_matches_reference(rand, case):
+  """Block top-k's estimate on the kernel: each row's best score per 64-key block, bf16 in,
+  float32 out, within bf16 rounding of the float32 reference; -inf where the reference has it
+  (causal rows), nothing unwritten. (B, R, S, Hkv, D, row_block); the third: 64k keys, the
+  prefill's probes at 4 query heads x 4 probes per KV head."""
+  from longax.kernels import block_max_scores
+  b, r, s, hkv, d, rb = case
+  q, k = rand.normal((b, r, hkv, d), jnp.bfloat16), rand.normal((b, s, hkv, d), jnp.bfloat16)
+  got = np.asarray(block_max_scores(q, k, block=64, row_block=rb, impl="pallas"))
+  want = np.asarray(block_max_scores(q, k, block=64, row_block=rb, impl="reference"))
+  np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+  fin = np.isfinite(want)
+  assert np.abs(got[fin] - want[fin]).max() <= 2e-2 * np.abs(want[fin]).max()
