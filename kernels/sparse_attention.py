@@ -75,6 +75,7 @@ from longax.kernels.visibility import query_positions, visible_pairs
 VS_CHUNK = 64  # vertical columns / slash offsets folded per step of the XLA path
 IMPORTANCE_ELEMENTS = 2**26  # compressed_importance's XLA path: float32 scores per chunk
 BLOCK_MAX_ELEMENTS = 2**26  # block_max_scores' XLA path: scores per chunk of rows
+BLOCK_MAX_BANDS = 8  # block_max_scores' XLA path with causal rows: row ranges
 
 
 def _dedupe(idx):
@@ -587,23 +588,33 @@ def _block_max_reference(q, k, *, block: int, row_block=None):
 
 def _block_max_xla(q, k, *, block: int, row_block=None):
   """Rows in chunks of BLOCK_MAX_ELEMENTS scores (`lax.map`), products and scores in the
-  inputs' dtype (ranking only), the max over each block's keys, float32 out."""
+  inputs' dtype (ranking only), the max over each block's keys, float32 out. With row_block,
+  the rows go in BLOCK_MAX_BANDS contiguous ranges, each against the key blocks up to its
+  last row's (causal rows: ~(bands + 1) / (2 bands) of the products)."""
   b, r, hkv, d = q.shape
   s_len = k.shape[1]
   nk = -(-s_len // block)
   kp = jnp.pad(k, ((0, 0), (0, nk * block - s_len), (0, 0), (0, 0)))
   valid = (jnp.arange(nk * block) < s_len).reshape(nk, block)
-  per_step = max(1, min(r, BLOCK_MAX_ELEMENTS // (b * hkv * nk * block)))
-  rp = -(-r // per_step) * per_step
-  qs = jnp.pad(q, ((0, 0), (0, rp - r), (0, 0), (0, 0))).reshape(b, rp // per_step, per_step, hkv, d)
 
-  def rows(qi):  # [B, c, Hkv, D] -> [B, c, Hkv, nk]
-    sc = jnp.einsum("bchd,bshd->bchs", qi, kp, preferred_element_type=qi.dtype)
-    sc = jnp.where(valid, sc.reshape(*sc.shape[:3], nk, block), -jnp.inf)
-    return sc.max(-1).astype(jnp.float32)
+  def band(lo, hi):  # rows [lo, hi) -> [B, hi - lo, Hkv, nk]
+    m = nk if row_block is None else min(nk, (hi - 1) // row_block + 1)
+    per_step = max(1, min(hi - lo, BLOCK_MAX_ELEMENTS // (b * hkv * m * block)))
+    c = -(-(hi - lo) // per_step)
+    qs = jnp.pad(q[:, lo:hi], ((0, 0), (0, c * per_step - (hi - lo)), (0, 0), (0, 0)))
 
-  out = jax.lax.map(rows, jnp.moveaxis(qs, 1, 0))  # [steps, B, c, Hkv, nk]
-  out = jnp.moveaxis(out, 0, 1).reshape(b, rp, hkv, nk)[:, :r]
+    def rows(qi):  # [B, c, Hkv, D] -> [B, c, Hkv, m]
+      sc = jnp.einsum("bchd,bshd->bchs", qi, kp[:, :m * block], preferred_element_type=qi.dtype)
+      sc = jnp.where(valid[:m], sc.reshape(*sc.shape[:3], m, block), -jnp.inf)
+      return sc.max(-1).astype(jnp.float32)
+
+    out = jax.lax.map(rows, jnp.moveaxis(qs.reshape(b, c, per_step, hkv, d), 1, 0))
+    out = jnp.moveaxis(out, 0, 1).reshape(b, c * per_step, hkv, m)[:, :hi - lo]
+    return jnp.pad(out, ((0, 0),) * 3 + ((0, nk - m),), constant_values=-jnp.inf)
+
+  n_bands = 1 if row_block is None else BLOCK_MAX_BANDS
+  edges = sorted({-(-r * i // n_bands) for i in range(n_bands + 1)})
+  out = jnp.concatenate([band(lo, hi) for lo, hi in zip(edges, edges[1:])], axis=1)
   return jnp.where(_block_max_mask(r, nk, row_block)[None, :, None], out, -jnp.inf)
 
 

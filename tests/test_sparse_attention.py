@@ -606,18 +606,20 @@ def _block_max_loops(q, k, block, row_block):
 def test_block_max_scores_matches_its_definition(b, r, s, hkv, d, block, row_block, impl,
                                                  monkeypatch):
   """Each row's best score per key block (ragged S, causal rows), every impl; the XLA path
-  in steps of a few rows too."""
+  in steps of a few rows and in 1, 3 and 8 causal bands too."""
   from longax.kernels import block_max_scores, sparse_attention
   rng = np.random.default_rng(r)
   q, k = rng.normal(size=(b, r, hkv, d)), rng.normal(size=(b, s, hkv, d))
   want = _block_max_loops(q, k, block, row_block)
-  for elements in (sparse_attention.BLOCK_MAX_ELEMENTS, b * hkv * s * 3):
+  for elements, bands in ((sparse_attention.BLOCK_MAX_ELEMENTS, 8), (b * hkv * s * 3, 3),
+                          (b * hkv * s * 3, 1)):
     monkeypatch.setattr(sparse_attention, "BLOCK_MAX_ELEMENTS", elements)
+    monkeypatch.setattr(sparse_attention, "BLOCK_MAX_BANDS", bands)
     got = np.asarray(block_max_scores(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32),
                                       block=block, row_block=row_block, impl=impl))
     np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
     assert_close(np.where(np.isinf(got), 0, got), np.where(np.isinf(want), 0, want), 1e-5,
-                 what=f"{impl} {elements}")
+                 what=f"{impl} {elements} {bands}")
 
 
 def test_block_max_scores_errors():
