@@ -28,6 +28,9 @@ the steps not all of them selected (`_Lists.rows`, `_rows_select`).
 NSA's block importance (`importance_pallas`, impl="pallas" of `compressed_importance`) folds a
 token's heads into rows the same way and sums each token's rows with a second wgmma (R @ P);
 `auto` takes it (its GPU tests pass; `IMPORTANCE_ON_AUTO` switches that off).
+Block top-k's estimate (`block_max_pallas`, impl="pallas" of `block_max_scores`) streams 64-key
+blocks past a CTA's rows and writes each row's max per block; not on `auto` until its GPU
+tests have run (`BLOCK_MAX_ON_AUTO`).
 """
 
 from __future__ import annotations
