@@ -16,7 +16,8 @@ the same shape, FLOPs from the mask's pairs. `--ops nsa` times NSA's attention c
 budget: the estimated one, `vertical_slash`, and a local band with spread columns,
 `vertical_slash[band]`), `--ops sparse_prefill` the inference CLI's sparse prefill
 attention (pattern estimate included; block top-k with and without its summary branch,
-vertical-slash; forward only), all beside dense causal attention (ours and cuDNN) at the same
+vertical-slash; forward only; `--ops block_max` its estimate alone, `block_max_scores`),
+all beside dense causal attention (ours and cuDNN) at the same
 shape, at 8k..64k / 32k..128k tokens on the GPU
 grid (`python -m longax.benchmarks.plots sparse` draws the speedups). A row that runs out of
 memory prints `oom` in the column it was timing. Attention FLOPs are counted the
