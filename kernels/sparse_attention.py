@@ -612,8 +612,9 @@ def _block_max_xla(q, k, *, block: int, row_block=None):
     out = jnp.moveaxis(out, 0, 1).reshape(b, c * per_step, hkv, m)[:, :hi - lo]
     return jnp.pad(out, ((0, 0),) * 3 + ((0, nk - m),), constant_values=-jnp.inf)
 
-  n_bands = 1 if row_block is None else BLOCK_MAX_BANDS
-  edges = sorted({-(-r * i // n_bands) for i in range(n_bands + 1)})
+  if row_block is None:
+    return band(0, r)
+  edges = sorted({-(-r * i // BLOCK_MAX_BANDS) for i in range(BLOCK_MAX_BANDS + 1)})
   out = jnp.concatenate([band(lo, hi) for lo, hi in zip(edges, edges[1:])], axis=1)
   return jnp.where(_block_max_mask(r, nk, row_block)[None, :, None], out, -jnp.inf)
 

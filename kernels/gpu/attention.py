@@ -1611,6 +1611,20 @@ class _Importance:
     return visible_pairs(pos, end) & (key < self.n)
 
 
+def _k_memory(k_ref, b, kvh, bk: int, n, stages: int, wgs: int, k_smem, k_bars, k_free):
+  """The memory warpgroup of the importance and block-max kernels: step i's K block (keys
+  [i * bk, (i + 1) * bk) of batch b, KV head kvh) into the ring, freed by the compute
+  warpgroups."""
+  plgpu.set_max_registers(40 if wgs == 2 else 24, action="decrease")
+
+  def load_k(i, slot):
+    plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(i * bk, bk), kvh], k_smem.at[slot],
+                            k_bars.at[slot])
+
+  _produce(n, stages, [(k_free, load_k)])
+  _drain(n, stages, (k_free,))
+
+
 def _importance_kernel(q, k, lse, pb: _Importance):
   """q [B, Tp * rows, Hkv, D] (a token's heads folded into `rows` rows; Tp * rows a multiple
   of wgs * 64), k [B, Np, Hkv, D] (Np a multiple of block_k), lse [B, Hkv, Tp * rows] float32
@@ -1687,14 +1701,7 @@ def _importance_kernel(q, k, lse, pb: _Importance):
 
     @pl.when(wg == wgs)
     def _memory():
-      plgpu.set_max_registers(40 if wgs == 2 else 24, action="decrease")
-
-      def load_k(i, slot):
-        plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(i * bk, bk), kvh], k_smem.at[slot],
-                                k_bars.at[slot])
-
-      _produce(n, stages, [(k_free, load_k)])
-      _drain(n, stages, (k_free,))
+      _k_memory(k_ref, b, kvh, bk, n, stages, wgs, k_smem, k_bars, k_free)
 
   smem = (_tiles(dtype, wgs, 64, d), _tiles(dtype, stages, bk, d),
           plgpu.SMEM((wgs, 64), jnp.float32), _tiles(dtype, wgs, 64, bk),
@@ -1853,14 +1860,7 @@ def _block_max_kernel(q, k, *, s_len: int, row_block: int | None, blocks: BlockM
 
     @pl.when(wg == wgs)
     def _memory():
-      plgpu.set_max_registers(40 if wgs == 2 else 24, action="decrease")
-
-      def load_k(i, slot):
-        plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(i * 64, 64), kvh], k_smem.at[slot],
-                                k_bars.at[slot])
-
-      _produce(n, stages, [(k_free, load_k)])
-      _drain(n, stages, (k_free,))
+      _k_memory(k_ref, b, kvh, 64, n, stages, wgs, k_smem, k_bars, k_free)
 
   smem = (_tiles(dtype, wgs, 64, d), _tiles(dtype, stages, 64, d),
           plgpu.SMEM((wgs, 64, 64), jnp.float32))
