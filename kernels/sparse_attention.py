@@ -820,7 +820,7 @@ def block_max_scores(q, k, *, block: int = 64, row_block: int | None = None,
   of q_r . k_s (unscaled); with `row_block`, row r takes the key blocks j <= r // row_block
   only (-inf past them: causal rows, which the kernel skips). Ranking only: no gradient.
   impl="pallas": a Hopper kernel that keeps the scores in registers and writes the maxima
-  (`block_max_pallas`; blocks of 64; `auto` takes it once timed, `BLOCK_MAX_ON_AUTO`)."""
+  (`block_max_pallas`; blocks of 64; `auto` takes it on a Hopper GPU)."""
   op = "block_max_scores"
   _checks.rank(op, "q", q, 4, "[B, R, Hkv, D]")
   _checks.rank(op, "k", k, 4, "[B, S, Hkv, D]")

@@ -836,16 +836,16 @@ def test_block_max_lowers(case):
 
 
 def test_block_max_dispatch(monkeypatch):
-  """auto stays on XLA while BLOCK_MAX_ON_AUTO is off (not yet timed); impl="pallas" takes
-  the kernel for bf16/f16, head dim 64/128, blocks of 64, or says why not."""
+  """auto takes the kernel while BLOCK_MAX_ON_AUTO is on and stays on XLA when it is off;
+  impl="pallas" takes it for bf16/f16, head dim 64/128, blocks of 64, or says why not."""
   from longax.kernels._dispatch import resolve
   monkeypatch.setattr(gpu, "not_on_hopper", lambda call: None)
   take = lambda impl="auto", d=128, dt=jnp.bfloat16, block=64: resolve(
       "block_max_scores", impl, dict(q=jnp.zeros((1, 64, 1, d), dt), k=jnp.zeros((1, 64, 1, d), dt),
                                      block=block, impl=impl)) is gpu.block_max_pallas
-  assert not take() and take(impl="pallas") and take(impl="pallas", d=64, dt=jnp.float16)
-  monkeypatch.setattr(gpu, "BLOCK_MAX_ON_AUTO", True)
   assert take() and not (take(dt=jnp.float32) or take(d=256) or take(block=32))
+  monkeypatch.setattr(gpu, "BLOCK_MAX_ON_AUTO", False)
+  assert not take() and take(impl="pallas") and take(impl="pallas", d=64, dt=jnp.float16)
 
 
 # The kernel run by Mosaic GPU's interpret mode on CPU (race detector on, buffers start as
