@@ -45,7 +45,7 @@ def search(model, tokens, *, kind: str, budget: int, block: int = 64, last_q: in
            summary: bool = False, progress: bool = True) -> SparsePrefill:
   """The per-head plan for `model` from a calibration prompt (a list of token ids) or several
   (a list of such lists: each head takes the option with the least mean error over them).
-  summary: block_topk with its summary branch (`layers.sparse_prefill._summary`), searched
+  summary: block_topk with its summary branch (`kernels.block_mean_attention`), searched
   as it will run."""
   check(model.cfg, kind, budget, block)
   prompts = [list(tokens)] if tokens and np.ndim(tokens[0]) == 0 else [list(t) for t in tokens]

@@ -7,7 +7,8 @@ from longax.kernels._dispatch import IMPLS, available
 from longax.kernels.attention import attention, sigmoid_attention
 from longax.kernels.linear_attention import linear_attention, linear_attention_step
 from longax.kernels.selective_scan import selective_scan, selective_scan_step
-from longax.kernels.sparse_attention import (block_max_scores, block_sparse_attention,
+from longax.kernels.sparse_attention import (block_max_scores, block_mean_attention,
+                                             block_sparse_attention,
                                              compressed_importance,
                                              selected_block_attention,
                                              vertical_slash_attention, vertical_slash_pattern)
@@ -20,4 +21,5 @@ __all__ = [
     "query_positions", "visible", "block_sparse_attention", "selected_block_attention",
     "vertical_slash_attention", "vertical_slash_pattern", "compressed_importance",
     "block_max_scores",
+    "block_mean_attention",
 ]

@@ -24,7 +24,11 @@ key j <= that position. A query row that sees no key gives 0.
 - `block_max_scores`: block top-k's estimate (`layers.sparse_prefill`): each row's best
   score per key block, [B, R, Hkv, ceil(S / block)] float32; the XLA path chunks rows
   (`BLOCK_MAX_ELEMENTS`), impl="pallas" a Hopper kernel writing only the maxima
-  (`block_max_pallas`; not on `auto` until timed). No gradient.
+  (`block_max_pallas`). No gradient.
+- `block_mean_attention`: block top-k's summary branch: each query attends to the mean key /
+  value of the key blocks its block's mask row takes (each weighing as `block` keys), (o,
+  lse) to merge with the block-sparse pass; impl="pallas" the Hopper forward kernel over the
+  means with a per-query-block column mask (`block_mean_pallas`). No gradient.
 - `vertical_slash_attention`: MInference; key columns every query sees ([B, H, nv]) and
   offsets o >= 0 (query i sees key i - o, [B, H, ns]), -1 unused; `vertical_slash_pattern`
   estimates both from the last queries' scores. impl="pallas": two passes of the Hopper
@@ -619,11 +623,72 @@ def _block_max_xla(q, k, *, block: int, row_block=None):
   return jnp.where(_block_max_mask(r, nk, row_block)[None, :, None], out, -jnp.inf)
 
 
+# ------------------------------------------- block top-k's summary: attention over block means
+
+BLOCK_MEAN_ELEMENTS = 2**26  # block_mean_attention's XLA path: float32 scores per step
+
+
+def _block_means(x, block: int):
+  """x [B, S, Hkv, D] -> [B, ceil(S / block), Hkv, D] in x's dtype: each block's mean over its
+  real keys (float32 sums)."""
+  b, s_len = x.shape[:2]
+  n = -(-s_len // block)
+  xs = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, n * block - s_len), (0, 0), (0, 0)))
+  count = jnp.minimum(block, s_len - jnp.arange(n) * block).astype(jnp.float32)
+  return (xs.reshape(b, n, block, *x.shape[2:]).sum(2) / count[:, None, None]).astype(x.dtype)
+
+
+def _block_mean_reference(q, k, v, block_mask, *, block: int, scale: float):
+  """The definition in float32: every query's scores against the means its block takes, one
+  softmax, log(block) added to the lse."""
+  b, t, h, d = q.shape
+  hkv = k.shape[2]
+  kbar, vbar = (jnp.repeat(_block_means(x, block).astype(jnp.float32), h // hkv, axis=2)
+                for x in (k, v))
+  sc = scale * jnp.einsum("bthd,bnhd->bhtn", q.astype(jnp.float32), kbar)
+  on = jnp.broadcast_to(block_mask, (b, h) + block_mask.shape[2:])[:, :, jnp.arange(t) // block]
+  sc = jnp.where(on, sc, -jnp.inf)
+  lse = jax.nn.logsumexp(sc, axis=-1)  # [B, H, T]; -inf: no block
+  p = jnp.where(on, jnp.exp(sc - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]), 0.0)
+  o = jnp.einsum("bhtn,bnhd->bthd", p, vbar)
+  return o, jnp.swapaxes(lse, 1, 2) + math.log(block)
+
+
+def _block_mean_xla(q, k, v, block_mask, *, block: int, scale: float):
+  """One query block per step row (`lax.map` over query blocks, several per step up to
+  BLOCK_MEAN_ELEMENTS scores): [B, Hkv, G, block, nk] scores, products in the inputs' dtype,
+  float32 accumulation, as the kernels."""
+  b, t, h, d = q.shape
+  hkv = k.shape[2]
+  nq = -(-t // block)
+  nk = -(-k.shape[1] // block)
+  kbar, vbar = _block_means(k, block), _block_means(v, block)  # [B, nk, Hkv, D]
+  qs = rearrange(jnp.pad(q, ((0, 0), (0, nq * block - t), (0, 0), (0, 0))),
+                 "b (n c) (kv g) d -> n b kv g c d", c=block, kv=hkv)
+  masks = rearrange(jnp.broadcast_to(block_mask, (b, h, nq, nk)), "b (kv g) i j -> i b kv g j",
+                    kv=hkv)
+  mm = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+
+  def rows(args):  # one query block: [B, Hkv, G, c, D], [B, Hkv, G, nk]
+    qi, m = args
+    sc = jnp.where(m[..., None, :], mm("bkgcd,bjkd->bkgcj", qi, kbar) * scale, -jnp.inf)
+    lse = jax.nn.logsumexp(sc, axis=-1)  # -inf: no block
+    p = jnp.exp(sc - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])
+    return mm("bkgcj,bjkd->bkgcd", p.astype(vbar.dtype), vbar), lse
+
+  per_step = max(1, BLOCK_MEAN_ELEMENTS // (b * h * block * nk))
+  o, lse = jax.lax.map(rows, (qs, masks), batch_size=min(per_step, nq))
+  o = rearrange(o, "n b kv g c d -> b (n c) (kv g) d")[:, :t]
+  lse = rearrange(lse, "n b kv g c -> b (n c) (kv g)")[:, :t]
+  return o, lse + math.log(block)
+
+
 for _op, _ref, _xla in (("block_sparse_attention", _block_sparse_reference, _block_sparse_xla),
                         ("selected_block_attention", _selected_reference, _selected_xla),
                         ("vertical_slash_attention", _vertical_slash_reference, _vertical_slash_xla),
                         ("compressed_importance", _importance_reference, _importance_xla),
-                        ("block_max_scores", _block_max_reference, _block_max_xla)):
+                        ("block_max_scores", _block_max_reference, _block_max_xla),
+                        ("block_mean_attention", _block_mean_reference, _block_mean_xla)):
   register(_op, "reference")(_ref)
   register(_op, "xla")(_xla)
 
@@ -707,6 +772,7 @@ def _selected_gpu(q, k, v, block_indices, spec: AttnSpec, *, block_size: int,
 register_kernels("selected_block_attention", gpu=(_selected_gpu, _gpu.selected_unsupported))
 register_kernels("compressed_importance", gpu=(_gpu.importance_pallas, _gpu.importance_unsupported))
 register_kernels("block_max_scores", gpu=(_gpu.block_max_pallas, _gpu.block_max_unsupported))
+register_kernels("block_mean_attention", gpu=(_gpu.block_mean_pallas, _gpu.block_mean_unsupported))
 register_kernels("vertical_slash_attention",
                  gpu=(_gpu.vertical_slash_pallas, _gpu.vertical_slash_unsupported))
 
@@ -834,6 +900,34 @@ def block_max_scores(q, k, *, block: int = 64, row_block: int | None = None,
     _checks.positive_int(op, "row_block", row_block)
   fn = resolve(op, impl, dict(q=q, k=k, block=block, impl=impl))
   return fn(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), block=block, row_block=row_block)
+
+
+def block_mean_attention(q, k, v, block_mask, *, block: int = 64, scale: float | None = None,
+                         impl: str = "auto"):
+  """Attention over key-block means (block top-k's summary branch, `layers.sparse_prefill`):
+  query i attends to the mean key and mean value of every key block j (`block` keys; the
+  last block's mean over its real keys) whose `block_mask` (bool [B|1, H|1, ceil(T/block),
+  ceil(S/block)]) entry (i // block, j) is on, each mean weighing as `block` keys. q [B, T, H,
+  D], k/v [B, S, Hkv, D] -> (o [B, T, H, Dv] float32, lse [B, T, H] float32 with log(block) in
+  it; o = 0 and lse = -inf where a query's block takes no block): a partial result for
+  `merge_partials`. No causal rule: the mask says which blocks a query takes. No gradient
+  (inference). impl="pallas": the Hopper attention kernel over the means with each query
+  block's own key columns masked in-tile (`block_mean_pallas`)."""
+  op = "block_mean_attention"
+  scale = _check_qkv(op, q, k, v, False, scale)
+  _checks.positive_int(op, "block", block)
+  b, t, h, _ = q.shape
+  nq, nk = -(-t // block), -(-k.shape[1] // block)
+  _checks.rank(op, "block_mask", block_mask, 4, "[B|1, H|1, ceil(T/block), ceil(S/block)]")
+  if jnp.asarray(block_mask).dtype != jnp.bool_:
+    raise ValueError(f"{op}: `block_mask` must be bool, got dtype {jnp.asarray(block_mask).dtype}")
+  bm_shape = tuple(block_mask.shape)
+  if bm_shape[0] not in (1, b) or bm_shape[1] not in (1, h) or bm_shape[2:] != (nq, nk):
+    raise ValueError(f"{op}: `block_mask` must be [B={b}|1, H={h}|1, {nq}, {nk}] "
+                     f"(block={block}), got {bm_shape}")
+  fn = resolve(op, impl, dict(q=q, k=k, v=v, block=block, impl=impl))
+  sg = jax.lax.stop_gradient
+  return fn(sg(q), sg(k), sg(v), jnp.asarray(block_mask), block=block, scale=scale)
 
 
 def compressed_importance(q, k_cmp, lse, *, block_size: int, stride: int,

@@ -26,8 +26,8 @@ the budget of `budget` keys per query splits (`choices`):
   no saving yet (that is the GPU kernel's job). With `summary`, every skipped key block
   wholly before the query's block still takes part as one key, its mean key and mean value,
   weighing as its `block` keys (log(block) on its score), in one softmax with the kept keys
-  (`_summary`, merged by log-sum-exp): heads whose attention spreads over the whole prompt
-  keep that share (NOTES.md: dense's answers at 1024 keys per query on the 8k passkey model).
+  (`kernels.block_mean_attention`, merged by log-sum-exp): heads whose attention spreads
+  over the whole prompt keep that share (NOTES.md: dense's answers at 1024 keys per query on the 8k passkey model).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +54,7 @@ class SparsePrefill:
   block: int  # block_topk: tokens per block
   heads: tuple[tuple[int, ...], ...] = ()  # per eligible layer (call order), per head: a choice
   last_q: int = LAST_Q  # vertical_slash: queries the pattern is estimated from
-  summary: bool = False  # block_topk: skipped blocks as one mean key each (`_summary`)
+  summary: bool = False  # block_topk: skipped blocks as one mean key each (`kernels.block_mean_attention`)
 
 
 def choices(kind: str, budget: int, block: int) -> tuple[int, ...]:
@@ -71,7 +70,7 @@ def attend(q, k, v, kind: str, heads: tuple[int, ...], budget: int, block: int,
            last_q: int = LAST_Q, impl: str = "auto", summary: bool = False):
   """Sparse causal attention of a whole prompt, q [B, T, H, D], k/v [B, T, Hkv, D], head h
   with option heads[h] (see `choices`) -> [B, T, H, D]. summary: block_topk's skipped blocks
-  as one mean key each (`_summary`)."""
+  as one mean key each (`kernels.block_mean_attention`)."""
   if kind == "vertical_slash":
     return _vertical_slash(q, k, v, heads, budget, last_q, impl)
   return _block_topk(q, k, v, heads, budget, block, impl, summary)
@@ -93,8 +92,6 @@ def _vertical_slash(q, k, v, heads, budget, last_q, impl):
 
 # a query block's probes: its mean query and its last PROBES - 1 queries
 PROBES = 4
-# `_summary`'s scores per `lax.map` step ([B, H, rows, T / block] float32)
-SUMMARY_ELEMENTS = 1 << 26
 
 
 def _block_scores(q, k, block):
@@ -150,42 +147,9 @@ def _block_topk(q, k, v, heads, budget, block, impl, summary=False):
     return out
   i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
   o, _ = merge_partials(out[0].astype(jnp.float32), out[1],
-                        *_summary(q, k, v, (j < i) & ~keep, block))
+                        *kernels.block_mean_attention(q, k, v, (j < i) & ~keep,
+                                                      block=block, impl=impl))
   return o.astype(q.dtype)
-
-
-def _summary(q, k, v, skipped, block):
-  """Attention of every query over the mean keys of the key blocks `skipped` marks for its
-  block (bool [B|1, H, nq, nk]), each weighing as its `block` keys (products in the inputs'
-  dtype, float32 accumulation, as the kernels): (o [B, T, H, Dv] float32,
-  lse [B, T, H] with log(block) in it, -inf where a query skips no block). Block means of
-  k and v per KV head; one query block per step: [B, H, rows, nk] scores at a time. (Not
-  `block_sparse_attention` with one key per block: its XLA path would scan T / block
-  single-key steps, where this takes a few query blocks' dense scores per step.)"""
-  b, t, h, d = q.shape
-  hkv = k.shape[2]
-  n = -(-t // block)
-  pad = lambda x: jnp.pad(x, ((0, 0), (0, n * block - t), (0, 0), (0, 0)))
-  kbar, vbar = (pad(x).astype(jnp.float32).reshape(b, n, block, hkv, -1).mean(2).astype(x.dtype)
-                for x in (k, v))  # [B, n, Hkv, D]
-  qs = rearrange(pad(q), "b (n c) (kv g) d -> n b kv g c d", c=block, kv=hkv)
-  masks = rearrange(jnp.broadcast_to(skipped, (b, h, n, n)), "b (kv g) i j -> i b kv g j", kv=hkv)
-  scale = d ** -0.5
-  mm = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
-
-  def rows(args):  # one query block: [B, Hkv, G, c, D], [B, Hkv, G, nk]
-    qi, m = args
-    s = mm("bkgcd,bjkd->bkgcj", qi, kbar) * scale
-    s = jnp.where(m[..., None, :], s, -jnp.inf)
-    lse = jax.nn.logsumexp(s, axis=-1)  # -inf: no skipped block
-    p = jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])
-    return mm("bkgcj,bjkd->bkgcd", p.astype(vbar.dtype), vbar), lse
-
-  per_step = max(1, SUMMARY_ELEMENTS // (b * h * block * n))
-  o, lse = jax.lax.map(rows, (qs, masks), batch_size=min(per_step, n))
-  o = rearrange(o, "n b kv g c d -> b (n c) (kv g) d")[:, :t]
-  lse = rearrange(lse, "n b kv g c -> b (n c) (kv g)")[:, :t]
-  return o, lse + jnp.log(float(block))
 
 
 # ------------------------------------------------------------------------------ context

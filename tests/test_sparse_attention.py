@@ -633,3 +633,60 @@ def test_block_max_scores_errors():
     block_max_scores(q, k, row_block=-1)
   with pytest.raises(ValueError, match="impl='pallas' does not support this call"):
     block_max_scores(q, k, impl="pallas")
+
+
+def _block_mean_loops(q, k, v, mask, block, scale):
+  """block_mean_attention query by query in numpy float64: the real keys' mean per block, a
+  softmax over the blocks the query's block takes, each with log(block) on its score."""
+  b, t, h, _ = q.shape
+  s_len, hkv = k.shape[1], k.shape[2]
+  nk = -(-s_len // block)
+  kbar = np.stack([k[:, j * block:(j + 1) * block].mean(1) for j in range(nk)], 1)
+  vbar = np.stack([v[:, j * block:(j + 1) * block].mean(1) for j in range(nk)], 1)
+  mask = np.broadcast_to(mask, (b, h) + mask.shape[2:])
+  o, lse = np.zeros((b, t, h, v.shape[-1])), np.full((b, t, h), -np.inf)
+  for bi, i, hi in np.ndindex(b, t, h):
+    js = np.flatnonzero(mask[bi, hi, i // block])
+    if js.size:
+      g = hi // (h // hkv)
+      sc = scale * kbar[bi, js, g] @ q[bi, i, hi] + np.log(block)
+      lse[bi, i, hi] = np.logaddexp.reduce(sc)
+      o[bi, i, hi] = np.exp(sc - lse[bi, i, hi]) @ vbar[bi, js, g]
+  return o, lse
+
+
+@pytest.mark.parametrize("b,t,s,h,hkv,d,block,mb,mh", [
+    (1, 37, 37, 2, 1, 8, 8, 1, 1), (2, 50, 70, 4, 2, 16, 16, 2, 4), (1, 64, 30, 3, 3, 8, 16, 1, 3)])
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_block_mean_attention_matches_its_definition(b, t, s, h, hkv, d, block, mb, mh, impl,
+                                                     monkeypatch):
+  """Attention over key-block means (ragged T and S: the last block's mean over its real keys,
+  GQA, broadcast masks, query blocks that take none: o 0, lse -inf); the XLA path one and a
+  few query blocks per step too."""
+  from longax.kernels import block_mean_attention, sparse_attention
+  rng = np.random.default_rng(t + s)
+  q, k, v = (rng.normal(size=sh) for sh in ((b, t, h, d), (b, s, hkv, d), (b, s, hkv, d)))
+  mask = rng.random((mb, mh, -(-t // block), -(-s // block))) < 0.5
+  mask[..., 0, :] = False  # a query block that takes no block
+  want_o, want_lse = _block_mean_loops(q, k, v, mask, block, 0.3)
+  for elements in (sparse_attention.BLOCK_MEAN_ELEMENTS, b * h * block * s):
+    monkeypatch.setattr(sparse_attention, "BLOCK_MEAN_ELEMENTS", elements)
+    o, lse = block_mean_attention(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)),
+                                  jnp.asarray(mask), block=block, scale=0.3, impl=impl)
+    np.testing.assert_array_equal(np.isinf(lse), np.isinf(want_lse))
+    assert_close(np.where(np.isinf(lse), 0, lse), np.where(np.isinf(want_lse), 0, want_lse), 1e-5,
+                 what=f"{impl} lse")
+    assert_close(o, want_o, 1e-5, what=f"{impl} o")
+
+
+def test_block_mean_attention_errors():
+  from longax.kernels import block_mean_attention
+  q, k = jnp.zeros((1, 8, 2, 4)), jnp.zeros((1, 16, 2, 4))
+  with pytest.raises(ValueError, match=r"block_mean_attention: `block_mask` must be \[B=1\|1, H=2\|1, 1, 2\]"):
+    block_mean_attention(q, k, k, jnp.ones((1, 1, 2, 2), bool), block=8)
+  with pytest.raises(ValueError, match="block_mean_attention: `block_mask` must be bool"):
+    block_mean_attention(q, k, k, jnp.ones((1, 1, 1, 2)), block=8)
+  with pytest.raises(ValueError, match="block_mean_attention: `block` must be an int >= 1, got 0"):
+    block_mean_attention(q, k, k, jnp.ones((1, 1, 1, 2), bool), block=0)
+  with pytest.raises(ValueError, match="impl='pallas' does not support this call"):
+    block_mean_attention(q, k, k, jnp.ones((1, 1, 1, 2), bool), block=8, impl="pallas")

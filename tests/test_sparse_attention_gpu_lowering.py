@@ -872,3 +872,73 @@ def test_block_max_kernel_interpreted_matches_reference(rand, case):
   np.testing.assert_array_equal(np.isinf(got), np.isinf(want))  # no NaN: every element written
   np.testing.assert_allclose(np.where(np.isinf(got), 0, got), np.where(np.isinf(want), 0, want),
                              rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------- block top-k's summary: block means
+# `block_mean_pallas`: the forward kernel over the key blocks' means, each query block's own
+# columns masked (`_Lists.cols`). (B, T, S, H, Hkv, D, mask heads): the prefill's 64k shape.
+BMEAN_LOWER = [(1, 65536, 65536, 16, 4, 128, 16), (2, 1000, 3000, 4, 2, 64, 1)]
+
+
+@pytest.mark.parametrize("case", BMEAN_LOWER, ids=str)
+def test_block_mean_lowers(case):
+  b, t, s, h, hkv, d, mh = case
+  q = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((b, s, hkv, d), jnp.bfloat16)
+  m = jax.ShapeDtypeStruct((1, mh, -(-t // 64), -(-s // 64)), jnp.bool_)
+  lowered = jax.jit(lambda q, k, v, m: gpu.block_mean_pallas(q, k, v, m, block=64, scale=0.1)
+                    ).trace(q, k, k, m).lower(lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_block_mean_dispatch(monkeypatch):
+  """auto and impl="pallas" take the kernel for bf16/f16, head dim 64/128 (v's alike), blocks
+  of 64 and up to BLOCK_MEAN_MAX_KEYS means, or say why not."""
+  from longax.kernels._dispatch import resolve
+  monkeypatch.setattr(gpu, "not_on_hopper", lambda call: None)
+
+  def take(impl="auto", d=128, dv=None, dt=jnp.bfloat16, block=64, s=64):
+    q, k = jnp.zeros((1, 64, 1, d), dt), jnp.zeros((1, s, 1, d), dt)
+    v = jnp.zeros((1, s, 1, dv or d), dt)
+    return resolve("block_mean_attention", impl, dict(q=q, k=k, v=v, block=block, impl=impl)
+                   ) is gpu.block_mean_pallas
+
+  assert take() and take(impl="pallas", d=64, dt=jnp.float16)
+  assert not (take(dt=jnp.float32) or take(d=256) or take(dv=64) or take(block=32)
+              or take(s=64 * gpu.BLOCK_MEAN_MAX_KEYS + 1))
+  with pytest.raises(ValueError, match="block 32 \\(the kernel takes 64\\)"):
+    take(impl="pallas", block=32)
+
+
+# The kernel run by Mosaic GPU's interpret mode on CPU (race detector on, buffers start as
+# NaN) against the reference: (B, T, S, H, Hkv, D, mask heads, density): ragged T and S
+# (the last mean over 5 keys), a mask per head; B = 2, GQA with one mask for all heads, two
+# tiles of means; head dim 128 (slow under the interpreter).
+BMEAN_INTERPRET = [(1, 300, 300, 2, 1, 64, 2, 0.6), (2, 200, 4500, 4, 2, 64, 1, 0.3),
+                   pytest.param((1, 130, 200, 1, 1, 128, 1, 0.5), marks=pytest.mark.slow)]
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("case", BMEAN_INTERPRET, ids=str)
+def test_block_mean_kernel_interpreted_matches_reference(rand, case):
+  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as interp
+  from conftest import assert_close
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  from longax.kernels import block_mean_attention
+  b, t, s, h, hkv, d, mh, density = case
+  q = rand.normal((b, t, h, d), jnp.bfloat16)
+  k, v = rand.normal((b, s, hkv, d), jnp.bfloat16), rand.normal((b, s, hkv, d), jnp.bfloat16)
+  mask = rand.uniform((1, mh, -(-t // 64), -(-s // 64)), 0.0, 1.0) < density
+  mask = mask.at[:, :, 1].set(False)  # a query block that takes no block
+  try:
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)):
+      o, lse = jax.tree.map(np.asarray, gpu.block_mean_pallas(q, k, v, mask, block=64,
+                                                                  scale=d**-0.5))
+    assert not interp.get_races().races_found, "a data race in the kernel"
+  finally:
+    interp.reset_gpu_interpret_mode_state()
+  want_o, want_lse = block_mean_attention(q, k, v, mask, impl="reference")
+  np.testing.assert_array_equal(np.isinf(lse), np.isinf(want_lse))
+  assert_close(np.where(np.isinf(lse), 0, lse), np.where(np.isinf(want_lse), 0, want_lse), 1e-3,
+               what="lse")
+  assert_close(o, want_o, 2e-2, what="o")

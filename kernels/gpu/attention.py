@@ -50,7 +50,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from longax.kernels._checks import concrete
 from longax.kernels._vma import same_vma
-from longax.kernels.attention import merge_partials
+from longax.kernels.attention import AttnSpec, merge_partials
 from longax.kernels.gpu import kernel, not_on_hopper
 from longax.kernels.visibility import key_blocks, query_blocks, visible_pairs
 
@@ -103,6 +103,7 @@ class _Problem:
   rows_per_pos: int = 1  # query rows per position (NSA's selected blocks: a token's heads)
   select_block: int | None = None  # rows list their own key blocks (`_Lists.rows`) of this size
   vs: str | None = None  # MInference's passes, "vertical" | "slash" (`vertical_slash_pallas`)
+  cols: bool = False  # each query block (block_q rows) masks its own key columns (`_Lists.cols`)
 
   @property
   def key_vec(self):  # the forward streams an int32 vector per key block (k_seg)
@@ -340,6 +341,8 @@ class _Lists(NamedTuple):
   runs: Any = None  # vertical-slash's slash pass: int32 [.., wgs, 2, L], warpgroup w's runs
   #   of offsets crossing step i are [runs[w, 0, i], runs[w, 1, i]) of `diags`
   diags: Any = None  # int32 [B, H, 2, NR]: each (b, h)'s runs of offsets (lo, hi), ascending
+  cols: Any = None  # int32 [B|1, H|1, Tp / block_q, Sp / block_kv, block_kv]: the key columns
+  #   each query block sees (1) or not (0), the forward's every step masked by them
 
 
 class _Listed(NamedTuple):
@@ -516,11 +519,13 @@ def _forward(q, k, v, q_seg, k_seg, pb: _Problem, lists: _Lists | None = None):
   dtype = q.dtype
   spec = pb.spec
   select = pb.select_block is not None
+  cols = pb.cols
 
   def body(q_ref, k_ref, v_ref, qs_ref, ks_ref, *refs):
     list_refs, (o_ref, lse_ref, smem, bars) = _list_refs(refs, lists)
     q_smem2, k_smem, v_smem, lse_smem2, qs_smem2, ks_smem, *extra = smem
-    sel_smem2, p_smem2 = extra[:select], extra[select:]
+    sel_smem2, cols_smem2 = extra[:select], extra[select:select + cols]
+    p_smem2 = extra[select + cols:]
     q_bars, k_bars, v_bars, ks_bars, k_free, v_free, sched = bars
     b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
     tile = _heavy_first("q_seq", tp // (wgs * bq))
@@ -543,6 +548,9 @@ def _forward(q, k, v, q_seg, k_seg, pb: _Problem, lists: _Lists | None = None):
       if select:
         plgpu.copy_gmem_to_smem(list_refs.rows.at[b, h, :, pl.ds(q_row, bq)], sel_smem2[0].at[wg],
                                 q_bars.at[wg])
+      if cols:  # this query block's column mask, [Sp / bkv, bkv]
+        plgpu.copy_gmem_to_smem(_cta(list_refs.cols, b, h, lax.div(q_row, jnp.int32(bq))),
+                                cols_smem2[0].at[wg], q_bars.at[wg])
       plgpu.barrier_wait(q_bars.at[wg])
       q_seg_vec = plgpu.load(qs_smem2.at[wg], layout=_WG.reduce(1)) if pb.segments else None
 
@@ -552,6 +560,7 @@ def _forward(q, k, v, q_seg, k_seg, pb: _Problem, lists: _Lists | None = None):
           plgpu.barrier_wait(ks_bars.at[slot])
 
       def step(i, carry, masked):
+        masked = masked or cols
         slot = lax.rem(i, jnp.int32(stages))
         wait_keys(slot)
 
@@ -573,6 +582,9 @@ def _forward(q, k, v, q_seg, k_seg, pb: _Problem, lists: _Lists | None = None):
           if select:
             mask = _and(mask, _rows_select(pb, sel_smem2[0].at[wg], steps.block(i) * bkv,
                                            (bq, bkv), 0))
+          if cols:
+            col = plgpu.load(cols_smem2[0].at[wg, steps.block(i)], layout=_WG.reduce(0))
+            mask = _and(mask, _bcast(col, (bq, bkv), 1) != 0)
         plgpu.barrier_arrive(k_free.at[slot])
         if softmax:
           acc, m_i, l_i = carry
@@ -647,8 +659,9 @@ def _forward(q, k, v, q_seg, k_seg, pb: _Problem, lists: _Lists | None = None):
   smem = (_tiles(dtype, wgs, bq, d), _tiles(dtype, stages, bkv, d), _tiles(dtype, stages, bkv, d),
           plgpu.SMEM((wgs, bq), jnp.float32), plgpu.SMEM((wgs, bq), jnp.int32),
           plgpu.SMEM((stages, bkv), jnp.int32)) + _rows_smem(pb, lists, wgs, bq) + (
+              (plgpu.SMEM((wgs,) + lists.cols.shape[3:], jnp.int32),) if cols else ()) + (
               _interpret_smem(dtype, wgs, bq, bkv))
-  bars = (plgpu.Barrier(num_arrivals=1 + pb.segments + select, num_barriers=wgs),
+  bars = (plgpu.Barrier(num_arrivals=1 + pb.segments + select + cols, num_barriers=wgs),
           plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
           plgpu.Barrier(num_barriers=stages),
           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
@@ -1913,6 +1926,53 @@ def block_max_unsupported(call: dict) -> str | None:
 # (2026-11-27: block top-k's estimate at 64k 1.87 ms vs 8.33 on the XLA path; the sparse
 # prefill 13.1 -> 6.39 ms, NOTES.md). Off: auto keeps the XLA path (impl="pallas" regardless).
 BLOCK_MAX_ON_AUTO = True
+
+
+# ------------------------------------------------- block top-k's summary: block means
+# `block_mean_attention` is attention over the key blocks' means whose mask is per query
+# block and per key (mean) column: the forward kernel with one op query block (64 rows) per
+# warpgroup, tiles of 64 means, each query tile's steps listed from the mask's 64-column
+# groups (`_row_lists`), and in every step the query block's own columns masked from a row
+# it keeps in SMEM (`_Lists.cols`, `_Problem.cols`). The means themselves are an XLA reduce.
+
+BLOCK_MEAN_BLOCKS = Blocks(block_q=64, block_kv=64, stages=4, wgs=2, pingpong=False)
+BLOCK_MEAN_MAX_KEYS = 4096  # means (key blocks): each warpgroup's column row in SMEM, 4 B each
+
+
+def block_mean_pallas(q, k, v, block_mask, *, block: int, scale: float,
+                      blocks: Blocks | None = None):
+  """`block_mean_attention` on the forward kernel (see `block_mean_unsupported`)."""
+  xla = sys.modules["longax.kernels.sparse_attention"]  # the op's module (it imports this one)
+  t = q.shape[1]
+  blk = blocks or BLOCK_MEAN_BLOCKS
+  kbar, vbar = xla._block_means(k, block), xla._block_means(v, block)  # [B, nk, Hkv, D]
+  spec = AttnSpec("softmax", False, scale, None, 0, None, 0.0)
+  pb = dataclasses.replace(_problem(q, kbar, spec, None, blk), cols=True)
+  qp, kp, vp, qs, ks = _padded(*same_vma(q, kbar, vbar), None, None, blk)
+  tq, sp = qp.shape[1], kp.shape[1]
+  nq, nk = block_mask.shape[2:]
+  m = jnp.pad(jnp.asarray(block_mask), ((0, 0), (0, 0), (0, tq // 64 - nq), (0, sp - nk)))
+  cols = m.reshape(*m.shape[:3], sp // 64, 64)  # [B|1, H|1, Tp / 64, Sp / 64, 64]
+  lists = _row_lists(cols.any(-1), pb, tq, 64, blk.wgs, 64, block_q=64, block_k=64)
+  o, lse = _forward(qp, kp, vp, qs, ks, pb, lists._replace(cols=cols.astype(jnp.int32)))
+  return o[:, :t].astype(jnp.float32), _lse_public(lse, t) + math.log(block)
+
+
+def block_mean_unsupported(call: dict) -> str | None:
+  """Why the kernel does not take this call (None: it does): a Hopper GPU, bf16/f16, head
+  dim 64/128 (q, k and v alike), blocks of 64 keys, at most BLOCK_MEAN_MAX_KEYS means."""
+  if (why := not_on_hopper(call)) is not None:
+    return why
+  q, k, v = call["q"], call["k"], call["v"]
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    return f"dtype {q.dtype} (the kernel takes bfloat16 and float16)"
+  if q.shape[-1] not in (64, 128) or v.shape[-1] != q.shape[-1]:
+    return f"head dims {q.shape[-1]} / {v.shape[-1]} (the kernel takes 64 or 128, alike)"
+  if call["block"] != 64:
+    return f"block {call['block']} (the kernel takes 64)"
+  if -(-k.shape[1] // 64) > BLOCK_MEAN_MAX_KEYS:
+    return f"{-(-k.shape[1] // 64)} key blocks (the kernel takes {BLOCK_MEAN_MAX_KEYS})"
+  return None
 
 
 # ------------------------------------------------------------ MInference's vertical-slash

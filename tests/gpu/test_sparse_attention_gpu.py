@@ -429,3 +429,27 @@ def test_block_max_matches_reference(rand, case):
   np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
   fin = np.isfinite(want)
   assert np.abs(got[fin] - want[fin]).max() <= 2e-2 * np.abs(want[fin]).max()
+
+
+@pytest.mark.parametrize("case", [(1, 300, 300, 2, 1, 64, 2), (2, 1000, 4100, 8, 2, 128, 1),
+                                  (1, 8192, 8192, 16, 4, 128, 16),
+                                  (1, 65536, 65536, 16, 4, 128, 16)], ids=str)
+def test_block_mean_matches_reference(rand, case):
+  """Block top-k's summary branch on the kernel (attention over key-block means, each query
+  block's own columns masked), bf16 in: o within bf16 rounding of the float32 reference, the
+  lse within 1e-2, -inf (and o = 0) where a query block takes no block. (B, T, S, H, Hkv, D,
+  mask heads); masks as the prefill's: blocks wholly before the query's, about half of them;
+  the last two at 8k and 64k, the prefill's shape."""
+  from longax.kernels import block_mean_attention
+  b, t, s, h, hkv, d, mh = case
+  q = rand.normal((b, t, h, d), jnp.bfloat16)
+  k, v = rand.normal((b, s, hkv, d), jnp.bfloat16), rand.normal((b, s, hkv, d), jnp.bfloat16)
+  nq, nk = -(-t // 64), -(-s // 64)
+  i, j = jnp.arange(nq)[:, None], jnp.arange(nk)[None, :]
+  mask = (j < i) & (rand.uniform((1, mh, nq, nk), 0.0, 1.0) < 0.5)
+  o, lse = (np.asarray(x) for x in block_mean_attention(q, k, v, mask, impl="pallas"))
+  want_o, want_lse = (np.asarray(x) for x in block_mean_attention(q, k, v, mask, impl="reference"))
+  np.testing.assert_array_equal(np.isinf(lse), np.isinf(want_lse))
+  fin = np.isfinite(want_lse)
+  assert np.abs(lse[fin] - want_lse[fin]).max() <= 1e-2
+  assert_close(o, want_o, 2e-2, what=str(case))
