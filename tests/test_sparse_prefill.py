@@ -3,6 +3,7 @@ dense prefill, outputs against dense, the CLI flags."""
 
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -317,10 +318,12 @@ def test_block_topk_finds_a_needle_in_a_block():
 
 @pytest.mark.parametrize("budget,heads,block", [(64, (1, 2, 4), 16), (40, (1, 1, 3), 8),
                                                 (1000, (2, 1, 1), 16)])
-def test_keep_is_local_blocks_and_the_best_others(budget, heads, block):
+@pytest.mark.parametrize("chunk", [128, 4])
+def test_keep_is_local_blocks_and_the_best_others(budget, heads, block, chunk, monkeypatch):
   """`_keep` against its definition, row by row (numpy): heads[h] nearest blocks, then the
   best K - heads[h] earlier blocks by score, ties to the lower index (scores drawn from few
-  values, so ties occur)."""
+  values, so ties occur); one top-k per row and in two stages (`_top_k`, chunks of 4)."""
+  monkeypatch.setattr(sp, "TOPK_CHUNK", chunk)
   rng = np.random.default_rng(budget)
   b, n = 2, 9
   score = rng.integers(0, 4, (b, len(heads), n, n)).astype(np.float32)
@@ -332,3 +335,19 @@ def test_keep_is_local_blocks_and_the_best_others(budget, heads, block):
     others = sorted((j for j in range(i + 1) if j not in near), key=lambda j: (-score[bi, h, i, j], j))
     want[bi, h, i, near + others[:max(kb - heads[h], 0)]] = True
   np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("n,k,chunk", [(1000, 16, 128), (37, 3, 4), (37, 4, 4), (9, 2, 4)])
+def test_top_k_in_two_stages_is_lax_top_k(n, k, chunk, monkeypatch):
+  """`_top_k` equals lax.top_k, values and indices: ties (few distinct values) to the lower
+  index, -inf entries, rows not a multiple of the chunk, rows with fewer than k finite."""
+  monkeypatch.setattr(sp, "TOPK_CHUNK", chunk)
+  rng = np.random.default_rng(n + k)
+  x = rng.integers(0, 5, (3, 4, n)).astype(np.float32)
+  x[rng.random(x.shape) < 0.3] = -np.inf
+  x[0, 0, :] = -np.inf
+  x[0, 1, :-2] = -np.inf
+  got, want = sp._top_k(jnp.asarray(x), k), jax.lax.top_k(jnp.asarray(x), k)
+  np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+  fin = np.isfinite(np.asarray(want[0]))  # indices of -inf picks may differ (any -inf)
+  np.testing.assert_array_equal(np.asarray(got[1])[fin], np.asarray(want[1])[fin])
