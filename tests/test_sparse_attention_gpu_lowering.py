@@ -913,7 +913,9 @@ def test_block_mean_dispatch(monkeypatch):
 # The kernel run by Mosaic GPU's interpret mode on CPU (race detector on, buffers start as
 # NaN) against the reference: (B, T, S, H, Hkv, D, mask heads, density): ragged T and S
 # (the last mean over 5 keys), a mask per head; B = 2, GQA with one mask for all heads, two
-# tiles of means; head dim 128 (slow under the interpreter).
+# tiles of means; head dim 128: slow, and on a 2-core CPU it can deadlock under the
+# interpreter (warpgroup threads blocked in barrier-wait callbacks hold XLA's CPU thread pool
+# while another warpgroup's 64x128 dot waits for a pool thread; NOTES.md session 15).
 BMEAN_INTERPRET = [(1, 300, 300, 2, 1, 64, 2, 0.6), (2, 200, 4500, 4, 2, 64, 1, 0.3),
                    pytest.param((1, 130, 200, 1, 1, 128, 1, 0.5), marks=pytest.mark.slow)]
 
