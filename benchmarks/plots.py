@@ -15,7 +15,9 @@ runs, one eval line per run (labelled by its folder), for comparisons.
 (op, shape, impl).
 `sparse`: the speedup of sparse attention over dense attention at the same shape against
 the sequence length T, from `kernels --ops nsa,vertical_slash` results: one line per (op,
-pass) (NSA forward, NSA forward+backward, vertical-slash forward), a dashed line at 1.
+pass) (NSA forward, NSA forward+backward, vertical-slash forward), a dashed line at 1; from
+`kernels --ops sparse_prefill --profile` results, the sparse prefill's device times (block
+top-k, with the summary, vertical-slash; the dense rows of `prefill.topk` at the same shape).
 The sparse row is `--impl` (default longax.auto, else longax.xla), the dense one `--dense`
 (default: the case's fastest `dense.*` row); a case missing either (e.g. `oom`) is no point.
 `prefill`: a sparse prefill's recall against the share of causal pairs it keeps, from
@@ -233,7 +235,12 @@ def plot_kernels(paths: list[pathlib.Path], out: pathlib.Path, title: str | None
 
 SPARSE = (("nsa", "fwd_ms", "NSA forward"), ("nsa", "fwd_bwd_ms", "NSA forward+backward"),
           ("vertical_slash", "fwd_ms", "vertical-slash forward"),
-          ("vertical_slash[band]", "fwd_ms", "vertical-slash forward, band pattern"))
+          ("vertical_slash[band]", "fwd_ms", "vertical-slash forward, band pattern"),
+          ("prefill.topk", "fwd_dev_ms", "prefill: block top-k"),
+          ("prefill.topk+summary", "fwd_dev_ms", "prefill: block top-k + summary"),
+          ("prefill.vertical_slash", "fwd_dev_ms", "prefill: vertical-slash"))
+# ops whose dense rows sit in another op's case of the same shape (`kernels --ops sparse_prefill`)
+DENSE_FROM = {"prefill.topk+summary": "prefill.topk", "prefill.vertical_slash": "prefill.topk"}
 
 
 def sparse_speedups(rows: list[dict], impl: str | None = None, dense: str | None = None
@@ -247,9 +254,12 @@ def sparse_speedups(rows: list[dict], impl: str | None = None, dense: str | None
     cases.setdefault(key, {})[r["impl"]] = r
   lines: dict[str, list] = {}
   for op, col, label in SPARSE:
-    for (case_op, _), by_impl in cases.items():
+    for (case_op, shape_key), by_impl in cases.items():
       if case_op != op:
         continue
+      if op in DENSE_FROM:
+        by_impl = {**{n: r for n, r in cases.get((DENSE_FROM[op], shape_key), {}).items()
+                      if n.startswith("dense.")}, **by_impl}
       timed = {name: r[col] for name, r in by_impl.items() if isinstance(r.get(col), (int, float))}
       sparse = impl or next((i for i in ("longax.auto", "longax.xla") if i in timed), None)
       dense_ms = {n: ms for n, ms in timed.items() if n.startswith("dense.")}
@@ -264,7 +274,7 @@ def plot_sparse(paths: list[pathlib.Path], out: pathlib.Path, title: str | None 
                 impl: str | None = None, dense: str | None = None) -> None:
   lines = sparse_speedups(read_results(paths), impl, dense)
   if not lines:
-    raise PlotError("no nsa / vertical_slash case has both a sparse and a dense time "
+    raise PlotError("no nsa / vertical_slash / prefill case has both a sparse and a dense time "
                     f"(sparse: {impl or 'longax.auto or longax.xla'}, dense: {dense or 'dense.*'})")
   plt = _figure()
   fig, ax = plt.subplots(figsize=(6.5, 4))

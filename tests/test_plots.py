@@ -240,7 +240,7 @@ def test_sparse_figure_without_pairs_is_one_line(tmp_path, capsys):
                                                         impl="cudnn", fwd_ms=1.0)])))
   assert plots.main(["sparse", str(js), "--out", str(tmp_path / "x.png")]) == 2
   err = capsys.readouterr().err
-  assert "no nsa / vertical_slash case has both" in err and err.count("\n") == 1
+  assert "no nsa / vertical_slash / prefill case has both" in err and err.count("\n") == 1
 
 
 def _sp_row(op, scaling, p, t, ms, **kw):
@@ -296,3 +296,27 @@ def test_prefill_plot_and_its_errors(tmp_path, capsys):
   bad.write_text("[1, 2]")
   assert plots.main(["prefill", str(bad), "--out", str(out)]) == 2
   assert "not a `benchmarks.sparse_prefill --out` file" in capsys.readouterr().err
+
+
+def test_sparse_figure_prefill_takes_dense_from_the_topk_case(tmp_path):
+  """`kernels --ops sparse_prefill --profile` rows: device times; the summary and
+  vertical-slash cases have no dense rows of their own and take `prefill.topk`'s (same
+  shape); a T whose topk case has no dense row is no point."""
+  rows = []
+  for t, dense in ((8192, 0.5), (65536, 28.0)):
+    shape = dict(B=1, T=t, H=16, Hkv=4, D=128, budget=1024)
+    rows += [dict(op="prefill.topk", shape=shape, impl="longax.auto", fwd_ms=9.0, fwd_dev_ms=dense / 4),
+             dict(op="prefill.topk", shape=shape, impl="longax.xla", fwd_ms=9.0, fwd_dev_ms=dense * 9),
+             dict(op="prefill.topk+summary", shape=shape, impl="longax.auto", fwd_dev_ms=dense / 2),
+             dict(op="prefill.vertical_slash", shape=shape, impl="longax.auto", fwd_dev_ms=dense * 2)]
+    if t == 8192:
+      rows += [dict(op="prefill.topk", shape=shape, impl="dense.cudnn", fwd_dev_ms=dense)]
+  got = plots.sparse_speedups(rows)
+  assert got["prefill: block top-k"] == [(8192, 4.0, "longax.auto", "dense.cudnn")]
+  assert got["prefill: block top-k + summary"] == [(8192, 2.0, "longax.auto", "dense.cudnn")]
+  assert got["prefill: vertical-slash"] == [(8192, 0.5, "longax.auto", "dense.cudnn")]
+  js = tmp_path / "prefill.json"
+  js.write_text(json.dumps(dict(meta=dict(device="H100"), results=rows)))
+  out = tmp_path / "prefill.png"
+  assert plots.main(["sparse", str(js), "--out", str(out)]) == 0
+  _png(out)
