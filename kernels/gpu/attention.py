@@ -1945,6 +1945,8 @@ def block_mean_pallas(q, k, v, block_mask, *, block: int, scale: float,
   xla = sys.modules["longax.kernels.sparse_attention"]  # the op's module (it imports this one)
   t = q.shape[1]
   blk = blocks or BLOCK_MEAN_BLOCKS
+  if (blk.block_q, blk.block_kv) != (64, 64):  # a warpgroup is one op query block of 64 rows
+    raise ValueError(f"block_mean_pallas: Blocks.block_q and block_kv must be 64, got {blk}")
   kbar, vbar = xla._block_means(k, block), xla._block_means(v, block)  # [B, nk, Hkv, D]
   spec = AttnSpec("softmax", False, scale, None, 0, None, 0.0)
   pb = dataclasses.replace(_problem(q, kbar, spec, None, blk), cols=True)
