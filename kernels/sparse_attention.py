@@ -657,7 +657,9 @@ def _block_mean_reference(q, k, v, block_mask, *, block: int, scale: float):
 def _block_mean_xla(q, k, v, block_mask, *, block: int, scale: float):
   """One query block per step row (`lax.map` over query blocks, several per step up to
   BLOCK_MEAN_ELEMENTS scores): [B, Hkv, G, block, nk] scores, products in the inputs' dtype,
-  float32 accumulation, as the kernels."""
+  float32 accumulation, as the kernels. (Not `block_sparse_attention` with one key per
+  block: its XLA path would scan S / block single-key steps, where this takes a few query
+  blocks' dense scores per step.)"""
   b, t, h, d = q.shape
   hkv = k.shape[2]
   nq = -(-t // block)
@@ -787,6 +789,20 @@ def _check_qkv(op, q, k, v, causal, scale):
   return q.shape[-1]**-0.5 if scale is None else float(scale)
 
 
+def _check_block_mask(op, block_mask, q, s_len, block_q, block_k, sizes, q_name, k_name):
+  """A bool block mask [B|1, H|1, ceil(T / block_q), ceil(S / block_k)] for q [B, T, H, D]."""
+  b, t, h, _ = q.shape
+  _checks.rank(op, "block_mask", block_mask, 4,
+               f"[B|1, H|1, ceil(T/{q_name}), ceil(S/{k_name})]")
+  if jnp.asarray(block_mask).dtype != jnp.bool_:
+    raise ValueError(f"{op}: `block_mask` must be bool, got dtype {jnp.asarray(block_mask).dtype}")
+  nq, nk = -(-t // block_q), -(-s_len // block_k)
+  bm_shape = tuple(block_mask.shape)
+  if bm_shape[0] not in (1, b) or bm_shape[1] not in (1, h) or bm_shape[2:] != (nq, nk):
+    raise ValueError(f"{op}: `block_mask` must be [B={b}|1, H={h}|1, {nq}, {nk}] "
+                     f"({sizes}), got {bm_shape}")
+
+
 def _check_indices(op, name, x, rank, layout, lo, hi):
   """Integer array of `rank`; concrete values must lie in [lo, hi) (-1: unused)."""
   _checks.rank(op, name, x, rank, layout)
@@ -825,16 +841,9 @@ def block_sparse_attention(q, k, v, block_mask, *, block_q: int = 64, block_k: i
   scale = _check_qkv(op, q, k, v, causal, scale)
   _checks.positive_int(op, "block_q", block_q)
   _checks.positive_int(op, "block_k", block_k)
-  b, t, h, _ = q.shape
   s_len = k.shape[1]
-  _checks.rank(op, "block_mask", block_mask, 4, "[B|1, H|1, ceil(T/block_q), ceil(S/block_k)]")
-  if jnp.asarray(block_mask).dtype != jnp.bool_:
-    raise ValueError(f"{op}: `block_mask` must be bool, got dtype {jnp.asarray(block_mask).dtype}")
-  nq, nk = -(-t // block_q), -(-s_len // block_k)
-  bm_shape = tuple(block_mask.shape)
-  if bm_shape[0] not in (1, b) or bm_shape[1] not in (1, h) or bm_shape[2:] != (nq, nk):
-    raise ValueError(f"{op}: `block_mask` must be [B={b}|1, H={h}|1, {nq}, {nk}] "
-                     f"(block_q={block_q}, block_k={block_k}), got {bm_shape}")
+  _check_block_mask(op, block_mask, q, s_len, block_q, block_k,
+                    f"block_q={block_q}, block_k={block_k}", "block_q", "block_k")
   if kind == "softmax":
     if bias is not None:
       raise ValueError(f"{op}: `bias` is for kind='sigmoid' only")
@@ -916,15 +925,7 @@ def block_mean_attention(q, k, v, block_mask, *, block: int = 64, scale: float |
   op = "block_mean_attention"
   scale = _check_qkv(op, q, k, v, False, scale)
   _checks.positive_int(op, "block", block)
-  b, t, h, _ = q.shape
-  nq, nk = -(-t // block), -(-k.shape[1] // block)
-  _checks.rank(op, "block_mask", block_mask, 4, "[B|1, H|1, ceil(T/block), ceil(S/block)]")
-  if jnp.asarray(block_mask).dtype != jnp.bool_:
-    raise ValueError(f"{op}: `block_mask` must be bool, got dtype {jnp.asarray(block_mask).dtype}")
-  bm_shape = tuple(block_mask.shape)
-  if bm_shape[0] not in (1, b) or bm_shape[1] not in (1, h) or bm_shape[2:] != (nq, nk):
-    raise ValueError(f"{op}: `block_mask` must be [B={b}|1, H={h}|1, {nq}, {nk}] "
-                     f"(block={block}), got {bm_shape}")
+  _check_block_mask(op, block_mask, q, k.shape[1], block, block, f"block={block}", "block", "block")
   fn = resolve(op, impl, dict(q=q, k=k, v=v, block=block, impl=impl))
   sg = jax.lax.stop_gradient
   return fn(sg(q), sg(k), sg(v), jnp.asarray(block_mask), block=block, scale=scale)

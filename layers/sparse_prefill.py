@@ -27,7 +27,8 @@ the budget of `budget` keys per query splits (`choices`):
   wholly before the query's block still takes part as one key, its mean key and mean value,
   weighing as its `block` keys (log(block) on its score), in one softmax with the kept keys
   (`kernels.block_mean_attention`, merged by log-sum-exp): heads whose attention spreads
-  over the whole prompt keep that share (NOTES.md: dense's answers at 1024 keys per query on the 8k passkey model).
+  over the whole prompt keep that share (NOTES.md: dense's answers at 1024 keys per query on
+  the 8k passkey model).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class SparsePrefill:
   block: int  # block_topk: tokens per block
   heads: tuple[tuple[int, ...], ...] = ()  # per eligible layer (call order), per head: a choice
   last_q: int = LAST_Q  # vertical_slash: queries the pattern is estimated from
-  summary: bool = False  # block_topk: skipped blocks as one mean key each (`kernels.block_mean_attention`)
+  summary: bool = False  # block_topk: skipped blocks as one mean key each (block_mean_attention)
 
 
 def choices(kind: str, budget: int, block: int) -> tuple[int, ...]:
