@@ -944,3 +944,25 @@ def test_block_mean_kernel_interpreted_matches_reference(rand, case):
   assert_close(np.where(np.isinf(lse), 0, lse), np.where(np.isinf(want_lse), 0, want_lse), 1e-3,
                what="lse")
   assert_close(o, want_o, 2e-2, what="o")
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(dt=jnp.float32), "dtype float32 (the kernel takes bfloat16 and float16)"),
+    (dict(d=256), "head dims 256 / 256 (the kernel takes 64 or 128, alike)"),
+    (dict(dv=64), "head dims 128 / 64 (the kernel takes 64 or 128, alike)"),
+    (dict(block=32), "block 32 (the kernel takes 64)"),
+    (dict(s=64 * 4096 + 1), "4097 key blocks (the kernel takes 4096)")])
+def test_block_mean_unsupported_says_why(change, message, monkeypatch):
+  monkeypatch.setattr(gpu, "not_on_hopper", lambda call: None)
+  a = dict(dict(d=128, dv=None, dt=jnp.bfloat16, block=64, s=64), **change)
+  call = dict(q=jax.ShapeDtypeStruct((1, 64, 1, a["d"]), a["dt"]),
+              k=jax.ShapeDtypeStruct((1, a["s"], 1, a["d"]), a["dt"]),
+              v=jax.ShapeDtypeStruct((1, a["s"], 1, a["dv"] or a["d"]), a["dt"]), block=a["block"])
+  assert gpu.block_mean_unsupported(call) == message
+
+
+def test_block_mean_kernel_takes_64_tiles_only():
+  q = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match="block_mean_pallas: Blocks.block_q and block_kv must be 64"):
+    gpu.block_mean_pallas(q, q, q, jnp.ones((1, 1, 1, 1), bool), block=64, scale=0.1,
+                          blocks=gpu.Blocks(block_q=128, block_kv=64))
