@@ -94,24 +94,26 @@ def pass_states(decay, local, initial):
 SUB = 16  # per-key decay: sub-chunk size inside a chunk (FLA chunk_gla's BC)
 
 
-def _dot(spec, a, b, dtype):
+def _dot(spec, a, b, dtype, precision=None):
   """einsum on operands cast to `dtype` (the inputs' dtype: bf16 inputs keep bf16 matmuls)
   with float32 accumulation and result."""
-  return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+  return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), precision=precision,
+                    preferred_element_type=jnp.float32)
 
 
-def _intra(q, k, gc, visible, sub: int = SUB):
+def _intra(q, k, gc, visible, sub: int = SUB, exact: bool = False):
   """Within-chunk scores sum_d q_id k_jd exp(G_id - G_jd) on visible (j <= i) pairs.
 
   q, k: [B, H, N, C, Dk] (matmul operands in their dtype); gc: cumulative log decay
   [B, H, N, C, 1|Dk] float32 or None; visible: [B|1, 1, N|1, C, C]. Returns [B, H, N, C, C]
-  float32.
+  float32. exact (per-key gc): the sub-chunk products on float32 operands at HIGHEST
+  precision (the Hopper kernels' strong-decay form: see `_intra_per_key`).
   """
   if gc is None:
     return _dot("bhnid,bhnjd->bhnij", q, k, q.dtype) * visible
   if gc.shape[-1] == 1:
     return _dot("bhnid,bhnjd->bhnij", q, k, q.dtype) * _masked_exp(_pairwise(gc)[..., 0], visible)
-  return _intra_per_key(q, k, gc, visible, math.gcd(q.shape[3], sub))
+  return _intra_per_key(q, k, gc, visible, math.gcd(q.shape[3], sub), exact)
 
 
 def _masked_exp(x, mask):
@@ -135,12 +137,16 @@ def _diag_scores(q, k, gc, mask):
   return jnp.sum(q[..., :, None, :] * k[..., None, :, :] * decay, axis=-1)
 
 
-def _intra_per_key(q, k, gc, visible, sub: int):
+def _intra_per_key(q, k, gc, visible, sub: int, exact: bool = False):
   """`_intra` for gc [B, H, N, C, Dk] without [.., C, C, Dk]: sub-chunks of `sub` tokens.
 
   Off-diagonal blocks (row sub-chunk r after column sub-chunk s) are a matmul of
   q_i exp(G_i - G_r) and k_j exp(G_r - G_j), G_r the decay at the first token of r: both
   exponents <= 0. Diagonal blocks are elementwise on [.., S, S, Dk]. Peak [B,H,N,C,S|C/S,Dk].
+  exact: that matmul on float32 operands at HIGHEST precision. On an H100 its bf16 form
+  inside the Hopper kernels' forward-and-gradient program gave non-finite decay gradients
+  in about half the runs of one compiled executable at decays of -10 nats per token (an XLA
+  Triton GEMM of its backward; none in float32, NOTES.md session 16).
   """
   blocks = lambda x: rearrange(x, "... (r i) d -> ... r i d", i=sub)
   q, k, gc = blocks(q), blocks(k), blocks(gc)  # [B,H,N,R,S,Dk]
@@ -150,7 +156,8 @@ def _intra_per_key(q, k, gc, visible, sub: int):
   q_r = q * jnp.exp(gc - g_r)
   k_r = k[..., None, :, :, :] * _masked_exp(g_r[..., :, None, :, :] - gc[..., None, :, :, :],
                                             earlier)  # [B,H,N,R,R',S,Dk]
-  off = _dot("bhnrid,bhnrsjd->bhnrsij", q_r, k_r, q.dtype)  # [B,H,N,R,R',S,S]
+  off = _dot("bhnrid,bhnrsjd->bhnrsij", q_r, k_r, *((jnp.float32, jax.lax.Precision.HIGHEST)
+                                                    if exact else (q.dtype,)))  # [B,H,N,R,R',S,S]
 
   vis = rearrange(visible, "... (r i) (s j) -> ... r s i j", i=sub, j=sub)
   vis_diag = jnp.moveaxis(jnp.diagonal(vis, axis1=-4, axis2=-3), -1, -3)  # [..,R,S,S]

@@ -74,7 +74,7 @@ from longax.kernels._vma import vary_like
 from longax.kernels.attention import (AttnSpec, attention_reference, check_qkv, finish, fold_block,
                                       init_carry)
 from longax.kernels.attention import attention as _attention
-from longax.kernels.visibility import query_positions, visible_pairs
+from longax.kernels.visibility import index_mask, query_positions, visible_pairs
 
 VS_CHUNK = 64  # vertical columns / slash offsets folded per step of the XLA path
 IMPORTANCE_ELEMENTS = 2**26  # compressed_importance's XLA path: float32 scores per chunk
@@ -182,16 +182,21 @@ def _sparse_flash_bwd(spec, res, cts):
 _sparse_flash.defvjp(_sparse_flash_fwd, _sparse_flash_bwd)
 
 
-def _block_lists(block_mask, t, s_len, block_q, block_k, causal):
+def _block_lists(block_mask, t, s_len, block_q, block_k, causal, block_indices=None):
   """[Bm, Hm, nq, n] int32: each query block's key blocks that are on (and not entirely in
-  its causal future), ascending, -1 padded. n is the most any block lists where the mask is
+  its causal future), -1 for the rest. From traced block_indices: those (repeats dropped),
+  n = theirs. Else ascending, -1 padded; n is the most any block lists where the mask is
   concrete, else all key blocks."""
   nq, nk = block_mask.shape[2:]
+  last_q = np.minimum((np.arange(nq) + 1) * block_q, t) - 1 + s_len - t
   conc = _checks.concrete(block_mask)
+  if block_indices is not None and conc is None:
+    idx = _dedupe(block_indices)
+    ok = (idx >= 0) & ((idx * block_k <= last_q[:, None]) if causal else True)
+    return jnp.where(ok, idx, -1)
   xp = jnp if conc is None else np
   on = block_mask if conc is None else conc.astype(bool)
   if causal:
-    last_q = np.minimum((np.arange(nq) + 1) * block_q, t) - 1 + s_len - t
     on = on & (np.arange(nk)[None, :] * block_k <= last_q[:, None])
   n = nk if conc is None else max(int(on.sum(-1).max()), 1)
   order = (jnp.argsort(~on, axis=-1, stable=True) if conc is None
@@ -200,11 +205,11 @@ def _block_lists(block_mask, t, s_len, block_q, block_k, causal):
 
 
 def _block_sparse_xla(q, k, v, block_mask, spec: AttnSpec, *, block_q: int, block_k: int,
-                      return_lse: bool = False):
+                      return_lse: bool = False, block_indices=None):
   b, t, h, _ = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
   nq = block_mask.shape[2]
-  lists = _block_lists(block_mask, t, s_len, block_q, block_k, spec.causal)
+  lists = _block_lists(block_mask, t, s_len, block_q, block_k, spec.causal, block_indices)
   lists = jnp.broadcast_to(lists, (b,) + lists.shape[1:])  # [B, Hm, nq, n]
   kidx = lists[..., None] * block_k + jnp.arange(block_k, dtype=jnp.int32)
   kidx = jnp.where((lists[..., None] >= 0) & (kidx < s_len), kidx, -1)
@@ -525,7 +530,7 @@ def _reference(q, k, v, mask, spec, q_positions=None):
 
 
 def _block_sparse_reference(q, k, v, block_mask, spec, *, block_q: int, block_k: int,
-                            return_lse: bool = False):
+                            return_lse: bool = False, block_indices=None):  # the mask's blocks
   t, s_len = q.shape[1], k.shape[1]
   mask = jnp.asarray(block_mask)[:, :, jnp.arange(t) // block_q][:, :, :, jnp.arange(s_len) // block_k]
   if not return_lse:
@@ -825,15 +830,19 @@ def _q_positions(op, q_positions, b: int, t: int) -> dict:
   return dict(q_positions=q_positions)
 
 
-def block_sparse_attention(q, k, v, block_mask, *, block_q: int = 64, block_k: int = 64,
-                           causal: bool = True, kind: str = "softmax",
+def block_sparse_attention(q, k, v, block_mask=None, *, block_indices=None, block_q: int = 64,
+                           block_k: int = 64, causal: bool = True, kind: str = "softmax",
                            scale: float | None = None, bias: float | None = None,
                            impl: str = "auto", return_lse: bool = False):
   """Attention where query i sees key j iff block (i // block_q, j // block_k) of
   `block_mask` (bool [B|1, H|1, ceil(T/block_q), ceil(S/block_k)]) is on, and
-  j <= i + S - T when causal. kind="softmax" | "sigmoid" (bias: sigmoid only, default
-  -log S). The XLA path loops over each query block's on key blocks only; their number is
-  static where the mask is concrete, else every key block is a step (masked).
+  j <= i + S - T when causal. Or the same blocks as `block_indices` (int [B|1, H|1,
+  ceil(T/block_q), n]: each query block's key blocks, -1 unused, repeats count once), one of
+  the two: where they are traced (a pattern chosen inside jit), indices keep the XLA path's
+  steps and the kernels' list sorts n long instead of ceil(S/block_k).
+  kind="softmax" | "sigmoid" (bias: sigmoid only, default -log S). The XLA path loops over
+  each query block's on key blocks only; their number is static where the mask is concrete,
+  n with indices, else every key block is a step (masked).
   return_lse (softmax): also each row's log-sum-exp over the keys it sees, [B, T, H]
   float32 (-inf for a row that sees none), differentiable: a partial result `merge_partials`
   can combine with another attention of the same rows over other keys."""
@@ -842,8 +851,23 @@ def block_sparse_attention(q, k, v, block_mask, *, block_q: int = 64, block_k: i
   _checks.positive_int(op, "block_q", block_q)
   _checks.positive_int(op, "block_k", block_k)
   s_len = k.shape[1]
-  _check_block_mask(op, block_mask, q, s_len, block_q, block_k,
-                    f"block_q={block_q}, block_k={block_k}", "block_q", "block_k")
+  sizes = f"block_q={block_q}, block_k={block_k}"
+  extra = {}
+  if (block_mask is None) == (block_indices is None):
+    raise ValueError(f"{op}: give one of `block_mask` and `block_indices`")
+  if block_indices is not None:
+    b, t, h, _ = q.shape
+    nq, nk = -(-t // block_q), -(-s_len // block_k)
+    idx = _check_indices(op, "block_indices", block_indices, 4, "[B|1, H|1, ceil(T/block_q), n]",
+                         -1, nk)
+    if idx.shape[0] not in (1, b) or idx.shape[1] not in (1, h) or idx.shape[2] != nq \
+        or idx.shape[3] < 1:
+      raise ValueError(f"{op}: `block_indices` must be [B={b}|1, H={h}|1, {nq}, n>=1] "
+                       f"({sizes}), got {idx.shape}")
+    conc = _checks.concrete(idx)
+    block_mask = index_mask(idx if conc is None else conc, nk)
+    extra["block_indices"] = idx
+  _check_block_mask(op, block_mask, q, s_len, block_q, block_k, sizes, "block_q", "block_k")
   if kind == "softmax":
     if bias is not None:
       raise ValueError(f"{op}: `bias` is for kind='sigmoid' only")
@@ -859,7 +883,8 @@ def block_sparse_attention(q, k, v, block_mask, *, block_q: int = 64, block_k: i
     raise ValueError(f"{op}: `return_lse` is for kind='softmax' only (sigmoid has no normaliser)")
   spec = AttnSpec(kind, causal, scale, None, 0, None, bias)
   fn = resolve(op, impl, dict(q=q, k=k, v=v, spec=spec, block_q=block_q, block_k=block_k))
-  extra = dict(return_lse=True) if return_lse else {}
+  if return_lse:
+    extra["return_lse"] = True
   return fn(q, k, v, block_mask, spec, block_q=block_q, block_k=block_k, **extra)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def query_positions(t: int, s: int) -> jnp.ndarray:
@@ -55,6 +56,23 @@ def visible(q_pos, k_pos, *, causal: bool = True, window: int | None = None,
   if q_seg is not None:
     ok = ok & (q_seg[:, :, None] == k_seg[:, None, :])
   return ok
+
+
+def index_mask(indices, n_blocks: int):
+  """Block indices [..., n] (-1 or >= n_blocks: unused; repeats count once) -> bool
+  [..., n_blocks], block j on iff some index is j. numpy in, numpy out (a concrete mask keeps
+  the lists built from it just long enough); else jnp."""
+  xp = np if isinstance(indices, np.ndarray) else jnp
+  slot = xp.where((indices >= 0) & (indices < n_blocks), indices, n_blocks)  # unused: dropped
+  lead = tuple(xp.arange(m).reshape([-1 if a == ax else 1 for a in range(indices.ndim)])
+               for ax, m in enumerate(indices.shape[:-1]))
+  shape = indices.shape[:-1] + (n_blocks + 1,)
+  if xp is np:
+    on = np.zeros(shape, bool)
+    on[lead + (slot,)] = True
+  else:
+    on = jnp.zeros(shape, bool).at[lead + (slot,)].set(True)
+  return on[..., :n_blocks]
 
 
 # Block skipping: which key blocks can a run of queries see, which query blocks can a run of

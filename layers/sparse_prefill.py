@@ -43,6 +43,7 @@ from einops import rearrange
 
 from longax import kernels
 from longax.kernels.attention import merge_partials
+from longax.kernels.visibility import index_mask
 
 KINDS = ("vertical_slash", "block_topk")
 LAST_Q = 64
@@ -142,33 +143,32 @@ def _top_k(x, k: int):
 
 
 def _keep(score, heads, budget, block):
-  """The block mask [B, H, n, n] of block top-k: query block i keeps its heads[h] nearest
-  blocks (i, i-1, ...) and the best K - heads[h] of the others up to i by `score` (ties to the
-  lower index), K = ceil(budget / block)."""
+  """Block top-k's key blocks int32 [B, H, n, K'] (-1 unused; each at most once) of query
+  block i: its heads[h] nearest blocks (i, i-1, ...) and the best K - heads[h] of the others
+  up to i by `score` (ties to the lower index), K = ceil(budget / block)."""
   n = score.shape[-1]
   i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
   k_blocks = -(-budget // block)
   n_local = jnp.asarray(heads, jnp.int32)[:, None, None]  # [H, 1, 1]
-  local = (j <= i) & (i - j < n_local)
-  rest = jnp.where((j <= i) & ~local, score, -jnp.inf)
+  rest = jnp.where((j <= i) & (i - j >= n_local), score, -jnp.inf)
   best, at = _top_k(rest, min(k_blocks, n))  # [B, H, n, K], best first
   take = (jnp.arange(best.shape[-1]) < k_blocks - n_local) & jnp.isfinite(best)
-  bi, hi, ri = (jnp.arange(x).reshape([-1 if a == ax else 1 for a in range(4)])
-                for ax, x in enumerate(rest.shape[:3]))
-  top = jnp.zeros(rest.shape, bool).at[bi, hi, ri, at].max(take)
-  return local | top
+  back = jnp.arange(min(max(heads), n))  # the local blocks i - back, where back < heads[h]
+  near = jnp.where((back < n_local) & (i >= back), i - back, -1)  # [H, n, L]
+  near = jnp.broadcast_to(near, best.shape[:3] + near.shape[-1:])
+  return jnp.concatenate([jnp.where(take, at, -1), near], -1).astype(jnp.int32)
 
 
 def _block_topk(q, k, v, heads, budget, block, impl, summary=False):
   n = -(-q.shape[1] // block)
-  keep = _keep(_block_scores(q, k, block), heads, budget, block)  # [B, H, n, n]
-  out = kernels.block_sparse_attention(q, k, v, keep, block_q=block, block_k=block, impl=impl,
-                                       return_lse=summary)
+  keep = _keep(_block_scores(q, k, block), heads, budget, block)  # [B, H, n, K']
+  out = kernels.block_sparse_attention(q, k, v, block_indices=keep, block_q=block,
+                                       block_k=block, impl=impl, return_lse=summary)
   if not summary:
     return out
   i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
   o, _ = merge_partials(out[0].astype(jnp.float32), out[1],
-                        *kernels.block_mean_attention(q, k, v, (j < i) & ~keep,
+                        *kernels.block_mean_attention(q, k, v, (j < i) & ~index_mask(keep, n),
                                                       block=block, impl=impl))
   return o.astype(q.dtype)
 

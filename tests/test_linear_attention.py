@@ -180,6 +180,25 @@ def test_intra_per_key_never_overflows(rand):
   compare(sub, dense, (q, k, gc), (0, 1, 2), jnp.float32)
 
 
+def test_intra_exact_takes_float32_products_at_highest_precision(rand):
+  """`_intra(..., exact=True)` (the Hopper kernels' strong-decay form): bf16 inputs, the
+  sub-chunk product on float32 operands at HIGHEST precision (a bf16 product there gave
+  non-finite gradients in some H100 runs), the same scores as the bf16 form within bf16."""
+  b, h, n, c, d = 1, 2, 2, 16, 8
+  q, k = rand.normal((b, h, n, c, d), jnp.bfloat16), rand.normal((b, h, n, c, d), jnp.bfloat16)
+  gc = jnp.cumsum(rand.uniform((b, h, n, c, d), -10.0, 0.0), axis=3)
+  visible = jnp.tril(jnp.ones((c, c), bool))
+  dots = lambda exact: [e for e in jax.make_jaxpr(
+      lambda q, k, gc: _intra(q, k, gc, visible, sub=4, exact=exact))(q, k, gc).eqns
+      if e.primitive.name == "dot_general"]
+  exact, plain = dots(True), dots(False)
+  assert [str(e.params["precision"]) for e in exact] == ["(Precision.HIGHEST, Precision.HIGHEST)"]
+  assert all(v.aval.dtype == jnp.float32 for v in exact[0].invars)
+  assert [v.aval.dtype for v in plain[0].invars] == [jnp.bfloat16, jnp.bfloat16]
+  assert_close(_intra(q, k, gc, visible, sub=4, exact=True), _intra(q, k, gc, visible, sub=4),
+               jnp.bfloat16)
+
+
 def test_per_key_memory_4k_tokens_16_heads():
   """Forward + backward of per-key decay at B1 T4096 H16 D128 compiles to < 4 GiB of
   temporaries (the dense [B, H, N, C, C, Dk] form alone is 2 GiB per copy)."""

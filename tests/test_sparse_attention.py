@@ -56,6 +56,41 @@ def test_block_sparse_bf16_and_traced_mask(rand):
   assert_close(traced(q, k, v, jnp.asarray(mask)), ref(q, k, v), jnp.bfloat16)
 
 
+def _indices_of(rand, mask, n, repeats=True):
+  """Each query block's on key blocks as int32 indices [.., n] (shuffled, -1 padded; with
+  repeats: an on block listed twice where a slot is free), built from `mask` by numpy."""
+  rng = np.random.default_rng(int(mask.sum()))
+  idx = np.full(mask.shape[:3] + (n,), -1, np.int32)
+  for at in np.ndindex(*mask.shape[:3]):
+    on = rng.permutation(np.flatnonzero(mask[at]))
+    idx[at][:len(on)] = on
+    if repeats and 0 < len(on) < n:
+      idx[at][len(on)] = on[0]
+  return idx
+
+
+@pytest.mark.parametrize("impl", ["reference"] + IMPLS)
+@pytest.mark.parametrize("shape,opts", BS_CASES, ids=str)
+def test_block_sparse_indices_are_the_mask(rand, impl, shape, opts):
+  """block_indices (shuffled, repeats, -1, blocks in the causal future) give the mask's
+  attention, forward and gradients, concrete and traced under jit (the XLA path's steps then
+  the indices' n, not every key block)."""
+  b, t, s, h, hkv, d, bq, bk, full = shape
+  q, k, v = _qkv(rand, b, t, s, h, hkv, d)
+  nq, nk = -(-t // bq), -(-s // bk)
+  mask = _bits(rand, (b if full else 1, h if full else 1, nq, nk), 0.4)
+  idx = _indices_of(rand, mask, nk + 1)
+  want = lambda q, k, v: block_sparse_attention(q, k, v, mask, block_q=bq, block_k=bk,
+                                                impl="reference", **opts)
+  got = lambda q, k, v: block_sparse_attention(q, k, v, block_indices=idx, block_q=bq,
+                                               block_k=bk, impl=impl, **opts)
+  compare(got, want, (q, k, v), (0, 1, 2), jnp.float32, f"{impl} concrete")
+  traced = jax.jit(lambda q, k, v, i: block_sparse_attention(q, k, v, block_indices=i, block_q=bq,
+                                                             block_k=bk, impl=impl, **opts))
+  compare(lambda q, k, v: traced(q, k, v, jnp.asarray(idx)), want, (q, k, v), (0, 1, 2),
+          jnp.float32, f"{impl} traced")
+
+
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
 def test_block_sparse_all_on_is_dense_attention(rand, kind):
   q, k, v = _qkv(rand, 2, 29, 35, 4, 2, 8)
@@ -401,6 +436,18 @@ def test_errors(rand):
     block_sparse_attention(q, k.astype(jnp.bfloat16), v, mask, block_q=8, block_k=8)
   with pytest.raises(ValueError, match="impl='pallas' does not support this call: the Mosaic GPU"):
     bs(impl="pallas")  # the GPU kernel, asked on CPU
+  bi = np.zeros((1, 4, 2, 3), np.int32)
+  bsi = lambda i, **kw: block_sparse_attention(q, k, v, block_indices=i, block_q=8, block_k=8, **kw)
+  with pytest.raises(ValueError, match="give one of `block_mask` and `block_indices`"):
+    bsi(bi, block_mask=mask)
+  with pytest.raises(ValueError, match="give one of `block_mask` and `block_indices`"):
+    block_sparse_attention(q, k, v, block_q=8, block_k=8)
+  with pytest.raises(ValueError, match=r"block_indices` must be \[B=1\|1, H=4\|1, 2, n>=1\]"):
+    bsi(bi[:, :, :1])
+  with pytest.raises(ValueError, match=r"block_indices` values must be in \[-1, 2\)"):
+    bsi(bi + 2)
+  with pytest.raises(ValueError, match="block_indices` must be an integer array"):
+    bsi(bi.astype(np.float32))
   idx = jnp.zeros((1, 16, 2, 2), jnp.int32)
   with pytest.raises(ValueError, match=r"values must be in \[-1, 2\)"):
     selected_block_attention(q, k, v, idx.at[0, 0, 0, 0].set(2), block_size=8)

@@ -262,6 +262,75 @@ def test_emulated_traced_mask(emulated):
     assert_close(a, b, 2e-5)
 
 
+def _block_indices_of(mask, n, seed):
+  """A mask's on blocks as int32 [.., n] indices: shuffled, -1 padded, the first repeated
+  where a slot is free (numpy, from the mask)."""
+  rng = np.random.default_rng(seed)
+  idx = np.full(mask.shape[:3] + (n,), -1, np.int32)
+  for at in np.ndindex(*mask.shape[:3]):
+    on = rng.permutation(np.flatnonzero(mask[at]))[:n]
+    idx[at][:len(on)] = on
+    if 0 < len(on) < n:
+      idx[at][len(on)] = on[0]
+  return idx
+
+
+# (T, S, H, mask [B|1, H|1], block_q, block_k, causal, head dim): the forward key block 64 and
+# 128, block_q a whole CTA tile, T < S, T > S, non-causal
+BS_INDEX_LISTS = [(300, 300, 4, (2, 4), 64, 64, True, 64), (200, 456, 4, (1, 1), 128, 128, True, 128),
+                  (333, 150, 2, (1, 2), 64, 64, True, 64), (260, 300, 4, (1, 4), 64, 192, False, 64)]
+
+
+@pytest.mark.parametrize("case", BS_INDEX_LISTS, ids=str)
+def test_block_sparse_lists_from_indices_equal_the_masks(case):
+  """Traced block indices build the forward / dq lists from a tile's own candidates
+  (`_index_row_lists`): the same steps, own positions and counts as from the mask (`_row_lists`)."""
+  t, s, h, (bm, hm), bq, bk, causal, d = case
+  nq, nk = -(-t // bq), -(-s // bk)
+  mask = _mask((bm, hm, nq, nk), 0.4, seed=t + s)
+  idx = jnp.asarray(_block_indices_of(mask, 4, seed=t))
+  mask = np.asarray(gpu.index_mask(np.asarray(idx), nk))  # the blocks the indices list
+  blk = gpu.sparse_blocks(d, bq, bk)
+  pb = gpu._problem(jnp.zeros((bm, t, h, d)), jnp.zeros((bm, s, h, d)), _spec("softmax", causal, d),
+                    None, blk)
+  tq = math.lcm(blk.wgs * blk.block_q, blk.bwd_wgs * blk.bwd_block_q)
+  for bq_k, wgs, bkv in ((blk.block_q, blk.wgs, blk.block_kv),
+                         (blk.bwd_block_q, blk.bwd_wgs, blk.bwd_block_kv)):
+    want = gpu._row_lists(jnp.asarray(mask), pb, tq, bq_k, wgs, bkv, bq, bk)
+    got = jax.jit(lambda i: gpu._index_row_lists(i, pb, tq, bq_k, wgs, bkv, bq, bk))(idx)
+    w_steps, w_own, w_counts = (np.asarray(x) for x in want[:3])
+    g_steps, g_own, g_counts = (np.asarray(x) for x in got[:3])
+    np.testing.assert_array_equal(g_counts, w_counts)
+    for at in np.ndindex(*w_counts.shape[:3]):
+      m = w_counts[at][0]
+      np.testing.assert_array_equal(g_steps[at][:m], w_steps[at][:m], err_msg=str(at))
+      for w in range(wgs):
+        n_own = w_counts[at][1 + 2 * w]
+        np.testing.assert_array_equal(g_own[at][w, :n_own], w_own[at][w, :n_own], err_msg=str((at, w)))
+
+
+def test_emulated_traced_indices(emulated):
+  """Block indices traced under jit on the kernels (forward / dq lists from the indices, the
+  dk/dv lists from their mask, as the op passes them), forward and gradients, as the reference
+  of the mask they list."""
+  from conftest import assert_close
+  rng = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(rng.standard_normal(sh), jnp.float32)
+             for sh in ((2, 300, 4, 16), (2, 300, 2, 16), (2, 300, 2, 16)))
+  mask = _mask((2, 4, 5, 5), 0.5, seed=7)
+  idx = _block_indices_of(mask, 3, seed=3)
+  mask = np.asarray(gpu.index_mask(idx, 5))
+  loss = lambda o: (o * jnp.cos(o)).sum()
+  spec, blocks = _spec("softmax", True, 16), gpu.sparse_blocks(64, 64, 64)
+  got = jax.jit(jax.value_and_grad(lambda q, k, v, i: loss(gpu.block_sparse_pallas(
+      q, k, v, gpu.index_mask(i, 5), spec, block_q=64, block_k=64, blocks=blocks,
+      block_indices=i)), (0, 1, 2)))
+  want = jax.value_and_grad(lambda q, k, v: loss(block_sparse_attention(
+      q, k, v, mask, scale=0.25, impl="reference")), (0, 1, 2))
+  for a, b in zip(jax.tree.leaves(got(q, k, v, jnp.asarray(idx))), jax.tree.leaves(want(q, k, v))):
+    assert_close(a, b, 2e-5)
+
+
 def test_auto_takes_the_kernel_where_covered(monkeypatch):
   """Dispatch: bf16/f16, head dims 64/128, blocks multiples of 64 take the kernel; float32,
   head dim 256 (its backward is XLA's) and 32-row blocks fall back to XLA."""
@@ -325,7 +394,7 @@ SEL_LISTS = [(1, 300, 300, 16, 1, 64, 5, True, True, None),
 @pytest.mark.parametrize("case", SEL_LISTS, ids=str)
 def test_selected_lists_from_indices_equal_the_masks(case):
   """Traced indices build the forward / dq lists from a tile's own candidates
-  (`_selected_row_lists`): the same steps, own positions and counts as from the [T, blocks]
+  (`_index_row_lists`): the same steps, own positions and counts as from the [T, blocks]
   mask (`_row_lists`), every field compared exactly."""
   b, t, s, h, hkv, bs, n, causal, shared, blocks = case
   rng = np.random.default_rng(t * s)
@@ -342,7 +411,8 @@ def test_selected_lists_from_indices_equal_the_masks(case):
   for bq, wgs, bkv in ((blk.block_q, blk.wgs, blk.block_kv),
                        (blk.bwd_block_q, blk.bwd_wgs, blk.bwd_block_kv)):
     want = gpu._row_lists(mask, pb, tq, bq, wgs, bkv, rows, bs)
-    got = jax.jit(lambda i: gpu._selected_row_lists(i, pb, tq, bq, wgs, bkv, bs))(jnp.asarray(idx))
+    got = jax.jit(lambda i: gpu._index_row_lists(jnp.swapaxes(i, 1, 2), pb, tq, bq, wgs, bkv,
+                                                    rows, bs))(jnp.asarray(idx))
     w_steps, w_own, w_counts = (np.asarray(x) for x in want[:3])
     g_steps, g_own, g_counts = (np.asarray(x) for x in got[:3])
     np.testing.assert_array_equal(g_counts, w_counts)

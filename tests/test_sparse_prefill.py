@@ -14,6 +14,7 @@ from longax import kernels
 from longax.infer import generate
 from longax.infer.generate import _prefill, _prefill_sparse
 from longax.infer.sparse import search
+from longax.kernels.visibility import index_mask
 from longax.layers import sparse_prefill as sp
 from longax.models import LM, LMConfig
 
@@ -165,9 +166,9 @@ def test_block_topk_summary_is_one_softmax_over_kept_keys_and_block_means(budget
              for s in ((2, t, 4, 8), (2, t, 2, 8), (2, t, 2, 8)))
   seen = {}
   orig = kernels.block_sparse_attention
-  def spy(q, k, v, mask, **kw):  # the block mask the plan keeps (the first call's)
-    seen.setdefault("keep", np.asarray(mask))
-    return orig(q, k, v, mask, **kw)
+  def spy(q, k, v, block_indices, **kw):  # the blocks the plan keeps (the first call's), as a mask
+    seen.setdefault("keep", np.asarray(index_mask(block_indices, -(-k.shape[1] // block))))
+    return orig(q, k, v, block_indices=block_indices, **kw)
   monkeypatch.setattr(kernels, "block_sparse_attention", spy)
   got = sp.attend(q, k, v, "block_topk", heads, budget, block, summary=True)
   want = _summary_dense(q, k, v, seen["keep"], block)
@@ -320,15 +321,21 @@ def test_block_topk_finds_a_needle_in_a_block():
                                                 (1000, (2, 1, 1), 16)])
 @pytest.mark.parametrize("chunk", [128, 4])
 def test_keep_is_local_blocks_and_the_best_others(budget, heads, block, chunk, monkeypatch):
-  """`_keep` against its definition, row by row (numpy): heads[h] nearest blocks, then the
+  """`_keep`'s indices against its definition, row by row (numpy): each block once, heads[h]
+  nearest blocks, then the
   best K - heads[h] earlier blocks by score, ties to the lower index (scores drawn from few
   values, so ties occur); one top-k per row and in two stages (`_top_k`, chunks of 4)."""
   monkeypatch.setattr(sp, "TOPK_CHUNK", chunk)
   rng = np.random.default_rng(budget)
   b, n = 2, 9
   score = rng.integers(0, 4, (b, len(heads), n, n)).astype(np.float32)
-  got = np.asarray(sp._keep(jnp.asarray(score), heads, budget, block))
+  idx = np.asarray(sp._keep(jnp.asarray(score), heads, budget, block))  # [b, H, n, K']
   kb = -(-budget // block)
+  got = np.zeros((b, len(heads), n, n), bool)
+  for at in np.ndindex(*idx.shape[:3]):
+    listed = idx[at][idx[at] >= 0]
+    assert len(set(listed)) == len(listed), f"a block listed twice at {at}: {idx[at]}"
+    got[at + (listed,)] = True
   want = np.zeros_like(got)
   for bi, h, i in np.ndindex(b, len(heads), n):
     near = [j for j in range(i, -1, -1)][:heads[h]]

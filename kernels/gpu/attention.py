@@ -52,7 +52,7 @@ from longax.kernels._checks import concrete
 from longax.kernels._vma import same_vma
 from longax.kernels.attention import AttnSpec, merge_partials
 from longax.kernels.gpu import kernel, not_on_hopper
-from longax.kernels.visibility import key_blocks, query_blocks, visible_pairs
+from longax.kernels.visibility import index_mask, key_blocks, query_blocks, visible_pairs
 
 LOG2E = math.log2(math.e)
 _UNBOUNDED = 2**30  # a window wider than any sequence (int32-safe in the block arithmetic)
@@ -1331,10 +1331,17 @@ def sparse_blocks(head_dim: int, block_q: int, block_k: int) -> Blocks:
 
 
 def block_sparse_pallas(q, k, v, block_mask, spec, *, block_q: int, block_k: int, blocks=None,
-                        return_lse=False):
-  """`block_sparse_attention` on the kernels (see `block_sparse_unsupported`)."""
+                        return_lse=False, block_indices=None):
+  """`block_sparse_attention` on the kernels (see `block_sparse_unsupported`). With traced
+  block_indices [B|1, H|1, nq, n] (the mask's on blocks) the forward and dq lists come from
+  them (`_index_row_lists`: sorts of a tile's n-long candidates, not of every key block)."""
   pb = _problem(q, k, spec, None, blocks or sparse_blocks(q.shape[-1], block_q, block_k))
-  lists = _sparse_lists(block_mask, pb, q.shape[2], block_q, block_k)
+  row_lists = None
+  if block_indices is not None and concrete(block_indices) is None:
+    tq = math.lcm(pb.blocks.wgs * pb.blocks.block_q, pb.blocks.bwd_wgs * pb.blocks.bwd_block_q)
+    row_lists = functools.partial(_index_row_lists, block_indices, pb, tq, rows=block_q,
+                                  block_k=block_k)
+  lists = _sparse_lists(block_mask, pb, q.shape[2], block_q, block_k, row_lists)
   o, lse = _flash(*same_vma(q, k, v), None, None, lists, pb)
   return (o, lse) if return_lse else o
 
@@ -1370,38 +1377,30 @@ def _selected_mask(block_indices, n_blocks: int):
   """int32 [B, T, Hkv, n] (-1 unused, repeats) -> bool [B, Hkv, T, n_blocks] (numpy where
   the indices are concrete, so the lists are just long enough)."""
   idx = concrete(block_indices)
-  xp = jnp if idx is None else np
-  idx = jnp.asarray(block_indices) if idx is None else idx
-  b, t, hkv, _ = idx.shape
-  slot = xp.where(idx >= 0, idx, n_blocks)  # -1: a column dropped below
-  at = (xp.arange(b)[:, None, None, None], xp.arange(hkv)[None, None, :, None],
-        xp.arange(t)[None, :, None, None], slot)
-  if xp is np:
-    on = np.zeros((b, hkv, t, n_blocks + 1), bool)
-    on[at] = True
-  else:
-    on = jnp.zeros((b, hkv, t, n_blocks + 1), bool).at[at].set(True)
-  return on[..., :n_blocks]
+  on = index_mask(jnp.asarray(block_indices) if idx is None else idx, n_blocks)
+  return (np if idx is not None else jnp).swapaxes(on, 1, 2)
 
 
-def _selected_row_lists(block_indices, pb: _Problem, tq: int, bq: int, wgs: int, bkv: int,
-                        block_size: int) -> _Lists:
-  """`_row_lists` of NSA's selected blocks built from traced indices [B, T, Hkv, n]: a tile's
-  candidate key blocks are its tokens' selected ones (sorted, repeats dropped), so the lists'
-  sorts run over wgs x tokens x n x (block_size / bkv) candidates per tile instead of every
-  key block, and no [T, blocks] mask is built. The same lists as from the mask (tested)."""
-  b, t, hkv, _ = block_indices.shape
-  rows, r, nkb = pb.rows_per_pos, block_size // bkv, -(-pb.s // bkv)
-  per_wg = max(1, bq // rows)  # tokens per warpgroup
+def _index_row_lists(indices, pb: _Problem, tq: int, bq: int, wgs: int, bkv: int, rows: int,
+                     block_k: int) -> _Lists:
+  """`_row_lists` built from traced block indices [B|1, H|1, R, n] (-1 unused, repeats count
+  once): group r of `rows` query rows sees the key blocks (of block_k keys) indices[.., r, :]
+  lists (NSA: a token's selected blocks, rows = its heads; block-sparse: a query block's).
+  A tile's candidate key blocks are its groups' listed ones (sorted, repeats dropped), so the
+  lists' sorts run over wgs x groups x n x (block_k / bkv) candidates per tile instead of every
+  key block, and no [R, blocks] mask is built. The same lists as from the mask (tested)."""
+  b, hx, n_rows, _ = indices.shape
+  r, nkb = block_k // bkv, -(-pb.s // bkv)
+  per_wg = max(1, bq // rows)  # row groups per warpgroup
   tiles = -(-pb.t // tq) * tq // (wgs * bq)
   row0 = (np.arange(tiles)[:, None] * wgs + np.arange(wgs)) * bq  # [tiles, wgs]
-  tok = np.minimum(row0[..., None] // rows + np.arange(per_wg), t - 1)  # [tiles, wgs, per_wg]
-  idx = jnp.swapaxes(jnp.asarray(block_indices, jnp.int32), 1, 2)[:, :, tok]  # [B, Hkv, tiles, wgs, per_wg, n]
-  kb = idx[..., None] * r + np.arange(r)  # the kernel's key blocks of each selected block
-  kb = jnp.where((idx[..., None] >= 0) & (kb < nkb), kb, nkb).reshape(b, hkv, tiles, -1)
+  grp = np.minimum(row0[..., None] // rows + np.arange(per_wg), n_rows - 1)  # [tiles, wgs, per_wg]
+  idx = jnp.asarray(indices, jnp.int32)[:, :, grp]  # [B, H, tiles, wgs, per_wg, n]
+  kb = idx[..., None] * r + np.arange(r)  # the kernel's key blocks of each listed block
+  kb = jnp.where((idx[..., None] >= 0) & (kb < nkb), kb, nkb).reshape(b, hx, tiles, -1)
   cand = jnp.sort(kb, -1)
   repeat = jnp.concatenate([jnp.zeros_like(cand[..., :1], bool), cand[..., 1:] == cand[..., :-1]], -1)
-  cand = jnp.sort(jnp.where(repeat, nkb, cand), -1)  # [B, Hkv, tiles, C]: unique, ascending, then nkb
+  cand = jnp.sort(jnp.where(repeat, nkb, cand), -1)  # [B, H, tiles, C]: unique, ascending, then nkb
   valid = (cand < nkb)[:, :, :, None, :]  # over wgs
   hit = jnp.any(idx[..., None] == (cand // r)[:, :, :, None, None, None, :], -2)  # [.., wgs, per_wg, C]
   bits, whole = hit.any(-2) & valid, hit.all(-2)
@@ -1437,8 +1436,8 @@ def selected_pallas(q, k, v, block_indices, spec, *, block_size: int, blocks=Non
   tq = math.lcm(blk.wgs * blk.block_q, blk.bwd_wgs * blk.bwd_block_q)
   row_lists = None  # traced indices: the forward and dq lists from the indices themselves
   if concrete(block_indices) is None:
-    row_lists = functools.partial(_selected_row_lists, block_indices, pb, tq,
-                                  block_size=block_size)
+    row_lists = functools.partial(_index_row_lists, jnp.swapaxes(block_indices, 1, 2), pb, tq,
+                                  rows=pb.rows_per_pos, block_k=block_size)
   lists = _sparse_lists(mask, pb, hkv, rows, block_size, row_lists)
   if pb.select_block is not None:  # each row's own blocks: [B, Hkv, n, Tp] (-1 past T)
     per_row = jnp.repeat(jnp.asarray(block_indices, jnp.int32), rows, axis=1)

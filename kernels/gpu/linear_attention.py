@@ -1189,7 +1189,7 @@ def per_key_factors(q, k, g, segs: Segs | None, scale: float, tp: int, scores: s
     kh = (kc.astype(F32) * jnp.exp(-gc)).astype(dtype)
     a = jnp.einsum("bhnid,bhnjd->bhnij", qh, kh, preferred_element_type=F32) * visible
   else:
-    a = xla._intra(qc, kc, gc, visible)
+    a = xla._intra(qc, kc, gc, visible, exact=True)  # bf16 products: NaN in some GPU runs
   return (_unchunk(qt).astype(dtype), _unchunk(kt).astype(dtype), gamma,
           (a * scale).reshape(b, h, tp, C).astype(dtype))
 

@@ -705,10 +705,11 @@ def block_sparse_unsupported(call: dict, *, interpret: bool = False) -> str | No
 
 
 def block_sparse_pallas(q, k, v, block_mask, spec, *, block_q: int, block_k: int,
-                        return_lse=False, interpret=False):
+                        return_lse=False, interpret=False, block_indices=None):
   """block_sparse_attention on the flash kernels: a kernel block is one mask block, and the
   step tables are the mask's on blocks (built in XLA from `block_mask`, so it may be traced;
-  with a concrete mask the tables are as wide as its longest list, else every block)."""
+  with a concrete mask the tables are as wide as its longest list, else every block;
+  block_indices, the same blocks, are not used)."""
   block_mask = jnp.asarray(block_mask)
   cfg = _Config(spec, Blocks(block_q, block_k, block_q, block_k), interpret)
   pb = cfg.problem(q, k, None, backward=False)

@@ -83,6 +83,26 @@ def test_f16_and_a_traced_mask(rand):
           "f16")
 
 
+@pytest.mark.parametrize("shape", [BASE, T_LT_S, BIG_BLOCKS], ids=str)
+def test_traced_block_indices(rand, shape):
+  """block_indices traced under jit (forward / dq lists from the indices: shuffled, -1
+  padded, a repeat), forward and every gradient, as the reference of the mask they list."""
+  q, k, v = _inputs(rand, shape, jnp.bfloat16)
+  mask = _mask(shape, 0.3, seed=shape[1])
+  rng = np.random.default_rng(shape[1])
+  n = max(int(mask.sum(-1).max()) + 1, 2)
+  idx = np.full(mask.shape[:3] + (n,), -1, np.int32)
+  for at in np.ndindex(*mask.shape[:3]):
+    on = rng.permutation(np.flatnonzero(mask[at]))
+    idx[at][:len(on)] = on
+    idx[at][len(on)] = on[0] if len(on) else -1
+  bq, bk = shape[6:8]
+  got = jax.jit(lambda q, k, v, i: block_sparse_attention(q, k, v, block_indices=i, block_q=bq,
+                                                          block_k=bk, impl="pallas"))
+  compare(lambda q, k, v: got(q, k, v, jnp.asarray(idx)), _op(mask, shape, "reference"),
+          (q, k, v), (0, 1, 2), 2e-2, f"{shape} indices")
+
+
 def test_blocks_off_everywhere_are_never_used(rand):
   """Keys and values of key blocks no query block lists are NaN: a kernel that loaded and
   used them (even times 0) would return NaN; the result is that of any finite values there,
