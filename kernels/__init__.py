@@ -13,6 +13,7 @@ from longax.kernels.sparse_attention import (block_max_scores, block_mean_attent
                                              selected_block_attention,
                                              vertical_slash_attention, vertical_slash_pattern)
 from longax.kernels.ssd import ssd, ssd_step
+from longax.kernels.topk import top_k
 from longax.kernels.visibility import query_positions, visible
 
 __all__ = [
@@ -21,5 +22,5 @@ __all__ = [
     "query_positions", "visible", "block_sparse_attention", "selected_block_attention",
     "vertical_slash_attention", "vertical_slash_pattern", "compressed_importance",
     "block_max_scores",
-    "block_mean_attention",
+    "block_mean_attention", "top_k",
 ]

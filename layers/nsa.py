@@ -75,30 +75,6 @@ def spread(p, n_sel: int, block_size: int, stride: int, select_block: int):
   return sum(float(w[r]) * take(r) for r in range(q + c))
 
 
-def top_k_staged(x, k: int, groups: int = 8):
-  """`lax.top_k(x, k)` over the last axis in two stages: the top k of each of `groups`
-  slices, then the top k of those. The same values and indices (ties: the lowest index
-  first, as top_k); the width is padded with -inf to a multiple of `groups`."""
-  n = x.shape[-1]
-  width = -(-n // groups)
-  x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width * groups - n)], constant_values=-jnp.inf)
-  v, i = jax.lax.top_k(x.reshape(*x.shape[:-1], groups, width), k)  # [..., groups, k]
-  i = i + (jnp.arange(groups, dtype=i.dtype) * width)[:, None]
-  flat = lambda y: y.reshape(*y.shape[:-2], groups * k)
-  v2, j = jax.lax.top_k(flat(v), k)
-  return v2, jnp.take_along_axis(flat(i), j, -1)
-
-
-def top_k(x, k: int, groups: int = 8):
-  """`lax.top_k` over the last axis; on CUDA `top_k_staged` where every slice keeps >= k
-  entries (XLA's GPU TopK kernel is slow on wide rows: [64k, 1024], k = 16 on an H100 6.0 ms,
-  staged 2.1 ms; on the CPU the staged form is slower)."""
-  if x.shape[-1] < groups * k:
-    return jax.lax.top_k(x, k)
-  return jax.lax.platform_dependent(x, cuda=lambda x: top_k_staged(x, k, groups),
-                                    default=lambda x: tuple(jax.lax.top_k(x, k)))
-
-
 def compressed_attention(q, k_cmp, v_cmp, block_size: int, stride: int, impl: str = "auto",
                          return_lse: bool = False):
   """The compressed branch at the default positions as ordinary bottom-right causal
@@ -193,7 +169,7 @@ class NSA(nnx.Module):
     own = (q_pos // self.select_block)[..., None, None] == jnp.arange(n_sel)
     score = jnp.where(own, jnp.inf, score)
     score = jnp.where(start <= q_pos[..., None, None], score, -jnp.inf)
-    top, idx = top_k(score, min(self.n_selected, n_sel))
+    top, idx = kernels.top_k(score, min(self.n_selected, n_sel))
     return jnp.where(top > -jnp.inf, idx, -1).astype(jnp.int32)
 
   def _mix(self, q, k, v, k_cmp, v_cmp, ends, q_pos, explicit, gate_logits, impl=None,

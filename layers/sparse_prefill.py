@@ -122,26 +122,6 @@ def _block_scores(q, k, block):
   return jnp.max(score, axis=3)
 
 
-# `_top_k`: rows longer than 2 chunks go in two stages (H100, [16k, 1024] rows, k 16: one
-# lax.top_k 1.50 ms, chunks of 128 0.55 ms, the same indices; NOTES.md session 15)
-TOPK_CHUNK = 128
-
-
-def _top_k(x, k: int):
-  """lax.top_k over the last axis (values, indices; ties to the lower index), exact: rows
-  longer than 2 TOPK_CHUNK in two stages, each chunk's top k, then the top k of those (the
-  row's top k is among them; candidates in chunk order keep ties to the lower index)."""
-  n, c = x.shape[-1], TOPK_CHUNK
-  if n <= 2 * c or k > c:
-    return jax.lax.top_k(x, k)
-  m = -(-n // c)
-  xp = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, m * c - n)], constant_values=-jnp.inf)
-  val, idx = jax.lax.top_k(xp.reshape(*x.shape[:-1], m, c), k)  # [..., m, k]
-  idx = idx + (jnp.arange(m) * c)[:, None]
-  best, at = jax.lax.top_k(val.reshape(*x.shape[:-1], m * k), k)
-  return best, jnp.minimum(jnp.take_along_axis(idx.reshape(*x.shape[:-1], m * k), at, -1), n - 1)
-
-
 def _keep(score, heads, budget, block):
   """Block top-k's key blocks int32 [B, H, n, K'] (-1 unused; each at most once) of query
   block i: its heads[h] nearest blocks (i, i-1, ...) and the best K - heads[h] of the others
@@ -151,7 +131,7 @@ def _keep(score, heads, budget, block):
   k_blocks = -(-budget // block)
   n_local = jnp.asarray(heads, jnp.int32)[:, None, None]  # [H, 1, 1]
   rest = jnp.where((j <= i) & (i - j >= n_local), score, -jnp.inf)
-  best, at = _top_k(rest, min(k_blocks, n))  # [B, H, n, K], best first
+  best, at = kernels.top_k(rest, min(k_blocks, n))  # [B, H, n, K], best first
   take = (jnp.arange(best.shape[-1]) < k_blocks - n_local) & jnp.isfinite(best)
   back = jnp.arange(min(max(heads), n))  # the local blocks i - back, where back < heads[h]
   near = jnp.where((back < n_local) & (i >= back), i - back, -1)  # [H, n, L]

@@ -16,8 +16,7 @@ from flax import nnx
 from conftest import assert_close, compare
 from longax import kernels
 from longax.layers import NSA
-from longax.layers.nsa import (block_ends, compressed_attention, n_compressed, overlap, spread,
-                               top_k, top_k_staged)
+from longax.layers.nsa import block_ends, compressed_attention, n_compressed, overlap, spread
 from longax.layers.common import rope
 from longax.models import LM, LMConfig, NSAConfig, count_params
 from longax.train import config as C
@@ -181,18 +180,6 @@ def test_spread_equals_the_overlap_matmul(l, d, sel, n_keys):
   want = jnp.einsum("...n,nj->...j", p, overlap(n, n_sel, l, d, sel),
                     precision=jax.lax.Precision.HIGHEST)
   assert_close(spread(p, n_sel, l, d, sel), want, 1e-6, f"l={l} d={d} sel={sel}")
-
-
-@pytest.mark.parametrize("n,k,groups", [(1024, 16, 8), (130, 16, 8), (64, 3, 4), (40, 5, 8)])
-def test_top_k_staged_equals_top_k(n, k, groups):
-  """Same values and indices as lax.top_k, with ties (few distinct values), -inf runs and
-  +inf (the selection's own block); `top_k` (the dispatching one) too."""
-  x = jax.random.randint(jax.random.key(n), (3, 7, n), 0, 6).astype(jnp.float32)
-  x = x.at[0, :, n // 2:].set(-jnp.inf).at[1, :, 1].set(jnp.inf)
-  want = jax.lax.top_k(x, k)
-  for got in (top_k_staged(x, k, groups), jax.jit(lambda x: top_k(x, k, groups))(x)):
-    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
-    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
 
 
 def test_compressed_fold_needs_every_block():

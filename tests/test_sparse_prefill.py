@@ -14,6 +14,7 @@ from longax import kernels
 from longax.infer import generate
 from longax.infer.generate import _prefill, _prefill_sparse
 from longax.infer.sparse import search
+from longax.kernels import topk
 from longax.kernels.visibility import index_mask
 from longax.layers import sparse_prefill as sp
 from longax.models import LM, LMConfig
@@ -322,10 +323,11 @@ def test_block_topk_finds_a_needle_in_a_block():
 @pytest.mark.parametrize("chunk", [128, 4])
 def test_keep_is_local_blocks_and_the_best_others(budget, heads, block, chunk, monkeypatch):
   """`_keep`'s indices against its definition, row by row (numpy): each block once, heads[h]
-  nearest blocks, then the
-  best K - heads[h] earlier blocks by score, ties to the lower index (scores drawn from few
-  values, so ties occur); one top-k per row and in two stages (`_top_k`, chunks of 4)."""
-  monkeypatch.setattr(sp, "TOPK_CHUNK", chunk)
+  nearest blocks, then the best K - heads[h] earlier blocks by score, ties to the lower index
+  (scores drawn from few values, so ties occur); one top-k per row and in two stages
+  (`kernels.top_k`, chunks of 4, staged on this platform too)."""
+  monkeypatch.setattr(topk, "TOPK_CHUNK", chunk)
+  monkeypatch.setattr(topk, "STAGED_PLATFORMS", ("cuda", "cpu"))
   rng = np.random.default_rng(budget)
   b, n = 2, 9
   score = rng.integers(0, 4, (b, len(heads), n, n)).astype(np.float32)
@@ -342,19 +344,3 @@ def test_keep_is_local_blocks_and_the_best_others(budget, heads, block, chunk, m
     others = sorted((j for j in range(i + 1) if j not in near), key=lambda j: (-score[bi, h, i, j], j))
     want[bi, h, i, near + others[:max(kb - heads[h], 0)]] = True
   np.testing.assert_array_equal(got, want)
-
-
-@pytest.mark.parametrize("n,k,chunk", [(1000, 16, 128), (37, 3, 4), (37, 4, 4), (9, 2, 4)])
-def test_top_k_in_two_stages_is_lax_top_k(n, k, chunk, monkeypatch):
-  """`_top_k` equals lax.top_k, values and indices: ties (few distinct values) to the lower
-  index, -inf entries, rows not a multiple of the chunk, rows with fewer than k finite."""
-  monkeypatch.setattr(sp, "TOPK_CHUNK", chunk)
-  rng = np.random.default_rng(n + k)
-  x = rng.integers(0, 5, (3, 4, n)).astype(np.float32)
-  x[rng.random(x.shape) < 0.3] = -np.inf
-  x[0, 0, :] = -np.inf
-  x[0, 1, :-2] = -np.inf
-  got, want = sp._top_k(jnp.asarray(x), k), jax.lax.top_k(jnp.asarray(x), k)
-  np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
-  fin = np.isfinite(np.asarray(want[0]))  # indices of -inf picks may differ (any -inf)
-  np.testing.assert_array_equal(np.asarray(got[1])[fin], np.asarray(want[1])[fin])

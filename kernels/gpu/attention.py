@@ -1842,10 +1842,20 @@ def _block_max_kernel(q, k, *, s_len: int, row_block: int | None, blocks: BlockM
 
         raw = pl.run_scoped(qk, plgpu.ACC((64, 64), jnp.float32))
         plgpu.barrier_arrive(k_free.at[slot])
-        ok = _index_tile((64, 64), 1, i * 64) < s_len
+        whole = i * 64 + 64 <= s_len  # every key real and (row_block) seen by every row
         if row_block is not None:
-          ok = ok & (i <= lax.div(_index_tile((64, 64), 0, q_row), jnp.int32(row_block)))
-        o_smem.at[c][...] = jnp.max(jnp.where(ok, raw, -jnp.inf), axis=1)
+          whole = whole & (i <= lax.div(q_row, jnp.int32(row_block)))
+
+        @pl.when(whole)
+        def _():
+          o_smem.at[c][...] = jnp.max(raw, axis=1)
+
+        @pl.when(jnp.logical_not(whole))
+        def _():
+          ok = _index_tile((64, 64), 1, i * 64) < s_len
+          if row_block is not None:
+            ok = ok & (i <= lax.div(_index_tile((64, 64), 0, q_row), jnp.int32(row_block)))
+          o_smem.at[c][...] = jnp.max(jnp.where(ok, raw, -jnp.inf), axis=1)
 
         @pl.when(c == 63)
         def _():
