@@ -37,7 +37,6 @@ import contextlib
 import contextvars
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 from einops import rearrange
 

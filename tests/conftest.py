@@ -45,6 +45,19 @@ def needs_hopper(devices: int = 1):
   return pytest.mark.skipif(why is not None, reason=why or "")
 
 
+def block_indices_of(mask, n: int, seed: int):
+  """A block mask's on blocks as int32 indices [.., n] (numpy): shuffled, -1 padded, the
+  first listed twice where a slot is free (repeats count once)."""
+  rng = np.random.default_rng(seed)
+  idx = np.full(mask.shape[:-1] + (n,), -1, np.int32)
+  for at in np.ndindex(*mask.shape[:-1]):
+    on = rng.permutation(np.flatnonzero(mask[at]))[:n]
+    idx[at][:len(on)] = on
+    if 0 < len(on) < n:
+      idx[at][len(on)] = on[0]
+  return idx
+
+
 def rel_err(a, b) -> float:
   """||a - b|| / ||b|| in float64, with ||b|| floored at an RMS of 0.1 (inputs are O(1),
   so a reference that is nearly zero is compared in absolute terms)."""

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import assert_close, compare
+from conftest import assert_close, block_indices_of, compare
 from longax.kernels import (attention, block_sparse_attention, compressed_importance,
                             selected_block_attention, sigmoid_attention, vertical_slash_attention,
                             vertical_slash_pattern)
@@ -56,19 +56,6 @@ def test_block_sparse_bf16_and_traced_mask(rand):
   assert_close(traced(q, k, v, jnp.asarray(mask)), ref(q, k, v), jnp.bfloat16)
 
 
-def _indices_of(rand, mask, n, repeats=True):
-  """Each query block's on key blocks as int32 indices [.., n] (shuffled, -1 padded; with
-  repeats: an on block listed twice where a slot is free), built from `mask` by numpy."""
-  rng = np.random.default_rng(int(mask.sum()))
-  idx = np.full(mask.shape[:3] + (n,), -1, np.int32)
-  for at in np.ndindex(*mask.shape[:3]):
-    on = rng.permutation(np.flatnonzero(mask[at]))
-    idx[at][:len(on)] = on
-    if repeats and 0 < len(on) < n:
-      idx[at][len(on)] = on[0]
-  return idx
-
-
 @pytest.mark.parametrize("impl", ["reference"] + IMPLS)
 @pytest.mark.parametrize("shape,opts", BS_CASES, ids=str)
 def test_block_sparse_indices_are_the_mask(rand, impl, shape, opts):
@@ -79,7 +66,7 @@ def test_block_sparse_indices_are_the_mask(rand, impl, shape, opts):
   q, k, v = _qkv(rand, b, t, s, h, hkv, d)
   nq, nk = -(-t // bq), -(-s // bk)
   mask = _bits(rand, (b if full else 1, h if full else 1, nq, nk), 0.4)
-  idx = _indices_of(rand, mask, nk + 1)
+  idx = block_indices_of(mask, nk + 1, seed=t + s)
   want = lambda q, k, v: block_sparse_attention(q, k, v, mask, block_q=bq, block_k=bk,
                                                 impl="reference", **opts)
   got = lambda q, k, v: block_sparse_attention(q, k, v, block_indices=idx, block_q=bq,

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import block_indices_of
 from test_attention_gpu_lowering import _onehot_cover, emulated  # noqa: F401 (a fixture)
 from longax.kernels import block_sparse_attention
 from longax.kernels.attention import AttnSpec
@@ -262,17 +263,18 @@ def test_emulated_traced_mask(emulated):
     assert_close(a, b, 2e-5)
 
 
-def _block_indices_of(mask, n, seed):
-  """A mask's on blocks as int32 [.., n] indices: shuffled, -1 padded, the first repeated
-  where a slot is free (numpy, from the mask)."""
-  rng = np.random.default_rng(seed)
-  idx = np.full(mask.shape[:3] + (n,), -1, np.int32)
-  for at in np.ndindex(*mask.shape[:3]):
-    on = rng.permutation(np.flatnonzero(mask[at]))[:n]
-    idx[at][:len(on)] = on
-    if 0 < len(on) < n:
-      idx[at][len(on)] = on[0]
-  return idx
+def _same_lists(got, want):
+  """Two `_Lists` walk the same steps: counts equal, and each tile's first counts[0] steps and
+  each warpgroup's own positions equal (what lies past the counts is never read)."""
+  w_steps, w_own, w_counts = (np.asarray(x) for x in want[:3])
+  g_steps, g_own, g_counts = (np.asarray(x) for x in got[:3])
+  np.testing.assert_array_equal(g_counts, w_counts)
+  for at in np.ndindex(*w_counts.shape[:3]):
+    m = w_counts[at][0]
+    np.testing.assert_array_equal(g_steps[at][:m], w_steps[at][:m], err_msg=str(at))
+    for w in range(w_own.shape[3]):
+      k = w_counts[at][1 + 2 * w]
+      np.testing.assert_array_equal(g_own[at][w, :k], w_own[at][w, :k], err_msg=str((at, w)))
 
 
 # (T, S, H, mask [B|1, H|1], block_q, block_k, causal, head dim): the forward key block 64 and
@@ -288,7 +290,7 @@ def test_block_sparse_lists_from_indices_equal_the_masks(case):
   t, s, h, (bm, hm), bq, bk, causal, d = case
   nq, nk = -(-t // bq), -(-s // bk)
   mask = _mask((bm, hm, nq, nk), 0.4, seed=t + s)
-  idx = jnp.asarray(_block_indices_of(mask, 4, seed=t))
+  idx = jnp.asarray(block_indices_of(mask, 4, seed=t))
   mask = np.asarray(gpu.index_mask(np.asarray(idx), nk))  # the blocks the indices list
   blk = gpu.sparse_blocks(d, bq, bk)
   pb = gpu._problem(jnp.zeros((bm, t, h, d)), jnp.zeros((bm, s, h, d)), _spec("softmax", causal, d),
@@ -296,17 +298,8 @@ def test_block_sparse_lists_from_indices_equal_the_masks(case):
   tq = math.lcm(blk.wgs * blk.block_q, blk.bwd_wgs * blk.bwd_block_q)
   for bq_k, wgs, bkv in ((blk.block_q, blk.wgs, blk.block_kv),
                          (blk.bwd_block_q, blk.bwd_wgs, blk.bwd_block_kv)):
-    want = gpu._row_lists(jnp.asarray(mask), pb, tq, bq_k, wgs, bkv, bq, bk)
-    got = jax.jit(lambda i: gpu._index_row_lists(i, pb, tq, bq_k, wgs, bkv, bq, bk))(idx)
-    w_steps, w_own, w_counts = (np.asarray(x) for x in want[:3])
-    g_steps, g_own, g_counts = (np.asarray(x) for x in got[:3])
-    np.testing.assert_array_equal(g_counts, w_counts)
-    for at in np.ndindex(*w_counts.shape[:3]):
-      m = w_counts[at][0]
-      np.testing.assert_array_equal(g_steps[at][:m], w_steps[at][:m], err_msg=str(at))
-      for w in range(wgs):
-        n_own = w_counts[at][1 + 2 * w]
-        np.testing.assert_array_equal(g_own[at][w, :n_own], w_own[at][w, :n_own], err_msg=str((at, w)))
+    _same_lists(jax.jit(lambda i: gpu._index_row_lists(i, pb, tq, bq_k, wgs, bkv, bq, bk))(idx),
+                gpu._row_lists(jnp.asarray(mask), pb, tq, bq_k, wgs, bkv, bq, bk))
 
 
 def test_emulated_traced_indices(emulated):
@@ -318,7 +311,7 @@ def test_emulated_traced_indices(emulated):
   q, k, v = (jnp.asarray(rng.standard_normal(sh), jnp.float32)
              for sh in ((2, 300, 4, 16), (2, 300, 2, 16), (2, 300, 2, 16)))
   mask = _mask((2, 4, 5, 5), 0.5, seed=7)
-  idx = _block_indices_of(mask, 3, seed=3)
+  idx = block_indices_of(mask, 3, seed=3)
   mask = np.asarray(gpu.index_mask(idx, 5))
   loss = lambda o: (o * jnp.cos(o)).sum()
   spec, blocks = _spec("softmax", True, 16), gpu.sparse_blocks(64, 64, 64)
@@ -410,18 +403,9 @@ def test_selected_lists_from_indices_equal_the_masks(case):
   mask = jnp.asarray(gpu._selected_mask(idx, -(-s // bs)))  # traced-style (jnp) lists
   for bq, wgs, bkv in ((blk.block_q, blk.wgs, blk.block_kv),
                        (blk.bwd_block_q, blk.bwd_wgs, blk.bwd_block_kv)):
-    want = gpu._row_lists(mask, pb, tq, bq, wgs, bkv, rows, bs)
-    got = jax.jit(lambda i: gpu._index_row_lists(jnp.swapaxes(i, 1, 2), pb, tq, bq, wgs, bkv,
-                                                    rows, bs))(jnp.asarray(idx))
-    w_steps, w_own, w_counts = (np.asarray(x) for x in want[:3])
-    g_steps, g_own, g_counts = (np.asarray(x) for x in got[:3])
-    np.testing.assert_array_equal(g_counts, w_counts)
-    for at in np.ndindex(*w_counts.shape[:3]):
-      m = w_counts[at][0]
-      np.testing.assert_array_equal(g_steps[at][:m], w_steps[at][:m], err_msg=str(at))
-      for w in range(wgs):
-        k = w_counts[at][1 + 2 * w]
-        np.testing.assert_array_equal(g_own[at][w, :k], w_own[at][w, :k], err_msg=str((at, w)))
+    _same_lists(jax.jit(lambda i: gpu._index_row_lists(jnp.swapaxes(i, 1, 2), pb, tq, bq, wgs, bkv,
+                                                       rows, bs))(jnp.asarray(idx)),
+                gpu._row_lists(mask, pb, tq, bq, wgs, bkv, rows, bs))
 
 
 # (B, T, S, H, Hkv, block_size, n, causal, shared), D = 16 (emulated: any head dim)

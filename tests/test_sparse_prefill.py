@@ -3,7 +3,6 @@ dense prefill, outputs against dense, the CLI flags."""
 
 import pathlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import assert_close, compare, needs_hopper
+from conftest import assert_close, block_indices_of, compare, needs_hopper
 from longax.kernels import block_sparse_attention, selected_block_attention
 from longax.kernels.gpu import attention as gpu
 
@@ -89,13 +89,7 @@ def test_traced_block_indices(rand, shape):
   padded, a repeat), forward and every gradient, as the reference of the mask they list."""
   q, k, v = _inputs(rand, shape, jnp.bfloat16)
   mask = _mask(shape, 0.3, seed=shape[1])
-  rng = np.random.default_rng(shape[1])
-  n = max(int(mask.sum(-1).max()) + 1, 2)
-  idx = np.full(mask.shape[:3] + (n,), -1, np.int32)
-  for at in np.ndindex(*mask.shape[:3]):
-    on = rng.permutation(np.flatnonzero(mask[at]))
-    idx[at][:len(on)] = on
-    idx[at][len(on)] = on[0] if len(on) else -1
+  idx = block_indices_of(mask, max(int(mask.sum(-1).max()) + 1, 2), seed=shape[1])
   bq, bk = shape[6:8]
   got = jax.jit(lambda q, k, v, i: block_sparse_attention(q, k, v, block_indices=i, block_q=bq,
                                                           block_k=bk, impl="pallas"))
