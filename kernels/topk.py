@@ -1,8 +1,9 @@
 """Exact top-k over the last axis, in two stages where XLA's one-pass TopK is slow.
 
-XLA's GPU TopK kernel is slow on rows of ~1024 (H100, k = 16: [64k, 1024] rows 6.0 ms, in two
-stages 2.1; [16k, 1024] 1.50 vs 0.55 with chunks of 128, best of 32 / 64 / 128 / 256; on
-512-long rows 0.169 vs 0.151; NOTES.md, sessions 6 and 15); on the CPU the staged form is
+XLA's GPU TopK kernel is slow on long rows (H100, k = 16, device ms, one pass vs chunks of
+128: [64k, 1024] rows 6.07 vs 2.21, [16k, 1024] 1.51 vs 0.556, [16k, 512] 0.334 vs 0.295,
+[16k, 384] 0.266 vs 0.231, [16k, 256] 0.147 vs 0.152; chunks of 64 lose everywhere;
+benchmarks/results/topk-threshold-h100-2026-11-27-s16.txt); on the CPU the staged form is
 slower. NSA's selection and block top-k's block choice both take it.
 """
 
