@@ -10,8 +10,6 @@ against the reference; so do MInference's vertical-slash passes (`vertical_slash
 of the file; their lists checked against the pattern's definition). ~2 min on 2 cores. Running the kernels is checked on the device
 (`tests/gpu/test_sparse_attention_gpu.py`)."""
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -295,7 +293,7 @@ def test_block_sparse_lists_from_indices_equal_the_masks(case):
   blk = gpu.sparse_blocks(d, bq, bk)
   pb = gpu._problem(jnp.zeros((bm, t, h, d)), jnp.zeros((bm, s, h, d)), _spec("softmax", causal, d),
                     None, blk)
-  tq = math.lcm(blk.wgs * blk.block_q, blk.bwd_wgs * blk.bwd_block_q)
+  tq = gpu._query_multiple(blk)
   for bq_k, wgs, bkv in ((blk.block_q, blk.wgs, blk.block_kv),
                          (blk.bwd_block_q, blk.bwd_wgs, blk.bwd_block_kv)):
     _same_lists(jax.jit(lambda i: gpu._index_row_lists(i, pb, tq, bq_k, wgs, bkv, bq, bk))(idx),
@@ -399,7 +397,7 @@ def test_selected_lists_from_indices_equal_the_masks(case):
   qf = jnp.zeros((b, t * rows, hkv, 64))
   pb = gpu._problem(qf, jnp.zeros((b, s, hkv, 64)), _spec("softmax", causal, 64), None, blk,
                     rows, bs if rows < 64 else None)
-  tq = math.lcm(blk.wgs * blk.block_q, blk.bwd_wgs * blk.bwd_block_q)
+  tq = gpu._query_multiple(blk)
   mask = jnp.asarray(gpu._selected_mask(idx, -(-s // bs)))  # traced-style (jnp) lists
   for bq, wgs, bkv in ((blk.block_q, blk.wgs, blk.block_kv),
                        (blk.bwd_block_q, blk.bwd_wgs, blk.bwd_block_kv)):

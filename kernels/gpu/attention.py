@@ -1032,9 +1032,14 @@ def _key_multiple(blk: Blocks):
   return math.lcm(blk.block_kv, blk.bwd_wgs * blk.bwd_block_kv)
 
 
+def _query_multiple(blk: Blocks):
+  """T is padded to a multiple of this: every query tile, forward and backward."""
+  return math.lcm(blk.wgs * blk.block_q, blk.bwd_wgs * blk.bwd_block_q)
+
+
 def _padded(q, k, v, q_seg, k_seg, blk: Blocks):
   """Pads T to a multiple of every query tile and S of every key tile (fwd and bwd)."""
-  tq = math.lcm(blk.wgs * blk.block_q, blk.bwd_wgs * blk.bwd_block_q)
+  tq = _query_multiple(blk)
   tk = _key_multiple(blk)
   q = _pad_to(q, 1, tq)
   k, v = _pad_to(k, 1, tk), _pad_to(v, 1, tk)
@@ -1177,7 +1182,7 @@ def block_grads_pallas(q, k, v, q_pos, k_pos, q_seg, k_seg, spec, o, lse, do, kv
   for sigmoid) cover more keys. Positions must be the defaults (see `unsupported`)."""
   del q_pos, k_pos, kv_block
   pb = _problem(q, k, spec, q_seg, blocks)
-  tq = math.lcm(pb.blocks.wgs * pb.blocks.block_q, pb.blocks.bwd_wgs * pb.blocks.bwd_block_q)
+  tq = _query_multiple(pb.blocks)
   tp = -(-q.shape[1] // tq) * tq
   lse_k = (_lse_kernel(lse, tp) if spec.kind == "softmax"
            else jnp.zeros((q.shape[0], q.shape[2], tp), jnp.float32))
@@ -1304,16 +1309,17 @@ def _key_lists(mask, pb: _Problem, bq: int, wgs: int, bkv: int, sp: int, heads: 
 def _sparse_lists(block_mask, pb: _Problem, heads: int, block_q: int, block_k: int,
                   row_lists=None):
   """The three kernels' lists from the op's block mask (numpy where it is concrete).
-  row_lists(bq, wgs, bkv) -> `_Lists`: the forward / dq lists built another way (NSA's
-  selected blocks from their indices), else from the mask; one build where both tile alike."""
+  row_lists(pb, tq, bq, wgs, bkv) -> `_Lists`: the forward / dq lists built another way (from
+  traced block indices: `_index_row_lists`), else from the mask; one build where both tile
+  alike."""
   blk = pb.blocks
-  tq = math.lcm(blk.wgs * blk.block_q, blk.bwd_wgs * blk.bwd_block_q)
+  tq = _query_multiple(blk)
   sp = -(-pb.s // _key_multiple(blk)) * _key_multiple(blk)
   mask = concrete(block_mask)
   mask = jnp.asarray(block_mask) if mask is None else mask.astype(bool)
   sizes = dict(block_q=block_q, block_k=block_k)
-  rows = functools.cache(row_lists or (lambda bq, wgs, bkv: _row_lists(mask, pb, tq, bq, wgs, bkv,
-                                                                       **sizes)))
+  build = row_lists or functools.partial(_row_lists, mask, **sizes)
+  rows = functools.cache(lambda bq, wgs, bkv: build(pb, tq, bq, wgs, bkv))
   return _SparseLists(
       rows(blk.block_q, blk.wgs, blk.block_kv),
       rows(blk.bwd_block_q, blk.bwd_wgs, blk.bwd_block_kv),
@@ -1338,9 +1344,7 @@ def block_sparse_pallas(q, k, v, block_mask, spec, *, block_q: int, block_k: int
   pb = _problem(q, k, spec, None, blocks or sparse_blocks(q.shape[-1], block_q, block_k))
   row_lists = None
   if block_indices is not None and concrete(block_indices) is None:
-    tq = math.lcm(pb.blocks.wgs * pb.blocks.block_q, pb.blocks.bwd_wgs * pb.blocks.bwd_block_q)
-    row_lists = functools.partial(_index_row_lists, block_indices, pb, tq, rows=block_q,
-                                  block_k=block_k)
+    row_lists = functools.partial(_index_row_lists, block_indices, rows=block_q, block_k=block_k)
   lists = _sparse_lists(block_mask, pb, q.shape[2], block_q, block_k, row_lists)
   o, lse = _flash(*same_vma(q, k, v), None, None, lists, pb)
   return (o, lse) if return_lse else o
@@ -1433,10 +1437,10 @@ def selected_pallas(q, k, v, block_indices, spec, *, block_size: int, blocks=Non
   mask = _selected_mask(block_indices, -(-s_len // block_size))
   blk = blocks or sparse_blocks(d, rows, block_size)
   pb = _problem(qf, k, spec, None, blk, rows, block_size if rows < 64 else None)
-  tq = math.lcm(blk.wgs * blk.block_q, blk.bwd_wgs * blk.bwd_block_q)
+  tq = _query_multiple(blk)
   row_lists = None  # traced indices: the forward and dq lists from the indices themselves
   if concrete(block_indices) is None:
-    row_lists = functools.partial(_index_row_lists, jnp.swapaxes(block_indices, 1, 2), pb, tq,
+    row_lists = functools.partial(_index_row_lists, jnp.swapaxes(block_indices, 1, 2),
                                   rows=pb.rows_per_pos, block_k=block_size)
   lists = _sparse_lists(mask, pb, hkv, rows, block_size, row_lists)
   if pb.select_block is not None:  # each row's own blocks: [B, Hkv, n, Tp] (-1 past T)
