@@ -105,3 +105,7 @@ def test_kernel_lowers_for_cuda_and_top_k_takes_it(monkeypatch):
   assert "mosaic_gpu" not in lowered(x[:, 1:], 16)
   monkeypatch.setattr(topk, "TOPK_KERNEL", False)
   assert "mosaic_gpu" not in lowered(x, 16)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))  # inside shard_map (check_vma)
+  sharded = jax.shard_map(lambda x: gpu_topk.top_k_pallas(x, 16), mesh=mesh,
+                          in_specs=jax.P("x"), out_specs=jax.P("x"))
+  assert "mosaic_gpu" in jax.jit(sharded).trace(x).lower(lowering_platforms=("cuda",)).as_text()
