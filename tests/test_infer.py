@@ -32,15 +32,19 @@ CONFIGS = {
 }
 
 
-def greedy_by_forward(model, prompt, tokens):
-  """The arg-max of the full forward after the prompt and each prefix of `tokens`: `tokens`
-  itself exactly when it is the greedy continuation. One forward over prompt + tokens[:-1]
-  gives them all, its logits at a position seeing only the tokens up to it (the forward is
-  causal: tests/test_models.py decodes it step by step). The forward is jitted: run
-  eagerly, every op compiles again for each new length (~20 s a config)."""
-  seq = jnp.asarray([list(prompt) + list(tokens[:-1])])
-  logits = nnx.jit(lambda m, x: m(x))(model, seq)[0, len(prompt) - 1:]
-  return [int(t) for t in jnp.argmax(logits, -1)]
+def greedy_by_forward(model, prompts, outs):
+  """Per row, the arg-max of the full forward after the prompt and each prefix of its tokens:
+  the tokens themselves exactly when they are the greedy continuation. One forward over each
+  prompt + tokens[:-1] gives them all, its logits at a position seeing only the tokens up to
+  it (the forward is causal: tests/test_models.py decodes it step by step); so the rows go in
+  one batch, right-padded to the longest (the padding comes after every logit read), one
+  compile a config rather than one a length. The forward is jitted: run eagerly, every op
+  compiles again for each new length (~20 s a config)."""
+  seqs = [list(p) + list(o[:-1]) for p, o in zip(prompts, outs)]
+  n = max(map(len, seqs))
+  logits = nnx.jit(lambda m, x: m(x))(model, jnp.asarray([s + [0] * (n - len(s)) for s in seqs]))
+  return [[int(t) for t in jnp.argmax(logits[i, len(p) - 1:len(s)], -1)]
+          for i, (p, s) in enumerate(zip(prompts, seqs))]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -48,7 +52,7 @@ def test_greedy_equals_the_full_forward(name):
   model = LM(CONFIGS[name], rngs=nnx.Rngs(0))
   out = generate(model, PROMPTS, max_new_tokens=5, prefill_chunk=4)
   assert [len(o) for o in out] == [5] * len(PROMPTS)
-  assert out == [greedy_by_forward(model, p, o) for p, o in zip(PROMPTS, out)]
+  assert out == greedy_by_forward(model, PROMPTS, out)
 
 
 def test_stop_tokens_and_sampling():

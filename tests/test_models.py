@@ -41,6 +41,9 @@ def _tokens(seed=1, b=2, t=T):
 
 # One jitted decode for every call: it compiles once per model structure and piece length.
 _decode = nnx.jit(lambda m, x, c: m.decode(x, c))
+# The full forward, jitted: run eagerly, each of its ops compiles on its own (NSA's many small
+# ops: ~10 s a model).
+_forward = nnx.jit(lambda m, x: m(x))
 
 
 def _decode_pieces(model, tokens, pieces):
@@ -57,7 +60,7 @@ def _decode_pieces(model, tokens, pieces):
 def test_prefill_then_steps_equals_forward(name):
   model = LM(CONFIGS[name], rngs=nnx.Rngs(0))
   tokens = _tokens()
-  full = model(tokens)
+  full = _forward(model, tokens)
   assert full.shape == (2, T, V) and full.dtype == jnp.float32
   # A prefill of 9 (past a chunk of 8), then single steps past every window.
   got, cache = _decode_pieces(model, tokens, [9] + [1] * (T - 9))
@@ -78,10 +81,10 @@ def test_bf16_compute_f32_params_and_grads(name):
   params = nnx.state(model, nnx.Param)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
   tokens = _tokens()
-  logits = model(tokens)
+  logits = _forward(model, tokens)
   assert logits.shape == (2, T, V) and logits.dtype == jnp.float32
   f32 = LM(dataclasses.replace(cfg, dtype="float32"), rngs=nnx.Rngs(0))
-  assert_close(logits, nnx.jit(lambda m: m(tokens))(f32), 0.05, what="bf16 vs f32 compute")
+  assert_close(logits, _forward(f32, tokens), 0.05, what="bf16 vs f32 compute")
   dec, _ = _decode_pieces(model, tokens, [7] + [1] * (T - 7))
   assert_close(dec, logits, 0.05, what="bf16 decode")
 

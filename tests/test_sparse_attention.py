@@ -293,7 +293,12 @@ def test_selected_keyed_dispatch_and_limits(rand, monkeypatch):
   idx = _block_indices(rand, 1, 40, 4, 2, 5)
   spec = AttnSpec("softmax", True, 8**-0.5, None, 0, None, 0.0)
   monkeypatch.setattr(SA, "_kernel_attend", _xla_attend)
-  got = SA._selected_gpu(q, k, v, idx, spec, block_size=8, key_centric=True)
+  # The calls that compute, jitted (the dispatch is Python, run as it traces): eagerly, every
+  # op of the key-centric path compiled on its own (~20 s). Made here: the patches above and
+  # below are read when each call (a new shape or dtype) traces.
+  selected = jax.jit(SA._selected_gpu, static_argnums=4,
+                     static_argnames=("block_size", "key_centric"))
+  got = selected(q, k, v, idx, spec, block_size=8, key_centric=True)
   assert_close(got, selected_block_attention(q, k, v, idx, block_size=8, impl="reference"))
   # the default: key-centric for the groups SELECTED_KEYED_MIN_LENGTH lists from their length
   # on, its chunks in SELECTED_KEYED_FORM (the lists form's kernels need the GPU: a stand-in)
@@ -312,7 +317,7 @@ def test_selected_keyed_dispatch_and_limits(rand, monkeypatch):
   with pytest.raises(Lists):
     SA._selected_gpu(q, k, v, idx, spec, block_size=8)
   monkeypatch.setattr(SA, "SELECTED_KEYED_FORM", True)
-  assert SA._selected_gpu(q, k, v, idx, spec, block_size=8).shape == q.shape
+  assert selected(q, k, v, idx, spec, block_size=8).shape == q.shape
   f16 = [x.astype(jnp.float16) for x in (q, k, v)]  # bf16 only: what the GPU tests run
   assert SA._selected_gpu(*f16, idx, spec, block_size=8) == "tiles"
   monkeypatch.setattr(SA, "SELECTED_KEYED_MIN_LENGTH", {1: 41})
@@ -324,7 +329,7 @@ def test_selected_keyed_dispatch_and_limits(rand, monkeypatch):
   k2, v2 = k[:, :, :2], v[:, :, :2]  # G = 2: not listed
   assert SA._selected_gpu(q, k2, v2, idx[:, :, :2], spec, block_size=8) == "tiles"
   monkeypatch.setattr(SA, "SELECTED_KEYED_MIN_LENGTH", {1: 41, 2: 40})
-  assert SA._selected_gpu(q, k2, v2, idx[:, :, :2], spec, block_size=8).shape == q.shape
+  assert selected(q, k2, v2, idx[:, :, :2], spec, block_size=8).shape == q.shape
   short = q[:, :30]
   assert SA.keyed_unsupported(short, k, spec, 8) == (
       "causal with T=30 != S=40 (its own-block pass tiles T as S)")

@@ -34,8 +34,10 @@ def model():
 def test_search_picks_each_heads_closest_option(model, kind):
   """Each head's choice has the smallest mean over the calibration prompts of its error (its
   worst query over the prompt, relative to dense's mean). Two prompts: a search on the first
-  alone picks other options, for both kinds (a single prompt's search: the other tests here)."""
-  other = [int(t) for t in np.random.default_rng(1).integers(0, 40, 33)]
+  alone picks other options, for both kinds (a single prompt's search: the other tests here).
+  The second prompt has the first's length: the search runs eagerly, and a new length
+  compiles its every op again (~10 s a kind)."""
+  other = [int(t) for t in np.random.default_rng(1).integers(0, 40, len(PROMPT))]
   prompts = [PROMPT, other]
   plan = search(model, prompts, kind=kind, budget=12, block=4, last_q=8, progress=False)
   assert len(plan.heads) == 1 and len(plan.heads[0]) == 4
