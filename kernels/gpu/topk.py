@@ -6,7 +6,8 @@ ties; a pick is masked to -inf and its column to past every column, so a row wit
 finite entries still gets k distinct columns) and merges them into the row's running top k
 (row vectors of values and columns in registers, in lax.top_k's order: value down, column up)
 by a bitonic merge. XLA's TopK sorts (see `kernels/topk.py` for its times); this reads each
-row once. Measured (H100, k 16, device ms; `benchmarks/results/topk-variants-h100-2026-11-28-s17.txt`):
+row once. NaN entries are not ranked as lax.top_k ranks them (first): the callers' scores
+(NSA's importance, block maxima) have none. Measured (H100, k 16, device ms; `benchmarks/results/topk-variants-h100-2026-11-28-s17.txt`):
 [64k, 1024] 0.664 with the bitonic merge, 1.09 inserting each pick into the list (136 steps a
 chunk, quadratic in k); chunks of 64 columns 0.70.
 """
