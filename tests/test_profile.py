@@ -46,6 +46,9 @@ def test_train_benchmark_says_why_no_rate(monkeypatch, capsys):
     ("nsa_branches", ["--sections", "xla,nope"], "'nope' is not one of parts, splits, variants, groups, xla"),
     ("nsa_branches", ["--groups", "1,3"], "--groups 1,3: a comma list of 1, 2, 4, 8, 16"),
     ("nsa_branches", ["--forms", "tiles,nope"], "--forms tiles,nope: a comma list of tiles, gathered, lists"),
+    ("topk", ["--shapes", "64x"], "--shapes '64x': comma-separated ROWSxN"),
+    ("topk", ["--chunks", "100"], "--chunks 100: multiples of 64"),
+    ("topk", ["--k", "17"], "the top-k kernel does not run here"),
 ])
 def test_gpu_timing_scripts_bad_flags_are_one_line(module, args, msg, capsys):
   """The device-only timing scripts refuse bad flags (and the CPU) in one line, exit 2."""
