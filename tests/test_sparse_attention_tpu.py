@@ -30,6 +30,13 @@ def _mask(rand, shape, density, empty_row=True):
   return bits
 
 
+def _index_mask(idx, nk: int):
+  """int indices [.., n] (-1 unused) -> their bool mask [.., nk] (numpy)."""
+  mask = np.zeros(idx.shape[:-1] + (nk + 1,), bool)
+  np.put_along_axis(mask, np.where(idx >= 0, idx, nk), True, -1)
+  return mask[..., :nk]
+
+
 def _check(rand, shape, mask_bh, density, dtype, *, traced=False, **opts):
   """shape (B, T, S, H, Hkv, D, block_q, block_k); mask_bh: its (Bm, Hm); traced: the mask
   is an argument of the jitted function (tables as wide as every block)."""
@@ -120,14 +127,14 @@ def test_mask_step_tables():
   pb = _problem(30, 30, 8, 8, group=2)
   pb = dataclasses.replace(pb, mask_steps=tpu._mask_widths(pb, on))
   assert pb.mask_steps == (3, 5)
-  blk, kind, rows = tpu._forward_steps(pb, jnp.asarray(on))
+  blk, kind, rows = tpu._forward_steps(pb, (jnp.asarray(on), None))
   blk, kind = np.asarray(blk), np.asarray(kind)
   assert blk.shape == (8, 3) and (rows.tb, rows.th) == (1, 2)
   assert list(blk[rows(0, 0, 3)]) == [0, 2, 3] and list(kind[rows(0, 0, 3)]) == [2, 2, 1]
   assert list(kind[rows(0, 0, 2)]) == [0, 0, 0]  # lists nothing
   assert list(blk[rows(0, 1, 0)]) == [0, 0, 0] and list(kind[rows(0, 1, 0)]) == [1, 0, 0]
   assert list(kind[rows(0, 1, 2)]) == [2, 0, 0]
-  blk, kind, rows = tpu._backward_steps(pb, jnp.asarray(on))
+  blk, kind, rows = tpu._backward_steps(pb, (jnp.asarray(on), None))
   blk, kind = np.asarray(blk), np.asarray(kind)
   assert blk.shape == (4, 5) and (rows.tb, rows.th) == (1, 1)  # one KV head
   assert list(blk[0]) == [3, 4, 5, 6, 7] and list(kind[0]) == [2, 1, 2, 2, 2]
@@ -135,8 +142,68 @@ def test_mask_step_tables():
   assert list(blk[3]) == [3] * 5 and list(kind[3]) == [1, 0, 0, 0, 0]  # padded keys
   # A traced mask: tables as wide as every block, same lists.
   pb = dataclasses.replace(pb, mask_steps=(4, 8))
-  traced = jax.jit(lambda m: tpu._forward_steps(pb, m)[:2])(jnp.asarray(on))
+  traced = jax.jit(lambda m: tpu._forward_steps(pb, (m, None))[:2])(jnp.asarray(on))
   assert list(np.asarray(traced[0])[rows(0, 0, 3)]) == [0, 2, 3, 3]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("t,s,bq,bk,group,heads", [(30, 30, 8, 8, 2, 2), (21, 45, 8, 16, 1, 1),
+                                                    (45, 21, 16, 8, 2, 4)])
+def test_index_step_tables_are_the_mask_tables(rand, t, s, bq, bk, group, heads, causal):
+  """Traced block_indices (shuffled, -1, repeats, blocks past the diagonal) give the forward
+  / dq tables of their mask, as wide as the indices (not every key block): the same listed
+  blocks and kinds in the same order, and the same kind-0 padding."""
+  from conftest import block_indices_of
+  pb = _problem(t, s, bq, bk, group=group, causal=causal)
+  mask = _mask(rand, (2, heads, pb.nq, pb.nk), 0.5)
+  n = 4
+  idx = block_indices_of(mask & (np.cumsum(mask, -1) <= n), n + 1, seed=t)  # at most n on
+  mask = _index_mask(idx, pb.nk)
+  widths = []  # as the op calls it: under jit, the mask built from the traced indices
+  jax.jit(lambda m, i: widths.append(tpu._mask_widths(pb, m, i)) or 0)(mask, idx)
+  assert widths == [(min(n + 1, pb.nk), group * pb.nq)]
+  pbi = dataclasses.replace(pb, mask_steps=widths[0])
+  rows = []
+  got = jax.jit(lambda i: (lambda b, k, r: rows.append(r) or (b, k))(
+      *tpu._forward_steps(pbi, (None, i))))(jnp.asarray(idx))
+  pbm = dataclasses.replace(pb, mask_steps=(pb.nk, group * pb.nq))
+  want = tpu._forward_steps(pbm, (jnp.asarray(mask), None))
+  assert rows == [want[2]]
+  width = pbi.mask_steps[0]
+  listed = np.asarray(want[1]) > 0
+  assert listed.sum(-1).max() <= width
+  np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1])[:, :width])
+  np.testing.assert_array_equal(np.where(np.asarray(got[1]) > 0, np.asarray(got[0]), -1),
+                                np.where(listed, np.asarray(want[0]), -1)[:, :width])
+  # Padding repeats a row's last listed block (no new load); a row listing none: any block.
+  count = listed.sum(-1, keepdims=True)
+  last = np.take_along_axis(np.asarray(want[0]), np.maximum(count - 1, 0), -1)
+  pad = (np.asarray(got[1]) == 0) & (count > 0)
+  np.testing.assert_array_equal(np.where(pad, np.asarray(got[0]), -1), np.where(pad, last, -1))
+  assert np.asarray(got[0]).min() >= 0 and np.asarray(got[0]).max() < pb.nk
+
+
+def test_interpret_traced_indices_match_reference(rand):
+  """block_indices traced under jit on the TPU kernels (interpreted): forward and gradients
+  as the reference's on their mask; the forward's grid walks n steps a query block."""
+  from conftest import block_indices_of
+  b, t, s, h, hkv, d, bq, bk = 2, 37, 37, 4, 2, 8, 8, 8
+  q, k, v = rand.normal((b, t, h, d)), rand.normal((b, s, hkv, d)), rand.normal((b, s, hkv, d))
+  mask = _mask(rand, (b, h, -(-t // bq), -(-s // bk)), 0.4)
+  idx = block_indices_of(mask, 4, seed=3)  # the first 4 on blocks (shuffled), a repeat
+  mask = _index_mask(idx, mask.shape[-1])
+  fn = lambda impl: lambda q, k, v, i: block_sparse_attention(q, k, v, block_indices=i, block_q=bq,
+                                                             block_k=bk, impl=impl)
+  run = jax.jit(lambda q, k, v, i: _value_and_grads(lambda q, k, v: fn("pallas_interpret")(
+      q, k, v, i))(q, k, v))
+  o, grads = run(q, k, v, jnp.asarray(idx))
+  o_ref, grads_ref = _value_and_grads(lambda q, k, v: block_sparse_attention(
+      q, k, v, mask, block_q=bq, block_k=bk, impl="reference"))(q, k, v)
+  assert_close(o, o_ref, F32, "forward")
+  for name, a, want in zip("qkv", grads, grads_ref):
+    assert_close(a, want, F32, f"d{name}")
+  jaxpr = str(jax.make_jaxpr(fn("pallas_interpret"))(q, k, v, jnp.asarray(idx)))
+  assert "grid=(2, 4, 5, 4)" in jaxpr, "the forward's grid is not n = 4 steps a query block"
 
 
 def test_dispatch_on_tpu(monkeypatch):

@@ -34,7 +34,9 @@ block_q / block_k, forward and backward). The tables are built in XLA from the b
 [Bm, Hm, nq, nk] (`_mask_lists`, `_compact`), so a traced mask works: a row per (batch, head,
 block) where the mask has those axes (`_Rows`); a block is listed where its bit is on and the
 causal rule leaves it a visible pair, kind 1 where it crosses the diagonal or holds padded keys,
-2 otherwise. Table widths are static: the longest list of a concrete mask, else every block.
+2 otherwise. Table widths are static: the longest list of a concrete mask, else every block;
+with traced block indices [.., n] the forward / dq tables come from them, n wide
+(`_index_steps`).
 """
 
 from __future__ import annotations
@@ -230,43 +232,63 @@ def _mask_lists(pb: _Problem, block_mask, xp=jnp):
   return by_query, rearrange(by_key, "b (h g) k q -> b h k (g q)", g=pb.group)
 
 
-def _mask_widths(pb: _Problem, block_mask) -> tuple[int, int]:
-  """The tables' widths (steps per row): the longest lists of a concrete mask, else all."""
+def _mask_widths(pb: _Problem, block_mask, block_indices=None) -> tuple[int, int]:
+  """The tables' widths (steps per row): the longest lists of a concrete mask; else the
+  forward's is the traced indices' n (at most every key block), the dk/dv one all."""
   mask = concrete(block_mask)
   if mask is None:
-    return pb.nk, pb.group * pb.nq
+    n = pb.nk if block_indices is None else min(block_indices.shape[-1], pb.nk)
+    return n, pb.group * pb.nq
   return tuple(max(1, int(x.sum(-1).max())) for x in _mask_lists(pb, mask, np))
 
 
-def _compact(on, plain, n: int):
-  """on [..., R, m] bool, plain [R, m] bool -> (blk, kind) [..., R, n] int32: each row's on
-  columns ascending (kind 2 where plain, else 1), then its last one repeated with kind 0."""
+def _compact(on, plain, n: int, cols=None):
+  """on [..., R, m] bool, plain [R | ..., R, m] bool, cols [..., R, m] int32 (default: the
+  column numbers) -> (blk, kind) [..., R, n] int32: the cols of each row's on entries in
+  order (kind 2 where plain, else 1), then its last one repeated with kind 0."""
   order = jnp.argsort(~on, axis=-1, stable=True)[..., :n].astype(jnp.int32)
   count = jnp.sum(on, -1, keepdims=True, dtype=jnp.int32)
   listed = jnp.arange(n) < count
-  blk = jnp.where(listed, order, jnp.take_along_axis(order, jnp.maximum(count - 1, 0), -1))
-  unmasked = jnp.take_along_axis(jnp.broadcast_to(plain, on.shape), blk, -1)
+  at = jnp.where(listed, order, jnp.take_along_axis(order, jnp.maximum(count - 1, 0), -1))
+  blk = at if cols is None else jnp.take_along_axis(cols, at, -1)
+  unmasked = jnp.take_along_axis(jnp.broadcast_to(plain, on.shape), at, -1)
   return blk, jnp.where(listed, jnp.where(unmasked, 2, 1), 0).astype(jnp.int32)
 
 
-def _forward_steps(pb: _Problem, block_mask=None):
-  """The forward / dq tables, (blk, kind, _Rows): per query block its key blocks."""
-  if block_mask is None:
+def _index_steps(pb: _Problem, block_indices):
+  """Traced block_indices [Bi, Hi, nq, m] (-1 unused, repeats) -> `_compact`'s (blk, kind)
+  [Bi, Hi, nq, mask_steps[0]], from a sort of each row's m indices, not of its nk mask bits."""
+  seen, plain = _mask_blocks(pb)
+  cand = jnp.sort(jnp.where(block_indices < 0, pb.nk, block_indices), -1)  # unused last
+  col = jnp.minimum(cand, pb.nk - 1)
+  qb = np.arange(pb.nq)[:, None]
+  first = jnp.concatenate([jnp.ones_like(cand[..., :1], bool), cand[..., 1:] != cand[..., :-1]], -1)
+  on = (cand < pb.nk) & first & jnp.asarray(seen)[qb, col]
+  return _compact(on, jnp.asarray(plain)[qb, col], pb.mask_steps[0], col)
+
+
+def _forward_steps(pb: _Problem, sparse=None):
+  """The forward / dq tables, (blk, kind, _Rows): per query block its key blocks. sparse:
+  block-sparse's (block_mask, traced block_indices or None)."""
+  if sparse is None:
     return *_key_steps(pb), _Rows(pb.nq)
-  on = _mask_lists(pb, block_mask)[0]
-  blk, kind = _compact(on, _mask_blocks(pb)[1], pb.mask_steps[0])
+  block_mask, block_indices = sparse
+  if block_indices is not None:
+    blk, kind = _index_steps(pb, block_indices)
+  else:
+    blk, kind = _compact(_mask_lists(pb, block_mask)[0], _mask_blocks(pb)[1], pb.mask_steps[0])
   n = blk.shape[-1]
-  return blk.reshape(-1, n), kind.reshape(-1, n), _Rows(pb.nq, *on.shape[:2])
+  return blk.reshape(-1, n), kind.reshape(-1, n), _Rows(pb.nq, *blk.shape[:2])
 
 
-def _backward_steps(pb: _Problem, block_mask=None):
+def _backward_steps(pb: _Problem, sparse=None):
   """The dk/dv tables, (blk, kind, _Rows): per key block of a KV head the query blocks of
   each query head of its group that see it, entry gi * nq + qb (gi: the head in the group)."""
-  if block_mask is None:
+  if sparse is None:
     blk, kind = _query_steps(pb)
     heads = np.repeat(np.arange(pb.group, dtype=np.int32) * pb.nq, blk.shape[1])
     return jnp.tile(blk, (1, pb.group)) + heads, jnp.tile(kind, (1, pb.group)), _Rows(pb.nk)
-  on = _mask_lists(pb, block_mask)[1]
+  on = _mask_lists(pb, sparse[0])[1]
   blk, kind = _compact(on, np.tile(_mask_blocks(pb)[1].T, (1, pb.group)), pb.mask_steps[1])
   n = blk.shape[-1]
   return blk.reshape(-1, n), kind.reshape(-1, n), _Rows(pb.nk, *on.shape[:2])
@@ -386,8 +408,8 @@ def _forward_kernel(blk_ref, kind_ref, q_ref, k_ref, v_ref, *refs, pb: _Problem,
 
 def _forward(q, k, v, segs, block_mask, pb: _Problem):
   """q [B, H, Tp, D], k [B, Hkv, Sp, D], v [B, Hkv, Sp, Dv], segs (q [B, Tp, 1], k [B, 1, Sp])
-  or None, block_mask (block-sparse) or None -> (o [B, H, Tp, Dv], lse [B, H, Tp, 1] (+inf:
-  a row that sees no key) or None)."""
+  or None, block_mask (block-sparse: `_forward_steps`'s sparse) or None -> (o [B, H, Tp, Dv],
+  lse [B, H, Tp, 1] (+inf: a row that sees no key) or None)."""
   b, h, tp, d = q.shape
   dv = v.shape[-1]
   bq, bk, g = pb.block_q, pb.block_kv, pb.group
@@ -590,7 +612,8 @@ class _Config:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _flash(q, k, v, q_seg, k_seg, block_mask, cfg: _Config):
   """-> (o [B, T, H, Dv], lse [B, H, T] (+inf: empty row) or None). block_mask: None, or
-  block-sparse's bool [Bm, Hm, nq, nk] in the kernel's blocks (cfg.mask_steps set)."""
+  block-sparse's (bool [Bm, Hm, nq, nk] in the kernel's blocks, traced block indices [Bm,
+  Hm, nq, n] or None) (cfg.mask_steps set)."""
   return _flash_fwd(q, k, v, q_seg, k_seg, block_mask, cfg)[0]
 
 
@@ -627,7 +650,7 @@ def _flash_bwd(cfg: _Config, res, cotangents):
   dk, dv = _backward_dkv(qp, kp, vp, dop, lse[:, :, None], delta[:, :, None],
                          _segments(q_seg, k_seg, bq, bk, query_rows=False), block_mask, pb)
   grads = (jnp.swapaxes(x, 1, 2)[:, :n] for x, n in ((dq, t), (dk, s), (dv, s)))
-  return (*grads, _no_grad(q_seg), _no_grad(k_seg), _no_grad(block_mask))
+  return (*grads, _no_grad(q_seg), _no_grad(k_seg), jax.tree.map(_no_grad, block_mask))
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -708,13 +731,15 @@ def block_sparse_pallas(q, k, v, block_mask, spec, *, block_q: int, block_k: int
                         return_lse=False, interpret=False, block_indices=None):
   """block_sparse_attention on the flash kernels: a kernel block is one mask block, and the
   step tables are the mask's on blocks (built in XLA from `block_mask`, so it may be traced;
-  with a concrete mask the tables are as wide as its longest list, else every block;
-  block_indices, the same blocks, are not used)."""
+  with a concrete mask the tables are as wide as its longest list). With traced
+  block_indices [B|1, H|1, nq, n] (the mask's on blocks) the forward and dq tables come from
+  them, n wide (`_index_steps`); with a traced mask alone, and for dk/dv, every block."""
   block_mask = jnp.asarray(block_mask)
+  idx = block_indices if block_indices is not None and concrete(block_indices) is None else None
   cfg = _Config(spec, Blocks(block_q, block_k, block_q, block_k), interpret)
   pb = cfg.problem(q, k, None, backward=False)
-  cfg = dataclasses.replace(cfg, mask_steps=_mask_widths(pb, block_mask))
-  o, lse = _flash(*same_vma(q, k, v), None, None, block_mask, cfg)
+  cfg = dataclasses.replace(cfg, mask_steps=_mask_widths(pb, block_mask, idx))
+  o, lse = _flash(*same_vma(q, k, v), None, None, (block_mask, idx), cfg)
   return (o, _lse_public(lse)) if return_lse else o
 
 
