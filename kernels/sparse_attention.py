@@ -54,7 +54,9 @@ attention over query rows folded into heads (`layers.nsa.compressed_attention`, 
 selected branch here, the window on `attention`'s.
 
 `block_sparse_attention` also runs the Pallas TPU flash kernels (`kernels/tpu/attention.py`,
-impl="pallas" on TPU, "pallas_interpret" on CPU), their step tables built from the mask.
+impl="pallas" on TPU, "pallas_interpret" on CPU), their step tables built from the mask (or
+from traced block indices); `selected_block_attention` runs there as key-centric loading whose
+dense calls are those kernels (`_selected_tpu`).
 """
 
 from __future__ import annotations
@@ -776,7 +778,40 @@ def _selected_gpu(q, k, v, block_indices, spec: AttnSpec, *, block_size: int,
   return _gpu.selected_pallas(q, k, v, block_indices, spec, block_size=block_size)
 
 
-register_kernels("selected_block_attention", gpu=(_selected_gpu, _gpu.selected_unsupported))
+def _selected_tpu(q, k, v, block_indices, spec: AttnSpec, *, block_size: int,
+                  interpret: bool = False):
+  """selected_block_attention on the Pallas TPU flash kernels: key-centric loading
+  (`_selected_keyed`), its chunks' gathered key blocks and the own blocks on the dense
+  kernel (`tpu.attention_pallas`, forward and backward); see `_selected_tpu_unsupported`."""
+  def attend(q, k, v, causal):
+    sp = AttnSpec("softmax", causal, spec.scale, None, 0, None, 0.0)
+    return _tpu.attention_pallas(q, k, v, None, None, None, None, sp, return_lse=True,
+                                 interpret=interpret)
+  return _selected_keyed(q, k, v, block_indices, spec, block_size=block_size, attend=attend,
+                         chunks=_chunks_gathered(attend), rows=128)
+
+
+def _selected_tpu_unsupported(call: dict, *, interpret: bool = False) -> str | None:
+  """The dense TPU kernel's limits (head dims, default positions), key-centric loading's
+  (`keyed_unsupported`), KV groups of at most SELECTED_KEYED_XLA_MAX_GROUP heads and its
+  gathered queries within SELECTED_KEYED_XLA_MAX_ELEMENTS (what its tests cover)."""
+  if (why := _tpu.unsupported(call, interpret=interpret)) is not None:
+    return why
+  q, k = call["q"], call["k"]
+  if (why := keyed_unsupported(q, k, call["spec"], call["block_size"])) is not None:
+    return why
+  if (g := q.shape[2] // k.shape[2]) > SELECTED_KEYED_XLA_MAX_GROUP:
+    return f"{g} query heads per KV head (key-centric loading takes at most {SELECTED_KEYED_XLA_MAX_GROUP})"
+  if q.size * call["n_selected"] > SELECTED_KEYED_XLA_MAX_ELEMENTS:
+    return (f"gathered queries of {q.size * call['n_selected']} elements (at most "
+            f"SELECTED_KEYED_XLA_MAX_ELEMENTS = {SELECTED_KEYED_XLA_MAX_ELEMENTS})")
+  return None
+
+
+register_kernels("selected_block_attention", gpu=(_selected_gpu, _gpu.selected_unsupported),
+                 tpu=(_selected_tpu, _selected_tpu_unsupported),
+                 interpret=(functools.partial(_selected_tpu, interpret=True),
+                            functools.partial(_selected_tpu_unsupported, interpret=True)))
 register_kernels("compressed_importance", gpu=(_gpu.importance_pallas, _gpu.importance_unsupported))
 register_kernels("block_max_scores", gpu=(_gpu.block_max_pallas, _gpu.block_max_unsupported))
 register_kernels("block_mean_attention", gpu=(_gpu.block_mean_pallas, _gpu.block_mean_unsupported))
@@ -908,7 +943,7 @@ def selected_block_attention(q, k, v, block_indices, *, block_size: int = 64,
   extra = _q_positions(op, q_positions, b, t)
   spec = AttnSpec("softmax", causal, scale, None, 0, None, 0.0)
   fn = resolve(op, impl, dict(q=q, k=k, v=v, spec=spec, block_size=block_size,
-                             explicit_positions=bool(extra)))
+                             n_selected=idx.shape[-1], explicit_positions=bool(extra)))
   return fn(q, k, v, idx, spec, block_size=block_size, **extra)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_close
-from longax.kernels import _dispatch, block_sparse_attention
+from longax.kernels import _dispatch, block_sparse_attention, selected_block_attention
 from longax.kernels.attention import AttnSpec
 from longax.kernels.tpu import attention as tpu
 from test_attention_tpu import _value_and_grads
@@ -242,3 +242,64 @@ def test_off_tpu_auto_is_xla_and_interpret_refuses_odd_blocks():
                                        f"{why}"):
     block_sparse_attention(q, q, q, np.ones((1, 1, 2, 3), bool), block_q=12, block_k=8,
                            impl="pallas_interpret")
+
+
+# --------------------------------------------------------------- NSA's selected blocks on TPU
+
+
+def _selected_indices(rand, b, t, hkv, n, n_blocks):
+  """Random block indices with -1 and repeats planted."""
+  idx = np.array(jax.random.randint(rand._next(), (b, t, hkv, n), -1, n_blocks))
+  idx[:, ::3, :, 1] = idx[:, ::3, :, 0]
+  idx[:, 1::4, :, 0] = -1
+  return jnp.asarray(idx, jnp.int32)
+
+
+# (B, T, S, H, Hkv, D, block_size, n), dtype, options: ragged causal T == S with GQA, T < S
+# non-causal (S a multiple of block_size), bfloat16.
+SELECTED = [
+    ((1, 37, 37, 4, 2, 8, 8, 3), F32, dict()),
+    ((1, 19, 32, 4, 1, 8, 16, 2), F32, dict(causal=False, scale=0.2)),
+    ((1, 40, 40, 2, 2, 16, 16, 2), BF16, dict()),
+]
+
+
+@pytest.mark.parametrize("shape,dtype,opts", SELECTED, ids=str)
+def test_selected_interpret_matches_reference(rand, shape, dtype, opts):
+  """selected_block_attention on the TPU kernels (key-centric loading, its dense calls on the
+  TPU flash kernel, interpreted): forward and gradients as the reference's."""
+  b, t, s, h, hkv, d, bs, n = shape
+  q = rand.normal((b, t, h, d), dtype)
+  k, v = rand.normal((b, s, hkv, d), dtype), rand.normal((b, s, hkv, d), dtype)
+  idx = _selected_indices(rand, b, t, hkv, n, -(-s // bs))
+  fn = lambda impl: lambda q, k, v: selected_block_attention(q, k, v, idx, block_size=bs,
+                                                            impl=impl, **opts)
+  o, grads = _value_and_grads(fn("pallas_interpret"))(q, k, v)
+  o_ref, grads_ref = _value_and_grads(fn("reference"))(q, k, v)
+  assert o.dtype == dtype
+  assert_close(o, o_ref, dtype, f"{opts} forward")
+  for name, a, want in zip("qkv", grads, grads_ref):
+    assert_close(a, want, dtype, f"{opts} d{name}")
+
+
+def test_selected_dispatch_on_tpu(monkeypatch):
+  """With a TPU backend pretended: auto takes the TPU form where it covers the call and
+  falls back to XLA otherwise; pallas says why in one line."""
+  from longax.kernels import sparse_attention as SA
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  x = lambda t, h, d: jax.ShapeDtypeStruct((1, t, h, d), jnp.bfloat16)
+  call = dict(q=x(512, 8, 128), k=x(512, 2, 128), v=x(512, 2, 128), block_size=64, n_selected=16,
+              spec=AttnSpec("softmax", True, 0.1, None, 0, None, 0.0))
+  op = "selected_block_attention"
+  assert _dispatch.resolve(op, "auto", call) is SA._selected_tpu
+  assert _dispatch.resolve(op, "pallas", call) is SA._selected_tpu
+  for change, reason in (
+      (dict(q=x(512, 32, 128)), "16 query heads per KV head"),
+      (dict(q=x(256, 8, 128)), "causal with T=256 != S=512"),
+      (dict(q=x(512, 8, 96), k=x(512, 2, 96), v=x(512, 2, 96)), "head dim 96"),
+      (dict(explicit_positions=True), "explicit q_positions"),
+      (dict(n_selected=2**20), "gathered queries of")):
+    bad = dict(call, **change)
+    assert _dispatch.resolve(op, "auto", bad) is SA._selected_xla
+    with pytest.raises(ValueError, match=f"impl='pallas' does not support this call: {reason}"):
+      _dispatch.resolve(op, "pallas", bad)
