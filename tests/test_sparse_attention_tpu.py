@@ -17,6 +17,7 @@ from longax.kernels import _dispatch, block_sparse_attention, selected_block_att
 from longax.kernels.attention import AttnSpec
 from longax.kernels.tpu import attention as tpu
 from test_attention_tpu import _value_and_grads
+from test_sparse_attention import _block_indices
 
 F32, BF16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)  # str: the test ids
 
@@ -37,6 +38,14 @@ def _index_mask(idx, nk: int):
   return mask[..., :nk]
 
 
+def _assert_matches(o, grads, o_ref, grads_ref, dtype, what: str):
+  """An impl's output (of `dtype`) and gradients against the reference's."""
+  assert o.dtype == dtype
+  assert_close(o, o_ref, dtype, f"{what} forward")
+  for name, a, want in zip("qkv", grads, grads_ref):
+    assert_close(a, want, dtype, f"{what} d{name}")
+
+
 def _check(rand, shape, mask_bh, density, dtype, *, traced=False, **opts):
   """shape (B, T, S, H, Hkv, D, block_q, block_k); mask_bh: its (Bm, Hm); traced: the mask
   is an argument of the jitted function (tables as wide as every block)."""
@@ -54,11 +63,7 @@ def _check(rand, shape, mask_bh, density, dtype, *, traced=False, **opts):
     o, grads = run(q, k, v, jnp.asarray(mask))
   else:
     o, grads = _value_and_grads(fn("pallas_interpret"))(q, k, v)
-  o_ref, grads_ref = _value_and_grads(fn("reference"))(q, k, v)
-  assert o.dtype == dtype
-  assert_close(o, o_ref, dtype, f"{opts} forward")
-  for name, a, want in zip("qkv", grads, grads_ref):
-    assert_close(a, want, dtype, f"{opts} d{name}")
+  _assert_matches(o, grads, *_value_and_grads(fn("reference"))(q, k, v), dtype, str(opts))
   if mask_bh == (b, h) and mask.shape[2] > 1:  # the empty query-block row gives exactly 0
     np.testing.assert_array_equal(np.asarray(o[0, bq:2 * bq, 0], np.float32), 0.0)
 
@@ -196,12 +201,9 @@ def test_interpret_traced_indices_match_reference(rand):
                                                              block_k=bk, impl=impl)
   run = jax.jit(lambda q, k, v, i: _value_and_grads(lambda q, k, v: fn("pallas_interpret")(
       q, k, v, i))(q, k, v))
-  o, grads = run(q, k, v, jnp.asarray(idx))
-  o_ref, grads_ref = _value_and_grads(lambda q, k, v: block_sparse_attention(
-      q, k, v, mask, block_q=bq, block_k=bk, impl="reference"))(q, k, v)
-  assert_close(o, o_ref, F32, "forward")
-  for name, a, want in zip("qkv", grads, grads_ref):
-    assert_close(a, want, F32, f"d{name}")
+  _assert_matches(*run(q, k, v, jnp.asarray(idx)), *_value_and_grads(
+      lambda q, k, v: block_sparse_attention(q, k, v, mask, block_q=bq, block_k=bk,
+                                             impl="reference"))(q, k, v), F32, "traced indices")
   jaxpr = str(jax.make_jaxpr(fn("pallas_interpret"))(q, k, v, jnp.asarray(idx)))
   assert "grid=(2, 4, 5, 4)" in jaxpr, "the forward's grid is not n = 4 steps a query block"
 
@@ -247,14 +249,6 @@ def test_off_tpu_auto_is_xla_and_interpret_refuses_odd_blocks():
 # --------------------------------------------------------------- NSA's selected blocks on TPU
 
 
-def _selected_indices(rand, b, t, hkv, n, n_blocks):
-  """Random block indices with -1 and repeats planted."""
-  idx = np.array(jax.random.randint(rand._next(), (b, t, hkv, n), -1, n_blocks))
-  idx[:, ::3, :, 1] = idx[:, ::3, :, 0]
-  idx[:, 1::4, :, 0] = -1
-  return jnp.asarray(idx, jnp.int32)
-
-
 # (B, T, S, H, Hkv, D, block_size, n), dtype, options: ragged causal T == S with GQA, T < S
 # non-causal (S a multiple of block_size), bfloat16.
 SELECTED = [
@@ -271,15 +265,11 @@ def test_selected_interpret_matches_reference(rand, shape, dtype, opts):
   b, t, s, h, hkv, d, bs, n = shape
   q = rand.normal((b, t, h, d), dtype)
   k, v = rand.normal((b, s, hkv, d), dtype), rand.normal((b, s, hkv, d), dtype)
-  idx = _selected_indices(rand, b, t, hkv, n, -(-s // bs))
+  idx = _block_indices(rand, b, t, hkv, n, -(-s // bs))  # -1 and repeats planted
   fn = lambda impl: lambda q, k, v: selected_block_attention(q, k, v, idx, block_size=bs,
                                                             impl=impl, **opts)
-  o, grads = _value_and_grads(fn("pallas_interpret"))(q, k, v)
-  o_ref, grads_ref = _value_and_grads(fn("reference"))(q, k, v)
-  assert o.dtype == dtype
-  assert_close(o, o_ref, dtype, f"{opts} forward")
-  for name, a, want in zip("qkv", grads, grads_ref):
-    assert_close(a, want, dtype, f"{opts} d{name}")
+  _assert_matches(*_value_and_grads(fn("pallas_interpret"))(q, k, v),
+                  *_value_and_grads(fn("reference"))(q, k, v), dtype, str(opts))
 
 
 def test_selected_dispatch_on_tpu(monkeypatch):
