@@ -591,7 +591,9 @@ def time_cases(cases: list[Case], reps: int, bwd: bool, stream=None,
   except ImportError:  # pragma: no cover
     tqdm = lambda x, **_: x
   results = []
-  for case in tqdm(cases, desc="benchmark", file=sys.stderr):
+  # With a stream the rows are the progress (a bar's carriage returns would share a line of
+  # merged output with them); without, a bar on stderr.
+  for case in tqdm(cases, desc="benchmark", file=sys.stderr, disable=stream is not None):
     want = None
     if check:
       try:
@@ -674,7 +676,8 @@ def main(argv=None) -> int:
                  help="linear_attention decay forms to time (none, scalar, key)")
   p.add_argument("--no-bwd", action="store_true", help="time the forward only")
   p.add_argument("--json", default=None, help="also write the results here")
-  p.add_argument("--stream", action="store_true", help="print each row as it lands")
+  p.add_argument("--stream", action="store_true",
+                 help="print each row as it lands (instead of the progress bar)")
   p.add_argument("--rows", default=None,
                  help="keep only these rows (name prefixes, e.g. longax.auto,jla,fla,cudnn)")
   p.add_argument("--lengths", type=int, nargs="+", default=None,

@@ -199,6 +199,13 @@ def test_oom_row_keeps_the_forward_and_prints_oom(capsys):
   assert "reference failed, no err" in capsys.readouterr().err
   lines = kernels.table(rows, header=False).splitlines()
   assert lines[0].split()[4] == "oom" and lines[1].split()[3] == "oom"
+  # --stream: each row on its own line as it lands, no progress bar on stderr to share it
+  import io
+  out = io.StringIO()
+  kernels.time_cases([case], reps=1, bwd=True, stream=out)
+  assert [line.split()[2] for line in out.getvalue().splitlines()] == [
+      "longax.xla", "dense.cudnn", "longax.auto"]
+  assert "benchmark" not in capsys.readouterr().err
 
 
 def _sparse_rows(t, nsa=(10.0, 30.0), dense=(20.0, 60.0), cudnn=(15.0, 40.0), vs=None, oom=False):
