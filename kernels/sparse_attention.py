@@ -801,7 +801,8 @@ def _selected_tpu_unsupported(call: dict, *, interpret: bool = False) -> str | N
   if (why := keyed_unsupported(q, k, call["spec"], call["block_size"])) is not None:
     return why
   if (g := q.shape[2] // k.shape[2]) > SELECTED_KEYED_XLA_MAX_GROUP:
-    return f"{g} query heads per KV head (key-centric loading takes at most {SELECTED_KEYED_XLA_MAX_GROUP})"
+    return (f"{g} query heads per KV head (key-centric loading takes at most "
+            f"{SELECTED_KEYED_XLA_MAX_GROUP})")
   if q.size * call["n_selected"] > SELECTED_KEYED_XLA_MAX_ELEMENTS:
     return (f"gathered queries of {q.size * call['n_selected']} elements (at most "
             f"SELECTED_KEYED_XLA_MAX_ELEMENTS = {SELECTED_KEYED_XLA_MAX_ELEMENTS})")
