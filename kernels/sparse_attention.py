@@ -430,9 +430,11 @@ def _keyed_fits(q, block_indices, limit: int) -> bool:
   return q.size * block_indices.shape[-1] <= limit
 
 
-def _xla_attend(scale: float):
+def _op_attend(scale: float, impl: str = "xla"):
+  """`_selected_keyed`'s dense calls through `attention` with `impl` (the XLA path, or the
+  TPU kernels: "pallas" on TPU, "pallas_interpret")."""
   def attend(q, k, v, causal):
-    return _attention(q, k, v, causal=causal, scale=scale, impl="xla", return_lse=True)
+    return _attention(q, k, v, causal=causal, scale=scale, impl=impl, return_lse=True)
   return attend
 
 
@@ -441,7 +443,7 @@ def _selected_xla(q, k, v, block_indices, spec: AttnSpec, *, block_size: int, q_
   if (g <= SELECTED_KEYED_XLA_MAX_GROUP and q_positions is None
       and _keyed_fits(q, block_indices, SELECTED_KEYED_XLA_MAX_ELEMENTS)
       and keyed_unsupported(q, k, spec, block_size) is None):
-    attend = _xla_attend(spec.scale)
+    attend = _op_attend(spec.scale)
     return _selected_keyed(q, k, v, block_indices, spec, block_size=block_size, attend=attend,
                            chunks=_chunks_gathered(attend), rows=128)
   return _selected_scan(q, k, v, block_indices, spec, block_size=block_size,
@@ -782,11 +784,8 @@ def _selected_tpu(q, k, v, block_indices, spec: AttnSpec, *, block_size: int,
                   interpret: bool = False):
   """selected_block_attention on the Pallas TPU flash kernels: key-centric loading
   (`_selected_keyed`), its chunks' gathered key blocks and the own blocks on the dense
-  kernel (`tpu.attention_pallas`, forward and backward); see `_selected_tpu_unsupported`."""
-  def attend(q, k, v, causal):
-    sp = AttnSpec("softmax", causal, spec.scale, None, 0, None, 0.0)
-    return _tpu.attention_pallas(q, k, v, None, None, None, None, sp, return_lse=True,
-                                 interpret=interpret)
+  kernel (`attention`'s TPU impl, forward and backward); see `_selected_tpu_unsupported`."""
+  attend = _op_attend(spec.scale, "pallas_interpret" if interpret else "pallas")
   return _selected_keyed(q, k, v, block_indices, spec, block_size=block_size, attend=attend,
                          chunks=_chunks_gathered(attend), rows=128)
 

@@ -259,7 +259,7 @@ KEYED_CASES = [
 
 def _xla_attend(scale, block_size=None):  # `_kernel_attend`'s signature, on the XLA path
   from longax.kernels import sparse_attention as SA
-  return SA._xla_attend(scale)
+  return SA._op_attend(scale)
 
 
 @pytest.mark.parametrize("shape,opts", KEYED_CASES, ids=str)
